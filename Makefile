@@ -1,0 +1,53 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+# Each creates .venv and installs what it needs.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+# NOTE: torch first, pinned to the CPU build on this machine's disk; an open
+# `torch` requirement pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+SERVE_STAMP := $(VENV)/.serve-installed
+TEST_STAMP  := $(VENV)/.test-installed
+
+.PHONY: serve test lint typecheck unit integration bench helm clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+$(SERVE_STAMP): pyproject.toml | $(PY)
+	$(PIP) install -e '.[serve]'
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(PY)
+	$(PIP) install $(TORCH)
+	$(PIP) install -e '.[torch,tensorflow,onnx,serve,dev]'
+	touch $@ $(SERVE_STAMP)
+
+## serve: publish the demo iris model on first run and serve it on :8000 (metrics :8080)
+serve: $(SERVE_STAMP)
+	$(PY) -m serving.demo --if-empty
+	$(PY) -m serving.cli serve --port $${PORT:-8000} --metrics-port $${METRICS_PORT:-8080}
+
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check serving tests bench
+	$(VENV)/bin/ruff format --check serving tests bench
+
+typecheck: $(TEST_STAMP)
+	$(VENV)/bin/mypy serving
+
+## test: lint, type-check and run every test (unit, integration, helm, security)
+test: lint typecheck
+	$(PY) -m pytest
+
+unit: $(TEST_STAMP)
+	$(PY) -m pytest tests/unit
+
+bench: $(TEST_STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,417 @@
+"""Node-local loader cache: content-addressed, digest-checked, single-flight, LRU by bytes.
+
+Layout under the cache dir (``0700``; files ``0600``)::
+
+    blobs/<sha256[:2]>/<sha256>        verified file contents, stored once
+    versions/<model>/<version>-<msha>/ one complete version: hard links + manifest.json
+    locks/                             file locks: single flight, pins, eviction
+    aliases/<model>/<alias>.json       last resolved target of each alias
+    tmp/                               partial downloads (never loadable)
+
+A version directory is assembled in ``tmp/`` and renamed into place, so it is
+either complete or absent. Every byte is hashed while it streams; a mismatch
+leaves nothing behind. A version in use holds a shared ``flock`` on its pin
+file, which eviction (taking it exclusively) never breaks; the lock dies with
+the process, so a crashed replica never pins forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from filelock import FileLock
+
+from serving import metrics
+from serving.errors import IntegrityError, NotFound, StoreError, UntrustedArtifact
+from serving.manifest import MANIFEST_NAME, FileEntry, Manifest, ModelRef, sha256_bytes
+from serving.repository import Repository, Resolved
+from serving.store.base import Progress
+
+log = logging.getLogger(__name__)
+
+ProgressFactory = Callable[[str, int], Progress | None]
+"""``(label, total_bytes) -> callback``: how the CLI shows progress bars."""
+
+
+@dataclass(frozen=True)
+class CachedVersion:
+    """A complete, verified version directory in the cache."""
+
+    name: str
+    version: str
+    path: Path
+    manifest: Manifest
+    manifest_sha256: str
+    hit: bool
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """The last target an alias resolved to on this node."""
+
+    version: str
+    manifest_sha256: str
+    resolved_at: float
+
+
+class _HashingWriter:
+    """Writes to a file while hashing and counting, refusing to exceed ``limit``."""
+
+    def __init__(self, f: BinaryIO, limit: int, label: str) -> None:
+        self._f, self._limit, self._label = f, limit, label
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        if self.size > self._limit:
+            raise IntegrityError(f"{self._label}: more bytes than the manifest declares")
+        self.hash.update(data)
+        return self._f.write(data)
+
+
+class Pin:
+    """Keeps one cached version from eviction until released (or the process dies)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> Pin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class LoaderCache:
+    """Pull versions through a shared node-local cache.
+
+    Example:
+        >>> cache = LoaderCache("/var/cache/serving", max_bytes=10 * 2**30)  # doctest: +SKIP
+        >>> cached = cache.fetch(repo, repo.resolve("iris@production"))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        max_bytes: int = 20 * 1024**3,
+        *,
+        max_artifact_bytes: int = 50 * 1024**3,
+        max_artifact_files: int = 10_000,
+    ) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.max_bytes = max_bytes
+        self.max_artifact_bytes = max_artifact_bytes
+        self.max_artifact_files = max_artifact_files
+        self._thread_locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        for sub in ("blobs", "versions", "locks", "aliases", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+
+    # -- paths --------------------------------------------------------------
+    def blob_path(self, sha256: str) -> Path:
+        return self.root / "blobs" / sha256[:2] / sha256
+
+    def version_dir(self, name: str, version: str, manifest_sha256: str) -> Path:
+        return self.root / "versions" / name / f"{version}-{manifest_sha256[:16]}"
+
+    def _lock_path(self, kind: str, name: str, version: str, msha: str) -> Path:
+        return self.root / "locks" / f"{kind}-{name}-{version}-{msha[:16]}.lock"
+
+    # -- lookups --------------------------------------------------------------
+    def get(self, name: str, version: str, manifest_sha256: str) -> CachedVersion | None:
+        """The cached version if it is complete here, without touching the store."""
+        path = self.version_dir(name, version, manifest_sha256)
+        try:
+            raw = (path / MANIFEST_NAME).read_bytes()
+        except FileNotFoundError:
+            return None
+        if sha256_bytes(raw) != manifest_sha256:
+            return None
+        return CachedVersion(name, version, path, Manifest.from_json(raw), manifest_sha256, True)
+
+    def remember_alias(self, name: str, alias: str, version: str, manifest_sha256: str) -> None:
+        path = self.root / "aliases" / name / f"{alias}.json"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        body = {"version": version, "manifest_sha256": manifest_sha256, "resolved_at": time.time()}
+        tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, path)
+
+    def remembered_alias(self, name: str, alias: str) -> Remembered | None:
+        try:
+            body = json.loads((self.root / "aliases" / name / f"{alias}.json").read_text())
+            return Remembered(body["version"], body["manifest_sha256"], body["resolved_at"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    # -- resolve with offline fallback ------------------------------------------
+    def resolve(self, repo: Repository, ref: ModelRef | str) -> tuple[Resolved, bool]:
+        """Resolve through the store, or from memory when the store is unreachable.
+
+        Returns ``(resolved, from_cache)``; ``from_cache`` says the store was not
+        asked successfully and the alias's last known target was used instead.
+        """
+        ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+        try:
+            resolved = repo.resolve(ref)
+        except StoreError:
+            fallback = self._resolve_offline(ref)
+            if fallback is None:
+                raise
+            log.warning("store unreachable; serving %s from the cache's memory", ref)
+            return fallback, True
+        if ref.alias:
+            self.remember_alias(ref.name, ref.alias, resolved.version, resolved.manifest_sha256)
+        return resolved, False
+
+    def _resolve_offline(self, ref: ModelRef) -> Resolved | None:
+        if ref.alias:
+            mem = self.remembered_alias(ref.name, ref.alias)
+            if mem is None:
+                return None
+            cached = self.get(ref.name, mem.version, mem.manifest_sha256)
+        else:
+            cached = self._any_cached(ref.name, str(ref.version))
+        if cached is None:
+            return None
+        raw = (cached.path / MANIFEST_NAME).read_bytes()
+        return Resolved(ref.name, cached.version, cached.manifest, raw, ref.alias)
+
+    def _any_cached(self, name: str, version: str) -> CachedVersion | None:
+        for path in sorted((self.root / "versions" / name).glob(f"{version}-*")):
+            raw = (path / MANIFEST_NAME).read_bytes()
+            return self.get(name, version, sha256_bytes(raw))
+        return None
+
+    # -- fetch -------------------------------------------------------------------
+    def fetch(
+        self, repo: Repository, resolved: Resolved, progress: ProgressFactory | None = None
+    ) -> CachedVersion:
+        """Return the version's verified directory, downloading it at most once per node.
+
+        Raises:
+            IntegrityError: a file's size or sha256 differs from the manifest, or the
+                stored file set differs from it. Nothing enters the cache.
+        """
+        name, version, msha = resolved.name, resolved.version, resolved.manifest_sha256
+        self._check_limits(resolved.manifest)
+        cached = self.get(name, version, msha)
+        if cached is not None:
+            metrics.CACHE_HITS.inc(model=name)
+            self._touch(cached.path)
+            return cached
+        key = f"{name}/{version}/{msha}"
+        with self._guard:
+            tlock = self._thread_locks.setdefault(key, threading.Lock())
+        # NOTE: a thread lock for this process, then a file lock for the node; re-check
+        # after each, as the winner may have finished the download meanwhile.
+        with tlock, FileLock(str(self._lock_path("pull", name, version, msha))):
+            cached = self.get(name, version, msha)
+            if cached is not None:
+                metrics.CACHE_HITS.inc(model=name)
+                self._touch(cached.path)
+                return cached
+            metrics.CACHE_MISSES.inc(model=name)
+            started = time.perf_counter()
+            path = self._download(repo, resolved, progress)
+            metrics.DOWNLOAD_SECONDS.observe(time.perf_counter() - started, model=name)
+        self.evict(keep=path)
+        return CachedVersion(name, version, path, resolved.manifest, msha, hit=False)
+
+    def _check_limits(self, manifest: Manifest) -> None:
+        if len(manifest.files) > self.max_artifact_files:
+            raise UntrustedArtifact(
+                f"{manifest.name}:{manifest.version} has {len(manifest.files)} files, "
+                f"over the limit of {self.max_artifact_files}"
+            )
+        if manifest.total_bytes > self.max_artifact_bytes:
+            raise UntrustedArtifact(
+                f"{manifest.name}:{manifest.version} is {manifest.total_bytes} bytes, "
+                f"over the limit of {self.max_artifact_bytes}"
+            )
+
+    def _download(self, repo: Repository, resolved: Resolved, progress: ProgressFactory | None) -> Path:
+        manifest = resolved.manifest
+        name, version = resolved.name, resolved.version
+        stored = repo.version_files(name, version)
+        stored.pop(MANIFEST_NAME, None)
+        declared = {f.path: f for f in manifest.files}
+        extra = sorted(set(stored) - set(declared))
+        missing = sorted(set(declared) - set(stored))
+        if extra:
+            raise IntegrityError(f"{name}:{version}: file {extra[0]!r} is stored but not in the manifest")
+        if missing:
+            raise IntegrityError(f"{name}:{version}: file {missing[0]!r} is in the manifest but not stored")
+        for entry in manifest.files:
+            if stored[entry.path] != entry.size:
+                raise IntegrityError(
+                    f"{name}:{version}: file {entry.path!r} is {stored[entry.path]} bytes, "
+                    f"the manifest says {entry.size}"
+                )
+        prefix = repo.version_prefix(name, version)
+        staging = self.root / "tmp" / f"{uuid.uuid4().hex}.dir"
+        staging.mkdir(mode=0o700)
+        try:
+            for entry in manifest.files:
+                target = staging / entry.path
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                try:
+                    # NOTE: linking first keeps the blob's link count above 1, so a
+                    # concurrent eviction never drops a blob this version needs.
+                    os.link(self.blob_path(entry.sha256), target)
+                    continue
+                except FileNotFoundError:
+                    pass
+                label = f"{name}:{version}/{entry.path}"
+                cb = progress(label, entry.size) if progress else None
+                self._download_blob(repo, prefix + entry.path, entry, label, name, target, cb)
+            fd = os.open(staging / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(resolved.manifest_raw)
+            final = self.version_dir(name, version, resolved.manifest_sha256)
+            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.rename(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._touch(final)
+        return final
+
+    def _download_blob(
+        self,
+        repo: Repository,
+        key: str,
+        entry: FileEntry,
+        label: str,
+        model: str,
+        target: Path,
+        progress: Progress | None,
+    ) -> None:
+        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                writer = _HashingWriter(f, entry.size, label)
+                try:
+                    repo.store.download(key, writer, progress)
+                except NotFound as exc:
+                    raise IntegrityError(f"{label}: listed in the manifest but not stored") from exc
+                f.flush()
+                os.fsync(f.fileno())
+            metrics.DOWNLOAD_BYTES.inc(writer.size, model=model)
+            if writer.size != entry.size:
+                raise IntegrityError(f"{label}: {writer.size} bytes, the manifest says {entry.size}")
+            digest = writer.hash.hexdigest()
+            if digest != entry.sha256:
+                raise IntegrityError(
+                    f"{label}: sha256 {digest[:16]}... does not match the manifest's {entry.sha256[:16]}..."
+                )
+            os.link(tmp, target)
+            blob = self.blob_path(entry.sha256)
+            blob.parent.mkdir(exist_ok=True, mode=0o700)
+            os.replace(tmp, blob)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        now = time.time()
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path, (now, now))
+
+    # -- verification ------------------------------------------------------------
+    def verify(self, cached: CachedVersion) -> None:
+        """Re-hash every cached file against the manifest."""
+        for entry in cached.manifest.files:
+            h = hashlib.sha256()
+            with open(cached.path / entry.path, "rb") as f:
+                while chunk := f.read(1024 * 1024):
+                    h.update(chunk)
+            if h.hexdigest() != entry.sha256:
+                raise IntegrityError(f"{cached.name}:{cached.version}/{entry.path}: cached bytes changed")
+
+    # -- pins and eviction ---------------------------------------------------------
+    def pin(self, cached: CachedVersion) -> Pin:
+        """Hold a version against eviction (a shared flock, released with the process)."""
+        lock = self._lock_path("pin", cached.name, cached.version, cached.manifest_sha256)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if not cached.path.exists():
+            os.close(fd)
+            raise NotFound(f"{cached.name}:{cached.version} was evicted before it was pinned")
+        self._touch(cached.path)
+        return Pin(fd)
+
+    def size_bytes(self) -> int:
+        total = 0
+        for blob in (self.root / "blobs").glob("*/*"):
+            with contextlib.suppress(FileNotFoundError):
+                total += blob.stat().st_size
+        return total
+
+    def evict(self, keep: Path | None = None) -> list[Path]:
+        """Evict least recently used, unpinned versions until under the byte budget."""
+        evicted: list[Path] = []
+        with FileLock(str(self.root / "locks" / "evict.lock")):
+            total = self.size_bytes()
+            if total > self.max_bytes:
+                versions = sorted(
+                    (p for p in (self.root / "versions").glob("*/*") if p != keep),
+                    key=lambda p: p.stat().st_mtime,
+                )
+                for path in versions:
+                    if total <= self.max_bytes:
+                        break
+                    if self._evict_one(path):
+                        evicted.append(path)
+                        total = self.size_bytes()
+            metrics.CACHE_BYTES.set(total)
+        return evicted
+
+    def _evict_one(self, path: Path) -> bool:
+        name = path.parent.name
+        version, _, short = path.name.rpartition("-")
+        lock = self.root / "locks" / f"pin-{name}-{version}-{short}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # pinned by a live process
+            trash = self.root / "tmp" / f"{uuid.uuid4().hex}.evict"
+            os.rename(path, trash)
+            shutil.rmtree(trash)
+            self._drop_unreferenced_blobs()
+            metrics.CACHE_EVICTIONS.inc()
+            log.info("evicted %s:%s from the cache", name, version)
+            return True
+        finally:
+            os.close(fd)
+
+    def _drop_unreferenced_blobs(self) -> None:
+        # NOTE: a blob's link count is 1 when no version directory links it any more.
+        for blob in (self.root / "blobs").glob("*/*"):
+            try:
+                if blob.stat().st_nlink == 1:
+                    blob.unlink()
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,100 @@
+"""The serving application's typed config: what ``deploy/serve.yaml`` passes as ``args``.
+
+The same model parses the Helm chart's ``serveConfigV2`` (tests check that),
+so a config that validates here deploys the same everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serving.manifest import check_name
+
+
+class BatchingConfig(BaseModel):
+    """Server-side batching with ``@serve.batch``, for models that vectorize."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    max_batch_size: int = Field(default=32, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+
+
+class ModelConfig(BaseModel):
+    """One served model: which pointer it follows and how its replicas scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    alias: str | None = "production"
+    """Follow this alias; moving it in the store swaps the served version."""
+    version: str | None = None
+    """Pin one version instead of following an alias."""
+    num_replicas: int | Literal["auto"] | None = 1
+    autoscaling_config: dict[str, Any] | None = None
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.25})
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    max_resident_versions: int = Field(default=2, ge=1)
+    """Explicit-version requests keep at most this many extra versions loaded (LRU)."""
+    warmup: bool = True
+    """Run the manifest's example input before a version goes live."""
+
+    @model_validator(mode="after")
+    def _one_pointer(self) -> ModelConfig:
+        check_name(self.name, "model name")
+        if self.version is not None:
+            check_name(self.version, "version")
+            self.alias = None
+        elif self.alias is None:
+            raise ValueError(f"model {self.name!r}: set an alias or a version")
+        else:
+            check_name(self.alias, "alias")
+        if self.autoscaling_config is not None:
+            self.num_replicas = None
+        return self
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}:{self.version}"
+
+
+class IngressConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | Literal["auto"] = 1
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.25})
+    max_ongoing_requests: int = Field(default=256, ge=1)
+
+
+class AppConfig(BaseModel):
+    """Everything the app builder needs; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: str | None = None
+    """Store URI; defaults to ``SERVING_STORE`` (``./model-store``)."""
+    models: list[ModelConfig] = Field(min_length=1)
+    poll_interval_s: float = Field(default=5.0, gt=0)
+    """Seconds between alias checks (with jitter)."""
+    poll_jitter: float = Field(default=0.2, ge=0, le=1)
+    """Fraction of the interval added or removed at random, so replicas spread out."""
+    retry_backoff_max_s: float = Field(default=60.0, gt=0)
+    """Upper bound of the backoff after a failed swap of the same target."""
+    cache_dir: str | None = None
+    """Loader cache; defaults to ``SERVING_CACHE_DIR``."""
+    cache_max_bytes: int | None = Field(default=None, ge=0)
+    max_body_bytes: int = Field(default=32 * 1024**2, ge=1024)
+    """Requests with larger bodies get 413."""
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AppConfig:
+        names = [m.name for m in self.models]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"model names must be unique: {sorted(dupes)}")
+        return self

@@ -1,0 +1,169 @@
+"""One error tree for the whole project.
+
+Every error carries the HTTP status the serving layer answers with and the
+exit code the CLI returns, so neither layer needs its own mapping table::
+
+    ServingError (500, exit 1)
+    ├── InvalidRequest (400, exit 2)          the caller's mistake
+    │   ├── InvalidReference                  "iris@", "iris:v:1"
+    │   ├── InvalidManifest                   bad JSON, "../" paths, symlinks
+    │   ├── UnknownFormat                     nothing recognises the artifact
+    │   ├── InvalidInput                      wrong shape, datatype, JSON
+    │   └── PayloadTooLarge (413)
+    ├── NotFound (404, exit 3)
+    │   ├── ModelNotFound
+    │   ├── VersionNotFound
+    │   └── AliasNotFound
+    ├── VersionExists (409, exit 4)           versions are immutable
+    ├── IntegrityError (422, exit 5)          bytes do not match the manifest
+    ├── UntrustedArtifact (403, exit 6)       refused by the load policy
+    ├── MissingExtra (501, exit 7)            framework not installed
+    ├── LoadError (500, exit 8)               the framework failed to load it
+    ├── StoreError (502, exit 9)              the store failed us
+    │   ├── StoreUnavailable (503)            unreachable, throttled, timed out
+    │   ├── StoreAccessDenied (502)           wrong or missing credentials
+    │   └── StoreNotFound (502)               no such bucket or root
+    └── NotReady (503, exit 10)               no model loaded yet
+
+Library errors (botocore, framework errors) are translated at the boundary
+with ``raise XError(...) from exc`` so the cause stays chained.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AliasNotFound",
+    "IntegrityError",
+    "InvalidInput",
+    "InvalidManifest",
+    "InvalidReference",
+    "InvalidRequest",
+    "LoadError",
+    "MissingExtra",
+    "ModelNotFound",
+    "NotFound",
+    "NotReady",
+    "PayloadTooLarge",
+    "ServingError",
+    "StoreAccessDenied",
+    "StoreError",
+    "StoreNotFound",
+    "StoreUnavailable",
+    "UnknownFormat",
+    "UntrustedArtifact",
+    "VersionExists",
+    "VersionNotFound",
+]
+
+
+class ServingError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    status_code: int = 500
+    exit_code: int = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(ServingError):
+    status_code = 400
+    exit_code = 2
+
+
+class InvalidReference(InvalidRequest):
+    """A model reference that is neither ``name@alias`` nor ``name:version``."""
+
+
+class InvalidManifest(InvalidRequest):
+    """A manifest that cannot be parsed or names unsafe paths."""
+
+
+class UnknownFormat(InvalidRequest):
+    """An artifact no format loader recognises."""
+
+
+class InvalidInput(InvalidRequest):
+    """A predict request whose body, shape or datatype is wrong."""
+
+
+class PayloadTooLarge(InvalidRequest):
+    status_code = 413
+
+
+class NotFound(ServingError):
+    status_code = 404
+    exit_code = 3
+
+
+class ModelNotFound(NotFound):
+    pass
+
+
+class VersionNotFound(NotFound):
+    pass
+
+
+class AliasNotFound(NotFound):
+    pass
+
+
+class VersionExists(ServingError):
+    """Versions are immutable: publishing one that exists is refused."""
+
+    status_code = 409
+    exit_code = 4
+
+
+class IntegrityError(ServingError):
+    """Bytes that do not match the manifest (digest, size, file set)."""
+
+    status_code = 422
+    exit_code = 5
+
+
+class UntrustedArtifact(ServingError):
+    """Refused by the load policy before any byte reached a deserializer."""
+
+    status_code = 403
+    exit_code = 6
+
+
+class MissingExtra(ServingError):
+    """A format whose framework is not installed; names the extra to add."""
+
+    status_code = 501
+    exit_code = 7
+
+
+class LoadError(ServingError):
+    """The framework raised while loading or warming up a model."""
+
+    status_code = 500
+    exit_code = 8
+
+
+class StoreError(ServingError):
+    status_code = 502
+    exit_code = 9
+
+
+class StoreUnavailable(StoreError):
+    status_code = 503
+
+
+class StoreAccessDenied(StoreError):
+    pass
+
+
+class StoreNotFound(StoreError):
+    pass
+
+
+class NotReady(ServingError):
+    status_code = 503
+    exit_code = 10

@@ -1,0 +1,97 @@
+"""The one interface every format produces: a Predictor."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.manifest import Manifest, TensorSpec
+
+
+@dataclass(frozen=True)
+class LoadPolicy:
+    """What loaders may trust. Widening it is an operator's explicit choice.
+
+    Attributes:
+        trusted_globals: extra ``module.qualname`` globals the restricted
+            unpickler admits, on top of the built-in allowlist.
+        allow_legacy_h5: load Keras ``.h5`` files, which bypass safe mode.
+    """
+
+    trusted_globals: frozenset[str] = field(default_factory=frozenset)
+    allow_legacy_h5: bool = False
+
+
+class Predictor(ABC):
+    """A loaded model: named numpy inputs in, named numpy outputs out.
+
+    ``inputs`` and ``outputs`` describe tensors in Open Inference Protocol terms
+    (name, datatype, shape with -1 for any size).
+    """
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @abstractmethod
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch. Keys of ``inputs`` are the names in ``self.inputs``."""
+
+    def predict_rows(self, rows: Any) -> dict[str, np.ndarray]:
+        """Convenience for single-input models: a list of rows or an array."""
+        if len(self.inputs) != 1:
+            raise TypeError("predict_rows needs a model with exactly one input")
+        spec = self.inputs[0]
+        return self.predict({spec.name: np.asarray(rows, dtype=numpy_dtype(spec.datatype))})
+
+    def close(self) -> None:  # noqa: B027 -- NOTE: optional hook; most formats free on GC
+        """Release framework resources (sessions, graphs) when the version is retired."""
+
+
+class Format(ABC):
+    """How one artifact format is recognised, saved and loaded."""
+
+    name: str
+    framework: str
+    extra: str
+    """The pip extra that installs this format's framework (named in errors)."""
+
+    @abstractmethod
+    def detect(self, path: Path) -> bool:
+        """Whether ``path`` (a file or directory about to be published) is this format."""
+
+    @abstractmethod
+    def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
+        """Load a verified version directory into a Predictor."""
+
+
+# Open Inference Protocol datatypes <-> numpy dtypes.
+OIP_TO_NUMPY: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BYTES": "object",
+}
+NUMPY_TO_OIP: dict[str, str] = {v: k for k, v in OIP_TO_NUMPY.items()}
+
+
+def numpy_dtype(datatype: str) -> np.dtype[Any]:
+    return np.dtype(OIP_TO_NUMPY[datatype])
+
+
+def oip_datatype(dtype: np.dtype[Any]) -> str:
+    if dtype.kind in {"U", "S", "O"}:
+        return "BYTES"
+    return NUMPY_TO_OIP[str(dtype)]

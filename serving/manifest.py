@@ -1,0 +1,205 @@
+"""Pure data: manifests, aliases and model references.
+
+The store layout is a public contract, so other tools can publish::
+
+    <root>/<model>/versions/<version>/manifest.json
+    <root>/<model>/versions/<version>/<artifact files>
+    <root>/<model>/aliases/<alias>.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from serving.errors import InvalidManifest, InvalidReference
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """Model names, versions and aliases become path segments: keep them plain."""
+    if not _NAME_RE.match(value) or value in {".", ".."}:
+        raise InvalidReference(f"invalid {what} {value!r}: use letters, digits, '.', '_' or '-' (max 128)")
+    return value
+
+
+def check_relative_path(path: str) -> str:
+    """Refuse absolute paths, ``..`` and anything that is not a plain relative path."""
+    if not path or "\\" in path or "\x00" in path:
+        raise InvalidManifest(f"unsafe path in manifest: {path!r}")
+    p = PurePosixPath(path)
+    if p.is_absolute() or any(part in {"..", "."} for part in p.parts) or str(p) != path:
+        raise InvalidManifest(f"unsafe path in manifest: {path!r}")
+    if path == MANIFEST_NAME:
+        raise InvalidManifest(f"{MANIFEST_NAME} cannot be listed as an artifact file")
+    return path
+
+
+class FileEntry(BaseModel):
+    """One artifact file: path relative to the version, size and sha256."""
+
+    path: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        return check_relative_path(v)
+
+
+class TensorSpec(BaseModel):
+    """A named input or output: Open Inference Protocol datatype and shape (-1: any)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class Manifest(BaseModel):
+    """What a version is: its files with their digests, and how to load them."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str
+    format: str
+    files: list[FileEntry]
+    framework: str | None = None
+    framework_version: str | None = None
+    python_version: str | None = None
+    created_at: str = Field(default_factory=now)
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+    example: Any = None
+    """One example input (rows), used for warm-up and as documentation."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Format-specific load options (for example a torch module's class path)."""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    """Free-form: metrics, git sha, training data reference."""
+
+    @field_validator("files")
+    @classmethod
+    def _unique(cls, v: list[FileEntry]) -> list[FileEntry]:
+        seen: set[str] = set()
+        for f in v:
+            if f.path in seen:
+                raise ValueError(f"duplicate file {f.path!r}")
+            seen.add(f.path)
+        return v
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as exc:
+            # NOTE: pydantic wraps our InvalidManifest; surface the first reason plainly.
+            raise InvalidManifest(f"invalid manifest: {_first_error(exc)}") from exc
+
+
+class AliasEntry(BaseModel):
+    version: str
+    manifest_sha256: str
+    updated_at: str
+    updated_by: str
+
+
+class Alias(BaseModel):
+    """A movable pointer: ``production -> 7``, with the history for rollback."""
+
+    name: str
+    alias: str
+    version: str
+    manifest_sha256: str
+    updated_at: str = Field(default_factory=now)
+    updated_by: str = "unknown"
+    history: list[AliasEntry] = Field(default_factory=list)
+
+    def moved_to(self, version: str, manifest_sha256: str, by: str) -> Alias:
+        """A new alias object pointing at ``version``, this target pushed to history."""
+        previous = AliasEntry(
+            version=self.version,
+            manifest_sha256=self.manifest_sha256,
+            updated_at=self.updated_at,
+            updated_by=self.updated_by,
+        )
+        return Alias(
+            name=self.name,
+            alias=self.alias,
+            version=version,
+            manifest_sha256=manifest_sha256,
+            updated_by=by,
+            history=[*self.history, previous][-100:],
+        )
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Alias:
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as exc:
+            raise InvalidManifest(f"invalid alias object: {_first_error(exc)}") from exc
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """``name@alias`` or ``name:version``; a bare name means ``name@production``."""
+
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str, default_alias: str = "production") -> ModelRef:
+        if not isinstance(ref, str) or not ref:
+            raise InvalidReference("empty model reference")
+        if ref.count("@") + ref.count(":") > 1:
+            raise InvalidReference(f"malformed model reference {ref!r}: use NAME@ALIAS or NAME:VERSION")
+        if "@" in ref:
+            name, alias = ref.split("@")
+            return cls(check_name(name, "model name"), alias=check_name(alias, "alias"))
+        if ":" in ref:
+            name, version = ref.split(":")
+            return cls(check_name(name, "model name"), version=check_name(version, "version"))
+        return cls(check_name(ref, "model name"), alias=default_alias)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}:{self.version}"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def version_sort_key(v: str) -> tuple[int, int, str]:
+    """Integers sort numerically and before other strings."""
+    return (0, int(v), "") if v.isdigit() else (1, 0, v)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    msg = str(err.get("msg", "invalid"))
+    return f"{loc}: {msg}" if loc else msg

@@ -1,0 +1,202 @@
+"""Every metric, in one module.
+
+Metrics go to ``prometheus_client``'s default registry in a plain process (CLI,
+tests) and to ``ray.util.metrics`` inside Ray Serve replicas, where Ray's
+per-node exporter serves every replica's series on the node's metrics port
+(KubeRay scrapes 8080). Ray prefixes exported names with ``ray_``; the names
+below are the ones seen in-process, the README lists both.
+
+Labels are bounded: model, version, outcome, status code. Never request ids.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+_backend = "prometheus"
+_lock = threading.Lock()
+
+
+def use_ray_backend() -> None:
+    """Export through ``ray.util.metrics`` (call once, in each Ray replica)."""
+    global _backend
+    with _lock:
+        _backend = "ray"
+
+
+class Metric:
+    """A counter, gauge or histogram whose backend is chosen at first use."""
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        doc: str,
+        labels: tuple[str, ...] = (),
+        buckets: tuple[float, ...] | None = None,
+    ) -> None:
+        self.kind, self.name, self.doc, self.labels, self.buckets = kind, name, doc, labels, buckets
+        self._impl: Any = None
+        self._impl_backend: str | None = None
+
+    def _get(self) -> Any:
+        if self._impl is not None and self._impl_backend == _backend:
+            return self._impl
+        with _lock:
+            if _backend == "ray":
+                from ray.util import metrics as rm
+
+                if self.kind == "counter":
+                    impl: Any = rm.Counter(self.name, self.doc, tag_keys=self.labels)
+                elif self.kind == "gauge":
+                    impl = rm.Gauge(self.name, self.doc, tag_keys=self.labels)
+                else:
+                    impl = rm.Histogram(
+                        self.name, self.doc, boundaries=list(self.buckets or ()), tag_keys=self.labels
+                    )
+            else:
+                import prometheus_client as pc
+
+                name = self.name.removesuffix("_total") if self.kind == "counter" else self.name
+                if self.kind == "counter":
+                    impl = pc.Counter(name, self.doc, self.labels)
+                elif self.kind == "gauge":
+                    impl = pc.Gauge(name, self.doc, self.labels)
+                else:
+                    impl = pc.Histogram(name, self.doc, self.labels, buckets=self.buckets)
+            self._impl, self._impl_backend = impl, _backend
+            return impl
+
+    def _labelled(self, labels: dict[str, str]) -> Any:
+        impl = self._get()
+        if _backend == "ray":
+            return impl
+        return impl.labels(**labels) if self.labels else impl
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        target = self._labelled(labels)
+        if _backend == "ray":
+            target.inc(amount, tags=labels or None)
+        else:
+            target.inc(amount)
+
+    def set(self, value: float, **labels: str) -> None:
+        target = self._labelled(labels)
+        if _backend == "ray":
+            target.set(value, tags=labels or None)
+        else:
+            target.set(value)
+
+    def observe(self, value: float, **labels: str) -> None:
+        target = self._labelled(labels)
+        if _backend == "ray":
+            target.observe(value, tags=labels or None)
+        else:
+            target.observe(value)
+
+
+def _counter(name: str, doc: str, *labels: str) -> Metric:
+    return Metric("counter", name, doc, labels)
+
+
+def _gauge(name: str, doc: str, *labels: str) -> Metric:
+    return Metric("gauge", name, doc, labels)
+
+
+def _histogram(name: str, doc: str, buckets: tuple[float, ...], *labels: str) -> Metric:
+    return Metric("histogram", name, doc, labels, buckets)
+
+
+# -- requests ---------------------------------------------------------------
+REQUESTS = _counter(
+    "serving_requests_total",
+    "Inference requests by model, version and HTTP status.",
+    "model",
+    "version",
+    "status",
+)
+REQUEST_SECONDS = _histogram(
+    "serving_request_duration_seconds",
+    "Inference latency in the model replica.",
+    LATENCY_BUCKETS,
+    "model",
+    "version",
+)
+# -- model lifecycle ---------------------------------------------------------
+LOADS = _counter("serving_model_loads_total", "Model loads by outcome.", "model", "outcome")
+LOAD_SECONDS = _histogram(
+    "serving_model_load_duration_seconds",
+    "Pull, load and warm-up time of one version.",
+    DURATION_BUCKETS,
+    "model",
+)
+SWAPS = _counter("serving_swaps_total", "Successful swaps to a new version.", "model")
+SWAP_FAILURES = _counter(
+    "serving_swap_failures_total",
+    "Swaps refused or failed; the old version kept serving.",
+    "model",
+    "reason",
+)
+LIVE_VERSION = _gauge(
+    "serving_live_version_info",
+    "1 for the version a replica serves, 0 for ones it served.",
+    "model",
+    "version",
+)
+# -- cache and downloads -------------------------------------------------------
+CACHE_HITS = _counter("serving_cache_hits_total", "Versions found complete in the loader cache.", "model")
+CACHE_MISSES = _counter("serving_cache_misses_total", "Versions that had to be pulled.", "model")
+CACHE_BYTES = _gauge("serving_cache_bytes", "Bytes held by the loader cache.")
+CACHE_EVICTIONS = _counter("serving_cache_evictions_total", "Versions evicted from the loader cache.")
+DOWNLOAD_BYTES = _counter("serving_download_bytes_total", "Bytes downloaded from the store.", "model")
+DOWNLOAD_SECONDS = _histogram(
+    "serving_download_duration_seconds",
+    "Time to pull one version into the cache.",
+    DURATION_BUCKETS,
+    "model",
+)
+# -- alias watching ----------------------------------------------------------
+ALIAS_CHECKS = _counter(
+    "serving_alias_checks_total",
+    "Alias checks by outcome (unchanged, changed, error).",
+    "model",
+    "outcome",
+)
+ALIAS_CHECK_AGE = _gauge(
+    "serving_alias_check_age_seconds",
+    "Seconds since the last successful alias check.",
+    "model",
+)
+
+ALL = [
+    REQUESTS,
+    REQUEST_SECONDS,
+    LOADS,
+    LOAD_SECONDS,
+    SWAPS,
+    SWAP_FAILURES,
+    LIVE_VERSION,
+    CACHE_HITS,
+    CACHE_MISSES,
+    CACHE_BYTES,
+    CACHE_EVICTIONS,
+    DOWNLOAD_BYTES,
+    DOWNLOAD_SECONDS,
+    ALIAS_CHECKS,
+    ALIAS_CHECK_AGE,
+]
+"""Every metric this project exports; the dashboard and alert tests check against it."""
+
+
+def exported_names() -> set[str]:
+    """Series names as Prometheus sees them (histograms add _bucket/_sum/_count)."""
+    names: set[str] = set()
+    for m in ALL:
+        names.add(m.name)
+        if m.kind == "histogram":
+            names.update({f"{m.name}_bucket", f"{m.name}_sum", f"{m.name}_count"})
+    return names

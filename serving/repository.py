@@ -1,0 +1,251 @@
+"""The store layout: versions, manifests and aliases, the same on every store.
+
+``manifest.json`` is written last: a version without one does not exist, so
+readers never see a half-written version. Moving an alias is one object write.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.errors import (
+    AliasNotFound,
+    IntegrityError,
+    ModelNotFound,
+    NotFound,
+    VersionExists,
+    VersionNotFound,
+)
+from serving.manifest import (
+    MANIFEST_NAME,
+    Alias,
+    FileEntry,
+    Manifest,
+    ModelRef,
+    check_name,
+    check_relative_path,
+    sha256_bytes,
+    version_sort_key,
+)
+from serving.store.base import ObjectStore, Progress
+
+
+def whoami() -> str:
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # noqa: BLE001 -- NOTE: best effort; no user in some containers
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A reference resolved to one version, with the manifest's exact bytes."""
+
+    name: str
+    version: str
+    manifest: Manifest
+    manifest_raw: bytes
+    alias: str | None = None
+
+    @property
+    def manifest_sha256(self) -> str:
+        return sha256_bytes(self.manifest_raw)
+
+
+@dataclass(frozen=True)
+class AliasCheck:
+    """Result of a cheap alias check: ``alias`` is None when nothing changed."""
+
+    alias: Alias | None
+    etag: str
+
+
+def hash_file(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def collect_files(root: Path) -> list[tuple[str, Path]]:
+    """Every regular file below ``root`` (or ``root`` itself), refusing symlinks."""
+    from serving.errors import InvalidManifest
+
+    if root.is_symlink():
+        raise InvalidManifest(f"refusing to publish symlink {root}")
+    if root.is_file():
+        return [(root.name, root)]
+    out = []
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            raise InvalidManifest(f"refusing to publish symlink {path}")
+        if path.is_file():
+            rel = path.relative_to(root).as_posix()
+            out.append((check_relative_path(rel), path))
+    return out
+
+
+class Repository:
+    """Versions and aliases of models in one store."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    # -- keys ---------------------------------------------------------------
+    @staticmethod
+    def version_prefix(name: str, version: str) -> str:
+        return f"{name}/versions/{version}/"
+
+    @staticmethod
+    def alias_key(name: str, alias: str) -> str:
+        return f"{name}/aliases/{alias}.json"
+
+    # -- reading ------------------------------------------------------------
+    def list_models(self) -> list[str]:
+        return self.store.list_dirs("")
+
+    def list_versions(self, name: str) -> list[str]:
+        """Published versions (those with a manifest), oldest first."""
+        check_name(name, "model name")
+        candidates = self.store.list_dirs(f"{name}/versions/")
+        found = [v for v in candidates if self.store.exists(f"{name}/versions/{v}/{MANIFEST_NAME}")]
+        return sorted(found, key=version_sort_key)
+
+    def list_aliases(self, name: str) -> list[str]:
+        objs = self.store.list(f"{name}/aliases/")
+        return sorted(o.key.rsplit("/", 1)[-1].removesuffix(".json") for o in objs)
+
+    def manifest(self, name: str, version: str) -> tuple[Manifest, bytes]:
+        """The manifest of ``name:version`` and its exact bytes (what digests cover)."""
+        check_name(name, "model name")
+        check_name(version, "version")
+        try:
+            raw, _ = self.store.get(self.version_prefix(name, version) + MANIFEST_NAME)
+        except NotFound as exc:
+            raise self._missing_version(name, version) from exc
+        manifest = Manifest.from_json(raw)
+        if manifest.name != name or manifest.version != version:
+            raise IntegrityError(f"manifest at {name}:{version} describes {manifest.name}:{manifest.version}")
+        return manifest, raw
+
+    def _missing_version(self, name: str, version: str) -> NotFound:
+        if not self.store.list_dirs(f"{name}/") and not self.store.list(f"{name}/"):
+            return ModelNotFound(f"model {name!r} not found in {self.store.uri}")
+        return VersionNotFound(f"version {version!r} of model {name!r} not found")
+
+    def version_files(self, name: str, version: str) -> dict[str, int]:
+        """What is really stored under a version: relative path -> size."""
+        prefix = self.version_prefix(name, version)
+        return {o.key[len(prefix) :]: o.size for o in self.store.list(prefix)}
+
+    def get_alias(self, name: str, alias: str) -> Alias:
+        check_name(name, "model name")
+        check_name(alias, "alias")
+        try:
+            raw, _ = self.store.get(self.alias_key(name, alias))
+        except NotFound as exc:
+            raise AliasNotFound(f"alias {name}@{alias} not found") from exc
+        return Alias.from_json(raw)
+
+    def check_alias(self, name: str, alias: str, etag: str | None) -> AliasCheck:
+        """One small request: a conditional GET that returns no body when unchanged."""
+        try:
+            raw, new_etag = self.store.get_if_changed(self.alias_key(name, alias), etag)
+        except NotFound as exc:
+            raise AliasNotFound(f"alias {name}@{alias} not found") from exc
+        return AliasCheck(Alias.from_json(raw) if raw is not None else None, new_etag)
+
+    def resolve(self, ref: ModelRef | str) -> Resolved:
+        """Resolve ``name@alias`` or ``name:version`` to a version and its manifest."""
+        ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+        if ref.alias:
+            target = self.get_alias(ref.name, ref.alias)
+            manifest, raw = self.manifest(ref.name, target.version)
+            sha = sha256_bytes(raw)
+            if sha != target.manifest_sha256:
+                raise IntegrityError(
+                    f"{ref}: manifest of version {target.version} changed after the alias "
+                    f"was set (sha256 {sha[:12]} != {target.manifest_sha256[:12]})"
+                )
+            return Resolved(ref.name, target.version, manifest, raw, alias=ref.alias)
+        assert ref.version is not None
+        manifest, raw = self.manifest(ref.name, ref.version)
+        return Resolved(ref.name, ref.version, manifest, raw)
+
+    # -- writing ------------------------------------------------------------
+    def next_version(self, name: str) -> str:
+        ints = [int(v) for v in self.list_versions(name) if v.isdigit()]
+        return str(max(ints, default=0) + 1)
+
+    def publish(
+        self,
+        manifest: Manifest,
+        files: Iterable[tuple[str, Path]],
+        progress: Callable[[int], Progress | None] | None = None,
+    ) -> str:
+        """Upload the files, then the manifest last; returns the manifest's sha256.
+
+        Raises:
+            VersionExists: the version is already published (versions are immutable).
+        """
+        name, version = check_name(manifest.name, "model name"), check_name(manifest.version, "version")
+        prefix = self.version_prefix(name, version)
+        if self.store.exists(prefix + MANIFEST_NAME):
+            raise VersionExists(f"{name}:{version} already exists; versions are immutable")
+        for rel, path in files:
+            self.store.upload(prefix + rel, path, progress(path.stat().st_size) if progress else None)
+        raw = manifest.to_json()
+        try:
+            self.store.put(prefix + MANIFEST_NAME, raw, if_absent=True)
+        except FileExistsError as exc:
+            raise VersionExists(f"{name}:{version} was published concurrently") from exc
+        return sha256_bytes(raw)
+
+    def set_alias(self, name: str, alias: str, version: str, by: str | None = None) -> Alias:
+        """Point ``name@alias`` at ``version`` (which must exist); one object write."""
+        check_name(alias, "alias")
+        _, raw = self.manifest(name, version)
+        sha = sha256_bytes(raw)
+        by = by or whoami()
+        try:
+            current = self.get_alias(name, alias)
+        except AliasNotFound:
+            new = Alias(name=name, alias=alias, version=version, manifest_sha256=sha, updated_by=by)
+        else:
+            new = current.moved_to(version, sha, by)
+        self.store.put(self.alias_key(name, alias), new.to_json())
+        return new
+
+    def rollback(self, name: str, alias: str, by: str | None = None) -> Alias:
+        """Move the alias back to its previous target, dropping that history entry."""
+        current = self.get_alias(name, alias)
+        if not current.history:
+            raise AliasNotFound(f"{name}@{alias} has no previous target to roll back to")
+        previous = current.history[-1]
+        self.manifest(name, previous.version)  # it must still exist
+        new = Alias(
+            name=name,
+            alias=alias,
+            version=previous.version,
+            manifest_sha256=previous.manifest_sha256,
+            updated_by=by or whoami(),
+            history=current.history[:-1],
+        )
+        self.store.put(self.alias_key(name, alias), new.to_json())
+        return new
+
+
+def file_entries(files: Iterable[tuple[str, Path]]) -> list[FileEntry]:
+    out = []
+    for rel, path in files:
+        size, digest = hash_file(path)
+        out.append(FileEntry(path=rel, size=size, sha256=digest))
+    return out

@@ -1,0 +1,73 @@
+"""The one place configuration and the environment are read.
+
+Every field can be set through an environment variable named
+``SERVING_<FIELD>`` (for example ``SERVING_STORE``, ``SERVING_CACHE_DIR``).
+Standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ...) are left
+to boto3's own configuration chain.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_cache_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("serving")) / "models"
+
+
+class Settings(BaseSettings):
+    """Process-wide settings, validated on parse."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVING_", extra="ignore")
+
+    store: str = "./model-store"
+    """Store URI: a folder path, ``file:///abs/path`` or ``s3://bucket/prefix``."""
+
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    """Node-local loader cache, shared by every process on the node."""
+
+    cache_max_bytes: int = Field(default=20 * 1024**3, ge=0)
+    """Byte budget of the cache; least recently used versions are evicted past it."""
+
+    s3_addressing_style: str = Field(default="auto", pattern="^(auto|path|virtual)$")
+    """``path`` for MinIO and most S3-compatible servers."""
+
+    s3_connect_timeout: float = Field(default=5.0, gt=0)
+    """Seconds to wait for a TCP connection to the store."""
+
+    s3_read_timeout: float = Field(default=30.0, gt=0)
+    """Seconds to wait for a read from the store."""
+
+    s3_max_attempts: int = Field(default=4, ge=1)
+    """Attempts per request, with boto3's ``standard`` retry mode."""
+
+    s3_multipart_threshold: int = Field(default=64 * 1024**2, ge=5 * 1024**2)
+    """Files larger than this are transferred in parts."""
+
+    trusted_globals: list[str] = Field(default_factory=list)
+    """Extra ``module.qualname`` globals the restricted unpickler may load.
+
+    Widening this list lets a pickle call those objects: add only what a model
+    you trust needs, and review it like code."""
+
+    allow_legacy_h5: bool = False
+    """Load Keras ``.h5`` files, which bypass Keras safe mode (runs code)."""
+
+    max_artifact_bytes: int = Field(default=50 * 1024**3, ge=1)
+    """Refuse versions whose files add up to more than this."""
+
+    max_artifact_files: int = Field(default=10_000, ge=1)
+    """Refuse versions with more files than this."""
+
+    progress: bool = True
+    """Show progress bars for transfers above a few MB when stderr is a TTY."""
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, with explicit overrides winning."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**clean)  # type: ignore[arg-type]  # NOTE: validated by pydantic

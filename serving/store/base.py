@@ -1,0 +1,65 @@
+"""The interface every store implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+Progress = Callable[[int], None]
+"""Called with the number of bytes just transferred."""
+
+
+class Sink(Protocol):
+    """Where a download's bytes go, in order."""
+
+    def write(self, data: bytes) -> int: ...
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class ObjectStore(ABC):
+    """Bytes under ``/``-separated keys.
+
+    Missing keys raise :class:`serving.errors.NotFound`; every other failure is
+    a :class:`serving.errors.StoreError` with the library's error chained.
+    """
+
+    uri: str
+
+    @abstractmethod
+    def get(self, key: str) -> tuple[bytes, str]:
+        """Return the object's bytes and its ETag."""
+
+    @abstractmethod
+    def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes | None, str]:
+        """One small request: ``(None, etag)`` when the object still has ``etag``."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Write a small object in one request; ``if_absent`` refuses to overwrite."""
+
+    @abstractmethod
+    def upload(self, key: str, path: Path, progress: Progress | None = None) -> None:
+        """Upload a file (multipart above the configured threshold)."""
+
+    @abstractmethod
+    def download(self, key: str, sink: Sink, progress: Progress | None = None) -> None:
+        """Stream an object into ``sink`` in order, so the caller can hash it."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object whose key starts with ``prefix``."""
+
+    @abstractmethod
+    def list_dirs(self, prefix: str) -> list[str]:
+        """The immediate "folders" below ``prefix`` (which ends with ``/``)."""

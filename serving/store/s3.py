@@ -1,0 +1,198 @@
+"""S3 and S3-compatible stores (MinIO) through boto3.
+
+Endpoint and credentials come from boto3's standard chain: ``AWS_ENDPOINT_URL``
+or ``AWS_ENDPOINT_URL_S3`` for MinIO, env keys, profiles, web identity (IRSA).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from serving.errors import (
+    InvalidReference,
+    NotFound,
+    StoreAccessDenied,
+    StoreError,
+    StoreNotFound,
+    StoreUnavailable,
+)
+from serving.settings import Settings
+from serving.store.base import ObjectInfo, ObjectStore, Progress, Sink
+
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "503", "500"}
+
+
+class _OrderedSink:
+    """Non-seekable file object: s3transfer then writes parts strictly in order."""
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+
+    def write(self, data: bytes) -> int:
+        self._sink.write(data)
+        return len(data)
+
+    def seekable(self) -> bool:
+        return False
+
+
+class S3Store(ObjectStore):
+    def __init__(self, uri: str, settings: Settings) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise InvalidReference(f"S3 URI {uri!r} has no bucket: use s3://bucket/prefix")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        config = Config(
+            retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
+            connect_timeout=settings.s3_connect_timeout,
+            read_timeout=settings.s3_read_timeout,
+            s3={"addressing_style": settings.s3_addressing_style},
+            max_pool_connections=32,
+        )
+        # NOTE: a Session per store; boto3's default session is not thread-safe to create.
+        self._client: Any = boto3.session.Session().client("s3", config=config)
+        self._transfer = TransferConfig(
+            multipart_threshold=settings.s3_multipart_threshold,
+            multipart_chunksize=max(8 * 1024**2, settings.s3_multipart_threshold // 8),
+            max_concurrency=8,
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _translate(self, exc: Exception, what: str) -> Exception:
+        """Map botocore errors to this project's error tree (the caller chains them)."""
+        from botocore.exceptions import (
+            ClientError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
+
+        where = f"{what} ({self.uri})"
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code == "NoSuchBucket":
+                return StoreNotFound(f"no such bucket {self.bucket!r}: {where}")
+            if code in {"NoSuchKey", "404", "NotFound"}:
+                return NotFound(f"not found: {where}")
+            if code in _DENIED:
+                return StoreAccessDenied(f"access denied ({code}): {where}")
+            if code in _THROTTLED:
+                return StoreUnavailable(f"store throttled or failing ({code}): {where}")
+            return StoreError(f"S3 error {code}: {where}")
+        if isinstance(exc, NoCredentialsError):
+            return StoreAccessDenied(f"no AWS credentials found: {where}")
+        if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
+            return StoreUnavailable(f"store unreachable: {where}")
+        return StoreError(f"{type(exc).__name__}: {where}")
+
+    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, what) from exc
+
+    def get(self, key: str) -> tuple[bytes, str]:
+        data, etag = self.get_if_changed(key, None)
+        assert data is not None
+        return data, etag
+
+    def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes | None, str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
+        if etag:
+            kwargs["IfNoneMatch"] = etag
+        try:
+            resp = self._client.get_object(**kwargs)
+        except ClientError as exc:
+            # NOTE: boto3 reports "304 Not Modified" as a ClientError with code "304".
+            if etag and exc.response.get("Error", {}).get("Code") == "304":
+                return None, etag
+            raise self._translate(exc, f"get {key}") from exc
+        except BotoCoreError as exc:
+            raise self._translate(exc, f"get {key}") from exc
+        return resp["Body"].read(), resp["ETag"]
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
+        if if_absent:
+            kwargs["IfNoneMatch"] = "*"
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.put_object(**kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if if_absent and code in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
+                raise FileExistsError(key) from exc
+            raise self._translate(exc, f"put {key}") from exc
+        except BotoCoreError as exc:
+            raise self._translate(exc, f"put {key}") from exc
+
+    def upload(self, key: str, path: Path, progress: Progress | None = None) -> None:
+        self._call(
+            f"upload {key}",
+            self._client.upload_file,
+            Filename=str(path),
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Config=self._transfer,
+            Callback=progress,
+        )
+
+    def download(self, key: str, sink: Sink, progress: Progress | None = None) -> None:
+        self._call(
+            f"download {key}",
+            self._client.download_fileobj,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Fileobj=_OrderedSink(sink),
+            Config=self._transfer,
+            Callback=progress,
+        )
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(f"head {key}", self._client.head_object, Bucket=self.bucket, Key=self._key(key))
+        except NotFound:
+            return False
+        return True
+
+    def _paginate(self, what: str, **kwargs: Any) -> list[dict[str, Any]]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, **kwargs)
+            return list(pages)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, what) from exc
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        strip = len(self._key(""))
+        out = []
+        for page in self._paginate(f"list {prefix}", Prefix=self._key(prefix)):
+            for obj in page.get("Contents", []):
+                out.append(ObjectInfo(obj["Key"][strip:], int(obj["Size"])))
+        return sorted(out, key=lambda o: o.key)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        full = self._key(prefix)
+        out = []
+        for page in self._paginate(f"list {prefix}", Prefix=full, Delimiter="/"):
+            for cp in page.get("CommonPrefixes", []):
+                out.append(cp["Prefix"][len(full) :].rstrip("/"))
+        return sorted(out)
