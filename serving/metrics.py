@@ -192,11 +192,19 @@ ALL = [
 """Every metric this project exports; the dashboard and alert tests check against it."""
 
 
-def exported_names() -> set[str]:
-    """Series names as Prometheus sees them (histograms add _bucket/_sum/_count)."""
+RAY_PREFIX = "ray_"
+"""Ray's node exporter prefixes every application metric with this."""
+
+
+def exported_names(prefix: str = RAY_PREFIX) -> set[str]:
+    """Series names as Prometheus scrapes them from a Ray node (8080).
+
+    Histograms add ``_bucket``, ``_sum`` and ``_count``. In a plain process (CLI,
+    tests without Ray) pass ``prefix=""``.
+    """
     names: set[str] = set()
     for m in ALL:
-        names.add(m.name)
+        names.add(prefix + m.name)
         if m.kind == "histogram":
-            names.update({f"{m.name}_bucket", f"{m.name}_sum", f"{m.name}_count"})
+            names.update({f"{prefix}{m.name}_{s}" for s in ("bucket", "sum", "count")})
     return names

@@ -59,6 +59,15 @@ class Format(ABC):
     extra: str
     """The pip extra that installs this format's framework (named in errors)."""
 
+    def framework_version(self) -> str | None:
+        """The installed framework's version, recorded in manifests; None if absent."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version(self.framework)
+        except PackageNotFoundError:
+            return None
+
     @abstractmethod
     def detect(self, path: Path) -> bool:
         """Whether ``path`` (a file or directory about to be published) is this format."""

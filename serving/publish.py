@@ -1,0 +1,76 @@
+"""Publish an artifact that is already saved on disk as a new immutable version."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+from serving.errors import InvalidRequest
+from serving.manifest import Manifest, TensorSpec, check_name
+from serving.repository import Repository, collect_files, file_entries
+from serving.store.base import Progress
+
+
+def publish_path(
+    repo: Repository,
+    path: Path,
+    name: str,
+    *,
+    version: str | None = None,
+    format: str | None = None,
+    alias: str | None = None,
+    framework: str | None = None,
+    framework_version: str | None = None,
+    inputs: list[TensorSpec] | None = None,
+    outputs: list[TensorSpec] | None = None,
+    example: Any = None,
+    options: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    progress: Any = None,
+) -> Manifest:
+    """Hash and upload ``path`` (a file or a directory), then write the manifest last.
+
+    The format is detected from content and extension unless ``format`` is given.
+    The version defaults to the next integer. With ``alias``, the alias is moved to
+    the new version after the manifest is written.
+
+    Raises:
+        UnknownFormat: nothing recognises the artifact.
+        VersionExists: the version is already published.
+    """
+    from serving.formats import detect_format, get_format
+
+    check_name(name, "model name")
+    path = Path(path)
+    if not path.exists():
+        raise InvalidRequest(f"{path}: no such file or directory")
+    fmt = get_format(format) if format else get_format(detect_format(path))
+    files = collect_files(path)
+    if not files:
+        raise InvalidRequest(f"{path}: nothing to publish (empty directory)")
+    version = check_name(version, "version") if version else repo.next_version(name)
+    manifest = Manifest(
+        name=name,
+        version=version,
+        format=fmt.name,
+        files=file_entries(files),
+        framework=framework or fmt.framework,
+        framework_version=framework_version or fmt.framework_version(),
+        python_version=platform.python_version(),
+        inputs=inputs,
+        outputs=outputs,
+        example=example,
+        options=options or {},
+        metadata=metadata or {},
+    )
+    progress_for = None
+    if progress is not None:
+
+        def progress_for(size: int) -> Progress | None:
+            return progress(name, size)  # type: ignore[no-any-return]
+
+    repo.publish(manifest, files, progress_for)
+    if alias:
+        repo.set_alias(name, alias, version)
+    return manifest
