@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from serving.errors import NotFound, StoreError
+from serving.errors import NotFound, StoreError, StoreNotFound
 from serving.store.base import ObjectInfo, ObjectStore, Progress, Sink
 
 _CHUNK = 1024 * 1024
@@ -28,12 +28,19 @@ class LocalStore(ObjectStore):
         st = path.stat()
         return f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"
 
+    def _missing(self, key: str) -> Exception:
+        # NOTE: a missing root is an unreachable store (an unmounted volume), not a
+        # missing key, so callers can fall back to the cache.
+        if not self.root.is_dir():
+            return StoreNotFound(f"store folder {self.root} does not exist")
+        return NotFound(f"{key} not found in {self.uri}")
+
     def get(self, key: str) -> tuple[bytes, str]:
         path = self._path(key)
         try:
             return path.read_bytes(), self._etag(path)
         except FileNotFoundError as exc:
-            raise NotFound(f"{key} not found in {self.uri}") from exc
+            raise self._missing(key) from exc
         except OSError as exc:
             raise StoreError(f"cannot read {key} from {self.uri}: {exc.strerror}") from exc
 
@@ -42,7 +49,7 @@ class LocalStore(ObjectStore):
         try:
             current = self._etag(path)
         except FileNotFoundError as exc:
-            raise NotFound(f"{key} not found in {self.uri}") from exc
+            raise self._missing(key) from exc
         if current == etag:
             return None, current
         return self.get(key)

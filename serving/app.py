@@ -1,0 +1,336 @@
+"""Ray Serve deployments: a thin ingress and one deployment per model.
+
+``build_app`` is the import path a Serve config uses::
+
+    applications:
+      - name: serving
+        import_path: serving.app:build_app
+        args: {models: [{name: iris, alias: production}]}
+
+Each model replica wraps a :class:`serving.service.ModelService`. Replicas
+report what they serve to a small named "board" actor, which also carries
+load requests: a watcher's wait between alias checks is a long-poll on the
+board, so ``POST /v2/repository/models/{name}/load`` wakes every replica of
+the model at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
+
+from serving import api, metrics
+from serving.config import AppConfig, ModelConfig
+from serving.errors import ModelNotFound
+from serving.logs import configure_logging
+from serving.service import ModelService
+from serving.settings import get_settings
+from serving.watcher import run_forever
+
+log = logging.getLogger("serving.app")
+
+BOARD_NAMESPACE = "serving"
+
+
+@ray.remote(num_cpus=0)
+class Board:
+    """What each replica serves, and per-model load requests (a generation counter)."""
+
+    def __init__(self) -> None:
+        self._generation: dict[str, int] = defaultdict(int)
+        self._replicas: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+        self._changed = asyncio.Condition()
+
+    async def report(self, model: str, replica: str, status: dict[str, Any]) -> None:
+        self._replicas[model][replica] = {**status, "reported_at": time.time()}
+
+    async def forget(self, model: str, replica: str) -> None:
+        self._replicas[model].pop(replica, None)
+
+    async def request_load(self, model: str) -> int:
+        async with self._changed:
+            self._generation[model] += 1
+            self._changed.notify_all()
+            return self._generation[model]
+
+    async def wait(self, model: str, seen: int, timeout: float) -> int:
+        """Return the model's load generation as soon as it exceeds ``seen``, or at timeout."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self._generation[model] > seen), timeout
+                )
+            return self._generation[model]
+
+    async def snapshot(self, max_age_s: float) -> dict[str, Any]:
+        now = time.time()
+        out: dict[str, Any] = {}
+        for model, replicas in self._replicas.items():
+            fresh = {r: s for r, s in replicas.items() if now - s["reported_at"] <= max_age_s}
+            out[model] = {"generation": self._generation[model], "replicas": fresh}
+        return out
+
+
+def get_board(app_name: str) -> Any:
+    return Board.options(  # type: ignore[attr-defined]
+        name=f"board-{app_name}", namespace=BOARD_NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote()
+
+
+def _replica_context() -> tuple[str, str]:
+    ctx = serve.get_replica_context()
+    return ctx.app_name, ctx.replica_id.unique_id
+
+
+@serve.deployment
+class ModelDeployment:
+    """Serves one model; not ready until a version is loaded."""
+
+    def __init__(self, model: dict[str, Any], app: dict[str, Any]) -> None:
+        configure_logging()
+        metrics.use_ray_backend()
+        # NOTE: defence in depth for any torch.load that escapes the format loaders.
+        os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+        self.config = ModelConfig.model_validate(model)
+        self.app = AppConfig.model_validate(app)
+        self.service = ModelService(self.config, self.app, get_settings())
+        self.service.start()
+        app_name, self.replica = _replica_context()
+        self.board = get_board(app_name)
+        self._generation = 0
+        self._report()
+        self._stop = threading.Event()
+        if self.service.watcher is not None:
+            threading.Thread(
+                target=run_forever,
+                args=(self.service.watcher, self._wait, self._stop),
+                name=f"watch-{self.config.name}",
+                daemon=True,
+            ).start()
+        if self.config.batching.enabled:
+            self._batched = serve.batch(
+                max_batch_size=self.config.batching.max_batch_size,
+                batch_wait_timeout_s=self.config.batching.batch_wait_timeout_s,
+            )(self._predict_batch)
+
+    def _report(self) -> None:
+        status = {**self.service.status(), "generation": self._generation}
+        self.board.report.remote(self.config.name, self.replica, status)
+
+    def _wait(self, timeout: float) -> bool:
+        """Report, then sleep until the next tick or a load request (returns True then)."""
+        self._report()
+        try:
+            gen = ray.get(self.board.wait.remote(self.config.name, self._generation, timeout))
+        except Exception:  # noqa: BLE001 -- NOTE: board gone (cluster shutting down): plain wait
+            self._stop.wait(timeout)
+            return False
+        forced = gen > self._generation
+        self._generation = gen
+        return forced
+
+    async def infer(self, body: bytes, version: str | None) -> tuple[int, bytes]:
+        if self.config.batching.enabled and version is None:
+            return await self._infer_batched(body)
+        reply = self.service.infer_v2(body, version)
+        return reply.status, reply.body
+
+    async def _infer_batched(self, body: bytes) -> tuple[int, bytes]:
+        # NOTE: decode per request, predict once per batch, encode per request.
+        try:
+            live = self.service.slot.live
+            if live is None:
+                raise ModelNotFound(f"model {self.config.name!r} is not loaded")
+            req = api.parse_v2(api.parse_json(body, self.app.max_body_bytes), live.predictor.inputs)
+            version, outputs = await self._batched(req.inputs)
+            payload = {
+                "model_name": self.config.name,
+                "model_version": version,
+                "id": req.id,
+                "outputs": api.encode_outputs(outputs, req.outputs),
+            }
+            reply = api.ok(payload)
+        except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
+            reply = api.error_reply(exc)
+        metrics.REQUESTS.inc(
+            model=self.config.name, version=str(self.service.slot.version), status=str(reply.status)
+        )
+        return reply.status, reply.body
+
+    async def _predict_batch(
+        self, batch: list[dict[str, np.ndarray]]
+    ) -> list[tuple[str, dict[str, np.ndarray]]]:
+        names = list(batch[0])
+        if any(list(item) != names for item in batch):
+            return [self.service.predict_arrays(item) for item in batch]
+        sizes = [len(item[names[0]]) for item in batch]
+        joined = {n: np.concatenate([item[n] for item in batch]) for n in names}
+        version, outputs = self.service.predict_arrays(joined)
+        bounds = np.cumsum(sizes)[:-1]
+        split = {n: np.split(np.asarray(v), bounds) for n, v in outputs.items()}
+        return [(version, {n: parts[i] for n, parts in split.items()}) for i in range(len(batch))]
+
+    async def predict_v1(self, body: bytes) -> tuple[int, bytes]:
+        reply = self.service.predict_v1(body)
+        return reply.status, reply.body
+
+    async def metadata(self, version: str | None) -> tuple[int, bytes]:
+        reply = self.service.metadata(version)
+        return reply.status, reply.body
+
+    async def ready(self, version: str | None) -> bool:
+        return self.service.ready(version)
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+
+
+@serve.deployment
+class Ingress:
+    """Routes HTTP requests to model deployments; no model work happens here."""
+
+    def __init__(self, app: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+        configure_logging()
+        self.app = AppConfig.model_validate(app)
+        self.models = models
+        self.board = get_board(_replica_context()[0])
+        self._started = time.time()
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            route, params = api.match(request.method, request.url.path)
+            reply = await getattr(self, f"_{route}")(request, **params)
+        except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
+            reply = api.error_reply(exc)
+        return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+
+    def _handle(self, model: str) -> DeploymentHandle:
+        handle = self.models.get(model)
+        if handle is None:
+            raise ModelNotFound(
+                f"model {model!r} is not served here; served: {', '.join(sorted(self.models))}"
+            )
+        return handle
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        limit = self.app.max_body_bytes
+        if declared and declared.isdigit() and int(declared) > limit:
+            from serving.errors import PayloadTooLarge
+
+            raise PayloadTooLarge(f"request body is {declared} bytes, over the limit of {limit}")
+        return await request.body()
+
+    # -- routes ------------------------------------------------------------------------
+    async def _live(self, request: Request) -> api.Reply:
+        return api.ok({"live": True})
+
+    async def _ready(self, request: Request) -> api.Reply:
+        states = await asyncio.gather(*(h.ready.remote(None) for h in self.models.values()))
+        ready = all(states)
+        return api.ok({"ready": ready}, status=200 if ready else 503)
+
+    async def _server_metadata(self, request: Request) -> api.Reply:
+        from serving import __version__
+
+        return api.ok({"name": "serving", "version": __version__, "extensions": ["model_repository"]})
+
+    async def _model_metadata(self, request: Request, model: str, version: str | None = None) -> api.Reply:
+        status, body = await self._handle(model).metadata.remote(version)
+        return api.Reply(status, body)
+
+    async def _model_ready(self, request: Request, model: str, version: str | None = None) -> api.Reply:
+        ready = await self._handle(model).ready.remote(version)
+        return api.ok({"name": model, "ready": ready}, status=200 if ready else 503)
+
+    async def _infer(self, request: Request, model: str, version: str | None = None) -> api.Reply:
+        handle = self._handle(model)
+        body = await self._body(request)
+        status, payload = await handle.infer.remote(body, version)
+        return api.Reply(status, payload)
+
+    async def _predict_v1(self, request: Request, model: str) -> api.Reply:
+        handle = self._handle(model)
+        body = await self._body(request)
+        status, payload = await handle.predict_v1.remote(body)
+        return api.Reply(status, payload)
+
+    async def _repository_index(self, request: Request) -> api.Reply:
+        return api.ok(await self._index())
+
+    async def _index(self) -> list[dict[str, Any]]:
+        max_age = 3 * self.app.poll_interval_s + 10
+        snap = await self.board.snapshot.remote(max_age)
+        out = []
+        for cfg in self.app.models:
+            replicas = snap.get(cfg.name, {}).get("replicas", {})
+            live = sorted({r["live_version"] for r in replicas.values() if r["live_version"]})
+            targets = [r["target_version"] for r in replicas.values() if r["target_version"]]
+            target = targets[0] if targets else cfg.version
+            converged = bool(replicas) and live == [target]
+            out.append(
+                {
+                    "name": cfg.name,
+                    "version": target,
+                    "alias": cfg.alias,
+                    "target_version": target,
+                    "state": "READY" if live else "UNAVAILABLE",
+                    "reason": "" if converged else "converging",
+                    "converged": converged,
+                    "replicas": [{"replica": rid, **state} for rid, state in sorted(replicas.items())],
+                }
+            )
+        return out
+
+    async def _load(self, request: Request, model: str) -> api.Reply:
+        self._handle(model)
+        gen = await self.board.request_load.remote(model)
+        deadline = time.monotonic() + 30
+        while True:
+            snap = await self.board.snapshot.remote(3 * self.app.poll_interval_s + 10)
+            replicas = snap.get(model, {}).get("replicas", {})
+            done = replicas and all(r.get("generation", 0) >= gen for r in replicas.values())
+            if done or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        entry = next(e for e in await self._index() if e["name"] == model)
+        return api.ok(entry, status=200 if done else 202)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Build the Serve application from ``AppConfig`` args (a Serve config's ``args``)."""
+    config = AppConfig.model_validate(args)
+    app_dict = config.model_dump(mode="json")
+    handles: dict[str, Any] = {}
+    for model in config.models:
+        options: dict[str, Any] = {
+            "name": f"model-{model.name}",
+            "ray_actor_options": model.ray_actor_options,
+            "max_ongoing_requests": model.max_ongoing_requests,
+        }
+        if model.autoscaling_config is not None:
+            options["autoscaling_config"] = model.autoscaling_config
+        else:
+            options["num_replicas"] = model.num_replicas
+        handles[model.name] = ModelDeployment.options(**options).bind(model.model_dump(mode="json"), app_dict)
+    ingress = Ingress.options(
+        num_replicas=config.ingress.num_replicas,
+        ray_actor_options=config.ingress.ray_actor_options,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+    )
+    return ingress.bind(app_dict, handles)

@@ -1,0 +1,190 @@
+"""One model's serving logic, free of Ray and HTTP: decode, predict, encode, follow the alias.
+
+The Ray deployment in :mod:`serving.app` holds one ModelService per replica
+and only adapts calls to it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from serving import api, metrics
+from serving.cache import LoaderCache
+from serving.config import AppConfig, ModelConfig
+from serving.errors import InvalidInput, ServingError
+from serving.formats.base import LoadPolicy
+from serving.repository import Repository
+from serving.settings import Settings
+from serving.slot import Live, ModelSlot, ResidentVersions, TrustCheck
+from serving.store import open_store
+from serving.watcher import AliasWatcher
+
+
+def build_cache(app: AppConfig, settings: Settings) -> LoaderCache:
+    return LoaderCache(
+        app.cache_dir or settings.cache_dir,
+        app.cache_max_bytes if app.cache_max_bytes is not None else settings.cache_max_bytes,
+        max_artifact_bytes=settings.max_artifact_bytes,
+        max_artifact_files=settings.max_artifact_files,
+    )
+
+
+def policy_from(settings: Settings) -> LoadPolicy:
+    return LoadPolicy(
+        trusted_globals=frozenset(settings.trusted_globals), allow_legacy_h5=settings.allow_legacy_h5
+    )
+
+
+class ModelService:
+    """Serves one model: the live version (following an alias or pinned) plus explicit versions."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        app: AppConfig,
+        settings: Settings,
+        *,
+        trust_check: TrustCheck | None = None,
+    ) -> None:
+        self.config = model
+        self.app = app
+        repo = Repository(open_store(app.store or settings.store, settings))
+        self.slot = ModelSlot(
+            model.name,
+            repo,
+            build_cache(app, settings),
+            policy_from(settings),
+            trust_check=trust_check,
+            warmup=model.warmup,
+        )
+        self.watcher = (
+            AliasWatcher(
+                self.slot,
+                model.alias,
+                interval_s=app.poll_interval_s,
+                jitter=app.poll_jitter,
+                backoff_max_s=app.retry_backoff_max_s,
+            )
+            if model.alias
+            else None
+        )
+        self.resident = ResidentVersions(self.slot, model.max_resident_versions)
+
+    def start(self) -> None:
+        """Load the first version. Raises if nothing can be loaded (the replica is not ready)."""
+        if self.watcher is not None:
+            self.watcher.start()
+        else:
+            assert self.config.version is not None
+            resolved, from_cache = self.slot.cache.resolve(
+                self.slot.repo, f"{self.config.name}:{self.config.version}"
+            )
+            self.slot.swap_to(resolved, reason="start", source="cache" if from_cache else "store")
+
+    # -- requests ------------------------------------------------------------------
+    def infer_v2(self, body: bytes, version: str | None = None) -> api.Reply:
+        started = time.perf_counter()
+        served = version or self.slot.version or "none"
+        try:
+            with self._lease(version) as live:
+                served = live.version
+                req = api.parse_v2(api.parse_json(body, self.app.max_body_bytes), live.predictor.inputs)
+                outputs = self._predict(live, req.inputs)
+                payload = {
+                    "model_name": self.config.name,
+                    "model_version": live.version,
+                    "id": req.id,
+                    "outputs": api.encode_outputs(outputs, req.outputs),
+                }
+            reply = api.ok(payload)
+        except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
+            reply = api.error_reply(exc)
+        self._observe(served, reply.status, started)
+        return reply
+
+    def predict_v1(self, body: bytes) -> api.Reply:
+        started = time.perf_counter()
+        served = self.slot.version or "none"
+        try:
+            with self._lease(None) as live:
+                served = live.version
+                inputs = api.parse_v1(api.parse_json(body, self.app.max_body_bytes), live.predictor.inputs)
+                outputs = self._predict(live, inputs)
+                first = next(iter(outputs.values()))
+                reply = api.ok({"predictions": first, "model_version": live.version})
+        except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
+            reply = api.error_reply(exc)
+        self._observe(served, reply.status, started)
+        return reply
+
+    def predict_arrays(self, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]]:
+        """Predict on decoded inputs with the live version (the batching path uses this)."""
+        with self.slot.lease() as live:
+            return live.version, self._predict(live, inputs)
+
+    def _lease(self, version: str | None) -> Any:
+        return self.resident.lease(version) if version else self.slot.lease()
+
+    @staticmethod
+    def _predict(live: Live, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return live.predictor.predict(inputs)
+        except ServingError:
+            raise
+        except (ValueError, TypeError) as exc:
+            # NOTE: frameworks raise these for inputs that passed the schema check
+            # but that the model still cannot take (e.g. wrong feature count).
+            raise InvalidInput(f"the model rejected the input: {exc}") from exc
+
+    def _observe(self, version: str, status: int, started: float) -> None:
+        metrics.REQUESTS.inc(model=self.config.name, version=version, status=str(status))
+        if status < 400:
+            metrics.REQUEST_SECONDS.observe(
+                time.perf_counter() - started, model=self.config.name, version=version
+            )
+
+    # -- metadata ------------------------------------------------------------------------
+    def metadata(self, version: str | None = None) -> api.Reply:
+        try:
+            with self._lease(version) as live:
+                return api.ok(
+                    {
+                        "name": self.config.name,
+                        "versions": [live.version],
+                        "platform": live.manifest.format,
+                        "inputs": api.tensor_metadata(live.predictor.inputs),
+                        "outputs": api.tensor_metadata(live.predictor.outputs),
+                        "parameters": {
+                            "framework": live.manifest.framework,
+                            "framework_version": live.manifest.framework_version,
+                            "alias": self.config.alias,
+                            "created_at": live.manifest.created_at,
+                        },
+                    }
+                )
+        except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
+            return api.error_reply(exc)
+
+    def ready(self, version: str | None = None) -> bool:
+        if version is None or version == self.slot.version:
+            return self.slot.live is not None
+        return version in self.resident.versions()
+
+    def status(self) -> dict[str, Any]:
+        if self.watcher is not None:
+            return asdict(self.watcher.status())
+        live = self.slot.live
+        return {
+            "model": self.config.name,
+            "alias": None,
+            "target_version": self.config.version,
+            "live_version": live.version if live else None,
+            "last_check_ok": None,
+            "last_error": None,
+            "failed_version": None,
+            "source": live.source if live else None,
+        }

@@ -1,0 +1,291 @@
+"""The model slot: the live version of one model, and how it is replaced.
+
+A swap is fetch -> load -> warm up -> swap -> release old. The new version is
+loaded beside the old one, so at least one is always serving; if anything
+fails before the swap, the old version keeps serving and nothing changes.
+Requests hold a lease on the version they started with, so in-flight requests
+finish on the old model, which is released when its last lease ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serving import metrics
+from serving.cache import CachedVersion, LoaderCache, Pin
+from serving.errors import LoadError, NotReady, ServingError
+from serving.formats.base import LoadPolicy, Predictor, numpy_dtype
+from serving.manifest import Manifest, TensorSpec
+from serving.repository import Repository, Resolved
+
+log = logging.getLogger("serving.swap")
+
+Loader = Callable[[CachedVersion, LoadPolicy], Predictor]
+TrustCheck = Callable[[Repository, Resolved], None]
+
+
+def default_loader(cached: CachedVersion, policy: LoadPolicy) -> Predictor:
+    from serving.formats import load_predictor
+
+    return load_predictor(cached.path, cached.manifest, policy)
+
+
+@dataclass
+class Live:
+    """One loaded version with its lease count."""
+
+    name: str
+    version: str
+    manifest: Manifest
+    manifest_sha256: str
+    predictor: Predictor
+    pin: Pin
+    loaded_at: float = field(default_factory=time.time)
+    source: str = "store"
+    """``store`` normally; ``cache`` when resolved from the cache's memory (store down)."""
+    _leases: int = 0
+    _retired: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._leases += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._leases -= 1
+            done = self._retired and self._leases == 0
+        if done:
+            self._close()
+
+    def retire(self) -> None:
+        """Called once it is swapped out; closes now or when the last lease ends."""
+        with self._lock:
+            self._retired = True
+            done = self._leases == 0
+        if done:
+            self._close()
+
+    def _close(self) -> None:
+        try:
+            self.predictor.close()
+        finally:
+            self.pin.release()
+
+
+def warm_up(predictor: Predictor, manifest: Manifest) -> None:
+    """Run the manifest's example and check outputs against the declared schema."""
+    if manifest.example is None or len(predictor.inputs) != 1:
+        return
+    spec = predictor.inputs[0]
+    batch = np.asarray(manifest.example, dtype=numpy_dtype(spec.datatype))
+    outputs = predictor.predict({spec.name: batch})
+    declared = {o.name: o for o in manifest.outputs or []}
+    for name, spec_out in declared.items():
+        if name not in outputs:
+            raise LoadError(f"warm-up: output {name!r} declared in the manifest was not produced")
+        _check_shape(outputs[name], spec_out, batch.shape[0])
+
+
+def _check_shape(array: np.ndarray, spec: TensorSpec, rows: int) -> None:
+    shape = list(array.shape)
+    if len(shape) != len(spec.shape) or any(
+        want not in (-1, got) for want, got in zip(spec.shape, shape, strict=False)
+    ):
+        raise LoadError(f"warm-up: output {spec.name!r} has shape {shape}, the manifest says {spec.shape}")
+    if shape and shape[0] != rows:
+        raise LoadError(f"warm-up: output {spec.name!r} has {shape[0]} rows for {rows} input rows")
+
+
+class ModelSlot:
+    """The live version of one model, replaced only by a version that loaded and warmed up."""
+
+    def __init__(
+        self,
+        name: str,
+        repo: Repository,
+        cache: LoaderCache,
+        policy: LoadPolicy | None = None,
+        *,
+        loader: Loader = default_loader,
+        trust_check: TrustCheck | None = None,
+        warmup: bool = True,
+    ) -> None:
+        self.name = name
+        self.repo = repo
+        self.cache = cache
+        self.policy = policy or LoadPolicy()
+        self._loader = loader
+        self._trust_check = trust_check
+        self._warmup = warmup
+        self._live: Live | None = None
+        self._swap_lock = threading.Lock()
+
+    @property
+    def live(self) -> Live | None:
+        return self._live
+
+    @property
+    def version(self) -> str | None:
+        live = self._live
+        return live.version if live else None
+
+    def load(self, resolved: Resolved, source: str = "store") -> Live:
+        """Fetch, verify trust, load and warm up a version without making it live."""
+        started = time.perf_counter()
+        try:
+            if self._trust_check is not None:
+                self._trust_check(self.repo, resolved)
+            cached = self.cache.fetch(self.repo, resolved)
+            if cached.hit:
+                log.debug("cache hit for %s:%s", resolved.name, resolved.version)
+            pin = self.cache.pin(cached)
+            try:
+                predictor = self._loader(cached, self.policy)
+                if self._warmup:
+                    warm_up(predictor, cached.manifest)
+            except BaseException:
+                pin.release()
+                raise
+        except ServingError:
+            metrics.LOADS.inc(model=self.name, outcome="failure")
+            raise
+        except Exception as exc:
+            metrics.LOADS.inc(model=self.name, outcome="failure")
+            raise LoadError(f"{resolved.name}:{resolved.version}: {type(exc).__name__}: {exc}") from exc
+        metrics.LOADS.inc(model=self.name, outcome="success")
+        metrics.LOAD_SECONDS.observe(time.perf_counter() - started, model=self.name)
+        return Live(
+            resolved.name,
+            resolved.version,
+            cached.manifest,
+            cached.manifest_sha256,
+            predictor,
+            pin,
+            source=source,
+        )
+
+    def swap_to(self, resolved: Resolved, *, reason: str = "alias moved", source: str = "store") -> Live:
+        """Load ``resolved`` and make it live; on any failure the old version stays live.
+
+        Raises:
+            ServingError: the load failed; the live version is unchanged.
+        """
+        with self._swap_lock:
+            old = self._live
+            from_version = old.version if old else None
+            started = time.perf_counter()
+            try:
+                new = self.load(resolved, source=source)
+            except ServingError as exc:
+                metrics.SWAP_FAILURES.inc(model=self.name, reason=type(exc).__name__)
+                log.warning(
+                    "swap failed",
+                    extra=_event("swap_failed", self.name, from_version, resolved.version, started, str(exc)),
+                )
+                raise
+            # NOTE: one attribute assignment is the swap; requests that already took a
+            # lease on the old version finish on it.
+            self._live = new
+            if old is not None:
+                metrics.LIVE_VERSION.set(0, model=self.name, version=old.version)
+                old.retire()
+                metrics.SWAPS.inc(model=self.name)
+            metrics.LIVE_VERSION.set(1, model=self.name, version=new.version)
+            log.info(
+                "swapped" if old else "loaded",
+                extra=_event(
+                    "swap" if old else "load", self.name, from_version, new.version, started, reason
+                ),
+            )
+            return new
+
+    @contextmanager
+    def lease(self) -> Iterator[Live]:
+        """Use the live version for one request; it is not released until the lease ends."""
+        live = self._live
+        if live is None:
+            raise NotReady(f"model {self.name!r} has no version loaded yet")
+        live.acquire()
+        try:
+            yield live
+        finally:
+            live.release()
+
+    def close(self) -> None:
+        with self._swap_lock:
+            if self._live is not None:
+                self._live.retire()
+                self._live = None
+
+
+class ResidentVersions:
+    """Explicitly requested versions, kept loaded in a bounded LRU set (single-flight)."""
+
+    def __init__(self, slot: ModelSlot, max_versions: int) -> None:
+        self._slot = slot
+        self._max = max_versions
+        self._loaded: OrderedDict[str, Live] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    @contextmanager
+    def lease(self, version: str) -> Iterator[Live]:
+        live_now = self._slot.live
+        if live_now is not None and live_now.version == version:
+            with self._slot.lease() as live:
+                if live.version == version:
+                    yield live
+                    return
+        live = self._get(version)
+        live.acquire()
+        try:
+            yield live
+        finally:
+            live.release()
+
+    def _get(self, version: str) -> Live:
+        with self._lock:
+            if version in self._loaded:
+                self._loaded.move_to_end(version)
+                return self._loaded[version]
+            gate = self._loading.setdefault(version, threading.Lock())
+        with gate:
+            with self._lock:
+                if version in self._loaded:
+                    return self._loaded[version]
+            resolved = self._slot.repo.resolve(f"{self._slot.name}:{version}")
+            live = self._slot.load(resolved)
+            with self._lock:
+                self._loaded[version] = live
+                self._loading.pop(version, None)
+                while len(self._loaded) > self._max:
+                    _, evicted = self._loaded.popitem(last=False)
+                    evicted.retire()
+            return live
+
+    def versions(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
+
+
+def _event(
+    event: str, model: str, from_v: str | None, to_v: str, started: float, reason: str
+) -> dict[str, Any]:
+    return {
+        "event": event,
+        "model": model,
+        "from_version": from_v,
+        "to_version": to_v,
+        "duration_s": round(time.perf_counter() - started, 4),
+        "reason": reason,
+    }

@@ -1,0 +1,244 @@
+"""The slot and the alias watcher, driven tick by tick with an injected clock."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.cache import CachedVersion, LoaderCache
+from serving.errors import IntegrityError, LoadError, NotReady
+from serving.formats.base import LoadPolicy, Predictor
+from serving.manifest import Manifest, TensorSpec
+from serving.repository import Repository, collect_files, file_entries
+from serving.slot import ModelSlot, ResidentVersions
+from serving.store.local import LocalStore
+from serving.watcher import AliasWatcher
+
+SPEC_IN = [TensorSpec(name="x", datatype="FP64", shape=[-1, 1])]
+SPEC_OUT = [TensorSpec(name="y", datatype="FP64", shape=[-1, 1])]
+
+
+class Scale(Predictor):
+    """A model that multiplies by the factor stored in its one file."""
+
+    inputs = SPEC_IN
+    outputs = SPEC_OUT
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.closed = False
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.factor < 0:
+            raise RuntimeError("this version explodes on warm-up")
+        return {"y": inputs["x"] * self.factor}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def scale_loader(cached: CachedVersion, policy: LoadPolicy) -> Predictor:
+    body = json.loads((cached.path / "factor.json").read_text())
+    if body.get("corrupt"):
+        raise ValueError("unreadable model file")
+    return Scale(float(body["factor"]))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    return Repository(LocalStore(str(tmp_path / "store")))
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> LoaderCache:
+    return LoaderCache(tmp_path / "cache", max_bytes=10**9)
+
+
+def publish(repo: Repository, tmp_path: Path, version: str, **body: object) -> None:
+    src = tmp_path / f"src-{version}"
+    src.mkdir()
+    (src / "factor.json").write_text(json.dumps(body))
+    files = collect_files(src)
+    manifest = Manifest(
+        name="m",
+        version=version,
+        format="test",
+        files=file_entries(files),
+        inputs=SPEC_IN,
+        outputs=SPEC_OUT,
+        example=[[1.0]],
+    )
+    repo.publish(manifest, files)
+
+
+def make(repo: Repository, cache: LoaderCache, clock: Clock) -> tuple[ModelSlot, AliasWatcher]:
+    slot = ModelSlot("m", repo, cache, loader=scale_loader)
+    watcher = AliasWatcher(slot, "production", interval_s=5, backoff_base_s=2, backoff_max_s=8, clock=clock)
+    return slot, watcher
+
+
+def predict(slot: ModelSlot) -> tuple[str, float]:
+    with slot.lease() as live:
+        return live.version, float(live.predictor.predict({"x": np.array([[1.0]])})["y"][0, 0])
+
+
+def test_slot_is_not_ready_before_a_version_loads(repo, cache) -> None:
+    slot = ModelSlot("m", repo, cache, loader=scale_loader)
+    with pytest.raises(NotReady), slot.lease():
+        pass
+
+
+def test_watcher_follows_the_alias_when_it_moves(repo, cache, tmp_path) -> None:
+    publish(repo, tmp_path, "1", factor=1)
+    publish(repo, tmp_path, "2", factor=2)
+    repo.set_alias("m", "production", "1")
+    clock = Clock()
+    slot, watcher = make(repo, cache, clock)
+    watcher.start()
+    assert predict(slot) == ("1", 1.0)
+    watcher.tick()
+    assert predict(slot) == ("1", 1.0)
+    repo.set_alias("m", "production", "2")
+    watcher.tick()
+    assert predict(slot) == ("2", 2.0)
+
+
+def test_in_flight_request_finishes_on_the_old_version_which_is_then_released(repo, cache, tmp_path) -> None:
+    publish(repo, tmp_path, "1", factor=1)
+    publish(repo, tmp_path, "2", factor=2)
+    repo.set_alias("m", "production", "1")
+    slot, watcher = make(repo, cache, Clock())
+    watcher.start()
+    with slot.lease() as old:
+        repo.set_alias("m", "production", "2")
+        watcher.tick()
+        assert slot.version == "2"
+        assert old.predictor.predict({"x": np.array([[3.0]])})["y"][0, 0] == 3.0
+        assert not old.predictor.closed  # type: ignore[attr-defined]
+    assert old.predictor.closed  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [({"corrupt": True}, LoadError), ({"factor": -1}, LoadError)],
+    ids=["load-fails", "warm-up-fails"],
+)
+def test_a_version_that_fails_never_serves_and_the_old_one_keeps_serving(
+    repo, cache, tmp_path, body, error
+) -> None:
+    publish(repo, tmp_path, "1", factor=1)
+    publish(repo, tmp_path, "2", **body)
+    publish(repo, tmp_path, "3", factor=3)
+    repo.set_alias("m", "production", "1")
+    clock = Clock()
+    slot, watcher = make(repo, cache, clock)
+    watcher.start()
+    repo.set_alias("m", "production", "2")
+    watcher.tick()
+    assert predict(slot) == ("1", 1.0)
+    assert watcher.status().failed_version == "2"
+    # Backoff: no retry before the retry time, however often it ticks.
+    loads_before = len(list((cache.root / "versions" / "m").iterdir()))
+    watcher.tick()
+    assert predict(slot) == ("1", 1.0)
+    assert watcher.next_delay() <= 2.0
+    # A good version recovers.
+    repo.set_alias("m", "production", "3")
+    watcher.tick()
+    assert predict(slot) == ("3", 3.0)
+    assert watcher.status().failed_version is None
+    assert loads_before >= 2
+
+
+def test_failed_version_is_retried_with_growing_backoff(repo, cache, tmp_path) -> None:
+    publish(repo, tmp_path, "1", factor=1)
+    publish(repo, tmp_path, "2", corrupt=True)
+    repo.set_alias("m", "production", "1")
+    clock = Clock()
+    slot, watcher = make(repo, cache, clock)
+    attempts: list[float] = []
+    real_load = slot.load
+
+    def counting_load(*args, **kwargs):
+        attempts.append(clock.now)
+        return real_load(*args, **kwargs)
+
+    watcher.start()
+    slot.load = counting_load  # type: ignore[method-assign]
+    repo.set_alias("m", "production", "2")
+    for _ in range(40):
+        watcher.tick()
+        clock.now += 0.5
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert gaps[:3] == [2.0, 4.0, 8.0]
+    assert max(gaps) <= 8.0
+    assert slot.version == "1"
+
+
+def test_a_digest_mismatch_is_refused_and_the_old_version_keeps_serving(repo, cache, tmp_path) -> None:
+    publish(repo, tmp_path, "1", factor=1)
+    publish(repo, tmp_path, "2", factor=2)
+    repo.set_alias("m", "production", "1")
+    slot, watcher = make(repo, cache, Clock())
+    watcher.start()
+    stored = Path(repo.store.root) / "m" / "versions" / "2" / "factor.json"  # type: ignore[attr-defined]
+    stored.write_text(stored.read_text().replace("2", "9"))
+    repo.set_alias("m", "production", "2")
+    watcher.tick()
+    assert predict(slot) == ("1", 1.0)
+    assert "sha256" in (watcher.status().last_error or "")
+    assert not list((cache.root / "versions" / "m").glob("2-*"))
+
+
+def test_store_outage_keeps_serving_and_a_cold_start_uses_the_remembered_alias(repo, cache, tmp_path) -> None:
+    publish(repo, tmp_path, "1", factor=1)
+    repo.set_alias("m", "production", "1")
+    slot, watcher = make(repo, cache, Clock())
+    watcher.start()
+    root = Path(repo.store.root)  # type: ignore[attr-defined]
+    root.rename(tmp_path / "gone")
+    watcher.tick()
+    assert predict(slot) == ("1", 1.0)
+    assert watcher.status().last_error
+    # A new replica, store still down: ready on the version the cache remembers.
+    slot2, watcher2 = make(Repository(LocalStore(str(root))), cache, Clock())
+    watcher2.start()
+    assert predict(slot2) == ("1", 1.0)
+    assert watcher2.status().source == "cache"
+
+
+def test_explicit_versions_are_kept_in_a_bounded_lru(repo, cache, tmp_path) -> None:
+    for v in ("1", "2", "3", "4"):
+        publish(repo, tmp_path, v, factor=int(v))
+    repo.set_alias("m", "production", "1")
+    slot, watcher = make(repo, cache, Clock())
+    watcher.start()
+    resident = ResidentVersions(slot, max_versions=2)
+    for v in ("2", "3", "4"):
+        with resident.lease(v) as live:
+            assert live.predictor.predict({"x": np.array([[1.0]])})["y"][0, 0] == int(v)
+    assert resident.versions() == ["3", "4"]
+    with resident.lease("1") as live:
+        assert live is slot.live
+
+
+def test_manifest_changed_after_alias_set_is_refused(repo, cache, tmp_path) -> None:
+    publish(repo, tmp_path, "1", factor=1)
+    repo.set_alias("m", "production", "1")
+    root = Path(repo.store.root)  # type: ignore[attr-defined]
+    man = root / "m" / "versions" / "1" / "manifest.json"
+    man.write_text(man.read_text().replace('"format": "test"', '"format": "test2"'))
+    with pytest.raises(IntegrityError):
+        repo.resolve("m@production")
