@@ -36,7 +36,7 @@ from filelock import FileLock
 
 from serving import metrics
 from serving.errors import IntegrityError, NotFound, StoreError, UntrustedArtifact
-from serving.manifest import MANIFEST_NAME, FileEntry, Manifest, ModelRef, sha256_bytes
+from serving.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, ModelRef, sha256_bytes
 from serving.repository import Repository, Resolved
 from serving.store.base import Progress
 
@@ -255,6 +255,7 @@ class LoaderCache:
         name, version = resolved.name, resolved.version
         stored = repo.version_files(name, version)
         stored.pop(MANIFEST_NAME, None)
+        stored.pop(SIGNATURE_NAME, None)  # checked by serving.trust, not an artifact file
         declared = {f.path: f for f in manifest.files}
         extra = sorted(set(stored) - set(declared))
         missing = sorted(set(declared) - set(stored))

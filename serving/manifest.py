@@ -21,6 +21,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from serving.errors import InvalidManifest, InvalidReference
 
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+"""Signatures over manifest.json (serving.signing), next to it in the version prefix."""
 SCHEMA_VERSION = 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -44,8 +46,8 @@ def check_relative_path(path: str) -> str:
     p = PurePosixPath(path)
     if p.is_absolute() or any(part in {"..", "."} for part in p.parts) or str(p) != path:
         raise InvalidManifest(f"unsafe path in manifest: {path!r}")
-    if path == MANIFEST_NAME:
-        raise InvalidManifest(f"{MANIFEST_NAME} cannot be listed as an artifact file")
+    if path in {MANIFEST_NAME, SIGNATURE_NAME}:
+        raise InvalidManifest(f"{path} cannot be listed as an artifact file")
     return path
 
 

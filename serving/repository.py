@@ -23,6 +23,7 @@ from serving.errors import (
 )
 from serving.manifest import (
     MANIFEST_NAME,
+    SIGNATURE_NAME,
     Alias,
     FileEntry,
     Manifest,
@@ -190,8 +191,13 @@ class Repository:
         manifest: Manifest,
         files: Iterable[tuple[str, Path]],
         progress: Callable[[int], Progress | None] | None = None,
+        signer: Callable[[bytes], bytes] | None = None,
     ) -> str:
         """Upload the files, then the manifest last; returns the manifest's sha256.
+
+        ``signer`` maps the manifest's bytes to ``manifest.sig``'s (see
+        :mod:`serving.signing`); the signature is written just before the manifest,
+        so a version is never visible unsigned.
 
         Raises:
             VersionExists: the version is already published (versions are immutable).
@@ -203,6 +209,8 @@ class Repository:
         for rel, path in files:
             self.store.upload(prefix + rel, path, progress(path.stat().st_size) if progress else None)
         raw = manifest.to_json()
+        if signer is not None:
+            self.store.put(prefix + SIGNATURE_NAME, signer(raw))
         try:
             self.store.put(prefix + MANIFEST_NAME, raw, if_absent=True)
         except FileExistsError as exc:
