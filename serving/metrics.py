@@ -159,6 +159,13 @@ DOWNLOAD_SECONDS = _histogram(
     DURATION_BUCKETS,
     "model",
 )
+# -- trust ---------------------------------------------------------------------
+TRUST_CHECKS = _counter(
+    "serving_trust_checks_total",
+    "Signature and load-policy checks before a load, by outcome (signed, unsigned, refused).",
+    "model",
+    "outcome",
+)
 # -- alias watching ----------------------------------------------------------
 ALIAS_CHECKS = _counter(
     "serving_alias_checks_total",
@@ -186,6 +193,7 @@ ALL = [
     CACHE_EVICTIONS,
     DOWNLOAD_BYTES,
     DOWNLOAD_SECONDS,
+    TRUST_CHECKS,
     ALIAS_CHECKS,
     ALIAS_CHECK_AGE,
 ]

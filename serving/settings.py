@@ -9,10 +9,11 @@ to boto3's own configuration chain.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
 import platformdirs
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_cache_dir() -> Path:
@@ -65,6 +66,29 @@ class Settings(BaseSettings):
 
     progress: bool = True
     """Show progress bars for transfers above a few MB when stderr is a TTY."""
+
+    # -- trust (SECURITY.md) ---------------------------------------------------
+    require_signature: bool = False
+    """Refuse versions without a valid signature by one of ``trusted_keys``.
+
+    Checked on the manifest before any file is downloaded or deserialized."""
+
+    trusted_keys: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """Ed25519 public keys (PEM): files or directories, comma-separated in the env.
+
+    A directory is read whole, so a mounted Kubernetes Secret works:
+    ``SERVING_TRUSTED_KEYS=/etc/serving/trusted-keys``."""
+
+    unrestricted_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Models allowed to use formats that run code on load (arbitrary pickle, Keras
+    ``.h5``, SavedModel), comma-separated. Applies to signed versions only."""
+
+    @field_validator("trusted_keys", "unrestricted_models", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
 
 def get_settings(**overrides: object) -> Settings:

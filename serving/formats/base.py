@@ -20,10 +20,17 @@ class LoadPolicy:
         trusted_globals: extra ``module.qualname`` globals the restricted
             unpickler admits, on top of the built-in allowlist.
         allow_legacy_h5: load Keras ``.h5`` files, which bypass safe mode.
+        signed: a trusted key's signature over the manifest verified
+            (set by :func:`serving.trust.check_trust`).
+        allow_unrestricted: the version may use a format that runs code on
+            load (arbitrary pickle, ``.h5``, SavedModel); only ever true for a
+            signed version of a model the operator opted in.
     """
 
     trusted_globals: frozenset[str] = field(default_factory=frozenset)
     allow_legacy_h5: bool = False
+    signed: bool = False
+    allow_unrestricted: bool = False
 
 
 class Predictor(ABC):
