@@ -1,0 +1,232 @@
+"""Whether a resolved version may be loaded, decided before any byte is deserialized.
+
+:func:`check_trust` is the one gate. The serving layer and ``serving.load``
+call it after resolving a reference and before fetching or loading::
+
+    resolved, _ = cache.resolve(repo, "iris@production")
+    trust = check_trust(repo, resolved, settings, cache_root=cache.root)
+    cached = cache.fetch(repo, resolved)           # every file checked against the manifest
+    predictor = fmt.load(cached.path, cached.manifest, trust.policy)
+
+It checks, on the manifest alone (which lists every file's sha256):
+
+1. the signature, when ``require_signature`` is on (unsigned, untrusted,
+   altered or swapped-in manifests are refused);
+2. the format's load class (SECURITY.md, "Load policy"):
+
+   ``safe``          cannot carry code when loaded as we load it: ONNX with
+                     confined external data, safetensors, skops with trusted
+                     types, torch ``weights_only``, Keras ``.keras`` safe mode;
+   ``restricted``    pickle family (joblib, pickle, sklearn) through the
+                     restricted unpickler's allowlist;
+   ``unrestricted``  runs code by design (arbitrary pickle, Keras ``.h5``,
+                     TensorFlow SavedModel): only for a signed version of a
+                     model the operator listed in ``unrestricted_models``.
+
+Every refusal raises :class:`serving.errors.UntrustedArtifact` and counts in
+``serving_trust_checks_total{outcome="refused"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from serving import metrics
+from serving.errors import NotFound, StoreError, UntrustedArtifact
+from serving.formats.base import LoadPolicy
+from serving.manifest import SIGNATURE_NAME, Manifest
+from serving.repository import Repository, Resolved
+from serving.settings import Settings
+from serving.signing import load_trusted_keys, verify_manifest
+
+__all__ = [
+    "LoadClass",
+    "Trust",
+    "check_trust",
+    "load_class",
+    "read_signature",
+    "write_signature",
+]
+
+log = logging.getLogger(__name__)
+
+LoadClass = Literal["safe", "restricted", "unrestricted"]
+
+# NOTE: by format name as serving.formats registers them; anything not listed is
+# treated as unrestricted, so a new format is opt-in until someone classifies it.
+_FORMAT_CLASS: dict[str, LoadClass] = {
+    "onnx": "safe",
+    "safetensors": "safe",
+    "skops": "safe",
+    "torch": "safe",
+    "keras": "safe",
+    "sklearn": "restricted",
+    "joblib": "restricted",
+    "pickle": "restricted",
+    "keras-h5": "unrestricted",
+    "h5": "unrestricted",
+    "savedmodel": "unrestricted",
+    "tensorflow": "unrestricted",
+    "torchscript": "unrestricted",
+    "pickle-unrestricted": "unrestricted",
+}
+_UNRESTRICTED_SUFFIXES = (".h5", ".hdf5")
+_UNRESTRICTED_NAMES = ("saved_model.pb", "saved_model.pbtxt")
+
+
+def load_class(manifest: Manifest) -> LoadClass:
+    """The load class of a version, from its format and file names.
+
+    A version whose files include a legacy Keras ``.h5`` or a SavedModel graph is
+    unrestricted whatever its format name says.
+    """
+    for entry in manifest.files:
+        p = PurePosixPath(entry.path)
+        if p.suffix.lower() in _UNRESTRICTED_SUFFIXES or p.name in _UNRESTRICTED_NAMES:
+            return "unrestricted"
+    if manifest.options.get("unrestricted") is True:
+        return "unrestricted"
+    return _FORMAT_CLASS.get(manifest.format, "unrestricted")
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What :func:`check_trust` decided: pass ``policy`` to the format loader."""
+
+    name: str
+    version: str
+    signed: bool
+    """A trusted key's signature over this exact manifest verified."""
+    key_id: str | None
+    load_class: LoadClass
+    policy: LoadPolicy
+
+
+def _signature_key(repo: Repository, name: str, version: str) -> str:
+    return repo.version_prefix(name, version) + SIGNATURE_NAME
+
+
+def read_signature(repo: Repository, name: str, version: str) -> bytes | None:
+    """The raw ``manifest.sig`` of a version, or None when it is unsigned."""
+    try:
+        raw, _ = repo.store.get(_signature_key(repo, name, version))
+    except NotFound:
+        return None
+    return raw
+
+
+def write_signature(repo: Repository, name: str, version: str, sig_raw: bytes) -> None:
+    """Store a version's ``manifest.sig`` (signing an existing version adds no files)."""
+    repo.store.put(_signature_key(repo, name, version), sig_raw)
+
+
+def _remembered_path(cache_root: Path, resolved: Resolved) -> Path:
+    msha = resolved.manifest_sha256[:16]
+    return cache_root / "signatures" / resolved.name / f"{resolved.version}-{msha}.sig"
+
+
+def _remember(cache_root: Path, resolved: Resolved, sig_raw: bytes) -> None:
+    path = _remembered_path(cache_root, resolved)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(sig_raw)
+    os.replace(tmp, path)
+
+
+def _signature_for(repo: Repository, resolved: Resolved, cache_root: Path | None) -> bytes | None:
+    try:
+        sig = read_signature(repo, resolved.name, resolved.version)
+    except StoreError:
+        # NOTE: offline fallback. The remembered copy is re-verified like any other,
+        # so a local edit cannot make an unsigned version look signed.
+        if cache_root is None:
+            raise
+        try:
+            return _remembered_path(cache_root, resolved).read_bytes()
+        except FileNotFoundError:
+            raise UntrustedArtifact(
+                f"{resolved.name}:{resolved.version}: the store is unreachable and no "
+                "verified signature is remembered on this node"
+            ) from None
+    if sig is not None and cache_root is not None:
+        _remember(cache_root, resolved, sig)
+    return sig
+
+
+def _refuse(name: str, message: str) -> UntrustedArtifact:
+    metrics.TRUST_CHECKS.inc(model=name, outcome="refused")
+    log.warning("refused %s", message)
+    return UntrustedArtifact(message)
+
+
+def check_trust(
+    repo: Repository,
+    resolved: Resolved,
+    settings: Settings,
+    *,
+    cache_root: Path | None = None,
+) -> Trust:
+    """Decide whether ``resolved`` may be loaded, before any artifact byte is read.
+
+    Args:
+        repo: where the version's ``manifest.sig`` is read from.
+        resolved: the version, with its manifest's exact bytes.
+        settings: ``require_signature``, ``trusted_keys``, ``unrestricted_models``,
+            ``trusted_globals``.
+        cache_root: the loader cache's root; verified signatures are remembered
+            there so a node can restart while the store is unreachable.
+
+    Returns:
+        The decision, with the :class:`LoadPolicy` to hand to the format loader.
+
+    Raises:
+        UntrustedArtifact: unsigned or wrongly signed with ``require_signature``,
+            or an unrestricted format without a signature and the operator's opt-in.
+    """
+    name, version, manifest = resolved.name, resolved.version, resolved.manifest
+    where = f"{name}:{version}"
+    if manifest.name != name or manifest.version != version:
+        raise _refuse(name, f"{where}: the manifest describes {manifest.name}:{manifest.version}")
+    cls = load_class(manifest)
+    wants_signature = settings.require_signature or cls == "unrestricted"
+    signed, kid = False, None
+    if wants_signature or settings.trusted_keys:
+        trusted = load_trusted_keys(settings.trusted_keys)
+        sig = _signature_for(repo, resolved, cache_root)
+        try:
+            kid = verify_manifest(resolved.manifest_raw, sig, trusted, name, version)
+            signed = True
+        except UntrustedArtifact as exc:
+            if settings.require_signature:
+                raise _refuse(name, exc.message) from exc
+            if sig is not None:
+                log.warning("%s: signature present but not trusted, treating as unsigned: %s", where, exc)
+    if cls == "unrestricted":
+        if name not in settings.unrestricted_models:
+            raise _refuse(
+                name,
+                f"{where}: format {manifest.format!r} runs code when loaded; allow it only for "
+                f"signed versions by adding {name!r} to SERVING_UNRESTRICTED_MODELS",
+            )
+        if not signed:
+            raise _refuse(
+                name,
+                f"{where}: format {manifest.format!r} runs code when loaded and the version is not "
+                "signed by a trusted key; unrestricted formats need both a signature and an opt-in",
+            )
+    unrestricted = cls == "unrestricted"
+    policy = LoadPolicy(
+        trusted_globals=frozenset(settings.trusted_globals),
+        allow_legacy_h5=unrestricted,
+        signed=signed,
+        allow_unrestricted=unrestricted,
+    )
+    metrics.TRUST_CHECKS.inc(model=name, outcome="signed" if signed else "unsigned")
+    return Trust(name, version, signed, kid, cls, policy)
