@@ -272,6 +272,9 @@ class LoaderCache:
         prefix = repo.version_prefix(name, version)
         staging = self.root / "tmp" / f"{uuid.uuid4().hex}.dir"
         staging.mkdir(mode=0o700)
+        # NOTE: downloaded files become blobs only once the whole version has verified,
+        # so a refused version leaves no blob behind either.
+        fetched: dict[str, Path] = {}
         try:
             for entry in manifest.files:
                 target = staging / entry.path
@@ -279,13 +282,19 @@ class LoaderCache:
                 try:
                     # NOTE: linking first keeps the blob's link count above 1, so a
                     # concurrent eviction never drops a blob this version needs.
-                    os.link(self.blob_path(entry.sha256), target)
+                    os.link(fetched.get(entry.sha256) or self.blob_path(entry.sha256), target)
                     continue
                 except FileNotFoundError:
                     pass
                 label = f"{name}:{version}/{entry.path}"
                 cb = progress(label, entry.size) if progress else None
                 self._download_blob(repo, prefix + entry.path, entry, label, name, target, cb)
+                fetched[entry.sha256] = target
+            for sha, target in fetched.items():
+                blob = self.blob_path(sha)
+                blob.parent.mkdir(exist_ok=True, mode=0o700)
+                with contextlib.suppress(FileExistsError):
+                    os.link(target, blob)
             fd = os.open(staging / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(resolved.manifest_raw)
@@ -327,9 +336,6 @@ class LoaderCache:
                     f"{label}: sha256 {digest[:16]}... does not match the manifest's {entry.sha256[:16]}..."
                 )
             os.link(tmp, target)
-            blob = self.blob_path(entry.sha256)
-            blob.parent.mkdir(exist_ok=True, mode=0o700)
-            os.replace(tmp, blob)
         finally:
             tmp.unlink(missing_ok=True)
 
