@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,5 +62,5 @@ class ObjectStore(ABC):
         """Every object whose key starts with ``prefix``."""
 
     @abstractmethod
-    def list_dirs(self, prefix: str) -> list[str]:
+    def list_dirs(self, prefix: str) -> builtins.list[str]:
         """The immediate "folders" below ``prefix`` (which ends with ``/``)."""

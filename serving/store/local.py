@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import tempfile
 from pathlib import Path
@@ -118,7 +119,7 @@ class LocalStore(ObjectStore):
                     out.append(ObjectInfo(key, full.lstat().st_size))
         return sorted(out, key=lambda o: o.key)
 
-    def list_dirs(self, prefix: str) -> list[str]:
+    def list_dirs(self, prefix: str) -> builtins.list[str]:
         base = self._path(prefix)
         if not base.is_dir():
             return []

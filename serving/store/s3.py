@@ -6,6 +6,7 @@ or ``AWS_ENDPOINT_URL_S3`` for MinIO, env keys, profiles, web identity (IRSA).
 
 from __future__ import annotations
 
+import builtins
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -51,11 +52,13 @@ class S3Store(ObjectStore):
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        # NOTE: the setting is validated to one of botocore's literals; the stubs want the Literal type.
+        s3_options: Any = {"addressing_style": settings.s3_addressing_style}
         config = Config(
             retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
             connect_timeout=settings.s3_connect_timeout,
             read_timeout=settings.s3_read_timeout,
-            s3={"addressing_style": settings.s3_addressing_style},
+            s3=s3_options,
             max_pool_connections=32,
         )
         # NOTE: a Session per store; boto3's default session is not thread-safe to create.
@@ -189,7 +192,7 @@ class S3Store(ObjectStore):
                 out.append(ObjectInfo(obj["Key"][strip:], int(obj["Size"])))
         return sorted(out, key=lambda o: o.key)
 
-    def list_dirs(self, prefix: str) -> list[str]:
+    def list_dirs(self, prefix: str) -> builtins.list[str]:
         full = self._key(prefix)
         out = []
         for page in self._paginate(f"list {prefix}", Prefix=full, Delimiter="/"):
