@@ -154,7 +154,9 @@ class LoaderCache:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         body = {"version": version, "manifest_sha256": manifest_sha256, "resolved_at": time.time()}
         tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(body))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(body))
         os.replace(tmp, path)
 
     def remembered_alias(self, name: str, alias: str) -> Remembered | None:
@@ -225,7 +227,7 @@ class LoaderCache:
             tlock = self._thread_locks.setdefault(key, threading.Lock())
         # NOTE: a thread lock for this process, then a file lock for the node; re-check
         # after each, as the winner may have finished the download meanwhile.
-        with tlock, FileLock(str(self._lock_path("pull", name, version, msha))):
+        with tlock, FileLock(str(self._lock_path("pull", name, version, msha)), mode=0o600):
             cached = self.get(name, version, msha)
             if cached is not None:
                 metrics.CACHE_HITS.inc(model=name)
@@ -378,7 +380,7 @@ class LoaderCache:
     def evict(self, keep: Path | None = None) -> list[Path]:
         """Evict least recently used, unpinned versions until under the byte budget."""
         evicted: list[Path] = []
-        with FileLock(str(self.root / "locks" / "evict.lock")):
+        with FileLock(str(self.root / "locks" / "evict.lock"), mode=0o600):
             total = self.size_bytes()
             if total > self.max_bytes:
                 versions = sorted(
