@@ -1,0 +1,119 @@
+"""ONNX models on onnxruntime's CPU provider."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import numpy as np
+
+from serving.errors import UntrustedArtifact
+from serving.manifest import Manifest, TensorSpec
+
+from ._common import pick_inputs, primary_file, require, shape_of
+from .base import Format, LoadPolicy, Predictor
+
+# onnxruntime's type strings ("tensor(float)") -> OIP datatypes.
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+def _specs(args: list[Any]) -> list[TensorSpec]:
+    return [
+        TensorSpec(
+            name=a.name,
+            datatype=_ORT_TYPES.get(a.type, "FP32"),
+            shape=shape_of(a.shape) if a.shape is not None else [-1],
+        )
+        for a in args
+    ]
+
+
+class OnnxPredictor(Predictor):
+    def __init__(self, session: Any, manifest: Manifest) -> None:
+        self.session = session
+        self.inputs = manifest.inputs or _specs(session.get_inputs())
+        # NOTE: non-tensor outputs (skl2onnx's ZipMap: a list of dicts) are not
+        # representable in OIP; keep only tensors unless the manifest says otherwise.
+        self.outputs = manifest.outputs or [
+            s
+            for s, a in zip(_specs(session.get_outputs()), session.get_outputs(), strict=True)
+            if a.type.startswith("tensor(")
+        ]
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = pick_inputs(self.inputs, inputs)
+        names = [o.name for o in self.outputs]
+        feed = {spec.name: arr for spec, arr in zip(self.inputs, arrays, strict=True)}
+        results = self.session.run(names, feed)
+        return {name: np.asarray(r) for name, r in zip(names, results, strict=True)}
+
+    def close(self) -> None:
+        self.session = None
+
+
+def check_external_data(model_path: Path, root: Path) -> None:
+    """Refuse external-data locations outside the version directory.
+
+    Raises:
+        UntrustedArtifact: a location is absolute, contains ``..`` or resolves outside ``root``.
+    """
+    onnx = require("onnx", "onnx", "onnx")
+    from onnx import external_data_helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    base = model_path.parent
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location = external_data_helper.ExternalDataInfo(tensor).location
+        posix, windows = PurePosixPath(location), PureWindowsPath(location)
+        unsafe = (
+            not location
+            or posix.is_absolute()
+            or windows.is_absolute()
+            or windows.drive
+            or ".." in posix.parts
+            or ".." in windows.parts
+            or not (base / location).resolve().is_relative_to(root.resolve())
+        )
+        if unsafe:
+            raise UntrustedArtifact(
+                f"{model_path.name}: tensor {tensor.name!r} reads external data from {location!r}, "
+                f"outside the model version"
+            )
+
+
+class OnnxFormat(Format):
+    name = "onnx"
+    framework = "onnxruntime"
+    extra = "onnx"
+
+    def detect(self, path: Path) -> bool:
+        if path.is_file():
+            return path.suffix.lower() == ".onnx"
+        return path.is_dir() and len(list(path.glob("*.onnx"))) == 1
+
+    def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
+        ort = require("onnxruntime", self.extra, self.name)
+        path = primary_file(root, manifest, (".onnx",))
+        check_external_data(path, root)
+        options = ort.SessionOptions()
+        threads = manifest.options.get("intra_op_num_threads")
+        if isinstance(threads, int) and threads > 0:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return OnnxPredictor(session, manifest)

@@ -1,0 +1,182 @@
+"""PyTorch: state dicts (+ an importable module class), TorchScript and torch.export.
+
+State dicts load with ``torch.load(weights_only=True)``; the module class named
+by ``options["class_path"]`` (``"pkg.mod:Class"``) must be an installed,
+importable ``torch.nn.Module`` subclass, built with ``options["init_kwargs"]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.errors import LoadError, UntrustedArtifact
+from serving.manifest import Manifest, TensorSpec
+
+from ._common import default_inputs, pick_inputs, primary_file, require, to_numpy_outputs
+from .base import Format, LoadPolicy, Predictor
+
+_STATE_SUFFIXES = (".pt", ".pth", ".bin")
+_EXPORT_SUFFIXES = (".pt2",)
+
+
+class TorchPredictor(Predictor):
+    """Runs a module under ``torch.inference_mode``; float inputs become float32."""
+
+    def __init__(self, module: Any, inputs: list[TensorSpec], outputs: list[TensorSpec] | None) -> None:
+        self.module = module
+        self.inputs = inputs
+        self.outputs = outputs or [TensorSpec(name="output-0", datatype="FP32", shape=[-1, -1])]
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        arrays = pick_inputs(self.inputs, inputs)
+        tensors = [
+            torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else None))
+            for a in arrays
+        ]
+        with torch.inference_mode():
+            result = self.module(*tensors)
+        names = [o.name for o in self.outputs]
+        return {k: _float32(v) for k, v in to_numpy_outputs(_detach(result), names).items()}
+
+
+def _detach(result: Any) -> Any:
+    import torch
+
+    if isinstance(result, torch.Tensor):
+        return result.detach().cpu().numpy()
+    if isinstance(result, dict):
+        return {k: _detach(v) for k, v in result.items()}
+    if isinstance(result, list | tuple):
+        return [_detach(v) for v in result]
+    return result
+
+
+def _float32(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a
+
+
+def _zip_names(path: Path) -> list[str]:
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return []
+    with zipfile.ZipFile(path) as z:
+        return z.namelist()
+
+
+def _is_torchscript(names: list[str]) -> bool:
+    return any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names)
+
+
+def _is_torch_export(names: list[str]) -> bool:
+    return any(n.endswith("/archive_format") for n in names) and any("/models/" in n for n in names)
+
+
+def _is_torch_zip(names: list[str]) -> bool:
+    return any(n.endswith("/data.pkl") for n in names)
+
+
+def import_module_class(class_path: str) -> type:
+    """The ``torch.nn.Module`` subclass named ``"pkg.mod:Class"`` (importable, installed).
+
+    Raises:
+        LoadError: it cannot be imported.
+        UntrustedArtifact: it is not a ``torch.nn.Module`` subclass.
+    """
+    import torch
+
+    module_name, sep, qualname = class_path.partition(":")
+    if not sep or not module_name or not qualname or "<locals>" in qualname:
+        raise LoadError(f"class_path {class_path!r} must look like 'package.module:Class'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise LoadError(f"cannot import module class {class_path!r}: {exc}") from exc
+    if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+        raise UntrustedArtifact(f"class_path {class_path!r} is not a torch.nn.Module subclass")
+    return obj
+
+
+class TorchStateDictFormat(Format):
+    """``torch.save(model.state_dict())`` plus the module class in the manifest options."""
+
+    name = "torch-state-dict"
+    framework = "torch"
+    extra = "torch"
+
+    def detect(self, path: Path) -> bool:
+        names = _zip_names(path)
+        if names:
+            return _is_torch_zip(names) and not _is_torchscript(names) and not _is_torch_export(names)
+        return path.is_file() and path.suffix.lower() in (".pt", ".pth")
+
+    def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
+        torch = require("torch", self.extra, self.name)
+        class_path = manifest.options.get("class_path")
+        if not isinstance(class_path, str):
+            raise LoadError(
+                f"{manifest.name}:{manifest.version}: a torch state dict needs the "
+                f"'class_path' option ('package.module:Class')"
+            )
+        init_kwargs = manifest.options.get("init_kwargs") or {}
+        if not isinstance(init_kwargs, dict):
+            raise LoadError("the 'init_kwargs' option must be a JSON object")
+        cls = import_module_class(class_path)
+        path = primary_file(root, manifest, _STATE_SUFFIXES)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            # NOTE: weights_only refuses globals outside torch's tensor allowlist.
+            raise UntrustedArtifact(
+                f"{path.name} is not a plain state dict (torch weights_only refused it): {exc}"
+            ) from exc
+        module = cls(**init_kwargs)
+        module.load_state_dict(state, strict=True)
+        module.eval()
+        return TorchPredictor(module, default_inputs(manifest, "FP32"), manifest.outputs)
+
+
+class TorchScriptFormat(Format):
+    """A ``torch.jit.save`` archive."""
+
+    name = "torchscript"
+    framework = "torch"
+    extra = "torch"
+
+    def detect(self, path: Path) -> bool:
+        return _is_torchscript(_zip_names(path))
+
+    def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
+        torch = require("torch", self.extra, self.name)
+        path = primary_file(root, manifest, _STATE_SUFFIXES)
+        module = torch.jit.load(str(path), map_location="cpu")
+        module.eval()
+        return TorchPredictor(module, default_inputs(manifest, "FP32"), manifest.outputs)
+
+
+class TorchExportFormat(Format):
+    """A ``torch.export.save`` program (``.pt2``)."""
+
+    name = "torch-export"
+    framework = "torch"
+    extra = "torch"
+
+    def detect(self, path: Path) -> bool:
+        names = _zip_names(path)
+        return _is_torch_export(names) or (
+            not names and path.is_file() and path.suffix.lower() in _EXPORT_SUFFIXES
+        )
+
+    def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
+        torch = require("torch", self.extra, self.name)
+        path = primary_file(root, manifest, _EXPORT_SUFFIXES)
+        program = torch.export.load(str(path))
+        return TorchPredictor(program.module(), default_inputs(manifest, "FP32"), manifest.outputs)
