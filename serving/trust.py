@@ -39,6 +39,7 @@ from typing import Literal
 from serving import metrics
 from serving.errors import NotFound, StoreError, UntrustedArtifact
 from serving.formats.base import LoadPolicy
+from serving.hardening import check_framework_versions, harden_process
 from serving.manifest import SIGNATURE_NAME, Manifest
 from serving.repository import Repository, Resolved
 from serving.settings import Settings
@@ -60,20 +61,17 @@ LoadClass = Literal["safe", "restricted", "unrestricted"]
 # NOTE: by format name as serving.formats registers them; anything not listed is
 # treated as unrestricted, so a new format is opt-in until someone classifies it.
 _FORMAT_CLASS: dict[str, LoadClass] = {
-    "onnx": "safe",
+    "onnx": "safe",  # external data confined to the version directory
+    "keras": "safe",  # .keras archive, safe_mode=True
+    "torch-state-dict": "safe",  # torch.load(weights_only=True); the class must be installed code
     "safetensors": "safe",
     "skops": "safe",
-    "torch": "safe",
-    "keras": "safe",
-    "sklearn": "restricted",
-    "joblib": "restricted",
-    "pickle": "restricted",
-    "keras-h5": "unrestricted",
-    "h5": "unrestricted",
-    "savedmodel": "unrestricted",
-    "tensorflow": "unrestricted",
-    "torchscript": "unrestricted",
-    "pickle-unrestricted": "unrestricted",
+    "sklearn": "restricted",  # joblib through the restricted unpickler
+    "pickle": "restricted",  # plain pickle through the restricted unpickler
+    "keras-h5": "unrestricted",  # no safe mode: Lambda layers run
+    "savedmodel": "unrestricted",  # a TensorFlow graph can call file and process ops
+    "torchscript": "unrestricted",  # a program, loaded by torch.jit.load
+    "torch-export": "unrestricted",  # a program; its loader is not hardened against hostile input
 }
 _UNRESTRICTED_SUFFIXES = (".h5", ".hdf5")
 _UNRESTRICTED_NAMES = ("saved_model.pb", "saved_model.pbtxt")
@@ -189,7 +187,12 @@ def check_trust(
     Raises:
         UntrustedArtifact: unsigned or wrongly signed with ``require_signature``,
             or an unrestricted format without a signature and the operator's opt-in.
+        LoadError: the format's framework is older than the safe minimum.
+
+    It also sets ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` in this process
+    (:func:`serving.hardening.harden_process`).
     """
+    harden_process()
     name, version, manifest = resolved.name, resolved.version, resolved.manifest
     where = f"{name}:{version}"
     if manifest.name != name or manifest.version != version:
@@ -221,6 +224,7 @@ def check_trust(
                 f"{where}: format {manifest.format!r} runs code when loaded and the version is not "
                 "signed by a trusted key; unrestricted formats need both a signature and an opt-in",
             )
+    check_framework_versions(manifest.format)
     unrestricted = cls == "unrestricted"
     policy = LoadPolicy(
         trusted_globals=frozenset(settings.trusted_globals),
