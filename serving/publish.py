@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serving.errors import InvalidRequest
 from serving.manifest import Manifest, TensorSpec, check_name
 from serving.repository import Repository, collect_files, file_entries
 from serving.store.base import Progress
+
+if TYPE_CHECKING:
+    from serving.signing import SigningKey
 
 
 def publish_path(
@@ -28,10 +31,13 @@ def publish_path(
     options: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
     progress: Any = None,
+    signing_key: SigningKey | None = None,
 ) -> Manifest:
     """Hash and upload ``path`` (a file or a directory), then write the manifest last.
 
     The format is detected from content and extension unless ``format`` is given.
+    With ``signing_key``, ``manifest.sig`` is written just before the manifest
+    (:mod:`serving.signing`), so the version is never visible unsigned.
     The version defaults to the next integer. With ``alias``, the alias is moved to
     the new version after the manifest is written.
 
@@ -70,7 +76,16 @@ def publish_path(
         def progress_for(size: int) -> Progress | None:
             return progress(name, size)  # type: ignore[no-any-return]
 
-    repo.publish(manifest, files, progress_for)
+    signer = None
+    if signing_key is not None:
+        from serving.signing import sign_manifest
+
+        key = signing_key
+
+        def signer(raw: bytes) -> bytes:
+            return sign_manifest(raw, key)
+
+    repo.publish(manifest, files, progress_for, signer=signer)
     if alias:
         repo.set_alias(name, alias, version)
     return manifest
