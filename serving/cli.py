@@ -1,0 +1,461 @@
+"""The ``serving`` command: parses arguments, builds settings, delegates.
+
+Verbs::
+
+    serving publish PATH --name NAME [--version V] [--format F] [--alias A]
+    serving versions NAME
+    serving alias set NAME ALIAS VERSION | serving alias get NAME ALIAS
+    serving rollback NAME ALIAS
+    serving pull REF | serving verify REF
+    serving predict REF --input JSON
+    serving serve [--port 8000] ...        (the HTTP serving layer, see serving.server)
+
+Every verb takes ``--store URI`` (overrides ``SERVING_STORE``) and ``--json``.
+A :class:`~serving.errors.ServingError` ends the process with the error's
+``exit_code`` and one line on stderr, ``serving: error: <message>``; usage
+errors exit 2 (argparse). A traceback means a bug, never a user mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from serving.errors import InvalidInput, InvalidRequest, MissingExtra, ModelNotFound, ServingError
+from serving.manifest import ModelRef, TensorSpec, sha256_bytes
+
+if TYPE_CHECKING:
+    from serving.cache import CachedVersion, LoaderCache
+    from serving.progress import ProgressFactory
+    from serving.repository import Repository
+    from serving.settings import Settings
+
+PROG = "serving"
+
+
+# -- context -----------------------------------------------------------------------------
+@dataclass
+class _Context:
+    """What every verb needs, built lazily so ``--help`` and usage errors stay cheap."""
+
+    store: str | None
+    as_json: bool
+    _settings: Settings | None = field(default=None, init=False)
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from pydantic import ValidationError
+
+            from serving.settings import get_settings
+
+            try:
+                self._settings = get_settings(store=self.store)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err.get("loc", ()))
+                raise InvalidRequest(f"invalid setting SERVING_{where.upper()}: {err['msg']}") from exc
+        return self._settings
+
+    @cached_property
+    def repo(self) -> Repository:
+        from serving.repository import Repository
+        from serving.store import open_store
+
+        return Repository(open_store(self.settings.store, self.settings))
+
+    @cached_property
+    def cache(self) -> LoaderCache:
+        from serving.cache import LoaderCache
+
+        s = self.settings
+        return LoaderCache(
+            s.cache_dir,
+            s.cache_max_bytes,
+            max_artifact_bytes=s.max_artifact_bytes,
+            max_artifact_files=s.max_artifact_files,
+        )
+
+    @property
+    def progress(self) -> ProgressFactory | None:
+        from serving.progress import progress_factory
+
+        return progress_factory(self.settings.progress)
+
+    def emit(self, text: str, data: Any) -> None:
+        """Print ``data`` as JSON with ``--json``, else the human line ``text``."""
+        if self.as_json:
+            print(json.dumps(data, indent=2, default=_json_default))
+        else:
+            print(text)
+
+    def pull(self, ref: str) -> tuple[CachedVersion, bool]:
+        """Resolve ``ref`` and bring its version into the cache; ``(cached, offline)``."""
+        resolved, offline = self.cache.resolve(self.repo, ModelRef.parse(ref))
+        return self.cache.fetch(self.repo, resolved, self.progress), offline
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", errors="replace")
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _load_json(text: str, what: str) -> Any:
+    """``text`` as JSON; ``@path`` reads a file and ``-`` reads stdin."""
+    try:
+        if text == "-":
+            text = sys.stdin.read()
+        elif text.startswith("@"):
+            text = Path(text[1:]).read_text()
+    except OSError as exc:
+        raise InvalidRequest(f"{what}: cannot read {text[1:]}: {exc.strerror}") from exc
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"{what} is not valid JSON: {exc}") from exc
+
+
+def _tensor_specs(text: str | None, what: str) -> list[TensorSpec] | None:
+    if text is None:
+        return None
+    from pydantic import ValidationError
+
+    raw = _load_json(text, what)
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"{what} must be a JSON list of {{name, datatype, shape}} objects")
+    try:
+        return [TensorSpec.model_validate(item) for item in raw]
+    except ValidationError as exc:
+        raise InvalidRequest(f"{what}: {exc.errors()[0]['msg']}") from exc
+
+
+def _key_values(pairs: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"{what} {pair!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+# -- verbs -------------------------------------------------------------------------------
+def _publish(ctx: _Context, args: argparse.Namespace) -> None:
+    from serving.publish import publish_path
+
+    manifest = publish_path(
+        ctx.repo,
+        Path(args.path),
+        args.name,
+        version=args.version,
+        format=args.format,
+        alias=args.alias,
+        inputs=_tensor_specs(args.inputs, "--inputs"),
+        outputs=_tensor_specs(args.outputs, "--outputs"),
+        example=_load_json(args.example, "--example") if args.example is not None else None,
+        metadata=_key_values(args.metadata, "--metadata"),
+        progress=ctx.progress,
+    )
+    text = (
+        f"published {manifest.name}:{manifest.version} ({manifest.format}, "
+        f"{_plural(len(manifest.files), 'file')}, {_human_bytes(manifest.total_bytes)}) "
+        f"to {ctx.repo.store.uri}"
+    )
+    if args.alias:
+        text += f"\n{manifest.name}@{args.alias} -> {manifest.version}"
+    ctx.emit(
+        text,
+        {
+            "name": manifest.name,
+            "version": manifest.version,
+            "format": manifest.format,
+            "files": len(manifest.files),
+            "total_bytes": manifest.total_bytes,
+            "manifest_sha256": sha256_bytes(manifest.to_json()),
+            "alias": args.alias,
+            "store": ctx.repo.store.uri,
+        },
+    )
+
+
+def _versions(ctx: _Context, args: argparse.Namespace) -> None:
+    repo = ctx.repo
+    versions = repo.list_versions(args.name)
+    if not versions:
+        raise ModelNotFound(f"model {args.name!r} not found in {repo.store.uri}")
+    by_version: dict[str, list[str]] = {}
+    for alias in repo.list_aliases(args.name):
+        target = repo.get_alias(args.name, alias)
+        by_version.setdefault(target.version, []).append(alias)
+    header = ("VERSION", "FORMAT", "CREATED", "SIZE", "ALIASES")
+    table: list[tuple[str, ...]] = [header]
+    rows: list[dict[str, Any]] = []
+    for v in versions:
+        manifest, _ = repo.manifest(args.name, v)
+        aliases = by_version.get(v, [])
+        rows.append(
+            {
+                "version": v,
+                "format": manifest.format,
+                "created_at": manifest.created_at,
+                "total_bytes": manifest.total_bytes,
+                "aliases": aliases,
+            }
+        )
+        size = _human_bytes(manifest.total_bytes)
+        table.append((v, manifest.format, manifest.created_at, size, ",".join(aliases)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    text = "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
+    )
+    ctx.emit(text, {"name": args.name, "versions": rows})
+
+
+def _alias_set(ctx: _Context, args: argparse.Namespace) -> None:
+    alias = ctx.repo.set_alias(args.name, args.alias, args.version)
+    was = f" (was {alias.history[-1].version})" if alias.history else ""
+    ctx.emit(f"{args.name}@{args.alias} -> {alias.version}{was}", alias.model_dump())
+
+
+def _alias_get(ctx: _Context, args: argparse.Namespace) -> None:
+    alias = ctx.repo.get_alias(args.name, args.alias)
+    ctx.emit(alias.version, alias.model_dump())
+
+
+def _rollback(ctx: _Context, args: argparse.Namespace) -> None:
+    before = ctx.repo.get_alias(args.name, args.alias).version
+    alias = ctx.repo.rollback(args.name, args.alias)
+    ctx.emit(
+        f"{args.name}@{args.alias} -> {alias.version} (rolled back from {before})",
+        {**alias.model_dump(), "rolled_back_from": before},
+    )
+
+
+def _cached_summary(cached: CachedVersion, offline: bool) -> dict[str, Any]:
+    return {
+        "name": cached.name,
+        "version": cached.version,
+        "path": str(cached.path),
+        "manifest_sha256": cached.manifest_sha256,
+        "files": len(cached.manifest.files),
+        "total_bytes": cached.manifest.total_bytes,
+        "hit": cached.hit,
+        "offline": offline,
+    }
+
+
+def _pull(ctx: _Context, args: argparse.Namespace) -> None:
+    cached, offline = ctx.pull(args.ref)
+    how = "already cached" if cached.hit else "downloaded"
+    if offline:
+        how += ", store unreachable: used the cache's last known target"
+    ctx.emit(
+        f"{cached.name}:{cached.version} -> {cached.path} "
+        f"({how}, {_human_bytes(cached.manifest.total_bytes)})",
+        _cached_summary(cached, offline),
+    )
+
+
+def _verify(ctx: _Context, args: argparse.Namespace) -> None:
+    cached, offline = ctx.pull(args.ref)
+    ctx.cache.verify(cached)
+    ctx.emit(
+        f"{cached.name}:{cached.version} OK: {_plural(len(cached.manifest.files), 'file')} "
+        f"({_human_bytes(cached.manifest.total_bytes)}) match the manifest",
+        {**_cached_summary(cached, offline), "ok": True},
+    )
+
+
+def _predict(ctx: _Context, args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from serving.formats import load_predictor
+    from serving.formats.base import numpy_dtype
+    from serving.trust import check_trust
+
+    body = _load_json(args.input, "--input")
+    resolved, _ = ctx.cache.resolve(ctx.repo, ModelRef.parse(args.ref))
+    # NOTE: the same gate as the serving layer, decided on the manifest before any download.
+    trust = check_trust(ctx.repo, resolved, ctx.settings, cache_root=ctx.cache.root)
+    cached = ctx.cache.fetch(ctx.repo, resolved, ctx.progress)
+    with ctx.cache.pin(cached):
+        predictor = load_predictor(cached.path, cached.manifest, trust.policy)
+        try:
+            specs = {s.name: s for s in predictor.inputs}
+            if isinstance(body, dict):
+                named = body
+            elif len(specs) == 1:
+                named = {next(iter(specs)): body}
+            else:
+                raise InvalidInput(
+                    f"{cached.name}:{cached.version} has inputs {sorted(specs)}: "
+                    "give --input as a JSON object {name: rows}"
+                )
+            unknown = sorted(set(named) - set(specs))
+            if unknown:
+                raise InvalidInput(f"unknown input {unknown[0]!r}; the model takes {sorted(specs)}")
+            try:
+                arrays = {k: np.asarray(v, dtype=numpy_dtype(specs[k].datatype)) for k, v in named.items()}
+                outputs = predictor.predict(arrays)
+            except (ValueError, TypeError) as exc:
+                # NOTE: frameworks report a wrong shape or dtype as ValueError/TypeError.
+                raise InvalidInput(f"{cached.name}:{cached.version} rejected the input: {exc}") from exc
+        finally:
+            predictor.close()
+    result = {
+        "model_name": cached.name,
+        "model_version": cached.version,
+        "outputs": {k: np.asarray(v).tolist() for k, v in outputs.items()},
+    }
+    # NOTE: predict prints JSON with or without --json: JSON in, JSON out.
+    print(json.dumps(result, default=_json_default))
+
+
+def _serve(ctx: _Context, args: argparse.Namespace) -> int:
+    from serving import server
+
+    args.store = ctx.store
+    try:
+        return int(server.main(args) or 0)
+    except ModuleNotFoundError as exc:
+        if not exc.name or exc.name.startswith("serving"):
+            raise
+        raise MissingExtra(
+            f"'serving serve' needs {exc.name!r}: install the serve extra (pip install 'serving[serve]')"
+        ) from exc
+
+
+# -- parser ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; ``--store`` and ``--json`` go before or after the verb."""
+    from serving import __version__
+
+    # NOTE: SUPPRESS on the per-verb copies, so a verb's unset default does not
+    # overwrite a value given before the verb.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store",
+        default=argparse.SUPPRESS,
+        help="store URI (path, file:// or s3://); default $SERVING_STORE",
+    )
+    common.add_argument(
+        "--json",
+        dest="as_json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="machine-readable output",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Publish immutable, digest-checked model versions, move aliases, pull and predict.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--store", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", dest="as_json", action="store_true", default=False, help=argparse.SUPPRESS)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name: str, func: Callable[..., Any], help: str, **kw: Any) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, parents=[common], help=help, description=help, **kw)
+        p.set_defaults(func=func)
+        return p
+
+    p = verb("publish", _publish, "publish a saved artifact (file or directory) as a new version")
+    p.add_argument("path", metavar="PATH", help="the artifact: a file or a directory")
+    p.add_argument("--name", required=True, help="model name")
+    p.add_argument("--version", help="version to publish (default: the next integer)")
+    p.add_argument("--format", help="artifact format (default: detected from content and extension)")
+    p.add_argument("--alias", help="move this alias to the new version once it is published")
+    p.add_argument("--example", metavar="JSON", help="example input rows (JSON, @file or -)")
+    p.add_argument("--inputs", metavar="JSON", help="input schema: [{name, datatype, shape}] (JSON or @file)")
+    p.add_argument(
+        "--outputs", metavar="JSON", help="output schema: [{name, datatype, shape}] (JSON or @file)"
+    )
+    p.add_argument(
+        "--metadata", metavar="KEY=VALUE", action="append", default=[], help="free-form metadata (repeatable)"
+    )
+
+    p = verb("versions", _versions, "list a model's published versions and the aliases on them")
+    p.add_argument("name", metavar="NAME")
+
+    p = verb("alias", lambda *_: None, "set or show an alias")
+    alias_verbs = p.add_subparsers(dest="alias_verb", metavar="ACTION", required=True)
+    a = alias_verbs.add_parser("set", parents=[common], help="point NAME@ALIAS at VERSION")
+    a.set_defaults(func=_alias_set)
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("alias", metavar="ALIAS")
+    a.add_argument("version", metavar="VERSION")
+    a = alias_verbs.add_parser("get", parents=[common], help="print the version NAME@ALIAS points at")
+    a.set_defaults(func=_alias_get)
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("alias", metavar="ALIAS")
+
+    p = verb("rollback", _rollback, "move an alias back to its previous target")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("alias", metavar="ALIAS")
+
+    p = verb("pull", _pull, "prefetch a version into the node-local cache")
+    p.add_argument("ref", metavar="REF", help="NAME@ALIAS, NAME:VERSION or NAME (= NAME@production)")
+
+    p = verb("verify", _verify, "re-hash a cached version's files against its manifest")
+    p.add_argument("ref", metavar="REF", help="NAME@ALIAS, NAME:VERSION or NAME (= NAME@production)")
+
+    p = verb("predict", _predict, "load a version in-process and print its predictions as JSON")
+    p.add_argument("ref", metavar="REF", help="NAME@ALIAS, NAME:VERSION or NAME (= NAME@production)")
+    p.add_argument(
+        "--input",
+        required=True,
+        metavar="JSON",
+        help="rows for a single-input model, or {name: rows}; JSON, @file or - for stdin",
+    )
+
+    from serving import server
+
+    p = verb("serve", _serve, "run the HTTP serving layer (Ray Serve) in the foreground")
+    server.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    ctx = _Context(store=args.store, as_json=args.as_json)
+    try:
+        return int(args.func(ctx, args) or 0)
+    except ServingError as exc:
+        message = " ".join(str(exc).split())
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
