@@ -26,8 +26,9 @@ def test_small_transfers_get_no_bar() -> None:
     assert make("iris:1/model.joblib", 999) is None
 
 
-def test_a_big_transfer_draws_a_bar_that_counts_bytes() -> None:
-    """The callback takes byte increments (as boto3 gives them) and the bar shows the label."""
+def test_a_big_transfer_draws_a_bar_removed_once_complete() -> None:
+    """The bar shows the label and total, takes byte increments (as boto3 gives them)
+    and is cleared from the terminal when the last byte arrives."""
     term = _Terminal()
     make = progress_factory(True, term, min_bytes=1000)
     assert make is not None
@@ -36,4 +37,6 @@ def test_a_big_transfer_draws_a_bar_that_counts_bytes() -> None:
     for _ in range(4):
         callback(1024)
     assert "iris:1/model.joblib" in term.getvalue()
-    assert "100%" in term.getvalue()
+    out = term.getvalue()
+    assert "4.00k" in out
+    assert out.endswith(" \r")  # tqdm(leave=False) erases the line on close
