@@ -68,7 +68,9 @@ def get_format(name: str) -> Format:
     try:
         return FORMATS[name]
     except KeyError:
-        raise UnknownFormat(f"unknown format {name!r}: known formats are {', '.join(FORMATS)}") from None
+        raise UnknownFormat(
+            f"unknown format {name!r}: known formats are {', '.join(sorted(FORMATS))}"
+        ) from None
 
 
 def detect_format(path: Path) -> str:
@@ -86,7 +88,7 @@ def detect_format(path: Path) -> str:
             raise UnknownFormat(f"cannot read {path} to detect its format: {exc}") from exc
     kind = "directory" if path.is_dir() else "file"
     raise UnknownFormat(
-        f"cannot tell the format of {kind} {path}: it matches none of {', '.join(FORMATS)}; "
+        f"cannot tell the format of {kind} {path}: it matches none of {', '.join(sorted(FORMATS))}; "
         f"name the format explicitly if it is one of them"
     )
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from serving.errors import LoadError, UntrustedArtifact
-from serving.manifest import Manifest, TensorSpec
+from serving.manifest import Manifest, TensorSpec, check_relative_path
 
 from ._common import pick_inputs, primary_file, require, shape_of, to_numpy_outputs
 from .base import Format, LoadPolicy, Predictor, oip_datatype
@@ -198,10 +198,8 @@ class SavedModelFormat(Format):
         return path.is_dir() and (path / "saved_model.pb").is_file()
 
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
-        model_dir = root
         subdir = manifest.options.get("dir")
-        if subdir:
-            model_dir = primary_file(root, manifest.model_copy(update={"options": {"file": subdir}}), ())
+        model_dir = root / check_relative_path(str(subdir)) if subdir else root
         if not (model_dir / "saved_model.pb").is_file():
             raise LoadError(f"{manifest.name}:{manifest.version} has no saved_model.pb")
         return load_savedmodel(model_dir, manifest)
