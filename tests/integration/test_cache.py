@@ -1,0 +1,395 @@
+"""The loader cache against a real S3 server (moto) and real processes.
+
+Versions here are plain bytes files; no framework is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serving import errors
+from serving.cache import LoaderCache
+from serving.repository import Repository
+from serving.settings import Settings
+from serving.store.factory import open_store
+from serving.testing import MotoS3, publish_files
+
+KiB = 1024
+MiB = 1024 * KiB
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.s3
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Poll ``check`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class S3Repo:
+    """A repository in a fresh bucket, and what a child process needs to reach it."""
+
+    repo: Repository
+    server: MotoS3
+    bucket: str
+    uri: str
+    settings: Settings
+    workdir: Path
+
+    def publish(self, name: str, version: str, files: dict[str, bytes]) -> str:
+        return publish_files(self.repo, self.workdir, name, version, files)
+
+    def key(self, name: str, version: str, path: str) -> str:
+        """The object key (without the bucket) of a version's file."""
+        return f"models/{name}/versions/{version}/{path}"
+
+
+@pytest.fixture
+def s3repo(s3_env: MotoS3, bucket: str, tmp_path: Path, make_settings: Any) -> S3Repo:
+    uri = f"s3://{bucket}/models"
+    settings = make_settings(tmp_path / "cache", store=uri, s3_max_attempts=1)
+    work = tmp_path / "work"
+    work.mkdir()
+    return S3Repo(Repository(open_store(uri, settings)), s3_env, bucket, uri, settings, work)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> LoaderCache:
+    return LoaderCache(tmp_path / "cache", max_bytes=1024 * MiB)
+
+
+def cache_contents(cache: LoaderCache) -> dict[str, list[str]]:
+    """What the cache holds: blobs, version dirs and leftovers in tmp."""
+    return {
+        "blobs": sorted(p.name for p in (cache.root / "blobs").glob("*/*")),
+        "versions": sorted(
+            p.relative_to(cache.root).as_posix() for p in (cache.root / "versions").glob("*/*")
+        ),
+        "tmp": sorted(p.name for p in (cache.root / "tmp").iterdir()),
+    }
+
+
+EMPTY: dict[str, list[str]] = {"blobs": [], "versions": [], "tmp": []}
+
+
+# -- fetch and verify ------------------------------------------------------------------------
+
+
+def test_fetch_downloads_once_then_hits_without_store_requests(s3repo: S3Repo, cache: LoaderCache) -> None:
+    s3repo.publish("iris", "1", {"model.bin": os.urandom(300 * KiB), "cfg/params.json": b'{"a": 1}'})
+    resolved = s3repo.repo.resolve("iris:1")
+
+    first = cache.fetch(s3repo.repo, resolved)
+    assert not first.hit
+    assert (first.path / "model.bin").stat().st_size == 300 * KiB
+    assert (first.path / "cfg/params.json").read_bytes() == b'{"a": 1}'
+    cache.verify(first)
+
+    s3repo.server.reset_counts()
+    second = cache.fetch(s3repo.repo, resolved)
+    assert second.hit
+    assert second.path == first.path
+    assert s3repo.server.requests == []
+
+
+def test_identical_files_in_two_versions_are_stored_once(s3repo: S3Repo, cache: LoaderCache) -> None:
+    shared = os.urandom(200 * KiB)
+    s3repo.publish("iris", "1", {"weights.bin": shared, "v.txt": b"1"})
+    s3repo.publish("iris", "2", {"weights.bin": shared, "v.txt": b"2"})
+    cache.fetch(s3repo.repo, s3repo.repo.resolve("iris:1"))
+    s3repo.server.reset_counts()
+    cache.fetch(s3repo.repo, s3repo.repo.resolve("iris:2"))
+    assert s3repo.server.count("GET", key=s3repo.key("iris", "2", "weights.bin")) == 0
+    assert len(cache_contents(cache)["blobs"]) == 3
+
+
+def _flip_byte(s3: S3Repo, key: str) -> None:
+    body = bytearray(s3.server.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0xFF
+    s3.server.client().put_object(Bucket=s3.bucket, Key=key, Body=bytes(body))
+
+
+def _truncate(s3: S3Repo, key: str) -> None:
+    body = s3.server.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+    s3.server.client().put_object(Bucket=s3.bucket, Key=key, Body=body[:-1])
+
+
+def _delete(s3: S3Repo, key: str) -> None:
+    s3.server.client().delete_object(Bucket=s3.bucket, Key=key)
+
+
+def _add_sibling(s3: S3Repo, key: str) -> None:
+    s3.server.client().put_object(Bucket=s3.bucket, Key=key.replace("b.bin", "extra.bin"), Body=b"extra")
+
+
+@pytest.mark.parametrize(
+    ("tamper", "named"),
+    [(_flip_byte, "b.bin"), (_truncate, "b.bin"), (_delete, "b.bin"), (_add_sibling, "extra.bin")],
+    ids=["byte-flipped", "truncated", "file-missing", "file-added"],
+)
+def test_tampered_version_is_refused_and_nothing_enters_the_cache(
+    s3repo: S3Repo, cache: LoaderCache, tamper: Callable[[S3Repo, str], None], named: str
+) -> None:
+    """A version whose stored bytes or file set differ from its manifest never becomes loadable."""
+    # NOTE: a.bin is sound and fetched first, so a blob leaking from it would show.
+    s3repo.publish("iris", "1", {"a.bin": os.urandom(100 * KiB), "b.bin": os.urandom(100 * KiB)})
+    tamper(s3repo, s3repo.key("iris", "1", "b.bin"))
+    resolved = s3repo.repo.resolve("iris:1")
+
+    with pytest.raises(errors.IntegrityError) as info:
+        cache.fetch(s3repo.repo, resolved)
+
+    assert named in str(info.value)
+    assert cache_contents(cache) == EMPTY
+    assert cache.get("iris", "1", resolved.manifest_sha256) is None
+
+
+# -- processes -------------------------------------------------------------------------------
+
+_WORKER = """
+import json, sys
+from pathlib import Path
+from serving.cache import LoaderCache
+from serving.repository import Repository
+from serving.settings import Settings
+from serving.store.factory import open_store
+
+uri, cache_dir, ref, marker, mode = sys.argv[1:6]
+settings = Settings(store=uri, cache_dir=cache_dir, s3_addressing_style="path")
+repo = Repository(open_store(uri, settings))
+cache = LoaderCache(cache_dir, max_bytes=int(sys.argv[6]) if len(sys.argv) > 6 else 2**40)
+resolved, _ = cache.resolve(repo, ref)
+Path(marker).write_text("ready")
+cached = cache.fetch(repo, resolved)
+cache.verify(cached)
+if mode == "pin":
+    pin = cache.pin(cached)
+    Path(marker).write_text("pinned")
+    sys.stdin.read()  # hold the pin until the parent closes our stdin
+    pin.release()
+print(json.dumps({"path": str(cached.path), "hit": cached.hit}))
+"""
+
+
+def start_worker(
+    s3: S3Repo, cache_dir: Path, ref: str, marker: Path, mode: str = "fetch", max_bytes: int | None = None
+) -> subprocess.Popen[str]:
+    args = [sys.executable, "-c", _WORKER, s3.uri, str(cache_dir), ref, str(marker), mode]
+    if max_bytes is not None:
+        args.append(str(max_bytes))
+    return subprocess.Popen(
+        args,
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts; any still running at the end are killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
+
+
+def _part_files(cache_dir: Path) -> list[Path]:
+    return [p for p in (cache_dir / "tmp").glob("*.part") if p.stat().st_size > 0]
+
+
+@pytest.mark.slow
+def test_two_processes_pulling_one_version_download_it_once(
+    s3repo: S3Repo, tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    s3repo.publish("iris", "1", {"model.bin": os.urandom(2 * MiB)})
+    key = s3repo.key("iris", "1", "model.bin")
+    cache_dir = tmp_path / "cache"
+    markers = [tmp_path / "ready-a", tmp_path / "ready-b"]
+    s3repo.server.reset_counts()
+
+    # NOTE: the first download hangs mid-way until both workers are about to fetch,
+    # so the second necessarily finds the version incomplete and waits for the first.
+    with s3repo.server.stall(key):
+        procs.extend(start_worker(s3repo, cache_dir, "iris:1", m) for m in markers)
+        wait_for("both workers to be ready", lambda: all(m.exists() for m in markers))
+        wait_for("one download to start", lambda: _part_files(cache_dir))
+    results = [finish(p) for p in procs]
+
+    assert s3repo.server.count("GET", key=key) == 1
+    assert results[0]["path"] == results[1]["path"]
+    assert sorted(r["hit"] for r in results) == [False, True]
+    assert (Path(results[0]["path"]) / "model.bin").stat().st_size == 2 * MiB
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_download_leaves_nothing_loadable(
+    s3repo: S3Repo, tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    sha = s3repo.publish("iris", "1", {"a.bin": os.urandom(100 * KiB), "b.bin": os.urandom(1 * MiB)})
+    cache_dir = tmp_path / "cache"
+    with s3repo.server.stall(s3repo.key("iris", "1", "b.bin")):
+        proc = start_worker(s3repo, cache_dir, "iris:1", tmp_path / "ready")
+        procs.append(proc)
+        wait_for("a partial download", lambda: _part_files(cache_dir) or proc.poll() is not None)
+        assert proc.poll() is None, proc.communicate()[1]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    cache = LoaderCache(cache_dir)
+    assert cache.get("iris", "1", sha) is None
+    assert cache_contents(cache)["versions"] == []
+
+    again = cache.fetch(s3repo.repo, s3repo.repo.resolve("iris:1"))
+    assert not again.hit
+    cache.verify(again)
+
+
+# -- eviction and pins ------------------------------------------------------------------------
+
+
+def _publish_versions(s3: S3Repo, count: int, size: int) -> None:
+    for v in range(1, count + 1):
+        s3.publish("iris", str(v), {"w.bin": os.urandom(size)})
+
+
+def _cached_versions(cache: LoaderCache) -> list[str]:
+    return sorted(p.name.split("-")[0] for p in (cache.root / "versions" / "iris").iterdir())
+
+
+def test_eviction_drops_least_recently_used_versions_past_the_budget(s3repo: S3Repo, tmp_path: Path) -> None:
+    _publish_versions(s3repo, 3, 1 * MiB)
+    cache = LoaderCache(tmp_path / "lru", max_bytes=int(2.5 * MiB))
+    repo = s3repo.repo
+    cache.fetch(repo, repo.resolve("iris:1"))
+    cache.fetch(repo, repo.resolve("iris:2"))
+    assert cache.fetch(repo, repo.resolve("iris:1")).hit  # 1 is now more recent than 2
+    cache.fetch(repo, repo.resolve("iris:3"))
+
+    assert _cached_versions(cache) == ["1", "3"]
+    assert cache.size_bytes() <= cache.max_bytes
+
+
+def test_a_pinned_version_is_never_evicted(s3repo: S3Repo, tmp_path: Path) -> None:
+    _publish_versions(s3repo, 3, 1 * MiB)
+    cache = LoaderCache(tmp_path / "pins", max_bytes=int(1.5 * MiB))
+    repo = s3repo.repo
+    pin = cache.pin(cache.fetch(repo, repo.resolve("iris:1")))
+    cache.fetch(repo, repo.resolve("iris:2"))
+    cache.fetch(repo, repo.resolve("iris:3"))
+    assert _cached_versions(cache) == ["1", "3"]
+
+    pin.release()
+    cache.evict()
+    assert _cached_versions(cache) == ["3"]
+
+
+@pytest.mark.slow
+def test_a_version_pinned_by_another_process_is_never_evicted(
+    s3repo: S3Repo, tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    _publish_versions(s3repo, 3, 1 * MiB)
+    cache_dir = tmp_path / "shared"
+    budget = int(1.5 * MiB)
+    marker = tmp_path / "pinned"
+    holder = start_worker(s3repo, cache_dir, "iris:1", marker, mode="pin", max_bytes=budget)
+    procs.append(holder)
+    wait_for("the other process to pin", lambda: marker.exists() and marker.read_text() == "pinned")
+
+    cache = LoaderCache(cache_dir, max_bytes=budget)
+    cache.fetch(s3repo.repo, s3repo.repo.resolve("iris:2"))
+    cache.fetch(s3repo.repo, s3repo.repo.resolve("iris:3"))
+    assert _cached_versions(cache) == ["1", "3"]
+
+    finish(holder)  # closes its stdin: it releases the pin and exits
+    cache.evict()
+    assert _cached_versions(cache) == ["3"]
+
+
+# -- offline ---------------------------------------------------------------------------------
+
+
+def test_resolve_falls_back_to_the_remembered_alias_while_the_store_is_down(
+    s3repo: S3Repo, cache: LoaderCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = s3repo.repo
+    s3repo.publish("iris", "1", {"w.bin": b"one"})
+    repo.set_alias("iris", "production", "1")
+    online, from_cache = cache.resolve(repo, "iris@production")
+    assert not from_cache
+    cache.fetch(repo, online)
+
+    with s3repo.server.outage(), caplog.at_level(logging.WARNING, logger="serving.cache"):
+        offline, from_cache = cache.resolve(repo, "iris@production")
+        assert from_cache
+        assert (offline.version, offline.manifest_sha256) == ("1", online.manifest_sha256)
+        assert cache.fetch(repo, offline).hit
+        assert "store unreachable" in caplog.text
+
+    publish_and_move = s3repo.publish("iris", "2", {"w.bin": b"two"})
+    repo.set_alias("iris", "production", "2")
+    back, from_cache = cache.resolve(repo, "iris@production")
+    assert (back.version, back.manifest_sha256, from_cache) == ("2", publish_and_move, False)
+
+
+def test_resolve_with_the_store_down_and_nothing_remembered_raises(
+    s3repo: S3Repo, cache: LoaderCache
+) -> None:
+    s3repo.publish("iris", "1", {"w.bin": b"one"})
+    s3repo.repo.set_alias("iris", "production", "1")
+    with s3repo.server.outage(), pytest.raises(errors.StoreUnavailable) as info:
+        cache.resolve(s3repo.repo, "iris@production")
+    assert info.value.__cause__ is not None
+
+
+# -- permissions -----------------------------------------------------------------------------
+
+
+def test_cache_files_are_0600_and_directories_0700(s3repo: S3Repo, cache: LoaderCache) -> None:
+    _publish_versions(s3repo, 2, 10 * KiB)
+    repo = s3repo.repo
+    repo.set_alias("iris", "production", "1")
+    resolved, _ = cache.resolve(repo, "iris@production")
+    with cache.pin(cache.fetch(repo, resolved)):
+        cache.fetch(repo, repo.resolve("iris:2"))
+        cache.evict()
+
+    seen = 0
+    for dirpath, _dirnames, filenames in os.walk(cache.root):
+        assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o700, dirpath
+        for name in filenames:
+            path = Path(dirpath) / name
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+            seen += 1
+    assert seen >= 6  # two blobs, two manifests, a remembered alias, lock files
