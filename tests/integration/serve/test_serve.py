@@ -1,0 +1,336 @@
+"""The Ray Serve app end to end: real Ray Serve, real HTTP, a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.repository import Repository
+from serving.settings import Settings
+from serving.store import open_store
+
+from .conftest import IRIS_ROW, Cluster, app_args, infer, publish_iris, s3_env, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
+
+
+def s3_repo(server: Any, bucket: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Repository, str]:
+    for key, value in s3_env(server).items():
+        monkeypatch.setenv(key, value)
+    uri = f"s3://{bucket}/models"
+    return Repository(open_store(uri, Settings(s3_addressing_style="path"))), uri
+
+
+def served_version(client: httpx.Client, base: str, name: str = "iris") -> str | None:
+    resp = infer(client, base, name=name)
+    return resp.json()["model_version"] if resp.status_code == 200 else None
+
+
+def test_v2_and_v1_predict_with_the_alias_version(deploy, s3_bucket, tmp_path, monkeypatch) -> None:
+    """End to end on S3: v2 and v1 answer with the version the alias points to."""
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "1")
+    publish_iris(repo, tmp_path, "2", c=0.5)
+    repo.set_alias("iris", "production", "2")
+    base = deploy(app_args(uri, tmp_path / "cache", s3_env(server)))
+    with httpx.Client(timeout=10) as client:
+        v2 = infer(client, base)
+        assert v2.status_code == 200, v2.text
+        body = v2.json()
+        assert body["model_name"] == "iris" and body["model_version"] == "2"
+        outputs = {o["name"]: o for o in body["outputs"]}
+        assert outputs["predict"]["data"] == [0]
+        assert outputs["predict_proba"]["shape"] == [1, 3]
+        v1 = client.post(base + "/v1/models/iris:predict", json={"instances": IRIS_ROW})
+        assert v1.status_code == 200, v1.text
+        assert v1.json() == {"predictions": [0], "model_version": "2"}
+        meta = client.get(base + "/v2/models/iris").json()
+        assert meta["versions"] == ["2"] and meta["inputs"][0]["shape"] == [-1, 4]
+        explicit = infer(client, base, version="1")
+        assert explicit.status_code == 200 and explicit.json()["model_version"] == "1"
+        assert client.get(base + "/v2/health/live").status_code == 200
+        assert client.get(base + "/v2").json()["name"] == "serving"
+
+
+def test_hot_swap_under_load_fails_no_request(deploy, s3_bucket, tmp_path, monkeypatch) -> None:
+    """A client sending continuously sees 0 failures while the alias moves; then only v2."""
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "1")
+    publish_iris(repo, tmp_path, "2", c=0.5)
+    repo.set_alias("iris", "production", "1")
+    base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), model={"num_replicas": 2}))
+    results: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+
+    def client_loop() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set() and len(results) < 20_000:
+                resp = infer(client, base)
+                version = resp.json().get("model_version") if resp.status_code == 200 else None
+                results.append((time.monotonic(), resp.status_code, version))
+
+    thread = threading.Thread(target=client_loop)
+    thread.start()
+    try:
+        wait_for(lambda: len(results) > 20, what="traffic on v1")
+        moved_at = time.monotonic()
+        repo.set_alias("iris", "production", "2")
+        wait_for(
+            lambda: any(v == "2" for _, _, v in results[-5:]) and all(v == "2" for _, _, v in results[-20:]),
+            what="convergence on v2",
+        )
+        converged_at = next(t for t, _, v in results if t > moved_at and v == "2")
+        count = len(results)
+        wait_for(lambda: len(results) > count + 30, what="traffic after convergence")
+    finally:
+        stop.set()
+        thread.join()
+    failures = [r for r in results if r[1] != 200]
+    assert failures == []
+    last_v1 = max(t for t, _, v in results if v == "1")
+    after = [v for t, _, v in results if t > last_v1]
+    assert after and set(after) == {"2"}
+    print(
+        f"\nswap: {len(results)} requests, 0 failed, first v2 after {converged_at - moved_at:.2f}s, "
+        f"all replicas on v2 after {last_v1 - moved_at:.2f}s"
+    )
+
+
+def test_bad_version_keeps_the_old_one_serving_until_a_good_one(
+    deploy, s3_bucket, tmp_path, monkeypatch, cluster: Cluster
+) -> None:
+    """A corrupt v3 and a v4 that fails warm-up never serve; v5 recovers."""
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "2", name="iris-bad")
+    # NOTE: a different C, so v3's bytes differ from v2's (the cache would reuse v2's verified blob).
+    publish_iris(repo, tmp_path, "3", name="iris-bad", c=0.7)
+    publish_iris(repo, tmp_path, "4", name="iris-bad", example=[[1.0, 2.0]])  # wrong width: warm-up fails
+    publish_iris(repo, tmp_path, "5", name="iris-bad", c=0.3)
+    repo.set_alias("iris-bad", "production", "2")
+    # Corrupt v3's model file in the bucket: same size, one byte flipped.
+    s3 = server.client()
+    key = next(
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket=bucket, Prefix="models/iris-bad/versions/3/")["Contents"]
+        if o["Key"].endswith(".joblib")
+    )
+    data = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), name="iris-bad"))
+    with httpx.Client(timeout=10) as client:
+        for bad in ("3", "4"):
+            repo.set_alias("iris-bad", "production", bad)
+            wait_for(
+                lambda: _index(client, base, "iris-bad")["replicas"][0]["failed_version"] == bad,
+                what=f"v{bad} to fail",
+            )
+            for _ in range(5):
+                assert served_version(client, base, "iris-bad") == "2"
+        wait_for(
+            lambda: _metric(cluster, "ray_serving_swap_failures_total", model="iris-bad") >= 2,
+            what="failed swaps in metrics",
+        )
+        assert _metric(cluster, "ray_serving_model_loads_total", model="iris-bad", outcome="failure") >= 2
+        repo.set_alias("iris-bad", "production", "5")
+        wait_for(lambda: served_version(client, base, "iris-bad") == "5", what="recovery on v5")
+
+
+def test_store_outage_keeps_serving_and_counts_failed_checks(
+    deploy, s3_bucket, tmp_path, monkeypatch, cluster: Cluster
+) -> None:
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "1", name="iris-out")
+    publish_iris(repo, tmp_path, "2", name="iris-out", c=0.5)
+    repo.set_alias("iris-out", "production", "1")
+    base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), name="iris-out"))
+    with httpx.Client(timeout=10) as client:
+        server.stop()
+        try:
+            errors_before = _metric(
+                cluster, "ray_serving_alias_checks_total", model="iris-out", outcome="error"
+            )
+            for _ in range(20):
+                assert served_version(client, base, "iris-out") == "1"
+            wait_for(
+                lambda: (
+                    _metric(cluster, "ray_serving_alias_checks_total", model="iris-out", outcome="error")
+                    > errors_before + 1
+                ),
+                what="failed alias checks",
+            )
+        finally:
+            server.start()
+        repo.set_alias("iris-out", "production", "2")
+        wait_for(lambda: served_version(client, base, "iris-out") == "2", what="v2 after the outage")
+
+
+def test_cold_start_with_the_store_down_uses_the_warm_cache(deploy, s3_bucket, tmp_path, monkeypatch) -> None:
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "1", name="iris-cold")
+    repo.set_alias("iris-cold", "production", "1")
+    cache = tmp_path / "cache"
+    args = app_args(uri, cache, s3_env(server), name="iris-cold")
+    base = deploy(args)
+    with httpx.Client(timeout=10) as client:
+        assert served_version(client, base, "iris-cold") == "1"
+        from ray import serve
+
+        for app_name in list(serve.status().applications):
+            serve.delete(app_name)
+        server.stop()
+        try:
+            base = deploy(args)
+            assert served_version(client, base, "iris-cold") == "1"
+            replica = _index(client, base, "iris-cold")["replicas"][0]
+            assert replica["source"] == "cache"
+        finally:
+            server.start()
+
+
+def test_two_replicas_converge_and_download_once(deploy, s3_bucket, tmp_path, monkeypatch) -> None:
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "1", name="iris-two")
+    publish_iris(repo, tmp_path, "2", name="iris-two", c=0.5)
+    repo.set_alias("iris-two", "production", "1")
+    base = deploy(
+        app_args(uri, tmp_path / "cache", s3_env(server), name="iris-two", model={"num_replicas": 2})
+    )
+    with httpx.Client(timeout=10) as client:
+        wait_for(lambda: len(_index(client, base, "iris-two")["replicas"]) == 2, what="two replicas")
+        server.reset_counts()
+        repo.set_alias("iris-two", "production", "2")
+        load = client.post(base + "/v2/repository/models/iris-two/load")
+        assert load.status_code == 200, load.text
+        entry = wait_for(
+            lambda: (e := _index(client, base, "iris-two"))["converged"] and e, what="convergence"
+        )
+        assert {r["live_version"] for r in entry["replicas"]} == {"2"}
+    model_gets = [r for r in server.requests if r.method == "GET" and r.key and r.key.endswith(".joblib")]
+    assert len(model_gets) == 1
+
+
+def test_metrics_count_what_was_sent(deploy, s3_bucket, tmp_path, monkeypatch, cluster: Cluster) -> None:
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "1", name="iris-metrics")
+    repo.set_alias("iris-metrics", "production", "1")
+    base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), name="iris-metrics"))
+    with httpx.Client(timeout=10) as client:
+        for _ in range(7):
+            assert infer(client, base, name="iris-metrics").status_code == 200
+        for _ in range(3):
+            assert (
+                client.post(base + "/v2/models/iris-metrics/infer", content=b"{not json").status_code == 400
+            )
+    wait_for(
+        lambda: _metric(cluster, "ray_serving_requests_total", model="iris-metrics", status="200") == 7,
+        what="7 successful requests in metrics",
+    )
+    wait_for(
+        lambda: _metric(cluster, "ray_serving_requests_total", model="iris-metrics", status="400") == 3,
+        what="3 bad requests in metrics",
+    )
+    assert _metric(cluster, "ray_serving_request_duration_seconds_count", model="iris-metrics") == 7
+    assert _metric(cluster, "ray_serving_live_version_info", model="iris-metrics", version="1") == 1
+    assert _metric(cluster, "ray_serving_model_loads_total", model="iris-metrics", outcome="success") == 1
+    assert _metric(cluster, "ray_serving_alias_checks_total", model="iris-metrics", outcome="unchanged") >= 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "needle"),
+    [
+        ("/v2/models/iris-4xx/infer", b"{oops", 400, "malformed JSON"),
+        ("/v2/models/iris-4xx/infer", b'{"inputs": []}', 400, "non-empty"),
+        (
+            "/v2/models/iris-4xx/infer",
+            b'{"inputs":[{"name":"input-0","shape":[1,3],"datatype":"FP64","data":[1,2,3]}]}',
+            400,
+            "shape",
+        ),
+        (
+            "/v2/models/iris-4xx/infer",
+            b'{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP64","data":[1,2,3]}]}',
+            400,
+            "fill shape",
+        ),
+        (
+            "/v2/models/iris-4xx/infer",
+            b'{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"BYTES","data":["a","b","c","d"]}]}',
+            400,
+            "datatype",
+        ),
+        (
+            "/v2/models/iris-4xx/infer",
+            b'{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"NOPE","data":[1,2,3,4]}]}',
+            400,
+            "datatype",
+        ),
+        ("/v2/models/nope/infer", b"{}", 404, "not served"),
+        (
+            "/v2/models/iris-4xx/versions/99/infer",
+            b'{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP64","data":[1,2,3,4]}]}',
+            404,
+            "99",
+        ),
+        ("/v2/models/iris-4xx/infer", b"[" + b"1," * 40_000 + b"1]", 413, "limit"),
+        ("/v1/models/iris-4xx:predict", b'{"instances": "x"}', 400, "instances"),
+        ("/v2/nothing-here", b"{}", 404, "no route"),
+    ],
+)
+def test_bad_input_gets_a_4xx_with_a_message(served_4xx, path, body, status, needle) -> None:
+    client, base = served_4xx
+    resp = client.post(base + path, content=body)
+    assert resp.status_code == status, resp.text
+    assert needle in resp.json()["error"]
+    assert served_version(client, base, "iris-4xx") == "1"
+
+
+@pytest.fixture(scope="module")
+def served_4xx(cluster: Cluster, moto_s3, tmp_path_factory):
+    """One app for all the bad-input cases (a local store; the input path is the same)."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    tmp = tmp_path_factory.mktemp("bad-input")
+    repo = Repository(open_store(str(tmp / "store")))
+    publish_iris(repo, tmp, "1", name="iris-4xx")
+    repo.set_alias("iris-4xx", "production", "1")
+    serve.run(
+        build_app(app_args(str(tmp / "store"), tmp / "cache", {}, name="iris-4xx")),
+        name="app-4xx",
+        route_prefix="/",
+        blocking=False,
+    )
+    wait_for(lambda: httpx.get(cluster.http + "/v2/health/ready", timeout=5).status_code == 200, what="ready")
+    with httpx.Client(timeout=10) as client:
+        yield client, cluster.http
+    serve.delete("app-4xx")
+
+
+def _index(client: httpx.Client, base: str, name: str) -> dict[str, Any]:
+    entries = client.get(base + "/v2/repository/index").json()
+    return next(e for e in entries if e["name"] == name)
+
+
+def _metric(cluster: Cluster, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels`` (0 if none)."""
+    text = httpx.get(cluster.metrics, timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
