@@ -43,7 +43,8 @@ def test_v2_and_v1_predict_with_the_alias_version(deploy, s3_bucket, tmp_path, m
         v2 = infer(client, base)
         assert v2.status_code == 200, v2.text
         body = v2.json()
-        assert body["model_name"] == "iris" and body["model_version"] == "2"
+        assert body["model_name"] == "iris"
+        assert body["model_version"] == "2"
         outputs = {o["name"]: o for o in body["outputs"]}
         assert outputs["predict"]["data"] == [0]
         assert outputs["predict_proba"]["shape"] == [1, 3]
@@ -51,9 +52,11 @@ def test_v2_and_v1_predict_with_the_alias_version(deploy, s3_bucket, tmp_path, m
         assert v1.status_code == 200, v1.text
         assert v1.json() == {"predictions": [0], "model_version": "2"}
         meta = client.get(base + "/v2/models/iris").json()
-        assert meta["versions"] == ["2"] and meta["inputs"][0]["shape"] == [-1, 4]
+        assert meta["versions"] == ["2"]
+        assert meta["inputs"][0]["shape"] == [-1, 4]
         explicit = infer(client, base, version="1")
-        assert explicit.status_code == 200 and explicit.json()["model_version"] == "1"
+        assert explicit.status_code == 200
+        assert explicit.json()["model_version"] == "1"
         assert client.get(base + "/v2/health/live").status_code == 200
         assert client.get(base + "/v2").json()["name"] == "serving"
 
@@ -96,7 +99,8 @@ def test_hot_swap_under_load_fails_no_request(deploy, s3_bucket, tmp_path, monke
     assert failures == []
     last_v1 = max(t for t, _, v in results if v == "1")
     after = [v for t, _, v in results if t > last_v1]
-    assert after and set(after) == {"2"}
+    assert after
+    assert set(after) == {"2"}
     print(
         f"\nswap: {len(results)} requests, 0 failed, first v2 after {converged_at - moved_at:.2f}s, "
         f"all replicas on v2 after {last_v1 - moved_at:.2f}s"
@@ -130,7 +134,7 @@ def test_bad_version_keeps_the_old_one_serving_until_a_good_one(
         for bad in ("3", "4"):
             repo.set_alias("iris-bad", "production", bad)
             wait_for(
-                lambda: _index(client, base, "iris-bad")["replicas"][0]["failed_version"] == bad,
+                lambda bad=bad: _index(client, base, "iris-bad")["replicas"][0]["failed_version"] == bad,
                 what=f"v{bad} to fail",
             )
             for _ in range(5):
