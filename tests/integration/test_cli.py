@@ -313,3 +313,30 @@ def test_wrong_credentials_exit_9(s3_env: MotoS3, bucket: str, tmp_path: Path, a
             check=False,
         )
     assert_error(result, 9, "access denied")
+
+
+# -- the demo publisher (make serve runs it first) ---------------------------------------------
+def test_demo_publishes_iris_once_then_next_versions_on_request(cli: Cli, store_uri: str) -> None:
+    """--if-empty publishes iris:1 with production only once; --publish-next adds a version
+    trained with another C whose probabilities differ, and moves the alias when asked."""
+
+    def demo(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**_clean_env(), "SERVING_STORE": store_uri, "SERVING_S3_ADDRESSING_STYLE": "path"}
+        return subprocess.run(
+            [sys.executable, "-m", "serving.demo", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    assert "published iris:1" in ok(demo("--if-empty")).stdout
+    assert "nothing to do" in ok(demo("--if-empty")).stdout
+    v1 = as_json(cli("predict", "iris@production", "--input", json.dumps(EXAMPLE)))
+    assert "iris@production -> 2" in ok(demo("--publish-next", "--C", "0.01", "--alias", "production")).stdout
+    v2 = as_json(cli("predict", "iris@production", "--input", json.dumps(EXAMPLE)))
+    assert (v1["model_version"], v2["model_version"]) == ("1", "2")
+    assert v1["outputs"]["predict"] == v2["outputs"]["predict"] == [0]
+    assert v1["outputs"]["predict_proba"] != v2["outputs"]["predict_proba"]
+    assert_error(demo("--publish-next", "--version", "2"), 4, "iris:2")
