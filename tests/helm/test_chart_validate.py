@@ -103,3 +103,21 @@ def test_without_crd_apis_no_crd_kinds_render(render: Callable[..., Docs]) -> No
     docs = render(values=[CHART / "ci" / "minio-values.yaml"], api_versions=())
     assert not [d for d in docs if d["kind"] in CRD_KINDS]
     assert by_kind(docs, "ConfigMap"), "the dashboard ConfigMap needs no CRD"
+
+
+def test_notes_explain_rollouts(helm: Path) -> None:
+    """NOTES.txt renders and says version moves need no chart change, serve config
+    updates in place, and cluster-spec changes trigger KubeRay's upgrade."""
+    done = subprocess.run(
+        [str(helm), "install", "serving", str(CHART), "--namespace", "ml", "--dry-run=client"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    assert "needs no chart change" in notes
+    assert "in place" in notes
+    assert "zero-downtime upgrade" in notes
+    assert "does not serve ray.io/v1 RayService" in notes, "no CRD here: the warning shows"
