@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray
@@ -134,7 +134,7 @@ class ModelDeployment:
         """Report, then sleep until the next tick or a load request (returns True then)."""
         self._report()
         try:
-            gen = ray.get(self.board.wait.remote(self.config.name, self._generation, timeout))
+            gen = int(ray.get(self.board.wait.remote(self.config.name, self._generation, timeout)))
         except Exception:  # noqa: BLE001 -- NOTE: board gone (cluster shutting down): plain wait
             self._stop.wait(timeout)
             return False
@@ -192,7 +192,7 @@ class ModelDeployment:
         return reply.status, reply.body
 
     async def ready(self, version: str | None) -> bool:
-        return self.service.ready(version)
+        return bool(self.service.ready(version))
 
     def __del__(self) -> None:
         stop = getattr(self, "_stop", None)
@@ -204,7 +204,7 @@ class ModelDeployment:
 class Ingress:
     """Routes HTTP requests to model deployments; no model work happens here."""
 
-    def __init__(self, app: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, app: dict[str, Any], models: dict[str, DeploymentHandle[Any]]) -> None:
         configure_logging()
         self.app = AppConfig.model_validate(app)
         self.models = models
@@ -219,7 +219,7 @@ class Ingress:
             reply = api.error_reply(exc)
         return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
 
-    def _handle(self, model: str) -> DeploymentHandle:
+    def _handle(self, model: str) -> DeploymentHandle[Any]:
         handle = self.models.get(model)
         if handle is None:
             raise ModelNotFound(
@@ -327,10 +327,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             options["autoscaling_config"] = model.autoscaling_config
         else:
             options["num_replicas"] = model.num_replicas
-        handles[model.name] = ModelDeployment.options(**options).bind(model.model_dump(mode="json"), app_dict)
-    ingress = Ingress.options(
+        # NOTE: @serve.deployment turns the classes into Deployments; mypy sees classes.
+        handles[model.name] = (
+            cast(Any, ModelDeployment).options(**options).bind(model.model_dump(mode="json"), app_dict)
+        )
+    ingress = cast(Any, Ingress).options(
         num_replicas=config.ingress.num_replicas,
         ray_actor_options=config.ingress.ray_actor_options,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
     )
-    return ingress.bind(app_dict, handles)
+    application: serve.Application = ingress.bind(app_dict, handles)
+    return application

@@ -67,7 +67,9 @@ class Metric:
                 elif self.kind == "gauge":
                     impl = pc.Gauge(name, self.doc, self.labels)
                 else:
-                    impl = pc.Histogram(name, self.doc, self.labels, buckets=self.buckets)
+                    impl = pc.Histogram(
+                        name, self.doc, self.labels, buckets=self.buckets or pc.Histogram.DEFAULT_BUCKETS
+                    )
             self._impl, self._impl_backend = impl, _backend
             return impl
 

@@ -183,7 +183,7 @@ class ModelService:
             "alias": None,
             "target_version": self.config.version,
             "live_version": live.version if live else None,
-            "last_check_ok": None,
+            "last_check_age_s": None,
             "last_error": None,
             "failed_version": None,
             "source": live.source if live else None,

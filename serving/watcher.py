@@ -38,7 +38,8 @@ class WatchStatus:
     alias: str | None
     target_version: str | None
     live_version: str | None
-    last_check_ok: float | None
+    last_check_age_s: float | None
+    """Seconds since the last successful alias check (None before the first)."""
     last_error: str | None
     failed_version: str | None
     source: str | None
@@ -184,7 +185,7 @@ class AliasWatcher:
             alias=self.alias,
             target_version=self._target.version if self._target else None,
             live_version=live.version if live else None,
-            last_check_ok=self._last_ok,
+            last_check_age_s=None if self._last_ok is None else round(self._clock() - self._last_ok, 3),
             last_error=self._last_error,
             failed_version=self._failed.version if self._failed else None,
             source=live.source if live else None,
