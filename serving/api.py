@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from serving.errors import InvalidInput, NotFound, PayloadTooLarge, ServingError
+from serving.errors import InvalidInput, MethodNotAllowed, NotFound, PayloadTooLarge, ServingError
 from serving.formats.base import NUMPY_TO_OIP, OIP_TO_NUMPY, oip_datatype
 from serving.manifest import TensorSpec
 
@@ -211,10 +211,6 @@ ROUTES = [
     _route("POST", "/v2/models/{model}/versions/{version}/infer", "infer"),
     _route("POST", "/v1/models/{model}:predict", "predict_v1"),
 ]
-
-
-class MethodNotAllowed(ServingError):
-    status_code = 405
 
 
 def match(method: str, path: str) -> tuple[str, dict[str, str]]:

@@ -9,7 +9,8 @@ exit code the CLI returns, so neither layer needs its own mapping table::
     │   ├── InvalidManifest                   bad JSON, "../" paths, symlinks
     │   ├── UnknownFormat                     nothing recognises the artifact
     │   ├── InvalidInput                      wrong shape, datatype, JSON
-    │   └── PayloadTooLarge (413)
+    │   ├── PayloadTooLarge (413)
+    │   └── MethodNotAllowed (405)
     ├── NotFound (404, exit 3)
     │   ├── ModelNotFound
     │   ├── VersionNotFound
@@ -39,6 +40,7 @@ __all__ = [
     "InvalidReference",
     "InvalidRequest",
     "LoadError",
+    "MethodNotAllowed",
     "MissingExtra",
     "ModelNotFound",
     "NotFound",
@@ -93,6 +95,10 @@ class InvalidInput(InvalidRequest):
 
 class PayloadTooLarge(InvalidRequest):
     status_code = 413
+
+
+class MethodNotAllowed(InvalidRequest):
+    status_code = 405
 
 
 class NotFound(ServingError):

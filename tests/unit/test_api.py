@@ -1,0 +1,130 @@
+"""The OIP v2 / v1 codec and the router, without Ray or HTTP."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from serving import api
+from serving.errors import InvalidInput, MethodNotAllowed, NotFound, PayloadTooLarge, VersionNotFound
+from serving.manifest import TensorSpec
+
+IRIS = [TensorSpec(name="input-0", datatype="FP32", shape=[-1, 4])]
+
+
+def v2(**tensor: object) -> dict[str, object]:
+    base: dict[str, object] = {"name": "input-0", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+    base.update(tensor)
+    return {"inputs": [base]}
+
+
+def test_flattened_row_major_data_is_reshaped() -> None:
+    req = api.parse_v2(v2(shape=[2, 4], data=[1, 2, 3, 4, 5, 6, 7, 8]), IRIS)
+    assert req.inputs["input-0"].shape == (2, 4)
+    assert req.inputs["input-0"][1, 0] == 5
+    assert req.inputs["input-0"].dtype == np.float32
+
+
+def test_nested_data_is_accepted_too() -> None:
+    req = api.parse_v2(v2(data=[[1, 2, 3, 4]]), IRIS)
+    assert req.inputs["input-0"].tolist() == [[1, 2, 3, 4]]
+
+
+def test_numeric_datatypes_are_cast_to_the_models() -> None:
+    req = api.parse_v2(v2(datatype="FP64"), IRIS)
+    assert req.inputs["input-0"].dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        ([], "JSON object"),
+        ({"inputs": []}, "non-empty"),
+        (v2(shape=[1, 3], data=[1, 2, 3]), "does not match the model"),
+        (v2(shape=[1, 5], data=[1, 2, 3, 4, 5]), "does not match the model"),
+        (v2(data=[1, 2, 3]), "fill shape"),
+        (v2(datatype="BYTES", data=["a", "b", "c", "d"]), "datatype"),
+        (v2(datatype="FP99"), "unknown datatype"),
+        (v2(data=["x", "y", "z", "w"]), "does not match datatype"),
+        (v2(shape=[-1, 4]), "non-negative"),
+        ({"inputs": [{"name": "input-0"}]}, "missing 'shape'"),
+        ({**v2(), "outputs": ["predict"]}, "'outputs'"),
+    ],
+)
+def test_malformed_requests_are_invalid_input(payload: object, needle: str) -> None:
+    with pytest.raises(InvalidInput, match=needle):
+        api.parse_v2(payload, IRIS)
+
+
+def test_unknown_input_name_for_a_multi_input_model_is_refused() -> None:
+    specs = [
+        TensorSpec(name="a", datatype="FP32", shape=[-1]),
+        TensorSpec(name="b", datatype="FP32", shape=[-1]),
+    ]
+    with pytest.raises(InvalidInput, match="unknown input 'c'"):
+        api.parse_v2({"inputs": [{"name": "c", "shape": [1], "datatype": "FP32", "data": [1]}]}, specs)
+
+
+def test_body_over_the_limit_is_413_and_bad_json_is_400() -> None:
+    with pytest.raises(PayloadTooLarge) as too_big:
+        api.parse_json(b"x" * 11, limit=10)
+    assert too_big.value.status_code == 413
+    with pytest.raises(InvalidInput, match="malformed JSON"):
+        api.parse_json(b"{nope", limit=100)
+
+
+def test_outputs_are_flattened_with_shape_and_datatype() -> None:
+    out = api.encode_outputs({"p": np.array([[0.5, 0.5]]), "c": np.array([1])}, None)
+    body = orjson.loads(api.ok({"outputs": out}).body)
+    assert body["outputs"][0] == {"name": "p", "shape": [1, 2], "datatype": "FP64", "data": [0.5, 0.5]}
+    assert body["outputs"][1]["datatype"] == "INT64"
+
+
+def test_requested_outputs_are_filtered_and_unknown_ones_refused() -> None:
+    outputs = {"p": np.array([1.0]), "c": np.array([1])}
+    assert [o["name"] for o in api.encode_outputs(outputs, ["c"])] == ["c"]
+    with pytest.raises(InvalidInput, match="unknown output 'z'"):
+        api.encode_outputs(outputs, ["z"])
+
+
+def test_v1_instances_become_the_single_input() -> None:
+    inputs = api.parse_v1({"instances": [[1, 2, 3, 4], [5, 6, 7, 8]]}, IRIS)
+    assert inputs["input-0"].shape == (2, 4)
+    with pytest.raises(InvalidInput, match="instances"):
+        api.parse_v1({"instances": "x"}, IRIS)
+    with pytest.raises(InvalidInput, match="one shape"):
+        api.parse_v1({"instances": [[1, 2], [3]]}, IRIS)
+
+
+def test_errors_map_to_their_status_and_unknown_ones_to_500_without_details() -> None:
+    assert api.error_reply(VersionNotFound("no v9")).status == 404
+    assert orjson.loads(api.error_reply(VersionNotFound("no v9")).body) == {"error": "no v9"}
+    internal = api.error_reply(RuntimeError("secret path /etc/x"))
+    assert internal.status == 500
+    assert b"/etc/x" not in internal.body
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "route", "params"),
+    [
+        ("GET", "/v2/health/ready", "ready", {}),
+        ("GET", "/v2", "server_metadata", {}),
+        ("POST", "/v2/models/iris/infer", "infer", {"model": "iris"}),
+        ("POST", "/v2/models/iris/versions/7/infer", "infer", {"model": "iris", "version": "7"}),
+        ("GET", "/v2/models/iris/versions/7/ready", "model_ready", {"model": "iris", "version": "7"}),
+        ("POST", "/v1/models/iris:predict", "predict_v1", {"model": "iris"}),
+        ("POST", "/v2/repository/models/iris/load", "load", {"model": "iris"}),
+        ("GET", "/v2/repository/index/", "repository_index", {}),
+    ],
+)
+def test_routes(method: str, path: str, route: str, params: dict[str, str]) -> None:
+    assert api.match(method, path) == (route, params)
+
+
+def test_unknown_paths_are_404_and_wrong_methods_405() -> None:
+    with pytest.raises(NotFound):
+        api.match("GET", "/v3/anything")
+    with pytest.raises(MethodNotAllowed) as exc:
+        api.match("GET", "/v2/models/iris/infer")
+    assert exc.value.status_code == 405
