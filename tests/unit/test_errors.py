@@ -15,6 +15,7 @@ EXPECTED = {
     "UnknownFormat": ("InvalidRequest", 400, 2),
     "InvalidInput": ("InvalidRequest", 400, 2),
     "PayloadTooLarge": ("InvalidRequest", 413, 2),
+    "MethodNotAllowed": ("InvalidRequest", 405, 2),
     "NotFound": ("ServingError", 404, 3),
     "ModelNotFound": ("NotFound", 404, 3),
     "VersionNotFound": ("NotFound", 404, 3),
