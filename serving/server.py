@@ -31,8 +31,10 @@ def app_args_from(args: argparse.Namespace) -> dict[str, Any]:
         if isinstance(doc, dict) and "applications" in doc:
             doc = doc["applications"][0].get("args", {})
         app_args = dict(doc or {})
-    if args.store:
-        app_args["store"] = args.store
+    # NOTE: --store is the CLI's global option; absent when called without it.
+    store = getattr(args, "store", None)
+    if store:
+        app_args["store"] = store
     if args.model:
         models = []
         for ref_text in args.model:

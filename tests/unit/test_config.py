@@ -1,0 +1,61 @@
+"""The app config: what deploy/serve.yaml, the chart and `serving serve` all feed build_app."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serving.config import AppConfig
+from serving.errors import InvalidReference
+from serving.server import add_arguments, app_args_from
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--store")  # NOTE: the CLI's global option
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_deploy_serve_yaml_is_a_valid_app_config() -> None:
+    doc = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
+    app = doc["applications"][0]
+    assert app["import_path"] == "serving.app:build_app"
+    config = AppConfig.model_validate(app["args"])
+    assert config.models[0].ref == "iris@production"
+
+
+def test_unknown_keys_and_duplicate_models_are_refused() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        AppConfig.model_validate({"models": [{"name": "iris"}], "pol_interval_s": 1})
+    with pytest.raises(ValidationError, match="unique"):
+        AppConfig.model_validate({"models": [{"name": "a"}, {"name": "a"}]})
+
+
+def test_a_pinned_version_replaces_the_alias_and_autoscaling_replaces_num_replicas() -> None:
+    config = AppConfig.model_validate(
+        {"models": [{"name": "iris", "version": "7", "autoscaling_config": {"max_replicas": 3}}]}
+    )
+    model = config.models[0]
+    assert (model.alias, model.version, model.ref, model.num_replicas) == (None, "7", "iris:7", None)
+
+
+def test_serve_defaults_to_the_demo_model_and_refs_override_the_config(tmp_path: Path) -> None:
+    assert app_args_from(parse())["models"] == [{"name": "iris", "alias": "production"}]
+    args = app_args_from(
+        parse("--config", str(ROOT / "deploy" / "serve.yaml"), "--model", "churn:12", "--store", "s3://b/p")
+    )
+    assert args["models"] == [{"name": "churn", "alias": None, "version": "12"}]
+    assert args["store"] == "s3://b/p"
+    assert args["poll_interval_s"] == 5
+
+
+def test_serve_refuses_a_malformed_ref_before_starting_ray() -> None:
+    with pytest.raises(InvalidReference):
+        app_args_from(parse("--model", "iris@@x"))
