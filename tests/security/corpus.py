@@ -1,0 +1,250 @@
+"""Builders for the malicious-artifact corpus, generated at test time.
+
+Nothing here is an exploit file: every payload is assembled in a temporary
+directory by the test that uses it, and every one of them would only create a
+sentinel file (or delete a canary directory) if it ever ran. The pickle
+payloads are written opcode by opcode, so each one is exactly the stream
+described, with no help from ``__reduce__`` on the attacker's side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+# -- a tiny pickle assembler ----------------------------------------------------
+PROTO = b"\x80\x04"
+STOP = b"."
+MARK = b"("
+
+
+def glob(module: str, name: str) -> bytes:
+    """GLOBAL: push ``module.name`` (the opcode every scanner looks for)."""
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def stack_glob(module: str, name: str) -> bytes:
+    """STACK_GLOBAL (protocol 4): the names come from the stack, not the opcode."""
+    return s(module) + s(name) + b"\x93"
+
+
+def s(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def by(data: bytes) -> bytes:
+    return b"B" + struct.pack("<I", len(data)) + data
+
+
+def lst(*items: bytes) -> bytes:
+    return b"]" + MARK + b"".join(items) + b"e"
+
+
+def call(fn: bytes, *args: bytes) -> bytes:
+    """REDUCE: ``fn(*args)``."""
+    return fn + MARK + b"".join(args) + b"tR"
+
+
+def getattr_(obj: bytes, name: str) -> bytes:
+    return call(glob("builtins", "getattr"), obj, s(name))
+
+
+def pickle_of(body: bytes) -> bytes:
+    return PROTO + body + STOP
+
+
+@dataclass(frozen=True)
+class Sentinel:
+    """What a payload would touch if it ran."""
+
+    file: Path
+    """Created by every payload that runs a command or code."""
+    canary: Path
+    """A directory the shutil.rmtree payload would delete."""
+    script: Path
+    """A Python script the runpy payload would run (it creates ``file``)."""
+
+    @property
+    def cmd(self) -> str:
+        return f"touch {self.file}"
+
+    @property
+    def code(self) -> str:
+        return f"open({str(self.file)!r}, 'w').close()"
+
+    def tripped(self) -> bool:
+        return self.file.exists() or not self.canary.is_dir()
+
+
+PICKLE_PAYLOADS: dict[str, Callable[[Sentinel], bytes]] = {
+    "os.system": lambda t: call(glob("os", "system"), s(t.cmd)),
+    "posix.system": lambda t: call(glob("posix", "system"), s(t.cmd)),
+    "os.system via STACK_GLOBAL": lambda t: call(stack_glob("os", "system"), s(t.cmd)),
+    "subprocess.Popen": lambda t: call(glob("subprocess", "Popen"), lst(s("touch"), s(str(t.file)))),
+    "subprocess.check_output": lambda t: call(
+        glob("subprocess", "check_output"), lst(s("touch"), s(str(t.file)))
+    ),
+    "builtins.eval": lambda t: call(glob("builtins", "eval"), s(t.code)),
+    "builtins.exec": lambda t: call(glob("builtins", "exec"), s(t.code)),
+    "builtins.__import__ + getattr chain": lambda t: call(
+        getattr_(call(glob("builtins", "__import__"), s("os")), "system"), s(t.cmd)
+    ),
+    "operator.attrgetter chain": lambda t: call(
+        call(
+            call(glob("operator", "attrgetter"), s("system")),
+            call(glob("importlib", "import_module"), s("os")),
+        ),
+        s(t.cmd),
+    ),
+    "importlib.import_module": lambda t: call(
+        getattr_(call(glob("importlib", "import_module"), s("os")), "system"), s(t.cmd)
+    ),
+    "runpy.run_path": lambda t: call(glob("runpy", "run_path"), s(str(t.script))),
+    "timeit.timeit": lambda t: call(glob("timeit", "timeit"), s("pass"), s(t.code)),
+    "pty.spawn": lambda t: call(glob("pty", "spawn"), lst(s("touch"), s(str(t.file)))),
+    "code.InteractiveInterpreter": lambda t: call(
+        getattr_(call(glob("code", "InteractiveInterpreter")), "runsource"), s(t.code)
+    ),
+    "ctypes.CDLL(None).system": lambda t: call(
+        getattr_(call(glob("ctypes", "CDLL"), b"N"), "system"), by(t.cmd.encode())
+    ),
+    "shutil.rmtree": lambda t: call(glob("shutil", "rmtree"), s(str(t.canary))),
+    "webbrowser.open": lambda t: call(glob("webbrowser", "open"), s(str(t.file))),
+    "nested inside plain containers": lambda t: (
+        b"}"
+        + MARK
+        + s("coef_")
+        + lst(s("x"), b"}" + MARK + s("y") + call(glob("os", "system"), s(t.cmd)) + b"u")
+        + b"u"
+    ),
+    "memoized global fetched later": lambda t: (
+        glob("os", "system") + b"p0\n0" + lst(s("harmless")) + b"0" + call(b"g0\n", s(t.cmd))
+    ),
+    "numpy reconstruct then os.system": lambda t: (
+        call(glob("numpy._core.multiarray", "_reconstruct"), glob("numpy", "ndarray"), b"K\x00\x85", by(b"b"))
+        + b"0"
+        + call(glob("os", "system"), s(t.cmd))
+    ),
+}
+"""Payload name -> pickle body (without PROTO/STOP). Each would trip the sentinel."""
+
+
+def write_runpy_script(t: Sentinel) -> None:
+    t.script.write_text(f"open({str(t.file)!r}, 'w').close()\n")
+
+
+def sklearn_pipeline_with_payload(t: Sentinel) -> object:
+    """A fitted, working sklearn pipeline with one attribute that runs a command on load."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    class Hidden:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            import os
+
+            return (os.system, (t.cmd,))
+
+    x = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [0.9, 0.1]])
+    y = np.array([0, 1, 0, 1])
+    pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression())]).fit(x, y)
+    pipe.steps[1][1].hidden_ = Hidden()
+    return pipe
+
+
+def torch_file_with_pickle(path: Path, pickle_bytes: bytes) -> None:
+    """A real torch.save archive whose data.pkl is replaced with ``pickle_bytes``."""
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save({"weight": torch.zeros(2)}, tmp)
+    with zipfile.ZipFile(tmp) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for name in src.namelist():
+            data = pickle_bytes if name.endswith("/data.pkl") else src.read(name)
+            dst.writestr(name, data)
+    tmp.unlink()
+
+
+def keras_lambda(path: Path, t: Sentinel) -> None:
+    """A .keras (or .h5, by suffix) model with a Lambda layer that runs a command when called."""
+    import keras
+
+    # NOTE: a real `lambda`, which Keras stores as bytecode (a named function is
+    # stored by name only). Keras calls it while building the model here, so it
+    # skips while the marker is set; a load anywhere else would run the command.
+    source = (
+        f"lambda x: (__import__('os').system({t.cmd!r}) "
+        "if __import__('os').environ.get('CORPUS_BUILDING') != '1' else 0, x)[1]"
+    )
+    evil = eval(source)  # noqa: S307 -- NOTE: builds the payload under test from our own string
+
+    os.environ["CORPUS_BUILDING"] = "1"
+    try:
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Lambda(evil)])
+        model.save(path)
+    finally:
+        del os.environ["CORPUS_BUILDING"]
+
+
+def keras_config_naming_function(path: Path, t: Sentinel) -> None:
+    """A valid .keras archive whose config.json makes a layer out of subprocess.Popen."""
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    tmp = path.with_suffix(".tmp.keras")
+    model.save(tmp)
+    with zipfile.ZipFile(tmp) as src:
+        members = {n: src.read(n) for n in src.namelist()}
+    config = json.loads(members["config.json"])
+    layers = config["config"]["layers"]
+    layers.append(
+        {
+            "module": "subprocess",
+            "class_name": "Popen",
+            "config": {"args": ["touch", str(t.file)]},
+            "registered_name": None,
+        }
+    )
+    # NOTE: and an activation resolved by module + name, the CVE-2025-1550 shape.
+    for layer in layers:
+        if layer.get("class_name") == "Dense":
+            layer["config"]["activation"] = {
+                "module": "os",
+                "class_name": "function",
+                "config": "system",
+                "registered_name": "system",
+            }
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as dst:
+        for name, data in members.items():
+            dst.writestr(name, data)
+    tmp.unlink()
+
+
+def onnx_with_external_data_outside(path: Path, location: str) -> None:
+    """An ONNX model whose initializer's external data lives at ``location``."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 2), dtype=np.float32), "W")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in {"location": location, "offset": "0", "length": "16"}.items():
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 2])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(model.SerializeToString())
