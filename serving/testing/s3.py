@@ -51,6 +51,10 @@ class S3Request:
     status: int
     bytes_in: int
     bytes_out: int
+    header_bytes_in: int = 0
+    """Request line and headers, as received (approximately: ``Name: value\r\n`` each)."""
+    header_bytes_out: int = 0
+    """Status line and the headers the app set (the HTTP server adds ``Server``/``Date``)."""
 
 
 @dataclass
@@ -62,12 +66,22 @@ class _Entry:
     key: str | None
     query: str
     bytes_in: int
+    header_bytes_in: int
     status: int = 0
     bytes_out: int = 0
+    header_bytes_out: int = 0
 
     def frozen(self) -> S3Request:
         return S3Request(
-            self.method, self.bucket, self.key, self.query, self.status, self.bytes_in, self.bytes_out
+            self.method,
+            self.bucket,
+            self.key,
+            self.query,
+            self.status,
+            self.bytes_in,
+            self.bytes_out,
+            self.header_bytes_in,
+            self.header_bytes_out,
         )
 
 
@@ -93,12 +107,16 @@ class _Recorder:
             key=key,
             query=str(environ.get("QUERY_STRING", "")),
             bytes_in=int(environ.get("CONTENT_LENGTH") or 0),
+            header_bytes_in=_request_header_bytes(environ),
         )
         with self._lock:
             self._entries.append(entry)
 
         def recording_start_response(status_line: str, headers: Any, exc_info: Any = None) -> Any:
             entry.status = int(status_line.split(" ", 1)[0])
+            entry.header_bytes_out = len(f"HTTP/1.1 {status_line}\r\n\r\n") + sum(
+                len(f"{k}: {v}\r\n") for k, v in headers
+            )
             return start_response(status_line, headers, exc_info)
 
         body = self._app(environ, recording_start_response)
@@ -129,6 +147,15 @@ class _Recorder:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+def _request_header_bytes(environ: dict[str, Any]) -> int:
+    target = environ.get("RAW_URI") or environ.get("PATH_INFO", "")
+    size = len(f"{environ.get('REQUEST_METHOD', '')} {target} HTTP/1.1\r\n") + 2
+    for name, value in environ.items():
+        if name.startswith("HTTP_") or name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            size += len(name) - (5 if name.startswith("HTTP_") else 0) + len(str(value)) + 4
+    return size
 
 
 def _split_path(path: str) -> tuple[str | None, str | None]:
