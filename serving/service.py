@@ -17,10 +17,11 @@ from serving.cache import LoaderCache
 from serving.config import AppConfig, ModelConfig
 from serving.errors import InvalidInput, ServingError
 from serving.formats.base import LoadPolicy
-from serving.repository import Repository
+from serving.repository import Repository, Resolved
 from serving.settings import Settings
-from serving.slot import Live, ModelSlot, ResidentVersions, TrustCheck
+from serving.slot import Live, ModelSlot, ResidentVersions
 from serving.store import open_store
+from serving.trust import check_trust
 from serving.watcher import AliasWatcher
 
 
@@ -42,21 +43,20 @@ def policy_from(settings: Settings) -> LoadPolicy:
 class ModelService:
     """Serves one model: the live version (following an alias or pinned) plus explicit versions."""
 
-    def __init__(
-        self,
-        model: ModelConfig,
-        app: AppConfig,
-        settings: Settings,
-        *,
-        trust_check: TrustCheck | None = None,
-    ) -> None:
+    def __init__(self, model: ModelConfig, app: AppConfig, settings: Settings) -> None:
         self.config = model
         self.app = app
         repo = Repository(open_store(app.store or settings.store, settings))
+        cache = build_cache(app, settings)
+
+        def trust_check(repo: Repository, resolved: Resolved) -> LoadPolicy:
+            # NOTE: signature and load policy, checked before any artifact byte is read.
+            return check_trust(repo, resolved, settings, cache_root=cache.root).policy
+
         self.slot = ModelSlot(
             model.name,
             repo,
-            build_cache(app, settings),
+            cache,
             policy_from(settings),
             trust_check=trust_check,
             warmup=model.warmup,

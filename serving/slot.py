@@ -30,7 +30,8 @@ from serving.repository import Repository, Resolved
 log = logging.getLogger("serving.swap")
 
 Loader = Callable[[CachedVersion, LoadPolicy], Predictor]
-TrustCheck = Callable[[Repository, Resolved], None]
+TrustCheck = Callable[[Repository, Resolved], LoadPolicy]
+"""Decides, before any artifact byte is read, whether a version may load; returns its policy."""
 
 
 def default_loader(cached: CachedVersion, policy: LoadPolicy) -> Predictor:
@@ -143,14 +144,15 @@ class ModelSlot:
         """Fetch, verify trust, load and warm up a version without making it live."""
         started = time.perf_counter()
         try:
+            policy = self.policy
             if self._trust_check is not None:
-                self._trust_check(self.repo, resolved)
+                policy = self._trust_check(self.repo, resolved)
             cached = self.cache.fetch(self.repo, resolved)
             if cached.hit:
                 log.debug("cache hit for %s:%s", resolved.name, resolved.version)
             pin = self.cache.pin(cached)
             try:
-                predictor = self._loader(cached, self.policy)
+                predictor = self._loader(cached, policy)
                 if self._warmup:
                     warm_up(predictor, cached.manifest)
             except BaseException:
