@@ -85,9 +85,7 @@ def test_require_signature_refuses_before_loading_and_keeps_the_old_version(
     assert "sign" in status["last_error"]
     # Refused before any byte was pulled: v2's file never reached the cache.
     assert not list((tmp_path / "cache" / "versions" / "iris").glob("2-*"))
-    assert (
-        metrics.TRUST_CHECKS._get().labels(model="iris", outcome="refused")._value.get() == refused_before + 1
-    )
+    assert _refused() == refused_before + 1
     repo.set_alias("iris", "production", "3")
     service.watcher.tick()
     assert _served(service) == "3"
