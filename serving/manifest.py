@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from serving.errors import InvalidManifest, InvalidReference
 
@@ -51,17 +51,55 @@ def check_relative_path(path: str) -> str:
     return path
 
 
+ENCODINGS = ("zstd", "gzip", "aesgcm")
+"""Stored encodings, applied in the listed order on publish (compress, then encrypt)."""
+
+
 class FileEntry(BaseModel):
-    """One artifact file: path relative to the version, size and sha256."""
+    """One artifact file: path relative to the version, size and sha256.
+
+    ``size`` and ``sha256`` describe the plaintext the loader reads. A file
+    stored compressed and/or encrypted also records ``encoding`` (the steps
+    applied on publish, in order) and the stored object's ``stored_size`` and
+    ``stored_sha256``, checked before any decoding; the plaintext is checked
+    against ``size``/``sha256`` after. Plain files omit the three fields.
+    """
 
     path: str
     size: int = Field(ge=0)
     sha256: str = Field(pattern="^[0-9a-f]{64}$")
+    encoding: list[str] | None = Field(default=None, exclude_if=lambda v: v is None)
+    stored_size: int | None = Field(default=None, ge=0, exclude_if=lambda v: v is None)
+    stored_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$", exclude_if=lambda v: v is None)
 
     @field_validator("path")
     @classmethod
     def _safe(cls, v: str) -> str:
         return check_relative_path(v)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        order = [ENCODINGS.index(e) if e in ENCODINGS else -1 for e in v]
+        if -1 in order or not v:
+            raise ValueError(f"unknown encoding {v!r}: use {', '.join(ENCODINGS)}")
+        compressions = [e for e in v if e != "aesgcm"]
+        if len(compressions) > 1 or v.count("aesgcm") > 1 or (v[-1] != "aesgcm" and "aesgcm" in v):
+            raise ValueError(f"encoding {v!r}: at most one compression, then at most one encryption")
+        return v
+
+    @model_validator(mode="after")
+    def _stored_fields(self) -> FileEntry:
+        if self.encoding and (self.stored_size is None or self.stored_sha256 is None):
+            raise ValueError(f"{self.path}: an encoded file needs stored_size and stored_sha256")
+        return self
+
+    @property
+    def stored_bytes(self) -> int:
+        """Size of the object in the store (the plaintext size for plain files)."""
+        return self.stored_size if self.encoding and self.stored_size is not None else self.size
 
 
 class TensorSpec(BaseModel):
