@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import platformdirs
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -82,6 +82,30 @@ class Settings(BaseSettings):
     unrestricted_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Models allowed to use formats that run code on load (arbitrary pickle, Keras
     ``.h5``, SavedModel), comma-separated. Applies to signed versions only."""
+
+    # -- encryption at rest (SECURITY.md) -----------------------------------------
+    encryption_key_file: Path | None = None
+    """Client-side encryption key (base64 of 32 random bytes, ``serving keygen --kek``):
+    encrypts on ``publish --encrypt`` and decrypts into the cache on pull. Mount it
+    from a Secret; it never appears in logs or errors (only its ``local:`` id)."""
+
+    encryption_key: SecretStr | None = None
+    """The same key given inline (base64), for environments without a key file."""
+
+    encryption_kms_key_id: str | None = None
+    """AWS KMS key (id, ARN or alias) that wraps per-file data keys instead of a local
+    key; pulls need ``kms:Decrypt`` on it. Uses boto3's credential chain."""
+
+    s3_sse: str | None = Field(default=None, pattern="^(AES256|aws:kms)$")
+    """Server-side encryption requested on every upload: ``AES256`` (SSE-S3) or
+    ``aws:kms`` (SSE-KMS, with ``s3_sse_kms_key_id`` or the bucket's default key)."""
+
+    s3_sse_kms_key_id: str | None = None
+    """KMS key for ``s3_sse=aws:kms`` uploads."""
+
+    s3_sse_c_key: SecretStr | None = None
+    """SSE-C: a customer key (base64 of 32 bytes) sent with every upload and download;
+    S3 keeps no copy, so objects are unreadable without it. Needs HTTPS on real S3."""
 
     @field_validator("trusted_keys", "unrestricted_models", mode="before")
     @classmethod
