@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 from serving.errors import (
     InvalidReference,
+    InvalidRequest,
     NotFound,
     StoreAccessDenied,
     StoreError,
@@ -69,6 +70,8 @@ class S3Store(ObjectStore):
             max_concurrency=8,
         )
 
+        self._write_args, self._read_args = _sse_args(settings)
+
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
@@ -116,7 +119,7 @@ class S3Store(ObjectStore):
     def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes | None, str]:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), **self._read_args}
         if etag:
             kwargs["IfNoneMatch"] = etag
         try:
@@ -131,7 +134,12 @@ class S3Store(ObjectStore):
         return resp["Body"].read(), resp["ETag"]
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._key(key),
+            "Body": data,
+            **self._write_args,
+        }
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
         from botocore.exceptions import BotoCoreError, ClientError
@@ -155,6 +163,7 @@ class S3Store(ObjectStore):
             Key=self._key(key),
             Config=self._transfer,
             Callback=progress,
+            ExtraArgs=self._write_args or None,
         )
 
     def download(self, key: str, sink: Sink, progress: Progress | None = None) -> None:
@@ -166,11 +175,18 @@ class S3Store(ObjectStore):
             Fileobj=_OrderedSink(sink),
             Config=self._transfer,
             Callback=progress,
+            ExtraArgs=self._read_args or None,
         )
 
     def exists(self, key: str) -> bool:
         try:
-            self._call(f"head {key}", self._client.head_object, Bucket=self.bucket, Key=self._key(key))
+            self._call(
+                f"head {key}",
+                self._client.head_object,
+                Bucket=self.bucket,
+                Key=self._key(key),
+                **self._read_args,
+            )
         except NotFound:
             return False
         return True
@@ -199,3 +215,33 @@ class S3Store(ObjectStore):
             for cp in page.get("CommonPrefixes", []):
                 out.append(cp["Prefix"][len(full) :].rstrip("/"))
         return sorted(out)
+
+
+def _sse_args(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Server-side encryption arguments: (for writes, for reads).
+
+    SSE-S3 and SSE-KMS apply to writes only (S3 decrypts transparently); SSE-C's
+    key goes with every request that touches object data, writes and reads.
+    """
+    import base64
+    import binascii
+
+    write: dict[str, Any] = {}
+    read: dict[str, Any] = {}
+    if settings.s3_sse:
+        write["ServerSideEncryption"] = settings.s3_sse
+        if settings.s3_sse == "aws:kms" and settings.s3_sse_kms_key_id:
+            write["SSEKMSKeyId"] = settings.s3_sse_kms_key_id
+    if settings.s3_sse_c_key is not None:
+        if settings.s3_sse:
+            raise InvalidRequest("s3_sse and s3_sse_c_key are exclusive: choose one server-side encryption")
+        try:
+            key = base64.b64decode(settings.s3_sse_c_key.get_secret_value(), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidRequest("SERVING_S3_SSE_C_KEY is not base64") from exc
+        if len(key) != 32:
+            raise InvalidRequest("SERVING_S3_SSE_C_KEY must be base64 of exactly 32 bytes")
+        # NOTE: boto3 adds the key's MD5 and base64-encodes it; the key never enters a message.
+        read = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": key}
+        write.update(read)
+    return write, read
