@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from filelock import FileLock
 
@@ -39,6 +39,9 @@ from serving.errors import IntegrityError, NotFound, StoreError, UntrustedArtifa
 from serving.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, ModelRef, sha256_bytes
 from serving.repository import Repository, Resolved
 from serving.store.base import Progress
+
+if TYPE_CHECKING:
+    from serving.crypto import Keyring
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +119,10 @@ class LoaderCache:
         *,
         max_artifact_bytes: int = 50 * 1024**3,
         max_artifact_files: int = 10_000,
+        keyring: Keyring | None = None,
     ) -> None:
         self.root = Path(root).expanduser().resolve()
+        self._keyring = keyring
         self.max_bytes = max_bytes
         self.max_artifact_bytes = max_artifact_bytes
         self.max_artifact_files = max_artifact_files
@@ -266,10 +271,10 @@ class LoaderCache:
         if missing:
             raise IntegrityError(f"{name}:{version}: file {missing[0]!r} is in the manifest but not stored")
         for entry in manifest.files:
-            if stored[entry.path] != entry.size:
+            if stored[entry.path] != entry.stored_bytes:
                 raise IntegrityError(
                     f"{name}:{version}: file {entry.path!r} is {stored[entry.path]} bytes, "
-                    f"the manifest says {entry.size}"
+                    f"the manifest says {entry.stored_bytes}"
                 )
         prefix = repo.version_prefix(name, version)
         staging = self.root / "tmp" / f"{uuid.uuid4().hex}.dir"
@@ -319,6 +324,9 @@ class LoaderCache:
         progress: Progress | None,
     ) -> None:
         tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
+        if entry.encoding:
+            self._download_encoded(repo, key, entry, label, model, target, tmp, progress)
+            return
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
@@ -337,6 +345,48 @@ class LoaderCache:
                 raise IntegrityError(
                     f"{label}: sha256 {digest[:16]}... does not match the manifest's {entry.sha256[:16]}..."
                 )
+            os.link(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _download_encoded(
+        self,
+        repo: Repository,
+        key: str,
+        entry: FileEntry,
+        label: str,
+        model: str,
+        target: Path,
+        tmp: Path,
+        progress: Progress | None,
+    ) -> None:
+        """A compressed and/or encrypted file: stored digest first, then decode (serving.encoding)."""
+        from serving.crypto import Context
+        from serving.encoding import download_decoded, keyring_from_settings
+
+        if self._keyring is None and "aesgcm" in (entry.encoding or []):
+            from serving.settings import get_settings
+
+            self._keyring = keyring_from_settings(get_settings())
+        # NOTE: keys follow the public layout <model>/versions/<version>/<path>.
+        version = key[len(f"{model}/versions/") :].split("/", 1)[0]
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                stored = download_decoded(
+                    repo.store,
+                    key,
+                    entry,
+                    label,
+                    f,
+                    self.root / "tmp",
+                    self._keyring,
+                    Context(model, version, entry.path),
+                    progress,
+                )
+                f.flush()
+                os.fsync(f.fileno())
+            metrics.DOWNLOAD_BYTES.inc(stored, model=model)
             os.link(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
