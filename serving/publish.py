@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from serving.repository import Repository, collect_files, file_entries
 from serving.store.base import Progress
 
 if TYPE_CHECKING:
+    from serving.encoding import EncodeOptions
     from serving.signing import SigningKey
 
 
@@ -32,12 +34,15 @@ def publish_path(
     metadata: dict[str, Any] | None = None,
     progress: Any = None,
     signing_key: SigningKey | None = None,
+    encode: EncodeOptions | None = None,
 ) -> Manifest:
     """Hash and upload ``path`` (a file or a directory), then write the manifest last.
 
     The format is detected from content and extension unless ``format`` is given.
     With ``signing_key``, ``manifest.sig`` is written just before the manifest
     (:mod:`serving.signing`), so the version is never visible unsigned.
+    With ``encode``, files are stored compressed and/or encrypted
+    (:mod:`serving.encoding`); the manifest keeps both digests of each.
     The version defaults to the next integer. With ``alias``, the alias is moved to
     the new version after the manifest is written.
 
@@ -56,36 +61,47 @@ def publish_path(
     if not files:
         raise InvalidRequest(f"{path}: nothing to publish (empty directory)")
     version = check_name(version, "version") if version else repo.next_version(name)
-    manifest = Manifest(
-        name=name,
-        version=version,
-        format=fmt.name,
-        files=file_entries(files),
-        framework=framework or fmt.framework,
-        framework_version=framework_version or fmt.framework_version(),
-        python_version=platform.python_version(),
-        inputs=inputs,
-        outputs=outputs,
-        example=example,
-        options=options or {},
-        metadata=metadata or {},
-    )
-    progress_for = None
-    if progress is not None:
+    with tempfile.TemporaryDirectory(prefix="serving-publish-") as workdir:
+        entries = file_entries(files)
+        if encode:
+            from serving.encoding import encode_file
 
-        def progress_for(size: int) -> Progress | None:
-            return progress(name, size)  # type: ignore[no-any-return]
+            encoded = [
+                encode_file(src, Path(workdir), entry, name, version, encode)
+                for (_, src), entry in zip(files, entries, strict=True)
+            ]
+            entries = [entry for entry, _ in encoded]
+            files = [(rel, stored) for (rel, _), (_, stored) in zip(files, encoded, strict=True)]
+        manifest = Manifest(
+            name=name,
+            version=version,
+            format=fmt.name,
+            files=entries,
+            framework=framework or fmt.framework,
+            framework_version=framework_version or fmt.framework_version(),
+            python_version=platform.python_version(),
+            inputs=inputs,
+            outputs=outputs,
+            example=example,
+            options=options or {},
+            metadata=metadata or {},
+        )
+        progress_for = None
+        if progress is not None:
 
-    signer = None
-    if signing_key is not None:
-        from serving.signing import sign_manifest
+            def progress_for(size: int) -> Progress | None:
+                return progress(name, size)  # type: ignore[no-any-return]
 
-        key = signing_key
+        signer = None
+        if signing_key is not None:
+            from serving.signing import sign_manifest
 
-        def signer(raw: bytes) -> bytes:
-            return sign_manifest(raw, key)
+            key = signing_key
 
-    repo.publish(manifest, files, progress_for, signer=signer)
+            def signer(raw: bytes) -> bytes:
+                return sign_manifest(raw, key)
+
+        repo.publish(manifest, files, progress_for, signer=signer)
     if alias:
         repo.set_alias(name, alias, version)
     return manifest
