@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from serving.progress import ProgressFactory
     from serving.repository import Repository
     from serving.settings import Settings
+    from serving.signing import SigningKey
 
 PROG = "serving"
 
@@ -164,6 +165,14 @@ def _key_values(pairs: Sequence[str], what: str) -> dict[str, str]:
     return out
 
 
+def _signing_key(path: str | None) -> SigningKey | None:
+    if path is None:
+        return None
+    from serving.signing import load_signing_key
+
+    return load_signing_key(path)
+
+
 # -- verbs -------------------------------------------------------------------------------
 def _publish(ctx: _Context, args: argparse.Namespace) -> None:
     from serving.publish import publish_path
@@ -180,6 +189,7 @@ def _publish(ctx: _Context, args: argparse.Namespace) -> None:
         example=_load_json(args.example, "--example") if args.example is not None else None,
         metadata=_key_values(args.metadata, "--metadata"),
         progress=ctx.progress,
+        signing_key=_signing_key(args.signing_key),
     )
     text = (
         f"published {manifest.name}:{manifest.version} ({manifest.format}, "
@@ -370,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="machine-readable output",
     )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log warnings and progress details to stderr",
+    )
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -378,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--store", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", dest="as_json", action="store_true", default=False, help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="store_true", default=False, help=argparse.SUPPRESS)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def verb(name: str, func: Callable[..., Any], help: str, **kw: Any) -> argparse.ArgumentParser:
@@ -395,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", metavar="JSON", help="input schema: [{name, datatype, shape}] (JSON or @file)")
     p.add_argument(
         "--outputs", metavar="JSON", help="output schema: [{name, datatype, shape}] (JSON or @file)"
+    )
+    p.add_argument(
+        "--signing-key",
+        metavar="PATH",
+        help="Ed25519 private key (PEM): write manifest.sig before the manifest (see SECURITY.md)",
     )
     p.add_argument(
         "--metadata", metavar="KEY=VALUE", action="append", default=[], help="free-form metadata (repeatable)"
@@ -444,7 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    # NOTE: errors end as the one `serving: error:` line; library warnings that repeat
+    # them (a refused version, an offline fallback) would make two, so only with -v.
+    level = logging.INFO if args.verbose else logging.CRITICAL
+    logging.basicConfig(level=level, format=f"{PROG}: %(levelname)s: %(message)s")
     ctx = _Context(store=args.store, as_json=args.as_json)
     try:
         return int(args.func(ctx, args) or 0)

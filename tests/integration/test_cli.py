@@ -210,6 +210,23 @@ def test_predict_reads_input_from_stdin_and_named_inputs(published: Cli) -> None
         assert named["outputs"] == json.loads(rows.stdout)["outputs"]
 
 
+def test_signed_publish_satisfies_require_signature_and_unsigned_is_refused(
+    cli: Cli, artifact: Path, tmp_path: Path
+) -> None:
+    """publish --signing-key writes manifest.sig; with SERVING_REQUIRE_SIGNATURE predict
+    loads the signed version and refuses the unsigned one (exit 6) before loading it."""
+    from serving.signing import generate_keypair
+
+    keys = generate_keypair(tmp_path / "release")
+    ok(cli("publish", str(artifact), "--name", "iris", "--signing-key", str(keys.key_path)))
+    ok(cli("publish", str(artifact), "--name", "iris"))
+    strict = {"SERVING_REQUIRE_SIGNATURE": "true", "SERVING_TRUSTED_KEYS": str(keys.pub_path)}
+    signed = as_json(cli("predict", "iris:1", "--input", json.dumps(EXAMPLE), env=strict))
+    assert signed["outputs"]["predict"] == [0]
+    assert_error(cli("predict", "iris:2", "--input", json.dumps(EXAMPLE), env=strict), 6, "iris")
+    assert_error(cli("publish", str(artifact), "--name", "iris", "--signing-key", str(artifact)), 2)
+
+
 # -- mistakes: exit codes and one line on stderr ------------------------------------------------
 def test_unknown_format_exits_2(cli: Cli, tmp_path: Path) -> None:
     """An artifact no format recognises is refused before anything is uploaded."""
