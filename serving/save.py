@@ -21,12 +21,13 @@ from serving.cache import LoaderCache
 from serving.errors import InvalidRequest
 from serving.formats import load_predictor
 from serving.formats._common import spec_for
-from serving.formats.base import LoadPolicy, Predictor, numpy_dtype
+from serving.formats.base import Predictor, numpy_dtype
 from serving.manifest import Manifest, ModelRef, TensorSpec
 from serving.publish import publish_path
 from serving.repository import Repository
 from serving.settings import Settings, get_settings
 from serving.store import ObjectStore, open_store
+from serving.trust import check_trust
 
 __all__ = ["load", "save"]
 
@@ -97,7 +98,8 @@ def save(
 def load(ref: ModelRef | str, store: StoreLike = None, cache_dir: Path | str | None = None) -> Predictor:
     """Resolve ``name@alias`` / ``name:version``, pull it through the cache, load it.
 
-    The load policy (trusted pickle globals, legacy ``.h5``) comes from settings.
+    Trust is checked first (:func:`serving.trust.check_trust`): signatures when
+    ``require_signature`` is on, and the load class of the format (SECURITY.md).
 
     Example:
         >>> predictor = serving.load("iris@production", store="/tmp/store")  # doctest: +SKIP
@@ -113,10 +115,9 @@ def load(ref: ModelRef | str, store: StoreLike = None, cache_dir: Path | str | N
         max_artifact_files=settings.max_artifact_files,
     )
     resolved, _ = cache.resolve(repo, ref)
+    # NOTE: signatures and the load class are decided on the manifest, before any download.
+    policy = check_trust(repo, resolved, settings, cache_root=cache.root).policy
     cached = cache.fetch(repo, resolved)
-    policy = LoadPolicy(
-        trusted_globals=frozenset(settings.trusted_globals), allow_legacy_h5=settings.allow_legacy_h5
-    )
     # NOTE: pinned while the framework reads the files, so no other process evicts them.
     with cache.pin(cached):
         return load_predictor(cached.path, cached.manifest, policy)
