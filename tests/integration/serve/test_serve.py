@@ -338,3 +338,28 @@ def _metric(cluster: Cluster, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def test_batching_answers_each_request_with_its_own_rows(deploy, tmp_path) -> None:
+    """With @serve.batch on, concurrent requests are predicted together but answered apart."""
+    import concurrent.futures
+
+    repo = Repository(open_store(str(tmp_path / "store")))
+    publish_iris(repo, tmp_path, "1", name="iris-batch")
+    repo.set_alias("iris-batch", "production", "1")
+    batching = {"batching": {"enabled": True, "max_batch_size": 8, "batch_wait_timeout_s": 0.05}}
+    base = deploy(
+        app_args(str(tmp_path / "store"), tmp_path / "cache", {}, name="iris-batch", model=batching)
+    )
+    rows = {0: [[5.1, 3.5, 1.4, 0.2]], 1: [[6.0, 2.2, 4.0, 1.0]], 2: [[7.7, 3.0, 6.1, 2.3]] * 2}
+
+    def one(label: int) -> tuple[int, list[int]]:
+        with httpx.Client(timeout=30) as client:
+            resp = infer(client, base, rows=rows[label], name="iris-batch")
+            assert resp.status_code == 200, resp.text
+            return label, next(o for o in resp.json()["outputs"] if o["name"] == "predict")["data"]
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, [i % 3 for i in range(24)]))
+    for label, predicted in results:
+        assert predicted == [label] * len(rows[label])
