@@ -6,7 +6,8 @@ Verbs::
     serving versions NAME
     serving alias set NAME ALIAS VERSION | serving alias get NAME ALIAS
     serving rollback NAME ALIAS
-    serving pull REF | serving verify REF
+    serving pull REF | serving verify REF [--trusted-key PUB]
+    serving keygen PREFIX [--kek]
     serving predict REF --input JSON
     serving serve [--port 8000] ...        (the HTTP serving layer, see serving.server)
 
@@ -33,6 +34,7 @@ from serving.manifest import ModelRef, TensorSpec, sha256_bytes
 
 if TYPE_CHECKING:
     from serving.cache import CachedVersion, LoaderCache
+    from serving.encoding import EncodeOptions
     from serving.progress import ProgressFactory
     from serving.repository import Repository
     from serving.settings import Settings
@@ -173,7 +175,45 @@ def _signing_key(path: str | None) -> SigningKey | None:
     return load_signing_key(path)
 
 
+def _encode_options(ctx: _Context, args: argparse.Namespace) -> EncodeOptions | None:
+    """``--compress`` and ``--encrypt``/``--encrypt-key``: how files are stored (SECURITY.md)."""
+    if not args.compress and not args.encrypt and not args.encrypt_key:
+        return None
+    from serving.crypto import Kek, LocalKek
+    from serving.encoding import EncodeOptions, kek_from_settings
+
+    kek: Kek | None = None
+    if args.encrypt_key:
+        kek = LocalKek.from_file(Path(args.encrypt_key))
+    elif args.encrypt:
+        kek = kek_from_settings(ctx.settings)
+        if kek is None:
+            raise InvalidRequest(
+                "--encrypt needs a key: --encrypt-key FILE, SERVING_ENCRYPTION_KEY_FILE, "
+                "SERVING_ENCRYPTION_KEY or SERVING_ENCRYPTION_KMS_KEY_ID"
+            )
+    return EncodeOptions(compress=args.compress, kek=kek)
+
+
 # -- verbs -------------------------------------------------------------------------------
+def _keygen(ctx: _Context, args: argparse.Namespace) -> None:
+    if args.kek:
+        from serving.crypto import LocalKek, generate_kek
+
+        path = Path(f"{args.prefix}.kek")
+        generate_kek(path)
+        kek_id = LocalKek.from_file(path).kek_id
+        ctx.emit(f"wrote {path} (0600, encryption key {kek_id})", {"kek": str(path), "kek_id": kek_id})
+        return
+    from serving.signing import generate_keypair
+
+    pair = generate_keypair(args.prefix)
+    ctx.emit(
+        f"wrote {pair.key_path} (0600, keep it secret) and {pair.pub_path} (key id {pair.key_id[:16]})",
+        {"key": str(pair.key_path), "pub": str(pair.pub_path), "key_id": pair.key_id},
+    )
+
+
 def _publish(ctx: _Context, args: argparse.Namespace) -> None:
     from serving.publish import publish_path
 
@@ -190,6 +230,7 @@ def _publish(ctx: _Context, args: argparse.Namespace) -> None:
         metadata=_key_values(args.metadata, "--metadata"),
         progress=ctx.progress,
         signing_key=_signing_key(args.signing_key),
+        encode=_encode_options(ctx, args),
     )
     text = (
         f"published {manifest.name}:{manifest.version} ({manifest.format}, "
@@ -292,12 +333,24 @@ def _pull(ctx: _Context, args: argparse.Namespace) -> None:
 
 
 def _verify(ctx: _Context, args: argparse.Namespace) -> None:
+    key_id = None
+    trusted_paths = args.trusted_key or ctx.settings.trusted_keys
+    if trusted_paths or ctx.settings.require_signature:
+        from serving.signing import load_trusted_keys, verify_manifest
+        from serving.trust import read_signature
+
+        # NOTE: the signature first, on the manifest alone, before any file is pulled.
+        resolved, _ = ctx.cache.resolve(ctx.repo, ModelRef.parse(args.ref))
+        sig = read_signature(ctx.repo, resolved.name, resolved.version)
+        trusted = load_trusted_keys(trusted_paths)
+        key_id = verify_manifest(resolved.manifest_raw, sig, trusted, resolved.name, resolved.version)
     cached, offline = ctx.pull(args.ref)
     ctx.cache.verify(cached)
+    signed = f", signed by trusted key {key_id[:16]}" if key_id else ""
     ctx.emit(
         f"{cached.name}:{cached.version} OK: {_plural(len(cached.manifest.files), 'file')} "
-        f"({_human_bytes(cached.manifest.total_bytes)}) match the manifest",
-        {**_cached_summary(cached, offline), "ok": True},
+        f"({_human_bytes(cached.manifest.total_bytes)}) match the manifest{signed}",
+        {**_cached_summary(cached, offline), "ok": True, "signed_by": key_id},
     )
 
 
@@ -416,8 +469,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--signing-key",
+        "--sign-key",
+        dest="signing_key",
         metavar="PATH",
         help="Ed25519 private key (PEM): write manifest.sig before the manifest (see SECURITY.md)",
+    )
+    p.add_argument(
+        "--compress",
+        nargs="?",
+        const="zstd",
+        choices=["zstd", "gzip"],
+        help="store files compressed (default zstd); pulls decompress transparently",
+    )
+    p.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt files client-side with the configured key (SERVING_ENCRYPTION_*)",
+    )
+    p.add_argument(
+        "--encrypt-key",
+        metavar="FILE",
+        help="encrypt files client-side with this key file (serving keygen PREFIX --kek)",
     )
     p.add_argument(
         "--metadata", metavar="KEY=VALUE", action="append", default=[], help="free-form metadata (repeatable)"
@@ -445,8 +517,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("pull", _pull, "prefetch a version into the node-local cache")
     p.add_argument("ref", metavar="REF", help="NAME@ALIAS, NAME:VERSION or NAME (= NAME@production)")
 
-    p = verb("verify", _verify, "re-hash a cached version's files against its manifest")
+    p = verb("verify", _verify, "check a version's signature, then re-hash its cached files")
     p.add_argument("ref", metavar="REF", help="NAME@ALIAS, NAME:VERSION or NAME (= NAME@production)")
+    p.add_argument(
+        "--trusted-key",
+        metavar="PUB",
+        action="append",
+        default=[],
+        help="trusted Ed25519 public key file or directory (repeatable; default SERVING_TRUSTED_KEYS)",
+    )
+
+    p = verb("keygen", _keygen, "write an Ed25519 signing key pair PREFIX.key (0600) and PREFIX.pub")
+    p.add_argument("prefix", metavar="PREFIX", help="path prefix of the key files")
+    p.add_argument(
+        "--kek", action="store_true", help="write an AES-256 encryption key PREFIX.kek (0600) instead"
+    )
 
     p = verb("predict", _predict, "load a version in-process and print its predictions as JSON")
     p.add_argument("ref", metavar="REF", help="NAME@ALIAS, NAME:VERSION or NAME (= NAME@production)")
