@@ -1,0 +1,189 @@
+"""Load generators: ``wrk`` when it is installed, else a bounded async httpx client.
+
+Both return a :class:`LoadResult`; the async client can also keep one sample per
+request (time, latency, status, served version) for the swap timeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# NOTE: wrk's Lua `done` hook prints one JSON line we can parse; non-2xx answers
+# are counted by wrk as `status` errors.
+_WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "{content_type}"
+local f = io.open("{body}", "rb")
+wrk.body = f:read("*a")
+f:close()
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {{"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,'
+    .. '"status":%d,"timeout":%d,"p50_us":%d,"p99_us":%d,"mean_us":%.1f}}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    seconds: float
+    errors: int
+    p50_ms: float
+    p99_ms: float
+    tool: str
+    samples: list[tuple[float, float, int, str]] = field(default_factory=list)
+    """(seconds since start, latency seconds, HTTP status or 0 on a transport error, version)."""
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+def have_wrk() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def ensure_wrk() -> bool:
+    """Install wrk with apt-get when it is missing and we are root; True when it is there."""
+    if have_wrk():
+        return True
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], capture_output=True, check=False)
+        if not have_wrk():
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], capture_output=True, check=False)
+    return have_wrk()
+
+
+def run_wrk(
+    url: str, body: bytes, *, connections: int, seconds: float, content_type: str = "application/json"
+) -> LoadResult:
+    with tempfile.TemporaryDirectory() as tmp:
+        body_path = Path(tmp) / "body"
+        body_path.write_bytes(body)
+        script = Path(tmp) / "post.lua"
+        script.write_text(_WRK_LUA.format(body=body_path, content_type=content_type))
+        proc = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(script),
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=False,
+        )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk gave no result for {url}: {proc.stdout[-400:]} {proc.stderr[-400:]}")
+    d = json.loads(line.removeprefix("BENCH_JSON "))
+    errors = d["connect"] + d["read"] + d["write"] + d["status"] + d["timeout"]
+    return LoadResult(
+        requests=d["requests"],
+        seconds=d["duration_us"] / 1e6,
+        errors=errors,
+        p50_ms=d["p50_us"] / 1000,
+        p99_ms=d["p99_us"] / 1000,
+        tool="wrk -t1",
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+async def _async_load(
+    url: str, body: bytes, connections: int, seconds: float, content_type: str, keep: bool
+) -> LoadResult:
+    import httpx
+
+    samples: list[tuple[float, float, int, str]] = []
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    started = time.perf_counter()
+    deadline = started + seconds
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            version = ""
+            try:
+                resp = await client.post(url, content=body, headers={"content-type": content_type})
+                status = resp.status_code
+                if keep and status == 200:
+                    version = str(_version_of(resp.content))
+            except httpx.HTTPError:
+                status = 0
+            elapsed = time.perf_counter() - t0
+            if status != 200:
+                errors += 1
+            else:
+                latencies.append(elapsed)
+            if keep:
+                samples.append((t0 - started, elapsed, status, version))
+
+    async with httpx.AsyncClient(limits=limits, timeout=10.0) as client:
+        await asyncio.gather(*(worker(client) for _ in range(connections)))
+    total = time.perf_counter() - started
+    return LoadResult(
+        requests=len(latencies) + errors,
+        seconds=total,
+        errors=errors,
+        p50_ms=percentile(latencies, 50) * 1000,
+        p99_ms=percentile(latencies, 99) * 1000,
+        tool="httpx async client",
+        samples=samples,
+    )
+
+
+def _version_of(content: bytes) -> Any:
+    try:
+        return json.loads(content).get("model_version", "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def run_async(
+    url: str,
+    body: bytes,
+    *,
+    connections: int,
+    seconds: float,
+    content_type: str = "application/json",
+    keep_samples: bool = False,
+) -> LoadResult:
+    """Closed-loop load from ``connections`` concurrent clients for ``seconds``."""
+    return asyncio.run(_async_load(url, body, connections, seconds, content_type, keep_samples))
+
+
+def run_load(
+    url: str, body: bytes, *, connections: int, seconds: float, content_type: str = "application/json"
+) -> LoadResult:
+    if have_wrk():
+        return run_wrk(url, body, connections=connections, seconds=seconds, content_type=content_type)
+    return run_async(url, body, connections=connections, seconds=seconds, content_type=content_type)

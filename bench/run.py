@@ -1,0 +1,601 @@
+"""``make bench``: every workload against every peer, side by side in one run.
+
+Systems (all on 127.0.0.1, started here, stopped at the end):
+
+- ``ours``: this project's app (serving.app.build_app) on Ray Serve, default settings;
+- ``ours+tput``: the same app under Ray Serve's throughput-optimized mode
+  (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``), a separate Ray instance;
+- ``naive-serve``: the seed-style Ray Serve deployment (bench/baselines/naive_serve.py);
+- ``mlserver``: Seldon MLServer with its sklearn runtime, from PyPI in bench/.venvs/mlserver;
+- ``starlette``: a bare Starlette + uvicorn app calling predict (the Python HTTP ceiling);
+- ``serve-noop``: a Ray Serve deployment that answers a constant (the engine's ceiling).
+
+Throughput runs alternate systems within each round (the order flips every
+round), so ratios hold on a noisy machine; each (workload, system) is the median
+of its rounds. Writes bench/results/latest.json, latest.md and PNG plots.
+
+Run: ``.venv/bin/python -m bench.run [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import load, report
+from bench.systems import Processes, System, install_mlserver, start_mlserver, start_ray_host, start_starlette
+
+RESULTS = Path(__file__).parent / "results"
+ROW = [5.1, 3.5, 1.4, 0.2]
+MLP_IN = 64
+
+
+def v2_body(rows: np.ndarray, name: str = "input-0", datatype: str = "FP64") -> bytes:
+    doc = {
+        "inputs": [
+            {"name": name, "shape": list(rows.shape), "datatype": datatype, "data": rows.reshape(-1).tolist()}
+        ]
+    }
+    return json.dumps(doc).encode()
+
+
+def iris_rows(n: int) -> np.ndarray:
+    rng = np.random.default_rng(n)
+    return np.round(rng.uniform([4.3, 2.0, 1.0, 0.1], [7.9, 4.4, 6.9, 2.5], size=(n, 4)), 1)
+
+
+# -- setup ----------------------------------------------------------------------------
+def publish_models(work: Path) -> dict[str, Any]:
+    import joblib
+    import torch
+
+    import serving
+    from serving import demo
+
+    store = str(work / "store")
+    demo.publish(store, version="1", alias="production", c=1.0)
+    demo.publish(store, version="2", c=0.01)
+    joblib.dump(demo.train(), work / "iris.joblib")
+    from bench.baselines.mlp import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(MLP_IN).eval()
+    example = np.zeros((1, MLP_IN), dtype=np.float32)
+    for name in ("mlp", "mlpb"):
+        serving.save(mlp, name, version="1", store=store, alias="production", example=example)
+    return {"store": store, "iris_joblib": work / "iris.joblib"}
+
+
+def ours_args(store: str, work: Path, *, mlp: bool) -> dict[str, Any]:
+    cpus = {"num_cpus": 0.25}
+    models: list[dict[str, Any]] = [{"name": "iris", "alias": "production", "ray_actor_options": cpus}]
+    if mlp:
+        models += [
+            {"name": "mlp", "alias": "production", "ray_actor_options": cpus},
+            {
+                "name": "mlpb",
+                "alias": "production",
+                "ray_actor_options": cpus,
+                "batching": {"enabled": True, "max_batch_size": 32, "batch_wait_timeout_s": 0.002},
+            },
+        ]
+    return {
+        "store": store,
+        "cache_dir": str(work / "cache"),
+        "poll_interval_s": 1.0,
+        "models": models,
+        "ingress": {"ray_actor_options": cpus},
+    }
+
+
+IRIS_V2 = "/v2/models/iris/infer"
+IRIS_V1 = "/v1/models/iris:predict"
+
+
+def start_systems(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
+    one = v2_body(np.array([ROW]))
+    systems: dict[str, System] = {}
+    base = start_ray_host(
+        procs,
+        "ray-main",
+        [
+            {
+                "kind": "ours",
+                "name": "ours",
+                "route_prefix": "/",
+                "args": ours_args(pub["store"], work, mlp=True),
+            },
+            {
+                "kind": "naive",
+                "name": "naive",
+                "route_prefix": "/naive",
+                "args": {"path": str(pub["iris_joblib"])},
+            },
+            {"kind": "noop", "name": "noop", "route_prefix": "/noop"},
+            {
+                "kind": "ours-1hop",
+                "name": "ours-1hop",
+                "route_prefix": "/one",
+                "args": ours_args(pub["store"], work / "one", mlp=False),
+            },
+        ],
+        work,
+        IRIS_V2,
+        one,
+    )
+    systems["ours"] = System(
+        "ours",
+        base,
+        {"v2": IRIS_V2, "v1": IRIS_V1, "mlp": "/v2/models/mlp/infer"},
+        "serving.app: proxy -> Ingress -> model replica (two hops), default Ray Serve settings",
+    )
+    systems["ours-1hop"] = System(
+        "ours-1hop",
+        base,
+        {"v2": "/one" + IRIS_V2, "v1": "/one" + IRIS_V1},
+        "serving.app.build_single_hop_app: ingress and model in one replica",
+    )
+    systems["ours+batch"] = System(
+        "ours+batch", base, {"mlp": "/v2/models/mlpb/infer"}, "@serve.batch(32, 2 ms)"
+    )
+    systems["naive-serve"] = System(
+        "naive-serve",
+        base,
+        {"v2": "/naive" + IRIS_V2, "v1": "/naive" + IRIS_V1},
+        "seed-style FastAPI ingress",
+    )
+    systems["serve-noop"] = System(
+        "serve-noop", base, {"v2": "/noop", "v1": "/noop"}, "Ray Serve deployment answering a constant"
+    )
+    try:
+        tput = start_ray_host(
+            procs,
+            "ray-tput",
+            [
+                {
+                    "kind": "ours",
+                    "name": "ours",
+                    "route_prefix": "/",
+                    "args": ours_args(pub["store"], work / "tput", mlp=False),
+                }
+            ],
+            work,
+            IRIS_V2,
+            one,
+            env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+        )
+        systems["ours+tput"] = System(
+            "ours+tput", tput, {"v2": IRIS_V2, "v1": IRIS_V1}, "RAY_SERVE_THROUGHPUT_OPTIMIZED=1"
+        )
+    except RuntimeError as exc:
+        notes.append(f"ours+tput (throughput-optimized mode) did not start: {exc}")
+    systems["starlette"] = start_starlette(procs, pub["iris_joblib"], one)
+    why = install_mlserver()
+    if why is None:
+        try:
+            systems["mlserver"] = start_mlserver(procs, work, one)
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
+            notes.append(f"MLServer installed but did not run: {exc}")
+    else:
+        notes.append(f"MLServer not measured: {why}")
+    return systems
+
+
+# -- throughput workloads ---------------------------------------------------------------------
+def throughput(systems: dict[str, System], rounds: int, seconds: float) -> list[dict[str, Any]]:
+    mlp_body = v2_body(
+        np.random.default_rng(0).standard_normal((1, MLP_IN)).astype(np.float32), datatype="FP32"
+    )
+    plan = [
+        ("a: 1-row v2", "v2", v2_body(np.array([ROW])), 16, 1),
+        ("a: 1-row v1", "v1", json.dumps({"instances": [ROW]}).encode(), 16, 1),
+        ("b: 1,000 rows v2", "v2", v2_body(iris_rows(1000)), 4, 1000),
+        ("b: 10,000 rows v2", "v2", v2_body(iris_rows(10_000)), 4, 10_000),
+        ("c: torch MLP 1-row, 32 clients", "mlp", mlp_body, 32, 1),
+    ]
+    raw: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rnd in range(rounds):
+        for workload, kind, body, conns, rows in plan:
+            names = [n for n, s in systems.items() if s.url(kind) and not (n == "serve-noop" and rows > 1)]
+            for name in names if rnd % 2 == 0 else names[::-1]:
+                url = systems[name].url(kind)
+                assert url is not None
+                res = load.run_load(url, body, connections=conns, seconds=seconds)
+                print(
+                    f"  [{rnd + 1}/{rounds}] {workload:32} {name:12} {res.requests_per_s:9.0f} req/s"
+                    f"  p99 {res.p99_ms:7.1f} ms  errors {res.errors}",
+                    flush=True,
+                )
+                raw.setdefault((workload, name), []).append(
+                    report.record(
+                        workload,
+                        name,
+                        requests_per_s=res.requests_per_s,
+                        rows_per_s=res.requests_per_s * rows if rows > 1 else None,
+                        p50_ms=res.p50_ms,
+                        p99_ms=res.p99_ms,
+                        errors=res.errors,
+                        notes=f"{systems[name].note}; {res.tool} -c{conns}",
+                    )
+                )
+    return [report.merge_rounds(v) for v in raw.values()]
+
+
+def in_process(store: str, work: Path, iris_joblib: Path) -> list[dict[str, Any]]:
+    """Rows/s of plain ``predict`` and of ModelService.infer_v2 (decode, predict, encode), no HTTP."""
+    import joblib
+
+    from serving.config import AppConfig
+    from serving.service import ModelService
+    from serving.settings import get_settings
+
+    model = joblib.load(iris_joblib)
+    app = AppConfig.model_validate(
+        {"store": store, "cache_dir": str(work / "cache-inproc"), "models": [{"name": "iris"}]}
+    )
+    service = ModelService(app.models[0], app, get_settings())
+    service.start()
+    out = []
+    for n in (1000, 10_000):
+        x = iris_rows(n)
+        body = v2_body(x)
+        for system, fn in (
+            ("in-process predict", lambda x=x: model.predict(x)),
+            ("in-process ModelService", lambda body=body: service.infer_v2(body)),
+        ):
+            times = []
+            for _ in range(max(5, 30_000 // n)):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            out.append(
+                report.record(
+                    f"b: {n:,} rows v2",
+                    system,
+                    requests_per_s=1 / med,
+                    rows_per_s=n / med,
+                    p50_ms=med * 1000,
+                    p99_ms=load.percentile(times, 99) * 1000,
+                    notes="no HTTP; ModelService = JSON decode + predict + JSON encode"
+                    if "Service" in system
+                    else "model.predict on a numpy array",
+                )
+            )
+    service.slot.close()
+    return out
+
+
+# -- d: swap under load -------------------------------------------------------------------------
+def swap_under_load(ours: System, store: str, seconds: float, every: float) -> dict[str, Any]:
+    from serving.repository import Repository
+    from serving.settings import Settings
+    from serving.store import open_store
+
+    repo = Repository(open_store(store, Settings(store=store)))
+    url = ours.url("v2")
+    assert url is not None
+    moves: list[tuple[float, str]] = []
+    t0 = time.perf_counter()
+
+    def mover() -> None:
+        version = "2"
+        t = every
+        while t < seconds - every / 2:
+            time.sleep(max(0.0, t0 + t - time.perf_counter()))
+            repo.set_alias("iris", "production", version, by="bench")
+            moves.append((time.perf_counter() - t0, version))
+            version = "1" if version == "2" else "2"
+            t += every
+
+    thread = threading.Thread(target=mover, daemon=True)
+    thread.start()
+    res = load.run_async(url, v2_body(np.array([ROW])), connections=8, seconds=seconds, keep_samples=True)
+    thread.join()
+    samples = res.samples
+    if moves and moves[-1][1] != "1":
+        repo.set_alias("iris", "production", "1", by="bench")
+    ok = [s for s in samples if s[2] == 200]
+    convergence = []
+    windows = []
+    for i, (t_move, version) in enumerate(moves):
+        t_next = moves[i + 1][0] if i + 1 < len(moves) else float("inf")
+        stale = [s[0] + s[1] for s in ok if t_move <= s[0] < t_next and s[3] != version]
+        done = max(stale) if stale else t_move
+        convergence.append(done - t_move)
+        windows.append((t_move, done))
+    steady = [s[1] for s in ok if not moves or s[0] + s[1] < moves[0][0]]
+    during = [s[1] for s in ok if any(a <= s[0] <= b for a, b in windows)]
+    after_t = windows[-1][1] if windows else 0.0
+    after = [s[1] for s in ok if s[0] > after_t]
+    p99 = lambda v: load.percentile(v, 99) * 1000  # noqa: E731
+    p50 = lambda v: load.percentile(v, 50) * 1000  # noqa: E731
+    return {
+        "requests": len(samples),
+        "errors": sum(1 for s in samples if s[2] != 200),
+        "moves": [t for t, _ in moves],
+        "convergence_s": convergence,
+        "p50_ms": {"steady": p50(steady), "during": p50(during), "after": p50(after)},
+        "p99_ms": {"steady": p99(steady), "during": p99(during), "after": p99(after)},
+        "samples_during": len(during),
+        "ratio_p99_during_over_steady": (p99(during) / p99(steady)) if steady and during else None,
+        "samples": samples,
+        "requests_per_s": res.requests_per_s,
+    }
+
+
+# -- e, f, g --------------------------------------------------------------------------------------
+def cache_hit(quick: bool) -> dict[str, Any]:
+    from bench import cache_load
+
+    if quick:
+        cache_load.ROUNDS = 1
+    return cache_load.main()
+
+
+def alias_check() -> dict[str, Any]:
+    from bench import alias_check as ac
+
+    return ac.main()
+
+
+def swap_rss(work: Path, megabytes: int) -> dict[str, Any]:
+    from bench.coldstart import make_model
+    from serving.publish import publish_path
+    from serving.repository import Repository
+    from serving.settings import Settings
+    from serving.store import open_store
+
+    store = str(work / "rss-store")
+    repo = Repository(open_store(store, Settings(store=store)))
+    for v in ("1", "2"):
+        path = work / f"rss-{v}" / "model.joblib"
+        path.parent.mkdir()
+        make_model(path, megabytes)
+        publish_path(repo, path, "big", version=v, format="sklearn")
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.swap_rss", store, str(work / "rss-cache")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+# -- main -------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("--quick", action="store_true", help="1 round of 3 s, small models (about 4 min)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per throughput run")
+    parser.add_argument("--only", default="abcdefg", help="workload letters to run (default: all)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 2)
+    seconds = args.seconds or (3.0 if args.quick else 8.0)
+    notes: list[str] = []
+    if not load.ensure_wrk():
+        notes.append(
+            "wrk is not installed (apt-get install wrk): load came from a bounded async httpx "
+            "client, which itself takes CPU"
+        )
+    started = time.time()
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    procs = Processes(work)
+    result: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "environment": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_tool": "wrk" if load.have_wrk() else "httpx",
+            "rounds": rounds,
+            "seconds_per_run": seconds,
+        },
+        "notes": notes,
+        "tuning": [],
+    }
+    records: list[dict[str, Any]] = []
+    try:
+        print("publishing models...", flush=True)
+        pub = publish_models(work)
+        if set(args.only) & set("abcd"):
+            print("starting systems...", flush=True)
+            systems = start_systems(procs, work, pub, notes)
+            if set(args.only) & set("abc"):
+                records += throughput(systems, rounds, seconds)
+                records += in_process(pub["store"], work, pub["iris_joblib"])
+            if "d" in args.only:
+                print("d: swap under load...", flush=True)
+                swap = swap_under_load(
+                    systems["ours"], pub["store"], 16.0 if args.quick else 30.0, 4.0 if args.quick else 6.0
+                )
+                result["swap"] = {k: v for k, v in swap.items() if k != "samples"}
+                result["swap_timeline"] = {"moves": swap["moves"], "samples": swap["samples"]}
+                records.append(
+                    report.record(
+                        "d: swap under load (1-row v2, 8 clients)",
+                        "ours",
+                        requests_per_s=swap["requests_per_s"],
+                        rows_per_s=None,
+                        p50_ms=swap["p50_ms"]["during"],
+                        p99_ms=swap["p99_ms"]["during"],
+                        errors=swap["errors"],
+                        notes=f"alias moved {len(swap['moves'])}x; p50/p99 during swaps; "
+                        f"convergence {max(swap['convergence_s'] or [0]):.2f} s max",
+                    )
+                )
+            procs.stop_all()
+        if "e" in args.only:
+            print("e: cold start (cache miss vs boto3) and cache hit (bench.cache_load)...", flush=True)
+            from bench import coldstart
+
+            result["cold_start"] = coldstart.main(
+                megabytes=50 if args.quick else 200, rounds=1 if args.quick else 3
+            )
+            result["cache_hit"] = cache_hit(args.quick)
+        if "f" in args.only:
+            print("f: unchanged-alias check (bench.alias_check)...", flush=True)
+            result["alias_check"] = alias_check()
+        if "g" in args.only:
+            print("g: peak RSS during a swap...", flush=True)
+            result["swap_rss"] = swap_rss(work, 50 if args.quick else 100)
+    except BaseException:
+        procs.stop_all()
+        print(f"bench failed; server logs kept in {work}", file=sys.stderr)
+        raise
+    procs.stop_all()
+    shutil.rmtree(work, ignore_errors=True)
+    result["records"] = records
+    result["ratios"] = report.ratios(records)
+    result["targets"] = targets(result)
+    result["tuning"] += tuning(records)
+    result["runtime_s"] = round(time.time() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result["plots"] = report.plot(result, args.out)
+    report.write_json(args.out / "latest.json", {k: v for k, v in result.items() if k != "swap_timeline"})
+    (args.out / "latest.md").write_text(report.markdown(result))
+    print((args.out / "latest.md").read_text())
+    return 0
+
+
+def _ratio(result: dict[str, Any], workload: str, peer: str) -> float | None:
+    for r in result.get("ratios", []):
+        if r["workload"] == workload and r["peer"] == peer:
+            value: float | None = r["ratio"]
+            return value
+    return None
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    t = report.target
+    out = [
+        t(
+            "1-row v2 req/s, ours / mlserver",
+            _ratio(result, "a: 1-row v2", "mlserver"),
+            1.0,
+            higher_is_better=True,
+            why="two Ray hops (proxy -> Ingress -> model replica) per request; MLServer is one "
+            "uvicorn process",
+        ),
+        t(
+            "1-row v2 req/s, ours / naive-serve",
+            _ratio(result, "a: 1-row v2", "naive-serve"),
+            1.0,
+            higher_is_better=True,
+            why="our extra hop (Ingress -> model deployment handle) vs naive's single FastAPI replica",
+        ),
+        t(
+            "1-row v1 req/s, ours / naive-serve",
+            _ratio(result, "a: 1-row v1", "naive-serve"),
+            1.0,
+            higher_is_better=True,
+            why="our extra hop (Ingress -> model deployment handle) vs naive's single FastAPI replica",
+        ),
+    ]
+    for n in ("1,000", "10,000"):
+        out.append(
+            t(
+                f"{n} rows/s, ours / in-process predict",
+                _ratio(result, f"b: {n} rows v2", "in-process predict"),
+                0.5,
+                higher_is_better=True,
+                why="JSON decode/encode of the rows and the body crossing two Ray hops",
+            )
+        )
+    swap = result.get("swap")
+    if swap:
+        out.append(
+            t("errors during swaps", float(swap["errors"]), 0, higher_is_better=False, why="see swap notes")
+        )
+        out.append(
+            t(
+                "p99 during swap / steady p99",
+                swap["ratio_p99_during_over_steady"],
+                1.5,
+                higher_is_better=False,
+                why="the load and warm-up of the new version run in the replica process, sharing "
+                "its CPU with requests",
+            )
+        )
+    hit = result.get("cache_hit")
+    if hit:
+        for row in hit["rows"]:
+            out.append(
+                t(
+                    f"cache-hit load / raw load ({row['case']})",
+                    row["ratio_cache_hit_raw_over_raw"],
+                    1.2,
+                    higher_is_better=False,
+                    why="alias + manifest round trips to the store before a hit",
+                )
+            )
+    cold = result.get("cold_start")
+    if cold:
+        out.append(
+            t(
+                "cache-miss pull / raw boto3 download",
+                cold["ratio_cache_miss_over_raw_download"],
+                1.1,
+                higher_is_better=False,
+                why="sha256 while streaming and the extra alias/manifest GETs",
+            )
+        )
+    rss = result.get("swap_rss")
+    if rss:
+        out.append(
+            t(
+                "swap peak RSS / (2 x model RSS)",
+                rss["ratio_peak_over_twice_model"],
+                1.1,
+                higher_is_better=False,
+                why="unpickling holds transient copies of the arrays",
+            )
+        )
+    return out
+
+
+def tuning(records: list[dict[str, Any]]) -> list[str]:
+    """Before/after ratios of the tuning variants measured in this run."""
+    by = {(r["workload"], r["system"]): r for r in records}
+    out = []
+    for wl in dict.fromkeys(r["workload"] for r in records):
+        base, tuned = by.get((wl, "ours")), by.get((wl, "ours+tput"))
+        if base and tuned and base["requests_per_s"]:
+            out.append(
+                f"{wl}: throughput-optimized mode / default = "
+                f"{tuned['requests_per_s'] / base['requests_per_s']:.2f} "
+                f"(p99 {tuned['p99_ms']:.1f} vs {base['p99_ms']:.1f} ms)"
+            )
+        one = by.get((wl, "ours-1hop"))
+        if base and one and base["requests_per_s"]:
+            out.append(
+                f"{wl}: single hop / two hops = {one['requests_per_s'] / base['requests_per_s']:.2f} "
+                f"(p99 {one['p99_ms']:.1f} vs {base['p99_ms']:.1f} ms)"
+            )
+        unb, bat = by.get((wl, "ours")), by.get((wl, "ours+batch"))
+        if unb and bat and unb["requests_per_s"]:
+            out.append(
+                f"{wl}: @serve.batch / unbatched = {bat['requests_per_s'] / unb['requests_per_s']:.2f}"
+            )
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
