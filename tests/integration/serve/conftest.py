@@ -151,6 +151,9 @@ def deploy(cluster: Cluster) -> Iterator[Callable[[dict[str, Any]], str]]:
     names: list[str] = []
 
     def run(args: dict[str, Any]) -> str:
+        # NOTE: one app owns "/" at a time; drop any left by a module-scoped fixture.
+        for other in list(serve.status().applications):
+            serve.delete(other)
         name = f"app-{uuid.uuid4().hex[:6]}"
         serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
         names.append(name)
