@@ -131,6 +131,24 @@ class LoaderCache:
         for sub in ("blobs", "versions", "locks", "aliases", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
+        self._sweep_tmp()
+
+    STALE_TMP_S = 6 * 3600
+    """Partial downloads untouched this long belong to a process that died."""
+
+    def _sweep_tmp(self) -> None:
+        # NOTE: a download writes to its .part file continuously, so an old mtime means
+        # its process was killed; left alone, such files hold disk (and blob links).
+        cutoff = time.time() - self.STALE_TMP_S
+        for entry in (self.root / "tmp").iterdir():
+            try:
+                if entry.lstat().st_mtime < cutoff:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink()
+            except FileNotFoundError:
+                pass  # another process swept it first
 
     # -- paths --------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:

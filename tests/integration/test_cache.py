@@ -275,6 +275,17 @@ def test_a_process_killed_mid_download_leaves_nothing_loadable(
     assert not again.hit
     cache.verify(again)
 
+    # The dead process's leftovers go once they are old enough to be surely abandoned.
+    leftovers = list((cache_dir / "tmp").iterdir())
+    assert leftovers
+    old = time.time() - LoaderCache.STALE_TMP_S - 60
+    for entry in leftovers:
+        os.utime(entry, (old, old), follow_symlinks=False)
+    fresh = cache_dir / "tmp" / "in-progress.part"
+    fresh.write_bytes(b"still downloading")
+    LoaderCache(cache_dir)
+    assert list((cache_dir / "tmp").iterdir()) == [fresh]
+
 
 # -- eviction and pins ------------------------------------------------------------------------
 
