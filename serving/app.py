@@ -213,7 +213,12 @@ class Ingress:
 
     async def __call__(self, request: Request) -> Response:
         try:
-            route, params = api.match(request.method, request.url.path)
+            path = request.url.path
+            # NOTE: under a route prefix other than "/", Serve keeps it in the path.
+            root = request.scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            route, params = api.match(request.method, path)
             reply = await getattr(self, f"_{route}")(request, **params)
         except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
             reply = api.error_reply(exc)
@@ -312,6 +317,39 @@ class Ingress:
         return api.ok(entry, status=200 if done else 202)
 
 
+class _LocalHandle:
+    """Calls an in-process deployment object the way a DeploymentHandle is called.
+
+    ``handle.infer.remote(body, version)`` returns the coroutine of ``infer``, which
+    the Ingress code awaits exactly as it awaits a DeploymentResponse.
+    """
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._target, name)
+
+        class _Method:
+            remote = staticmethod(method)
+
+        return _Method
+
+
+@serve.deployment
+class SingleHop(Ingress.func_or_class):  # type: ignore[misc,name-defined]  # NOTE: the class under the Deployment
+    """Ingress and model in one replica: the proxy reaches the model in one hop.
+
+    The routes and replies are the Ingress's; the model calls stay in process
+    instead of crossing a DeploymentHandle (a second actor call per request).
+    """
+
+    def __init__(self, app: dict[str, Any], model: dict[str, Any]) -> None:
+        inner = ModelDeployment.func_or_class(model, app)  # type: ignore[attr-defined]
+        self._inner = inner
+        super().__init__(app, {inner.config.name: _LocalHandle(inner)})
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Build the Serve application from ``AppConfig`` args (a Serve config's ``args``)."""
     config = AppConfig.model_validate(args)
@@ -338,3 +376,31 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     )
     application: serve.Application = ingress.bind(app_dict, handles)
     return application
+
+
+def build_single_hop_app(args: dict[str, Any]) -> serve.Application:
+    """Build a one-model app whose replicas are both ingress and model (one hop per request).
+
+    The model's ``num_replicas``/``autoscaling_config``, ``ray_actor_options`` and
+    ``max_ongoing_requests`` apply to the combined replica; ``ingress`` settings are unused.
+
+    Raises:
+        ValueError: the args name more than one model.
+    """
+    config = AppConfig.model_validate(args)
+    if len(config.models) != 1:
+        raise ValueError("a single-hop app serves exactly one model; use build_app for several")
+    model = config.models[0]
+    options: dict[str, Any] = {
+        "name": f"model-{model.name}",
+        "ray_actor_options": model.ray_actor_options,
+        "max_ongoing_requests": model.max_ongoing_requests,
+    }
+    if model.autoscaling_config is not None:
+        options["autoscaling_config"] = model.autoscaling_config
+    else:
+        options["num_replicas"] = model.num_replicas
+    app: serve.Application = SingleHop.options(**options).bind(
+        config.model_dump(mode="json"), model.model_dump(mode="json")
+    )
+    return app
