@@ -201,8 +201,83 @@ secretKeyRef, never from plain values.
       name: {{ . }}
       key: {{ include "serving.credentials.secretKey" $ }}
 {{- end }}
+{{- include "serving.trustEnv" . }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Load policy and encryption environment (SECURITY.md). Only paths, key ids and names
+are rendered: key material stays in Secrets, mounted as files or read through
+secretKeyRef. Nothing is rendered for a setting left at its default.
+*/}}
+{{- define "serving.trustEnv" -}}
+{{- $trust := .Values.trust }}
+{{- if $trust.requireSignature }}
+- name: SERVING_REQUIRE_SIGNATURE
+  value: "true"
+{{- end }}
+{{- if $trust.trustedKeys.existingSecret }}
+- name: SERVING_TRUSTED_KEYS
+  value: {{ $trust.trustedKeys.mountPath | quote }}
+{{- end }}
+{{- with $trust.unrestrictedModels }}
+- name: SERVING_UNRESTRICTED_MODELS
+  value: {{ join "," . | quote }}
+{{- end }}
+{{- with $trust.trustedGlobals }}
+{{- /* NOTE: a plain list[str] setting, which pydantic-settings decodes from JSON. */}}
+- name: SERVING_TRUSTED_GLOBALS
+  value: {{ toJson . | quote }}
+{{- end }}
+{{- $enc := .Values.encryption }}
+{{- if $enc.keySecret.existingSecret }}
+- name: SERVING_ENCRYPTION_KEY_FILE
+  value: {{ printf "%s/kek" (trimSuffix "/" $enc.keySecret.mountPath) | quote }}
+{{- end }}
+{{- with $enc.kmsKeyId }}
+- name: SERVING_ENCRYPTION_KMS_KEY_ID
+  value: {{ . | quote }}
+{{- end }}
+{{- $sse := .Values.store.sse }}
+{{- with $sse.mode }}
+- name: SERVING_S3_SSE
+  value: {{ . | quote }}
+{{- end }}
+{{- with $sse.kmsKeyId }}
+- name: SERVING_S3_SSE_KMS_KEY_ID
+  value: {{ . | quote }}
+{{- end }}
+{{- with $sse.customerKey.existingSecret }}
+- name: SERVING_S3_SSE_C_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $sse.customerKey.key }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuse combinations that would render but never work. Renders nothing.
+*/}}
+{{- define "serving.validateTrust" -}}
+{{- $sse := .Values.store.sse }}
+{{- if and $sse.mode $sse.customerKey.existingSecret }}
+{{- fail "store.sse.mode and store.sse.customerKey are exclusive: choose one server-side encryption" }}
+{{- end }}
+{{- if and $sse.kmsKeyId (ne $sse.mode "aws:kms") }}
+{{- fail "store.sse.kmsKeyId needs store.sse.mode aws:kms" }}
+{{- end }}
+{{- $keysFromEnv := false }}
+{{- range .Values.extraEnv }}
+{{- if eq .name "SERVING_TRUSTED_KEYS" }}{{ $keysFromEnv = true }}{{ end }}
+{{- end }}
+{{- if and .Values.trust.requireSignature (not .Values.trust.trustedKeys.existingSecret) (not $keysFromEnv) }}
+{{- fail "trust.requireSignature needs trust.trustedKeys.existingSecret (a Secret of PEM public keys): without trusted keys every version is refused" }}
+{{- end }}
+{{- if and .Values.trust.trustedKeys.existingSecret .Values.encryption.keySecret.existingSecret (eq (trimSuffix "/" .Values.trust.trustedKeys.mountPath) (trimSuffix "/" .Values.encryption.keySecret.mountPath)) }}
+{{- fail "trust.trustedKeys.mountPath and encryption.keySecret.mountPath must differ" }}
 {{- end }}
 {{- end }}
 
@@ -248,6 +323,28 @@ Volumes shared by head and worker pods: scratch /tmp, /dev/shm and the cache.
     path: {{ $v.hostPath.path }}
     type: {{ $v.hostPath.type }}
 {{- end }}
+{{- /*
+NOTE: Secret files are root-owned; 0440 plus the pod's fsGroup (1000 by default)
+makes them readable by the non-root uid and nobody else. Without an fsGroup the
+uid cannot read them.
+*/}}
+{{- with .Values.trust.trustedKeys.existingSecret }}
+- name: trusted-keys
+  secret:
+    secretName: {{ . }}
+    defaultMode: 288  # 0440: owner and fsGroup read, nothing else
+{{- end }}
+{{- with .Values.encryption.keySecret }}
+{{- if .existingSecret }}
+- name: encryption-key
+  secret:
+    secretName: {{ .existingSecret }}
+    defaultMode: 288  # 0440: owner and fsGroup read, nothing else
+    items:
+      - key: {{ .key }}
+        path: kek
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{- define "serving.volumeMounts" -}}
@@ -257,6 +354,16 @@ Volumes shared by head and worker pods: scratch /tmp, /dev/shm and the cache.
   mountPath: /dev/shm
 - name: model-cache
   mountPath: {{ .Values.cache.mountPath }}
+{{- if .Values.trust.trustedKeys.existingSecret }}
+- name: trusted-keys
+  mountPath: {{ .Values.trust.trustedKeys.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if .Values.encryption.keySecret.existingSecret }}
+- name: encryption-key
+  mountPath: {{ .Values.encryption.keySecret.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{/*
