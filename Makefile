@@ -27,7 +27,7 @@ $(SERVE_STAMP): pyproject.toml | $(PY)
 
 $(TEST_STAMP): pyproject.toml | $(PY)
 	$(PIP) install $(TORCH)
-	$(PIP) install -e '.[torch,tensorflow,onnx,serve,dev]'
+	$(PIP) install -e '.[torch,tensorflow,onnx,skops,serve,dev]'
 	touch $@ $(SERVE_STAMP)
 
 ## serve: publish the demo iris model on first run and serve it on :8000 (metrics :8080)
