@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     """Files larger than this are transferred in parts."""
 
     trusted_globals: list[str] = Field(default_factory=list)
-    """Extra ``module.qualname`` globals the restricted unpickler may load.
+    """Extra ``module.qualname`` globals the restricted unpickler may load, and
+    extra types a ``skops`` file may use beyond skops's default trusted types.
 
     Widening this list lets a pickle call those objects: add only what a model
     you trust needs, and review it like code."""
