@@ -20,7 +20,7 @@ import numpy as np
 from serving.cache import LoaderCache
 from serving.errors import InvalidRequest
 from serving.formats import load_predictor
-from serving.formats._common import spec_for
+from serving.formats._common import require, spec_for
 from serving.formats.base import Predictor, numpy_dtype
 from serving.manifest import Manifest, ModelRef, TensorSpec
 from serving.publish import publish_path
@@ -59,7 +59,8 @@ def save(
         example: a batch of input rows; fills the manifest's inputs, outputs and example.
         **options: ``init_kwargs`` (torch state dicts: the module's constructor
             arguments), ``torchscript=True``, ``export=True`` (torch),
-            ``format="pickle"`` (sklearn as plain pickle), ``compress`` (joblib level),
+            ``format="safetensors"`` (torch weights as safetensors, with the class path),
+            ``format="pickle"`` or ``format="skops"`` (sklearn), ``compress`` (joblib level),
             ``metadata`` (free-form dict); anything else is stored in the
             manifest's ``options`` for the loader.
 
@@ -200,8 +201,13 @@ def _write_estimator(model: Any, tmp: Path, example: np.ndarray | None, options:
     elif fmt == "sklearn":
         path = tmp / "model.joblib"
         joblib.dump(model, path, compress=compress)
+    elif fmt == "skops":
+        path = tmp / "model.skops"
+        require("skops.io", "skops", fmt).dump(model, path)
     else:
-        raise InvalidRequest(f"an estimator saves as format 'sklearn' (joblib) or 'pickle', not {fmt!r}")
+        raise InvalidRequest(
+            f"an estimator saves as format 'sklearn' (joblib), 'skops' or 'pickle', not {fmt!r}"
+        )
     saved = _Saved(path, fmt, options)
     if example is not None:
         dtype = "BYTES" if example.dtype.kind in "OUS" else "FP64"
@@ -213,7 +219,7 @@ def _write_estimator(model: Any, tmp: Path, example: np.ndarray | None, options:
 def _write_torch(model: Any, tmp: Path, example: np.ndarray | None, options: dict[str, Any]) -> _Saved:
     import torch
 
-    from serving.formats.pytorch import TorchPredictor, import_module_class
+    from serving.formats.pytorch import TorchPredictor
 
     torchscript = bool(options.pop("torchscript", False))
     export = bool(options.pop("export", False))
@@ -226,21 +232,17 @@ def _write_torch(model: Any, tmp: Path, example: np.ndarray | None, options: dic
     if example is not None:
         spec = TensorSpec(name="input-0", datatype="FP32", shape=[-1, *example.shape[1:]])
     if fmt == "torch-state-dict":
-        cls = type(model)
-        class_path = f"{cls.__module__}:{cls.__qualname__}"
-        if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
-            raise InvalidRequest(
-                f"{cls.__qualname__} is defined in {cls.__module__!r}, which a server cannot import: "
-                f"move it into an installed module, or save with torchscript=True or export=True"
-            )
-        init_kwargs = _check_init_kwargs(cls, init_kwargs)
-        try:
-            import_module_class(class_path)
-        except Exception as exc:
-            raise InvalidRequest(f"cannot save {class_path}: {exc}") from exc
+        options = {**options, **_module_class_options(model, init_kwargs)}
         path = tmp / "model.pt"
         torch.save(model.state_dict(), path)
-        options = {**options, "class_path": class_path, "init_kwargs": init_kwargs}
+    elif fmt == "safetensors":
+        options = {**options, **_module_class_options(model, init_kwargs)}
+        path = tmp / "model.safetensors"
+        try:
+            require("safetensors.torch", "torch", fmt).save_file(model.state_dict(), str(path))
+        except (RuntimeError, ValueError) as exc:
+            # NOTE: e.g. tied weights (two names, one storage), which safetensors refuses.
+            raise InvalidRequest(f"safetensors cannot store this state dict: {exc}") from exc
     elif fmt == "torchscript":
         path = tmp / "model.pt"
         try:
@@ -265,12 +267,31 @@ def _write_torch(model: Any, tmp: Path, example: np.ndarray | None, options: dic
         torch.export.save(program, str(path))
     else:
         raise InvalidRequest(
-            f"a torch module saves as torch-state-dict, torchscript or torch-export, not {fmt!r}"
+            f"a torch module saves as torch-state-dict, safetensors, torchscript or torch-export, not {fmt!r}"
         )
     saved = _Saved(path, fmt, options)
     if example is not None:
         saved.inputs, saved.outputs = _outputs_from_run(TorchPredictor(model, [spec], None), example)
     return saved
+
+
+def _module_class_options(model: Any, init_kwargs: Any) -> dict[str, Any]:
+    """``class_path`` and ``init_kwargs`` for a weights-only save, checked as the loader will."""
+    from serving.formats.pytorch import import_module_class
+
+    cls = type(model)
+    class_path = f"{cls.__module__}:{cls.__qualname__}"
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        raise InvalidRequest(
+            f"{cls.__qualname__} is defined in {cls.__module__!r}, which a server cannot import: "
+            f"move it into an installed module, or save with torchscript=True or export=True"
+        )
+    checked = _check_init_kwargs(cls, init_kwargs)
+    try:
+        import_module_class(class_path)
+    except Exception as exc:
+        raise InvalidRequest(f"cannot save {class_path}: {exc}") from exc
+    return {"class_path": class_path, "init_kwargs": checked}
 
 
 def _check_init_kwargs(cls: type, given: Any) -> dict[str, Any]:

@@ -4,7 +4,9 @@ Format names (the manifest's ``format`` field)::
 
     sklearn           joblib file, restricted unpickler
     pickle            plain pickle file, restricted unpickler
+    skops             skops.io, skops's trusted types + LoadPolicy.trusted_globals
     torch-state-dict  torch.load(weights_only=True) + options class_path/init_kwargs
+    safetensors       safetensors.torch.load_file + options class_path/init_kwargs
     torchscript       torch.jit.load
     torch-export      torch.export.load (.pt2)
     keras             .keras archive, safe mode
@@ -30,6 +32,8 @@ from .keras_tf import KerasFormat, KerasH5Format, SavedModelFormat
 from .onnx_runtime import OnnxFormat
 from .pickled import PickleFormat, SklearnFormat
 from .pytorch import TorchExportFormat, TorchScriptFormat, TorchStateDictFormat
+from .safetensors_torch import SafetensorsFormat
+from .skops_io import SkopsFormat
 
 __all__ = [
     "FORMATS",
@@ -49,9 +53,12 @@ FORMATS: dict[str, Format] = {
         SavedModelFormat(),
         OnnxFormat(),
         KerasFormat(),
+        SkopsFormat(),
         TorchExportFormat(),
         TorchScriptFormat(),
         TorchStateDictFormat(),
+        # NOTE: before the pickle formats: a header length can start with pickle's magic bytes.
+        SafetensorsFormat(),
         KerasH5Format(),
         SklearnFormat(),
         PickleFormat(),

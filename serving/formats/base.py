@@ -18,7 +18,8 @@ class LoadPolicy:
 
     Attributes:
         trusted_globals: extra ``module.qualname`` globals the restricted
-            unpickler admits, on top of the built-in allowlist.
+            unpickler admits, on top of the built-in allowlist; the same names
+            are the types a ``skops`` file may use beyond skops's own trusted ones.
         allow_legacy_h5: load Keras ``.h5`` files, which bypass safe mode.
         signed: a trusted key's signature over the manifest verified
             (set by :func:`serving.trust.check_trust`).

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import pickle
 import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,43 @@ def import_module_class(class_path: str) -> type:
     return obj
 
 
+@dataclass(frozen=True)
+class ModuleClass:
+    """The module a state dict loads into: ``options["class_path"]`` and ``options["init_kwargs"]``.
+
+    Shared by every format that stores only weights (``torch-state-dict``, ``safetensors``).
+    """
+
+    cls: type
+    init_kwargs: dict[str, Any]
+
+    @classmethod
+    def from_options(cls, manifest: Manifest) -> ModuleClass:
+        """Check and import the class named in the manifest, before any weight is read.
+
+        Raises:
+            LoadError: the options are missing or malformed, or the class cannot be imported.
+            UntrustedArtifact: the class is not a ``torch.nn.Module`` subclass.
+        """
+        class_path = manifest.options.get("class_path")
+        if not isinstance(class_path, str):
+            raise LoadError(
+                f"{manifest.name}:{manifest.version}: a torch state dict needs the "
+                f"'class_path' option ('package.module:Class')"
+            )
+        init_kwargs = manifest.options.get("init_kwargs") or {}
+        if not isinstance(init_kwargs, dict):
+            raise LoadError("the 'init_kwargs' option must be a JSON object")
+        return cls(import_module_class(class_path), init_kwargs)
+
+    def predictor(self, state: Mapping[str, Any], manifest: Manifest) -> TorchPredictor:
+        """Build the module, load ``state`` strictly (every key, no extras), serve it."""
+        module = self.cls(**self.init_kwargs)
+        module.load_state_dict(state, strict=True)
+        module.eval()
+        return TorchPredictor(module, default_inputs(manifest, "FP32"), manifest.outputs)
+
+
 class TorchStateDictFormat(Format):
     """``torch.save(model.state_dict())`` plus the module class in the manifest options."""
 
@@ -120,16 +159,7 @@ class TorchStateDictFormat(Format):
 
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
         torch = require("torch", self.extra, self.name)
-        class_path = manifest.options.get("class_path")
-        if not isinstance(class_path, str):
-            raise LoadError(
-                f"{manifest.name}:{manifest.version}: a torch state dict needs the "
-                f"'class_path' option ('package.module:Class')"
-            )
-        init_kwargs = manifest.options.get("init_kwargs") or {}
-        if not isinstance(init_kwargs, dict):
-            raise LoadError("the 'init_kwargs' option must be a JSON object")
-        cls = import_module_class(class_path)
+        module_class = ModuleClass.from_options(manifest)
         path = primary_file(root, manifest, _STATE_SUFFIXES)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -138,10 +168,7 @@ class TorchStateDictFormat(Format):
             raise UntrustedArtifact(
                 f"{path.name} is not a plain state dict (torch weights_only refused it): {exc}"
             ) from exc
-        module = cls(**init_kwargs)
-        module.load_state_dict(state, strict=True)
-        module.eval()
-        return TorchPredictor(module, default_inputs(manifest, "FP32"), manifest.outputs)
+        return module_class.predictor(state, manifest)
 
 
 class TorchScriptFormat(Format):
