@@ -198,6 +198,18 @@ def test_predict_answers_class_0_for_the_seed_example(published: Cli) -> None:
     assert result["outputs"]["predict"] == [0]
 
 
+def test_publish_detects_a_skops_file_and_predict_loads_it(cli: Cli, tmp_path: Path) -> None:
+    """publish takes a .skops file without --format; predict loads it through skops's trusted types."""
+    skops_io = pytest.importorskip("skops.io")
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    path = tmp_path / "iris.skops"
+    skops_io.dump(LogisticRegression(max_iter=200).fit(*load_iris(return_X_y=True)), path)
+    assert as_json(cli("publish", str(path), "--name", "iris", "--json"))["format"] == "skops"
+    assert as_json(cli("predict", "iris:1", "--input", json.dumps(EXAMPLE)))["outputs"]["predict"] == [0]
+
+
 def test_predict_reads_input_from_stdin_and_named_inputs(published: Cli) -> None:
     """--input - reads stdin; a JSON object names the model's inputs."""
     rows = ok(published("predict", "iris", "--input", "-", stdin=json.dumps(EXAMPLE)))

@@ -108,6 +108,60 @@ def test_pickle_file_published_from_disk_is_detected(
     assert only_input(predictor, IRIS_ROW)["predict"].tolist() == [0]
 
 
+# -- skops -----------------------------------------------------------------------------
+
+
+def test_iris_roundtrips_through_skops(iris_model: Any, local_store: LocalStore, tmp_path: Path) -> None:
+    """format='skops' saves the iris model without pickle; it loads and predicts the same."""
+    pytest.importorskip("skops")
+    manifest = serving_save(iris_model, "iris-skops", store=local_store, version="1", format="skops")
+    assert manifest.format == "skops"
+    assert [f.path for f in manifest.files] == ["model.skops"]
+    predictor = load_back(local_store, tmp_path, "iris-skops:1")
+    assert [o.name for o in predictor.outputs] == ["predict", "predict_proba", "decision_function"]
+    out = only_input(predictor, ROWS)
+    np.testing.assert_array_equal(out["predict"], iris_model.predict(ROWS))
+    np.testing.assert_allclose(out["predict_proba"], iris_model.predict_proba(ROWS))
+    np.testing.assert_allclose(out["decision_function"], iris_model.decision_function(ROWS))
+
+
+def test_skops_file_published_from_disk_loads_through_serving_load(
+    iris_model: Any, local_store: LocalStore, tmp_path: Path
+) -> None:
+    """A .skops file is detected as 'skops', passes the trust check and loads via serving.load."""
+    skops_io = pytest.importorskip("skops.io")
+    path = tmp_path / "iris.skops"
+    skops_io.dump(iris_model, path)
+    assert detect_format(path) == "skops"
+    publish_path(Repository(local_store), path, "iris-file", alias="production")
+    predictor = serving_load("iris-file@production", store=local_store, cache_dir=tmp_path / "cache")
+    assert predictor.predict_rows(IRIS_ROW)["predict"].tolist() == [0]
+
+
+def test_skops_type_loads_only_when_listed_in_trusted_globals(
+    local_store: LocalStore, tmp_path: Path
+) -> None:
+    """A type outside skops's defaults is UntrustedArtifact naming it, and loads once trusted."""
+    skops_io = pytest.importorskip("skops.io")
+    import operator
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    x = np.array([[0.0], [1.0]])
+    model = make_pipeline(FunctionTransformer(operator.neg), LogisticRegression()).fit(x, [0, 1])
+    path = tmp_path / "neg.skops"
+    skops_io.dump(model, path)
+    publish_path(Repository(local_store), path, "neg", version="1")
+    with pytest.raises(UntrustedArtifact, match=r"'_operator\.neg'.*SERVING_TRUSTED_GLOBALS"):
+        load_back(local_store, tmp_path, "neg:1")
+    predictor = load_back(
+        local_store, tmp_path, "neg:1", LoadPolicy(trusted_globals=frozenset({"_operator.neg"}))
+    )
+    assert predictor.predict_rows(x)["predict"].tolist() == [0, 1]
+
+
 # -- torch ---------------------------------------------------------------------------
 
 
@@ -131,6 +185,7 @@ def torch_reference(model: Any, rows: np.ndarray) -> np.ndarray:
     ("options", "fmt"),
     [
         ({"init_kwargs": {"n_in": 4, "n_out": 3}}, "torch-state-dict"),
+        ({"init_kwargs": {"n_in": 4, "n_out": 3}, "format": "safetensors"}, "safetensors"),
         ({"torchscript": True}, "torchscript"),
         ({"export": True}, "torch-export"),
     ],
@@ -154,6 +209,22 @@ def test_torch_state_dict_records_class_path(mlp: Any, local_store: LocalStore) 
     manifest = serving_save(mlp, "mlp", store=local_store, init_kwargs={"n_in": 4, "n_out": 3})
     assert manifest.options["class_path"] == "tiny_models:TinyMLP"
     assert manifest.options["init_kwargs"] == {"n_in": 4, "n_out": 3}
+
+
+def test_safetensors_file_published_from_disk_is_detected(
+    mlp: Any, local_store: LocalStore, tmp_path: Path
+) -> None:
+    """A .safetensors file plus class_path/init_kwargs options loads the same weights."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file(mlp.state_dict(), str(path))
+    assert detect_format(path) == "safetensors"
+    options = {"class_path": "tiny_models:TinyMLP", "init_kwargs": {"n_in": 4, "n_out": 3}}
+    publish_path(Repository(local_store), path, "mlp-st", version="1", options=options)
+    predictor = load_back(local_store, tmp_path, "mlp-st:1")
+    out = only_input(predictor, ROWS)["output-0"]
+    np.testing.assert_allclose(out, torch_reference(mlp, ROWS), rtol=1e-5, atol=1e-6)
 
 
 def test_torch_state_dict_without_required_init_kwargs_is_refused(mlp: Any, local_store: LocalStore) -> None:

@@ -75,6 +75,10 @@ class Sentinel:
         return f"touch {self.file}"
 
     @property
+    def argv(self) -> list[str]:
+        return ["touch", str(self.file)]
+
+    @property
     def code(self) -> str:
         return f"open({str(self.file)!r}, 'w').close()"
 
@@ -157,6 +161,25 @@ def sklearn_pipeline_with_payload(t: Sentinel) -> object:
     pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression())]).fit(x, y)
     pipe.steps[1][1].hidden_ = Hidden()
     return pipe
+
+
+def skops_pipeline_calling(path: Path, func: Callable[..., object]) -> None:
+    """A fitted sklearn pipeline saved with skops whose first step calls ``func(X)`` on predict.
+
+    With ``subprocess.run``, predicting the rows ``["touch", <sentinel file>]`` runs the command.
+    skops stores ``func`` by name, so loading the file rebuilds it as a live function.
+    """
+    import numpy as np
+    import skops.io
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    x = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [0.9, 0.1]])
+    pipe = Pipeline([("call", FunctionTransformer()), ("clf", LogisticRegression())]).fit(x, [0, 1, 0, 1])
+    # NOTE: set after fitting, so building the payload never calls it.
+    pipe.steps[0][1].func = func
+    skops.io.dump(pipe, path)
 
 
 def torch_file_with_pickle(path: Path, pickle_bytes: bytes) -> None:

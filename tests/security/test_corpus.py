@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from serving.errors import IntegrityError, InvalidManifest, LoadError, UntrustedArtifact
-from serving.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from serving.manifest import MANIFEST_NAME, SIGNATURE_NAME, TensorSpec
 
 from . import corpus
 from .conftest import Pipeline
@@ -73,6 +74,24 @@ def test_payload_hidden_in_a_pickled_sklearn_pipeline_is_refused(
     ref = pipeline.publish(path, "evil", format="pickle")
     refused = pipeline.attempt("sklearn pipeline (pickle)", ref, sentinel)
     assert isinstance(refused.error, UntrustedArtifact), refused.error
+
+
+# -- skops --------------------------------------------------------------------
+def test_skops_function_outside_trusted_types_is_refused(
+    pipeline: Pipeline, sentinel: Sentinel, tmp_path: Path
+) -> None:
+    """A skops pipeline whose FunctionTransformer calls subprocess.run is refused, naming the type."""
+    path = tmp_path / "model.skops"
+    corpus.skops_pipeline_calling(path, subprocess.run)
+    # NOTE: BYTES input, so a loaded model would get the command's argv as its rows.
+    ref = pipeline.publish(
+        path, "evil", format="skops", inputs=[TensorSpec(name="input-0", datatype="BYTES", shape=[-1])]
+    )
+    refused = pipeline.attempt(
+        "skops: FunctionTransformer(func=subprocess.run)", ref, sentinel, example=sentinel.argv
+    )
+    assert isinstance(refused.error, UntrustedArtifact), refused.error
+    assert "subprocess.run" in str(refused.error)
 
 
 # -- torch --------------------------------------------------------------------

@@ -8,6 +8,7 @@ than a temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -67,4 +68,21 @@ def test_keras_lambda_runs_without_safe_mode(tmp_path: Path) -> None:
         "m.predict(np.array([[1.0, 2.0]]), verbose=0)"
     )
     subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=300, check=False)
+    assert _tripped_by(t, 5.0)
+
+
+def test_skops_payload_runs_when_its_types_are_trusted(tmp_path: Path) -> None:
+    """Loaded with its untrusted types passed as trusted and called, the skops pipeline runs its command."""
+    import numpy as np
+    import skops.io
+
+    t = _sentinel(tmp_path)
+    path = tmp_path / "model.skops"
+    corpus.skops_pipeline_calling(path, subprocess.run)
+    untrusted = skops.io.get_untrusted_types(file=path)
+    assert untrusted == ["subprocess.run"]
+    model = skops.io.load(path, trusted=untrusted)
+    # NOTE: the classifier then rejects subprocess.run's CompletedProcess; the command already ran.
+    with contextlib.suppress(ValueError):
+        model.predict(np.array(t.argv, dtype=object))
     assert _tripped_by(t, 5.0)

@@ -23,9 +23,11 @@ ALL_FORMATS = [
     "savedmodel",
     "onnx",
     "keras",
+    "skops",
     "torch-export",
     "torchscript",
     "torch-state-dict",
+    "safetensors",
     "keras-h5",
     "sklearn",
     "pickle",
@@ -132,6 +134,34 @@ def test_torch_archives_are_told_apart(tmp_path: Path) -> None:
     assert detect_format(tmp_path / "program.pt2") == "torch-export"
 
 
+def test_skops_files_are_detected_by_extension_or_schema(estimator: Any, tmp_path: Path) -> None:
+    """skops.io output is 'skops' as .skops or, without the extension, from its schema.json member."""
+    skops_io = pytest.importorskip("skops.io")
+    skops_io.dump(estimator, tmp_path / "model.skops")
+    skops_io.dump(estimator, tmp_path / "model.zip")
+    assert detect_format(tmp_path / "model.skops") == "skops"
+    assert detect_format(tmp_path / "model.zip") == "skops"
+
+
+def test_safetensors_files_are_detected_by_extension_or_header(tmp_path: Path) -> None:
+    """safetensors output is 'safetensors' as .safetensors or from its length-prefixed JSON header."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    state = torch.nn.Linear(2, 1).state_dict()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    save_file(state, str(tmp_path / "weights"))
+    assert detect_format(tmp_path / "model.safetensors") == "safetensors"
+    assert detect_format(tmp_path / "weights") == "safetensors"
+
+
+def test_pickle_whose_bytes_read_as_a_header_length_is_still_a_pickle(tmp_path: Path) -> None:
+    """A pickle's first 8 bytes parse as a header length, but no JSON header follows: not safetensors."""
+    path = tmp_path / "model.bin"
+    path.write_bytes(pickle.dumps({"coef_": list(range(2000))}))
+    assert detect_format(path) == "pickle"
+
+
 # -- errors at load time ------------------------------------------------------------
 
 
@@ -195,6 +225,37 @@ def test_torch_class_path_must_be_a_module_class(tmp_path: Path) -> None:
         load_predictor(tmp_path, manifest, LoadPolicy())
     assert not sentinel.exists()
     assert subprocess.Popen  # the class exists: refusal was the policy, not an import failure
+
+
+def test_safetensors_class_path_must_be_a_module_class(tmp_path: Path) -> None:
+    """safetensors shares torch-state-dict's class check: 'subprocess:Popen' is refused."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    sentinel = tmp_path / "pwned"
+    save_file(torch.nn.Linear(2, 1).state_dict(), str(tmp_path / "model.safetensors"))
+    manifest = manifest_for(
+        tmp_path, "safetensors", class_path="subprocess:Popen", init_kwargs={"args": ["touch", str(sentinel)]}
+    )
+    with pytest.raises(UntrustedArtifact, match=r"not a torch\.nn\.Module"):
+        load_predictor(tmp_path, manifest, LoadPolicy())
+    assert not sentinel.exists()
+
+
+def test_safetensors_with_missing_weights_is_a_load_error(tmp_path: Path) -> None:
+    """The weights load strictly: a file lacking one of the module's tensors is a LoadError."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(1, 2)}, str(tmp_path / "model.safetensors"))
+    manifest = manifest_for(
+        tmp_path,
+        "safetensors",
+        class_path="torch.nn:Linear",
+        init_kwargs={"in_features": 2, "out_features": 1},
+    )
+    with pytest.raises(LoadError, match="bias"):
+        load_predictor(tmp_path, manifest, LoadPolicy())
 
 
 def test_torch_state_dict_without_class_path_is_a_load_error(tmp_path: Path) -> None:
