@@ -49,8 +49,9 @@ test: lint typecheck
 unit: $(TEST_STAMP)
 	$(PY) -m pytest tests/unit
 
+## bench: every workload against every peer (about 13 min; BENCH_ARGS=--quick for about 4)
 bench: $(TEST_STAMP)
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 ## helm: find or fetch a helm binary (never committed) and print its path
 helm: | $(PY)
