@@ -49,6 +49,10 @@ def app_args_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "standalone", False):
+        from serving import standalone
+
+        return standalone.main(args, app_args_from(args))
     import ray
     from ray import serve
 
@@ -77,3 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=8080)
     parser.add_argument("--poll-interval", type=float, default=None, help="seconds between alias checks")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance")
+    parser.add_argument(
+        "--standalone", action="store_true", help="one process, no Ray (serving.standalone): uvicorn"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="--standalone: uvicorn worker processes")
+    parser.add_argument(
+        "--predict",
+        choices=("inline", "thread"),
+        default="inline",
+        help="--standalone: predict on the event loop (small models) or in worker threads",
+    )
