@@ -3,15 +3,26 @@
 Everything here is plain Python over bytes and numpy: the Ray layer calls it,
 and unit tests drive it directly. One error handler maps the error tree to
 ``{"error": "..."}`` with the error's status.
+
+Infer requests and replies also speak the OIP binary tensor data extension (as
+Triton and KServe define it): with the header ``Inference-Header-Content-Length: N``
+the first N bytes of the body are the JSON inference header and the rest is raw
+tensor data, little-endian and row-major, one block per input that carries
+``"parameters": {"binary_data_size": K}`` instead of ``data``, in input order.
+BYTES elements are each a 4-byte little-endian length and the bytes. An output is
+returned the same way when the request asks with ``"binary_data": true`` in the
+output's parameters, or ``"binary_data_output": true`` in the request's.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import struct
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -22,6 +33,11 @@ from serving.formats.base import NUMPY_TO_OIP, OIP_TO_NUMPY, oip_datatype
 from serving.manifest import TensorSpec
 
 JSON = "application/json"
+OCTET_STREAM = "application/octet-stream"
+INFERENCE_HEADER = "Inference-Header-Content-Length"
+"""The binary extension's HTTP header: the length of the JSON part of the body."""
+EXTENSIONS = ["model_repository", "binary_tensor_data"]
+"""What server metadata lists under ``extensions`` (Triton's names)."""
 
 
 # -- responses ------------------------------------------------------------------
@@ -30,6 +46,8 @@ class Reply:
     status: int
     body: bytes
     content_type: str = JSON
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra response headers (``Inference-Header-Content-Length`` for binary outputs)."""
 
 
 def ok(payload: Any, status: int = 200) -> Reply:
@@ -53,16 +71,73 @@ def parse_json(body: bytes, limit: int) -> Any:
         raise InvalidInput(f"malformed JSON: {exc}") from exc
 
 
+def header_value(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """Look a header up by name, ignoring case (plain dicts as well as Starlette's Headers)."""
+    if not headers:
+        return None
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    for key, val in headers.items():
+        if key.lower() == lowered:
+            return val
+    return None
+
+
+def parse_infer_body(
+    body: bytes, limit: int, headers: Mapping[str, str] | None = None
+) -> tuple[Any, memoryview]:
+    """Split an infer request body into its decoded JSON header and the binary tensor data after it.
+
+    Without ``Inference-Header-Content-Length`` the whole body is JSON and the
+    binary part is empty. The size limit applies to the whole body.
+
+    Raises:
+        PayloadTooLarge: the body is over ``limit``.
+        InvalidInput: the header is not a length within the body, or the JSON is malformed.
+    """
+    raw = header_value(headers, INFERENCE_HEADER)
+    if raw is None:
+        return parse_json(body, limit), memoryview(b"")
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body is {len(body)} bytes, over the limit of {limit}")
+    raw = raw.strip()
+    if not (raw.isascii() and raw.isdigit()):
+        raise InvalidInput(f"{INFERENCE_HEADER} must be a non-negative integer, got {raw!r}")
+    size = int(raw)
+    if size > len(body):
+        raise InvalidInput(f"{INFERENCE_HEADER} is {size} but the request body is only {len(body)} bytes")
+    view = memoryview(body)
+    try:
+        payload = orjson.loads(view[:size])
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON in the first {size} bytes ({INFERENCE_HEADER}): {exc}") from exc
+    return payload, view[size:]
+
+
 @dataclass
 class InferRequest:
     inputs: dict[str, np.ndarray]
     outputs: list[str] | None
     id: str
     parameters: dict[str, Any]
+    binary_output: bool = False
+    """The request's ``binary_data_output``: outputs default to binary data."""
+    output_binary: dict[str, bool] = field(default_factory=dict)
+    """Per-output ``binary_data``, where the request set it (overrides ``binary_output``)."""
+
+    def wants_binary(self, output: str) -> bool:
+        return self.output_binary.get(output, self.binary_output)
 
 
-def parse_v2(payload: Any, specs: list[TensorSpec]) -> InferRequest:
-    """Decode an OIP v2 infer request against the model's input specs."""
+def parse_v2(payload: Any, specs: list[TensorSpec], binary: bytes | memoryview = b"") -> InferRequest:
+    """Decode an OIP v2 infer request against the model's input specs.
+
+    ``binary`` is the body after the JSON header (see :func:`parse_infer_body`):
+    inputs with ``binary_data_size`` take their bytes from it, in input order,
+    and every byte must be taken.
+    """
     if not isinstance(payload, dict):
         raise InvalidInput("request body must be a JSON object with an 'inputs' list")
     raw_inputs = payload.get("inputs")
@@ -70,8 +145,10 @@ def parse_v2(payload: Any, specs: list[TensorSpec]) -> InferRequest:
         raise InvalidInput("'inputs' must be a non-empty list")
     by_name = {s.name: s for s in specs}
     decoded: dict[str, np.ndarray] = {}
+    tail = memoryview(binary)
+    offset = 0
     for item in raw_inputs:
-        name, array = _decode_tensor(item)
+        name, array, offset = _decode_tensor(item, tail, offset)
         spec = by_name.get(name)
         if spec is None and len(specs) == 1 and len(raw_inputs) == 1:
             spec = specs[0]  # NOTE: single-input models accept any input name
@@ -82,41 +159,158 @@ def parse_v2(payload: Any, specs: list[TensorSpec]) -> InferRequest:
     missing = set(by_name) - set(decoded)
     if missing:
         raise InvalidInput(f"missing input(s): {', '.join(sorted(missing))}")
-    outputs = payload.get("outputs")
-    names = None
-    if outputs is not None:
-        if not isinstance(outputs, list) or not all(isinstance(o, dict) and "name" in o for o in outputs):
-            raise InvalidInput("'outputs' must be a list of objects with a 'name'")
-        names = [str(o["name"]) for o in outputs]
+    if offset != len(tail):
+        raise InvalidInput(
+            f"the request carries {len(tail)} bytes of binary data after the JSON header, "
+            f"but its inputs' binary_data_size add up to {offset}"
+        )
     params = payload.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
+    binary_output = _flag(params, "binary_data_output", "request parameters")
+    names, output_binary = _requested_outputs(payload.get("outputs"))
     req_id = payload.get("id")
-    return InferRequest(decoded, names, str(req_id) if req_id is not None else str(uuid.uuid4()), params)
+    return InferRequest(
+        decoded,
+        names,
+        str(req_id) if req_id is not None else str(uuid.uuid4()),
+        params,
+        binary_output=binary_output,
+        output_binary=output_binary,
+    )
 
 
-def _decode_tensor(item: Any) -> tuple[str, np.ndarray]:
+def _flag(params: dict[str, Any], key: str, where: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{where}: {key!r} must be true or false")
+    return value
+
+
+def _requested_outputs(outputs: Any) -> tuple[list[str] | None, dict[str, bool]]:
+    if outputs is None:
+        return None, {}
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) and "name" in o for o in outputs):
+        raise InvalidInput("'outputs' must be a list of objects with a 'name'")
+    names = [str(o["name"]) for o in outputs]
+    binary: dict[str, bool] = {}
+    for name, o in zip(names, outputs, strict=True):
+        params = o.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInput(f"output {name!r}: 'parameters' must be an object")
+        if "binary_data" in params:
+            binary[name] = _flag(params, "binary_data", f"output {name!r}")
+    return names, binary
+
+
+def _decode_tensor(item: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+    """Decode one request input; returns its name, array and the offset after its binary data."""
     if not isinstance(item, dict):
         raise InvalidInput("each input must be an object with name, shape, datatype and data")
-    for key in ("name", "shape", "datatype", "data"):
+    for key in ("name", "shape", "datatype"):
         if key not in item:
             raise InvalidInput(f"input is missing {key!r}")
-    name, shape, datatype, data = item["name"], item["shape"], item["datatype"], item["data"]
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    name, shape, datatype = item["name"], item["shape"], item["datatype"]
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers")
     if datatype not in OIP_TO_NUMPY:
         raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r}")
     dtype = np.dtype(OIP_TO_NUMPY[datatype])
-    try:
-        array = np.asarray(data, dtype=dtype)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"input {name!r}: data does not match datatype {datatype}") from exc
     expected = math.prod(shape)
+    params = item.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"input {name!r}: 'parameters' must be an object")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if "data" in item:
+            raise InvalidInput(f"input {name!r}: has both 'data' and parameters.binary_data_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidInput(f"input {name!r}: binary_data_size must be a non-negative integer")
+        if offset + size > len(binary):
+            raise InvalidInput(
+                f"input {name!r}: binary_data_size {size} runs past the binary data "
+                f"({len(binary) - offset} of {len(binary)} bytes left after the JSON header"
+                f"{'' if binary else f'; send the {INFERENCE_HEADER} header'})"
+            )
+        chunk = binary[offset : offset + size]
+        array = _from_binary(str(name), chunk, datatype, dtype, expected)
+        return str(name), array.reshape(shape), offset + size
+    if "data" not in item:
+        raise InvalidInput(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+    data = item["data"]
+    fast = _fast_numeric(data, dtype, expected)
+    if fast is not None:
+        array = fast
+    else:
+        try:
+            array = np.asarray(data, dtype=dtype)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InvalidInput(f"input {name!r}: data does not match datatype {datatype}") from exc
     if array.size != expected:
         raise InvalidInput(
             f"input {name!r}: {array.size} values do not fill shape {shape} ({expected} values)"
         )
-    return str(name), array.reshape(shape)
+    return str(name), array.reshape(shape), offset
+
+
+def _fast_numeric(data: Any, dtype: np.dtype[Any], count: int) -> np.ndarray | None:
+    """A flat or two-level list of numbers as a 1-D array, or None to take the general path.
+
+    ``np.fromiter`` skips ``np.asarray``'s shape discovery over nested Python
+    lists (about 1.5-2x faster on 40,000 values). Anything unusual (ragged rows,
+    deeper nesting, bad values, a count that does not fill the shape) returns
+    None so that ``np.asarray`` decides and reports it.
+    """
+    if dtype.kind not in "iuf" or not isinstance(data, list) or not data:
+        return None
+    first = data[0]
+    try:
+        if isinstance(first, list):
+            if not first or isinstance(first[0], list) or len(data) * len(first) != count:
+                return None
+            if set(map(type, data)) != {list} or set(map(len, data)) != {len(first)}:
+                return None
+            return np.fromiter(chain.from_iterable(data), dtype=dtype, count=count)
+        if len(data) != count:
+            return None
+        return np.fromiter(data, dtype=dtype, count=count)
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+def _from_binary(name: str, chunk: memoryview, datatype: str, dtype: np.dtype[Any], count: int) -> np.ndarray:
+    if datatype == "BYTES":
+        return _bytes_from_binary(name, chunk, count)
+    want = count * dtype.itemsize
+    if len(chunk) != want:
+        raise InvalidInput(
+            f"input {name!r}: binary_data_size is {len(chunk)} bytes, but {count} {datatype} "
+            f"values take {want}"
+        )
+    # NOTE: copy out of the request body: a writable array that owns its memory
+    # (torch warns on read-only numpy arrays) and does not pin the whole body.
+    return np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype, copy=True)
+
+
+def _bytes_from_binary(name: str, chunk: memoryview, count: int) -> np.ndarray:
+    items: list[bytes] = []
+    pos, end = 0, len(chunk)
+    while pos < end:
+        if pos + 4 > end:
+            raise InvalidInput(f"input {name!r}: BYTES data ends inside an element's 4-byte length")
+        (length,) = struct.unpack_from("<I", chunk, pos)
+        pos += 4
+        if pos + length > end:
+            raise InvalidInput(f"input {name!r}: a BYTES element of {length} bytes runs past its data")
+        items.append(bytes(chunk[pos : pos + length]))
+        pos += length
+    if len(items) != count:
+        raise InvalidInput(f"input {name!r}: {len(items)} BYTES elements do not fill its shape ({count})")
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array
 
 
 def _conform(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
@@ -157,6 +351,37 @@ def parse_v1(payload: Any, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
 
 
 def encode_outputs(outputs: dict[str, np.ndarray], wanted: list[str] | None) -> list[dict[str, Any]]:
+    """The JSON ``outputs`` list (every output's values in ``data``)."""
+    return _encode_outputs(outputs, wanted, lambda name: False, [])
+
+
+def infer_reply(model_name: str, version: str, req: InferRequest, outputs: dict[str, np.ndarray]) -> Reply:
+    """The OIP v2 infer response; binary outputs where the request asked for them.
+
+    With any binary output the body is the JSON header followed by the outputs'
+    bytes, ``content-type`` is ``application/octet-stream`` and the reply carries
+    ``Inference-Header-Content-Length``; otherwise it is plain JSON.
+    """
+    chunks: list[bytes] = []
+    payload = {
+        "model_name": model_name,
+        "model_version": version,
+        "id": req.id,
+        "outputs": _encode_outputs(outputs, req.outputs, req.wants_binary, chunks),
+    }
+    head = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return Reply(200, head)
+    return Reply(200, b"".join([head, *chunks]), OCTET_STREAM, {INFERENCE_HEADER: str(len(head))})
+
+
+def _encode_outputs(
+    outputs: dict[str, np.ndarray],
+    wanted: list[str] | None,
+    binary: Callable[[str], bool],
+    chunks: list[bytes],
+) -> list[dict[str, Any]]:
+    """Describe each output; binary ones append their bytes to ``chunks`` in order."""
     names = wanted if wanted is not None else list(outputs)
     result = []
     for name in names:
@@ -164,16 +389,27 @@ def encode_outputs(outputs: dict[str, np.ndarray], wanted: list[str] | None) -> 
             raise InvalidInput(f"unknown output {name!r}; the model produces: {', '.join(outputs)}")
         array = np.asarray(outputs[name])
         datatype = NUMPY_TO_OIP.get(str(array.dtype), "BYTES")
+        entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
         data = array.reshape(-1)
-        result.append(
-            {
-                "name": name,
-                "shape": list(array.shape),
-                "datatype": datatype,
-                "data": data.astype(str) if datatype == "BYTES" else data,
-            }
-        )
+        if binary(name):
+            raw = _to_binary(data, datatype)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = data.astype(str) if datatype == "BYTES" else data
+        result.append(entry)
     return result
+
+
+def _to_binary(data: np.ndarray, datatype: str) -> bytes:
+    if datatype != "BYTES":
+        return np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes()
+    parts = []
+    for item in data.tolist():
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(struct.pack("<I", len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
 
 
 def tensor_metadata(specs: list[TensorSpec]) -> list[dict[str, Any]]:

@@ -142,33 +142,30 @@ class ModelDeployment:
         self._generation = gen
         return forced
 
-    async def infer(self, body: bytes, version: str | None) -> tuple[int, bytes]:
+    async def infer(
+        self, body: bytes, version: str | None, headers: dict[str, str] | None = None
+    ) -> api.Reply:
+        """An OIP v2 infer; ``headers`` carries ``Inference-Header-Content-Length`` for binary bodies."""
         if self.config.batching.enabled and version is None:
-            return await self._infer_batched(body)
-        reply = self.service.infer_v2(body, version)
-        return reply.status, reply.body
+            return await self._infer_batched(body, headers)
+        return self.service.infer_v2(body, version, headers)
 
-    async def _infer_batched(self, body: bytes) -> tuple[int, bytes]:
+    async def _infer_batched(self, body: bytes, headers: dict[str, str] | None = None) -> api.Reply:
         # NOTE: decode per request, predict once per batch, encode per request.
         try:
             live = self.service.slot.live
             if live is None:
                 raise ModelNotFound(f"model {self.config.name!r} is not loaded")
-            req = api.parse_v2(api.parse_json(body, self.app.max_body_bytes), live.predictor.inputs)
+            payload, binary = api.parse_infer_body(body, self.app.max_body_bytes, headers)
+            req = api.parse_v2(payload, live.predictor.inputs, binary)
             version, outputs = await self._batched(req.inputs)
-            payload = {
-                "model_name": self.config.name,
-                "model_version": version,
-                "id": req.id,
-                "outputs": api.encode_outputs(outputs, req.outputs),
-            }
-            reply = api.ok(payload)
+            reply = api.infer_reply(self.config.name, version, req, outputs)
         except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
             reply = api.error_reply(exc)
         metrics.REQUESTS.inc(
             model=self.config.name, version=str(self.service.slot.version), status=str(reply.status)
         )
-        return reply.status, reply.body
+        return reply
 
     async def _predict_batch(
         self, batch: list[dict[str, np.ndarray]]
@@ -222,7 +219,9 @@ class Ingress:
             reply = await getattr(self, f"_{route}")(request, **params)
         except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
             reply = api.error_reply(exc)
-        return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+        return Response(
+            reply.body, status_code=reply.status, media_type=reply.content_type, headers=reply.headers
+        )
 
     def _handle(self, model: str) -> DeploymentHandle[Any]:
         handle = self.models.get(model)
@@ -253,7 +252,7 @@ class Ingress:
     async def _server_metadata(self, request: Request) -> api.Reply:
         from serving import __version__
 
-        return api.ok({"name": "serving", "version": __version__, "extensions": ["model_repository"]})
+        return api.ok({"name": "serving", "version": __version__, "extensions": api.EXTENSIONS})
 
     async def _model_metadata(self, request: Request, model: str, version: str | None = None) -> api.Reply:
         status, body = await self._handle(model).metadata.remote(version)
@@ -266,8 +265,11 @@ class Ingress:
     async def _infer(self, request: Request, model: str, version: str | None = None) -> api.Reply:
         handle = self._handle(model)
         body = await self._body(request)
-        status, payload = await handle.infer.remote(body, version)
-        return api.Reply(status, payload)
+        # NOTE: only the header the codec reads crosses to the model replica.
+        length = request.headers.get(api.INFERENCE_HEADER)
+        headers = {api.INFERENCE_HEADER: length} if length is not None else None
+        reply: api.Reply = await handle.infer.remote(body, version, headers)
+        return reply
 
     async def _predict_v1(self, request: Request, model: str) -> api.Reply:
         handle = self._handle(model)
@@ -320,7 +322,7 @@ class Ingress:
 class _LocalHandle:
     """Calls an in-process deployment object the way a DeploymentHandle is called.
 
-    ``handle.infer.remote(body, version)`` returns the coroutine of ``infer``, which
+    ``handle.infer.remote(body, version, headers)`` returns the coroutine of ``infer``, which
     the Ingress code awaits exactly as it awaits a DeploymentResponse.
     """
 

@@ -7,6 +7,7 @@ and only adapts calls to it.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -86,21 +87,30 @@ class ModelService:
             self.slot.swap_to(resolved, reason="start", source="cache" if from_cache else "store")
 
     # -- requests ------------------------------------------------------------------
-    def infer_v2(self, body: bytes, version: str | None = None) -> api.Reply:
+    def infer_v2(
+        self, body: bytes, version: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> api.Reply:
+        """Answer an OIP v2 infer request: JSON, or the binary tensor extension.
+
+        Args:
+            body: the request body; ``app.max_body_bytes`` applies to all of it.
+            version: an explicit version, or None for the live one.
+            headers: the request's HTTP headers (any mapping; names match
+                ignoring case). ``Inference-Header-Content-Length`` selects the
+                binary extension; other headers are ignored.
+
+        Returns:
+            The reply; binary outputs set ``reply.headers`` and ``content_type``.
+        """
         started = time.perf_counter()
         served = version or self.slot.version or "none"
         try:
             with self._lease(version) as live:
                 served = live.version
-                req = api.parse_v2(api.parse_json(body, self.app.max_body_bytes), live.predictor.inputs)
+                payload, binary = api.parse_infer_body(body, self.app.max_body_bytes, headers)
+                req = api.parse_v2(payload, live.predictor.inputs, binary)
                 outputs = self._predict(live, req.inputs)
-                payload = {
-                    "model_name": self.config.name,
-                    "model_version": live.version,
-                    "id": req.id,
-                    "outputs": api.encode_outputs(outputs, req.outputs),
-                }
-            reply = api.ok(payload)
+                reply = api.infer_reply(self.config.name, live.version, req, outputs)
         except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
             reply = api.error_reply(exc)
         self._observe(served, reply.status, started)
