@@ -28,7 +28,6 @@ labelled ``pid``).
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import os
 import socket
@@ -60,6 +59,8 @@ PredictMode = Literal["inline", "thread"]
 ARGS_ENV = "SERVING_STANDALONE_ARGS"
 """How ``--workers N`` hands the app args to each uvicorn worker process."""
 
+_INFERENCE_HEADER = api.INFERENCE_HEADER.lower().encode()
+"""The binary tensor extension's header, as ASGI spells names (lower-case bytes)."""
 _LOAD_TIMEOUT_S = 30.0
 _START_RETRY_MAX_S = 30.0
 
@@ -142,11 +143,6 @@ def replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _headers_parameter() -> str | None:
-    params = inspect.signature(ModelService.infer_v2).parameters
-    return next((p for p in ("headers", "content_type") if p in params), None)
-
-
 class StandaloneApp:
     """The ASGI app: routes of :class:`serving.app.Ingress`, models in this process.
 
@@ -174,7 +170,6 @@ class StandaloneApp:
         self._stop = threading.Event()
         self._started = False
         self.models = {m.name: _Model(ModelService(m, config, settings), self._stop) for m in config.models}
-        self._headers_param = _headers_parameter()
         self._routes: dict[str, Callable[..., Awaitable[api.Reply]]] = {
             "live": self._live,
             "ready": self._ready,
@@ -240,9 +235,8 @@ class StandaloneApp:
             (b"content-type", reply.content_type.encode()),
             (b"content-length", str(len(reply.body)).encode()),
         ]
-        # NOTE: replies may carry extra headers (the binary tensor extension's lengths).
-        extra: Any = getattr(reply, "headers", None) or {}
-        headers += [(k.lower().encode(), str(v).encode()) for k, v in dict(extra).items()]
+        # NOTE: the binary tensor extension's Inference-Header-Content-Length.
+        headers += [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": reply.body})
 
@@ -297,7 +291,7 @@ class StandaloneApp:
     async def _server_metadata(self, scope: Scope, receive: Receive) -> api.Reply:
         from serving import __version__
 
-        return api.ok({"name": "serving", "version": __version__, "extensions": ["model_repository"]})
+        return api.ok({"name": "serving", "version": __version__, "extensions": api.EXTENSIONS})
 
     async def _model_metadata(
         self, scope: Scope, receive: Receive, model: str, version: str | None = None
@@ -316,18 +310,11 @@ class StandaloneApp:
     ) -> api.Reply:
         service = self._model(model).service
         body = await self._body(scope, receive)
-        inline = self._inline(service, version)
-        if self._headers_param is None:
-            return await self._call(inline, service.infer_v2, body, version)
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        value: Any = headers if self._headers_param == "headers" else headers.get("content-type")
-        kwargs = {self._headers_param: value}
-
-        def run() -> api.Reply:
-            reply: api.Reply = service.infer_v2(body, version, **kwargs)
-            return reply
-
-        return await self._call(inline, run)
+        headers = None
+        for name, value in scope["headers"]:
+            if name == _INFERENCE_HEADER:
+                headers = {api.INFERENCE_HEADER: value.decode("latin-1")}
+        return await self._call(self._inline(service, version), service.infer_v2, body, version, headers)
 
     async def _predict_v1(self, scope: Scope, receive: Receive, model: str) -> api.Reply:
         service = self._model(model).service
