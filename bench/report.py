@@ -127,17 +127,24 @@ def markdown(result: dict[str, Any]) -> str:
     env = result.get("environment", {})
     if env:
         lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
-    lines += [
-        "## Ratios: ours / each peer",
-        "",
-        "| workload | peer | metric | ratio | p99 ratio |",
-        "|---|---|---|---|---|",
-    ]
-    for r in result.get("ratios", []):
-        lines.append(
-            f"| {r['workload']} | {r['peer']} | {r['metric']} | {_fmt(r['ratio'], 2)} "
-            f"| {_fmt(r['p99_ratio'], 2)} |"
-        )
+    all_ratios = result.get("ratios", [])
+    # NOTE: one table per system compared ("ours", "ours-standalone"), in first-seen order.
+    for mine in dict.fromkeys(r.get("ours", OURS) for r in all_ratios) or [OURS]:
+        lines += [
+            f"## Ratios: {mine} / each peer",
+            "",
+            "| workload | peer | metric | ratio | p99 ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for r in all_ratios:
+            if r.get("ours", OURS) != mine:
+                continue
+            lines.append(
+                f"| {r['workload']} | {r['peer']} | {r['metric']} | {_fmt(r['ratio'], 2)} "
+                f"| {_fmt(r['p99_ratio'], 2)} |"
+            )
+        lines.append("")
+    lines.pop()
     lines += [
         "",
         "## Targets",

@@ -8,7 +8,9 @@ Systems (all on 127.0.0.1, started here, stopped at the end):
 - ``naive-serve``: the seed-style Ray Serve deployment (bench/baselines/naive_serve.py);
 - ``mlserver``: Seldon MLServer with its sklearn runtime, from PyPI in bench/.venvs/mlserver;
 - ``starlette``: a bare Starlette + uvicorn app calling predict (the Python HTTP ceiling);
-- ``serve-noop``: a Ray Serve deployment that answers a constant (the engine's ceiling).
+- ``serve-noop``: a Ray Serve deployment that answers a constant (the engine's ceiling);
+- ``ours-standalone``: this project's models in one uvicorn process without Ray
+  (``serving serve --standalone``, serving.standalone).
 
 Throughput runs alternate systems within each round (the order flips every
 round), so ratios hold on a noisy machine; each (workload, system) is the median
@@ -36,7 +38,15 @@ from typing import Any
 import numpy as np
 
 from bench import load, report
-from bench.systems import Processes, System, install_mlserver, start_mlserver, start_ray_host, start_starlette
+from bench.systems import (
+    Processes,
+    System,
+    install_mlserver,
+    start_mlserver,
+    start_ray_host,
+    start_standalone,
+    start_starlette,
+)
 
 RESULTS = Path(__file__).parent / "results"
 ROW = [5.1, 3.5, 1.4, 0.2]
@@ -101,6 +111,7 @@ def ours_args(store: str, work: Path, *, mlp: bool) -> dict[str, Any]:
     }
 
 
+STANDALONE = "ours-standalone"
 IRIS_V2 = "/v2/models/iris/infer"
 IRIS_V1 = "/v1/models/iris:predict"
 
@@ -183,6 +194,11 @@ def start_systems(procs: Processes, work: Path, pub: dict[str, Any], notes: list
     except RuntimeError as exc:
         notes.append(f"ours+tput (throughput-optimized mode) did not start: {exc}")
     systems["starlette"] = start_starlette(procs, pub["iris_joblib"], one)
+    standalone = ours_args(pub["store"], work / "standalone", mlp=False)
+    for model in standalone["models"]:
+        model.pop("ray_actor_options")
+    standalone.pop("ingress")
+    systems["ours-standalone"] = start_standalone(procs, standalone, work, one)
     why = install_mlserver()
     if why is None:
         try:
@@ -463,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     procs.stop_all()
     shutil.rmtree(work, ignore_errors=True)
     result["records"] = records
-    result["ratios"] = report.ratios(records)
+    result["ratios"] = report.ratios(records) + report.ratios(records, ours=STANDALONE)
     result["targets"] = targets(result)
     result["tuning"] += tuning(records)
     result["runtime_s"] = round(time.time() - started, 1)
@@ -475,9 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ratio(result: dict[str, Any], workload: str, peer: str) -> float | None:
+def _ratio(result: dict[str, Any], workload: str, peer: str, ours: str = report.OURS) -> float | None:
     for r in result.get("ratios", []):
-        if r["workload"] == workload and r["peer"] == peer:
+        if r["workload"] == workload and r["peer"] == peer and r.get("ours", report.OURS) == ours:
             value: float | None = r["ratio"]
             return value
     return None
@@ -509,6 +525,17 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             why="our extra hop (Ingress -> model deployment handle) vs naive's single FastAPI replica",
         ),
     ]
+    for peer in ("mlserver", "starlette"):
+        out.append(
+            t(
+                f"1-row v2 req/s, ours-standalone / {peer}",
+                _ratio(result, "a: 1-row v2", peer, ours=STANDALONE),
+                1.0,
+                higher_is_better=True,
+                why="decode + predict + encode of ModelService (predict, predict_proba and "
+                "decision_function outputs) against a bare predict",
+            )
+        )
     for n in ("1,000", "10,000"):
         out.append(
             t(

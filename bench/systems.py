@@ -132,6 +132,23 @@ def start_starlette(procs: Processes, model_path: Path, ready_body: bytes) -> Sy
     )
 
 
+def start_standalone(procs: Processes, app_args: dict[str, Any], work: Path, ready_body: bytes) -> System:
+    """``serving serve --standalone``: this project's models in one uvicorn process, no Ray."""
+    port, metrics_port = free_port(), free_port()
+    config = work / "standalone.json"
+    config.write_text(json.dumps(app_args))  # NOTE: JSON is YAML; --config reads either
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--standalone", "--config", str(config)]
+    cmd += ["--port", str(port), "--metrics-port", str(metrics_port)]
+    procs.start("ours-standalone", cmd, (base + "/v2/models/iris/infer", ready_body))
+    return System(
+        "ours-standalone",
+        base,
+        {"v2": "/v2/models/iris/infer", "v1": "/v1/models/iris:predict"},
+        "serving.standalone: one uvicorn process, raw ASGI, predict inline on the event loop",
+    )
+
+
 def install_mlserver() -> str | None:
     """Create bench/.venvs/mlserver with mlserver + mlserver-sklearn; None, or why it failed."""
     py = MLSERVER_VENV / "bin" / "python"
