@@ -64,9 +64,10 @@ def wait_for(
         try:
             last = predicate()
         except (httpx.HTTPError, ConnectionError) as exc:
-            last = exc
-        if last:
-            return last
+            last = exc  # NOTE: remembered for the failure message; never counts as success
+        else:
+            if last:
+                return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}")
 
