@@ -246,10 +246,20 @@ def test_metrics_count_what_was_sent(deploy, s3_bucket, tmp_path, monkeypatch, c
         lambda: _metric(cluster, "ray_serving_requests_total", model="iris-metrics", status="400") == 3,
         what="3 bad requests in metrics",
     )
-    assert _metric(cluster, "ray_serving_request_duration_seconds_count", model="iris-metrics") == 7
-    assert _metric(cluster, "ray_serving_live_version_info", model="iris-metrics", version="1") == 1
-    assert _metric(cluster, "ray_serving_model_loads_total", model="iris-metrics", outcome="success") == 1
-    assert _metric(cluster, "ray_serving_alias_checks_total", model="iris-metrics", outcome="unchanged") >= 1
+    # NOTE: each series reaches the node exporter on its own flush; poll every one.
+    expected = [
+        ("ray_serving_request_duration_seconds_count", {}, lambda v: v == 7),
+        ("ray_serving_live_version_info", {"version": "1"}, lambda v: v == 1),
+        ("ray_serving_model_loads_total", {"outcome": "success"}, lambda v: v == 1),
+        ("ray_serving_alias_checks_total", {"outcome": "unchanged"}, lambda v: v >= 1),
+    ]
+    for name, labels, check in expected:
+        wait_for(
+            lambda name=name, labels=labels, check=check: check(
+                _metric(cluster, name, model="iris-metrics", **labels)
+            ),
+            what=f"{name} {labels}",
+        )
 
 
 @pytest.mark.parametrize(
