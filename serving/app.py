@@ -36,7 +36,7 @@ from serving import api, metrics
 from serving.config import AppConfig, ModelConfig
 from serving.errors import ModelNotFound
 from serving.logs import configure_logging
-from serving.service import ModelService
+from serving.service import ModelService, index_entry
 from serving.settings import get_settings
 from serving.watcher import run_forever
 
@@ -283,26 +283,7 @@ class Ingress:
     async def _index(self) -> list[dict[str, Any]]:
         max_age = 3 * self.app.poll_interval_s + 10
         snap = await self.board.snapshot.remote(max_age)
-        out = []
-        for cfg in self.app.models:
-            replicas = snap.get(cfg.name, {}).get("replicas", {})
-            live = sorted({r["live_version"] for r in replicas.values() if r["live_version"]})
-            targets = [r["target_version"] for r in replicas.values() if r["target_version"]]
-            target = targets[0] if targets else cfg.version
-            converged = bool(replicas) and live == [target]
-            out.append(
-                {
-                    "name": cfg.name,
-                    "version": target,
-                    "alias": cfg.alias,
-                    "target_version": target,
-                    "state": "READY" if live else "UNAVAILABLE",
-                    "reason": "" if converged else "converging",
-                    "converged": converged,
-                    "replicas": [{"replica": rid, **state} for rid, state in sorted(replicas.items())],
-                }
-            )
-        return out
+        return [index_entry(cfg, snap.get(cfg.name, {}).get("replicas", {})) for cfg in self.app.models]
 
     async def _load(self, request: Request, model: str) -> api.Reply:
         self._handle(model)
@@ -352,21 +333,27 @@ class SingleHop(Ingress.func_or_class):  # type: ignore[misc,name-defined]  # NO
         super().__init__(app, {inner.config.name: _LocalHandle(inner)})
 
 
+def _deployment_options(model: ModelConfig) -> dict[str, Any]:
+    """Ray Serve options of one model's deployment: replicas or autoscaling, resources."""
+    options: dict[str, Any] = {
+        "name": f"model-{model.name}",
+        "ray_actor_options": model.ray_actor_options,
+        "max_ongoing_requests": model.max_ongoing_requests,
+    }
+    if model.autoscaling_config is not None:
+        options["autoscaling_config"] = model.autoscaling_config
+    else:
+        options["num_replicas"] = model.num_replicas
+    return options
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Build the Serve application from ``AppConfig`` args (a Serve config's ``args``)."""
     config = AppConfig.model_validate(args)
     app_dict = config.model_dump(mode="json")
     handles: dict[str, Any] = {}
     for model in config.models:
-        options: dict[str, Any] = {
-            "name": f"model-{model.name}",
-            "ray_actor_options": model.ray_actor_options,
-            "max_ongoing_requests": model.max_ongoing_requests,
-        }
-        if model.autoscaling_config is not None:
-            options["autoscaling_config"] = model.autoscaling_config
-        else:
-            options["num_replicas"] = model.num_replicas
+        options = _deployment_options(model)
         # NOTE: @serve.deployment turns the classes into Deployments; mypy sees classes.
         handles[model.name] = (
             cast(Any, ModelDeployment).options(**options).bind(model.model_dump(mode="json"), app_dict)
@@ -393,16 +380,7 @@ def build_single_hop_app(args: dict[str, Any]) -> serve.Application:
     if len(config.models) != 1:
         raise ValueError("a single-hop app serves exactly one model; use build_app for several")
     model = config.models[0]
-    options: dict[str, Any] = {
-        "name": f"model-{model.name}",
-        "ray_actor_options": model.ray_actor_options,
-        "max_ongoing_requests": model.max_ongoing_requests,
-    }
-    if model.autoscaling_config is not None:
-        options["autoscaling_config"] = model.autoscaling_config
-    else:
-        options["num_replicas"] = model.num_replicas
-    app: serve.Application = SingleHop.options(**options).bind(
+    app: serve.Application = SingleHop.options(**_deployment_options(model)).bind(
         config.model_dump(mode="json"), model.model_dump(mode="json")
     )
     return app

@@ -198,3 +198,25 @@ class ModelService:
             "failed_version": None,
             "source": live.source if live else None,
         }
+
+
+def index_entry(config: ModelConfig, replicas: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One model's row of ``/v2/repository/index`` from what each replica reported.
+
+    ``replicas`` maps a replica id to its :meth:`ModelService.status` (plus what the
+    server adds). Converged means every replica serves the alias's target.
+    """
+    live = {r["live_version"] for r in replicas.values() if r["live_version"]}
+    targets = [r["target_version"] for r in replicas.values() if r["target_version"]]
+    target = targets[0] if targets else config.version
+    converged = bool(replicas) and live == {target}
+    return {
+        "name": config.name,
+        "version": target,
+        "alias": config.alias,
+        "target_version": target,
+        "state": "READY" if live else "UNAVAILABLE",
+        "reason": "" if converged else "converging",
+        "converged": converged,
+        "replicas": [{"replica": rid, **state} for rid, state in sorted(replicas.items())],
+    }

@@ -44,7 +44,7 @@ import orjson
 from serving import api
 from serving.config import AppConfig
 from serving.errors import ModelNotFound, PayloadTooLarge, ServingError
-from serving.service import ModelService
+from serving.service import ModelService, index_entry
 from serving.settings import Settings, get_settings
 from serving.watcher import run_forever
 
@@ -325,25 +325,12 @@ class StandaloneApp:
         return api.ok([self._entry(m) for m in self.models.values()])
 
     def _entry(self, model: _Model) -> dict[str, Any]:
-        cfg = model.service.config
         state = {
             **model.service.status(),
             "generation": model.waker.generation,
             "reported_at": time.time(),
         }
-        live = state["live_version"]
-        target = state["target_version"] or cfg.version
-        converged = live is not None and live == target
-        return {
-            "name": cfg.name,
-            "version": target,
-            "alias": cfg.alias,
-            "target_version": target,
-            "state": "READY" if live else "UNAVAILABLE",
-            "reason": "" if converged else "converging",
-            "converged": converged,
-            "replicas": [{"replica": self.replica, **state}],
-        }
+        return index_entry(model.service.config, {self.replica: state})
 
     async def _load(self, scope: Scope, receive: Receive, model: str) -> api.Reply:
         target = self._model(model)
