@@ -34,7 +34,7 @@ from starlette.responses import Response
 
 from serving import api, metrics
 from serving.config import AppConfig, ModelConfig
-from serving.errors import ModelNotFound
+from serving.errors import ModelNotFound, NotReady
 from serving.logs import configure_logging
 from serving.service import ModelService, index_entry
 from serving.settings import get_settings
@@ -152,19 +152,19 @@ class ModelDeployment:
 
     async def _infer_batched(self, body: bytes, headers: dict[str, str] | None = None) -> api.Reply:
         # NOTE: decode per request, predict once per batch, encode per request.
+        started = time.perf_counter()
+        served = self.service.slot.version or "none"
         try:
             live = self.service.slot.live
             if live is None:
-                raise ModelNotFound(f"model {self.config.name!r} is not loaded")
+                raise NotReady(f"model {self.config.name!r} has no version loaded yet")
             payload, binary = api.parse_infer_body(body, self.app.max_body_bytes, headers)
             req = api.parse_v2(payload, live.predictor.inputs, binary)
-            version, outputs = await self._batched(req.inputs)
-            reply = api.infer_reply(self.config.name, version, req, outputs)
+            served, outputs = await self._batched(req.inputs)
+            reply = api.infer_reply(self.config.name, served, req, outputs)
         except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
             reply = api.error_reply(exc)
-        metrics.REQUESTS.inc(
-            model=self.config.name, version=str(self.service.slot.version), status=str(reply.status)
-        )
+        self.service.observe(served, reply.status, started)
         return reply
 
     async def _predict_batch(

@@ -113,7 +113,7 @@ class ModelService:
                 reply = api.infer_reply(self.config.name, live.version, req, outputs)
         except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
             reply = api.error_reply(exc)
-        self._observe(served, reply.status, started)
+        self.observe(served, reply.status, started)
         return reply
 
     def predict_v1(self, body: bytes) -> api.Reply:
@@ -128,7 +128,7 @@ class ModelService:
                 reply = api.ok({"predictions": first, "model_version": live.version})
         except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
             reply = api.error_reply(exc)
-        self._observe(served, reply.status, started)
+        self.observe(served, reply.status, started)
         return reply
 
     def predict_arrays(self, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]]:
@@ -150,7 +150,8 @@ class ModelService:
             # but that the model still cannot take (e.g. wrong feature count).
             raise InvalidInput(f"the model rejected the input: {exc}") from exc
 
-    def _observe(self, version: str, status: int, started: float) -> None:
+    def observe(self, version: str, status: int, started: float) -> None:
+        """Count one answered request and, when it succeeded, its latency."""
         metrics.REQUESTS.inc(model=self.config.name, version=version, status=str(status))
         if status < 400:
             metrics.REQUEST_SECONDS.observe(
