@@ -206,7 +206,12 @@ class ModelSlot:
             log.info(
                 "swapped" if old else "loaded",
                 extra=_event(
-                    "swap" if old else "load", self.name, from_version, new.version, started, reason
+                    _event_name(old is not None, reason),
+                    self.name,
+                    from_version,
+                    new.version,
+                    started,
+                    reason,
                 ),
             )
             return new
@@ -278,6 +283,12 @@ class ResidentVersions:
     def versions(self) -> list[str]:
         with self._lock:
             return list(self._loaded)
+
+
+def _event_name(replaced: bool, reason: str) -> str:
+    if not replaced:
+        return "load"
+    return "rollback" if reason == "rollback" else "swap"
 
 
 def _event(

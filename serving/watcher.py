@@ -75,6 +75,8 @@ class AliasWatcher:
         self._retry_at = 0.0
         self._last_ok: float | None = None
         self._last_error: str | None = None
+        self._history_len: int | None = None
+        self._reason = "alias moved"
         self._lock = threading.Lock()
 
     # -- start ---------------------------------------------------------------
@@ -128,6 +130,11 @@ class AliasWatcher:
             return
         metrics.ALIAS_CHECKS.inc(model=name, outcome="changed")
         self._target = _Target(check.alias.version, check.alias.manifest_sha256)
+        # NOTE: `serving rollback` pops the alias history; a plain move appends to it.
+        history = len(check.alias.history)
+        shrank = self._history_len is not None and history < self._history_len
+        self._reason = "rollback" if shrank else "alias moved"
+        self._history_len = history
 
     def _try_swap(self, target: _Target, now: float) -> None:
         name = self.slot.name
@@ -138,7 +145,7 @@ class AliasWatcher:
                 target = _Target(resolved.version, resolved.manifest_sha256)
                 self._target = target
             self._verify_target(resolved, target)
-            self.slot.swap_to(resolved)
+            self.slot.swap_to(resolved, reason=self._reason)
             self.slot.cache.remember_alias(name, self.alias, resolved.version, resolved.manifest_sha256)
         except ServingError as exc:
             if self._failed == target:

@@ -242,3 +242,24 @@ def test_manifest_changed_after_alias_set_is_refused(repo, cache, tmp_path) -> N
     man.write_text(man.read_text().replace('"format": "test"', '"format": "test2"'))
     with pytest.raises(IntegrityError):
         repo.resolve("m@production")
+
+
+def test_each_swap_and_rollback_is_one_structured_log_line(repo, cache, tmp_path, caplog) -> None:
+    publish(repo, tmp_path, "1", factor=1)
+    publish(repo, tmp_path, "2", factor=2)
+    repo.set_alias("m", "production", "1")
+    _slot, watcher = make(repo, cache, Clock())
+    watcher.start()
+    watcher.tick()
+    with caplog.at_level("INFO", logger="serving.swap"):
+        repo.set_alias("m", "production", "2")
+        watcher.tick()
+        repo.rollback("m", "production")
+        watcher.tick()
+    events = [
+        (r.event, r.from_version, r.to_version, r.reason)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "serving.swap"
+    ]
+    assert events == [("swap", "1", "2", "alias moved"), ("rollback", "2", "1", "rollback")]
+    assert all(isinstance(r.duration_s, float) for r in caplog.records)  # type: ignore[attr-defined]
