@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serving.errors import LoadError, ServingError, UnknownFormat
+from serving.errors import LoadError, ServingError, UnknownFormat, UntrustedArtifact
 from serving.manifest import Manifest
 
 from .base import Format, LoadPolicy, Predictor
@@ -115,6 +115,13 @@ def load_predictor(root: Path, manifest: Manifest, policy: LoadPolicy) -> Predic
         LoadError: the framework failed to load it (the cause is chained).
     """
     fmt = get_format(manifest.format)
+    if fmt.runs_code and not policy.allow_unrestricted:
+        # NOTE: defence in depth behind serving.trust.check_trust, for any caller that
+        # reaches a loader without it.
+        raise UntrustedArtifact(
+            f"{manifest.name}:{manifest.version}: format {fmt.name!r} runs code when loaded; "
+            "it loads only for a signed version of a model listed in SERVING_UNRESTRICTED_MODELS"
+        )
     try:
         return fmt.load(Path(root), manifest, policy)
     except ServingError:

@@ -66,6 +66,10 @@ class Format(ABC):
     framework: str
     extra: str
     """The pip extra that installs this format's framework (named in errors)."""
+    runs_code: bool = False
+    """Loading it can run code the artifact carries (a graph or program, not just
+    weights). ``load_predictor`` refuses such formats unless the policy says
+    ``allow_unrestricted`` (a signed version the operator opted in)."""
 
     def framework_version(self) -> str | None:
         """The installed framework's version, recorded in manifests; None if absent."""

@@ -111,6 +111,7 @@ class KerasH5Format(Format):
     """A legacy HDF5 Keras model; refused unless the policy allows it (no safe mode)."""
 
     name = "keras-h5"
+    runs_code = True
     framework = "keras"
     extra = "tensorflow"
 
@@ -188,6 +189,7 @@ class SavedModelFormat(Format):
     """A TensorFlow SavedModel directory, served through its ``serving_default`` signature."""
 
     name = "savedmodel"
+    runs_code = True
     framework = "tensorflow-cpu"
     extra = "tensorflow"
 

@@ -175,6 +175,7 @@ class TorchScriptFormat(Format):
     """A ``torch.jit.save`` archive."""
 
     name = "torchscript"
+    runs_code = True
     framework = "torch"
     extra = "torch"
 
@@ -193,6 +194,7 @@ class TorchExportFormat(Format):
     """A ``torch.export.save`` program (``.pt2``)."""
 
     name = "torch-export"
+    runs_code = True
     framework = "torch"
     extra = "torch"
 

@@ -49,6 +49,9 @@ def iris_model() -> Any:
     return LogisticRegression(max_iter=200).fit(x, y)
 
 
+RUNS_CODE = {"torchscript", "torch-export", "savedmodel", "keras-h5"}
+
+
 def load_back(store: LocalStore, tmp_path: Path, ref: str, policy: LoadPolicy | None = None) -> Predictor:
     """Resolve and fetch through a real LoaderCache, then load the verified directory."""
     repo = Repository(store)
@@ -198,7 +201,13 @@ def test_torch_module_roundtrips(
     assert manifest.format == fmt
     assert manifest.outputs is not None
     assert manifest.outputs[0].shape == [-1, 3]
-    predictor = load_back(local_store, tmp_path, "mlp@production")
+    policy = None
+    if fmt in RUNS_CODE:
+        # A program, not weights: refused unless the policy allows it (a signed, opted-in version).
+        with pytest.raises(UntrustedArtifact, match="runs code"):
+            load_back(local_store, tmp_path, "mlp@production")
+        policy = LoadPolicy(allow_unrestricted=True)
+    predictor = load_back(local_store, tmp_path, "mlp@production", policy)
     out = only_input(predictor, ROWS)["output-0"]
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, torch_reference(mlp, ROWS), rtol=1e-5, atol=1e-6)
@@ -314,9 +323,13 @@ def test_legacy_h5_is_refused_unless_the_policy_allows_it(
     keras_model.save(str(path))
     assert detect_format(path) == "keras-h5"
     publish_path(Repository(local_store), path, "h5", version="1")
-    with pytest.raises(UntrustedArtifact, match="SERVING_ALLOW_LEGACY_H5"):
+    with pytest.raises(UntrustedArtifact, match="runs code"):
         load_back(local_store, tmp_path, "h5:1")
-    predictor = load_back(local_store, tmp_path, "h5:1", LoadPolicy(allow_legacy_h5=True))
+    with pytest.raises(UntrustedArtifact, match="SERVING_ALLOW_LEGACY_H5"):
+        load_back(local_store, tmp_path, "h5:1", LoadPolicy(allow_unrestricted=True))
+    predictor = load_back(
+        local_store, tmp_path, "h5:1", LoadPolicy(allow_legacy_h5=True, allow_unrestricted=True)
+    )
     expected = np.asarray(keras_model(ROWS.astype(np.float32)))
     np.testing.assert_allclose(only_input(predictor, ROWS)["output-0"], expected, rtol=1e-5)
 
@@ -338,7 +351,9 @@ def test_tf_module_savedmodel_roundtrips(local_store: LocalStore, tmp_path: Path
     manifest = serving_save(Doubler(), "sm", store=local_store, version="1")
     assert manifest.format == "savedmodel"
     assert [(s.name, s.shape) for s in manifest.inputs or []] == [("x", [-1, 4])]
-    predictor = load_back(local_store, tmp_path, "sm:1")
+    with pytest.raises(UntrustedArtifact, match="runs code"):
+        load_back(local_store, tmp_path, "sm:1")
+    predictor = load_back(local_store, tmp_path, "sm:1", LoadPolicy(allow_unrestricted=True))
     assert [o.name for o in predictor.outputs] == ["y"]
     out = predictor.predict({"x": ROWS.astype(np.float32)})["y"]
     np.testing.assert_allclose(out[:, 0], ROWS @ np.array([2.0, 1.0, 0.5, 0.25]), rtol=1e-5)

@@ -159,3 +159,13 @@ def test_remembered_signature_is_kept_per_node(repo: Repository, tmp_path: Path,
     remembered = list((cache / "signatures" / "iris").iterdir())
     assert len(remembered) == 1
     assert remembered[0].stat().st_mode & 0o777 == 0o600
+
+
+def test_the_loaders_own_guard_and_the_trust_classes_agree() -> None:
+    """Every format that runs code on load is 'unrestricted' to check_trust, and no other."""
+    from serving.formats import FORMATS
+    from serving.trust import _FORMAT_CLASS
+
+    runs_code = {name for name, fmt in FORMATS.items() if fmt.runs_code}
+    unrestricted = {name for name, cls in _FORMAT_CLASS.items() if cls == "unrestricted"}
+    assert runs_code == unrestricted
