@@ -172,6 +172,11 @@ class LoaderCache:
             return None
         return CachedVersion(name, version, path, Manifest.from_json(raw), manifest_sha256, True)
 
+    def _manifest_bytes(self, name: str, version: str, manifest_sha256: str) -> bytes | None:
+        """The exact manifest bytes of a complete cached version (digest-checked by ``get``)."""
+        cached = self.get(name, version, manifest_sha256)
+        return None if cached is None else (cached.path / MANIFEST_NAME).read_bytes()
+
     def remember_alias(self, name: str, alias: str, version: str, manifest_sha256: str) -> None:
         path = self.root / "aliases" / name / f"{alias}.json"
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -198,7 +203,7 @@ class LoaderCache:
         """
         ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
         try:
-            resolved = repo.resolve(ref)
+            resolved = repo.resolve(ref, known=self._manifest_bytes)
         except StoreError:
             fallback = self._resolve_offline(ref)
             if fallback is None:

@@ -58,6 +58,10 @@ class Resolved:
         return sha256_bytes(self.manifest_raw)
 
 
+ManifestLookup = Callable[[str, str, str], bytes | None]
+"""``(name, version, manifest_sha256) -> manifest bytes`` when they are already held."""
+
+
 @dataclass(frozen=True)
 class AliasCheck:
     """Result of a cheap alias check: ``alias`` is None when nothing changed."""
@@ -164,12 +168,23 @@ class Repository:
             raise AliasNotFound(f"alias {name}@{alias} not found") from exc
         return AliasCheck(Alias.from_json(raw) if raw is not None else None, new_etag)
 
-    def resolve(self, ref: ModelRef | str) -> Resolved:
-        """Resolve ``name@alias`` or ``name:version`` to a version and its manifest."""
+    def resolve(self, ref: ModelRef | str, known: ManifestLookup | None = None) -> Resolved:
+        """Resolve ``name@alias`` or ``name:version`` to a version and its manifest.
+
+        Args:
+            ref: the reference.
+            known: for aliases, ``(name, version, manifest_sha256) -> bytes | None``
+                returning manifest bytes already held (the loader cache's), so an
+                alias whose target is cached costs one request instead of two.
+        """
         ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
         if ref.alias:
             target = self.get_alias(ref.name, ref.alias)
-            manifest, raw = self.manifest(ref.name, target.version)
+            raw_known = known(ref.name, target.version, target.manifest_sha256) if known else None
+            if raw_known is not None:
+                manifest, raw = Manifest.from_json(raw_known), raw_known
+            else:
+                manifest, raw = self.manifest(ref.name, target.version)
             sha = sha256_bytes(raw)
             if sha != target.manifest_sha256:
                 raise IntegrityError(

@@ -112,6 +112,23 @@ def test_fetch_downloads_once_then_hits_without_store_requests(s3repo: S3Repo, c
     assert s3repo.server.requests == []
 
 
+def test_resolving_an_alias_whose_target_is_cached_costs_one_request(
+    s3repo: S3Repo, cache: LoaderCache
+) -> None:
+    s3repo.publish("iris", "1", {"model.bin": os.urandom(1 * KiB)})
+    s3repo.repo.set_alias("iris", "production", "1")
+    resolved, _ = cache.resolve(s3repo.repo, "iris@production")
+    cache.fetch(s3repo.repo, resolved)
+
+    s3repo.server.reset_counts()
+    again, from_cache = cache.resolve(s3repo.repo, "iris@production")
+    assert not from_cache
+    assert (again.version, again.manifest_raw) == ("1", resolved.manifest_raw)
+    assert [(r.method, r.key) for r in s3repo.server.requests] == [
+        ("GET", "models/iris/aliases/production.json")
+    ]
+
+
 def test_identical_files_in_two_versions_are_stored_once(s3repo: S3Repo, cache: LoaderCache) -> None:
     shared = os.urandom(200 * KiB)
     s3repo.publish("iris", "1", {"weights.bin": shared, "v.txt": b"1"})
