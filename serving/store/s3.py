@@ -188,6 +188,12 @@ class S3Store(ObjectStore):
                 **self._read_args,
             )
         except NotFound:
+            # NOTE: a HEAD's 404 carries no error code, so a missing bucket looks like a
+            # missing key; one bucket HEAD tells them apart (StoreNotFound if it is gone).
+            try:
+                self._call("head bucket", self._client.head_bucket, Bucket=self.bucket)
+            except NotFound as exc:
+                raise StoreNotFound(f"no such bucket {self.bucket!r}: {self.uri}") from exc
             return False
         return True
 

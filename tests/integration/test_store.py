@@ -190,7 +190,13 @@ def test_rejected_credentials_are_store_access_denied(
 @pytest.mark.s3
 def test_missing_bucket_is_store_not_found(s3_env: MotoS3, tmp_path: Path, make_settings: Any) -> None:
     store = open_store("s3://no-such-bucket-here/models", make_settings(tmp_path))
-    for call in (lambda: store.get("m/x"), lambda: store.list("m/"), lambda: store.put("m/x", b"1")):
+    calls = (
+        lambda: store.get("m/x"),
+        lambda: store.list("m/"),
+        lambda: store.put("m/x", b"1"),
+        lambda: store.exists("m/x"),
+    )
+    for call in calls:
         with pytest.raises(errors.StoreNotFound) as info:
             call()
         assert info.value.__cause__ is not None
