@@ -37,7 +37,7 @@ from filelock import FileLock
 from serving import metrics
 from serving.errors import IntegrityError, NotFound, StoreError, UntrustedArtifact
 from serving.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, ModelRef, sha256_bytes
-from serving.repository import Repository, Resolved
+from serving.repository import Repository, Resolved, hash_file
 from serving.store.base import Progress
 
 if TYPE_CHECKING:
@@ -318,7 +318,7 @@ class LoaderCache:
                     pass
                 label = f"{name}:{version}/{entry.path}"
                 cb = progress(label, entry.size) if progress else None
-                self._download_blob(repo, prefix + entry.path, entry, label, name, target, cb)
+                self._download_blob(repo, prefix + entry.path, entry, label, name, version, target, cb)
                 fetched[entry.sha256] = target
             for sha, target in fetched.items():
                 blob = self.blob_path(sha)
@@ -343,44 +343,58 @@ class LoaderCache:
         entry: FileEntry,
         label: str,
         model: str,
+        version: str,
         target: Path,
         progress: Progress | None,
     ) -> None:
+        """Download one file into ``target`` (in staging) only once its bytes verified."""
         tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
-        if entry.encoding:
-            self._download_encoded(repo, key, entry, label, model, target, tmp, progress)
-            return
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
-                writer = _HashingWriter(f, entry.size, label)
-                try:
-                    repo.store.download(key, writer, progress)
-                except NotFound as exc:
-                    raise IntegrityError(f"{label}: listed in the manifest but not stored") from exc
+                if entry.encoding:
+                    self._receive_encoded(repo, key, entry, label, model, version, f, progress)
+                else:
+                    self._receive_plain(repo, key, entry, label, model, f, progress)
                 f.flush()
                 os.fsync(f.fileno())
-            metrics.DOWNLOAD_BYTES.inc(writer.size, model=model)
-            if writer.size != entry.size:
-                raise IntegrityError(f"{label}: {writer.size} bytes, the manifest says {entry.size}")
-            digest = writer.hash.hexdigest()
-            if digest != entry.sha256:
-                raise IntegrityError(
-                    f"{label}: sha256 {digest[:16]}... does not match the manifest's {entry.sha256[:16]}..."
-                )
             os.link(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _download_encoded(
+    @staticmethod
+    def _receive_plain(
+        repo: Repository,
+        key: str,
+        entry: FileEntry,
+        label: str,
+        model: str,
+        f: BinaryIO,
+        progress: Progress | None,
+    ) -> None:
+        writer = _HashingWriter(f, entry.size, label)
+        try:
+            repo.store.download(key, writer, progress)
+        except NotFound as exc:
+            raise IntegrityError(f"{label}: listed in the manifest but not stored") from exc
+        metrics.DOWNLOAD_BYTES.inc(writer.size, model=model)
+        if writer.size != entry.size:
+            raise IntegrityError(f"{label}: {writer.size} bytes, the manifest says {entry.size}")
+        digest = writer.hash.hexdigest()
+        if digest != entry.sha256:
+            raise IntegrityError(
+                f"{label}: sha256 {digest[:16]}... does not match the manifest's {entry.sha256[:16]}..."
+            )
+
+    def _receive_encoded(
         self,
         repo: Repository,
         key: str,
         entry: FileEntry,
         label: str,
         model: str,
-        target: Path,
-        tmp: Path,
+        version: str,
+        f: BinaryIO,
         progress: Progress | None,
     ) -> None:
         """A compressed and/or encrypted file: stored digest first, then decode (serving.encoding)."""
@@ -391,28 +405,18 @@ class LoaderCache:
             from serving.settings import get_settings
 
             self._keyring = keyring_from_settings(get_settings())
-        # NOTE: keys follow the public layout <model>/versions/<version>/<path>.
-        version = key[len(f"{model}/versions/") :].split("/", 1)[0]
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                stored = download_decoded(
-                    repo.store,
-                    key,
-                    entry,
-                    label,
-                    f,
-                    self.root / "tmp",
-                    self._keyring,
-                    Context(model, version, entry.path),
-                    progress,
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            metrics.DOWNLOAD_BYTES.inc(stored, model=model)
-            os.link(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        stored = download_decoded(
+            repo.store,
+            key,
+            entry,
+            label,
+            f,
+            self.root / "tmp",
+            self._keyring,
+            Context(model, version, entry.path),
+            progress,
+        )
+        metrics.DOWNLOAD_BYTES.inc(stored, model=model)
 
     @staticmethod
     def _touch(path: Path) -> None:
@@ -424,11 +428,8 @@ class LoaderCache:
     def verify(self, cached: CachedVersion) -> None:
         """Re-hash every cached file against the manifest."""
         for entry in cached.manifest.files:
-            h = hashlib.sha256()
-            with open(cached.path / entry.path, "rb") as f:
-                while chunk := f.read(1024 * 1024):
-                    h.update(chunk)
-            if h.hexdigest() != entry.sha256:
+            _, digest = hash_file(cached.path / entry.path)
+            if digest != entry.sha256:
                 raise IntegrityError(f"{cached.name}:{cached.version}/{entry.path}: cached bytes changed")
 
     # -- pins and eviction ---------------------------------------------------------
