@@ -163,19 +163,19 @@ class LoaderCache:
     # -- lookups --------------------------------------------------------------
     def get(self, name: str, version: str, manifest_sha256: str) -> CachedVersion | None:
         """The cached version if it is complete here, without touching the store."""
+        raw = self._manifest_bytes(name, version, manifest_sha256)
+        if raw is None:
+            return None
         path = self.version_dir(name, version, manifest_sha256)
-        try:
-            raw = (path / MANIFEST_NAME).read_bytes()
-        except FileNotFoundError:
-            return None
-        if sha256_bytes(raw) != manifest_sha256:
-            return None
         return CachedVersion(name, version, path, Manifest.from_json(raw), manifest_sha256, True)
 
     def _manifest_bytes(self, name: str, version: str, manifest_sha256: str) -> bytes | None:
-        """The exact manifest bytes of a complete cached version (digest-checked by ``get``)."""
-        cached = self.get(name, version, manifest_sha256)
-        return None if cached is None else (cached.path / MANIFEST_NAME).read_bytes()
+        """The exact manifest bytes of a complete cached version, if their digest matches."""
+        try:
+            raw = (self.version_dir(name, version, manifest_sha256) / MANIFEST_NAME).read_bytes()
+        except FileNotFoundError:
+            return None
+        return raw if sha256_bytes(raw) == manifest_sha256 else None
 
     def remember_alias(self, name: str, alias: str, version: str, manifest_sha256: str) -> None:
         path = self.root / "aliases" / name / f"{alias}.json"
