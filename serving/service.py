@@ -37,7 +37,9 @@ def build_cache(app: AppConfig, settings: Settings) -> LoaderCache:
 
 def policy_from(settings: Settings) -> LoadPolicy:
     return LoadPolicy(
-        trusted_globals=frozenset(settings.trusted_globals), allow_legacy_h5=settings.allow_legacy_h5
+        trusted_globals=frozenset(settings.trusted_globals),
+        max_artifact_bytes=settings.max_artifact_bytes,
+        max_expansion_ratio=settings.max_expansion_ratio,
     )
 
 

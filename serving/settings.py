@@ -57,10 +57,21 @@ class Settings(BaseSettings):
     you trust needs, and review it like code."""
 
     allow_legacy_h5: bool = False
-    """Load Keras ``.h5`` files, which bypass Keras safe mode (runs code)."""
+    """Load Keras ``.h5`` files, which bypass Keras safe mode (runs code). Applies on top
+    of the rules for every unrestricted format: only signed versions of models listed
+    in ``unrestricted_models`` (SECURITY.md, "Load policy")."""
 
     max_artifact_bytes: int = Field(default=50 * 1024**3, ge=1)
-    """Refuse versions whose files add up to more than this."""
+    """Refuse versions whose files add up to more than this, counting both the stored
+    (compressed or encrypted) size and the plaintext size, before anything is downloaded."""
+
+    max_expansion_ratio: float = Field(default=100.0, gt=1)
+    """A file that decompresses while it loads (joblib's own compression, the zip members
+    of skops, Keras and torch files) may expand to this many times its size on disk
+    (64 MiB at least, ``max_artifact_bytes`` at most); past it the load is refused."""
+
+    max_metadata_bytes: int = Field(default=4 * 1024**2, ge=1024)
+    """The largest ``manifest.json`` or alias object read from the store."""
 
     max_artifact_files: int = Field(default=10_000, ge=1)
     """Refuse versions with more files than this."""

@@ -228,9 +228,13 @@ def check_trust(
     unrestricted = cls == "unrestricted"
     policy = LoadPolicy(
         trusted_globals=frozenset(settings.trusted_globals),
-        allow_legacy_h5=unrestricted,
+        # NOTE: .h5 needs the operator's SERVING_ALLOW_LEGACY_H5 on top of the
+        # signature and SERVING_UNRESTRICTED_MODELS that every unrestricted format needs.
+        allow_legacy_h5=unrestricted and settings.allow_legacy_h5,
         signed=signed,
         allow_unrestricted=unrestricted,
+        max_artifact_bytes=settings.max_artifact_bytes,
+        max_expansion_ratio=settings.max_expansion_ratio,
     )
     metrics.TRUST_CHECKS.inc(model=name, outcome="signed" if signed else "unsigned")
     return Trust(name, version, signed, kid, cls, policy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -46,6 +47,30 @@ def primary_file(root: Path, manifest: Manifest, suffixes: Iterable[str]) -> Pat
             f"{manifest.format} model; name it with the 'file' option"
         )
     return root / matches[0]
+
+
+def check_zip_expansion(path: Path, limit: int) -> None:
+    """Refuse a zip whose members declare more than ``limit`` bytes in all, before any is read.
+
+    ``zipfile`` never returns more than a member's declared size, so the
+    declared sizes bound what a reader of the archive can be made to inflate.
+
+    Raises:
+        UntrustedArtifact: the members declare more than ``limit`` bytes.
+        LoadError: the file is not a readable zip.
+    """
+    from serving.errors import UntrustedArtifact
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            declared = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise LoadError(f"{path.name} is not a readable zip archive: {exc}") from exc
+    if declared > limit:
+        raise UntrustedArtifact(
+            f"{path.name}: its members expand to {declared} bytes, over the limit of {limit} "
+            "(refusing a decompression bomb; see SERVING_MAX_EXPANSION_RATIO)"
+        )
 
 
 def default_inputs(manifest: Manifest, datatype: str) -> list[TensorSpec]:

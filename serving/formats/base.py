@@ -26,12 +26,26 @@ class LoadPolicy:
         allow_unrestricted: the version may use a format that runs code on
             load (arbitrary pickle, ``.h5``, SavedModel); only ever true for a
             signed version of a model the operator opted in.
+        max_artifact_bytes: no file may expand (joblib's own compression, zip
+            members of skops, Keras and torch files) past this many bytes.
+        max_expansion_ratio: nor past this many times its size on disk
+            (with a 64 MiB floor, so small files are never refused for it).
     """
 
     trusted_globals: frozenset[str] = field(default_factory=frozenset)
     allow_legacy_h5: bool = False
     signed: bool = False
     allow_unrestricted: bool = False
+    max_artifact_bytes: int = 50 * 1024**3
+    max_expansion_ratio: float = 100.0
+
+    def expansion_limit(self, stored_bytes: int) -> int:
+        """The most bytes a file of ``stored_bytes`` may decompress to."""
+        by_ratio = int(self.max_expansion_ratio * stored_bytes)
+        return min(self.max_artifact_bytes, max(_EXPANSION_FLOOR, by_ratio))
+
+
+_EXPANSION_FLOOR = 64 * 1024**2
 
 
 class Predictor(ABC):

@@ -11,7 +11,7 @@ import numpy as np
 from serving.errors import LoadError, UntrustedArtifact
 from serving.manifest import Manifest, TensorSpec, check_relative_path
 
-from ._common import pick_inputs, primary_file, require, shape_of, to_numpy_outputs
+from ._common import check_zip_expansion, pick_inputs, primary_file, require, shape_of, to_numpy_outputs
 from .base import Format, LoadPolicy, Predictor, oip_datatype
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -103,6 +103,7 @@ class KerasFormat(Format):
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
         keras = require("keras", self.extra, self.name)
         path = primary_file(root, manifest, (".keras",))
+        check_zip_expansion(path, policy.expansion_limit(path.stat().st_size))
         model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
         return KerasPredictor(model, manifest.inputs, manifest.outputs)
 
@@ -125,8 +126,9 @@ class KerasH5Format(Format):
         if not policy.allow_legacy_h5:
             raise UntrustedArtifact(
                 f"{manifest.name}:{manifest.version} is a legacy Keras .h5 model, which Keras loads "
-                f"without safe mode (lambda layers run code); set SERVING_ALLOW_LEGACY_H5=true only "
-                f"if you trust it, or re-save it as .keras"
+                f"without safe mode (lambda layers run code); it loads only when signed by a trusted "
+                f"key, with the model in SERVING_UNRESTRICTED_MODELS and SERVING_ALLOW_LEGACY_H5=true; "
+                f"or re-save it as .keras"
             )
         keras = require("keras", self.extra, self.name)
         path = primary_file(root, manifest, (".h5", ".hdf5"))

@@ -1,6 +1,7 @@
 """scikit-learn estimators saved with joblib (``sklearn``) or plain ``pickle``.
 
-Both load through :mod:`serving.formats.unpickler`'s allowlist.
+Both load through :mod:`serving.formats.unpickler`'s exact allowlist, then
+:mod:`serving.formats.guard` checks what the built objects hold.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 from serving.errors import InvalidInput
 from serving.manifest import Manifest, TensorSpec
 
-from . import unpickler
+from . import guard, unpickler
 from ._common import default_inputs, pick_inputs, primary_file
 from .base import Format, LoadPolicy, Predictor, oip_datatype
 
@@ -58,6 +59,13 @@ class EstimatorPredictor(Predictor):
                 # NOTE: e.g. SVC(probability=False) exposes predict_proba but raises.
                 continue
         return out
+
+
+def checked_estimator(model: Any, path: Path, manifest: Manifest, policy: LoadPolicy) -> EstimatorPredictor:
+    """Serve a freshly built estimator once :func:`serving.formats.guard.check_loaded` passes it."""
+    gate = unpickler.GlobalPolicy(policy.trusted_globals, path.name)
+    guard.check_loaded(model, gate.admits, path.name)
+    return EstimatorPredictor(model, default_inputs(manifest, "FP64"), manifest.outputs)
 
 
 def _infer_outputs(model: Any, methods: list[str]) -> list[TensorSpec]:
@@ -109,8 +117,9 @@ class SklearnFormat(Format):
 
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
         path = primary_file(root, manifest, _JOBLIB_SUFFIXES)
-        model = unpickler.load_joblib(path, policy.trusted_globals)
-        return EstimatorPredictor(model, default_inputs(manifest, "FP64"), manifest.outputs)
+        limit = policy.expansion_limit(path.stat().st_size)
+        model = unpickler.load_joblib(path, policy.trusted_globals, max_expanded_bytes=limit)
+        return checked_estimator(model, path, manifest, policy)
 
 
 class PickleFormat(Format):
@@ -130,4 +139,4 @@ class PickleFormat(Format):
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
         path = primary_file(root, manifest, _PICKLE_SUFFIXES)
         model = unpickler.load_pickle(path, policy.trusted_globals)
-        return EstimatorPredictor(model, default_inputs(manifest, "FP64"), manifest.outputs)
+        return checked_estimator(model, path, manifest, policy)

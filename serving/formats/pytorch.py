@@ -20,7 +20,14 @@ import numpy as np
 from serving.errors import LoadError, UntrustedArtifact
 from serving.manifest import Manifest, TensorSpec
 
-from ._common import default_inputs, pick_inputs, primary_file, require, to_numpy_outputs
+from ._common import (
+    check_zip_expansion,
+    default_inputs,
+    pick_inputs,
+    primary_file,
+    require,
+    to_numpy_outputs,
+)
 from .base import Format, LoadPolicy, Predictor
 
 _STATE_SUFFIXES = (".pt", ".pth", ".bin")
@@ -137,11 +144,44 @@ class ModuleClass:
         return cls(import_module_class(class_path), init_kwargs)
 
     def predictor(self, state: Mapping[str, Any], manifest: Manifest) -> TorchPredictor:
-        """Build the module, load ``state`` strictly (every key, no extras), serve it."""
+        """Build the module, load ``state`` strictly (every key, no extras), serve it.
+
+        Raises:
+            UntrustedArtifact: ``init_kwargs`` build a module with far more elements
+                than the state dict holds (checked on the meta device, before
+                any memory is allocated).
+        """
+        self.check_size(state, manifest)
         module = self.cls(**self.init_kwargs)
         module.load_state_dict(state, strict=True)
         module.eval()
         return TorchPredictor(module, default_inputs(manifest, "FP32"), manifest.outputs)
+
+    def check_size(self, state: Mapping[str, Any], manifest: Manifest) -> None:
+        """Compare what ``init_kwargs`` would allocate with what the state dict holds.
+
+        A 1 KB state dict whose ``init_kwargs`` ask for a 16384x16384 Linear would
+        allocate 1 GiB before ``load_state_dict`` noticed the mismatch.
+        """
+        import torch
+
+        where = f"{manifest.name}:{manifest.version}"
+        try:
+            with torch.device("meta"):
+                shell = self.cls(**self.init_kwargs)
+        except Exception as exc:  # NOTE: any failure of installed code, reported
+            raise LoadError(f"{where}: cannot build the module with init_kwargs: {exc}") from exc
+        wanted = sum(t.numel() for t in (*shell.parameters(), *shell.buffers()))
+        have = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+        # NOTE: non-persistent buffers are not in the state dict: allow some slack.
+        if wanted > max(2 * have, have + _ELEMENT_SLACK):
+            raise UntrustedArtifact(
+                f"{where}: init_kwargs build a module of {wanted} elements, but the state dict "
+                f"holds {have}; refusing to allocate it"
+            )
+
+
+_ELEMENT_SLACK = 1 << 20
 
 
 class TorchStateDictFormat(Format):
@@ -161,6 +201,8 @@ class TorchStateDictFormat(Format):
         torch = require("torch", self.extra, self.name)
         module_class = ModuleClass.from_options(manifest)
         path = primary_file(root, manifest, _STATE_SUFFIXES)
+        if zipfile.is_zipfile(path):
+            check_zip_expansion(path, policy.expansion_limit(path.stat().st_size))
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:

@@ -3,25 +3,31 @@
 Unpickling calls whatever callables the stream names, so the check runs at load
 time inside ``find_class`` (every global the stream references goes through it,
 nested joblib object arrays included), not as a scan beforehand. A global is
-admitted when it is:
+admitted only by its exact ``module.qualname``, when it is:
 
-1. on :data:`ALLOWED_FUNCTIONS`, an explicit list of the callables real
-   sklearn/joblib/numpy pickles reference (array reconstruction, dtype, RNG
-   state, Cython ``__pyx_unpickle_*`` helpers of admitted classes);
-2. a *class* (``isinstance(obj, type)``) defined in the scientific stack
-   (:data:`CLASS_PACKAGES`), outside the sub-packages in :data:`DENIED_MODULES`
-   and not on :data:`DENIED_CLASSES`; or
+1. on the generated list ``pickle_allowlist.txt`` beside this module: every
+   global that pickles of fitted scikit-learn estimators, numpy arrays, dtypes
+   and RNG state, and scipy.sparse matrices reference
+   (``scripts/gen_pickle_allowlist.py`` builds it; ``tests/unit/test_pickle_allowlist.py``
+   audits the constructors and state setters of every class on it);
+2. on :data:`STANDARD_GLOBALS`, a short reviewed list of plain standard-library
+   data classes and pickle helpers (and numpy 1 spellings of numpy's helpers); or
 3. listed in ``LoadPolicy.trusted_globals`` by the operator.
 
-Modules are never admitted wholesale: numpy, sklearn and joblib all contain
-functions that evaluate strings or run programs, so functions need the list.
-A module is imported only after its name passed the gate, because importing
-can itself run code (``numpy.f2py.__main__``).
+Nothing is admitted by package or module prefix: a class is a callable, and its
+``__new__``, ``__init__`` and ``__setstate__`` run with arguments the stream
+chooses, so every admitted class is one somebody reviewed. A module is imported
+only after the name passed the gate, because importing can itself run code
+(``numpy.f2py.__main__``).
+
+What a loaded object *does* with its state at predict time is checked after
+loading by :mod:`serving.formats.guard`.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
+import functools
 import importlib
 import inspect
 import io
@@ -33,43 +39,21 @@ from typing import IO, Any
 from serving.errors import LoadError, UntrustedArtifact
 
 __all__ = [
-    "ALLOWED_FUNCTIONS",
-    "CLASS_PACKAGES",
-    "DENIED_CLASSES",
-    "DENIED_MODULES",
+    "ALLOWLIST_FILE",
+    "STANDARD_GLOBALS",
     "GlobalPolicy",
+    "admitted_globals",
     "load_joblib",
     "load_pickle",
     "loads",
 ]
 
-ALLOWED_FUNCTIONS: frozenset[str] = frozenset(
-    {
-        # numpy array and scalar reconstruction (numpy 2 and numpy 1 module names)
-        "numpy._core.multiarray._reconstruct",
-        "numpy.core.multiarray._reconstruct",
-        "numpy._core.multiarray.scalar",
-        "numpy.core.multiarray.scalar",
-        "numpy._core.numeric._frombuffer",
-        "numpy.core.numeric._frombuffer",
-        # numpy random state (RandomState/Generator/BitGenerator by registered name)
-        "numpy.random._pickle.__randomstate_ctor",
-        "numpy.random._pickle.__generator_ctor",
-        "numpy.random._pickle.__bit_generator_ctor",
-        # sklearn's Cython extension types: ``cls.__new__(cls)``
-        "sklearn.metrics._dist_metrics.newObj",
-        "sklearn.neighbors._kd_tree.newObj",
-        "sklearn.neighbors._ball_tree.newObj",
-        # the standard library's own pickle helpers
-        "copyreg._reconstructor",
-        "copyreg.__newobj__",
-        "_codecs.encode",
-    }
-)
-"""Functions (not classes) a model pickle may call, by ``module.qualname``."""
+ALLOWLIST_FILE = Path(__file__).with_name("pickle_allowlist.txt")
+"""The generated exact list (one ``module.qualname`` a line, ``#`` comments)."""
 
-ALLOWED_BUILTIN_CLASSES: frozenset[str] = frozenset(
+STANDARD_GLOBALS: frozenset[str] = frozenset(
     {
+        # plain data classes of the standard library
         "builtins.object",
         "builtins.bool",
         "builtins.int",
@@ -92,55 +76,30 @@ ALLOWED_BUILTIN_CLASSES: frozenset[str] = frozenset(
         "datetime.time",
         "datetime.timedelta",
         "datetime.timezone",
+        # the standard library's own pickle helpers: they only call admitted classes
+        "copyreg._reconstructor",
+        "copyreg.__newobj__",
+        "_codecs.encode",
+        # numpy 1 spellings of the array helpers the generated list names for numpy 2
+        "numpy.core.multiarray._reconstruct",
+        "numpy.core.multiarray.scalar",
+        "numpy.core.numeric._frombuffer",
+        # joblib's placeholder for arrays stored beside the pickle stream
         "joblib.numpy_pickle.NumpyArrayWrapper",
     }
 )
-"""Plain data classes from the standard library, and joblib's array placeholder."""
-
-CLASS_PACKAGES: tuple[str, ...] = ("sklearn", "numpy", "scipy")
-"""Top-level packages whose classes (only classes) are admitted."""
-
-DENIED_MODULES: tuple[str, ...] = (
-    "numpy.f2py",
-    "numpy.distutils",
-    "numpy.testing",
-    "numpy.ctypeslib",
-    "numpy.lib._datasource",
-    "numpy.lib.npyio",
-    "numpy.lib._npyio_impl",
-    "numpy.lib.format",
-    "numpy._pytesttester",
-    "numpy.conftest",
-    "scipy._lib._testutils",
-    "scipy.io",
-    "scipy.datasets",
-    "scipy.misc",
-    "sklearn.utils._testing",
-    "sklearn.externals",
-    "sklearn.datasets",
-)
-"""Sub-packages of :data:`CLASS_PACKAGES` whose classes touch files, the network or tests."""
-
-DENIED_CLASSES: frozenset[str] = frozenset(
-    {
-        "numpy.memmap",  # opens, creates or truncates a file in __new__
-    }
-)
+"""Reviewed by hand: plain data and pickle helpers that no generated list would name."""
 
 
-def _qualified(obj: type) -> str:
-    return f"{obj.__module__}.{obj.__qualname__}"
-
-
-def _module_denied(module: str) -> bool:
-    parts = module.split(".")
-    if any(p == "__main__" or p.startswith("test") or p == "conftest" for p in parts):
-        return True
-    return any(module == d or module.startswith(d + ".") for d in DENIED_MODULES)
-
-
-def _in_class_packages(module: str) -> bool:
-    return module.split(".", 1)[0] in CLASS_PACKAGES and not _module_denied(module)
+@functools.cache
+def admitted_globals() -> frozenset[str]:
+    """Every global admitted by default: the generated list plus :data:`STANDARD_GLOBALS`."""
+    try:
+        lines = ALLOWLIST_FILE.read_text().splitlines()
+    except OSError as exc:
+        raise LoadError(f"the pickle allowlist {ALLOWLIST_FILE} cannot be read: {exc}") from exc
+    generated = {ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")}
+    return frozenset(generated) | STANDARD_GLOBALS
 
 
 class GlobalPolicy:
@@ -149,12 +108,16 @@ class GlobalPolicy:
     def __init__(self, trusted_globals: Iterable[str] = (), source: str = "the artifact") -> None:
         self.trusted = frozenset(trusted_globals)
         self.source = source
+        self._admitted = admitted_globals()
 
     def refuse(self, dotted: str, why: str = "not in the allowlist") -> UntrustedArtifact:
         return UntrustedArtifact(
             f"refused to load global {dotted!r} from {self.source}: {why} "
             f"(add it to SERVING_TRUSTED_GLOBALS only if you trust it)"
         )
+
+    def admits(self, dotted: str) -> bool:
+        return dotted in self._admitted or dotted in self.trusted
 
     def find_class(self, module: str, name: str) -> Any:
         """Resolve ``module.name`` if the policy admits it, else raise UntrustedArtifact."""
@@ -166,41 +129,9 @@ class GlobalPolicy:
         elif module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
         dotted = f"{module}.{name}"
-        if dotted in self.trusted:
-            return _resolve(module, name, dotted, self)
-        if dotted in ALLOWED_FUNCTIONS or dotted in ALLOWED_BUILTIN_CLASSES:
-            return _resolve(module, name, dotted, self)
-        pyx = _pyx_helper_class(name)
-        if pyx is not None and _in_class_packages(module):
-            # NOTE: Cython's ``__pyx_unpickle_<Cls>`` only rebuilds ``<Cls>`` of the
-            # same module: admit it exactly when that class is admitted.
-            self._admitted_class(module, pyx, f"{module}.{pyx}")
-            return _resolve(module, name, dotted, self)
-        if "__" in name or "<" in name:
+        if not self.admits(dotted):
             raise self.refuse(dotted)
-        return self._admitted_class(module, name, dotted)
-
-    def _admitted_class(self, module: str, name: str, dotted: str) -> type:
-        if not _in_class_packages(module):
-            raise self.refuse(dotted)
-        obj = _resolve(module, name, dotted, self)
-        if not isinstance(obj, type):
-            raise self.refuse(dotted, "only classes are admitted from this package, and this is not one")
-        # NOTE: ``sklearn.x.Popen`` would resolve to subprocess.Popen if sklearn.x
-        # imported it: judge the class by where it is defined, not where it was found.
-        defined_in = getattr(obj, "__module__", "") or ""
-        if not _in_class_packages(defined_in):
-            raise self.refuse(dotted, f"it is {_qualified(obj)!r}, defined outside the admitted packages")
-        if any(_qualified(k) in DENIED_CLASSES for k in inspect.getmro(obj)):
-            raise self.refuse(dotted, "this class opens files when constructed")
-        return obj
-
-
-def _pyx_helper_class(name: str) -> str | None:
-    prefix = "__pyx_unpickle_"
-    if name.startswith(prefix) and name[len(prefix) :].isidentifier() and "__" not in name[len(prefix) :]:
-        return name[len(prefix) :]
-    return None
+        return _resolve(module, name, dotted, self)
 
 
 def _resolve(module: str, name: str, dotted: str, policy: GlobalPolicy) -> Any:
@@ -284,12 +215,58 @@ def _joblib_unpickler_class() -> type:
     return RestrictedNumpyUnpickler
 
 
-def load_joblib(path: Path, trusted_globals: Iterable[str] = ()) -> Any:
+class _BoundedReader:
+    """A decompressing file object that refuses to produce more than ``limit`` bytes.
+
+    joblib's own compressors (zlib, gzip, bz2, lzma/xz, lz4) declare no
+    uncompressed size, so the bound is the policy's expansion limit for the file.
+    """
+
+    def __init__(self, raw: Any, limit: int, label: str) -> None:
+        self._raw, self._limit, self._label = raw, limit, label
+        self.produced = 0
+
+    def _count(self, n: int) -> None:
+        self.produced += n
+        if self.produced > self._limit:
+            raise UntrustedArtifact(
+                f"{self._label}: decompresses to more than {self._limit} bytes "
+                "(refusing a decompression bomb; see SERVING_MAX_EXPANSION_RATIO)"
+            )
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self._limit - self.produced + 1
+        data: bytes = self._raw.read(min(size, self._limit - self.produced + 1))
+        self._count(len(data))
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        cap = self._limit - self.produced + 1
+        data: bytes = self._raw.readline(cap if size is None or size < 0 else min(size, cap))
+        self._count(len(data))
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        data = self.read(len(memoryview(buf)))
+        memoryview(buf).cast("B")[: len(data)] = data
+        return len(data)
+
+
+def load_joblib(
+    path: Path, trusted_globals: Iterable[str] = (), max_expanded_bytes: int | None = None
+) -> Any:
     """``joblib.load`` with every global checked by the allowlist (no memory mapping).
+
+    Args:
+        path: the joblib file.
+        trusted_globals: globals the operator admits beyond the allowlist.
+        max_expanded_bytes: a compressed file may decompress to at most this many bytes.
 
     Raises:
         UntrustedArtifact: the stream references a global the policy does not admit,
-            or the file is in joblib's pre-0.10 multi-file format.
+            the file is in joblib's pre-0.10 multi-file format, or it decompresses
+            past ``max_expanded_bytes``.
         LoadError: the file is not a valid joblib pickle.
     """
     from joblib import numpy_pickle_utils
@@ -310,6 +287,8 @@ def load_joblib(path: Path, trusted_globals: Iterable[str] = ()) -> Any:
                 f"{path.name} uses joblib's pre-0.10 format, which reads companion files: "
                 f"re-save it with a current joblib"
             )
+        if fobj is not f and max_expanded_bytes is not None:
+            fobj = _BoundedReader(fobj, max_expanded_bytes, path.name)
         kwargs: dict[str, Any] = {"ensure_native_byte_order": True} if takes_byte_order else {}
         unpickler = unpickler_cls(str(path), fobj, **kwargs)
         unpickler._policy = policy

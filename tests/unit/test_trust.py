@@ -142,7 +142,19 @@ def test_signed_and_opted_in_unrestricted_format_is_allowed(
     trust = check_trust(repo, resolved, settings(key, unrestricted_models=["iris"]))
     assert trust.load_class == "unrestricted"
     assert trust.policy.allow_unrestricted
+    assert not trust.policy.allow_legacy_h5, "without SERVING_ALLOW_LEGACY_H5, .h5 stays refused"
+
+
+def test_allow_legacy_h5_setting_takes_effect_for_a_signed_opted_in_model(
+    repo: Repository, tmp_path: Path, key: Path
+) -> None:
+    """SERVING_ALLOW_LEGACY_H5 is honoured on top of signature and opt-in, and alone admits nothing."""
+    resolved = publish(repo, tmp_path, "1", key, filename="model.h5", fmt="keras")
+    trust = check_trust(repo, resolved, settings(key, unrestricted_models=["iris"], allow_legacy_h5=True))
     assert trust.policy.allow_legacy_h5
+    unsigned = publish(repo, tmp_path, "2", None, filename="model.h5", fmt="keras")
+    with pytest.raises(UntrustedArtifact, match="not signed"):
+        check_trust(repo, unsigned, settings(key, unrestricted_models=["iris"], allow_legacy_h5=True))
 
 
 def test_unknown_format_is_unrestricted(repo: Repository, tmp_path: Path) -> None:
