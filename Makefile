@@ -36,8 +36,8 @@ serve: $(SERVE_STAMP)
 	$(PY) -m serving.cli serve --port $${PORT:-8000} --metrics-port $${METRICS_PORT:-8080}
 
 lint: $(TEST_STAMP)
-	$(VENV)/bin/ruff check serving tests bench
-	$(VENV)/bin/ruff format --check serving tests bench
+	$(VENV)/bin/ruff check serving tests bench scripts
+	$(VENV)/bin/ruff format --check serving tests bench scripts
 
 typecheck: $(TEST_STAMP)
 	$(VENV)/bin/mypy serving
