@@ -274,9 +274,11 @@ class LoaderCache:
                 f"{manifest.name}:{manifest.version} has {len(manifest.files)} files, "
                 f"over the limit of {self.max_artifact_files}"
             )
-        if manifest.total_bytes > self.max_artifact_bytes:
+        # NOTE: both sizes count: what is downloaded (stored_size) and what it decodes to.
+        total = max(manifest.total_bytes, sum(f.stored_bytes for f in manifest.files))
+        if total > self.max_artifact_bytes:
             raise UntrustedArtifact(
-                f"{manifest.name}:{manifest.version} is {manifest.total_bytes} bytes, "
+                f"{manifest.name}:{manifest.version} is {total} bytes, "
                 f"over the limit of {self.max_artifact_bytes}"
             )
 

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+MAX_GET_BYTES = 4 * 1024**2
+"""Default cap on :meth:`ObjectStore.get` (manifests, aliases, signatures are small)."""
+
 Progress = Callable[[int], None]
 """Called with the number of bytes just transferred."""
 
@@ -25,6 +28,17 @@ class ObjectInfo:
     size: int
 
 
+def check_get_size(key: str, size: int, limit: int) -> None:
+    """Refuse to read a "small" object (manifest, alias, signature) larger than ``limit``."""
+    if size > limit:
+        from serving.errors import InvalidManifest
+
+        raise InvalidManifest(
+            f"{key} is {size} bytes, over the {limit}-byte limit for manifests and aliases "
+            "(SERVING_MAX_METADATA_BYTES); refusing to read it"
+        )
+
+
 class ObjectStore(ABC):
     """Bytes under ``/``-separated keys.
 
@@ -36,11 +50,16 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def get(self, key: str) -> tuple[bytes, str]:
-        """Return the object's bytes and its ETag."""
+        """Return a small object's bytes and its ETag.
+
+        Raises:
+            InvalidManifest: the object is larger than the store's ``max_get_bytes``
+                (checked from its size, before the body is read).
+        """
 
     @abstractmethod
     def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes | None, str]:
-        """One small request: ``(None, etag)`` when the object still has ``etag``."""
+        """One small request: ``(None, etag)`` when the object still has ``etag``; capped like ``get``."""
 
     @abstractmethod
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:

@@ -25,5 +25,5 @@ def open_store(uri: str | None = None, settings: Settings | None = None) -> Obje
     if scheme in {"", "file"}:
         from serving.store.local import LocalStore
 
-        return LocalStore(uri)
+        return LocalStore(uri, max_get_bytes=settings.max_metadata_bytes)
     raise InvalidReference(f"unsupported store URI {uri!r}: use a path, file:// or s3://")

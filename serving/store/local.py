@@ -9,17 +9,18 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from serving.errors import NotFound, StoreError, StoreNotFound
-from serving.store.base import ObjectInfo, ObjectStore, Progress, Sink
+from serving.store.base import MAX_GET_BYTES, ObjectInfo, ObjectStore, Progress, Sink, check_get_size
 
 _CHUNK = 1024 * 1024
 
 
 class LocalStore(ObjectStore):
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, max_get_bytes: int = MAX_GET_BYTES) -> None:
         parsed = urlparse(uri)
         path = unquote(parsed.path) if parsed.scheme == "file" else uri
         self.root = Path(path).expanduser().resolve()
         self.uri = self.root.as_uri()
+        self.max_get_bytes = max_get_bytes
 
     def _path(self, key: str) -> Path:
         return self.root / key
@@ -39,6 +40,7 @@ class LocalStore(ObjectStore):
     def get(self, key: str) -> tuple[bytes, str]:
         path = self._path(key)
         try:
+            check_get_size(key, path.stat().st_size, self.max_get_bytes)
             return path.read_bytes(), self._etag(path)
         except FileNotFoundError as exc:
             raise self._missing(key) from exc

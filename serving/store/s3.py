@@ -7,6 +7,7 @@ or ``AWS_ENDPOINT_URL_S3`` for MinIO, env keys, profiles, web identity (IRSA).
 from __future__ import annotations
 
 import builtins
+import logging
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -21,7 +22,7 @@ from serving.errors import (
     StoreUnavailable,
 )
 from serving.settings import Settings
-from serving.store.base import ObjectInfo, ObjectStore, Progress, Sink
+from serving.store.base import ObjectInfo, ObjectStore, Progress, Sink, check_get_size
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
 _THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "503", "500"}
@@ -71,6 +72,7 @@ class S3Store(ObjectStore):
         )
 
         self._write_args, self._read_args = _sse_args(settings)
+        self.max_get_bytes = settings.max_metadata_bytes
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -131,7 +133,14 @@ class S3Store(ObjectStore):
             raise self._translate(exc, f"get {key}") from exc
         except BotoCoreError as exc:
             raise self._translate(exc, f"get {key}") from exc
-        return resp["Body"].read(), resp["ETag"]
+        body = resp["Body"]
+        try:
+            check_get_size(key, int(resp.get("ContentLength") or 0), self.max_get_bytes)
+            data = body.read(self.max_get_bytes + 1)
+        finally:
+            body.close()
+        check_get_size(key, len(data), self.max_get_bytes)
+        return data, resp["ETag"]
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         kwargs: dict[str, Any] = {
@@ -223,6 +232,40 @@ class S3Store(ObjectStore):
         return sorted(out)
 
 
+_REDACTED: set[str] = set()
+_LIBRARY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
+
+
+def _redact_from_logs(key: bytes) -> None:
+    """Keep an SSE-C key out of every log record boto3 and its libraries write.
+
+    A filter on the ``botocore`` logger would not see its children's records, so
+    the record factory redacts, and only for those libraries' loggers.
+    """
+    import base64
+
+    secrets = {base64.b64encode(key).decode(), repr(key)}
+    if secrets <= _REDACTED:
+        return
+    first = not _REDACTED
+    _REDACTED.update(secrets)
+    if not first:
+        return
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if record.name.startswith(_LIBRARY_LOGGERS):
+            message = record.getMessage()
+            if any(s in message for s in _REDACTED):
+                for s in _REDACTED:
+                    message = message.replace(s, "***")
+                record.msg, record.args = message, None
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
 def _sse_args(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     """Server-side encryption arguments: (for writes, for reads).
 
@@ -247,7 +290,9 @@ def _sse_args(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
             raise InvalidRequest("SERVING_S3_SSE_C_KEY is not base64") from exc
         if len(key) != 32:
             raise InvalidRequest("SERVING_S3_SSE_C_KEY must be base64 of exactly 32 bytes")
-        # NOTE: boto3 adds the key's MD5 and base64-encodes it; the key never enters a message.
+        # NOTE: boto3 adds the key's MD5 and base64-encodes it; botocore's DEBUG logs print
+        # request parameters and headers, so both spellings are redacted from its records.
+        _redact_from_logs(key)
         read = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": key}
         write.update(read)
     return write, read

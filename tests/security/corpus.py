@@ -271,3 +271,113 @@ def onnx_with_external_data_outside(path: Path, location: str) -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path.write_bytes(model.SerializeToString())
+
+
+# -- the trust-boundary round: gadgets through classes the old allowlist admitted, ------
+# -- file reads through skops's default trusted types, crashes and bombs ----------------
+def scipy_distribution_gadget(t: Sentinel) -> bytes:
+    """A scipy.stats distribution whose __setstate__ exec()s ``_parse_arg_template`` from its state.
+
+    Every global it names is a class of scipy or the standard library's own
+    pickle helper, which a by-package allowlist admitted.
+    """
+    state = b"}" + MARK + s("_parse_arg_template") + s(t.code) + b"u"
+    obj = call(
+        glob("copyreg", "_reconstructor"),
+        glob("scipy.stats._continuous_distns", "norm_gen"),
+        glob("builtins", "object"),
+        b"N",
+    )
+    return obj + state + b"b"
+
+
+def sklearn_class_as_callable(t: Sentinel) -> object:
+    """FunctionTransformer(func=numpy.ndarray): an admitted class that predict() would call on client data."""
+    import numpy as np
+    from sklearn.preprocessing import FunctionTransformer
+
+    return FunctionTransformer(func=np.ndarray)
+
+
+def vectorizer_reading_files(input_kind: str = "filename") -> object:
+    """A fitted text pipeline of skops-trusted types that opens whatever path a client sends."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    model = make_pipeline(CountVectorizer(analyzer="char"), LogisticRegression(max_iter=200))
+    model.fit(["aaa", "bbb", "abab", "baba"], [0, 1, 0, 1])
+    model.steps[0][1].input = input_kind
+    return model
+
+
+def tree_pointing_out_of_bounds() -> object:
+    """A fitted DecisionTreeClassifier whose root's left child is far past the node array."""
+    import numpy as np
+    from sklearn.tree import DecisionTreeClassifier
+    from sklearn.tree._tree import Tree
+
+    x = np.array([[0.0], [1.0], [2.0], [3.0]])
+    model = DecisionTreeClassifier(random_state=0).fit(x, [0, 0, 1, 1])
+    state = model.tree_.__getstate__()
+    state["nodes"]["left_child"][0] = 50_000_000
+    tree = Tree(model.n_features_in_, np.array([model.n_classes_], dtype=np.intp), model.n_outputs_)
+    tree.__setstate__(state)
+    model.tree_ = tree
+    return model
+
+
+def write_xz_joblib_bomb(path: Path, expanded: int) -> None:
+    """A joblib file (xz, joblib's own compression) whose pickle holds ``expanded`` zero bytes."""
+    import lzma
+
+    header = PROTO + b"\x8e" + struct.pack("<Q", expanded)  # BINBYTES8
+    comp = lzma.LZMACompressor(format=lzma.FORMAT_XZ, preset=0)
+    chunk = bytes(8 * 1024 * 1024)
+    with open(path, "wb") as f:
+        f.write(comp.compress(header))
+        left = expanded
+        while left:
+            n = min(left, len(chunk))
+            f.write(comp.compress(chunk[:n]))
+            left -= n
+        f.write(comp.compress(STOP))
+        f.write(comp.flush())
+
+
+def write_skops_schema_bomb(path: Path, expanded: int) -> None:
+    """A skops-looking zip whose schema.json deflates to ``expanded`` bytes of whitespace."""
+    chunk = b" " * (8 * 1024 * 1024)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        with z.open("schema.json", "w", force_zip64=True) as member:
+            member.write(b'{"__class__": "dict", "__module__": "builtins", "content": {}')
+            left = expanded
+            while left:
+                n = min(left, len(chunk))
+                member.write(chunk[:n])
+                left -= n
+            member.write(b"}")
+
+
+def onnx_with_sparse_external_data(path: Path, location: str) -> None:
+    """An ONNX model whose sparse initializer's values name external data at ``location``."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    values = numpy_helper.from_array(np.ones(2, dtype=np.float32), "W")
+    values.ClearField("raw_data")
+    values.data_location = TensorProto.EXTERNAL
+    for key, value in {"location": location, "offset": "0", "length": "8"}.items():
+        entry = values.external_data.add()
+        entry.key, entry.value = key, value
+    indices = numpy_helper.from_array(np.array([0, 3], dtype=np.int64), "W_idx")
+    sparse = helper.make_sparse_tensor(values, indices, [2, 2])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["Y"])],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 2])],
+        sparse_initializer=[sparse],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(model.SerializeToString())
