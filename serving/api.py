@@ -16,6 +16,7 @@ output's parameters, or ``"binary_data_output": true`` in the request's.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import struct
@@ -39,6 +40,8 @@ INFERENCE_HEADER = "Inference-Header-Content-Length"
 EXTENSIONS = ["model_repository", "binary_tensor_data"]
 """What server metadata lists under ``extensions`` (Triton's names)."""
 
+log = logging.getLogger("serving.api")
+
 
 # -- responses ------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -55,9 +58,14 @@ def ok(payload: Any, status: int = 200) -> Reply:
 
 
 def error_reply(exc: Exception) -> Reply:
-    """The one error handler: client mistakes are 4xx with a message, never a 500."""
+    """The one error handler: client mistakes are 4xx with a message, never a 500.
+
+    Anything that is not a :class:`ServingError` is a bug or a server fault: it is
+    logged here, once, with its traceback, and answered 500 without details.
+    """
     if isinstance(exc, ServingError):
         return Reply(exc.status_code, orjson.dumps({"error": exc.message}))
+    log.error("unexpected error while answering a request", exc_info=exc)
     return Reply(500, orjson.dumps({"error": f"internal error: {type(exc).__name__}"}))
 
 

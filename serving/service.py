@@ -6,6 +6,7 @@ and only adapts calls to it.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -24,6 +25,10 @@ from serving.slot import Live, ModelSlot, ResidentVersions
 from serving.store import open_store
 from serving.trust import check_trust
 from serving.watcher import AliasWatcher
+
+_CLIENT_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.EACCES, errno.ELOOP}
+)
 
 
 def build_cache(app: AppConfig, settings: Settings) -> LoaderCache:
@@ -151,6 +156,12 @@ class ModelService:
             # NOTE: frameworks raise these for inputs that passed the schema check
             # but that the model still cannot take (e.g. wrong feature count).
             raise InvalidInput(f"the model rejected the input: {exc}") from exc
+        except OSError as exc:
+            # NOTE: a path or name taken from the request (no such file, a directory,
+            # too long) is the caller's mistake; any other OSError is the server's.
+            if exc.errno not in _CLIENT_ERRNOS:
+                raise
+            raise InvalidInput(f"the model could not use the input: {exc.strerror or exc}") from exc
 
     def observe(self, version: str, status: int, started: float) -> None:
         """Count one answered request and, when it succeeded, its latency."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -175,3 +176,23 @@ def test_bad_sse_c_key_is_refused_without_echoing_it(make_settings: Any, tmp_pat
     with pytest.raises(InvalidRequest) as info:
         open_store(settings.store, settings)
     assert "c2VjcmV0" not in str(info.value)
+
+
+@pytest.mark.s3
+def test_sse_c_key_never_reaches_botocore_debug_logs(
+    bucket: str, make_settings: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With boto3's DEBUG logging on, neither the SSE-C key nor its base64 appears in any record."""
+    raw = os.urandom(32)
+    sse_key = base64.b64encode(raw).decode()
+    settings = make_settings(tmp_path / "cache", store=f"s3://{bucket}/models", s3_sse_c_key=sse_key)
+    repo = Repository(open_store(settings.store, settings))
+    with caplog.at_level(logging.DEBUG):
+        publish_path(repo, artifact(tmp_path, 1000), "m", format="pickle")
+        assert pull(repo, settings, "m:1") == (tmp_path / "model.pkl").read_bytes()
+    library = [r for r in caplog.records if r.name.startswith(("botocore", "urllib3", "s3transfer"))]
+    assert library, "botocore wrote no DEBUG records: the test would prove nothing"
+    text = "\n".join(r.getMessage() for r in library)
+    assert "***" in text, "the key was not present to redact: the test would prove nothing"
+    assert sse_key not in text
+    assert repr(raw) not in text

@@ -348,15 +348,17 @@ def write_xz_joblib_bomb(path: Path, expanded: int) -> None:
 def write_skops_schema_bomb(path: Path, expanded: int) -> None:
     """A skops-looking zip whose schema.json deflates to ``expanded`` bytes of whitespace."""
     chunk = b" " * (8 * 1024 * 1024)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        with z.open("schema.json", "w", force_zip64=True) as member:
-            member.write(b'{"__class__": "dict", "__module__": "builtins", "content": {}')
-            left = expanded
-            while left:
-                n = min(left, len(chunk))
-                member.write(chunk[:n])
-                left -= n
-            member.write(b"}")
+    with (
+        zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z,
+        z.open("schema.json", "w", force_zip64=True) as member,
+    ):
+        member.write(b'{"__class__": "dict", "__module__": "builtins", "content": {}')
+        left = expanded
+        while left:
+            n = min(left, len(chunk))
+            member.write(chunk[:n])
+            left -= n
+        member.write(b"}")
 
 
 def onnx_with_sparse_external_data(path: Path, location: str) -> None:

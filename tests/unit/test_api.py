@@ -128,3 +128,55 @@ def test_unknown_paths_are_404_and_wrong_methods_405() -> None:
     with pytest.raises(MethodNotAllowed) as exc:
         api.match("GET", "/v2/models/iris/infer")
     assert exc.value.status_code == 405
+
+
+def test_unexpected_errors_are_logged_once_with_their_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """A non-ServingError is logged with its traceback; a client's mistake is not logged at all."""
+
+    def boom() -> None:
+        raise KeyError("internal detail")
+
+    try:
+        boom()
+    except KeyError as exc:
+        with caplog.at_level("ERROR", logger="serving.api"):
+            reply = api.error_reply(exc)
+            api.error_reply(InvalidInput("bad shape"))
+    assert reply.status == 500
+    assert b"internal detail" not in reply.body
+    records = [r for r in caplog.records if r.name == "serving.api"]
+    assert len(records) == 1
+    assert records[0].exc_info is not None
+    assert "in boom" in caplog.text
+
+
+class _Failing:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "client"),
+    [
+        (FileNotFoundError(2, "No such file or directory"), True),
+        (IsADirectoryError(21, "Is a directory"), True),
+        (OSError(36, "File name too long"), True),
+        (OSError(28, "No space left on device"), False),
+    ],
+)
+def test_predictor_oserrors_caused_by_the_request_are_4xx(exc: OSError, client: bool) -> None:
+    """An OSError the request caused (no such path, a directory) is a 400; a server fault is not."""
+    from types import SimpleNamespace
+
+    from serving.service import ModelService
+
+    live = SimpleNamespace(predictor=_Failing(exc))
+    if client:
+        with pytest.raises(InvalidInput, match="could not use the input"):
+            ModelService._predict(live, {})  # type: ignore[arg-type]
+    else:
+        with pytest.raises(OSError, match="No space"):
+            ModelService._predict(live, {})  # type: ignore[arg-type]
