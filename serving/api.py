@@ -57,7 +57,9 @@ def ok(payload: Any, status: int = 200) -> Reply:
 def error_reply(exc: Exception) -> Reply:
     """The one error handler: client mistakes are 4xx with a message, never a 500."""
     if isinstance(exc, ServingError):
-        return Reply(exc.status_code, orjson.dumps({"error": exc.message}))
+        # NOTE: a 503 that says when to come back (Overloaded) lets clients back off, not hammer.
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else {}
+        return Reply(exc.status_code, orjson.dumps({"error": exc.message}), headers=headers)
     return Reply(500, orjson.dumps({"error": f"internal error: {type(exc).__name__}"}))
 
 
