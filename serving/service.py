@@ -73,7 +73,12 @@ class ModelService:
             if model.alias
             else None
         )
-        self.resident = ResidentVersions(self.slot, model.max_resident_versions)
+        self.resident = ResidentVersions(
+            self.slot,
+            model.max_resident_versions,
+            max_loading=settings.max_concurrent_version_loads,
+            miss_ttl_s=settings.version_miss_ttl_s,
+        )
 
     def start(self) -> None:
         """Load the first version. Raises if nothing can be loaded (the replica is not ready)."""
@@ -103,7 +108,9 @@ class ModelService:
             The reply; binary outputs set ``reply.headers`` and ``content_type``.
         """
         started = time.perf_counter()
-        served = version or self.slot.version or "none"
+        # NOTE: a client-chosen version becomes a label only once it has loaded (then it
+        # exists and is one of a bounded set); misses and refusals count as "other".
+        served = "other" if version else self.slot.version or "none"
         try:
             with self._lease(version) as live:
                 served = live.version

@@ -128,3 +128,13 @@ def test_unknown_paths_are_404_and_wrong_methods_405() -> None:
     with pytest.raises(MethodNotAllowed) as exc:
         api.match("GET", "/v2/models/iris/infer")
     assert exc.value.status_code == 405
+
+
+def test_an_overloaded_reply_is_503_with_retry_after() -> None:
+    from serving.errors import Overloaded
+
+    reply = api.error_reply(Overloaded("busy loading another version", retry_after_s=2))
+    assert (reply.status, reply.headers) == (503, {"Retry-After": "2"})
+    from serving.errors import NotReady
+
+    assert api.error_reply(NotReady("no model")).headers == {}
