@@ -29,7 +29,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serving.errors import InvalidInput, InvalidRequest, MissingExtra, ModelNotFound, ServingError
+from serving.errors import (
+    IntegrityError,
+    InvalidInput,
+    InvalidRequest,
+    MissingExtra,
+    ModelNotFound,
+    ServingError,
+)
 from serving.manifest import ModelRef, TensorSpec, sha256_bytes
 
 if TYPE_CHECKING:
@@ -84,6 +91,7 @@ class _Context:
             s.cache_max_bytes,
             max_artifact_bytes=s.max_artifact_bytes,
             max_artifact_files=s.max_artifact_files,
+            reverify_s=s.cache_reverify_s,
         )
 
     @property
@@ -344,13 +352,25 @@ def _verify(ctx: _Context, args: argparse.Namespace) -> None:
         sig = read_signature(ctx.repo, resolved.name, resolved.version)
         trusted = load_trusted_keys(trusted_paths)
         key_id = verify_manifest(resolved.manifest_raw, sig, trusted, resolved.name, resolved.version)
-    cached, offline = ctx.pull(args.ref)
-    ctx.cache.verify(cached)
+    resolved, offline = ctx.cache.resolve(ctx.repo, ModelRef.parse(args.ref))
+    repaired = False
+    held = ctx.cache.get(resolved.name, resolved.version, resolved.manifest_sha256)
+    if args.repair:
+        repaired = ctx.cache.repair(ctx.repo, resolved, ctx.progress)
+    elif held is not None:
+        try:
+            ctx.cache.verify(held)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc}; run 'serving verify --repair {args.ref}' to pull it again") from exc
+    cached = ctx.cache.fetch(ctx.repo, resolved, ctx.progress)
+    if repaired or held is None:
+        ctx.cache.verify(cached)
     signed = f", signed by trusted key {key_id[:16]}" if key_id else ""
+    fixed = " (repaired: the cached copy had changed and was pulled again)" if repaired else ""
     ctx.emit(
         f"{cached.name}:{cached.version} OK: {_plural(len(cached.manifest.files), 'file')} "
-        f"({_human_bytes(cached.manifest.total_bytes)}) match the manifest{signed}",
-        {**_cached_summary(cached, offline), "ok": True, "signed_by": key_id},
+        f"({_human_bytes(cached.manifest.total_bytes)}) match the manifest{signed}{fixed}",
+        {**_cached_summary(cached, offline), "ok": True, "signed_by": key_id, "repaired": repaired},
     )
 
 
@@ -519,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("verify", _verify, "check a version's signature, then re-hash its cached files")
     p.add_argument("ref", metavar="REF", help="NAME@ALIAS, NAME:VERSION or NAME (= NAME@production)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="if cached bytes changed, evict the version and pull it again (verified) instead of failing",
+    )
     p.add_argument(
         "--trusted-key",
         metavar="PUB",

@@ -32,6 +32,7 @@ def build_cache(app: AppConfig, settings: Settings) -> LoaderCache:
         app.cache_max_bytes if app.cache_max_bytes is not None else settings.cache_max_bytes,
         max_artifact_bytes=settings.max_artifact_bytes,
         max_artifact_files=settings.max_artifact_files,
+        reverify_s=settings.cache_reverify_s,
     )
 
 
