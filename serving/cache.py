@@ -282,11 +282,15 @@ class LoaderCache:
             return None
 
     # -- resolve with offline fallback ------------------------------------------
-    def resolve(self, repo: Repository, ref: ModelRef | str) -> tuple[Resolved, bool]:
+    def resolve(
+        self, repo: Repository, ref: ModelRef | str, *, remember: bool = True
+    ) -> tuple[Resolved, bool]:
         """Resolve through the store, or from memory when the store is unreachable.
 
         Returns ``(resolved, from_cache)``; ``from_cache`` says the store was not
         asked successfully and the alias's last known target was used instead.
+        ``remember=False`` leaves the alias memory alone (a replica remembers a
+        target only once it passed the trust checks and loaded).
         """
         ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
         try:
@@ -297,7 +301,7 @@ class LoaderCache:
                 raise
             log.warning("store unreachable; serving %s from the cache's memory", ref)
             return fallback, True
-        if ref.alias:
+        if ref.alias and remember:
             self.remember_alias(ref.name, ref.alias, resolved.version, resolved.manifest_sha256)
         return resolved, False
 

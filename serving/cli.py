@@ -295,8 +295,27 @@ def _versions(ctx: _Context, args: argparse.Namespace) -> None:
     ctx.emit(text, {"name": args.name, "versions": rows})
 
 
+def _alias_writer(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """``--signing-key`` and ``--expires-in``: how an alias move is signed (SECURITY.md)."""
+    expires_at = None
+    if args.expires_in is not None:
+        if args.signing_key is None:
+            raise InvalidRequest("--expires-in needs --signing-key: only a signed alias can expire")
+        from datetime import UTC, datetime, timedelta
+
+        when = datetime.now(UTC) + timedelta(seconds=args.expires_in)
+        expires_at = when.isoformat(timespec="seconds")
+    key = _signing_key(args.signing_key)
+    if key is None:
+        return None, None
+    from serving.signing import alias_signer
+
+    return alias_signer(key), expires_at
+
+
 def _alias_set(ctx: _Context, args: argparse.Namespace) -> None:
-    alias = ctx.repo.set_alias(args.name, args.alias, args.version)
+    writer, expires_at = _alias_writer(args)
+    alias = ctx.repo.set_alias(args.name, args.alias, args.version, writer=writer, expires_at=expires_at)
     was = f" (was {alias.history[-1].version})" if alias.history else ""
     ctx.emit(f"{args.name}@{args.alias} -> {alias.version}{was}", alias.model_dump())
 
@@ -308,7 +327,8 @@ def _alias_get(ctx: _Context, args: argparse.Namespace) -> None:
 
 def _rollback(ctx: _Context, args: argparse.Namespace) -> None:
     before = ctx.repo.get_alias(args.name, args.alias).version
-    alias = ctx.repo.rollback(args.name, args.alias)
+    writer, expires_at = _alias_writer(args)
+    alias = ctx.repo.rollback(args.name, args.alias, writer=writer, expires_at=expires_at)
     ctx.emit(
         f"{args.name}@{args.alias} -> {alias.version} (rolled back from {before})",
         {**alias.model_dump(), "rolled_back_from": before},
@@ -434,6 +454,22 @@ def _serve(ctx: _Context, args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------
+def _alias_signing_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--signing-key",
+        "--sign-key",
+        dest="signing_key",
+        metavar="PATH",
+        help="Ed25519 private key (PEM): sign the alias move (rollback protection, see SECURITY.md)",
+    )
+    p.add_argument(
+        "--expires-in",
+        type=int,
+        metavar="SECONDS",
+        help="the signed alias expires after this many seconds (freeze protection); re-sign before then",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; ``--store`` and ``--json`` go before or after the verb."""
     from serving import __version__
@@ -525,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name", metavar="NAME")
     a.add_argument("alias", metavar="ALIAS")
     a.add_argument("version", metavar="VERSION")
+    _alias_signing_arguments(a)
     a = alias_verbs.add_parser("get", parents=[common], help="print the version NAME@ALIAS points at")
     a.set_defaults(func=_alias_get)
     a.add_argument("name", metavar="NAME")
@@ -533,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("rollback", _rollback, "move an alias back to its previous target")
     p.add_argument("name", metavar="NAME")
     p.add_argument("alias", metavar="ALIAS")
+    _alias_signing_arguments(p)
 
     p = verb("pull", _pull, "prefetch a version into the node-local cache")
     p.add_argument("ref", metavar="REF", help="NAME@ALIAS, NAME:VERSION or NAME (= NAME@production)")
