@@ -15,7 +15,15 @@ Both are published to a moto S3 server on loopback, pulled once into a
 
 Ratios are medians of the cache path over medians of the raw path.
 
+``fetch_hit_only`` is the verified hit: the manifest read and its digest, then
+each file's size, mtime and inode against the stamp recorded when its bytes were
+hashed. ``get_only`` is the manifest check alone (what a hit cost before hits
+were verified) and ``rehash_only`` is a full re-hash (what a changed stamp, or
+the ``SERVING_CACHE_REVERIFY_S`` schedule, costs).
+
 Run: ``.venv/bin/python -m bench.cache_load`` (writes bench/results/cache_load.json).
+``BENCH_CACHE_MB`` (default 100), ``BENCH_CACHE_ROUNDS`` (default 9) and
+``BENCH_CACHE_OUT`` shrink it for a quick look on a shared machine.
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROUNDS = 9
-LINEAR = {"in_features": 5000, "out_features": 5000}
-RESULTS = Path(__file__).parent / "results" / "cache_load.json"
+MB = float(os.environ.get("BENCH_CACHE_MB", "100"))
+ROUNDS = int(os.environ.get("BENCH_CACHE_ROUNDS", "9"))
+_SIDE = max(10, int(5000 * (MB / 100) ** 0.5))
+LINEAR = {"in_features": _SIDE, "out_features": _SIDE}
+RESULTS = Path(os.environ.get("BENCH_CACHE_OUT", Path(__file__).parent / "results" / "cache_load.json"))
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -51,7 +61,7 @@ def make_sklearn(path: Path) -> None:
     from sklearn.linear_model import LinearRegression
 
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((64, 12_500))
+    x = rng.standard_normal((64, max(10, int(125 * MB))))
     y = rng.standard_normal((64, 1_000))
     model = LinearRegression().fit(x, y)  # coef_: 1000 x 12500 float64 = 100 MB
     joblib.dump(model, path)
@@ -61,7 +71,7 @@ def make_torch(path: Path) -> None:
     import torch
 
     torch.manual_seed(0)
-    torch.save(torch.nn.Linear(5000, 5000).state_dict(), path)  # 25M float32 = 100 MB
+    torch.save(torch.nn.Linear(_SIDE, _SIDE).state_dict(), path)  # 5000 x 5000 float32 = 100 MB
 
 
 def run_case(
@@ -93,6 +103,8 @@ def run_case(
         "cache_hit_predictor": cache_hit(lambda c: load_predictor(c.path, c.manifest, LoadPolicy())),
         "resolve_only": lambda: cache.resolve(repo, ref),
         "fetch_hit_only": lambda: cache.fetch(repo, resolved),
+        "get_only": lambda: cache.get(resolved.name, resolved.version, resolved.manifest_sha256),
+        "rehash_only": lambda: cache.verify(first),
     }
     started = time.perf_counter()
     resolved, _ = cache.resolve(repo, ref)
@@ -229,8 +241,9 @@ def print_table(result: dict[str, Any]) -> None:
             f"{r['min_ratio_cache_hit_predictor_over_raw_full']:.2f}"
         )
         print(
-            f"{'':18} of which resolve {m['resolve_only'] * 1000:.1f} ms, fetch (hit) "
-            f"{m['fetch_hit_only'] * 1000:.1f} ms; first pull {r['first_pull_seconds']:.2f} s; "
+            f"{'':18} of which resolve {m['resolve_only'] * 1000:.1f} ms, verified fetch (hit) "
+            f"{m['fetch_hit_only'] * 1000:.2f} ms (manifest check alone {m['get_only'] * 1000:.2f} ms, "
+            f"full re-hash {m['rehash_only'] * 1000:.1f} ms); first pull {r['first_pull_seconds']:.2f} s; "
             f"store requests per hit: {len(r['store_requests_per_cache_hit'])}"
         )
     print(f"wrote {RESULTS}")

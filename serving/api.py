@@ -64,7 +64,9 @@ def error_reply(exc: Exception) -> Reply:
     logged here, once, with its traceback, and answered 500 without details.
     """
     if isinstance(exc, ServingError):
-        return Reply(exc.status_code, orjson.dumps({"error": exc.message}))
+        # NOTE: a 503 that says when to come back (Overloaded) lets clients back off, not hammer.
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else {}
+        return Reply(exc.status_code, orjson.dumps({"error": exc.message}), headers=headers)
     log.error("unexpected error while answering a request", exc_info=exc)
     return Reply(500, orjson.dumps({"error": f"internal error: {type(exc).__name__}"}))
 

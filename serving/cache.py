@@ -6,13 +6,25 @@ Layout under the cache dir (``0700``; files ``0600``)::
     versions/<model>/<version>-<msha>/ one complete version: hard links + manifest.json
     locks/                             file locks: single flight, pins, eviction
     aliases/<model>/<alias>.json       last resolved target of each alias
-    tmp/                               partial downloads (never loadable)
+    stamps/<model>/<version>-<msha>.json  size, mtime and inode of each file when last hashed
+    tmp/<owner>-*.part|.dir            partial downloads (never loadable), named by their process
 
 A version directory is assembled in ``tmp/`` and renamed into place, so it is
 either complete or absent. Every byte is hashed while it streams; a mismatch
 leaves nothing behind. A version in use holds a shared ``flock`` on its pin
 file, which eviction (taking it exclusively) never breaks; the lock dies with
 the process, so a crashed replica never pins forever.
+
+A cache hit is not trusted on ``manifest.json`` alone: each file's size,
+mtime and inode must still be what they were when its bytes were last hashed
+(the stamp), and every ``reverify_s`` the whole version is re-hashed anyway.
+A file that changed is re-hashed; a mismatch evicts the version, counts it
+(``serving_cache_corrupt_total``) and pulls it again, so changed bytes are
+never loaded.
+
+Each process holds an exclusive ``flock`` on ``locks/owner-<owner>.lock`` and
+names its partial downloads after it; a partial file whose owner's lock is
+free belongs to a dead process and is swept at open and at each eviction pass.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -35,8 +47,16 @@ from typing import TYPE_CHECKING, BinaryIO
 from filelock import FileLock
 
 from serving import metrics
-from serving.errors import IntegrityError, NotFound, StoreError, UntrustedArtifact
-from serving.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest, ModelRef, sha256_bytes
+from serving.errors import CacheError, IntegrityError, NotFound, ServingError, StoreError, UntrustedArtifact
+from serving.manifest import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    FileEntry,
+    Manifest,
+    ModelRef,
+    check_name,
+    sha256_bytes,
+)
 from serving.repository import Repository, Resolved, hash_file
 from serving.store.base import Progress
 
@@ -86,6 +106,33 @@ class _HashingWriter:
         return self._f.write(data)
 
 
+_OWNERS: dict[tuple[int, Path], tuple[str, int]] = {}
+_OWNERS_LOCK = threading.Lock()
+
+
+def _owner(root: Path) -> str:
+    """This process's owner token in ``root``, whose lock it holds until it exits."""
+    key = (os.getpid(), root)
+    with _OWNERS_LOCK:
+        if key not in _OWNERS:
+            token = uuid.uuid4().hex[:16]
+            fd = os.open(root / "locks" / f"owner-{token}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _OWNERS[key] = (token, fd)  # NOTE: the fd stays open: the lock lives as long as we do
+        return _OWNERS[key][0]
+
+
+@contextlib.contextmanager
+def _disk_errors(what: str) -> Iterator[None]:
+    """Turn an OSError into a CacheError with a one-line reason (disk full, permissions, names)."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise CacheError(f"cache: cannot {what}: {reason}{where}") from exc
+
+
 class Pin:
     """Keeps one cached version from eviction until released (or the process dies)."""
 
@@ -120,35 +167,74 @@ class LoaderCache:
         max_artifact_bytes: int = 50 * 1024**3,
         max_artifact_files: int = 10_000,
         keyring: Keyring | None = None,
+        reverify_s: float = 24 * 3600.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.root = Path(root).expanduser().resolve()
         self._keyring = keyring
         self.max_bytes = max_bytes
         self.max_artifact_bytes = max_artifact_bytes
         self.max_artifact_files = max_artifact_files
+        self.reverify_s = reverify_s
+        self._clock = clock
         self._thread_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-        for sub in ("blobs", "versions", "locks", "aliases", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.root, 0o700)
-        self._sweep_tmp()
+        with _disk_errors(f"create the cache in {self.root}"):
+            for sub in ("blobs", "versions", "locks", "aliases", "stamps", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.root, 0o700)
+            self._owner = _owner(self.root)
+            self._sweep_tmp()
 
     STALE_TMP_S = 6 * 3600
-    """Partial downloads untouched this long belong to a process that died."""
+    """Partial downloads without an owner token (older releases) untouched this long are swept."""
 
-    def _sweep_tmp(self) -> None:
-        # NOTE: a download writes to its .part file continuously, so an old mtime means
-        # its process was killed; left alone, such files hold disk (and blob links).
+    def _tmp(self, suffix: str) -> Path:
+        return self.root / "tmp" / f"{self._owner}-{uuid.uuid4().hex}{suffix}"
+
+    def _owner_alive(self, token: str) -> bool:
+        lock = self.root / "locks" / f"owner-{token}.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # NOTE: also drops the lock if we just took it
+        return False
+
+    def _sweep_tmp(self) -> int:
+        """Remove partial files of dead processes (their owner lock is free); returns bytes freed."""
+        freed = 0
         cutoff = time.time() - self.STALE_TMP_S
+        alive: dict[str, bool] = {}
         for entry in (self.root / "tmp").iterdir():
+            token, sep, _ = entry.name.partition("-")
             try:
-                if entry.lstat().st_mtime < cutoff:
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink()
+                if sep and len(token) == 16:
+                    if token not in alive:
+                        alive[token] = self._owner_alive(token)
+                    if alive[token]:
+                        continue
+                elif entry.lstat().st_mtime >= cutoff:
+                    continue
+                freed += _tree_bytes(entry)
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink()
             except FileNotFoundError:
                 pass  # another process swept it first
+        for token, is_alive in alive.items():
+            if not is_alive:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / "locks" / f"owner-{token}.lock").unlink()
+        if freed:
+            log.info("swept %d bytes of partial downloads left by dead processes", freed)
+        return freed
 
     # -- paths --------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
@@ -190,16 +276,21 @@ class LoaderCache:
     def remembered_alias(self, name: str, alias: str) -> Remembered | None:
         try:
             body = json.loads((self.root / "aliases" / name / f"{alias}.json").read_text())
-            return Remembered(body["version"], body["manifest_sha256"], body["resolved_at"])
-        except (FileNotFoundError, ValueError, KeyError):
+            version = check_name(str(body["version"]), "version")  # NOTE: it becomes a path
+            return Remembered(version, str(body["manifest_sha256"]), float(body["resolved_at"]))
+        except (OSError, ValueError, KeyError, TypeError, ServingError):
             return None
 
     # -- resolve with offline fallback ------------------------------------------
-    def resolve(self, repo: Repository, ref: ModelRef | str) -> tuple[Resolved, bool]:
+    def resolve(
+        self, repo: Repository, ref: ModelRef | str, *, remember: bool = True
+    ) -> tuple[Resolved, bool]:
         """Resolve through the store, or from memory when the store is unreachable.
 
         Returns ``(resolved, from_cache)``; ``from_cache`` says the store was not
         asked successfully and the alias's last known target was used instead.
+        ``remember=False`` leaves the alias memory alone (a replica remembers a
+        target only once it passed the trust checks and loaded).
         """
         ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
         try:
@@ -210,7 +301,7 @@ class LoaderCache:
                 raise
             log.warning("store unreachable; serving %s from the cache's memory", ref)
             return fallback, True
-        if ref.alias:
+        if ref.alias and remember:
             self.remember_alias(ref.name, ref.alias, resolved.version, resolved.manifest_sha256)
         return resolved, False
 
@@ -245,28 +336,135 @@ class LoaderCache:
         """
         name, version, msha = resolved.name, resolved.version, resolved.manifest_sha256
         self._check_limits(resolved.manifest)
-        cached = self.get(name, version, msha)
-        if cached is not None:
-            metrics.CACHE_HITS.inc(model=name)
-            self._touch(cached.path)
-            return cached
-        key = f"{name}/{version}/{msha}"
-        with self._guard:
-            tlock = self._thread_locks.setdefault(key, threading.Lock())
-        # NOTE: a thread lock for this process, then a file lock for the node; re-check
-        # after each, as the winner may have finished the download meanwhile.
-        with tlock, FileLock(str(self._lock_path("pull", name, version, msha)), mode=0o600):
+        with _disk_errors(f"pull {name}:{version}"):
             cached = self.get(name, version, msha)
-            if cached is not None:
+            if cached is not None and self._unchanged(cached, report=False):
                 metrics.CACHE_HITS.inc(model=name)
                 self._touch(cached.path)
                 return cached
-            metrics.CACHE_MISSES.inc(model=name)
-            started = time.perf_counter()
-            path = self._download(repo, resolved, progress)
-            metrics.DOWNLOAD_SECONDS.observe(time.perf_counter() - started, model=name)
-        self.evict(keep=path)
+            key = f"{name}/{version}/{msha}"
+            with self._guard:
+                tlock = self._thread_locks.setdefault(key, threading.Lock())
+            # NOTE: a thread lock for this process, then a file lock for the node; re-check
+            # after each, as the winner may have finished the download meanwhile.
+            with tlock, FileLock(str(self._lock_path("pull", name, version, msha)), mode=0o600):
+                cached = self.get(name, version, msha)
+                if cached is not None:
+                    if self._unchanged(cached):
+                        metrics.CACHE_HITS.inc(model=name)
+                        self._touch(cached.path)
+                        return cached
+                    self._discard(cached)
+                metrics.CACHE_MISSES.inc(model=name)
+                started = time.perf_counter()
+                path = self._download(repo, resolved, progress)
+                metrics.DOWNLOAD_SECONDS.observe(time.perf_counter() - started, model=name)
+            self.evict(keep=path)
         return CachedVersion(name, version, path, resolved.manifest, msha, hit=False)
+
+    # -- proving a hit unchanged -------------------------------------------------------
+    def _stamp_path(self, name: str, version: str, msha: str) -> Path:
+        return self.root / "stamps" / name / f"{version}-{msha[:16]}.json"
+
+    @staticmethod
+    def _file_stat(path: Path) -> list[int]:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def _write_stamp(self, cached_path: Path, name: str, version: str, msha: str, manifest: Manifest) -> None:
+        body = {
+            "verified_at": self._clock(),
+            "files": {e.path: self._file_stat(cached_path / e.path) for e in manifest.files},
+        }
+        path = self._stamp_path(name, version, msha)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(body))
+        os.replace(tmp, path)
+
+    def _unchanged(self, cached: CachedVersion, report: bool = True) -> bool:
+        """Prove a cached version's files are the bytes once verified: cheap stats, re-hash on doubt.
+
+        Returns False when a file's bytes changed, after counting and logging it if ``report``
+        (the check under the pull lock reports; the optimistic one before it does not).
+        """
+        try:
+            stamp = json.loads(
+                self._stamp_path(cached.name, cached.version, cached.manifest_sha256).read_text()
+            )
+            recorded: dict[str, list[int]] = stamp["files"]
+            fresh = self._clock() - float(stamp["verified_at"]) < self.reverify_s
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            recorded, fresh = {}, False
+        doubtful = []
+        for entry in cached.manifest.files:
+            try:
+                now = self._file_stat(cached.path / entry.path)
+            except FileNotFoundError:
+                return report and self._corrupt(cached, entry, "is missing")
+            if not fresh or recorded.get(entry.path) != now or now[0] != entry.size:
+                doubtful.append(entry)
+        if not doubtful:
+            return True
+        for entry in doubtful:
+            size, digest = hash_file(cached.path / entry.path)
+            if size != entry.size or digest != entry.sha256:
+                return report and self._corrupt(cached, entry, "changed on disk")
+        self._write_stamp(cached.path, cached.name, cached.version, cached.manifest_sha256, cached.manifest)
+        return True
+
+    @staticmethod
+    def _corrupt(cached: CachedVersion, entry: FileEntry, how: str) -> bool:
+        metrics.CACHE_CORRUPT.inc(model=cached.name)
+        log.warning(
+            "cached %s:%s/%s %s; evicting it and pulling the version again",
+            cached.name,
+            cached.version,
+            entry.path,
+            how,
+        )
+        return False
+
+    def _discard(self, cached: CachedVersion) -> None:
+        """Remove a version whose bytes changed, and the blobs it links whose bytes are wrong.
+
+        Pins do not protect it: a loaded model keeps the bytes it read, and nobody may read these.
+        """
+        trash = self._tmp(".evict")
+        try:
+            os.rename(cached.path, trash)
+        except FileNotFoundError:
+            return
+        for entry in cached.manifest.files:
+            blob = self.blob_path(entry.sha256)
+            try:
+                if hash_file(blob) != (entry.size, entry.sha256):
+                    blob.unlink()
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(trash, ignore_errors=True)
+        self._stamp_path(cached.name, cached.version, cached.manifest_sha256).unlink(missing_ok=True)
+        self._drop_unreferenced_blobs()
+
+    def repair(self, repo: Repository, resolved: Resolved, progress: ProgressFactory | None = None) -> bool:
+        """Re-hash a cached version in full; if any byte changed, evict it and pull it again.
+
+        Returns True when it had to be repaired. The result is verified like any pull.
+        """
+        cached = self.get(resolved.name, resolved.version, resolved.manifest_sha256)
+        if cached is not None:
+            try:
+                self.verify(cached)
+                return False
+            except IntegrityError as exc:
+                metrics.CACHE_CORRUPT.inc(model=cached.name)
+                log.warning("%s; evicting it and pulling the version again", exc)
+                with _disk_errors(f"evict {cached.name}:{cached.version}"):
+                    self._discard(cached)
+        self.fetch(repo, resolved, progress)
+        return cached is not None
 
     def _check_limits(self, manifest: Manifest) -> None:
         if len(manifest.files) > self.max_artifact_files:
@@ -302,7 +500,7 @@ class LoaderCache:
                     f"the manifest says {entry.stored_bytes}"
                 )
         prefix = repo.version_prefix(name, version)
-        staging = self.root / "tmp" / f"{uuid.uuid4().hex}.dir"
+        staging = self._tmp(".dir")
         staging.mkdir(mode=0o700)
         # NOTE: downloaded files become blobs only once the whole version has verified,
         # so a refused version leaves no blob behind either.
@@ -335,6 +533,8 @@ class LoaderCache:
             os.rename(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        # NOTE: every byte was just hashed while it streamed; this records what they look like.
+        self._write_stamp(final, name, version, resolved.manifest_sha256, manifest)
         self._touch(final)
         return final
 
@@ -350,7 +550,7 @@ class LoaderCache:
         progress: Progress | None,
     ) -> None:
         """Download one file into ``target`` (in staging) only once its bytes verified."""
-        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
+        tmp = self._tmp(".part")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
@@ -428,11 +628,23 @@ class LoaderCache:
 
     # -- verification ------------------------------------------------------------
     def verify(self, cached: CachedVersion) -> None:
-        """Re-hash every cached file against the manifest."""
+        """Re-hash every cached file against the manifest (``repair`` evicts and re-pulls on a mismatch).
+
+        Raises:
+            IntegrityError: a file is missing or its bytes changed.
+        """
+        where = f"{cached.name}:{cached.version}"
         for entry in cached.manifest.files:
-            _, digest = hash_file(cached.path / entry.path)
-            if digest != entry.sha256:
-                raise IntegrityError(f"{cached.name}:{cached.version}/{entry.path}: cached bytes changed")
+            try:
+                size, digest = hash_file(cached.path / entry.path)
+            except FileNotFoundError:
+                raise IntegrityError(f"{where}/{entry.path}: cached file is missing") from None
+            if (size, digest) != (entry.size, entry.sha256):
+                raise IntegrityError(f"{where}/{entry.path}: cached bytes changed")
+        with _disk_errors(f"record the check of {where}"):
+            self._write_stamp(
+                cached.path, cached.name, cached.version, cached.manifest_sha256, cached.manifest
+            )
 
     # -- pins and eviction ---------------------------------------------------------
     def pin(self, cached: CachedVersion) -> Pin:
@@ -447,16 +659,18 @@ class LoaderCache:
         return Pin(fd)
 
     def size_bytes(self) -> int:
+        """Blobs plus partial downloads (a killed pull's leftovers count until they are swept)."""
         total = 0
         for blob in (self.root / "blobs").glob("*/*"):
             with contextlib.suppress(FileNotFoundError):
                 total += blob.stat().st_size
-        return total
+        return total + _tree_bytes(self.root / "tmp")
 
     def evict(self, keep: Path | None = None) -> list[Path]:
         """Evict least recently used, unpinned versions until under the byte budget."""
         evicted: list[Path] = []
         with FileLock(str(self.root / "locks" / "evict.lock"), mode=0o600):
+            self._sweep_tmp()
             total = self.size_bytes()
             if total > self.max_bytes:
                 versions = sorted(
@@ -482,9 +696,10 @@ class LoaderCache:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False  # pinned by a live process
-            trash = self.root / "tmp" / f"{uuid.uuid4().hex}.evict"
+            trash = self._tmp(".evict")
             os.rename(path, trash)
             shutil.rmtree(trash)
+            self._stamp_path(name, version, short).unlink(missing_ok=True)
             self._drop_unreferenced_blobs()
             metrics.CACHE_EVICTIONS.inc()
             log.info("evicted %s:%s from the cache", name, version)
@@ -500,3 +715,20 @@ class LoaderCache:
                     blob.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` not linked elsewhere (a staged file linked to a blob counts once)."""
+    total = 0
+    try:
+        entries = [path] if not path.is_dir() or path.is_symlink() else [p for p in path.rglob("*")]
+    except FileNotFoundError:
+        return 0
+    for p in entries:
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            continue
+        if not p.is_dir() and st.st_nlink == 1:
+            total += st.st_size
+    return total

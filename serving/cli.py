@@ -29,7 +29,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serving.errors import InvalidInput, InvalidRequest, MissingExtra, ModelNotFound, ServingError
+from serving.errors import (
+    IntegrityError,
+    InvalidInput,
+    InvalidRequest,
+    MissingExtra,
+    ModelNotFound,
+    ServingError,
+)
 from serving.manifest import ModelRef, TensorSpec, sha256_bytes
 
 if TYPE_CHECKING:
@@ -84,6 +91,7 @@ class _Context:
             s.cache_max_bytes,
             max_artifact_bytes=s.max_artifact_bytes,
             max_artifact_files=s.max_artifact_files,
+            reverify_s=s.cache_reverify_s,
         )
 
     @property
@@ -287,8 +295,27 @@ def _versions(ctx: _Context, args: argparse.Namespace) -> None:
     ctx.emit(text, {"name": args.name, "versions": rows})
 
 
+def _alias_writer(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """``--signing-key`` and ``--expires-in``: how an alias move is signed (SECURITY.md)."""
+    expires_at = None
+    if args.expires_in is not None:
+        if args.signing_key is None:
+            raise InvalidRequest("--expires-in needs --signing-key: only a signed alias can expire")
+        from datetime import UTC, datetime, timedelta
+
+        when = datetime.now(UTC) + timedelta(seconds=args.expires_in)
+        expires_at = when.isoformat(timespec="seconds")
+    key = _signing_key(args.signing_key)
+    if key is None:
+        return None, None
+    from serving.signing import alias_signer
+
+    return alias_signer(key), expires_at
+
+
 def _alias_set(ctx: _Context, args: argparse.Namespace) -> None:
-    alias = ctx.repo.set_alias(args.name, args.alias, args.version)
+    writer, expires_at = _alias_writer(args)
+    alias = ctx.repo.set_alias(args.name, args.alias, args.version, writer=writer, expires_at=expires_at)
     was = f" (was {alias.history[-1].version})" if alias.history else ""
     ctx.emit(f"{args.name}@{args.alias} -> {alias.version}{was}", alias.model_dump())
 
@@ -300,7 +327,8 @@ def _alias_get(ctx: _Context, args: argparse.Namespace) -> None:
 
 def _rollback(ctx: _Context, args: argparse.Namespace) -> None:
     before = ctx.repo.get_alias(args.name, args.alias).version
-    alias = ctx.repo.rollback(args.name, args.alias)
+    writer, expires_at = _alias_writer(args)
+    alias = ctx.repo.rollback(args.name, args.alias, writer=writer, expires_at=expires_at)
     ctx.emit(
         f"{args.name}@{args.alias} -> {alias.version} (rolled back from {before})",
         {**alias.model_dump(), "rolled_back_from": before},
@@ -344,13 +372,25 @@ def _verify(ctx: _Context, args: argparse.Namespace) -> None:
         sig = read_signature(ctx.repo, resolved.name, resolved.version)
         trusted = load_trusted_keys(trusted_paths)
         key_id = verify_manifest(resolved.manifest_raw, sig, trusted, resolved.name, resolved.version)
-    cached, offline = ctx.pull(args.ref)
-    ctx.cache.verify(cached)
+    resolved, offline = ctx.cache.resolve(ctx.repo, ModelRef.parse(args.ref))
+    repaired = False
+    held = ctx.cache.get(resolved.name, resolved.version, resolved.manifest_sha256)
+    if args.repair:
+        repaired = ctx.cache.repair(ctx.repo, resolved, ctx.progress)
+    elif held is not None:
+        try:
+            ctx.cache.verify(held)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc}; run 'serving verify --repair {args.ref}' to pull it again") from exc
+    cached = ctx.cache.fetch(ctx.repo, resolved, ctx.progress)
+    if repaired or held is None:
+        ctx.cache.verify(cached)
     signed = f", signed by trusted key {key_id[:16]}" if key_id else ""
+    fixed = " (repaired: the cached copy had changed and was pulled again)" if repaired else ""
     ctx.emit(
         f"{cached.name}:{cached.version} OK: {_plural(len(cached.manifest.files), 'file')} "
-        f"({_human_bytes(cached.manifest.total_bytes)}) match the manifest{signed}",
-        {**_cached_summary(cached, offline), "ok": True, "signed_by": key_id},
+        f"({_human_bytes(cached.manifest.total_bytes)}) match the manifest{signed}{fixed}",
+        {**_cached_summary(cached, offline), "ok": True, "signed_by": key_id, "repaired": repaired},
     )
 
 
@@ -414,6 +454,22 @@ def _serve(ctx: _Context, args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------
+def _alias_signing_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--signing-key",
+        "--sign-key",
+        dest="signing_key",
+        metavar="PATH",
+        help="Ed25519 private key (PEM): sign the alias move (rollback protection, see SECURITY.md)",
+    )
+    p.add_argument(
+        "--expires-in",
+        type=int,
+        metavar="SECONDS",
+        help="the signed alias expires after this many seconds (freeze protection); re-sign before then",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; ``--store`` and ``--json`` go before or after the verb."""
     from serving import __version__
@@ -505,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name", metavar="NAME")
     a.add_argument("alias", metavar="ALIAS")
     a.add_argument("version", metavar="VERSION")
+    _alias_signing_arguments(a)
     a = alias_verbs.add_parser("get", parents=[common], help="print the version NAME@ALIAS points at")
     a.set_defaults(func=_alias_get)
     a.add_argument("name", metavar="NAME")
@@ -513,12 +570,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("rollback", _rollback, "move an alias back to its previous target")
     p.add_argument("name", metavar="NAME")
     p.add_argument("alias", metavar="ALIAS")
+    _alias_signing_arguments(p)
 
     p = verb("pull", _pull, "prefetch a version into the node-local cache")
     p.add_argument("ref", metavar="REF", help="NAME@ALIAS, NAME:VERSION or NAME (= NAME@production)")
 
     p = verb("verify", _verify, "check a version's signature, then re-hash its cached files")
     p.add_argument("ref", metavar="REF", help="NAME@ALIAS, NAME:VERSION or NAME (= NAME@production)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="if cached bytes changed, evict the version and pull it again (verified) instead of failing",
+    )
     p.add_argument(
         "--trusted-key",
         metavar="PUB",

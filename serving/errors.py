@@ -23,8 +23,11 @@ exit code the CLI returns, so neither layer needs its own mapping table::
     ├── StoreError (502, exit 9)              the store failed us
     │   ├── StoreUnavailable (503)            unreachable, throttled, timed out
     │   ├── StoreAccessDenied (502)           wrong or missing credentials
-    │   └── StoreNotFound (502)               no such bucket or root
-    └── NotReady (503, exit 10)               no model loaded yet
+    │   ├── StoreNotFound (502)               no such bucket or root
+    │   └── StoreConflict (409)               a compare-and-swap write kept losing
+    ├── NotReady (503, exit 10)               no model loaded yet
+    │   └── Overloaded (503)                  too many loads at once; has Retry-After
+    └── CacheError (500, exit 11)             the node-local cache's disk failed us
 
 Library errors (botocore, framework errors) are translated at the boundary
 with ``raise XError(...) from exc`` so the cause stays chained.
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 __all__ = [
     "AliasNotFound",
+    "CacheError",
     "IntegrityError",
     "InvalidInput",
     "InvalidManifest",
@@ -45,9 +49,11 @@ __all__ = [
     "ModelNotFound",
     "NotFound",
     "NotReady",
+    "Overloaded",
     "PayloadTooLarge",
     "ServingError",
     "StoreAccessDenied",
+    "StoreConflict",
     "StoreError",
     "StoreNotFound",
     "StoreUnavailable",
@@ -63,6 +69,8 @@ class ServingError(Exception):
 
     status_code: int = 500
     exit_code: int = 1
+    retry_after_s: int | None = None
+    """When set, HTTP replies carry ``Retry-After`` with this many seconds."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -173,3 +181,24 @@ class StoreNotFound(StoreError):
 class NotReady(ServingError):
     status_code = 503
     exit_code = 10
+
+
+class StoreConflict(StoreError):
+    """A conditional write (compare-and-swap) lost to concurrent writers every time it retried."""
+
+    status_code = 409
+
+
+class Overloaded(NotReady):
+    """This replica is at its bound of concurrent loads; try again after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class CacheError(ServingError):
+    """The node-local cache could not be written or read (disk full, permissions, a bad path)."""
+
+    status_code = 500
+    exit_code = 11

@@ -39,10 +39,23 @@ def check_name(value: str, what: str = "name") -> str:
     return value
 
 
+MAX_PATH_BYTES = 1024
+"""Longest artifact path (UTF-8 bytes); with the cache's prefix it stays under PATH_MAX."""
+MAX_SEGMENT_BYTES = 200
+"""Longest path segment: filesystems stop at 255, and the cache adds a suffix to some names."""
+
+
 def check_relative_path(path: str) -> str:
-    """Refuse absolute paths, ``..`` and anything that is not a plain relative path."""
+    """Refuse absolute paths, ``..``, over-long names and anything that is not a plain relative path."""
     if not path or "\\" in path or "\x00" in path:
         raise InvalidManifest(f"unsafe path in manifest: {path!r}")
+    if len(path.encode()) > MAX_PATH_BYTES or any(
+        len(part.encode()) > MAX_SEGMENT_BYTES for part in path.split("/")
+    ):
+        raise InvalidManifest(
+            f"path in manifest too long: {path[:60]!r}... (at most {MAX_PATH_BYTES} bytes, "
+            f"{MAX_SEGMENT_BYTES} per segment)"
+        )
     p = PurePosixPath(path)
     if p.is_absolute() or any(part in {"..", "."} for part in p.parts) or str(p) != path:
         raise InvalidManifest(f"unsafe path in manifest: {path!r}")
@@ -139,6 +152,14 @@ class Manifest(BaseModel):
             if f.path in seen:
                 raise ValueError(f"duplicate file {f.path!r}")
             seen.add(f.path)
+        # NOTE: "a" and "a/b" cannot both be files on disk; refused here rather than as an
+        # OSError halfway through assembling the version in the cache.
+        for f in v:
+            parts = f.path.split("/")
+            for i in range(1, len(parts)):
+                folder = "/".join(parts[:i])
+                if folder in seen:
+                    raise ValueError(f"{folder!r} is listed as a file and as a folder (of {f.path!r})")
         return v
 
     @property
@@ -157,31 +178,80 @@ class Manifest(BaseModel):
             raise InvalidManifest(f"invalid manifest: {_first_error(exc)}") from exc
 
 
+def _plain(value: str, what: str) -> str:
+    # NOTE: ValueError, so pydantic reports it as a validation error of that field.
+    if not _NAME_RE.match(value) or value in {".", ".."}:
+        raise ValueError(f"invalid {what} {value!r}: use letters, digits, '.', '_' or '-' (max 128)")
+    return value
+
+
+_SHA256 = "^[0-9a-f]{64}$"
+
+
 class AliasEntry(BaseModel):
     version: str
-    manifest_sha256: str
+    manifest_sha256: str = Field(pattern=_SHA256)
     updated_at: str
     updated_by: str
+    sequence: int | None = Field(default=None, ge=0, exclude_if=lambda v: v is None)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        return _plain(v, "version")
 
 
 class Alias(BaseModel):
-    """A movable pointer: ``production -> 7``, with the history for rollback."""
+    """A movable pointer: ``production -> 7``, with the history for rollback.
+
+    ``sequence``, ``expires_at`` and ``signatures`` are optional (readers that ignore
+    them keep working): every move increments ``sequence``; a signed alias
+    (:mod:`serving.signing`) lets replicas refuse one whose sequence goes backwards
+    (a replayed old alias) or whose ``expires_at`` has passed (a frozen one).
+    """
 
     name: str
     alias: str
     version: str
-    manifest_sha256: str
+    manifest_sha256: str = Field(pattern=_SHA256)
     updated_at: str = Field(default_factory=now)
     updated_by: str = "unknown"
     history: list[AliasEntry] = Field(default_factory=list)
+    sequence: int | None = Field(default=None, ge=0, exclude_if=lambda v: v is None)
+    """Incremented by every move, rollback included; absent on aliases written before it existed."""
+    expires_at: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    """ISO 8601: a signed alias is refused after this (freeze protection)."""
+    signatures: list[dict[str, str]] | None = Field(default=None, exclude_if=lambda v: v is None)
+    """Ed25519 signatures over the rest of the object (serving.signing.sign_alias)."""
 
-    def moved_to(self, version: str, manifest_sha256: str, by: str) -> Alias:
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _plain(v, "model name")
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        return _plain(v, "alias")
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        return _plain(v, "version")
+
+    @property
+    def seq(self) -> int:
+        """The sequence number, 0 for an alias written before sequences existed."""
+        return self.sequence or 0
+
+    def moved_to(self, version: str, manifest_sha256: str, by: str, expires_at: str | None = None) -> Alias:
         """A new alias object pointing at ``version``, this target pushed to history."""
         previous = AliasEntry(
             version=self.version,
             manifest_sha256=self.manifest_sha256,
             updated_at=self.updated_at,
             updated_by=self.updated_by,
+            sequence=self.sequence,
         )
         return Alias(
             name=self.name,
@@ -190,6 +260,22 @@ class Alias(BaseModel):
             manifest_sha256=manifest_sha256,
             updated_by=by,
             history=[*self.history, previous][-100:],
+            sequence=self.seq + 1,
+            expires_at=expires_at,
+        )
+
+    def rolled_back(self, by: str, expires_at: str | None = None) -> Alias:
+        """The alias moved to its last history entry, which is dropped; a new, higher sequence."""
+        previous = self.history[-1]
+        return Alias(
+            name=self.name,
+            alias=self.alias,
+            version=previous.version,
+            manifest_sha256=previous.manifest_sha256,
+            updated_by=by,
+            history=self.history[:-1],
+            sequence=self.seq + 1,
+            expires_at=expires_at,
         )
 
     def to_json(self) -> bytes:

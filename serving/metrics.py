@@ -153,6 +153,11 @@ LIVE_VERSION = _gauge(
 CACHE_HITS = _counter("serving_cache_hits_total", "Versions found complete in the loader cache.", "model")
 CACHE_MISSES = _counter("serving_cache_misses_total", "Versions that had to be pulled.", "model")
 CACHE_BYTES = _gauge("serving_cache_bytes", "Bytes held by the loader cache.")
+CACHE_CORRUPT = _counter(
+    "serving_cache_corrupt_total",
+    "Cached versions whose bytes changed on disk; evicted and pulled again, never loaded.",
+    "model",
+)
 CACHE_EVICTIONS = _counter("serving_cache_evictions_total", "Versions evicted from the loader cache.")
 DOWNLOAD_BYTES = _counter("serving_download_bytes_total", "Bytes downloaded from the store.", "model")
 DOWNLOAD_SECONDS = _histogram(
@@ -193,6 +198,7 @@ ALL = [
     CACHE_MISSES,
     CACHE_BYTES,
     CACHE_EVICTIONS,
+    CACHE_CORRUPT,
     DOWNLOAD_BYTES,
     DOWNLOAD_SECONDS,
     TRUST_CHECKS,

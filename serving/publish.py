@@ -103,5 +103,10 @@ def publish_path(
 
         repo.publish(manifest, files, progress_for, signer=signer)
     if alias:
-        repo.set_alias(name, alias, version)
+        writer = None
+        if signing_key is not None:
+            from serving.signing import alias_signer
+
+            writer = alias_signer(signing_key)
+        repo.set_alias(name, alias, version, writer=writer)
     return manifest

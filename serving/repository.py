@@ -18,6 +18,7 @@ from serving.errors import (
     IntegrityError,
     ModelNotFound,
     NotFound,
+    StoreConflict,
     VersionExists,
     VersionNotFound,
 )
@@ -34,6 +35,12 @@ from serving.manifest import (
     version_sort_key,
 )
 from serving.store.base import ObjectStore, Progress
+
+AliasWriter = Callable[[Alias], bytes]
+"""Turns the alias object to write into its bytes: ``Alias.to_json`` or a signer's."""
+
+CAS_ATTEMPTS = 50
+"""Fresh read-modify-write attempts before an alias move gives up with StoreConflict."""
 
 
 def whoami() -> str:
@@ -52,6 +59,8 @@ class Resolved:
     manifest: Manifest
     manifest_raw: bytes
     alias: str | None = None
+    alias_raw: bytes | None = None
+    """The alias object's exact bytes, when resolved through the store (signed aliases)."""
 
     @property
     def manifest_sha256(self) -> str:
@@ -152,13 +161,17 @@ class Repository:
         return {o.key[len(prefix) :]: o.size for o in self.store.list(prefix)}
 
     def get_alias(self, name: str, alias: str) -> Alias:
+        return self.read_alias(name, alias)[0]
+
+    def read_alias(self, name: str, alias: str) -> tuple[Alias, bytes, str]:
+        """The alias object, its exact bytes and its ETag (for a compare-and-swap)."""
         check_name(name, "model name")
         check_name(alias, "alias")
         try:
-            raw, _ = self.store.get(self.alias_key(name, alias))
+            raw, etag = self.store.get(self.alias_key(name, alias))
         except NotFound as exc:
             raise AliasNotFound(f"alias {name}@{alias} not found") from exc
-        return Alias.from_json(raw)
+        return Alias.from_json(raw), raw, etag
 
     def check_alias(self, name: str, alias: str, etag: str | None) -> AliasCheck:
         """One small request: a conditional GET that returns no body when unchanged."""
@@ -179,7 +192,7 @@ class Repository:
         """
         ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
         if ref.alias:
-            target = self.get_alias(ref.name, ref.alias)
+            target, alias_raw, _ = self.read_alias(ref.name, ref.alias)
             raw_known = known(ref.name, target.version, target.manifest_sha256) if known else None
             if raw_known is not None:
                 manifest, raw = Manifest.from_json(raw_known), raw_known
@@ -191,7 +204,7 @@ class Repository:
                     f"{ref}: manifest of version {target.version} changed after the alias "
                     f"was set (sha256 {sha[:12]} != {target.manifest_sha256[:12]})"
                 )
-            return Resolved(ref.name, target.version, manifest, raw, alias=ref.alias)
+            return Resolved(ref.name, target.version, manifest, raw, alias=ref.alias, alias_raw=alias_raw)
         assert ref.version is not None
         manifest, raw = self.manifest(ref.name, ref.version)
         return Resolved(ref.name, ref.version, manifest, raw)
@@ -232,38 +245,93 @@ class Repository:
             raise VersionExists(f"{name}:{version} was published concurrently") from exc
         return sha256_bytes(raw)
 
-    def set_alias(self, name: str, alias: str, version: str, by: str | None = None) -> Alias:
-        """Point ``name@alias`` at ``version`` (which must exist); one object write."""
+    def set_alias(
+        self,
+        name: str,
+        alias: str,
+        version: str,
+        by: str | None = None,
+        *,
+        writer: AliasWriter | None = None,
+        expires_at: str | None = None,
+    ) -> Alias:
+        """Point ``name@alias`` at ``version`` (which must exist); a compare-and-swap write.
+
+        The current object is read with its ETag and replaced only if nobody moved the
+        alias meanwhile (S3 ``If-Match`` / ``If-None-Match: *``; a lock on a folder);
+        a lost race retries on a fresh read, so concurrent moves are never lost.
+
+        Args:
+            writer: the alias object's bytes (default ``Alias.to_json``); a signer signs it.
+            expires_at: ISO 8601 expiry carried by the object (for signed aliases).
+        """
         check_name(alias, "alias")
         _, raw = self.manifest(name, version)
         sha = sha256_bytes(raw)
         by = by or whoami()
-        try:
-            current = self.get_alias(name, alias)
-        except AliasNotFound:
-            new = Alias(name=name, alias=alias, version=version, manifest_sha256=sha, updated_by=by)
-        else:
-            new = current.moved_to(version, sha, by)
-        self.store.put(self.alias_key(name, alias), new.to_json())
-        return new
 
-    def rollback(self, name: str, alias: str, by: str | None = None) -> Alias:
-        """Move the alias back to its previous target, dropping that history entry."""
-        current = self.get_alias(name, alias)
-        if not current.history:
-            raise AliasNotFound(f"{name}@{alias} has no previous target to roll back to")
-        previous = current.history[-1]
-        self.manifest(name, previous.version)  # it must still exist
-        new = Alias(
-            name=name,
-            alias=alias,
-            version=previous.version,
-            manifest_sha256=previous.manifest_sha256,
-            updated_by=by or whoami(),
-            history=current.history[:-1],
+        def move(current: Alias | None) -> Alias:
+            if current is None:
+                return Alias(
+                    name=name,
+                    alias=alias,
+                    version=version,
+                    manifest_sha256=sha,
+                    updated_by=by,
+                    sequence=1,
+                    expires_at=expires_at,
+                )
+            return current.moved_to(version, sha, by, expires_at)
+
+        return self._swap_alias(name, alias, move, writer)
+
+    def rollback(
+        self,
+        name: str,
+        alias: str,
+        by: str | None = None,
+        *,
+        writer: AliasWriter | None = None,
+        expires_at: str | None = None,
+    ) -> Alias:
+        """Move the alias back to its previous target, dropping that history entry.
+
+        A compare-and-swap like :meth:`set_alias`; the new object has a higher
+        ``sequence``, so a signed rollback is a legitimate move, not a replay.
+        """
+
+        def back(current: Alias | None) -> Alias:
+            if current is None:
+                raise AliasNotFound(f"alias {name}@{alias} not found")
+            if not current.history:
+                raise AliasNotFound(f"{name}@{alias} has no previous target to roll back to")
+            self.manifest(name, current.history[-1].version)  # it must still exist
+            return current.rolled_back(by or whoami(), expires_at)
+
+        return self._swap_alias(name, alias, back, writer)
+
+    def _swap_alias(
+        self, name: str, alias: str, change: Callable[[Alias | None], Alias], writer: AliasWriter | None
+    ) -> Alias:
+        key = self.alias_key(name, alias)
+        encode = writer or (lambda a: a.to_json())
+        for _ in range(CAS_ATTEMPTS):
+            try:
+                current, _, etag = self.read_alias(name, alias)
+            except AliasNotFound:
+                current, etag = None, None
+            new = change(current)
+            try:
+                if etag is None:
+                    self.store.put(key, encode(new), if_absent=True)
+                else:
+                    self.store.put(key, encode(new), if_match=etag)
+            except (FileExistsError, StoreConflict):
+                continue  # NOTE: someone else moved it first; redo the move on what they wrote
+            return new
+        raise StoreConflict(
+            f"{name}@{alias}: gave up after {CAS_ATTEMPTS} attempts, other writers kept moving it"
         )
-        self.store.put(self.alias_key(name, alias), new.to_json())
-        return new
 
 
 def file_entries(files: Iterable[tuple[str, Path]]) -> list[FileEntry]:

@@ -37,6 +37,7 @@ def build_cache(app: AppConfig, settings: Settings) -> LoaderCache:
         app.cache_max_bytes if app.cache_max_bytes is not None else settings.cache_max_bytes,
         max_artifact_bytes=settings.max_artifact_bytes,
         max_artifact_files=settings.max_artifact_files,
+        reverify_s=settings.cache_reverify_s,
     )
 
 
@@ -80,7 +81,12 @@ class ModelService:
             if model.alias
             else None
         )
-        self.resident = ResidentVersions(self.slot, model.max_resident_versions)
+        self.resident = ResidentVersions(
+            self.slot,
+            model.max_resident_versions,
+            max_loading=settings.max_concurrent_version_loads,
+            miss_ttl_s=settings.version_miss_ttl_s,
+        )
 
     def start(self) -> None:
         """Load the first version. Raises if nothing can be loaded (the replica is not ready)."""
@@ -110,7 +116,9 @@ class ModelService:
             The reply; binary outputs set ``reply.headers`` and ``content_type``.
         """
         started = time.perf_counter()
-        served = version or self.slot.version or "none"
+        # NOTE: a client-chosen version becomes a label only once it has loaded (then it
+        # exists and is one of a bounded set); misses and refusals count as "other".
+        served = "other" if version else self.slot.version or "none"
         try:
             with self._lease(version) as live:
                 served = live.version

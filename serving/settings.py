@@ -76,6 +76,18 @@ class Settings(BaseSettings):
     max_artifact_files: int = Field(default=10_000, ge=1)
     """Refuse versions with more files than this."""
 
+    max_concurrent_version_loads: int = Field(default=1, ge=1)
+    """Loads of explicitly requested versions (``/v2/models/M/versions/V/...``) one replica
+    runs at once; a request for another version beyond that gets 503 with ``Retry-After``."""
+
+    version_miss_ttl_s: float = Field(default=10.0, ge=0)
+    """Seconds a requested version that does not exist is remembered as missing, so repeating
+    it costs no store request."""
+
+    cache_reverify_s: float = Field(default=24 * 3600.0, ge=0)
+    """A cached version whose files look unchanged (size, mtime, inode) is still re-hashed in
+    full once this long after its last full check; 0 re-hashes at every load."""
+
     progress: bool = True
     """Show progress bars for transfers above a few MB when stderr is a TTY."""
 

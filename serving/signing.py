@@ -23,6 +23,12 @@ Files (all plain, documented in SECURITY.md)::
       ]
     }
 
+Aliases can be signed too (rollback and freeze protection, SECURITY.md): the
+alias object carries ``signatures``, each over
+``b"serving.alias-signature/v1\\n"`` + the canonical JSON (sorted keys, no
+spaces) of every other field, so ``name``, ``alias``, ``version``,
+``manifest_sha256``, ``sequence`` and ``expires_at`` are all covered.
+
 What each signature signs is ``b"serving.signature/v1\\n" + manifest.json bytes``
 (the prefix keeps a signing key from being usable for anything else). ``name``,
 ``version`` and ``manifest_sha256`` are unsigned hints that make errors precise;
@@ -41,7 +47,7 @@ import binascii
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,25 +57,32 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from serving.errors import InvalidRequest, UntrustedArtifact
-from serving.manifest import SIGNATURE_NAME, sha256_bytes
+from serving.manifest import SIGNATURE_NAME, Alias, sha256_bytes
 
 __all__ = [
+    "ALIAS_SIGNATURE_FORMAT",
     "SIGNATURE_FORMAT",
     "SIGNATURE_NAME",
     "KeyPair",
     "SigningKey",
     "TrustedKeys",
+    "alias_signer",
     "generate_keypair",
     "key_id",
     "load_signing_key",
     "load_trusted_keys",
+    "sign_alias",
     "sign_manifest",
+    "verify_alias",
     "verify_manifest",
 ]
 
 SIGNATURE_FORMAT = "serving.signature/v1"
 _DOMAIN = SIGNATURE_FORMAT.encode() + b"\n"
 _MAX_SIG_FILE = 64 * 1024
+ALIAS_SIGNATURE_FORMAT = "serving.alias-signature/v1"
+_ALIAS_DOMAIN = ALIAS_SIGNATURE_FORMAT.encode() + b"\n"
+_MAX_ALIAS_FILE = 1024 * 1024
 
 TrustedKeys = dict[str, Ed25519PublicKey]
 """key id -> public key."""
@@ -285,3 +298,65 @@ def verify_manifest(
         f"{where} is signed only by untrusted keys ({', '.join(seen) or 'none'}); "
         f"trusted: {', '.join(k[:16] for k in sorted(trusted))}"
     )
+
+
+def _alias_payload(doc: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in doc.items() if k != "signatures"}
+    return _ALIAS_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_alias(alias: Alias, key: SigningKey) -> bytes:
+    """The alias object's bytes, signed by ``key`` (replacing any signatures it had)."""
+    doc: dict[str, Any] = json.loads(alias.model_copy(update={"signatures": None}).to_json())
+    sig = key.private.sign(_alias_payload(doc))
+    doc["signatures"] = [
+        {"alg": "ed25519", "key_id": key.key_id, "signature": base64.b64encode(sig).decode("ascii")}
+    ]
+    return json.dumps(doc, indent=2).encode()
+
+
+def alias_signer(key: SigningKey) -> Callable[[Alias], bytes]:
+    """A ``writer`` for :meth:`serving.repository.Repository.set_alias` that signs each move."""
+    return lambda alias: sign_alias(alias, key)
+
+
+def verify_alias(raw: bytes, trusted: TrustedKeys, name: str, alias: str) -> str:
+    """Check that a trusted key signed exactly this alias object, for ``name@alias``.
+
+    Returns:
+        The id of the trusted key whose signature verified.
+
+    Raises:
+        UntrustedArtifact: unsigned, signed by no trusted key, for another alias, or altered.
+    """
+    where = f"{name}@{alias}"
+    if not trusted:
+        raise UntrustedArtifact(f"{where}: signatures are required but no trusted public keys are configured")
+    if len(raw) > _MAX_ALIAS_FILE:
+        raise UntrustedArtifact(f"{where}: the alias object is larger than {_MAX_ALIAS_FILE} bytes")
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise UntrustedArtifact(f"{where}: the alias object is not valid JSON") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("signatures"), list) or not doc["signatures"]:
+        raise UntrustedArtifact(f"{where}: the alias is not signed and signatures are required")
+    if doc.get("name") != name or doc.get("alias") != alias:
+        raise UntrustedArtifact(f"{where}: the alias object is for {doc.get('name')}@{doc.get('alias')}")
+    payload = _alias_payload(doc)
+    seen: list[str] = []
+    for entry in doc["signatures"]:
+        if not isinstance(entry, dict) or entry.get("alg") != "ed25519":
+            continue
+        kid = str(entry.get("key_id", ""))
+        seen.append(kid[:16])
+        public = trusted.get(kid)
+        if public is None:
+            continue
+        try:
+            public.verify(base64.b64decode(str(entry.get("signature", "")), validate=True), payload)
+        except (InvalidSignature, binascii.Error, ValueError) as exc:
+            raise UntrustedArtifact(
+                f"{where}: the alias signature by trusted key {kid[:16]}... does not verify (alias altered)"
+            ) from exc
+        return kid
+    raise UntrustedArtifact(f"{where} is signed only by untrusted keys ({', '.join(seen) or 'none'})")

@@ -22,7 +22,7 @@ import numpy as np
 
 from serving import metrics
 from serving.cache import CachedVersion, LoaderCache, Pin
-from serving.errors import LoadError, NotReady, ServingError
+from serving.errors import LoadError, NotFound, NotReady, Overloaded, ServingError
 from serving.formats.base import LoadPolicy, Predictor, numpy_dtype
 from serving.manifest import Manifest, TensorSpec
 from serving.repository import Repository, Resolved
@@ -58,8 +58,16 @@ class Live:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def acquire(self) -> None:
+        if not self.try_acquire():
+            raise NotReady(f"{self.name}:{self.version} was retired before the lease was taken")
+
+    def try_acquire(self) -> bool:
+        """Take a lease unless this version is already retired (it may be closed by now)."""
         with self._lock:
+            if self._retired:
+                return False
             self._leases += 1
+            return True
 
     def release(self) -> None:
         with self._lock:
@@ -219,10 +227,14 @@ class ModelSlot:
     @contextmanager
     def lease(self) -> Iterator[Live]:
         """Use the live version for one request; it is not released until the lease ends."""
-        live = self._live
-        if live is None:
-            raise NotReady(f"model {self.name!r} has no version loaded yet")
-        live.acquire()
+        while True:
+            live = self._live
+            if live is None:
+                raise NotReady(f"model {self.name!r} has no version loaded yet")
+            # NOTE: a swap may retire `live` between the read and the lease; a retired
+            # version refuses the lease, and the re-read finds its successor.
+            if live.try_acquire():
+                break
         try:
             yield live
         finally:
@@ -230,20 +242,42 @@ class ModelSlot:
 
     def close(self) -> None:
         with self._swap_lock:
-            if self._live is not None:
-                self._live.retire()
-                self._live = None
+            live, self._live = self._live, None
+            if live is not None:
+                live.retire()
 
 
 class ResidentVersions:
-    """Explicitly requested versions, kept loaded in a bounded LRU set (single-flight)."""
+    """Explicitly requested versions, kept loaded in a bounded LRU set (single-flight).
 
-    def __init__(self, slot: ModelSlot, max_versions: int) -> None:
+    State stays bounded whatever versions clients ask for: at most ``max_versions``
+    loaded, at most ``max_loading`` loads at once (more are refused with
+    :class:`Overloaded`, a 503 with ``Retry-After``), versions that do not exist
+    remembered for ``miss_ttl_s`` (at most ``MAX_MISSES`` of them) so a repeated
+    miss costs no store request, and no single-flight entry outlives its load.
+    """
+
+    MAX_MISSES = 1024
+
+    def __init__(
+        self,
+        slot: ModelSlot,
+        max_versions: int,
+        *,
+        max_loading: int = 1,
+        miss_ttl_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._slot = slot
         self._max = max_versions
         self._loaded: OrderedDict[str, Live] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._load_slots = threading.BoundedSemaphore(max_loading)
+        self._max_loading = max_loading
+        self._miss_ttl_s = miss_ttl_s
+        self._misses: OrderedDict[str, tuple[float, NotFound]] = OrderedDict()
+        self._clock = clock
 
     @contextmanager
     def lease(self, version: str) -> Iterator[Live]:
@@ -253,28 +287,66 @@ class ResidentVersions:
                 if live.version == version:
                     yield live
                     return
-        live = self._get(version)
-        live.acquire()
+        live = self._get(version)  # NOTE: returned with a lease already taken
         try:
             yield live
         finally:
             live.release()
 
+    def _leased(self, version: str) -> Live | None:
+        """The loaded version with a lease taken (caller holds ``_lock``; eviction retires under it)."""
+        live = self._loaded.get(version)
+        if live is None or not live.try_acquire():
+            return None
+        self._loaded.move_to_end(version)
+        return live
+
+    def _known_missing(self, version: str) -> None:
+        """Raise the remembered NotFound of a recent miss (caller holds ``_lock``)."""
+        miss = self._misses.get(version)
+        if miss is None:
+            return
+        if self._clock() < miss[0]:
+            raise miss[1]
+        del self._misses[version]
+
     def _get(self, version: str) -> Live:
         with self._lock:
-            if version in self._loaded:
-                self._loaded.move_to_end(version)
-                return self._loaded[version]
+            live = self._leased(version)
+            if live is not None:
+                return live
+            self._known_missing(version)
             gate = self._loading.setdefault(version, threading.Lock())
         with gate:
             with self._lock:
-                if version in self._loaded:
-                    return self._loaded[version]
-            resolved = self._slot.repo.resolve(f"{self._slot.name}:{version}")
-            live = self._slot.load(resolved)
+                live = self._leased(version)
+                if live is not None:
+                    return live
+                self._known_missing(version)
+            if not self._load_slots.acquire(blocking=False):
+                raise Overloaded(
+                    f"model {self._slot.name!r}: already loading {self._max_loading} other "
+                    f"version(s) on this replica; retry {version!r} shortly",
+                    retry_after_s=1,
+                )
+            try:
+                resolved = self._slot.repo.resolve(f"{self._slot.name}:{version}")
+                live = self._slot.load(resolved)
+            except NotFound as exc:
+                with self._lock:
+                    self._misses[version] = (self._clock() + self._miss_ttl_s, exc)
+                    while len(self._misses) > self.MAX_MISSES:
+                        self._misses.popitem(last=False)
+                raise
+            finally:
+                self._load_slots.release()
+                with self._lock:
+                    # NOTE: dropped on failure too, or every bad version leaves a lock behind.
+                    if self._loading.get(version) is gate:
+                        del self._loading[version]
             with self._lock:
+                live.acquire()
                 self._loaded[version] = live
-                self._loading.pop(version, None)
                 while len(self._loaded) > self._max:
                     _, evicted = self._loaded.popitem(last=False)
                     evicted.retire()
@@ -283,6 +355,11 @@ class ResidentVersions:
     def versions(self) -> list[str]:
         with self._lock:
             return list(self._loaded)
+
+    def pending(self) -> int:
+        """Single-flight entries of loads in progress (0 when idle)."""
+        with self._lock:
+            return len(self._loading)
 
 
 def _event_name(replaced: bool, reason: str) -> str:

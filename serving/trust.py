@@ -29,10 +29,14 @@ Every refusal raises :class:`serving.errors.UntrustedArtifact` and counts in
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -40,14 +44,15 @@ from serving import metrics
 from serving.errors import NotFound, StoreError, UntrustedArtifact
 from serving.formats.base import LoadPolicy
 from serving.hardening import check_framework_versions, harden_process
-from serving.manifest import SIGNATURE_NAME, Manifest
+from serving.manifest import SIGNATURE_NAME, Alias, Manifest
 from serving.repository import Repository, Resolved
 from serving.settings import Settings
-from serving.signing import load_trusted_keys, verify_manifest
+from serving.signing import load_trusted_keys, verify_alias, verify_manifest
 
 __all__ = [
     "LoadClass",
     "Trust",
+    "check_alias",
     "check_trust",
     "load_class",
     "read_signature",
@@ -164,6 +169,85 @@ def _refuse(name: str, message: str) -> UntrustedArtifact:
     return UntrustedArtifact(message)
 
 
+def _accepted_path(cache_root: Path, name: str, alias: str) -> Path:
+    return cache_root / "aliases" / name / f"{alias}.accepted.json"
+
+
+def _last_accepted(cache_root: Path, name: str, alias: str) -> tuple[int, str, str] | None:
+    try:
+        body = json.loads(_accepted_path(cache_root, name, alias).read_text())
+        return int(body["sequence"]), str(body["version"]), str(body["manifest_sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remember_accepted(cache_root: Path, target: Alias) -> None:
+    path = _accepted_path(cache_root, target.name, target.alias)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    body = {"sequence": target.seq, "version": target.version, "manifest_sha256": target.manifest_sha256}
+    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(body))
+    os.replace(tmp, path)
+
+
+def check_alias(
+    resolved: Resolved,
+    settings: Settings,
+    *,
+    cache_root: Path | None = None,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Refuse a signed-alias rollback or freeze, when ``require_signature`` is on.
+
+    The alias object must be signed by a trusted key, not expired, and its
+    ``sequence`` must not go below the last one this node accepted (remembered
+    under ``cache_root``, so a restart cannot be rolled back either); the same
+    sequence is accepted only for the same target. Aliases resolved from the
+    cache's memory (store down) were accepted before and are not re-checked.
+
+    Raises:
+        UntrustedArtifact: counted as a refused trust check; the live version keeps serving.
+    """
+    if not settings.require_signature or resolved.alias is None or resolved.alias_raw is None:
+        return
+    name, alias = resolved.name, resolved.alias
+    where = f"{name}@{alias}"
+    try:
+        verify_alias(resolved.alias_raw, load_trusted_keys(settings.trusted_keys), name, alias)
+    except UntrustedArtifact as exc:
+        raise _refuse(name, exc.message) from exc
+    target = Alias.from_json(resolved.alias_raw)
+    if target.expires_at is not None:
+        try:
+            expires = datetime.fromisoformat(target.expires_at).timestamp()
+        except ValueError:
+            raise _refuse(
+                name, f"{where}: expires_at {target.expires_at!r} is not an ISO 8601 time"
+            ) from None
+        if clock() >= expires:
+            raise _refuse(
+                name,
+                f"{where}: the signed alias expired at {target.expires_at}; the publisher must re-sign it "
+                "(a store that stops updating must not freeze replicas on an old target)",
+            )
+    if cache_root is None:
+        return
+    last = _last_accepted(cache_root, name, alias)
+    if last is not None:
+        seq, version, msha = last
+        if target.seq < seq:
+            raise _refuse(
+                name,
+                f"{where}: alias sequence {target.seq} (-> {target.version}) is older than {seq} "
+                f"(-> {version}), already accepted here; refusing a replayed alias",
+            )
+        if target.seq == seq and (target.version, target.manifest_sha256) != (version, msha):
+            raise _refuse(name, f"{where}: alias sequence {seq} already accepted here for another target")
+    _remember_accepted(cache_root, target)
+
+
 def check_trust(
     repo: Repository,
     resolved: Resolved,
@@ -193,6 +277,7 @@ def check_trust(
     (:func:`serving.hardening.harden_process`).
     """
     harden_process()
+    check_alias(resolved, settings, cache_root=cache_root)
     name, version, manifest = resolved.name, resolved.version, resolved.manifest
     where = f"{name}:{version}"
     if manifest.name != name or manifest.version != version:

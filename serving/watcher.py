@@ -86,11 +86,19 @@ class AliasWatcher:
         Raises:
             ServingError: nothing could be loaded; the replica must not become ready.
         """
-        resolved, from_cache = self.slot.cache.resolve(self.slot.repo, f"{self.slot.name}@{self.alias}")
+        # NOTE: remembered only once it passed the trust checks and loaded, so a refused
+        # (replayed, unsigned) alias never becomes the offline fallback.
+        resolved, from_cache = self.slot.cache.resolve(
+            self.slot.repo, f"{self.slot.name}@{self.alias}", remember=False
+        )
         self._target = _Target(resolved.version, resolved.manifest_sha256)
         if not from_cache:
             self._mark_ok()
         self.slot.swap_to(resolved, reason="start", source="cache" if from_cache else "store")
+        if not from_cache:
+            self.slot.cache.remember_alias(
+                self.slot.name, self.alias, resolved.version, resolved.manifest_sha256
+            )
 
     # -- one tick --------------------------------------------------------------
     def tick(self, force: bool = False) -> None:

@@ -62,8 +62,15 @@ class ObjectStore(ABC):
         """One small request: ``(None, etag)`` when the object still has ``etag``; capped like ``get``."""
 
     @abstractmethod
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        """Write a small object in one request; ``if_absent`` refuses to overwrite."""
+    def put(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> None:
+        """Write a small object in one request, optionally as a compare-and-swap.
+
+        Args:
+            if_absent: create only; raises ``FileExistsError`` if the key exists.
+            if_match: replace only if the object still has this ETag (the one
+                :meth:`get` returned); raises :class:`serving.errors.StoreConflict`
+                if it changed or vanished meanwhile.
+        """
 
     @abstractmethod
     def upload(self, key: str, path: Path, progress: Progress | None = None) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
+import fcntl
 import os
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from serving.errors import NotFound, StoreError, StoreNotFound
+from serving.errors import NotFound, StoreConflict, StoreError, StoreNotFound
 from serving.store.base import MAX_GET_BYTES, ObjectInfo, ObjectStore, Progress, Sink, check_get_size
 
 _CHUNK = 1024 * 1024
@@ -27,7 +30,10 @@ class LocalStore(ObjectStore):
 
     @staticmethod
     def _etag(path: Path) -> str:
-        st = path.stat()
+        return LocalStore._etag_of(path.stat())
+
+    @staticmethod
+    def _etag_of(st: os.stat_result) -> str:
         return f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"
 
     def _missing(self, key: str) -> Exception:
@@ -57,27 +63,49 @@ class LocalStore(ObjectStore):
             return None, current
         return self.get(key)
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    def put(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> None:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if if_absent:
-                # NOTE: link() fails if the target exists: an atomic create-if-absent.
-                try:
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if if_absent:
+                    # NOTE: link() fails if the target exists: an atomic create-if-absent.
                     os.link(tmp, path)
-                finally:
+                else:
+                    self._replace_locked(key, path, Path(tmp), if_match)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
-            else:
-                os.replace(tmp, path)
-        except FileExistsError:
+        except (FileExistsError, StoreConflict):
             raise
         except OSError as exc:
             raise StoreError(f"cannot write {key} to {self.uri}: {exc.strerror}") from exc
+
+    def _replace_locked(self, key: str, path: Path, tmp: Path, if_match: str | None) -> None:
+        """Replace ``path`` by ``tmp`` under an exclusive lock: a compare-and-swap with ``if_match``."""
+        lock = path.with_name(f".tmp-{path.name}.lock")  # NOTE: .tmp- names are never listed
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                st: os.stat_result | None = path.stat()
+            except FileNotFoundError:
+                st = None
+            if if_match is not None and (st is None or self._etag_of(st) != if_match):
+                raise StoreConflict(f"{key} changed since it was read ({self.uri})")
+            # NOTE: the ETag is (mtime, size, inode) and inodes are reused, so each write's
+            # mtime is made strictly greater than the last: an ETag never comes back (no ABA).
+            now = time.time_ns()
+            mtime = max(now, st.st_mtime_ns + 1) if st is not None else now
+            os.utime(tmp, ns=(mtime, mtime))
+            os.replace(tmp, path)
+        finally:
+            os.close(fd)
 
     def upload(self, key: str, path: Path, progress: Progress | None = None) -> None:
         target = self._path(key)

@@ -17,6 +17,7 @@ from serving.errors import (
     InvalidRequest,
     NotFound,
     StoreAccessDenied,
+    StoreConflict,
     StoreError,
     StoreNotFound,
     StoreUnavailable,
@@ -142,23 +143,31 @@ class S3Store(ObjectStore):
         check_get_size(key, len(data), self.max_get_bytes)
         return data, resp["ETag"]
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    def put(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> None:
         kwargs: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": self._key(key),
             "Body": data,
             **self._write_args,
         }
+        # NOTE: S3 conditional writes: If-None-Match: * creates only, If-Match replaces only
+        # the object we read. S3 answers 412 when the condition fails, 409 when a
+        # concurrent conditional write to the same key is in progress.
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self._client.put_object(**kwargs)
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            if if_absent and code in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
+            code = str(exc.response.get("Error", {}).get("Code"))
+            lost = code in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+            if if_absent and lost:
                 raise FileExistsError(key) from exc
+            if if_match is not None and (lost or code in {"NoSuchKey", "404"}):
+                raise StoreConflict(f"{key} changed since it was read ({self.uri})") from exc
             raise self._translate(exc, f"put {key}") from exc
         except BotoCoreError as exc:
             raise self._translate(exc, f"put {key}") from exc

@@ -276,6 +276,7 @@ def test_a_process_killed_mid_download_leaves_nothing_loadable(
 ) -> None:
     sha = s3repo.publish("iris", "1", {"a.bin": os.urandom(100 * KiB), "b.bin": os.urandom(1 * MiB)})
     cache_dir = tmp_path / "cache"
+    survivor = LoaderCache(cache_dir)  # a process that outlives the killed one
     with s3repo.server.stall(s3repo.key("iris", "1", "b.bin")):
         proc = start_worker(s3repo, cache_dir, "iris:1", tmp_path / "ready")
         procs.append(proc)
@@ -284,24 +285,128 @@ def test_a_process_killed_mid_download_leaves_nothing_loadable(
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
 
-    cache = LoaderCache(cache_dir)
-    assert cache.get("iris", "1", sha) is None
-    assert cache_contents(cache)["versions"] == []
+    assert survivor.get("iris", "1", sha) is None
+    assert cache_contents(survivor)["versions"] == []
+    # The dead process's partial files count against the budget until they are swept ...
+    left = [p for p in (cache_dir / "tmp").rglob("*") if p.is_file() and p.stat().st_nlink == 1]
+    assert left
+    assert survivor.size_bytes() == sum(p.stat().st_size for p in left)
+    legacy = cache_dir / "tmp" / "in-progress.part"  # no owner token (an older release): kept while fresh
+    legacy.write_bytes(b"still downloading")
+    # ... and the next eviction pass sweeps them at once: their owner's lock died with it.
+    survivor.evict()
+    assert list((cache_dir / "tmp").iterdir()) == [legacy]
+    assert survivor.size_bytes() == len(b"still downloading")
 
-    again = cache.fetch(s3repo.repo, s3repo.repo.resolve("iris:1"))
+    again = LoaderCache(cache_dir).fetch(s3repo.repo, s3repo.repo.resolve("iris:1"))
     assert not again.hit
-    cache.verify(again)
+    survivor.verify(again)
 
-    # The dead process's leftovers go once they are old enough to be surely abandoned.
-    leftovers = list((cache_dir / "tmp").iterdir())
-    assert leftovers
-    old = time.time() - LoaderCache.STALE_TMP_S - 60
-    for entry in leftovers:
-        os.utime(entry, (old, old), follow_symlinks=False)
-    fresh = cache_dir / "tmp" / "in-progress.part"
-    fresh.write_bytes(b"still downloading")
-    LoaderCache(cache_dir)
-    assert list((cache_dir / "tmp").iterdir()) == [fresh]
+
+def test_partial_files_of_a_live_process_are_never_swept(s3repo: S3Repo, tmp_path: Path) -> None:
+    first = LoaderCache(tmp_path / "cache")
+    mine = first._tmp(".part")
+    mine.write_bytes(b"x" * 1000)
+    LoaderCache(tmp_path / "cache").evict()  # another instance (as another process would) sweeps
+    assert mine.exists()
+    assert first.size_bytes() == 1000
+
+
+# -- a cached version is proven unchanged before it is loaded -------------------------------
+
+
+def _flip_byte(path: Path, keep_mtime: bool = False) -> None:
+    st = path.stat()
+    with open(path, "r+b") as f:  # NOTE: in place: same inode, same size
+        f.seek(10)
+        byte = f.read(1)
+        f.seek(10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _corrupt_count(model: str) -> float:
+    import prometheus_client
+
+    value = prometheus_client.REGISTRY.get_sample_value("serving_cache_corrupt_total", {"model": model})
+    return value or 0.0
+
+
+def test_a_flipped_cached_byte_is_never_served_and_is_pulled_again(
+    s3repo: S3Repo, cache: LoaderCache
+) -> None:
+    original = os.urandom(200 * KiB)
+    s3repo.publish("flip", "1", {"w.bin": original})
+    resolved = s3repo.repo.resolve("flip:1")
+    first = cache.fetch(s3repo.repo, resolved)
+    _flip_byte(first.path / "w.bin")
+    before = _corrupt_count("flip")
+
+    again = cache.fetch(s3repo.repo, resolved)
+
+    assert not again.hit  # not "already cached"
+    assert (again.path / "w.bin").read_bytes() == original
+    assert _corrupt_count("flip") == before + 1
+    assert cache.fetch(s3repo.repo, resolved).hit  # repaired: the next load is a plain hit
+
+
+def test_a_flip_that_restores_the_mtime_is_caught_by_the_scheduled_rehash(
+    s3repo: S3Repo, tmp_path: Path
+) -> None:
+    now = [1000.0]
+    cache = LoaderCache(tmp_path / "cache", reverify_s=3600, clock=lambda: now[0])
+    original = os.urandom(50 * KiB)
+    s3repo.publish("flip", "1", {"w.bin": original})
+    resolved = s3repo.repo.resolve("flip:1")
+    first = cache.fetch(s3repo.repo, resolved)
+    _flip_byte(first.path / "w.bin", keep_mtime=True)
+    assert cache.fetch(s3repo.repo, resolved).hit  # within the schedule, stats alone are trusted
+    now[0] += 3601
+    again = cache.fetch(s3repo.repo, resolved)
+    assert not again.hit
+    assert (again.path / "w.bin").read_bytes() == original
+
+
+def test_a_shared_blob_corrupted_in_one_version_is_repaired_for_both(
+    s3repo: S3Repo, cache: LoaderCache
+) -> None:
+    shared = os.urandom(20 * KiB)
+    for v in ("1", "2"):
+        s3repo.publish("flip", v, {"w.bin": shared, "v.txt": v.encode()})
+    one = cache.fetch(s3repo.repo, s3repo.repo.resolve("flip:1"))
+    cache.fetch(s3repo.repo, s3repo.repo.resolve("flip:2"))
+    _flip_byte(one.path / "w.bin")  # a hard link: version 2's copy changed too
+    for v in ("1", "2"):
+        got = cache.fetch(s3repo.repo, s3repo.repo.resolve(f"flip:{v}"))
+        assert not got.hit
+        assert (got.path / "w.bin").read_bytes() == shared
+
+
+def test_repair_evicts_and_pulls_a_changed_version_again(s3repo: S3Repo, cache: LoaderCache) -> None:
+    original = os.urandom(30 * KiB)
+    s3repo.publish("flip", "1", {"w.bin": original})
+    resolved = s3repo.repo.resolve("flip:1")
+    assert cache.repair(s3repo.repo, resolved) is False  # not cached yet: a plain pull
+    cached = cache.fetch(s3repo.repo, resolved)
+    _flip_byte(cached.path / "w.bin", keep_mtime=True)
+    with pytest.raises(errors.IntegrityError):
+        cache.verify(cached)
+    assert cache.repair(s3repo.repo, resolved) is True
+    assert (cached.path / "w.bin").read_bytes() == original
+    assert cache.repair(s3repo.repo, resolved) is False
+
+
+def test_a_cache_that_cannot_be_written_is_a_cache_error_not_a_traceback(
+    s3repo: S3Repo, tmp_path: Path
+) -> None:
+    """An OSError while assembling a version (here: tmp/ is not a folder) is a CacheError."""
+    s3repo.publish("iris", "1", {"w.bin": b"abc"})
+    cache = LoaderCache(tmp_path / "cache")
+    (cache.root / "tmp").rmdir()
+    (cache.root / "tmp").write_bytes(b"not a folder")
+    with pytest.raises(errors.CacheError, match="cannot pull iris:1"):
+        cache.fetch(s3repo.repo, s3repo.repo.resolve("iris:1"))
 
 
 # -- eviction and pins ------------------------------------------------------------------------

@@ -187,7 +187,31 @@ def test_verify_reports_cached_bytes_that_changed(published: Cli) -> None:
         last = f.read(1)
         f.seek(-1, os.SEEK_END)
         f.write(bytes([last[0] ^ 0xFF]))
-    assert_error(published("verify", "iris@production"), 5, "iris:1", "changed")
+    assert_error(published("verify", "iris@production"), 5, "iris:1", "changed", "--repair")
+
+
+def test_a_changed_cached_byte_is_pulled_again_and_verify_repair_fixes_it(published: Cli) -> None:
+    """pull never says "already cached" for changed bytes; verify --repair evicts and re-pulls."""
+    pulled = as_json(published("pull", "iris@production", "--json"))
+    model = next(p for p in Path(pulled["path"]).iterdir() if p.name != "manifest.json")
+    good = model.read_bytes()
+    model.chmod(0o600)
+    with model.open("r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([good[-1] ^ 0xFF]))
+    assert as_json(published("pull", "iris@production", "--json"))["hit"] is False
+    assert model.read_bytes() == good
+    # the same change with its mtime restored: only a full re-hash sees it
+    st = model.stat()
+    with model.open("r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([good[-1] ^ 0xFF]))
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert as_json(published("pull", "iris@production", "--json"))["hit"] is True
+    repaired = as_json(published("verify", "--repair", "iris@production", "--json"))
+    assert repaired["repaired"] is True
+    assert model.read_bytes() == good
+    assert as_json(published("verify", "iris@production", "--json"))["repaired"] is False
 
 
 def test_predict_answers_class_0_for_the_seed_example(published: Cli) -> None:

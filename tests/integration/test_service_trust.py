@@ -16,7 +16,7 @@ from serving.publish import publish_path
 from serving.repository import Repository
 from serving.service import ModelService
 from serving.settings import Settings
-from serving.signing import generate_keypair, load_signing_key
+from serving.signing import alias_signer, generate_keypair, load_signing_key
 from serving.store.local import LocalStore
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
@@ -71,12 +71,14 @@ def test_require_signature_refuses_before_loading_and_keeps_the_old_version(
     _publish(repo, tmp_path, "1", 1.0, trusted_key)
     _publish(repo, tmp_path, "2", 0.5, None if signer == "unsigned" else other_key)
     _publish(repo, tmp_path, "3", 0.3, trusted_key)
-    repo.set_alias("iris", "production", "1")
+    # NOTE: with require_signature, alias moves must be signed too (SECURITY.md, Signed aliases).
+    move = alias_signer(load_signing_key(trusted_key))
+    repo.set_alias("iris", "production", "1", writer=move)
     service = _service(settings)
     service.start()
     assert _served(service) == "1"
     refused_before = _refused()
-    repo.set_alias("iris", "production", "2")
+    repo.set_alias("iris", "production", "2", writer=move)
     assert service.watcher is not None
     service.watcher.tick()
     assert _served(service) == "1"
@@ -86,6 +88,6 @@ def test_require_signature_refuses_before_loading_and_keeps_the_old_version(
     # Refused before any byte was pulled: v2's file never reached the cache.
     assert not list((tmp_path / "cache" / "versions" / "iris").glob("2-*"))
     assert _refused() == refused_before + 1
-    repo.set_alias("iris", "production", "3")
+    repo.set_alias("iris", "production", "3", writer=move)
     service.watcher.tick()
     assert _served(service) == "3"

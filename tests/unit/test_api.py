@@ -180,3 +180,13 @@ def test_predictor_oserrors_caused_by_the_request_are_4xx(exc: OSError, client: 
     else:
         with pytest.raises(OSError, match="No space"):
             ModelService._predict(live, {})  # type: ignore[arg-type]
+
+
+def test_an_overloaded_reply_is_503_with_retry_after() -> None:
+    from serving.errors import Overloaded
+
+    reply = api.error_reply(Overloaded("busy loading another version", retry_after_s=2))
+    assert (reply.status, reply.headers) == (503, {"Retry-After": "2"})
+    from serving.errors import NotReady
+
+    assert api.error_reply(NotReady("no model")).headers == {}

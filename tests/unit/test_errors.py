@@ -29,7 +29,10 @@ EXPECTED = {
     "StoreUnavailable": ("StoreError", 503, 9),
     "StoreAccessDenied": ("StoreError", 502, 9),
     "StoreNotFound": ("StoreError", 502, 9),
+    "StoreConflict": ("StoreError", 409, 9),
     "NotReady": ("ServingError", 503, 10),
+    "Overloaded": ("NotReady", 503, 10),
+    "CacheError": ("ServingError", 500, 11),
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from serving import errors
@@ -163,3 +165,20 @@ def test_alias_history_is_bounded() -> None:
 def test_unparseable_alias_is_invalid() -> None:
     with pytest.raises(errors.InvalidManifest):
         Alias.from_json(b'{"name": "iris"}')
+
+
+def test_an_over_long_manifest_path_is_refused_with_a_clear_error() -> None:
+    """A 300-character name would be an OSError in the cache; it is an InvalidManifest up front."""
+    with pytest.raises(errors.InvalidManifest, match="too long"):
+        FileEntry(path="a" * 300, size=1, sha256="0" * 64)
+
+
+def test_a_path_that_is_both_a_file_and_a_folder_is_refused() -> None:
+    entries = [
+        {"path": "weights", "size": 1, "sha256": "0" * 64},
+        {"path": "weights/part-0", "size": 1, "sha256": "1" * 64},
+    ]
+    with pytest.raises(errors.InvalidManifest, match="as a file and as a folder"):
+        Manifest.from_json(
+            json.dumps({"name": "m", "version": "1", "format": "raw", "files": entries}).encode()
+        )
