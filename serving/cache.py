@@ -6,6 +6,7 @@ Layout under the cache dir (``0700``; files ``0600``)::
     versions/<model>/<version>-<msha>/ one complete version: hard links + manifest.json
     locks/                             file locks: single flight, pins, eviction
     aliases/<model>/<alias>.json       last resolved target of each alias
+    served/<model>/<alias>.json        last version of each alias that loaded and served
     tmp/                               partial downloads (never loadable)
 
 A version directory is assembled in ``tmp/`` and renamed into place, so it is
@@ -193,6 +194,32 @@ class LoaderCache:
             return Remembered(body["version"], body["manifest_sha256"], body["resolved_at"])
         except (FileNotFoundError, ValueError, KeyError):
             return None
+
+    def remember_served(self, name: str, alias: str, version: str, manifest_sha256: str) -> None:
+        """Record that this node served ``version`` for ``alias`` (after it loaded and warmed up).
+
+        Unlike :meth:`remember_alias`, which records a target before it is loaded,
+        this is the version to fall back to when the target fails to load.
+        """
+        path = self.root / "served" / name / f"{alias}.json"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        body = {"version": version, "manifest_sha256": manifest_sha256, "resolved_at": time.time()}
+        tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(body))
+        os.replace(tmp, path)
+
+    def last_served(self, name: str, alias: str) -> Resolved | None:
+        """The last version served for ``alias`` on this node, if it is still cached."""
+        try:
+            body = json.loads((self.root / "served" / name / f"{alias}.json").read_text())
+            raw = self._manifest_bytes(name, body["version"], body["manifest_sha256"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+        if raw is None:
+            return None
+        return Resolved(name, body["version"], Manifest.from_json(raw), raw, alias)
 
     # -- resolve with offline fallback ------------------------------------------
     def resolve(self, repo: Repository, ref: ModelRef | str) -> tuple[Resolved, bool]:

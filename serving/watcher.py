@@ -83,14 +83,47 @@ class AliasWatcher:
     def start(self) -> None:
         """Load the alias's version; with the store down, the cache's remembered one.
 
+        If the target fails to load (isolation, trust, digest or warm-up), the last
+        version this node served for the alias stands in (``source="last_good"``)
+        and the target is retried with the usual backoff, so a bad target cannot
+        keep a restarting replica from serving.
+
         Raises:
             ServingError: nothing could be loaded; the replica must not become ready.
         """
-        resolved, from_cache = self.slot.cache.resolve(self.slot.repo, f"{self.slot.name}@{self.alias}")
-        self._target = _Target(resolved.version, resolved.manifest_sha256)
+        name = self.slot.name
+        resolved, from_cache = self.slot.cache.resolve(self.slot.repo, f"{name}@{self.alias}")
+        target = _Target(resolved.version, resolved.manifest_sha256)
+        self._target = target
         if not from_cache:
             self._mark_ok()
-        self.slot.swap_to(resolved, reason="start", source="cache" if from_cache else "store")
+        try:
+            self.slot.swap_to(resolved, reason="start", source="cache" if from_cache else "store")
+        except ServingError as exc:
+            fallback = self.slot.cache.last_served(name, self.alias)
+            if fallback is None or fallback.manifest_sha256 == resolved.manifest_sha256:
+                raise
+            log.warning(
+                "%s@%s -> %s failed to load; serving the last good version %s: %s",
+                name,
+                self.alias,
+                resolved.version,
+                fallback.version,
+                exc,
+                extra={
+                    "event": "last_good",
+                    "model": name,
+                    "from_version": resolved.version,
+                    "to_version": fallback.version,
+                    "reason": str(exc),
+                },
+            )
+            self.slot.swap_to(fallback, reason="last good", source="last_good")
+            self._failed, self._failures = target, 1
+            self._retry_at = self._clock() + self.backoff_base_s
+            self._last_error = f"{target.version}: {exc}"
+            return
+        self.slot.cache.remember_served(name, self.alias, resolved.version, resolved.manifest_sha256)
 
     # -- one tick --------------------------------------------------------------
     def tick(self, force: bool = False) -> None:
@@ -147,6 +180,7 @@ class AliasWatcher:
             self._verify_target(resolved, target)
             self.slot.swap_to(resolved, reason=self._reason)
             self.slot.cache.remember_alias(name, self.alias, resolved.version, resolved.manifest_sha256)
+            self.slot.cache.remember_served(name, self.alias, resolved.version, resolved.manifest_sha256)
         except ServingError as exc:
             if self._failed == target:
                 self._failures += 1
