@@ -263,10 +263,12 @@ class Prober:
         from serving.settings import isolated_child_env
 
         env = dict(self._env if self._env is not None else isolated_child_env())
-        # NOTE: the helper must import this same serving package, however this
-        # process found it (PYTHONPATH, a Ray runtime env, an installed wheel).
+        # NOTE: the child must import exactly what this process would (this serving
+        # package, a module class_path names), however this process found them:
+        # PYTHONPATH, a Ray runtime env, entries added at run time.
         package_root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        paths = [package_root, *(os.path.abspath(p) for p in sys.path if p)]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "serving.isolation", str(os.getpid()), str(self.idle_s)],

@@ -134,7 +134,13 @@ class AliasWatcher:
         with self._lock:
             self._check_alias()
             target = self._target
-            if target is None or target.version == self.slot.version:
+            if target is None:
+                return
+            if target.version == self.slot.version:
+                # NOTE: the alias came back to what is live (e.g. a rollback off a
+                # version that failed): nothing is failing any more.
+                if self._failed is not None:
+                    self._failed, self._failures, self._last_error = None, 0, None
                 return
             now = self._clock()
             if not force and self._failed == target and now < self._retry_at:

@@ -1,9 +1,9 @@
-"""torch modules that misbehave when built, for the isolation tests (never shipped).
+"""Hostile artifacts and torch modules that misbehave when built, for the isolation tests.
 
 A torch state dict's ``class_path`` names installed code that runs when the
 module is built (SECURITY.md); these stand for such code, reached through the
-real ``torch-state-dict`` loader with an empty state dict. They are imported by
-the isolation helper as ``tests.integration.hostile_modules``.
+real ``torch-state-dict`` loader with an empty state dict. The class path is
+``hostile_modules:Segfault`` (and so on), as for ``tiny_models``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,14 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from pathlib import Path
 
+import joblib
+import numpy as np
 import torch
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+from sklearn.tree import DecisionTreeClassifier
 
 
 class Segfault(torch.nn.Module):
@@ -54,3 +60,22 @@ class ShowEnv(torch.nn.Module):
     def __init__(self, name: str) -> None:
         super().__init__()
         raise ValueError(f"env {name}={os.environ.get(name, '<unset>')}")
+
+
+def crafted_tree(path: Path) -> Path:
+    """A real fitted tree whose root's children point far outside its node array."""
+    x = np.array([[0.0], [1.0], [2.0], [3.0]])
+    clf = DecisionTreeClassifier().fit(x, [0, 0, 1, 1])
+    state = clf.tree_.__getstate__()
+    nodes = state["nodes"].copy()
+    nodes["left_child"][0] = nodes["right_child"][0] = 1 << 40
+    state["nodes"] = nodes
+    clf.tree_.__setstate__(state)
+    joblib.dump(clf, path)
+    return path
+
+
+def good_iris(path: Path) -> Path:
+    x, y = load_iris(return_X_y=True)
+    joblib.dump(LogisticRegression(max_iter=300).fit(x, y), path)
+    return path

@@ -8,13 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import joblib
-import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_iris
-from sklearn.linear_model import LogisticRegression
-from sklearn.tree import DecisionTreeClassifier
+from hostile_modules import crafted_tree, good_iris
 
 from serving.cache import CachedVersion, LoaderCache
 from serving.errors import IsolationFailed, LoadError, UntrustedArtifact
@@ -24,27 +20,8 @@ from serving.publish import publish_path
 from serving.repository import Repository
 from serving.store.local import LocalStore
 
-HOSTILE = "tests.integration.hostile_modules"
+HOSTILE = "hostile_modules"
 LIMITS = IsolationLimits(memory_bytes=768 * 1024**2, cpu_seconds=5, timeout_s=60)
-
-
-def crafted_tree(path: Path) -> Path:
-    """A real fitted tree whose root's children point far outside its node array."""
-    x = np.array([[0.0], [1.0], [2.0], [3.0]])
-    clf = DecisionTreeClassifier().fit(x, [0, 0, 1, 1])
-    state = clf.tree_.__getstate__()
-    nodes = state["nodes"].copy()
-    nodes["left_child"][0] = nodes["right_child"][0] = 1 << 40
-    state["nodes"] = nodes
-    clf.tree_.__setstate__(state)
-    joblib.dump(clf, path)
-    return path
-
-
-def good_iris(path: Path) -> Path:
-    x, y = load_iris(return_X_y=True)
-    joblib.dump(LogisticRegression(max_iter=300).fit(x, y), path)
-    return path
 
 
 class Versions:
