@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -214,7 +215,12 @@ class Prober:
                 raise LoadError(f"{where}: the isolation helper is closed")
             reply = self._ask(request, where)
         self._raise_for(reply, where)
-        log.info("%s passed isolation in %.3f s", where, time.perf_counter() - started)
+        log.info(
+            "%s passed isolation in %.3f s (load and warm-up in the child: %s s)",
+            where,
+            time.perf_counter() - started,
+            reply.get("seconds"),
+        )
         if memo is not None:
             _write_memo(memo)
         return True
@@ -398,9 +404,18 @@ def _helper_main(parent_pid: int, idle_s: float) -> int:
         if fmt not in preloaded:
             preloaded.add(fmt)
             _import_quietly(_PRELOAD.get(fmt, ()))
-        reply, learned = _run_probe(request)
+        # NOTE: a collection in the child would walk (and so copy-on-write) every
+        # object the helper holds; frozen objects are never walked.
+        gc.freeze()
+        reply, learned, pending = _run_probe(request)
         stdout.write((json.dumps(reply) + "\n").encode())
         stdout.flush()
+        if pending is not None:
+            # NOTE: after answering: tearing down a child that holds a large model
+            # takes a while and is not the serving process's wait.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pending[0], signal.SIGKILL)
+            _reap(*pending)
         _import_quietly(learned)
 
 
@@ -415,8 +430,14 @@ def _import_quietly(modules: Any) -> None:
                 importlib.import_module(name)
 
 
-def _run_probe(request: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Fork one child for ``request``; wait for its result, its death or the deadline."""
+def _run_probe(
+    request: dict[str, Any],
+) -> tuple[dict[str, Any], list[str], tuple[int, int | None] | None]:
+    """Fork one child for ``request``; wait for its result, its death or the deadline.
+
+    Returns the reply, the modules worth importing in the helper, and for a pass
+    the child (pid, pidfd) still to kill and reap.
+    """
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover -- NOTE: runs in the probe child
@@ -457,21 +478,18 @@ def _run_probe(request: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     os.close(rfd)
     result = _parse_result(data)
     if result is not None and result.get("ok") is True and not timed_out:
-        # NOTE: answer first; the child's teardown of a large model is not our wait.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        _reap(pid, pidfd)
-        return {"ok": True}, [str(m) for m in result.get("modules", [])]
+        learned = [str(m) for m in result.get("modules", [])]
+        return {"ok": True, "seconds": result.get("seconds")}, learned, (pid, pidfd)
     if timed_out:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         _reap(pid, pidfd)
         message = f"still running after {request['timeout_s']} s"
-        return {"ok": False, "reason": "timeout", "message": message}, []
+        return {"ok": False, "reason": "timeout", "message": message}, [], None
     status = _reap(pid, pidfd, deadline)
     if result is not None and status is not None and not os.WIFSIGNALED(status):
-        return result, []
-    return _classify(status), []
+        return result, [], None
+    return _classify(status), [], None
 
 
 def _reap(pid: int, pidfd: int | None, deadline: float | None = None) -> int | None:
@@ -544,7 +562,10 @@ def _child(request: dict[str, Any], wfd: int) -> None:  # pragma: no cover -- NO
             os._exit(_EXIT_EXEC)
 
     sys.addaudithook(no_processes)
+    gc.disable()  # NOTE: short-lived; RLIMIT_AS still bounds what garbage can hold
+    started = time.perf_counter()
     result = _load_and_warm(request)
+    result["seconds"] = time.perf_counter() - started
     if result.get("ok"):
         result["modules"] = sorted(m for m in set(sys.modules) - before if m.split(".")[0] in _WARM_PACKAGES)
     os.write(wfd, json.dumps(result).encode())
