@@ -281,6 +281,15 @@ class LoaderCache:
         except (OSError, ValueError, KeyError, TypeError, ServingError):
             return None
 
+    def last_good(self, name: str, alias: str) -> Resolved | None:
+        """The alias's last target that loaded on this node, if it is still cached.
+
+        Replicas remember a target only once it passed the trust checks and
+        loaded (:meth:`remember_alias`), so this is the version to fall back to
+        when a new target fails.
+        """
+        return self._resolve_offline(ModelRef(name, alias=alias))
+
     # -- resolve with offline fallback ------------------------------------------
     def resolve(
         self, repo: Repository, ref: ModelRef | str, *, remember: bool = True

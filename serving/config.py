@@ -42,6 +42,12 @@ class ModelConfig(BaseModel):
     """Explicit-version requests keep at most this many extra versions loaded (LRU)."""
     warmup: bool = True
     """Run the manifest's example input before a version goes live."""
+    isolation: Literal["auto", "always", "never"] = "auto"
+    """Load and warm up each new version in a resource-limited child process first.
+
+    ``auto`` isolates the formats that unpickle or build native objects from the
+    artifact (everything but ``onnx`` and ``keras``); ``always`` every format;
+    ``never`` loads in the serving process directly (SECURITY.md, "Isolation")."""
 
     @model_validator(mode="after")
     def _one_pointer(self) -> ModelConfig:

@@ -20,6 +20,8 @@ exit code the CLI returns, so neither layer needs its own mapping table::
     ├── UntrustedArtifact (403, exit 6)       refused by the load policy
     ├── MissingExtra (501, exit 7)            framework not installed
     ├── LoadError (500, exit 8)               the framework failed to load it
+    │   └── IsolationFailed                   the isolated first load crashed, ran out of
+    │                                         memory or time, or tried to start a process
     ├── StoreError (502, exit 9)              the store failed us
     │   ├── StoreUnavailable (503)            unreachable, throttled, timed out
     │   ├── StoreAccessDenied (502)           wrong or missing credentials
@@ -43,6 +45,7 @@ __all__ = [
     "InvalidManifest",
     "InvalidReference",
     "InvalidRequest",
+    "IsolationFailed",
     "LoadError",
     "MethodNotAllowed",
     "MissingExtra",
@@ -159,6 +162,20 @@ class LoadError(ServingError):
 
     status_code = 500
     exit_code = 8
+
+
+class IsolationFailed(LoadError):
+    """A version's first load, run in a child under resource limits, did not come back.
+
+    ``reason`` is one of :data:`serving.isolation.REASONS` (a bounded metric label):
+    ``crash`` (killed by SIGSEGV, SIGBUS, SIGILL, SIGABRT, SIGFPE or died without
+    a result), ``oom`` (MemoryError or the memory limit), ``timeout`` (wall clock
+    or CPU time) or ``exec`` (tried to start a process).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StoreError(ServingError):

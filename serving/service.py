@@ -19,6 +19,7 @@ from serving.cache import LoaderCache
 from serving.config import AppConfig, ModelConfig
 from serving.errors import InvalidInput, ServingError
 from serving.formats.base import LoadPolicy
+from serving.isolation import IsolationLimits, Prober
 from serving.repository import Repository, Resolved
 from serving.settings import Settings
 from serving.slot import Live, ModelSlot, ResidentVersions
@@ -39,6 +40,18 @@ def build_cache(app: AppConfig, settings: Settings) -> LoaderCache:
         max_artifact_files=settings.max_artifact_files,
         reverify_s=settings.cache_reverify_s,
     )
+
+
+def build_prober(model: ModelConfig, settings: Settings, cache: LoaderCache) -> Prober | None:
+    """The isolation of first loads for ``model`` (None when its config says ``never``)."""
+    if model.isolation == "never":
+        return None
+    limits = IsolationLimits(
+        memory_bytes=settings.isolation_memory_bytes,
+        cpu_seconds=settings.isolation_cpu_seconds,
+        timeout_s=settings.isolation_timeout_s,
+    )
+    return Prober(limits, mode=model.isolation, memo_dir=cache.root / "isolation")
 
 
 def policy_from(settings: Settings) -> LoadPolicy:
@@ -69,6 +82,7 @@ class ModelService:
             policy_from(settings),
             trust_check=trust_check,
             warmup=model.warmup,
+            prober=build_prober(model, settings, cache),
         )
         self.watcher = (
             AliasWatcher(

@@ -8,6 +8,7 @@ to boto3's own configuration chain.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -131,12 +132,54 @@ class Settings(BaseSettings):
     """SSE-C: a customer key (base64 of 32 bytes) sent with every upload and download;
     S3 keeps no copy, so objects are unreadable without it. Needs HTTPS on real S3."""
 
+    # -- isolation of first loads (SECURITY.md, "Isolation") -----------------------
+    isolation_memory_bytes: int | None = Field(default=None, ge=64 * 1024**2)
+    """Address-space budget of the child that loads a new version first, on top of
+    what the helper process already maps. Default: the larger of 1 GiB and four
+    times the version's total bytes."""
+
+    isolation_cpu_seconds: int = Field(default=120, ge=1)
+    """CPU seconds the isolated load and warm-up may use (``RLIMIT_CPU``)."""
+
+    isolation_timeout_s: float = Field(default=300.0, gt=0)
+    """Wall-clock seconds the isolated load and warm-up may take before the child is killed."""
+
     @field_validator("trusted_keys", "unrestricted_models", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+
+_CHILD_ENV_KEEP = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "LANG",
+        "TMPDIR",
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "NUMEXPR_NUM_THREADS",
+        "TORCH_FORCE_WEIGHTS_ONLY_LOAD",
+    }
+)
+_CHILD_ENV_KEEP_PREFIXES = ("LC_", "OPENBLAS_", "MKL_")
+
+
+def isolated_child_env() -> dict[str, str]:
+    """The environment a model-loading child gets: locale, paths and thread counts only.
+
+    Everything else (``SERVING_*`` keys, ``AWS_*`` credentials, tokens) stays in
+    this process, so code that a hostile artifact manages to run in the child
+    finds no secret in its environment.
+    """
+    return {
+        k: v for k, v in os.environ.items() if k in _CHILD_ENV_KEEP or k.startswith(_CHILD_ENV_KEEP_PREFIXES)
+    }
 
 
 def get_settings(**overrides: object) -> Settings:

@@ -22,8 +22,9 @@ import numpy as np
 
 from serving import metrics
 from serving.cache import CachedVersion, LoaderCache, Pin
-from serving.errors import LoadError, NotFound, NotReady, Overloaded, ServingError
+from serving.errors import IsolationFailed, LoadError, NotFound, NotReady, Overloaded, ServingError
 from serving.formats.base import LoadPolicy, Predictor, numpy_dtype
+from serving.isolation import Prober
 from serving.manifest import Manifest, TensorSpec
 from serving.repository import Repository, Resolved
 
@@ -52,7 +53,9 @@ class Live:
     pin: Pin
     loaded_at: float = field(default_factory=time.time)
     source: str = "store"
-    """``store`` normally; ``cache`` when resolved from the cache's memory (store down)."""
+    """``store`` normally; ``cache`` when resolved from the cache's memory (store down);
+    ``last_good`` when the alias's target failed to load at start and this node's
+    last successfully served version stands in for it."""
     _leases: int = 0
     _retired: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -128,7 +131,11 @@ class ModelSlot:
         loader: Loader = default_loader,
         trust_check: TrustCheck | None = None,
         warmup: bool = True,
+        prober: Prober | None = None,
     ) -> None:
+        """``prober``: load and warm up each version in a limited child first
+        (:mod:`serving.isolation`); None loads in this process directly. The slot
+        closes it with itself."""
         self.name = name
         self.repo = repo
         self.cache = cache
@@ -136,6 +143,7 @@ class ModelSlot:
         self._loader = loader
         self._trust_check = trust_check
         self._warmup = warmup
+        self._prober = prober
         self._live: Live | None = None
         self._swap_lock = threading.Lock()
 
@@ -160,6 +168,10 @@ class ModelSlot:
                 log.debug("cache hit for %s:%s", resolved.name, resolved.version)
             pin = self.cache.pin(cached)
             try:
+                if self._prober is not None:
+                    # NOTE: the same verified bytes, in a child first: a crash, memory
+                    # bomb or endless loop there fails this load, not this process.
+                    self._prober.probe(cached, policy, warmup=self._warmup)
                 predictor = self._loader(cached, policy)
                 if self._warmup:
                     warm_up(predictor, cached.manifest)
@@ -197,7 +209,8 @@ class ModelSlot:
             try:
                 new = self.load(resolved, source=source)
             except ServingError as exc:
-                metrics.SWAP_FAILURES.inc(model=self.name, reason=type(exc).__name__)
+                label = exc.reason if isinstance(exc, IsolationFailed) else type(exc).__name__
+                metrics.SWAP_FAILURES.inc(model=self.name, reason=label)
                 log.warning(
                     "swap failed",
                     extra=_event("swap_failed", self.name, from_version, resolved.version, started, str(exc)),
@@ -245,6 +258,8 @@ class ModelSlot:
             live, self._live = self._live, None
             if live is not None:
                 live.retire()
+            if self._prober is not None:
+                self._prober.close()
 
 
 class ResidentVersions:

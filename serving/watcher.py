@@ -83,22 +83,50 @@ class AliasWatcher:
     def start(self) -> None:
         """Load the alias's version; with the store down, the cache's remembered one.
 
+        If the target fails to load (isolation, trust, digest or warm-up), the last
+        version this node served for the alias stands in (``source="last_good"``)
+        and the target is retried with the usual backoff, so a bad target cannot
+        keep a restarting replica from serving.
+
         Raises:
             ServingError: nothing could be loaded; the replica must not become ready.
         """
         # NOTE: remembered only once it passed the trust checks and loaded, so a refused
-        # (replayed, unsigned) alias never becomes the offline fallback.
-        resolved, from_cache = self.slot.cache.resolve(
-            self.slot.repo, f"{self.slot.name}@{self.alias}", remember=False
-        )
-        self._target = _Target(resolved.version, resolved.manifest_sha256)
+        # (replayed, unsigned) or crashing alias target never becomes the fallback.
+        name = self.slot.name
+        resolved, from_cache = self.slot.cache.resolve(self.slot.repo, f"{name}@{self.alias}", remember=False)
+        target = _Target(resolved.version, resolved.manifest_sha256)
+        self._target = target
         if not from_cache:
             self._mark_ok()
-        self.slot.swap_to(resolved, reason="start", source="cache" if from_cache else "store")
-        if not from_cache:
-            self.slot.cache.remember_alias(
-                self.slot.name, self.alias, resolved.version, resolved.manifest_sha256
+        try:
+            self.slot.swap_to(resolved, reason="start", source="cache" if from_cache else "store")
+        except ServingError as exc:
+            fallback = self.slot.cache.last_good(name, self.alias)
+            if fallback is None or fallback.manifest_sha256 == resolved.manifest_sha256:
+                raise
+            log.warning(
+                "%s@%s -> %s failed to load; serving the last good version %s: %s",
+                name,
+                self.alias,
+                resolved.version,
+                fallback.version,
+                exc,
+                extra={
+                    "event": "last_good",
+                    "model": name,
+                    "from_version": resolved.version,
+                    "to_version": fallback.version,
+                    "reason": str(exc),
+                },
             )
+            self.slot.swap_to(fallback, reason="last good", source="last_good")
+            self._failed, self._failures = target, 1
+            self._retry_at = self._clock() + self.backoff_base_s
+            self._last_error = f"{target.version}: {exc}"
+            return
+        if not from_cache:
+            self.slot.cache.remember_alias(name, self.alias, resolved.version, resolved.manifest_sha256)
 
     # -- one tick --------------------------------------------------------------
     def tick(self, force: bool = False) -> None:
@@ -109,7 +137,13 @@ class AliasWatcher:
         with self._lock:
             self._check_alias()
             target = self._target
-            if target is None or target.version == self.slot.version:
+            if target is None:
+                return
+            if target.version == self.slot.version:
+                # NOTE: the alias came back to what is live (e.g. a rollback off a
+                # version that failed): nothing is failing any more.
+                if self._failed is not None:
+                    self._failed, self._failures, self._last_error = None, 0, None
                 return
             now = self._clock()
             if not force and self._failed == target and now < self._retry_at:

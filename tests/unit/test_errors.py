@@ -25,6 +25,7 @@ EXPECTED = {
     "UntrustedArtifact": ("ServingError", 403, 6),
     "MissingExtra": ("ServingError", 501, 7),
     "LoadError": ("ServingError", 500, 8),
+    "IsolationFailed": ("LoadError", 500, 8),
     "StoreError": ("ServingError", 502, 9),
     "StoreUnavailable": ("StoreError", 503, 9),
     "StoreAccessDenied": ("StoreError", 502, 9),

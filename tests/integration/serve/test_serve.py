@@ -8,8 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
+from hostile_modules import crafted_tree
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.publish import publish_path
 from serving.repository import Repository
 from serving.settings import Settings
 from serving.store import open_store
@@ -146,6 +148,41 @@ def test_bad_version_keeps_the_old_one_serving_until_a_good_one(
         assert _metric(cluster, "ray_serving_model_loads_total", model="iris-bad", outcome="failure") >= 2
         repo.set_alias("iris-bad", "production", "5")
         wait_for(lambda: served_version(client, base, "iris-bad") == "5", what="recovery on v5")
+
+
+def test_a_segfaulting_version_fails_isolation_and_a_new_replica_starts_on_the_last_good(
+    deploy, s3_bucket, tmp_path, monkeypatch, cluster: Cluster
+) -> None:
+    """v2 kills its probe child, not the replica; a redeployed replica on v2 serves v1 and says so."""
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "1", name="iris-crash")
+    tree = crafted_tree(tmp_path / "crash-2.joblib")
+    publish_path(repo, tree, "iris-crash", version="2", format="sklearn", example=[[0.5]])
+    repo.set_alias("iris-crash", "production", "1")
+    args = app_args(uri, tmp_path / "cache", s3_env(server), name="iris-crash")
+    base = deploy(args)
+    with httpx.Client(timeout=10) as client:
+        repo.set_alias("iris-crash", "production", "2")
+        wait_for(
+            lambda: _index(client, base, "iris-crash")["replicas"][0]["failed_version"] == "2",
+            what="v2 to fail isolation",
+        )
+        for _ in range(5):
+            assert served_version(client, base, "iris-crash") == "1"
+        wait_for(
+            lambda: (
+                _metric(cluster, "ray_serving_swap_failures_total", model="iris-crash", reason="crash") >= 1
+            ),
+            what="the crash in metrics",
+        )
+        base = deploy(args)  # a new replica, the alias still on v2
+        (replica,) = _index(client, base, "iris-crash")["replicas"]
+        assert replica["live_version"] == "1"
+        assert replica["source"] == "last_good"
+        assert replica["failed_version"] == "2"
+        assert "failed isolation (crash)" in replica["last_error"]
+        assert served_version(client, base, "iris-crash") == "1"
 
 
 def test_store_outage_keeps_serving_and_counts_failed_checks(

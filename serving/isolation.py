@@ -1,0 +1,628 @@
+"""Isolation of a new version's first load: load and warm up in a limited child first.
+
+Before the serving process loads a version it has not loaded before, a child
+process loads the same verified bytes with :func:`serving.formats.load_predictor`
+and runs :func:`serving.slot.warm_up` under resource limits. Only if the child
+comes back clean does the serving process load them itself; a segfault, a
+memory bomb, an endless loop or an attempt to start a process kills the child,
+not the live model, and fails the swap with :class:`IsolationFailed`.
+
+How it is cheap enough to do on every swap::
+
+    serving process --stdin/stdout JSON lines--> helper ("zygote", started once,
+        |                                         scrubbed environment, frameworks
+        |                                         imported once per format)
+        |                                            | os.fork() per probe
+        |                                            v
+        |                                         probe child: rlimits (address
+        |                                         space, CPU, no core), no_new_privs,
+        |                                         audit hook against process starts,
+        |                                         load + warm-up, JSON result on a pipe
+        v
+    IsolationFailed(reason) or a pass, remembered per node under the cache root
+
+The helper exits when its stdin closes, when its parent dies (``PR_SET_PDEATHSIG``)
+or after being idle for :attr:`Prober.idle_s`; the next probe starts a new one.
+A pass is remembered per node (keyed by the manifest's sha256 and a digest of
+the policy and limits), so each version is probed once per node, not per
+replica restart.
+
+Limits of this layer (SECURITY.md, "Isolation"): rlimits are not a sandbox. The
+child can read any file the serving user can, and native code can start
+processes without passing the audit hook. Code that a hostile artifact runs in
+the child can also forge a pass; the load policy, not isolation, is what keeps
+artifacts from running code.
+
+Example:
+    >>> prober = Prober(IsolationLimits(), memo_dir=cache.root / "isolation")  # doctest: +SKIP
+    >>> prober.probe(cached, policy, warmup=True)  # raises IsolationFailed on a crash # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from serving import errors
+from serving.cache import CachedVersion
+from serving.errors import IsolationFailed, LoadError, ServingError
+from serving.formats.base import LoadPolicy
+from serving.manifest import Manifest
+
+__all__ = ["REASONS", "IsolationLimits", "IsolationMode", "Prober", "needs_isolation"]
+
+log = logging.getLogger("serving.isolation")
+
+IsolationMode = Literal["auto", "always", "never"]
+
+REASONS = ("crash", "oom", "timeout", "exec")
+"""Every ``IsolationFailed.reason``; also the ``reason`` label of swap failures."""
+
+# NOTE: formats that unpickle, or build native objects (trees, modules, graphs)
+# from parameters the artifact controls: the attacks found so far (an
+# out-of-bounds tree, a joblib decompression bomb, init_kwargs that build a
+# 16384x16384 Linear) all go through these. An unknown format is isolated too.
+_IN_PROCESS_UNDER_AUTO = frozenset({"onnx", "keras"})
+
+_CRASH_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGFPE, signal.SIGSYS}
+)
+_EXIT_EXEC = 86
+"""Exit code of a child whose audit hook saw a process start."""
+_EXIT_INTERNAL = 87
+_RESULT_LIMIT = 1 << 20
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
+
+# Modules imported once in the helper, before the first fork, per format.
+_PRELOAD: dict[str, tuple[str, ...]] = {
+    "sklearn": ("numpy", "scipy", "joblib", "sklearn", "sklearn.base"),
+    "pickle": ("numpy", "scipy", "sklearn", "sklearn.base"),
+    "skops": ("numpy", "scipy", "sklearn", "sklearn.base", "skops.io"),
+    "torch-state-dict": ("numpy", "torch"),
+    "safetensors": ("numpy", "torch", "safetensors.torch"),
+    "torchscript": ("numpy", "torch"),
+    "torch-export": ("numpy", "torch"),
+    "onnx": ("numpy", "onnx", "onnxruntime"),
+    # NOTE: TensorFlow starts threads when imported, and forking a process with
+    # threads is unsafe; keras formats import it in each probe child instead.
+}
+# After a pass, the helper also imports what the child imported under these
+# packages (installed code only), so the next probe of that kind does not pay for it.
+_WARM_PACKAGES = frozenset(
+    {"numpy", "scipy", "sklearn", "joblib", "threadpoolctl", "torch", "safetensors", "skops", "onnx"}
+)
+
+_PROCESS_EVENTS = frozenset(
+    {
+        "os.system",
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "os.fork",
+        "os.forkpty",
+        "os.startfile",
+        "subprocess.Popen",
+        "pty.spawn",
+    }
+)
+
+
+def needs_isolation(mode: IsolationMode, manifest: Manifest) -> bool:
+    """Whether ``mode`` isolates this version's first load."""
+    if mode == "never":
+        return False
+    return mode == "always" or manifest.format not in _IN_PROCESS_UNDER_AUTO
+
+
+@dataclass(frozen=True)
+class IsolationLimits:
+    """What a probe child may use. ``memory_bytes=None``: max(1 GiB, 4 x the version's bytes)."""
+
+    memory_bytes: int | None = None
+    cpu_seconds: int = 120
+    timeout_s: float = 300.0
+
+    def memory_for(self, manifest: Manifest) -> int:
+        if self.memory_bytes is not None:
+            return self.memory_bytes
+        return max(1 << 30, 4 * manifest.total_bytes)
+
+
+class Prober:
+    """Runs first loads in a limited child; one helper process, one probe at a time.
+
+    Args:
+        limits: memory, CPU and wall-clock limits of each probe.
+        mode: ``auto``, ``always`` or ``never`` (see :func:`needs_isolation`).
+        memo_dir: where passes are remembered (the cache root's ``isolation/``);
+            None remembers nothing.
+        env: the helper's environment; defaults to
+            :func:`serving.settings.isolated_child_env` (no secrets).
+        idle_s: the helper exits after this long without a probe.
+    """
+
+    def __init__(
+        self,
+        limits: IsolationLimits | None = None,
+        *,
+        mode: IsolationMode = "auto",
+        memo_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        idle_s: float = 600.0,
+    ) -> None:
+        self.limits = limits or IsolationLimits()
+        self.mode: IsolationMode = mode
+        self.memo_dir = memo_dir
+        self.idle_s = idle_s
+        self._env = env
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        _live_probers.add(self)
+
+    # -- public ----------------------------------------------------------------------
+    def probe(self, cached: CachedVersion, policy: LoadPolicy, *, warmup: bool = True) -> bool:
+        """Load (and warm up) ``cached`` in a limited child unless this node already passed it.
+
+        Returns:
+            True if a child ran now, False if isolation is off for it or a pass is remembered.
+
+        Raises:
+            IsolationFailed: the child crashed, hit a limit or tried to start a process.
+            ServingError: the loader raised in the child; the same class, same message.
+        """
+        manifest = cached.manifest
+        if not needs_isolation(self.mode, manifest):
+            return False
+        budget = self.limits.memory_for(manifest)
+        memo = self._memo_path(cached, policy, warmup, budget)
+        if memo is not None and memo.exists():
+            return False
+        request = {
+            "path": str(cached.path),
+            "manifest": manifest.model_dump(mode="json"),
+            "policy": {
+                "trusted_globals": sorted(policy.trusted_globals),
+                "allow_legacy_h5": policy.allow_legacy_h5,
+                "signed": policy.signed,
+                "allow_unrestricted": policy.allow_unrestricted,
+            },
+            "warmup": warmup,
+            "memory_bytes": budget,
+            "cpu_seconds": self.limits.cpu_seconds,
+            "timeout_s": self.limits.timeout_s,
+        }
+        where = f"{cached.name}:{cached.version}"
+        started = time.perf_counter()
+        with self._lock:
+            if self._closed:
+                raise LoadError(f"{where}: the isolation helper is closed")
+            reply = self._ask(request, where)
+        self._raise_for(reply, where)
+        log.info(
+            "%s passed isolation in %.3f s (load and warm-up in the child: %s s)",
+            where,
+            time.perf_counter() - started,
+            reply.get("seconds"),
+        )
+        if memo is not None:
+            _write_memo(memo)
+        return True
+
+    def close(self) -> None:
+        """Stop the helper (it also stops on its own when this process exits)."""
+        with self._lock:
+            self._closed = True
+            self._stop_helper()
+
+    # -- the helper ----------------------------------------------------------------
+    def _ask(self, request: dict[str, Any], where: str) -> dict[str, Any]:
+        line = (json.dumps(request) + "\n").encode()
+        for attempt in (1, 2):
+            proc = self._helper()
+            assert proc.stdin is not None
+            assert proc.stdout is not None
+            try:
+                proc.stdin.write(line)
+                proc.stdin.flush()
+            except OSError as exc:
+                self._stop_helper()
+                if attempt == 2:
+                    raise IsolationFailed(
+                        f"{where}: the isolation helper could not be started", "crash"
+                    ) from exc
+                continue  # NOTE: it had exited while idle; start a fresh one
+            # NOTE: the helper enforces the probe's own deadline; this margin covers
+            # importing a framework for the first time on a busy node.
+            reply = _read_line(proc.stdout, self.limits.timeout_s + 120.0)
+            if reply is not None:
+                return reply
+            idle_exit = proc.poll() == 0
+            self._stop_helper()
+            if idle_exit and attempt == 1:
+                continue
+            raise IsolationFailed(
+                f"{where}: the isolation helper died or stopped answering during the probe", "crash"
+            )
+        raise AssertionError("unreachable")
+
+    def _helper(self) -> subprocess.Popen[bytes]:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        self._stop_helper()
+        from serving.settings import isolated_child_env
+
+        env = dict(self._env if self._env is not None else isolated_child_env())
+        # NOTE: the child must import exactly what this process would (this serving
+        # package, a module class_path names), however this process found them:
+        # PYTHONPATH, a Ray runtime env, entries added at run time.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        paths = [package_root, *(os.path.abspath(p) for p in sys.path if p)]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.isolation", str(os.getpid()), str(self.idle_s)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            close_fds=True,
+            cwd="/",
+        )
+        return self._proc
+
+    def _stop_helper(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            if proc.stdin is not None:
+                proc.stdin.close()  # the helper exits when its stdin closes
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    # -- results ---------------------------------------------------------------------
+    @staticmethod
+    def _raise_for(reply: dict[str, Any], where: str) -> None:
+        if reply.get("ok") is True:
+            return
+        reason = str(reply.get("reason", "crash"))
+        message = str(reply.get("message", "no detail"))
+        if reason == "error":
+            cls = getattr(errors, str(reply.get("class", "")), None)
+            if isinstance(cls, type) and issubclass(cls, ServingError) and cls is not IsolationFailed:
+                raise cls(message)
+            raise LoadError(message)
+        if reason not in REASONS:
+            reason = "crash"
+        raise IsolationFailed(f"{where}: failed isolation ({reason}): {message}", reason)
+
+    def _memo_path(self, cached: CachedVersion, policy: LoadPolicy, warmup: bool, budget: int) -> Path | None:
+        if self.memo_dir is None:
+            return None
+        from serving import __version__
+        from serving.formats import FORMATS
+
+        fmt = FORMATS.get(cached.manifest.format)
+        key = {
+            "policy": {**asdict(policy), "trusted_globals": sorted(policy.trusted_globals)},
+            "warmup": warmup,
+            "memory_bytes": budget,
+            "cpu_seconds": self.limits.cpu_seconds,
+            "timeout_s": self.limits.timeout_s,
+            "framework": fmt.framework_version() if fmt is not None else None,
+            "serving": __version__,
+            "python": sys.version,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return self.memo_dir / cached.name / f"{cached.manifest_sha256}-{digest}.ok"
+
+
+def _write_memo(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{os.getpid()}-{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+def _read_line(stream: IO[bytes], timeout: float) -> dict[str, Any] | None:
+    """One JSON reply from the helper, or None if it died or the deadline passed."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        return None
+    line = stream.readline(_RESULT_LIMIT)
+    if not line:
+        return None
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        return None
+    return reply if isinstance(reply, dict) else None
+
+
+_live_probers: weakref.WeakSet[Prober] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for prober in list(_live_probers):
+        prober.close()
+
+
+# ---------------------------------------------------------------------------------
+# The helper process (``python -m serving.isolation PARENT_PID IDLE_S``)
+# ---------------------------------------------------------------------------------
+def _prctl(option: int, arg: int) -> None:
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+
+
+def _helper_main(parent_pid: int, idle_s: float) -> int:
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        return 0  # NOTE: the parent died before the death signal was armed
+    from serving.hardening import harden_process
+
+    harden_process()
+    import serving.formats
+    import serving.slot  # noqa: F401 -- NOTE: warm_up, imported before any fork
+
+    preloaded: set[str] = set()
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        ready, _, _ = select.select([stdin], [], [], idle_s)
+        if not ready:
+            return 0
+        line = stdin.readline()
+        if not line:
+            return 0
+        request = json.loads(line)
+        fmt = str(request["manifest"].get("format", ""))
+        if fmt not in preloaded:
+            preloaded.add(fmt)
+            _import_quietly(_PRELOAD.get(fmt, ()))
+        # NOTE: a collection in the child would walk (and so copy-on-write) every
+        # object the helper holds; frozen objects are never walked.
+        gc.freeze()
+        reply, learned, pending = _run_probe(request)
+        stdout.write((json.dumps(reply) + "\n").encode())
+        stdout.flush()
+        if pending is not None:
+            # NOTE: after answering: tearing down a child that holds a large model
+            # takes a while and is not the serving process's wait.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pending[0], signal.SIGKILL)
+            _reap(*pending)
+        _import_quietly(learned)
+
+
+def _import_quietly(modules: Any) -> None:
+    import importlib
+
+    for name in modules:
+        if name.split(".")[0] in _WARM_PACKAGES:
+            # NOTE: only a warm-up for later forks; the probe child imports what
+            # it needs itself, so a module that fails here fails there with a message.
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+
+
+def _run_probe(
+    request: dict[str, Any],
+) -> tuple[dict[str, Any], list[str], tuple[int, int | None] | None]:
+    """Fork one child for ``request``; wait for its result, its death or the deadline.
+
+    Returns the reply, the modules worth importing in the helper, and for a pass
+    the child (pid, pidfd) still to kill and reap.
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover -- NOTE: runs in the probe child
+        try:
+            os.close(rfd)
+            _child(request, wfd)
+        finally:
+            os._exit(_EXIT_INTERNAL)
+    os.close(wfd)
+    deadline = time.monotonic() + float(request["timeout_s"])
+    data = b""
+    eof = timed_out = False
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    exited = False
+    while not eof:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            timed_out = True
+            break
+        watch = [rfd] if pidfd is None or exited else [rfd, pidfd]
+        ready, _, _ = select.select(watch, [], [], min(remaining, 1.0))
+        if rfd in ready:
+            chunk = os.read(rfd, 65536)
+            eof = not chunk
+            data = (data + chunk)[:_RESULT_LIMIT]
+        if pidfd is not None and pidfd in ready:
+            exited = True
+            # NOTE: dead, but a descendant it forked natively may hold the pipe open;
+            # take what it wrote without waiting for an EOF that may never come.
+            os.set_blocking(rfd, False)
+            with contextlib.suppress(BlockingIOError):
+                while chunk := os.read(rfd, 65536):
+                    data = (data + chunk)[:_RESULT_LIMIT]
+            break
+    os.close(rfd)
+    result = _parse_result(data)
+    if result is not None and result.get("ok") is True and not timed_out:
+        learned = [str(m) for m in result.get("modules", [])]
+        return {"ok": True, "seconds": result.get("seconds")}, learned, (pid, pidfd)
+    if timed_out:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _reap(pid, pidfd)
+        message = f"still running after {request['timeout_s']} s"
+        return {"ok": False, "reason": "timeout", "message": message}, [], None
+    status = _reap(pid, pidfd, deadline)
+    if result is not None and status is not None and not os.WIFSIGNALED(status):
+        return result, [], None
+    return _classify(status), [], None
+
+
+def _reap(pid: int, pidfd: int | None, deadline: float | None = None) -> int | None:
+    """Wait for ``pid`` (killing it at ``deadline``); its wait status."""
+    try:
+        if deadline is not None:
+            while time.monotonic() < deadline:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    return status
+                if pidfd is not None:
+                    select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+                else:
+                    time.sleep(0.01)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return None
+    finally:
+        if pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(pidfd)
+
+
+def _classify(status: int | None) -> dict[str, Any]:
+    if status is None:
+        return {"ok": False, "reason": "crash", "message": "the probe child vanished"}
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        if sig == signal.SIGXCPU:
+            return {"ok": False, "reason": "timeout", "message": "CPU time limit reached (SIGXCPU)"}
+        if sig == signal.SIGKILL:
+            # NOTE: we only SIGKILL on our deadline (reported as a timeout above), so
+            # this is the kernel's OOM killer or a cgroup memory limit.
+            return {"ok": False, "reason": "oom", "message": "killed (SIGKILL), out of memory"}
+        return {"ok": False, "reason": "crash", "message": f"killed by {name}"}
+    code = os.WEXITSTATUS(status)
+    if code == _EXIT_EXEC:
+        return {"ok": False, "reason": "exec", "message": "tried to start a process"}
+    return {"ok": False, "reason": "crash", "message": f"exited with code {code} without a result"}
+
+
+def _parse_result(data: bytes) -> dict[str, Any] | None:
+    try:
+        result = json.loads(data)
+    except ValueError:
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def _child(request: dict[str, Any], wfd: int) -> None:  # pragma: no cover -- NOTE: probe child
+    import resource
+
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)  # NOTE: never the helper's protocol pipe
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    cpu = int(request["cpu_seconds"])
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    address_space = _vm_size() + int(request["memory_bytes"])
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+    before = set(sys.modules)
+
+    def no_processes(event: str, args: tuple[Any, ...]) -> None:
+        if event in _PROCESS_EVENTS:
+            os._exit(_EXIT_EXEC)
+
+    sys.addaudithook(no_processes)
+    gc.disable()  # NOTE: short-lived; RLIMIT_AS still bounds what garbage can hold
+    started = time.perf_counter()
+    result = _load_and_warm(request)
+    result["seconds"] = time.perf_counter() - started
+    if result.get("ok"):
+        result["modules"] = sorted(m for m in set(sys.modules) - before if m.split(".")[0] in _WARM_PACKAGES)
+    os.write(wfd, json.dumps(result).encode())
+    os.close(wfd)
+    os._exit(0)
+
+
+def _load_and_warm(request: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover -- probe child
+    from serving.formats import load_predictor
+    from serving.slot import warm_up
+
+    try:
+        manifest = Manifest.model_validate(request["manifest"])
+        p = request["policy"]
+        policy = LoadPolicy(
+            trusted_globals=frozenset(p["trusted_globals"]),
+            allow_legacy_h5=bool(p["allow_legacy_h5"]),
+            signed=bool(p["signed"]),
+            allow_unrestricted=bool(p["allow_unrestricted"]),
+        )
+        predictor = load_predictor(Path(request["path"]), manifest, policy)
+        if request["warmup"]:
+            warm_up(predictor, manifest)
+    except BaseException as exc:  # noqa: BLE001 -- NOTE: every failure becomes a result
+        if _out_of_memory(exc):
+            return {"ok": False, "reason": "oom", "message": _describe(exc)}
+        if isinstance(exc, ServingError):
+            return {"ok": False, "reason": "error", "class": type(exc).__name__, "message": exc.message}
+        return {"ok": False, "reason": "error", "class": "LoadError", "message": _describe(exc)}
+    return {"ok": True}
+
+
+_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "out of memory")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, MemoryError) or any(m in str(seen).lower() for m in _OOM_MARKERS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_helper_main(int(sys.argv[1]), float(sys.argv[2])))
