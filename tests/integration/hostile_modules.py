@@ -75,6 +75,25 @@ def crafted_tree(path: Path) -> Path:
     return path
 
 
+def crafted_kd_tree(path: Path) -> Path:
+    """A fitted KNeighborsClassifier whose KD-tree indices point far outside its data.
+
+    Every class in it is on the allowlist and the loaded-model check does not
+    look inside neighbours trees, so the load passes in-process checks; the
+    first predict (the warm-up) reads out of bounds in native code and dies
+    with SIGSEGV. Isolation is what contains it. The example row is 4 features.
+    """
+    from sklearn.neighbors import KNeighborsClassifier
+
+    x = np.random.default_rng(0).normal(size=(40, 4))
+    model = KNeighborsClassifier(n_neighbors=3, algorithm="kd_tree").fit(x, np.repeat([0, 1], 20))
+    state = list(model._tree.__getstate__())
+    state[1] = np.full_like(state[1], 10**12)  # idx_array
+    model._tree.__setstate__(tuple(state))
+    joblib.dump(model, path)
+    return path
+
+
 def good_iris(path: Path) -> Path:
     x, y = load_iris(return_X_y=True)
     joblib.dump(LogisticRegression(max_iter=300).fit(x, y), path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from hostile_modules import crafted_tree, good_iris
+from hostile_modules import crafted_kd_tree, crafted_tree, good_iris
 
 from serving.cache import CachedVersion, LoaderCache
 from serving.errors import IsolationFailed, LoadError, UntrustedArtifact
@@ -67,14 +68,24 @@ def test_a_good_sklearn_model_passes_and_the_pass_is_remembered(versions: Versio
         memo.close()
 
 
-def test_a_crafted_tree_that_segfaults_in_warm_up_is_a_crash(
+def test_a_crafted_kd_tree_that_segfaults_in_warm_up_is_a_crash(
     versions: Versions, prober: Prober, tmp_path: Path
 ) -> None:
-    cached = versions.add(crafted_tree(tmp_path / "tree.joblib"), "sklearn", example=[[0.5]])
+    """Allowlisted classes only, past the loaded-model check: the warm-up dies with SIGSEGV."""
+    cached = versions.add(crafted_kd_tree(tmp_path / "kd.joblib"), "sklearn", example=[[0.5] * 4])
     with pytest.raises(IsolationFailed) as info:
         prober.probe(cached, LoadPolicy(), warmup=True)
     assert info.value.reason == "crash"
     assert "SIGSEGV" in str(info.value)
+
+
+def test_a_crafted_tree_is_refused_inside_the_child(
+    versions: Versions, prober: Prober, tmp_path: Path
+) -> None:
+    """The tree that segfaults unchecked (tests/security) is refused by the loaded-model check."""
+    cached = versions.add(crafted_tree(tmp_path / "tree.joblib"), "sklearn", example=[[0.5]])
+    with pytest.raises(UntrustedArtifact, match="malformed tree"):
+        prober.probe(cached, LoadPolicy(), warmup=True)
 
 
 def test_a_segfault_while_building_the_module_is_a_crash(versions: Versions, prober: Prober) -> None:
@@ -83,12 +94,23 @@ def test_a_segfault_while_building_the_module_is_a_crash(versions: Versions, pro
     assert info.value.reason == "crash"
 
 
-def test_a_tiny_state_dict_whose_init_kwargs_build_a_huge_linear_is_oom(
+def test_a_tiny_state_dict_whose_init_kwargs_build_a_huge_linear_is_refused(
     versions: Versions, prober: Prober
 ) -> None:
-    """1 KB on disk, a 16384 x 16384 float32 Linear (1 GiB) when built: over the 768 MiB budget."""
+    """1 KB on disk, a 16384 x 16384 Linear when built: refused on the meta device, in the child."""
     cached = versions.torch_module("torch.nn:Linear", in_features=16384, out_features=16384)
     assert cached.manifest.total_bytes < 4096
+    with pytest.raises(UntrustedArtifact, match="init_kwargs"):
+        prober.probe(cached, LoadPolicy(), warmup=False)
+
+
+def test_an_allocation_through_an_admitted_class_is_oom(
+    versions: Versions, prober: Prober, tmp_path: Path
+) -> None:
+    """A 30-byte pickle calling the admitted builtins.bytearray(2**31 - 1): over the budget, an oom."""
+    path = tmp_path / "bomb.pkl"
+    path.write_bytes(b"\x80\x04cbuiltins\nbytearray\n(J" + struct.pack("<i", 2**31 - 1) + b"tR.")
+    cached = versions.add(path, "pickle")
     with pytest.raises(IsolationFailed) as info:
         prober.probe(cached, LoadPolicy(), warmup=False)
     assert info.value.reason == "oom"

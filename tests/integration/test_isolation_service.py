@@ -14,7 +14,7 @@ from pathlib import Path
 
 import prometheus_client
 import pytest
-from hostile_modules import crafted_tree, good_iris
+from hostile_modules import crafted_kd_tree, good_iris
 
 from serving.config import AppConfig
 from serving.publish import publish_path
@@ -47,7 +47,7 @@ def store(tmp_path: Path) -> Repository:
     good = good_iris(tmp_path / "good.joblib")
     publish_path(repo, good, "tree", version="1", format="sklearn", example=ROW)
     publish_path(
-        repo, crafted_tree(tmp_path / "bad.joblib"), "tree", version="2", format="sklearn", example=[[0.5]]
+        repo, crafted_kd_tree(tmp_path / "bad.joblib"), "tree", version="2", format="sklearn", example=ROW
     )
     repo.set_alias("tree", "production", "1")
     return repo

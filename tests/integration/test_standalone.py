@@ -21,7 +21,7 @@ import httpx
 import joblib
 import pytest
 import yaml
-from hostile_modules import crafted_tree
+from hostile_modules import crafted_kd_tree
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
@@ -137,9 +137,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Repository, Pa
     publish(repo, work, "swap", "2", c=0.01)
     publish(repo, work, "bad", "2", c=0.7)
     publish(repo, work, "bad", "3", c=0.3)
-    # NOTE: a real fitted tree whose node array points out of bounds: segfaults in warm-up.
-    tree = crafted_tree(work / "crashy-2.joblib")
-    publish_path(repo, tree, "crashy", version="2", format="sklearn", example=[[0.5]])
+    # NOTE: a real fitted KD-tree whose indices point out of bounds: segfaults in warm-up.
+    tree = crafted_kd_tree(work / "crashy-2.joblib")
+    publish_path(repo, tree, "crashy", version="2", format="sklearn", example=[[0.5, 0.5, 0.5, 0.5]])
     # NOTE: same size, one byte flipped: the digest check refuses v2.
     blob = next((root / "bad" / "versions" / "2").glob("*.joblib"))
     data = bytearray(blob.read_bytes())

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hostile_modules import crafted_tree
+from hostile_modules import crafted_kd_tree
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.publish import publish_path
@@ -157,8 +157,8 @@ def test_a_segfaulting_version_fails_isolation_and_a_new_replica_starts_on_the_l
     server, bucket = s3_bucket
     repo, uri = s3_repo(server, bucket, monkeypatch)
     publish_iris(repo, tmp_path, "1", name="iris-crash")
-    tree = crafted_tree(tmp_path / "crash-2.joblib")
-    publish_path(repo, tree, "iris-crash", version="2", format="sklearn", example=[[0.5]])
+    tree = crafted_kd_tree(tmp_path / "crash-2.joblib")
+    publish_path(repo, tree, "iris-crash", version="2", format="sklearn", example=[[0.5, 0.5, 0.5, 0.5]])
     repo.set_alias("iris-crash", "production", "1")
     args = app_args(uri, tmp_path / "cache", s3_env(server), name="iris-crash")
     base = deploy(args)
