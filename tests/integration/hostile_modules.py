@@ -12,6 +12,7 @@ import ctypes
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import joblib
 import numpy as np
@@ -98,3 +99,47 @@ def good_iris(path: Path) -> Path:
     x, y = load_iris(return_X_y=True)
     joblib.dump(LogisticRegression(max_iter=300).fit(x, y), path)
     return path
+
+
+def hostile_versions(work: Path) -> dict[str, tuple[Path, str, dict[str, Any]]]:
+    """Every class of crafted version the trust-boundary corpus has: case -> (path, format, publish kwargs).
+
+    The builders live with the corpus (tests/security/corpus.py); each would run
+    code, read a server file, crash, or exhaust memory if it were loaded unchecked.
+    """
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        from security import corpus
+    finally:
+        sys.path.pop(0)
+    import skops.io as sio
+
+    t = corpus.Sentinel(work / "PWNED", work / "canary", work / "script.py")
+    out: dict[str, tuple[Path, str, dict[str, Any]]] = {}
+    gadget = work / "gadget.joblib"
+    gadget.write_bytes(corpus.pickle_of(corpus.scipy_distribution_gadget(t)))
+    out["admitted-class gadget"] = (gadget, "sklearn", {})
+    reader = work / "reader.skops"
+    sio.dump(corpus.vectorizer_reading_files(), reader)
+    out["skops file read"] = (reader, "skops", {})
+    out["native crash"] = (crafted_kd_tree(work / "kd.joblib"), "sklearn", {"example": [[0.5] * 4]})
+    xz = work / "xz.joblib"
+    corpus.write_xz_joblib_bomb(xz, 160 * 1024 * 1024)
+    out["xz bomb"] = (xz, "sklearn", {})
+    schema = work / "schema.skops"
+    corpus.write_skops_schema_bomb(schema, 200 * 1024 * 1024)
+    out["skops schema bomb"] = (schema, "skops", {})
+    pt = work / "tiny.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), pt)
+    options = {"class_path": "torch.nn:Linear", "init_kwargs": {"in_features": 16384, "out_features": 16384}}
+    out["torch init_kwargs bomb"] = (pt, "torch-state-dict", {"options": options})
+    alloc = work / "alloc.pkl"
+    alloc.write_bytes(b"\x80\x04cbuiltins\nbytearray\n(J" + (2**31 - 1).to_bytes(4, "little") + b"tR.")
+    out["allocation bomb"] = (alloc, "pickle", {})
+    onnx_dir = work / "sparse-onnx"
+    onnx_dir.mkdir()
+    corpus.onnx_with_sparse_external_data(onnx_dir / "model.onnx", "../../../outside.bin")
+    out["sparse external data"] = (onnx_dir, "onnx", {})
+    return out

@@ -21,7 +21,7 @@ import httpx
 import joblib
 import pytest
 import yaml
-from hostile_modules import crafted_kd_tree
+from hostile_modules import crafted_kd_tree, hostile_versions
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
@@ -130,7 +130,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Repository, Pa
     work = tmp_path_factory.mktemp("models")
     uri = str(root)
     repo = Repository(open_store(uri, Settings(store=uri)))
-    for name in ("iris", "swap", "bad", "counted", "lazy", "multi", "crashy"):
+    for name in ("iris", "swap", "bad", "counted", "lazy", "multi", "crashy", "hostile"):
         publish(repo, work, name, "1")
         repo.set_alias(name, "production", "1")
     publish(repo, work, "iris", "2", c=0.01)
@@ -140,6 +140,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Repository, Pa
     # NOTE: a real fitted KD-tree whose indices point out of bounds: segfaults in warm-up.
     tree = crafted_kd_tree(work / "crashy-2.joblib")
     publish_path(repo, tree, "crashy", version="2", format="sklearn", example=[[0.5, 0.5, 0.5, 0.5]])
+    for i, (path, fmt, kwargs) in enumerate(hostile_versions(work).values(), start=2):
+        publish_path(repo, path, "hostile", version=str(i), format=fmt, **kwargs)
+    # NOTE: an oversized manifest, refused from its size before it is read.
+    publish(repo, work, "hostile", "99")
+    with open(root / "hostile" / "versions" / "99" / "manifest.json", "ab") as f:
+        f.write(b" " * (5 * 1024 * 1024))
     # NOTE: same size, one byte flipped: the digest check refuses v2.
     blob = next((root / "bad" / "versions" / "2").glob("*.joblib"))
     data = bytearray(blob.read_bytes())
@@ -152,7 +158,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Repository, Pa
 def server(store: tuple[str, Repository, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """Polls the alias every 0.2 s."""
     srv = start_server(
-        tmp_path_factory.mktemp("fast"), store[0], ["iris", "swap", "bad", "counted", "crashy"], poll_s=0.2
+        tmp_path_factory.mktemp("fast"),
+        store[0],
+        ["iris", "swap", "bad", "counted", "crashy", "hostile"],
+        poll_s=0.2,
     )
     wait_for(
         lambda: httpx.get(srv.base + "/v2/health/ready", timeout=2).status_code == 200,
@@ -321,6 +330,81 @@ def test_a_version_that_segfaults_in_warm_up_fails_isolation_and_no_request_fail
     assert not failed, failed[:5]
     text = httpx.get(server.metrics, timeout=10).text
     assert 'serving_swap_failures_total{model="crashy",reason="crash"}' in text
+
+
+def _point_alias_unchecked(repo: Repository, name: str, version: str) -> None:
+    """What a bucket writer can do: write the alias object by hand, without reading the manifest."""
+    from serving.manifest import sha256_bytes
+
+    current = repo.get_alias(name, "production")
+    raw = (Path(repo.store.root) / name / "versions" / version / "manifest.json").read_bytes()  # type: ignore[attr-defined]
+    moved = current.moved_to(version, sha256_bytes(raw), "attacker")
+    repo.store.put(repo.alias_key(name, "production"), moved.to_json())
+
+
+HOSTILE_CASES = [
+    "admitted-class gadget",
+    "skops file read",
+    "native crash",
+    "xz bomb",
+    "skops schema bomb",
+    "torch init_kwargs bomb",
+    "allocation bomb",
+    "sparse external data",
+    "oversized manifest",
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE_CASES)
+def test_every_crafted_version_fails_while_v1_answers_every_request(
+    case: str, server: Server, store: tuple[str, Repository, Path]
+) -> None:
+    """The alias moves to a crafted version; the server answers 200 from v1 throughout, and says why."""
+    _, repo, _ = store
+    version = "99" if case == "oversized manifest" else str(HOSTILE_CASES.index(case) + 2)
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set() and len(results) < 5000:
+                r = infer(client, server.base, "hostile")
+                results.append(
+                    (r.status_code, r.json().get("model_version") if r.status_code == 200 else None)
+                )
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        with httpx.Client(timeout=10) as client:
+            wait_for(lambda: len(results) > 20, what="traffic on v1")
+            if case == "oversized manifest":
+                _point_alias_unchecked(repo, "hostile", version)  # NOTE: set_alias refuses to read it
+            else:
+                repo.set_alias("hostile", "production", version)
+            replica = wait_for(
+                lambda: (
+                    (r := index_entry(client, server.base, "hostile")["replicas"][0])["failed_version"]
+                    == version
+                    and r
+                ),
+                timeout=120,
+                what=f"{case} to fail",
+            )
+            seen = len(results)
+            wait_for(lambda: len(results) > seen + 20, what="traffic after the failure")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        repo.set_alias("hostile", "production", "1")
+    assert server.proc.poll() is None
+    assert replica["live_version"] == "1"
+    assert replica["last_error"]
+    print(f"\n{case}: {len(results)} requests, all 200 from v1; refused with: {replica['last_error'][:160]}")
+    failed = [r for r in results if r != (200, "1")]
+    assert not failed, failed[:5]
 
 
 def test_load_request_checks_the_alias_at_once(
