@@ -143,3 +143,16 @@ def hostile_versions(work: Path) -> dict[str, tuple[Path, str, dict[str, Any]]]:
     corpus.onnx_with_sparse_external_data(onnx_dir / "model.onnx", "../../../outside.bin")
     out["sparse external data"] = (onnx_dir, "onnx", {})
     return out
+
+
+def point_alias_at_oversized_manifest(repo: Any, name: str, version: str, alias: str = "production") -> None:
+    """What a bucket writer can do on any store: pad ``version``'s manifest past the 4 MiB cap,
+    then write the alias object by hand (``set_alias`` itself refuses to read such a manifest)."""
+    from serving.manifest import MANIFEST_NAME, sha256_bytes
+
+    key = repo.version_prefix(name, version) + MANIFEST_NAME
+    raw, _ = repo.store.get(key)
+    padded = raw + b" " * (5 * 1024 * 1024)
+    repo.store.put(key, padded)
+    moved = repo.get_alias(name, alias).moved_to(version, sha256_bytes(padded), "attacker")
+    repo.store.put(repo.alias_key(name, alias), moved.to_json())

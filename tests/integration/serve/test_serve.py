@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hostile_modules import crafted_kd_tree
+from hostile_modules import crafted_kd_tree, hostile_versions, point_alias_at_oversized_manifest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.publish import publish_path
@@ -183,6 +183,60 @@ def test_a_segfaulting_version_fails_isolation_and_a_new_replica_starts_on_the_l
         assert replica["failed_version"] == "2"
         assert "failed isolation (crash)" in replica["last_error"]
         assert served_version(client, base, "iris-crash") == "1"
+
+
+def test_every_crafted_version_fails_on_ray_while_v1_answers_every_request(
+    deploy, s3_bucket, tmp_path, monkeypatch
+) -> None:
+    """Each class of crafted version, one after another, under a client loop: 0 failed requests."""
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    name = "iris-hostile"
+    publish_iris(repo, tmp_path, "1", name=name)
+    repo.set_alias(name, "production", "1")
+    cases = hostile_versions(tmp_path)
+    for i, (path, fmt, kwargs) in enumerate(cases.values(), start=2):
+        publish_path(repo, path, name, version=str(i), format=fmt, **kwargs)
+    publish_iris(repo, tmp_path, "99", name=name)
+    base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), name=name))
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set() and len(results) < 20_000:
+                r = infer(client, base, name=name)
+                results.append(
+                    (r.status_code, r.json().get("model_version") if r.status_code == 200 else None)
+                )
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    reasons = {}
+    try:
+        with httpx.Client(timeout=10) as client:
+            for version, case in [*((str(i), c) for i, c in enumerate(cases, start=2)), ("99", "manifest")]:
+                if version == "99":
+                    point_alias_at_oversized_manifest(repo, name, version)
+                else:
+                    repo.set_alias(name, "production", version)
+                replica = wait_for(
+                    lambda v=version: (
+                        (r := _index(client, base, name)["replicas"][0])["failed_version"] == v and r
+                    ),
+                    timeout=120,
+                    what=f"{case} to fail",
+                )
+                reasons[case] = replica["last_error"]
+                seen = len(results)
+                wait_for(lambda s=seen: len(results) > s + 10, what=f"traffic after {case}")
+    finally:
+        stop.set()
+        thread.join()
+    print(f"\n{len(results)} requests over {len(reasons)} crafted versions; refusals: {reasons}")
+    assert len(reasons) == len(cases) + 1
+    failed = [r for r in results if r != (200, "1")]
+    assert not failed, failed[:5]
 
 
 def test_store_outage_keeps_serving_and_counts_failed_checks(
