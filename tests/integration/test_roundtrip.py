@@ -165,6 +165,29 @@ def test_skops_type_loads_only_when_listed_in_trusted_globals(
     assert predictor.predict_rows(x)["predict"].tolist() == [0, 1]
 
 
+def test_a_skops_default_trusted_function_is_still_held_to_the_allowlist(
+    local_store: LocalStore, tmp_path: Path
+) -> None:
+    """skops trusts numpy ufuncs by default; the exact allowlist does not, until an operator lists one."""
+    skops_io = pytest.importorskip("skops.io")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    x = np.array([[1.0], [2.0]])
+    model = make_pipeline(FunctionTransformer(np.log1p), LogisticRegression()).fit(x, [0, 1])
+    path = tmp_path / "log1p.skops"
+    skops_io.dump(model, path)
+    assert skops_io.get_untrusted_types(file=path) == []
+    publish_path(Repository(local_store), path, "log1p", version="1")
+    with pytest.raises(UntrustedArtifact, match=r"not on the allowlist: \['numpy.log1p'\]"):
+        load_back(local_store, tmp_path, "log1p:1")
+    predictor = load_back(
+        local_store, tmp_path, "log1p:1", LoadPolicy(trusted_globals=frozenset({"numpy.log1p"}))
+    )
+    assert predictor.predict_rows(x)["predict"].tolist() == [0, 1]
+
+
 # -- torch ---------------------------------------------------------------------------
 
 
