@@ -21,7 +21,7 @@ import httpx
 import joblib
 import pytest
 import yaml
-from hostile_modules import crafted_kd_tree, hostile_versions, point_alias_at_oversized_manifest
+from hostile_modules import hostile_versions, point_alias_at_oversized_manifest
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
@@ -130,16 +130,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Repository, Pa
     work = tmp_path_factory.mktemp("models")
     uri = str(root)
     repo = Repository(open_store(uri, Settings(store=uri)))
-    for name in ("iris", "swap", "bad", "counted", "lazy", "multi", "crashy", "hostile"):
+    for name in ("iris", "swap", "bad", "counted", "lazy", "multi", "hostile"):
         publish(repo, work, name, "1")
         repo.set_alias(name, "production", "1")
     publish(repo, work, "iris", "2", c=0.01)
     publish(repo, work, "swap", "2", c=0.01)
     publish(repo, work, "bad", "2", c=0.7)
     publish(repo, work, "bad", "3", c=0.3)
-    # NOTE: a real fitted KD-tree whose indices point out of bounds: segfaults in warm-up.
-    tree = crafted_kd_tree(work / "crashy-2.joblib")
-    publish_path(repo, tree, "crashy", version="2", format="sklearn", example=[[0.5, 0.5, 0.5, 0.5]])
     for i, (path, fmt, kwargs) in enumerate(hostile_versions(work).values(), start=2):
         publish_path(repo, path, "hostile", version=str(i), format=fmt, **kwargs)
     # NOTE: v99's manifest is padded past the cap when the test points the alias at it.
@@ -158,7 +155,7 @@ def server(store: tuple[str, Repository, Path], tmp_path_factory: pytest.TempPat
     srv = start_server(
         tmp_path_factory.mktemp("fast"),
         store[0],
-        ["iris", "swap", "bad", "counted", "crashy", "hostile"],
+        ["iris", "swap", "bad", "counted", "hostile"],
         poll_s=0.2,
     )
     wait_for(
@@ -285,51 +282,6 @@ def test_corrupt_version_keeps_the_old_one_serving(
         wait_for(lambda: served(client, server.base, "bad") == "3", what="v3 to serve")
 
 
-def test_a_version_that_segfaults_in_warm_up_fails_isolation_and_no_request_fails(
-    server: Server, store: tuple[str, Repository, Path]
-) -> None:
-    """v2 kills its isolated probe child; the server keeps answering 200 from v1 throughout."""
-    _, repo, _ = store
-    results: list[tuple[int, str | None]] = []
-    stop = threading.Event()
-
-    def hammer() -> None:
-        with httpx.Client(timeout=10) as client:
-            while not stop.is_set() and len(results) < 5000:
-                r = infer(client, server.base, "crashy")
-                version = r.json().get("model_version") if r.status_code == 200 else None
-                results.append((r.status_code, version))
-
-    threads = [threading.Thread(target=hammer) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        with httpx.Client(timeout=10) as client:
-            wait_for(lambda: len(results) > 20, what="traffic on v1")
-            repo.set_alias("crashy", "production", "2")
-            replica = wait_for(
-                lambda: (
-                    (r := index_entry(client, server.base, "crashy")["replicas"][0])["failed_version"] == "2"
-                    and r
-                ),
-                what="v2 to fail isolation",
-            )
-            seen = len(results)
-            wait_for(lambda: len(results) > seen + 20, what="traffic after the failure")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-        repo.set_alias("crashy", "production", "1")
-    assert server.proc.poll() is None
-    assert "failed isolation (crash)" in replica["last_error"]
-    assert replica["live_version"] == "1"
-    failed = [r for r in results if r != (200, "1")]
-    assert not failed, failed[:5]
-    text = httpx.get(server.metrics, timeout=10).text
-    assert 'serving_swap_failures_total{model="crashy",reason="crash"}' in text
-
-
 HOSTILE_CASES = [
     "admitted-class gadget",
     "skops file read",
@@ -393,6 +345,11 @@ def test_every_crafted_version_fails_while_v1_answers_every_request(
     print(f"\n{case}: {len(results)} requests, all 200 from v1; refused with: {replica['last_error'][:160]}")
     failed = [r for r in results if r != (200, "1")]
     assert not failed, failed[:5]
+    reason = {"native crash": "crash", "allocation bomb": "oom"}.get(case)
+    if reason is not None:
+        assert f"failed isolation ({reason})" in replica["last_error"]
+        text = httpx.get(server.metrics, timeout=10).text
+        assert f'serving_swap_failures_total{{model="hostile",reason="{reason}"}}' in text
 
 
 def test_load_request_checks_the_alias_at_once(
