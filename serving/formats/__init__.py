@@ -126,7 +126,7 @@ def load_predictor(root: Path, manifest: Manifest, policy: LoadPolicy) -> Predic
         return fmt.load(Path(root), manifest, policy)
     except ServingError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # NOTE: a load that calls sys.exit() must not end the server
         raise LoadError(
             f"{manifest.name}:{manifest.version}: {fmt.framework} failed to load the "
             f"{fmt.name} model: {type(exc).__name__}: {exc}"

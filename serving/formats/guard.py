@@ -70,7 +70,7 @@ def check_loaded(obj: Any, admits: Callable[[str], bool], source: str) -> None:
         UntrustedArtifact: what it holds, and where.
     """
     seen: set[int] = set()
-    stack: list[tuple[Any, str]] = [(obj, "model")]
+    stack: list[tuple[Any, _Path]] = [(obj, _Path(None, "model"))]
     while stack:
         node, where = stack.pop()
         if id(node) in seen or node is None or isinstance(node, str | bytes | int | float | bool | complex):
@@ -85,23 +85,61 @@ def check_loaded(obj: Any, admits: Callable[[str], bool], source: str) -> None:
             _check_callable(node, where, admits, source)
             continue
         if isinstance(node, np.ndarray):
+            _check_array(node, where, source)
             if node.dtype.hasobject:
-                stack.extend((item, f"{where}[...]") for item in node.ravel().tolist())
+                stack.extend((item, _Path(where, "[...]")) for item in node.ravel().tolist())
             continue
         if isinstance(node, np.generic | np.dtype):
             continue
         if isinstance(node, dict):
             for k, v in node.items():
-                stack.append((k, f"{where} key"))
-                stack.append((v, f"{where}[{k!r}]"))
+                stack.append((k, _Path(where, " key")))
+                stack.append((v, _Path(where, k, item=True)))
+        elif isinstance(node, list | tuple | set | frozenset):
+            stack.extend((item, _Path(where, i, item=True)) for i, item in enumerate(node))
+        if type(node) in _PLAIN_CONTAINERS:
             continue
-        if isinstance(node, list | tuple | set | frozenset):
-            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(node))
-            continue
+        # NOTE: everything else, subclasses of dict and list included (their instance
+        # __dict__ can hold a step's `transform`), is checked and walked as an object.
         _check_object(node, where, source)
         attrs = getattr(node, "__dict__", None)
         if isinstance(attrs, dict):
-            stack.extend((v, f"{where}.{k}") for k, v in attrs.items() if not _own_method(node, v))
+            stack.extend((v, _Path(where, f".{k}")) for k, v in attrs.items() if not _own_method(node, v))
+
+
+_PLAIN_CONTAINERS = frozenset({dict, list, tuple, set, frozenset})
+
+
+class _Path:
+    """Where a value sits in the model, spelled out only when a message needs it."""
+
+    __slots__ = ("item", "label", "parent")
+
+    def __init__(self, parent: _Path | None, label: object, *, item: bool = False) -> None:
+        self.parent, self.label, self.item = parent, label, item
+
+    def __str__(self) -> str:
+        parts: list[str] = []
+        node: _Path | None = self
+        while node is not None:
+            parts.append(f"[{node.label!r}]" if node.item else str(node.label))
+            node = node.parent
+        return "".join(reversed(parts))
+
+
+def _check_array(array: np.ndarray, where: _Path, source: str) -> None:
+    """Unpickled arrays own contiguous data; a strided view (zero strides) is a forged one.
+
+    ``numpy.ndarray(shape, dtype, buffer, 0, strides=(0,))`` makes a huge array
+    of a few bytes, which predict code then multiplies row by row.
+    """
+    if array.ndim > 1 and not (array.flags.c_contiguous or array.flags.f_contiguous):
+        raise UntrustedArtifact(
+            f"{source}: {where} is a non-contiguous view of {array.nbytes} bytes (arrays unpickled "
+            "from real data are contiguous; a forged view can span far more than its buffer); refusing it"
+        )
+    if array.ndim == 1 and array.size > 1 and array.strides[0] == 0:
+        raise UntrustedArtifact(f"{source}: {where} is a zero-stride view; refusing it")
 
 
 def _own_method(holder: Any, value: Any) -> bool:
@@ -117,7 +155,7 @@ def _own_method(holder: Any, value: Any) -> bool:
     return False
 
 
-def _check_class_value(cls: type, where: str, source: str) -> None:
+def _check_class_value(cls: type, where: _Path, source: str) -> None:
     if issubclass(cls, np.generic):
         return
     raise UntrustedArtifact(
@@ -126,7 +164,7 @@ def _check_class_value(cls: type, where: str, source: str) -> None:
     )
 
 
-def _check_callable(fn: Any, where: str, admits: Callable[[str], bool], source: str) -> None:
+def _check_callable(fn: Any, where: _Path, admits: Callable[[str], bool], source: str) -> None:
     target = fn.func if isinstance(fn, functools.partial) else fn
     name = qualified_name(target)
     if isinstance(fn, functools.partial) or not admits(name):
@@ -136,13 +174,20 @@ def _check_callable(fn: Any, where: str, admits: Callable[[str], bool], source: 
         )
 
 
-def _check_object(node: Any, where: str, source: str) -> None:
+def _check_object(node: Any, where: _Path, source: str) -> None:
     cls = type(node)
     vectorizer = callable(getattr(cls, "build_analyzer", None))
     if vectorizer and getattr(node, "input", _SAFE_VECTORIZER_INPUT) != _SAFE_VECTORIZER_INPUT:
         raise UntrustedArtifact(
             f"{source}: {where} is a {cls.__name__} with input={node.input!r}, which opens the "
             "paths clients send; only input='content' is admitted"
+        )
+    pattern = getattr(node, "token_pattern", None) if vectorizer else None
+    if isinstance(pattern, str) and not _linear_regex(pattern):
+        raise UntrustedArtifact(
+            f"{source}: {where} is a {cls.__name__} whose token_pattern {pattern[:80]!r} can backtrack "
+            "for a very long time on a client's text; only patterns whose unbounded repeats are of single "
+            "characters (at most two of them) are admitted"
         )
     _check_feature_counts(node, where, source)
     module = cls.__module__
@@ -152,7 +197,44 @@ def _check_object(node: Any, where: str, source: str) -> None:
         _check_hist_predictor(node, where, source)
 
 
-def _check_feature_counts(est: Any, where: str, source: str) -> None:
+def _linear_regex(pattern: str) -> bool:
+    """A conservative test for patterns that cannot backtrack catastrophically.
+
+    Unbounded repeats may only repeat one character class, and a pattern may
+    have at most two of them: sklearn's default ``(?u)\\b\\w\\w+\\b`` passes,
+    ``(?:.|\\s)*...`` (a repeated alternation) and ``.*.*.*x`` do not.
+    """
+    import importlib
+
+    # NOTE: the standard library's own regex parser, not a copy of its grammar.
+    c: Any = importlib.import_module("re._constants")
+    _parser: Any = importlib.import_module("re._parser")
+    try:
+        parsed = _parser.parse(pattern)
+    except Exception:  # noqa: BLE001 -- NOTE: a pattern re cannot compile is refused, not raised
+        return False
+    single = {c.LITERAL, c.NOT_LITERAL, c.IN, c.ANY, c.CATEGORY}
+    repeats = {c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT}
+    unbounded = 0
+    stack = [parsed]
+    while stack:
+        for op, arg in stack.pop():
+            if op in repeats:
+                _low, high, body = arg
+                if high == c.MAXREPEAT:
+                    unbounded += 1
+                if any(sub_op not in single for sub_op, _ in body):
+                    return False
+            elif op is c.SUBPATTERN:
+                stack.append(arg[-1])
+            elif op is c.BRANCH:
+                stack.extend(arg[1])
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                stack.append(arg[1])
+    return unbounded <= 2
+
+
+def _check_feature_counts(est: Any, where: _Path, source: str) -> None:
     """Trees index the client's columns natively: their features must fit ``n_features_in_``."""
     n_in = getattr(est, "n_features_in_", None)
     if not isinstance(n_in, int | np.integer):
@@ -167,7 +249,7 @@ def _check_feature_counts(est: Any, where: str, source: str) -> None:
                 raise _bad_tree(source, f"{where}._predictors[{i}][{j}]", f"a split uses a feature >= {n_in}")
 
 
-def _bad_tree(source: str, where: str, why: str) -> UntrustedArtifact:
+def _bad_tree(source: str, where: object, why: str) -> UntrustedArtifact:
     return UntrustedArtifact(f"{source}: {where} is a malformed tree ({why}); refusing to run it")
 
 
@@ -181,7 +263,7 @@ def _check_links(left: np.ndarray, right: np.ndarray, leaf: np.ndarray, count: i
     return None
 
 
-def _check_tree(tree: Any, where: str, source: str) -> None:
+def _check_tree(tree: Any, where: _Path, source: str) -> None:
     count = int(tree.node_count)
     left, right = np.asarray(tree.children_left), np.asarray(tree.children_right)
     feature, n_features = np.asarray(tree.feature), int(tree.n_features)
@@ -202,7 +284,7 @@ def _check_tree(tree: Any, where: str, source: str) -> None:
         raise _bad_tree(source, where, "the value array disagrees with node_count")
 
 
-def _check_hist_predictor(pred: Any, where: str, source: str) -> None:
+def _check_hist_predictor(pred: Any, where: _Path, source: str) -> None:
     nodes = np.asarray(pred.nodes)
     count = len(nodes)
     if count == 0:

@@ -103,12 +103,20 @@ def import_module_class(class_path: str) -> type:
     module_name, sep, qualname = class_path.partition(":")
     if not sep or not module_name or not qualname or "<locals>" in qualname:
         raise LoadError(f"class_path {class_path!r} must look like 'package.module:Class'")
+    parts = module_name.split(".")
+    if any(p == "__main__" or p.startswith(("test", "_test")) or p == "conftest" for p in parts):
+        # NOTE: importing runs the module: a __main__ or test module is a program, not a class.
+        raise UntrustedArtifact(
+            f"class_path {class_path!r} names a program or test module, not a model class"
+        )
     try:
         obj: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
         raise LoadError(f"cannot import module class {class_path!r}: {exc}") from exc
+    except SystemExit as exc:
+        raise LoadError(f"importing {module_name!r} for class_path tried to exit ({exc.code!r})") from exc
     if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
         raise UntrustedArtifact(f"class_path {class_path!r} is not a torch.nn.Module subclass")
     return obj

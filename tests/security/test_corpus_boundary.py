@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import joblib
 import numpy as np
@@ -242,3 +243,135 @@ def test_stored_size_counts_against_the_artifact_limit(tmp_path: Path, sentinel:
     assert refused.stage == "fetch"
     assert isinstance(refused.error, UntrustedArtifact)
     assert not list((pipeline.cache.root / "blobs").rglob("*"))
+
+
+# -- a second round, by an attacker who was not shown the defences -------------------------
+def test_skops_key_type_that_writes_a_file_is_refused(
+    pipeline: Pipeline, sentinel: Sentinel, tmp_path: Path
+) -> None:
+    """A DictNode key_types entry that is an attribute lookup (ndarray.tofile) is refused by name."""
+    path = tmp_path / "model.skops"
+    corpus.skops_key_type_method_writing_a_file(path, sentinel)
+    ref = pipeline.publish(path, "evil", format="skops")
+    refused = pipeline.attempt("skops: key_types = ndarray.tofile (file write at load)", ref, sentinel)
+    assert isinstance(refused.error, UntrustedArtifact)
+    assert "numpy.ndarray.tofile" in str(refused.error)
+
+
+def test_skops_key_type_file_write_is_live(tmp_path: Path) -> None:
+    """Positive control: skops itself writes the file when its own audit list is handed back as trusted."""
+    import skops.io as sio
+
+    t = Sentinel(tmp_path / "PWNED", tmp_path / "canary", tmp_path / "script.py")
+    path = tmp_path / "model.skops"
+    corpus.skops_key_type_method_writing_a_file(path, t)
+    sio.load(path, trusted=sio.get_untrusted_types(file=path))
+    assert t.file.read_bytes() == b"written by a model\n"
+
+
+def test_skops_dict_subclass_hiding_a_callable_is_refused(
+    pipeline: Pipeline, sentinel: Sentinel, tmp_path: Path
+) -> None:
+    """A Pipeline step that is an OrderedDict with numpy.fromfile in its instance __dict__ is refused."""
+    path = tmp_path / "model.skops"
+    corpus.skops_dict_subclass_step(path)
+    ref = pipeline.publish(path, "evil", format="skops")
+    refused = pipeline.attempt("skops: dict-subclass step hiding numpy.fromfile", ref, sentinel)
+    assert isinstance(refused.error, UntrustedArtifact)
+    assert "numpy.fromfile" in str(refused.error)
+
+
+def test_a_dict_subclass_is_walked_as_an_object_too() -> None:
+    """The loaded-model check sees a callable in a dict subclass's instance __dict__, not only its items."""
+    from collections import OrderedDict
+
+    from serving.formats.guard import check_loaded
+
+    step: Any = OrderedDict()
+    step.predict = np.fromfile
+    with pytest.raises(UntrustedArtifact, match=r"model\[0\]\.predict is the callable 'numpy.fromfile'"):
+        check_loaded([step], lambda name: False, "model.pkl")
+
+
+def test_torch_class_path_naming_a_program_module_is_refused_before_import(
+    pipeline: Pipeline, sentinel: Sentinel, tmp_path: Path
+) -> None:
+    """class_path 'unittest.__main__:main' would run unittest's CLI on import and sys.exit()."""
+    torch = pytest.importorskip("torch")
+    sys.modules.pop("unittest.__main__", None)
+    path = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    ref = pipeline.publish(
+        path, "evil", format="torch-state-dict", options={"class_path": "unittest.__main__:main"}
+    )
+    refused = pipeline.attempt("torch: class_path in a __main__ module", ref, sentinel)
+    assert isinstance(refused.error, UntrustedArtifact)
+    assert "unittest.__main__" not in sys.modules
+
+
+def test_zero_stride_array_is_refused(pipeline: Pipeline, sentinel: Sentinel, tmp_path: Path) -> None:
+    """A 700-byte joblib whose coef_ is a 1.6 GB zero-stride view of 8 bytes is refused on load."""
+    path = tmp_path / "model.joblib"
+    joblib.dump(corpus.linear_model_with_zero_stride_coef(), path)
+    assert path.stat().st_size < 4096
+    ref = pipeline.publish(path, "evil", format="sklearn")
+    refused = pipeline.attempt("zero-stride coef_ (memory at predict)", ref, sentinel)
+    assert isinstance(refused.error, UntrustedArtifact)
+    assert "non-contiguous view" in str(refused.error)
+
+
+def test_zero_stride_array_is_live(tmp_path: Path) -> None:
+    """Positive control: joblib builds the view, and one predicted row allocates N floats."""
+    path = tmp_path / "model.joblib"
+    joblib.dump(corpus.linear_model_with_zero_stride_coef(rows=1_000_000), path)
+    model: Any = joblib.load(path)
+    assert model.coef_.strides == (0, 0)
+    assert model.predict(np.zeros((1, 4))).shape == (1, 1_000_000)
+
+
+def test_backtracking_token_pattern_is_refused(
+    pipeline: Pipeline, sentinel: Sentinel, tmp_path: Path
+) -> None:
+    """A CountVectorizer whose token_pattern backtracks catastrophically is refused before it serves."""
+    path = tmp_path / "model.joblib"
+    joblib.dump(corpus.vectorizer_with_backtracking_pattern(), path)
+    ref = pipeline.publish(path, "evil", format="sklearn")
+    refused = pipeline.attempt("CountVectorizer token_pattern ReDoS", ref, sentinel)
+    assert isinstance(refused.error, UntrustedArtifact)
+    assert "backtrack" in str(refused.error)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "linear"),
+    [
+        (r"(?u)\b\w\w+\b", True),  # sklearn's default
+        (r"\b\w+\b", True),
+        (r"[a-z]+", True),
+        (r"(?:.|\s)*x", False),
+        (r"(a+)+b", False),
+        (r".*.*.*x", False),
+        (r"(", False),
+    ],
+)
+def test_token_pattern_check(pattern: str, linear: bool) -> None:
+    """Single-character unbounded repeats pass (at most two); repeated groups and alternations do not."""
+    from serving.formats.guard import _linear_regex
+
+    assert _linear_regex(pattern) is linear
+
+
+def test_list_of_range_is_refused(pipeline: Pipeline, sentinel: Sentinel, tmp_path: Path) -> None:
+    """list(range(N)) from a 700-byte pickle: builtins.range is not on the allowlist."""
+    path = tmp_path / "model.pkl"
+    path.write_bytes(
+        corpus.pickle_of(
+            corpus.call(
+                corpus.glob("builtins", "list"),
+                corpus.call(corpus.glob("builtins", "range"), b"J\x00\xe1\xf5\x05"),
+            )
+        )
+    )
+    ref = pipeline.publish(path, "evil", format="pickle")
+    refused = pipeline.attempt("list(range(100M))", ref, sentinel)
+    assert isinstance(refused.error, UntrustedArtifact)
+    assert "builtins.range" in str(refused.error)
