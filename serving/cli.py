@@ -446,6 +446,10 @@ def _import_mlflow(ctx: _Context, args: argparse.Namespace) -> None:
     from serving.mlflow_import import MlflowRef, MlflowRegistry, import_model, sync
 
     ref = MlflowRef.parse(args.uri)
+    if args.max_polls is not None and not args.sync:
+        raise InvalidRequest("--max-polls needs --sync")
+    if args.version and args.sync:
+        raise InvalidRequest("--version cannot be used with --sync: every import takes the next version")
     tracking_uri = args.tracking_uri or ctx.settings.mlflow_tracking_uri
     # NOTE: MLflow's client retries an unreachable server for minutes by default; a CLI
     # should say so in seconds. Explicit settings of these variables still win.
@@ -483,12 +487,8 @@ def _import_mlflow(ctx: _Context, args: argparse.Namespace) -> None:
         )
 
     if not args.sync:
-        if args.max_polls is not None:
-            raise InvalidRequest("--max-polls needs --sync")
         report(import_model(registry, ctx.repo, ref, version=args.version, **kwargs))
         return
-    if args.version:
-        raise InvalidRequest("--version cannot be used with --sync: every import takes the next version")
     import signal
     import threading
 
