@@ -60,9 +60,10 @@ def test_auth_options_match_the_crd(
 
 def test_extra_env_cannot_switch_auth_off(helm: Path) -> None:
     """RAY_AUTH_MODE=disabled through extraEnv fails the render with a reason."""
+    cmd = [str(helm), "template", "x", str(CHART), "--api-versions", "ray.io/v1/RayService"]
+    cmd += ["--set", "extraEnv[0].name=RAY_AUTH_MODE", "--set", "extraEnv[0].value=disabled"]
     done = subprocess.run(
-        [str(helm), "template", "x", str(CHART), "--api-versions", "ray.io/v1/RayService"]
-        + ["--set", "extraEnv[0].name=RAY_AUTH_MODE", "--set", "extraEnv[0].value=disabled"],
+        cmd,
         capture_output=True,
         text=True,
         timeout=120,
