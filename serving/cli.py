@@ -9,6 +9,7 @@ Verbs::
     serving pull REF | serving verify REF [--trusted-key PUB]
     serving keygen PREFIX [--kek]
     serving predict REF --input JSON
+    serving import mlflow URI [--name N] [--alias A] [--sync [--interval S] [--max-polls N]]
     serving serve [--port 8000] ...        (the HTTP serving layer, see serving.server)
 
 Every verb takes ``--store URI`` (overrides ``SERVING_STORE``) and ``--json``.
@@ -439,6 +440,80 @@ def _predict(ctx: _Context, args: argparse.Namespace) -> None:
     print(json.dumps(result, default=_json_default))
 
 
+def _import_mlflow(ctx: _Context, args: argparse.Namespace) -> None:
+    import os
+
+    from serving.mlflow_import import MlflowRef, MlflowRegistry, import_model, sync
+
+    ref = MlflowRef.parse(args.uri)
+    if args.max_polls is not None and not args.sync:
+        raise InvalidRequest("--max-polls needs --sync")
+    if args.version and args.sync:
+        raise InvalidRequest("--version cannot be used with --sync: every import takes the next version")
+    tracking_uri = args.tracking_uri or ctx.settings.mlflow_tracking_uri
+    # NOTE: MLflow's client retries an unreachable server for minutes by default; a CLI
+    # should say so in seconds. Explicit settings of these variables still win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    registry = MlflowRegistry(tracking_uri or "")
+    kwargs: dict[str, Any] = {
+        "settings": ctx.settings,
+        "name": args.name,
+        "alias": args.alias,
+        "signing_key": _signing_key(args.signing_key),
+        "encode": _encode_options(ctx, args),
+    }
+
+    def report(imported: Any) -> None:
+        m, src = imported.manifest, imported.source
+        text = (
+            f"imported {ref.uri} (MLflow version {src.model_version or '-'}, run {src.run_id or '-'}, "
+            f"{imported.plan.flavor}) as {m.name}:{m.version} ({m.format}, "
+            f"{_plural(len(m.files), 'file')}, {_human_bytes(m.total_bytes)}) in {imported.seconds:.1f}s"
+        )
+        if args.alias:
+            text += f"\n{m.name}@{args.alias} -> {m.version}"
+        ctx.emit(
+            text,
+            {
+                "name": m.name,
+                "version": m.version,
+                "format": m.format,
+                "alias": args.alias,
+                "mlflow": m.metadata["mlflow"],
+                "seconds": round(imported.seconds, 3),
+            },
+        )
+
+    if not args.sync:
+        report(import_model(registry, ctx.repo, ref, version=args.version, **kwargs))
+        return
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def on_poll(key: str, imported: Any) -> None:
+        if imported is not None:
+            report(imported)
+        elif key.startswith("error: "):
+            print(f"{PROG}: warning: {key.removeprefix('error: ')}", file=sys.stderr)
+
+    sync(
+        registry,
+        ctx.repo,
+        ref,
+        interval_s=args.interval,
+        stop=stop,
+        max_polls=args.max_polls,
+        on_poll=on_poll,
+        **kwargs,
+    )
+
+
 def _serve(ctx: _Context, args: argparse.Namespace) -> int:
     from serving import server
 
@@ -451,6 +526,26 @@ def _serve(ctx: _Context, args: argparse.Namespace) -> int:
         raise MissingExtra(
             f"'serving serve' needs {exc.name!r}: install the serve extra (pip install 'serving[serve]')"
         ) from exc
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
 
 
 # -- parser ------------------------------------------------------------------------------
@@ -604,6 +699,39 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="rows for a single-input model, or {name: rows}; JSON, @file or - for stdin",
     )
+
+    p = verb("import", lambda *_: None, "import a model from another registry as a new version")
+    import_verbs = p.add_subparsers(dest="import_verb", metavar="SOURCE", required=True)
+    a = import_verbs.add_parser(
+        "mlflow",
+        parents=[common],
+        help="import an MLflow model (models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH)",
+    )
+    a.set_defaults(func=_import_mlflow)
+    a.add_argument("uri", metavar="URI", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
+    a.add_argument("--tracking-uri", help="MLflow tracking server (default $MLFLOW_TRACKING_URI)")
+    a.add_argument("--name", help="our model name (default: the registered model's name)")
+    a.add_argument("--version", help="our version (default: the next integer)")
+    a.add_argument("--alias", help="move this alias of ours to each imported version")
+    a.add_argument(
+        "--sync",
+        action="store_true",
+        help="follow the MLflow alias: poll and import again whenever it moves (until SIGINT/SIGTERM)",
+    )
+    a.add_argument(
+        "--interval", type=_positive_float, default=30.0, metavar="SECONDS", help="seconds between polls"
+    )
+    a.add_argument("--max-polls", type=_positive_int, metavar="N", help="stop --sync after N polls")
+    a.add_argument(
+        "--signing-key",
+        "--sign-key",
+        dest="signing_key",
+        metavar="PATH",
+        help="Ed25519 private key (PEM): sign each imported version (needed for unrestricted formats)",
+    )
+    a.add_argument("--compress", nargs="?", const="zstd", choices=["zstd", "gzip"], help="store compressed")
+    a.add_argument("--encrypt", action="store_true", help="encrypt files with the configured key")
+    a.add_argument("--encrypt-key", metavar="FILE", help="encrypt files with this key file")
 
     from serving import server
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import platformdirs
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     unrestricted_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Models allowed to use formats that run code on load (arbitrary pickle, Keras
     ``.h5``, SavedModel), comma-separated. Applies to signed versions only."""
+
+    mlflow_tracking_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("SERVING_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI")
+    )
+    """MLflow tracking server that ``serving import mlflow`` reads models from
+    (MLflow's own ``MLFLOW_TRACKING_URI``); ``--tracking-uri`` overrides it."""
 
     # -- encryption at rest (SECURITY.md) -----------------------------------------
     encryption_key_file: Path | None = None

@@ -1,0 +1,270 @@
+"""A real Prometheus scrapes ``serving serve --standalone`` through a swap.
+
+The test starts Debian's ``prometheus`` (or ``$PROMETHEUS``) on loopback with a
+temporary storage dir and a 1 s scrape of the standalone server's metrics port, and
+stops it afterwards. The scrape config renames ``serving_*`` to ``ray_serving_*`` and
+adds ``namespace="ml"``, which is what Ray's node exporter and the PodMonitor give the
+same metrics in a cluster, so the dashboard's and the alerts' PromQL run verbatim.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from test_standalone import Server, publish, start_server, wait_for
+
+from serving.repository import Repository
+from serving.settings import Settings
+from serving.store import open_store
+from serving.testing import free_port
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = REPO_ROOT / "charts" / "serving" / "files" / "serving-dashboard.json"
+NAMESPACE = "ml"
+MODEL = "scraped"
+_SERIES = re.compile(r"\bray_serving_[a-z_]+\b")
+
+
+def _on_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def _dashboard_exprs() -> list[str]:
+    out: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("expr", "query") and isinstance(value, str) and "ray_serving_" in value:
+                    out.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(DASHBOARD.read_text()))
+    return out
+
+
+def _alert_exprs() -> list[str]:
+    """The chart's alert expressions for namespace ml, when a helm binary is at hand."""
+    spec = importlib.util.spec_from_file_location(
+        "helm_binary", REPO_ROOT / "tests" / "helm" / "helm_binary.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        helm = module.find_helm()
+    except module.HelmUnavailable as exc:
+        if _on_ci():
+            pytest.fail(f"no helm binary: {exc} (CI=true: required)")
+        return []
+    cmd = [str(helm), "template", "serving", str(REPO_ROOT / "charts" / "serving"), "--namespace", NAMESPACE]
+    cmd += ["--api-versions", "monitoring.coreos.com/v1/PrometheusRule"]
+    cmd += ["--show-only", "templates/prometheusrule.yaml"]
+    rule = yaml.safe_load(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout)
+    return [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+
+
+def _instantiate(expr: str) -> str:
+    """Grafana variables as a user picking namespace ml and our model would set them."""
+    return (
+        expr.replace("$__rate_interval", "30s")
+        .replace('=~"$namespace"', f'=~"{NAMESPACE}"')
+        .replace('=~"$model"', f'=~"{MODEL}"')
+    )
+
+
+class Prometheus:
+    def __init__(self, base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.base, self.proc, self.log = base, proc, log
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        reply = httpx.get(f"{self.base}/api/v1/query", params={"query": expr}, timeout=10)
+        body = reply.json()
+        assert body["status"] == "success", f"{expr}: {body}"
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def value(self, expr: str) -> float | None:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def prometheus_binary() -> str:
+    found = os.environ.get("PROMETHEUS") or shutil.which("prometheus")
+    if not found:
+        reason = "no prometheus binary (apt-get install prometheus, or set PROMETHEUS)"
+        if _on_ci():
+            pytest.fail(f"{reason} (CI=true: required)")
+        pytest.skip(reason)
+    return str(found)
+
+
+@pytest.fixture(scope="module")
+def serving_and_prometheus(
+    prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, Prometheus, Repository]]:
+    root = tmp_path_factory.mktemp("store")
+    work = tmp_path_factory.mktemp("work")
+    repo = Repository(open_store(str(root), Settings(store=str(root))))
+    publish(repo, work, MODEL, "1")
+    publish(repo, work, MODEL, "2", c=0.01)
+    repo.set_alias(MODEL, "production", "1")
+    server = start_server(work, str(root), [MODEL], poll_s=0.2)
+    prom: Prometheus | None = None
+    try:
+        wait_for(
+            lambda: httpx.get(server.base + "/v2/health/ready", timeout=2).status_code == 200, what="ready"
+        )
+        port = free_port()
+        target = server.metrics.removeprefix("http://").removesuffix("/metrics")
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {
+                    "job_name": "serving",
+                    "static_configs": [{"targets": [target], "labels": {"namespace": NAMESPACE}}],
+                    "metric_relabel_configs": [
+                        {
+                            "source_labels": ["__name__"],
+                            "regex": "serving_(.*)",
+                            "target_label": "__name__",
+                            "replacement": "ray_serving_$1",
+                        }
+                    ],
+                }
+            ],
+        }
+        (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+        log = work / "prometheus.log"
+        cmd = [prometheus_binary, f"--config.file={work / 'prometheus.yml'}"]
+        cmd += [f"--storage.tsdb.path={work / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"prometheus exited {proc.returncode}: {log.read_text()[-2000:]}")
+            return httpx.get(f"{prom.base}/-/ready", timeout=2).status_code == 200
+
+        wait_for(ready, what="prometheus to be ready")
+        yield server, prom, repo
+    finally:
+        if prom is not None:
+            prom.stop()
+        server.stop()
+
+
+def _predict(server: Server, n: int) -> None:
+    for _ in range(n):
+        reply = httpx.post(
+            f"{server.base}/v2/models/{MODEL}/infer",
+            json={
+                "inputs": [
+                    {"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}
+                ]
+            },
+            timeout=10,
+        )
+        assert reply.status_code == 200, reply.text
+
+
+def test_prometheus_sees_every_dashboard_and_alert_series_after_a_swap(
+    serving_and_prometheus: tuple[Server, Prometheus, Repository],
+) -> None:
+    """After requests on v1, a swap to v2 and requests on v2, Prometheus holds every
+    series the dashboard and the alerts use that the standalone server exports, with
+    the values the server reported; every dashboard and alert expression evaluates."""
+    server, prom, repo = serving_and_prometheus
+    _predict(server, 3)
+    repo.set_alias(MODEL, "production", "2")
+    live_v2 = f'serving_live_version_info{{model="{MODEL}",version="2"}} 1.0'
+    wait_for(lambda: live_v2 in httpx.get(server.metrics, timeout=2).text, what="the swap to v2")
+    _predict(server, 4)
+
+    sel = f'namespace="{NAMESPACE}",model="{MODEL}"'
+    wait_for(
+        lambda: (
+            prom.value(f"sum(ray_serving_requests_total{{{sel}}})") == 7
+            and prom.value(f'ray_serving_live_version_info{{{sel},version="2"}}') == 1
+        ),
+        timeout=60,
+        what="prometheus to scrape the swap and all 7 requests",
+    )
+
+    exported = {
+        "ray_" + line.split("{")[0].split(" ")[0]
+        for line in httpx.get(server.metrics, timeout=5).text.splitlines()
+        if line.startswith("serving_")
+    }
+    used = {name for expr in _dashboard_exprs() + _alert_exprs() for name in _SERIES.findall(expr)}
+    checked = sorted(used & exported)
+    core = {
+        "ray_serving_requests_total",
+        "ray_serving_request_duration_seconds_bucket",
+        "ray_serving_live_version_info",
+        "ray_serving_swaps_total",
+        "ray_serving_alias_check_age_seconds",
+        "ray_serving_alias_checks_total",
+        "ray_serving_model_loads_total",
+        "ray_serving_cache_bytes",
+        "ray_serving_trust_checks_total",
+    }
+    assert core <= set(checked), f"not exported by the standalone server: {sorted(core - set(checked))}"
+    missing = [name for name in checked if not prom.query(f'{name}{{namespace="{NAMESPACE}"}}')]
+    assert not missing, f"exported but not in Prometheus: {missing}"
+
+    # The values the dashboard panels show, as the server counted them.
+    assert prom.value(f'sum(ray_serving_requests_total{{{sel},version="1"}})') == 3
+    assert prom.value(f'sum(ray_serving_requests_total{{{sel},version="2"}})') == 4
+    assert prom.value(f'ray_serving_live_version_info{{{sel},version="1"}}') == 0
+    swaps = prom.value(f"sum(ray_serving_swaps_total{{{sel}}})")
+    assert swaps is not None
+    assert swaps >= 1
+    assert prom.value(f'sum(ray_serving_model_loads_total{{{sel},outcome="success"}})') == 2
+    assert prom.value(f"sum(ray_serving_request_duration_seconds_count{{{sel}}})") == 7
+    age = prom.value(f"max(ray_serving_alias_check_age_seconds{{{sel}}})")
+    assert age is not None
+    assert 0 <= age < 30
+    cache_bytes = prom.value(f'ray_serving_cache_bytes{{namespace="{NAMESPACE}"}}')
+    assert cache_bytes is not None
+    assert cache_bytes > 0
+
+    for expr in _dashboard_exprs():
+        if expr.startswith("label_values("):
+            continue
+        prom.query(_instantiate(expr))  # NOTE: asserts Prometheus evaluates it
+    skew = f"count by (namespace, model) (ray_serving_live_version_info{{{sel}}} == 1)"
+    assert prom.value(skew) == 1, "one live version after the swap"
+    for expr in _alert_exprs():
+        # NOTE: a healthy swap: no 5xx, no failure, no refusal, nothing stale.
+        assert prom.query(expr) == [], f"alert expression not silent after a healthy swap: {expr}"
+    print(f"checked in Prometheus: {checked}; used but not exported standalone: {sorted(used - exported)}")
