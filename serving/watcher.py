@@ -104,7 +104,8 @@ class AliasWatcher:
     def tick(self, force: bool = False) -> None:
         """Check the alias once (one small request when unchanged); swap if it moved.
 
-        ``force`` skips the failure backoff: an operator asked to load now.
+        ``force`` means an operator asked to check now; it does not skip the failure
+        backoff, so flooding load requests cannot re-download a failing version.
         """
         with self._lock:
             self._check_alias()
@@ -112,7 +113,7 @@ class AliasWatcher:
             if target is None or target.version == self.slot.version:
                 return
             now = self._clock()
-            if not force and self._failed == target and now < self._retry_at:
+            if self._failed == target and now < self._retry_at:
                 return
             self._try_swap(target, now)
 
