@@ -122,8 +122,13 @@ def _replica_context() -> tuple[str, str]:
     return ctx.app_name, ctx.replica_id.unique_id
 
 
+REPORT_EVERY_S = 10.0
+"""A replica reports what it serves at least this often, whatever the poll interval."""
+
+
 def _max_age_s(app: AppConfig) -> float:
-    return 3 * app.poll_interval_s + 10
+    """How old a replica's last report may be before the index forgets the replica."""
+    return 3 * min(app.poll_interval_s, REPORT_EVERY_S) + 10
 
 
 class BoardLoads:
@@ -175,23 +180,31 @@ class _Follower:
             ).start()
 
     def stop(self) -> None:
+        """Stop following and take this replica off the board (a graceful replica shutdown)."""
         self._stop.set()
+        with contextlib.suppress(Exception):
+            self._board.forget.remote(self.name, self._replica)
 
     def _report(self) -> None:
         status = {**self.service.status(), "generation": self._generation}
         self._board.report.remote(self.name, self._replica, status)
 
     def _wait(self, timeout: float) -> bool:
-        """Report, then sleep until the next tick or a load request (returns True then)."""
-        self._report()
-        try:
-            gen = int(ray.get(self._board.wait.remote(self.name, self._replica, self._generation, timeout)))
-        except Exception:  # noqa: BLE001 -- NOTE: board gone (cluster shutting down): plain wait
-            self._stop.wait(timeout)
-            return False
-        forced = gen > self._generation
-        self._generation = gen
-        return forced
+        """Sleep until the next tick or a load request (True then), reporting every REPORT_EVERY_S."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._report()
+            chunk = max(0.0, min(REPORT_EVERY_S, deadline - time.monotonic()))
+            try:
+                gen = int(ray.get(self._board.wait.remote(self.name, self._replica, self._generation, chunk)))
+            except Exception:  # noqa: BLE001 -- NOTE: board gone (cluster shutting down): plain wait
+                self._stop.wait(chunk)
+                gen = self._generation
+            if gen > self._generation:
+                self._generation = gen
+                return True
+            if self._stop.is_set() or time.monotonic() >= deadline:
+                return False
 
 
 @dataclass(frozen=True)

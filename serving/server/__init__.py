@@ -17,6 +17,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ FAST_PATH_ENV = {
 }
 """How ``serving serve`` runs Ray (unless the environment says otherwise), as the chart's pods do."""
 
+_HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 _STOP_TIMEOUT_S = 8.0
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -92,6 +94,10 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
     configure_logging()
     for key, value in FAST_PATH_ENV.items():
         os.environ.setdefault(key, value)
+    # NOTE: HAProxy's stats and metrics ports are fixed (8404, 9101) unless set; on a shared
+    # machine a second server would fail to start. Free ones here, the defaults in a pod.
+    for key in _HAPROXY_PORT_ENV:
+        os.environ.setdefault(key, str(_free_port(args.host)))
     _become_subreaper()
     stop = threading.Event()
     received: list[str] = []
@@ -125,6 +131,13 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
         log.info("stopping on %s: shutting down Ray", received[0] if received else "exit")
         _stop_ray(ray)
     return 0
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @contextlib.contextmanager

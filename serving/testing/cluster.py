@@ -32,9 +32,15 @@ def local_cluster(num_cpus: int = 4) -> Iterator[Cluster]:
     from serving.server import FAST_PATH_ENV
 
     http_port, metrics_port = free_port(), free_port()
-    previous = {key: os.environ.get(key) for key in FAST_PATH_ENV}
+    env = {
+        **FAST_PATH_ENV,
+        # NOTE: HAProxy's fixed stats/metrics ports would clash with any other Ray on the machine.
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
+    previous = {key: os.environ.get(key) for key in env}
     # NOTE: Ray's processes read these at start, from the environment they inherit.
-    os.environ.update(FAST_PATH_ENV)
+    os.environ.update(env)
     try:
         ray.init(
             num_cpus=num_cpus,

@@ -89,7 +89,8 @@ def test_a_signal_stops_serve_and_everything_it_started(
     cmd = [sys.executable, "-m", "serving.cli", "--store", store, "serve", "--model", "iris@production"]
     cmd += ["--port", str(port), "--metrics-port", str(metrics_port)]
     cmd += ["--standalone"] if transport == "standalone" else ["--num-cpus", "2"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "RAY_ADDRESS"))}
+    # NOTE: no RAY_* from a Ray instance this test session may run (HAProxy ports, address).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "RAY_"))}
     env["SERVING_CACHE_DIR"] = str(tmp_path / "cache")
     log = tmp_path / "serve.log"
     with log.open("wb") as out:

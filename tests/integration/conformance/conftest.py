@@ -194,7 +194,9 @@ def _ray(request: pytest.FixtureRequest, args: dict[str, Any], layout: str) -> I
 
     for other in list(serve.status().applications):
         serve.delete(other)
-    serve.run(build_app({**args, "layout": layout}), name="conformance", route_prefix="/", blocking=False)
+    # NOTE: an app name per layout: each gets its own board.
+    name = f"conformance-{layout}"
+    serve.run(build_app({**args, "layout": layout}), name=name, route_prefix="/", blocking=False)
     try:
         wait_for(
             lambda: httpx.get(cluster.http + "/v2/health/ready", timeout=5).status_code == 200,
@@ -203,7 +205,7 @@ def _ray(request: pytest.FixtureRequest, args: dict[str, Any], layout: str) -> I
         )
         yield cluster.http
     finally:
-        serve.delete("conformance")
+        serve.delete(name)
 
 
 @pytest.fixture(

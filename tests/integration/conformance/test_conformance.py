@@ -222,10 +222,12 @@ def test_a_load_request_checks_the_alias_at_once(served: Served) -> None:
 
 
 def test_flooding_load_never_bypasses_the_backoff(served: Served) -> None:
-    """30 concurrent load requests against a failing version: it is downloaded at most twice,
-    and the alias is checked far fewer times than it was asked to be (one check in flight)."""
+    """60 concurrent load requests against a failing version: it is downloaded at most twice,
+    and the alias is read far fewer times than checks were asked for (one check in flight,
+    one queued; without that, every request costs a read)."""
     s3, key = served.s3, served.model_key("flaky", "2")
     alias_key = "models/flaky/aliases/production.json"
+    flood = 60
     with httpx.Client(timeout=40) as client:
         served.repo.set_alias("flaky", "production", "2")
         first = served.load(client, "flaky")
@@ -233,12 +235,12 @@ def test_flooding_load_never_bypasses_the_backoff(served: Served) -> None:
         assert first.json()["replicas"][0]["failed_version"] == "2"
         s3.reset_counts()
         with concurrent.futures.ThreadPoolExecutor(30) as pool:
-            replies = list(pool.map(lambda _: served.load(client, "flaky").status_code, range(30)))
+            replies = list(pool.map(lambda _: served.load(client, "flaky").status_code, range(flood)))
         assert set(replies) == {200}
         downloads = s3.count("GET", bucket=served.bucket, key=key)
-        checks = s3.count("GET", bucket=served.bucket, key=alias_key)
+        reads = s3.count("GET", bucket=served.bucket, key=alias_key)
         assert downloads <= 2, downloads
-        assert 1 <= checks <= 10, checks
+        assert 1 <= reads <= flood // 3, reads
         assert served_version(client, served, "flaky") == "1"
 
 
