@@ -113,7 +113,6 @@ def s3_env(server: MotoS3) -> dict[str, str]:
         "SERVING_S3_CONNECT_TIMEOUT": "0.5",
         "SERVING_S3_READ_TIMEOUT": "2",
         "SERVING_S3_MAX_ATTEMPTS": "1",
-        "SERVING_ADMIN_TOKEN": ADMIN_TOKEN,
     }
 
 
@@ -186,8 +185,7 @@ def _standalone(served: Served, args: dict[str, Any], env: dict[str, str]) -> It
             proc.wait(timeout=10)
 
 
-def _ray(request: pytest.FixtureRequest, args: dict[str, Any], layout: str) -> Iterator[str]:
-    cluster = request.getfixturevalue("cluster")
+def _ray(cluster: Any, args: dict[str, Any], layout: str) -> Iterator[str]:
     from ray import serve
 
     from serving.app import build_app
@@ -219,13 +217,17 @@ def _ray(request: pytest.FixtureRequest, args: dict[str, Any], layout: str) -> I
 def served(
     request: pytest.FixtureRequest, moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
+    cluster = None
     if request.param.startswith("ray"):
         pytest.importorskip("ray.serve")
+        # NOTE: before the environment is patched: Ray's processes would inherit it.
+        cluster = request.getfixturevalue("cluster")
     if not moto_s3.running:
         moto_s3.start()
     with pytest.MonkeyPatch.context() as monkeypatch:
         served = _store(moto_s3, tmp_path_factory.mktemp(f"conformance-{request.param}"), monkeypatch)
-        env = s3_env(moto_s3)
+        # NOTE: the token goes to the servers only, never into this process's environment.
+        env = {**s3_env(moto_s3), "SERVING_ADMIN_TOKEN": ADMIN_TOKEN}
         args = app_args(served, env)
         if request.param == "standalone":
             runner = _standalone(served, args, env)
@@ -234,7 +236,7 @@ def served(
             # NOTE: two-hop model replicas read the store; they need the env too.
             for model in args["models"]:
                 model["ray_actor_options"] = {"num_cpus": 0.1, "runtime_env": {"env_vars": env}}
-            runner = _ray(request, args, layout)
+            runner = _ray(cluster, args, layout)
         for base in runner:
             served.transport, served.base = request.param, base
             yield served
