@@ -34,6 +34,7 @@ from serving.repository import Repository
 from serving.settings import Settings
 from serving.store import open_store
 from serving.testing import MotoS3, free_port
+from serving.testing.models import FailsOn
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
 MAX_BODY = 64 * 1024
@@ -43,7 +44,9 @@ OUTPUTS = [
     TensorSpec(name="predict", datatype="INT64", shape=[-1]),
     TensorSpec(name="predict_proba", datatype="FP64", shape=[-1, 3]),
 ]
-MODELS = ("iris", "ints", "lazy", "flaky", "swap", "batch")
+MODELS = ("iris", "ints", "lazy", "flaky", "swap", "batch", "boom")
+BOOM_VALUE = 666.0
+"""An input value the ``boom`` model answers with an unexpected RuntimeError."""
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
@@ -73,6 +76,10 @@ class Served:
     bucket: str
     work: Path
     published: dict[str, Path] = field(default_factory=dict)
+    boom_marker: str = ""
+    """The message of the ``boom`` model's RuntimeError (unique to this store)."""
+    logs: Callable[[], list[Path]] = field(default=lambda: [])
+    """The server's log files (all of the Ray session's, for Ray)."""
 
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -124,9 +131,23 @@ def _store(s3: MotoS3, work: Path, monkeypatch: pytest.MonkeyPatch) -> Served:
     uri = f"s3://{bucket}/models"
     repo = Repository(open_store(uri, Settings(s3_addressing_style="path")))
     served = Served("", "", repo, s3, bucket, work)
-    for name in MODELS:
+    for name in MODELS[:-1]:
         served.publish(name, "1", ints=name == "ints")
         repo.set_alias(name, "production", "1")
+    served.boom_marker = f"boom-{uuid.uuid4().hex}"
+    path = work / "boom.joblib"
+    joblib.dump(FailsOn(BOOM_VALUE, served.boom_marker), path)
+    publish_path(
+        repo,
+        path,
+        "boom",
+        version="1",
+        format="sklearn",
+        inputs=[TensorSpec(name="input-0", datatype="FP64", shape=[-1, 4])],
+        outputs=[TensorSpec(name="predict", datatype="INT64", shape=[-1])],
+        example=ROW,
+    )
+    repo.set_alias("boom", "production", "1")
     served.publish("iris", "2", c=0.01)
     served.publish("iris", "3", c=0.3)
     served.publish("swap", "2", c=0.01)
@@ -164,6 +185,7 @@ def _standalone(served: Served, args: dict[str, Any], env: dict[str, str]) -> It
     cmd = [sys.executable, "-m", "serving.cli", "serve", "--standalone", "--config", str(config)]
     cmd += ["--port", str(port), "--metrics-port", str(metrics_port)]
     log = served.work / f"standalone-{port}.log"
+    served.logs = lambda: [log]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**clean, **env})
     base = f"http://127.0.0.1:{port}"
@@ -185,13 +207,16 @@ def _standalone(served: Served, args: dict[str, Any], env: dict[str, str]) -> It
             proc.wait(timeout=10)
 
 
-def _ray(cluster: Any, args: dict[str, Any], layout: str) -> Iterator[str]:
+def _ray(served: Served, cluster: Any, args: dict[str, Any], layout: str) -> Iterator[str]:
+    import ray
     from ray import serve
 
     from serving.app import build_app
 
     for other in list(serve.status().applications):
         serve.delete(other)
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    served.logs = lambda: sorted((session / "logs").rglob("*.err"))
     # NOTE: an app name per layout: each gets its own board.
     name = f"conformance-{layout}"
     serve.run(build_app({**args, "layout": layout}), name=name, route_prefix="/", blocking=False)
@@ -227,7 +252,11 @@ def served(
     with pytest.MonkeyPatch.context() as monkeypatch:
         served = _store(moto_s3, tmp_path_factory.mktemp(f"conformance-{request.param}"), monkeypatch)
         # NOTE: the token goes to the servers only, never into this process's environment.
-        env = {**s3_env(moto_s3), "SERVING_ADMIN_TOKEN": ADMIN_TOKEN}
+        env = {
+            **s3_env(moto_s3),
+            "SERVING_ADMIN_TOKEN": ADMIN_TOKEN,
+            "SERVING_TRUSTED_GLOBALS": '["serving.testing.models.FailsOn"]',
+        }
         args = app_args(served, env)
         if request.param == "standalone":
             runner = _standalone(served, args, env)
@@ -236,7 +265,7 @@ def served(
             # NOTE: two-hop model replicas read the store; they need the env too.
             for model in args["models"]:
                 model["ray_actor_options"] = {"num_cpus": 0.1, "runtime_env": {"env_vars": env}}
-            runner = _ray(cluster, args, layout)
+            runner = _ray(served, cluster, args, layout)
         for base in runner:
             served.transport, served.base = request.param, base
             yield served

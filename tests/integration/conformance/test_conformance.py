@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 import pytest
 
-from .conftest import ADMIN_TOKEN, BODY_TIMEOUT_S, MAX_BODY, ROW, Served, wait_for
+from .conftest import ADMIN_TOKEN, BODY_TIMEOUT_S, BOOM_VALUE, MAX_BODY, ROW, Served, wait_for
 
 HEADER = "Inference-Header-Content-Length"
 
@@ -96,7 +96,7 @@ def test_health_metadata_readiness_and_index(served: Served) -> None:
         assert client.get(served.base + "/v2/models/iris/versions/2").json()["versions"] == ["2"]
         assert client.get(served.base + "/v2/models/iris/ready").json() == {"name": "iris", "ready": True}
         entries = {e["name"]: e for e in client.get(served.base + "/v2/repository/index").json()}
-        assert set(entries) == {"iris", "ints", "lazy", "flaky", "swap", "batch"}
+        assert set(entries) == {"iris", "ints", "lazy", "flaky", "swap", "batch", "boom"}
         iris = entries["iris"]
         assert (iris["state"], iris["converged"], iris["version"]) == ("READY", True, "1")
         assert [r["live_version"] for r in iris["replicas"]] == ["1"]
@@ -168,6 +168,30 @@ def test_bad_requests_get_a_4xx_with_a_message(
     r = httpx.request(method, served.base + path, content=body, timeout=20)
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]
+
+
+def test_an_unexpected_error_is_a_500_logged_once_with_its_traceback(served: Served) -> None:
+    """No details in the reply; one log record (one JSON line) with the traceback; still serving."""
+
+    def logged() -> list[str]:
+        lines = []
+        for path in served.logs():
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            lines += [ln for ln in text.splitlines() if served.boom_marker in ln]
+        return lines
+
+    with httpx.Client(timeout=20) as client:
+        r = infer(client, served.base, "boom", rows=[[BOOM_VALUE, 1.0, 1.0, 1.0]])
+        assert r.status_code == 500, r.text
+        assert r.json() == {"error": "internal error: RuntimeError"}
+        (line,) = wait_for(logged, what="the error in the server's log")
+        assert '"logger": "serving.api"' in line
+        assert "Traceback" in line
+        assert served_version(client, served, "boom") == "1"
+    assert len(logged()) == 1
 
 
 def test_a_chunked_body_is_refused_once_it_passes_the_limit(served: Served) -> None:
