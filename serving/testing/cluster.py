@@ -37,6 +37,8 @@ def local_cluster(num_cpus: int = 4) -> Iterator[Cluster]:
         # NOTE: HAProxy's fixed stats/metrics ports would clash with any other Ray on the machine.
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        # NOTE: behind HAProxy a deleted replica drains for 30 s by default; tests delete apps often.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
     }
     previous = {key: os.environ.get(key) for key in env}
     # NOTE: Ray's processes read these at start, from the environment they inherit.
