@@ -22,6 +22,7 @@ from typing import Any
 _WRK_LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "{content_type}"
+{extra_headers}
 local f = io.open("{body}", "rb")
 wrk.body = f:read("*a")
 f:close()
@@ -69,13 +70,20 @@ def ensure_wrk() -> bool:
 
 
 def run_wrk(
-    url: str, body: bytes, *, connections: int, seconds: float, content_type: str = "application/json"
+    url: str,
+    body: bytes,
+    *,
+    connections: int,
+    seconds: float,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
     with tempfile.TemporaryDirectory() as tmp:
         body_path = Path(tmp) / "body"
         body_path.write_bytes(body)
         script = Path(tmp) / "post.lua"
-        script.write_text(_WRK_LUA.format(body=body_path, content_type=content_type))
+        extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items())
+        script.write_text(_WRK_LUA.format(body=body_path, content_type=content_type, extra_headers=extra))
         proc = subprocess.run(
             [
                 "wrk",
@@ -116,7 +124,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def _async_load(
-    url: str, body: bytes, connections: int, seconds: float, content_type: str, keep: bool
+    url: str,
+    body: bytes,
+    connections: int,
+    seconds: float,
+    content_type: str,
+    keep: bool,
+    extra_headers: dict[str, str] | None = None,
 ) -> LoadResult:
     import httpx
 
@@ -133,7 +147,8 @@ async def _async_load(
             t0 = time.perf_counter()
             version = ""
             try:
-                resp = await client.post(url, content=body, headers={"content-type": content_type})
+                headers = {"content-type": content_type, **(extra_headers or {})}
+                resp = await client.post(url, content=body, headers=headers)
                 status = resp.status_code
                 if keep and status == 200:
                     version = str(_version_of(resp.content))
@@ -176,14 +191,25 @@ def run_async(
     seconds: float,
     content_type: str = "application/json",
     keep_samples: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
     """Closed-loop load from ``connections`` concurrent clients for ``seconds``."""
-    return asyncio.run(_async_load(url, body, connections, seconds, content_type, keep_samples))
+    return asyncio.run(_async_load(url, body, connections, seconds, content_type, keep_samples, headers))
 
 
 def run_load(
-    url: str, body: bytes, *, connections: int, seconds: float, content_type: str = "application/json"
+    url: str,
+    body: bytes,
+    *,
+    connections: int,
+    seconds: float,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
     if have_wrk():
-        return run_wrk(url, body, connections=connections, seconds=seconds, content_type=content_type)
-    return run_async(url, body, connections=connections, seconds=seconds, content_type=content_type)
+        return run_wrk(
+            url, body, connections=connections, seconds=seconds, content_type=content_type, headers=headers
+        )
+    return run_async(
+        url, body, connections=connections, seconds=seconds, content_type=content_type, headers=headers
+    )

@@ -6,6 +6,9 @@ SIGTERM (or stdin to close) to shut Serve and Ray down. Ray Serve options that
 are environment variables (``RAY_SERVE_THROUGHPUT_OPTIMIZED``...) are read by
 every Ray process at import, so a variant is a separate host with its own env.
 
+Ray's Python proxy (no HAProxy): the peers, and ``ours`` with ``layout: two-hop``
+as it ran before the fast path (the "before" of the before/after).
+
 Spec: ``{"port": 8000, "num_cpus": 2, "apps": [{"kind": "ours"|"naive"|"noop",
 "route_prefix": "/", "args": {...}}]}``.
 """
@@ -25,10 +28,6 @@ def build(kind: str, args: dict[str, Any]) -> Any:
         from serving.app import build_app
 
         return build_app(args)
-    if kind == "ours-1hop":
-        from serving.app import build_single_hop_app
-
-        return build_single_hop_app(args)
     if kind == "naive":
         from bench.baselines.naive_serve import build as naive
 

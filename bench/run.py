@@ -2,9 +2,11 @@
 
 Systems (all on 127.0.0.1, started here, stopped at the end):
 
-- ``ours``: this project's app (serving.app.build_app) on Ray Serve, default settings;
-- ``ours+tput``: the same app under Ray Serve's throughput-optimized mode
-  (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``), a separate Ray instance;
+- ``ours``: ``serving serve``, the default Ray path as the chart deploys it: Ray Serve
+  behind HAProxy (direct ingress), single-hop replicas (routes and models in one),
+  user code on the replica's loop (serving.server.FAST_PATH_ENV);
+- ``ours-2hop``: the same app with ``layout: two-hop`` behind Ray's Python proxy, as it
+  ran before (proxy -> Ingress -> model replica), on the peers' Ray instance;
 - ``naive-serve``: the seed-style Ray Serve deployment (bench/baselines/naive_serve.py);
 - ``mlserver``: Seldon MLServer with its sklearn runtime, from PyPI in bench/.venvs/mlserver;
 - ``starlette``: a bare Starlette + uvicorn app calling predict (the Python HTTP ceiling);
@@ -44,6 +46,7 @@ from bench.systems import (
     install_mlserver,
     start_mlserver,
     start_ray_host,
+    start_serve,
     start_standalone,
     start_starlette,
 )
@@ -89,7 +92,7 @@ def publish_models(work: Path) -> dict[str, Any]:
     return {"store": store, "iris_joblib": work / "iris.joblib"}
 
 
-def ours_args(store: str, work: Path, *, mlp: bool) -> dict[str, Any]:
+def ours_args(store: str, work: Path, *, mlp: bool, layout: str = "single-hop") -> dict[str, Any]:
     cpus = {"num_cpus": 0.25}
     models: list[dict[str, Any]] = [{"name": "iris", "alias": "production", "ray_actor_options": cpus}]
     if mlp:
@@ -107,7 +110,9 @@ def ours_args(store: str, work: Path, *, mlp: bool) -> dict[str, Any]:
         "cache_dir": str(work / "cache"),
         "poll_interval_s": 1.0,
         "models": models,
-        "ingress": {"ray_actor_options": cpus},
+        "layout": layout,
+        # NOTE: single-hop: these replicas hold every model (one replica, like MLServer's one process).
+        "ingress": {"ray_actor_options": {"num_cpus": 0.5 if layout == "single-hop" else 0.25}},
     }
 
 
@@ -119,16 +124,14 @@ IRIS_V1 = "/v1/models/iris:predict"
 def start_systems(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
     one = v2_body(np.array([ROW]))
     systems: dict[str, System] = {}
+    systems["ours"] = start_serve(procs, ours_args(pub["store"], work / "serve", mlp=True), work, one)
+    systems["ours+batch"] = System(
+        "ours+batch", systems["ours"].base, {"mlp": "/v2/models/mlpb/infer"}, "@serve.batch(32, 2 ms)"
+    )
     base = start_ray_host(
         procs,
-        "ray-main",
+        "ray-peers",
         [
-            {
-                "kind": "ours",
-                "name": "ours",
-                "route_prefix": "/",
-                "args": ours_args(pub["store"], work, mlp=True),
-            },
             {
                 "kind": "naive",
                 "name": "naive",
@@ -137,62 +140,32 @@ def start_systems(procs: Processes, work: Path, pub: dict[str, Any], notes: list
             },
             {"kind": "noop", "name": "noop", "route_prefix": "/noop"},
             {
-                "kind": "ours-1hop",
-                "name": "ours-1hop",
-                "route_prefix": "/one",
-                "args": ours_args(pub["store"], work / "one", mlp=False),
+                "kind": "ours",
+                "name": "ours-2hop",
+                "route_prefix": "/",
+                "args": ours_args(pub["store"], work / "two", mlp=False, layout="two-hop"),
             },
         ],
         work,
         IRIS_V2,
         one,
+        env={"RAY_SERVE_ENABLE_HA_PROXY": "0"},
     )
-    systems["ours"] = System(
-        "ours",
+    systems["ours-2hop"] = System(
+        "ours-2hop",
         base,
-        {"v2": IRIS_V2, "v1": IRIS_V1, "mlp": "/v2/models/mlp/infer"},
-        "serving.app: proxy -> Ingress -> model replica (two hops), default Ray Serve settings",
-    )
-    systems["ours-1hop"] = System(
-        "ours-1hop",
-        base,
-        {"v2": "/one" + IRIS_V2, "v1": "/one" + IRIS_V1},
-        "serving.app.build_single_hop_app: ingress and model in one replica",
-    )
-    systems["ours+batch"] = System(
-        "ours+batch", base, {"mlp": "/v2/models/mlpb/infer"}, "@serve.batch(32, 2 ms)"
+        {"v2": IRIS_V2, "v1": IRIS_V1, "v2bin": IRIS_V2},
+        "before: layout two-hop behind Ray's Python proxy (proxy -> Ingress -> model replica)",
     )
     systems["naive-serve"] = System(
         "naive-serve",
         base,
         {"v2": "/naive" + IRIS_V2, "v1": "/naive" + IRIS_V1},
-        "seed-style FastAPI ingress",
+        "seed-style FastAPI ingress, Ray's Python proxy",
     )
     systems["serve-noop"] = System(
         "serve-noop", base, {"v2": "/noop", "v1": "/noop"}, "Ray Serve deployment answering a constant"
     )
-    try:
-        tput = start_ray_host(
-            procs,
-            "ray-tput",
-            [
-                {
-                    "kind": "ours",
-                    "name": "ours",
-                    "route_prefix": "/",
-                    "args": ours_args(pub["store"], work / "tput", mlp=False),
-                }
-            ],
-            work,
-            IRIS_V2,
-            one,
-            env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-        )
-        systems["ours+tput"] = System(
-            "ours+tput", tput, {"v2": IRIS_V2, "v1": IRIS_V1}, "RAY_SERVE_THROUGHPUT_OPTIMIZED=1"
-        )
-    except RuntimeError as exc:
-        notes.append(f"ours+tput (throughput-optimized mode) did not start: {exc}")
     systems["starlette"] = start_starlette(procs, pub["iris_joblib"], one)
     standalone = ours_args(pub["store"], work / "standalone", mlp=False)
     for model in standalone["models"]:
@@ -210,26 +183,47 @@ def start_systems(procs: Processes, work: Path, pub: dict[str, Any], notes: list
     return systems
 
 
+def binary_body(rows: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """A binary tensor extension request (binary in and out) and its header."""
+    raw = rows.astype("<f8").tobytes()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input-0",
+                    "shape": list(rows.shape),
+                    "datatype": "FP64",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head))}
+
+
 # -- throughput workloads ---------------------------------------------------------------------
 def throughput(systems: dict[str, System], rounds: int, seconds: float) -> list[dict[str, Any]]:
     mlp_body = v2_body(
         np.random.default_rng(0).standard_normal((1, MLP_IN)).astype(np.float32), datatype="FP32"
     )
-    plan = [
-        ("a: 1-row v2", "v2", v2_body(np.array([ROW])), 16, 1),
-        ("a: 1-row v1", "v1", json.dumps({"instances": [ROW]}).encode(), 16, 1),
-        ("b: 1,000 rows v2", "v2", v2_body(iris_rows(1000)), 4, 1000),
-        ("b: 10,000 rows v2", "v2", v2_body(iris_rows(10_000)), 4, 10_000),
-        ("c: torch MLP 1-row, 32 clients", "mlp", mlp_body, 32, 1),
+    bulk, bulk_headers = binary_body(iris_rows(10_000))
+    plan: list[tuple[str, str, bytes, int, int, dict[str, str] | None]] = [
+        ("a: 1-row v2", "v2", v2_body(np.array([ROW])), 16, 1, None),
+        ("a: 1-row v1", "v1", json.dumps({"instances": [ROW]}).encode(), 16, 1, None),
+        ("b: 1,000 rows v2", "v2", v2_body(iris_rows(1000)), 4, 1000, None),
+        ("b: 10,000 rows v2", "v2", v2_body(iris_rows(10_000)), 4, 10_000, None),
+        ("b: 10,000 rows v2 binary", "v2bin", bulk, 4, 10_000, bulk_headers),
+        ("c: torch MLP 1-row, 32 clients", "mlp", mlp_body, 32, 1, None),
     ]
     raw: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for rnd in range(rounds):
-        for workload, kind, body, conns, rows in plan:
+        for workload, kind, body, conns, rows, headers in plan:
             names = [n for n, s in systems.items() if s.url(kind) and not (n == "serve-noop" and rows > 1)]
             for name in names if rnd % 2 == 0 else names[::-1]:
                 url = systems[name].url(kind)
                 assert url is not None
-                res = load.run_load(url, body, connections=conns, seconds=seconds)
+                res = load.run_load(url, body, connections=conns, seconds=seconds, headers=headers)
                 print(
                     f"  [{rnd + 1}/{rounds}] {workload:32} {name:12} {res.requests_per_s:9.0f} req/s"
                     f"  p99 {res.p99_ms:7.1f} ms  errors {res.errors}",
@@ -264,12 +258,16 @@ def in_process(store: str, work: Path, iris_joblib: Path) -> list[dict[str, Any]
     )
     service = ModelService(app.models[0], app, get_settings())
     service.start()
+    live = service.slot.live
+    assert live is not None
+    predictor = live.predictor
     out = []
     for n in (1000, 10_000):
         x = iris_rows(n)
         body = v2_body(x)
         for system, fn in (
             ("in-process predict", lambda x=x: model.predict(x)),
+            ("in-process Predictor.predict", lambda x=x: predictor.predict({"input-0": x})),
             ("in-process ModelService", lambda body=body: service.infer_v2(body)),
         ):
             times = []
@@ -286,9 +284,11 @@ def in_process(store: str, work: Path, iris_joblib: Path) -> list[dict[str, Any]
                     rows_per_s=n / med,
                     p50_ms=med * 1000,
                     p99_ms=load.percentile(times, 99) * 1000,
-                    notes="no HTTP; ModelService = JSON decode + predict + JSON encode"
-                    if "Service" in system
-                    else "model.predict on a numpy array",
+                    notes={
+                        "in-process predict": "model.predict on a numpy array",
+                        "in-process Predictor.predict": "every declared output (predict, predict_proba, "
+                        "decision_function), no codec",
+                    }.get(system, "no HTTP; ModelService = JSON decode + predict + JSON encode"),
                 )
             )
     service.slot.close()
@@ -437,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
             if set(args.only) & set("abc"):
                 records += throughput(systems, rounds, seconds)
                 records += in_process(pub["store"], work, pub["iris_joblib"])
+                records += [
+                    {**r, "workload": "b: 10,000 rows v2 binary"}
+                    for r in records
+                    if r["workload"] == "b: 10,000 rows v2" and r["system"] == "in-process Predictor.predict"
+                ]
             if "d" in args.only:
                 print("d: swap under load...", flush=True)
                 swap = swap_under_load(
@@ -491,10 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ratio(result: dict[str, Any], workload: str, peer: str, ours: str = report.OURS) -> float | None:
+def _ratio(
+    result: dict[str, Any], workload: str, peer: str, ours: str = report.OURS, *, p99: bool = False
+) -> float | None:
+    """ours / peer on throughput (rows/s where both have it), or on p99 latency with ``p99``."""
     for r in result.get("ratios", []):
         if r["workload"] == workload and r["peer"] == peer and r.get("ours", report.OURS) == ours:
-            value: float | None = r["ratio"]
+            value: float | None = r["p99_ratio"] if p99 else r["ratio"]
             return value
     return None
 
@@ -507,43 +515,53 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             _ratio(result, "a: 1-row v2", "mlserver"),
             1.0,
             higher_is_better=True,
-            why="two Ray hops (proxy -> Ingress -> model replica) per request; MLServer is one "
-            "uvicorn process",
+            why="HAProxy -> replica (direct ingress) is one hop, but the replica is a Ray actor "
+            "sharing the cores with HAProxy, the controller and the raylet",
         ),
         t(
-            "1-row v2 req/s, ours / naive-serve",
-            _ratio(result, "a: 1-row v2", "naive-serve"),
+            "1-row v2 p99, ours / mlserver",
+            _ratio(result, "a: 1-row v2", "mlserver", p99=True),
             1.0,
-            higher_is_better=True,
-            why="our extra hop (Ingress -> model deployment handle) vs naive's single FastAPI replica",
+            higher_is_better=False,
+            why="as above",
         ),
         t(
-            "1-row v1 req/s, ours / naive-serve",
-            _ratio(result, "a: 1-row v1", "naive-serve"),
+            "1-row v2 req/s, ours / ours-2hop (before)",
+            _ratio(result, "a: 1-row v2", "ours-2hop"),
             1.0,
             higher_is_better=True,
-            why="our extra hop (Ingress -> model deployment handle) vs naive's single FastAPI replica",
+            why="the fast path should beat the two-hop path it replaced",
         ),
     ]
-    for peer in ("mlserver", "starlette"):
+    for peer, goal in (("mlserver", 1.3), ("starlette", 1.0)):
         out.append(
             t(
                 f"1-row v2 req/s, ours-standalone / {peer}",
                 _ratio(result, "a: 1-row v2", peer, ours=STANDALONE),
-                1.0,
+                goal,
                 higher_is_better=True,
                 why="decode + predict + encode of ModelService (predict, predict_proba and "
                 "decision_function outputs) against a bare predict",
             )
         )
+    for ours in (report.OURS, STANDALONE):
+        out.append(
+            t(
+                f"10,000 rows/s binary, {ours} / in-process Predictor.predict",
+                _ratio(result, "b: 10,000 rows v2 binary", "in-process Predictor.predict", ours=ours),
+                0.5,
+                higher_is_better=True,
+                why="the 320 kB body crossing HTTP (and HAProxy) plus the binary codec",
+            )
+        )
     for n in ("1,000", "10,000"):
         out.append(
             t(
-                f"{n} rows/s, ours / in-process predict",
+                f"{n} rows/s JSON, ours / in-process predict",
                 _ratio(result, f"b: {n} rows v2", "in-process predict"),
                 0.5,
                 higher_is_better=True,
-                why="JSON decode/encode of the rows and the body crossing two Ray hops",
+                why="JSON decode/encode of the rows (use binary tensors for bulk)",
             )
         )
     swap = result.get("swap")
@@ -603,18 +621,12 @@ def tuning(records: list[dict[str, Any]]) -> list[str]:
     by = {(r["workload"], r["system"]): r for r in records}
     out = []
     for wl in dict.fromkeys(r["workload"] for r in records):
-        base, tuned = by.get((wl, "ours")), by.get((wl, "ours+tput"))
-        if base and tuned and base["requests_per_s"]:
+        fast, before = by.get((wl, "ours")), by.get((wl, "ours-2hop"))
+        if fast and before and before["requests_per_s"]:
             out.append(
-                f"{wl}: throughput-optimized mode / default = "
-                f"{tuned['requests_per_s'] / base['requests_per_s']:.2f} "
-                f"(p99 {tuned['p99_ms']:.1f} vs {base['p99_ms']:.1f} ms)"
-            )
-        one = by.get((wl, "ours-1hop"))
-        if base and one and base["requests_per_s"]:
-            out.append(
-                f"{wl}: single hop / two hops = {one['requests_per_s'] / base['requests_per_s']:.2f} "
-                f"(p99 {one['p99_ms']:.1f} vs {base['p99_ms']:.1f} ms)"
+                f"{wl}: HAProxy + single hop / Python proxy + two hops = "
+                f"{fast['requests_per_s'] / before['requests_per_s']:.2f} "
+                f"(p99 {fast['p99_ms']:.1f} vs {before['p99_ms']:.1f} ms)"
             )
         unb, bat = by.get((wl, "ours")), by.get((wl, "ours+batch"))
         if unb and bat and unb["requests_per_s"]:

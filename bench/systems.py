@@ -144,8 +144,31 @@ def start_standalone(procs: Processes, app_args: dict[str, Any], work: Path, rea
     return System(
         "ours-standalone",
         base,
-        {"v2": "/v2/models/iris/infer", "v1": "/v1/models/iris:predict"},
-        "serving.standalone: one uvicorn process, raw ASGI, predict inline on the event loop",
+        {"v2": "/v2/models/iris/infer", "v1": "/v1/models/iris:predict", "v2bin": "/v2/models/iris/infer"},
+        "serving.standalone: one uvicorn process, raw ASGI, predict on the loop while the model is fast",
+    )
+
+
+def start_serve(procs: Processes, app_args: dict[str, Any], work: Path, ready_body: bytes) -> System:
+    """``serving serve``: the default Ray path as the chart deploys it (HAProxy, single-hop replicas)."""
+    port, metrics_port = free_port(), free_port()
+    config = work / "serve.json"
+    config.write_text(json.dumps(app_args))  # NOTE: JSON is YAML; --config reads either
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--config", str(config), "--num-cpus", "2"]
+    cmd += ["--port", str(port), "--metrics-port", str(metrics_port)]
+    procs.start("ours", cmd, (base + "/v2/models/iris/infer", ready_body))
+    return System(
+        "ours",
+        base,
+        {
+            "v2": "/v2/models/iris/infer",
+            "v1": "/v1/models/iris:predict",
+            "v2bin": "/v2/models/iris/infer",
+            "mlp": "/v2/models/mlp/infer",
+        },
+        "serving serve: Ray Serve behind HAProxy (direct ingress), single-hop replicas, user code "
+        "on the replica loop (serving.server.FAST_PATH_ENV, as the chart sets it)",
     )
 
 

@@ -355,7 +355,8 @@ def parse_v1(payload: Any, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
         raise InvalidInput("'instances' is empty")
     try:
         array = np.asarray(instances, dtype=np.dtype(OIP_TO_NUMPY[spec.datatype]))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
+        # NOTE: OverflowError: an integer too large for the model's datatype (2**64 into INT64).
         raise InvalidInput(f"instances do not form a {spec.datatype} array of one shape") from exc
     return {spec.name: _conform(array, spec)}
 

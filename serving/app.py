@@ -1,4 +1,4 @@
-"""Ray Serve deployments: a thin ingress and one deployment per model.
+"""Ray Serve deployments: thin adapters around :class:`serving.server.frontend.Frontend`.
 
 ``build_app`` is the import path a Serve config uses::
 
@@ -7,10 +7,20 @@
         import_path: serving.app:build_app
         args: {models: [{name: iris, alias: production}]}
 
-Each model replica wraps a :class:`serving.service.ModelService`. Replicas
-report what they serve to a small named "board" actor, which also carries
-load requests: a watcher's wait between alias checks is a long-poll on the
-board, so ``POST /v2/repository/models/{name}/load`` wakes every replica of
+Two layouts (``AppConfig.layout``):
+
+- ``single-hop`` (the default): one deployment, :class:`Server`, whose every
+  replica holds the routes and every model. A request crosses one hop: the
+  proxy (or HAProxy with direct ingress) to a replica, which predicts in
+  process. Replicas are sized and scaled by the ``ingress`` block, for all models
+  together.
+- ``two-hop``: :class:`Ingress` in front of one :class:`ModelDeployment` per
+  model, each with its own replicas and autoscaling, at the cost of one more
+  actor call per request.
+
+Replicas report what they serve to a small named "board" actor, which also
+carries load requests: a watcher's wait between alias checks is a long-poll on
+the board, so ``POST /v2/repository/models/{name}/load`` wakes every replica of
 the model at once.
 """
 
@@ -23,6 +33,8 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -34,9 +46,12 @@ from starlette.responses import Response
 
 from serving import api, metrics
 from serving.config import AppConfig, ModelConfig
-from serving.errors import ModelNotFound, NotReady
+from serving.errors import NotReady
 from serving.logs import configure_logging
-from serving.service import ModelService, index_entry
+from serving.server.asgi import request_from_asgi
+from serving.server.frontend import Frontend, ModelPort
+from serving.server.local import LocalModel
+from serving.service import ModelService
 from serving.settings import get_settings
 from serving.watcher import run_forever
 
@@ -47,10 +62,15 @@ BOARD_NAMESPACE = "serving"
 
 @ray.remote(num_cpus=0)
 class Board:
-    """What each replica serves, and per-model load requests (a generation counter)."""
+    """What each replica serves, and per-model load requests (a generation counter).
+
+    A load request joins one that no replica has started yet, so each model has at
+    most one forced check in flight and one queued, however many requests arrive.
+    """
 
     def __init__(self) -> None:
         self._generation: dict[str, int] = defaultdict(int)
+        self._seen: dict[str, dict[str, int]] = defaultdict(dict)
         self._replicas: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
         self._changed = asyncio.Condition()
 
@@ -59,21 +79,28 @@ class Board:
 
     async def forget(self, model: str, replica: str) -> None:
         self._replicas[model].pop(replica, None)
+        self._seen[model].pop(replica, None)
 
     async def request_load(self, model: str) -> int:
         async with self._changed:
-            self._generation[model] += 1
-            self._changed.notify_all()
+            current = self._generation[model]
+            seen = self._seen[model].values()
+            queued = current > 0 and bool(seen) and all(s < current for s in seen)
+            if not queued:
+                self._generation[model] = current + 1
+                self._changed.notify_all()
             return self._generation[model]
 
-    async def wait(self, model: str, seen: int, timeout: float) -> int:
+    async def wait(self, model: str, replica: str, seen: int, timeout: float) -> int:
         """Return the model's load generation as soon as it exceeds ``seen``, or at timeout."""
         async with self._changed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._changed.wait_for(lambda: self._generation[model] > seen), timeout
                 )
-            return self._generation[model]
+            generation = self._generation[model]
+            self._seen[model][replica] = generation
+            return generation
 
     async def snapshot(self, max_age_s: float) -> dict[str, Any]:
         now = time.time()
@@ -95,292 +122,324 @@ def _replica_context() -> tuple[str, str]:
     return ctx.app_name, ctx.replica_id.unique_id
 
 
-@serve.deployment
-class ModelDeployment:
-    """Serves one model; not ready until a version is loaded."""
+REPORT_EVERY_S = 10.0
+"""A replica reports what it serves at least this often, whatever the poll interval."""
 
-    def __init__(self, model: dict[str, Any], app: dict[str, Any]) -> None:
-        configure_logging()
-        metrics.use_ray_backend()
-        # NOTE: defence in depth for any torch.load that escapes the format loaders.
-        os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
-        self.config = ModelConfig.model_validate(model)
-        self.app = AppConfig.model_validate(app)
-        self.service = ModelService(self.config, self.app, get_settings())
-        self.service.start()
-        app_name, self.replica = _replica_context()
-        self.board = get_board(app_name)
+
+def _max_age_s(app: AppConfig) -> float:
+    """How old a replica's last report may be before the index forgets the replica."""
+    return 3 * min(app.poll_interval_s, REPORT_EVERY_S) + 10
+
+
+class BoardLoads:
+    """The load port of a Ray app: load requests and replica reports go through the board."""
+
+    def __init__(self, board: Any, app: AppConfig) -> None:
+        self._board = board
+        self._max_age_s = _max_age_s(app)
+
+    async def request(self, model: str) -> int:
+        return int(await self._board.request_load.remote(model))
+
+    async def wait_done(self, model: str, generation: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            replicas = (await self.snapshot()).get(model, {})
+            if replicas and all(r.get("generation", 0) >= generation for r in replicas.values()):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+    async def snapshot(self) -> dict[str, dict[str, dict[str, Any]]]:
+        snap = await self._board.snapshot.remote(self._max_age_s)
+        return {model: entry["replicas"] for model, entry in snap.items()}
+
+
+class _Follower:
+    """One model in one replica: loads the first version, then follows the alias via the board."""
+
+    def __init__(self, service: ModelService, board: Any, replica: str) -> None:
+        self.service = service
+        self.name = service.config.name
+        self._board = board
+        self._replica = replica
         self._generation = 0
-        self._report()
         self._stop = threading.Event()
+
+    def start(self) -> None:
+        """Load the first version (raises if none loads: the replica is not healthy) and follow."""
+        self.service.start()
+        self._report()
         if self.service.watcher is not None:
             threading.Thread(
                 target=run_forever,
                 args=(self.service.watcher, self._wait, self._stop),
-                name=f"watch-{self.config.name}",
+                name=f"watch-{self.name}",
                 daemon=True,
             ).start()
-        if self.config.batching.enabled:
-            self._batched = serve.batch(
-                max_batch_size=self.config.batching.max_batch_size,
-                batch_wait_timeout_s=self.config.batching.batch_wait_timeout_s,
-            )(self._predict_batch)
+
+    def stop(self) -> None:
+        """Stop following and take this replica off the board (a graceful replica shutdown)."""
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self._board.forget.remote(self.name, self._replica)
 
     def _report(self) -> None:
         status = {**self.service.status(), "generation": self._generation}
-        self.board.report.remote(self.config.name, self.replica, status)
+        self._board.report.remote(self.name, self._replica, status)
 
     def _wait(self, timeout: float) -> bool:
-        """Report, then sleep until the next tick or a load request (returns True then)."""
-        self._report()
-        try:
-            gen = int(ray.get(self.board.wait.remote(self.config.name, self._generation, timeout)))
-        except Exception:  # noqa: BLE001 -- NOTE: board gone (cluster shutting down): plain wait
-            self._stop.wait(timeout)
-            return False
-        forced = gen > self._generation
-        self._generation = gen
-        return forced
+        """Sleep until the next tick or a load request (True then), reporting every REPORT_EVERY_S."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._report()
+            chunk = max(0.0, min(REPORT_EVERY_S, deadline - time.monotonic()))
+            try:
+                gen = int(ray.get(self._board.wait.remote(self.name, self._replica, self._generation, chunk)))
+            except Exception:  # noqa: BLE001 -- NOTE: board gone (cluster shutting down): plain wait
+                self._stop.wait(chunk)
+                gen = self._generation
+            if gen > self._generation:
+                self._generation = gen
+                return True
+            if self._stop.is_set() or time.monotonic() >= deadline:
+                return False
 
-    async def infer(
-        self, body: bytes, version: str | None, headers: dict[str, str] | None = None
-    ) -> api.Reply:
-        """An OIP v2 infer; ``headers`` carries ``Inference-Header-Content-Length`` for binary bodies."""
-        if self.config.batching.enabled and version is None:
-            return await self._infer_batched(body, headers)
-        return self.service.infer_v2(body, version, headers)
 
-    async def _infer_batched(self, body: bytes, headers: dict[str, str] | None = None) -> api.Reply:
-        # NOTE: decode per request, predict once per batch, encode per request.
+@dataclass(frozen=True)
+class _Failed:
+    """One request's failure inside a batch (the others still get their outputs)."""
+
+    error: Exception
+
+
+class BatchedModel(LocalModel):
+    """A local model port whose live-version infers go through ``@serve.batch``.
+
+    Decode and encode stay per request; predict runs once per batch. When the
+    joined batch fails, each request is predicted alone, so one bad request fails
+    only itself.
+    """
+
+    def __init__(self, service: ModelService) -> None:
+        super().__init__(service)
+        batching = service.config.batching
+        self._batched = serve.batch(
+            max_batch_size=batching.max_batch_size, batch_wait_timeout_s=batching.batch_wait_timeout_s
+        )(self._predict_batch)
+
+    async def infer(self, body: bytes, version: str | None, headers: Mapping[str, str] | None) -> api.Reply:
+        if version is not None:
+            return await super().infer(body, version, headers)
+        service = self.service
         started = time.perf_counter()
-        served = self.service.slot.version or "none"
+        served = service.slot.version or "none"
         try:
-            live = self.service.slot.live
+            live = service.slot.live
             if live is None:
-                raise NotReady(f"model {self.config.name!r} has no version loaded yet")
-            payload, binary = api.parse_infer_body(body, self.app.max_body_bytes, headers)
+                raise NotReady(f"model {service.config.name!r} has no version loaded yet")
+            payload, binary = api.parse_infer_body(body, service.app.max_body_bytes, headers)
             req = api.parse_v2(payload, live.predictor.inputs, binary)
-            served, outputs = await self._batched(req.inputs)
-            reply = api.infer_reply(self.config.name, served, req, outputs)
+            result = await self._batched(req.inputs)
+            if isinstance(result, _Failed):
+                raise result.error
+            served, outputs = result
+            reply = api.infer_reply(service.config.name, served, req, outputs)
         except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
             reply = api.error_reply(exc)
-        self.service.observe(served, reply.status, started)
+        service.observe(served, reply.status, started)
         return reply
 
     async def _predict_batch(
         self, batch: list[dict[str, np.ndarray]]
-    ) -> list[tuple[str, dict[str, np.ndarray]]]:
+    ) -> list[tuple[str, dict[str, np.ndarray]] | _Failed]:
         names = list(batch[0])
-        if any(list(item) != names for item in batch):
-            return [self.service.predict_arrays(item) for item in batch]
-        sizes = [len(item[names[0]]) for item in batch]
-        joined = {n: np.concatenate([item[n] for item in batch]) for n in names}
-        version, outputs = self.service.predict_arrays(joined)
-        bounds = np.cumsum(sizes)[:-1]
-        split = {n: np.split(np.asarray(v), bounds) for n, v in outputs.items()}
-        return [(version, {n: parts[i] for n, parts in split.items()}) for i in range(len(batch))]
+        if len(batch) > 1 and all(list(item) == names for item in batch):
+            sizes = [len(item[names[0]]) for item in batch]
+            joined = {n: np.concatenate([item[n] for item in batch]) for n in names}
+            whole = await asyncio.to_thread(self._one, joined)
+            if not isinstance(whole, _Failed):
+                version, outputs = whole
+                bounds = np.cumsum(sizes)[:-1]
+                split = {n: np.split(np.asarray(v), bounds) for n, v in outputs.items()}
+                return [(version, {n: parts[i] for n, parts in split.items()}) for i in range(len(batch))]
+            # NOTE: the joined batch failed: predict each request alone to find the one(s) at fault.
+        return [await asyncio.to_thread(self._one, item) for item in batch]
 
-    async def predict_v1(self, body: bytes) -> tuple[int, bytes]:
-        reply = self.service.predict_v1(body)
-        return reply.status, reply.body
+    def _one(self, item: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]] | _Failed:
+        try:
+            return self.service.predict_arrays(item)
+        except Exception as exc:  # noqa: BLE001 -- NOTE: handed to that request's error reply
+            return _Failed(exc)
 
-    async def metadata(self, version: str | None) -> tuple[int, bytes]:
-        reply = self.service.metadata(version)
-        return reply.status, reply.body
 
-    async def ready(self, version: str | None) -> bool:
-        return bool(self.service.ready(version))
+def _model_port(service: ModelService) -> LocalModel:
+    return BatchedModel(service) if service.config.batching.enabled else LocalModel(service)
+
+
+def _replica_setup() -> None:
+    configure_logging()
+    metrics.use_ray_backend()
+    # NOTE: defence in depth for any torch.load that escapes the format loaders.
+    os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+
+
+def _response(reply: api.Reply) -> Response:
+    return Response(
+        reply.body, status_code=reply.status, media_type=reply.content_type, headers=reply.headers
+    )
+
+
+@serve.deployment
+class Server:
+    """Single-hop replica: the routes and every model in one process; not ready until all load."""
+
+    def __init__(self, app: dict[str, Any]) -> None:
+        _replica_setup()
+        self.app = AppConfig.model_validate(app)
+        settings = get_settings()
+        app_name, replica = _replica_context()
+        board = get_board(app_name)
+        services = [ModelService(m, self.app, settings) for m in self.app.models]
+        self._followers = [_Follower(s, board, replica) for s in services]
+        for follower in self._followers:
+            follower.start()
+        self.frontend = Frontend(
+            self.app,
+            {s.config.name: _model_port(s) for s in services},
+            BoardLoads(board, self.app),
+            admin_token=settings.admin_token_value(),
+        )
+
+    async def __call__(self, request: Request) -> Response:
+        return _response(await self.frontend.handle(request_from_asgi(request.scope, request.receive)))
 
     def __del__(self) -> None:
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
+        for follower in getattr(self, "_followers", []):
+            follower.stop()
+
+
+@serve.deployment
+class ModelDeployment:
+    """Two-hop model replica: one model, called by :class:`Ingress` through a handle."""
+
+    def __init__(self, model: dict[str, Any], app: dict[str, Any]) -> None:
+        _replica_setup()
+        config = ModelConfig.model_validate(model)
+        service = ModelService(config, AppConfig.model_validate(app), get_settings())
+        app_name, replica = _replica_context()
+        self._follower = _Follower(service, get_board(app_name), replica)
+        self._follower.start()
+        self.port = _model_port(service)
+
+    async def infer(
+        self, body: bytes, version: str | None, headers: dict[str, str] | None = None
+    ) -> api.Reply:
+        return await self.port.infer(body, version, headers)
+
+    async def predict_v1(self, body: bytes) -> api.Reply:
+        return await self.port.predict_v1(body)
+
+    async def metadata(self, version: str | None) -> api.Reply:
+        return await self.port.metadata(version)
+
+    async def ready(self, version: str | None) -> bool:
+        return await self.port.ready(version)
+
+    async def status(self) -> dict[str, Any]:
+        return await self.port.status()
+
+    def __del__(self) -> None:
+        follower = getattr(self, "_follower", None)
+        if follower is not None:
+            follower.stop()
+
+
+class HandleModel:
+    """A model port over a :class:`ModelDeployment`'s handle (the two-hop layout)."""
+
+    def __init__(self, handle: DeploymentHandle[Any]) -> None:
+        self._handle = handle
+
+    async def infer(self, body: bytes, version: str | None, headers: Mapping[str, str] | None) -> api.Reply:
+        reply: api.Reply = await self._handle.infer.remote(body, version, headers)
+        return reply
+
+    async def predict_v1(self, body: bytes) -> api.Reply:
+        reply: api.Reply = await self._handle.predict_v1.remote(body)
+        return reply
+
+    async def metadata(self, version: str | None) -> api.Reply:
+        reply: api.Reply = await self._handle.metadata.remote(version)
+        return reply
+
+    async def ready(self, version: str | None) -> bool:
+        return bool(await self._handle.ready.remote(version))
+
+    async def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = await self._handle.status.remote()
+        return status
 
 
 @serve.deployment
 class Ingress:
-    """Routes HTTP requests to model deployments; no model work happens here."""
+    """Two-hop ingress: the front end over handles to the model deployments."""
 
     def __init__(self, app: dict[str, Any], models: dict[str, DeploymentHandle[Any]]) -> None:
         configure_logging()
         self.app = AppConfig.model_validate(app)
-        self.models = models
-        self.board = get_board(_replica_context()[0])
-        self._started = time.time()
-
-    async def __call__(self, request: Request) -> Response:
-        try:
-            path = request.url.path
-            # NOTE: under a route prefix other than "/", Serve keeps it in the path.
-            root = request.scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root) :]
-            route, params = api.match(request.method, path)
-            reply = await getattr(self, f"_{route}")(request, **params)
-        except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
-            reply = api.error_reply(exc)
-        return Response(
-            reply.body, status_code=reply.status, media_type=reply.content_type, headers=reply.headers
+        ports: dict[str, ModelPort] = {name: HandleModel(h) for name, h in models.items()}
+        board = get_board(_replica_context()[0])
+        self.frontend = Frontend(
+            self.app, ports, BoardLoads(board, self.app), admin_token=get_settings().admin_token_value()
         )
 
-    def _handle(self, model: str) -> DeploymentHandle[Any]:
-        handle = self.models.get(model)
-        if handle is None:
-            raise ModelNotFound(
-                f"model {model!r} is not served here; served: {', '.join(sorted(self.models))}"
-            )
-        return handle
-
-    async def _body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        limit = self.app.max_body_bytes
-        if declared and declared.isdigit() and int(declared) > limit:
-            from serving.errors import PayloadTooLarge
-
-            raise PayloadTooLarge(f"request body is {declared} bytes, over the limit of {limit}")
-        return await request.body()
-
-    # -- routes ------------------------------------------------------------------------
-    async def _live(self, request: Request) -> api.Reply:
-        return api.ok({"live": True})
-
-    async def _ready(self, request: Request) -> api.Reply:
-        states = await asyncio.gather(*(h.ready.remote(None) for h in self.models.values()))
-        ready = all(states)
-        return api.ok({"ready": ready}, status=200 if ready else 503)
-
-    async def _server_metadata(self, request: Request) -> api.Reply:
-        from serving import __version__
-
-        return api.ok({"name": "serving", "version": __version__, "extensions": api.EXTENSIONS})
-
-    async def _model_metadata(self, request: Request, model: str, version: str | None = None) -> api.Reply:
-        status, body = await self._handle(model).metadata.remote(version)
-        return api.Reply(status, body)
-
-    async def _model_ready(self, request: Request, model: str, version: str | None = None) -> api.Reply:
-        ready = await self._handle(model).ready.remote(version)
-        return api.ok({"name": model, "ready": ready}, status=200 if ready else 503)
-
-    async def _infer(self, request: Request, model: str, version: str | None = None) -> api.Reply:
-        handle = self._handle(model)
-        body = await self._body(request)
-        # NOTE: only the header the codec reads crosses to the model replica.
-        length = request.headers.get(api.INFERENCE_HEADER)
-        headers = {api.INFERENCE_HEADER: length} if length is not None else None
-        reply: api.Reply = await handle.infer.remote(body, version, headers)
-        return reply
-
-    async def _predict_v1(self, request: Request, model: str) -> api.Reply:
-        handle = self._handle(model)
-        body = await self._body(request)
-        status, payload = await handle.predict_v1.remote(body)
-        return api.Reply(status, payload)
-
-    async def _repository_index(self, request: Request) -> api.Reply:
-        return api.ok(await self._index())
-
-    async def _index(self) -> list[dict[str, Any]]:
-        max_age = 3 * self.app.poll_interval_s + 10
-        snap = await self.board.snapshot.remote(max_age)
-        return [index_entry(cfg, snap.get(cfg.name, {}).get("replicas", {})) for cfg in self.app.models]
-
-    async def _load(self, request: Request, model: str) -> api.Reply:
-        self._handle(model)
-        gen = await self.board.request_load.remote(model)
-        deadline = time.monotonic() + 30
-        while True:
-            snap = await self.board.snapshot.remote(3 * self.app.poll_interval_s + 10)
-            replicas = snap.get(model, {}).get("replicas", {})
-            done = replicas and all(r.get("generation", 0) >= gen for r in replicas.values())
-            if done or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        entry = next(e for e in await self._index() if e["name"] == model)
-        return api.ok(entry, status=200 if done else 202)
+    async def __call__(self, request: Request) -> Response:
+        return _response(await self.frontend.handle(request_from_asgi(request.scope, request.receive)))
 
 
-class _LocalHandle:
-    """Calls an in-process deployment object the way a DeploymentHandle is called.
-
-    ``handle.infer.remote(body, version, headers)`` returns the coroutine of ``infer``, which
-    the Ingress code awaits exactly as it awaits a DeploymentResponse.
-    """
-
-    def __init__(self, target: Any) -> None:
-        self._target = target
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._target, name)
-
-        class _Method:
-            remote = staticmethod(method)
-
-        return _Method
-
-
-@serve.deployment
-class SingleHop(Ingress.func_or_class):  # type: ignore[misc,name-defined]  # NOTE: the class under the Deployment
-    """Ingress and model in one replica: the proxy reaches the model in one hop.
-
-    The routes and replies are the Ingress's; the model calls stay in process
-    instead of crossing a DeploymentHandle (a second actor call per request).
-    """
-
-    def __init__(self, app: dict[str, Any], model: dict[str, Any]) -> None:
-        inner = ModelDeployment.func_or_class(model, app)  # type: ignore[attr-defined]
-        self._inner = inner
-        super().__init__(app, {inner.config.name: _LocalHandle(inner)})
+def _scaling(num_replicas: int | str | None, autoscaling_config: dict[str, Any] | None) -> dict[str, Any]:
+    if autoscaling_config is not None:
+        return {"autoscaling_config": autoscaling_config}
+    return {"num_replicas": num_replicas}
 
 
 def _deployment_options(model: ModelConfig) -> dict[str, Any]:
-    """Ray Serve options of one model's deployment: replicas or autoscaling, resources."""
-    options: dict[str, Any] = {
+    """Ray Serve options of one model's deployment (two-hop): replicas or autoscaling, resources."""
+    return {
         "name": f"model-{model.name}",
         "ray_actor_options": model.ray_actor_options,
         "max_ongoing_requests": model.max_ongoing_requests,
+        **_scaling(model.num_replicas, model.autoscaling_config),
     }
-    if model.autoscaling_config is not None:
-        options["autoscaling_config"] = model.autoscaling_config
-    else:
-        options["num_replicas"] = model.num_replicas
-    return options
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Build the Serve application from ``AppConfig`` args (a Serve config's ``args``)."""
-    config = AppConfig.model_validate(args)
-    app_dict = config.model_dump(mode="json")
-    handles: dict[str, Any] = {}
-    for model in config.models:
-        options = _deployment_options(model)
-        # NOTE: @serve.deployment turns the classes into Deployments; mypy sees classes.
-        handles[model.name] = (
-            cast(Any, ModelDeployment).options(**options).bind(model.model_dump(mode="json"), app_dict)
-        )
-    ingress = cast(Any, Ingress).options(
-        num_replicas=config.ingress.num_replicas,
-        ray_actor_options=config.ingress.ray_actor_options,
-        max_ongoing_requests=config.ingress.max_ongoing_requests,
-    )
-    application: serve.Application = ingress.bind(app_dict, handles)
-    return application
+    """Build the Serve application from ``AppConfig`` args (a Serve config's ``args``).
 
+    Example::
 
-def build_single_hop_app(args: dict[str, Any]) -> serve.Application:
-    """Build a one-model app whose replicas are both ingress and model (one hop per request).
-
-    The model's ``num_replicas``/``autoscaling_config``, ``ray_actor_options`` and
-    ``max_ongoing_requests`` apply to the combined replica; ``ingress`` settings are unused.
-
-    Raises:
-        ValueError: the args name more than one model.
+        serve.run(build_app({"store": "s3://models/prod", "models": [{"name": "iris"}]}))
     """
     config = AppConfig.model_validate(args)
-    if len(config.models) != 1:
-        raise ValueError("a single-hop app serves exactly one model; use build_app for several")
-    model = config.models[0]
-    app: serve.Application = SingleHop.options(**_deployment_options(model)).bind(
-        config.model_dump(mode="json"), model.model_dump(mode="json")
-    )
-    return app
+    app_dict = config.model_dump(mode="json")
+    ingress = config.ingress
+    options = {
+        "ray_actor_options": ingress.ray_actor_options,
+        "max_ongoing_requests": ingress.max_ongoing_requests,
+        **_scaling(ingress.num_replicas, ingress.autoscaling_config),
+    }
+    if config.layout == "single-hop":
+        # NOTE: @serve.deployment turns the classes into Deployments; mypy sees classes.
+        single: serve.Application = cast(Any, Server).options(name="server", **options).bind(app_dict)
+        return single
+    handles: dict[str, Any] = {}
+    for model in config.models:
+        handles[model.name] = (
+            cast(Any, ModelDeployment)
+            .options(**_deployment_options(model))
+            .bind(model.model_dump(mode="json"), app_dict)
+        )
+    application: serve.Application = cast(Any, Ingress).options(**options).bind(app_dict, handles)
+    return application

@@ -49,6 +49,11 @@ class ModelConfig(BaseModel):
     artifact (everything but ``onnx`` and ``keras``); ``always`` every format;
     ``never`` loads in the serving process directly (SECURITY.md, "Isolation")."""
 
+    offload_predict_after_ms: float = Field(default=2.0, ge=0)
+    """Predict on the event loop while this model's recent requests take less than this;
+    slower ones run in a worker thread so they do not stall other requests (0: always a
+    thread). Loads of explicit versions never run on the loop, whatever this says."""
+
     @model_validator(mode="after")
     def _one_pointer(self) -> ModelConfig:
         check_name(self.name, "model name")
@@ -69,11 +74,20 @@ class ModelConfig(BaseModel):
 
 
 class IngressConfig(BaseModel):
+    """The HTTP-facing replicas: with ``layout: single-hop`` these serve every model too."""
+
     model_config = ConfigDict(extra="forbid")
 
-    num_replicas: int | Literal["auto"] = 1
+    num_replicas: int | Literal["auto"] | None = 1
+    autoscaling_config: dict[str, Any] | None = None
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.25})
     max_ongoing_requests: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> IngressConfig:
+        if self.autoscaling_config is not None:
+            self.num_replicas = None
+        return self
 
 
 class AppConfig(BaseModel):
@@ -94,7 +108,13 @@ class AppConfig(BaseModel):
     """Loader cache; defaults to ``SERVING_CACHE_DIR``."""
     cache_max_bytes: int | None = Field(default=None, ge=0)
     max_body_bytes: int = Field(default=32 * 1024**2, ge=1024)
-    """Requests with larger bodies get 413."""
+    """Requests with larger bodies get 413 (checked while the body is read)."""
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    """A request body that has not fully arrived this long after its headers gets 408."""
+    layout: Literal["single-hop", "two-hop"] = "single-hop"
+    """``single-hop``: each replica holds the routes and every model (one hop per request;
+    sized by ``ingress``). ``two-hop``: an ingress deployment in front of one deployment
+    per model (per-model replicas and autoscaling, one more hop per request)."""
     ingress: IngressConfig = Field(default_factory=IngressConfig)
 
     @model_validator(mode="after")

@@ -10,7 +10,10 @@ exit code the CLI returns, so neither layer needs its own mapping table::
     │   ├── UnknownFormat                     nothing recognises the artifact
     │   ├── InvalidInput                      wrong shape, datatype, JSON
     │   ├── PayloadTooLarge (413)
-    │   └── MethodNotAllowed (405)
+    │   ├── MethodNotAllowed (405)
+    │   ├── RequestTimeout (408)              the body did not arrive in time
+    │   ├── Unauthorized (401)                an admin route without a bearer token
+    │   └── Forbidden (403)                   an admin route with the wrong token
     ├── NotFound (404, exit 3)
     │   ├── ModelNotFound
     │   ├── VersionNotFound
@@ -40,6 +43,7 @@ from __future__ import annotations
 __all__ = [
     "AliasNotFound",
     "CacheError",
+    "Forbidden",
     "IntegrityError",
     "InvalidInput",
     "InvalidManifest",
@@ -54,12 +58,14 @@ __all__ = [
     "NotReady",
     "Overloaded",
     "PayloadTooLarge",
+    "RequestTimeout",
     "ServingError",
     "StoreAccessDenied",
     "StoreConflict",
     "StoreError",
     "StoreNotFound",
     "StoreUnavailable",
+    "Unauthorized",
     "UnknownFormat",
     "UntrustedArtifact",
     "VersionExists",
@@ -110,6 +116,24 @@ class PayloadTooLarge(InvalidRequest):
 
 class MethodNotAllowed(InvalidRequest):
     status_code = 405
+
+
+class RequestTimeout(InvalidRequest):
+    """The request body did not arrive within the server's body timeout."""
+
+    status_code = 408
+
+
+class Unauthorized(InvalidRequest):
+    """An admin route (``POST .../load``) called without the bearer token it requires."""
+
+    status_code = 401
+
+
+class Forbidden(InvalidRequest):
+    """An admin route called with a bearer token that is not the configured one."""
+
+    status_code = 403
 
 
 class NotFound(ServingError):

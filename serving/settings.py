@@ -150,6 +150,35 @@ class Settings(BaseSettings):
     isolation_timeout_s: float = Field(default=300.0, gt=0)
     """Wall-clock seconds the isolated load and warm-up may take before the child is killed."""
 
+    # -- admin routes ----------------------------------------------------------------
+    admin_token: SecretStr | None = None
+    """When set, ``POST /v2/repository/models/{name}/load`` requires
+    ``Authorization: Bearer <token>`` (401 without one, 403 with another)."""
+
+    admin_token_file: Path | None = None
+    """The same token read from a file (a mounted Kubernetes Secret); wins over
+    ``admin_token``. Read once, when the server starts."""
+
+    def admin_token_value(self) -> str | None:
+        """The admin token from ``admin_token_file`` or ``admin_token``; None when neither is set.
+
+        Raises:
+            InvalidRequest: the file cannot be read or is empty.
+        """
+        if self.admin_token_file is not None:
+            from serving.errors import InvalidRequest
+
+            try:
+                token = self.admin_token_file.read_text().strip()
+            except OSError as exc:
+                raise InvalidRequest(f"cannot read SERVING_ADMIN_TOKEN_FILE: {exc.strerror}") from exc
+            if not token:
+                raise InvalidRequest(f"SERVING_ADMIN_TOKEN_FILE {self.admin_token_file} is empty")
+            return token
+        if self.admin_token is not None and self.admin_token.get_secret_value():
+            return self.admin_token.get_secret_value()
+        return None
+
     @field_validator("trusted_keys", "unrestricted_models", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:

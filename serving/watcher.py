@@ -132,7 +132,8 @@ class AliasWatcher:
     def tick(self, force: bool = False) -> None:
         """Check the alias once (one small request when unchanged); swap if it moved.
 
-        ``force`` skips the failure backoff: an operator asked to load now.
+        ``force`` means an operator asked to check now; it does not skip the failure
+        backoff, so flooding load requests cannot re-download a failing version.
         """
         with self._lock:
             self._check_alias()
@@ -146,7 +147,7 @@ class AliasWatcher:
                     self._failed, self._failures, self._last_error = None, 0, None
                 return
             now = self._clock()
-            if not force and self._failed == target and now < self._retry_at:
+            if self._failed == target and now < self._retry_at:
                 return
             self._try_swap(target, now)
 

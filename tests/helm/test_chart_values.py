@@ -107,6 +107,28 @@ def test_existing_secret_is_referenced_not_copied(render: Callable[..., Docs]) -
         assert env["SERVING_S3_ADDRESSING_STYLE"]["value"] == "virtual"
 
 
+def test_ray_containers_run_serve_behind_haproxy_by_default(render: Callable[..., Docs]) -> None:
+    """Every Ray container gets Ray's high-throughput env (head and workers: each runs HAProxy)."""
+    for c in ray_containers(render()):
+        env = _env(c)
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
+        assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"]["value"] == "0"
+    for c in ray_containers(render(values=[IRSA])):
+        assert "RAY_SERVE_ENABLE_HA_PROXY" not in _env(c)
+
+
+def test_the_admin_token_comes_from_a_secret(render: Callable[..., Docs]) -> None:
+    """SERVING_ADMIN_TOKEN is a secretKeyRef when admin.existingSecret is set, absent otherwise."""
+    for c in ray_containers(render()):
+        assert "SERVING_ADMIN_TOKEN" not in _env(c)
+    for c in ray_containers(render(values=[IRSA])):
+        token = _env(c)["SERVING_ADMIN_TOKEN"]
+        assert token == {
+            "name": "SERVING_ADMIN_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "serving-admin", "key": "admin-token"}},
+        }
+
+
 def test_irsa_uses_service_account_and_no_keys(render: Callable[..., Docs]) -> None:
     """With IRSA the ServiceAccount carries the role and pods get no access-key env."""
     docs = render(values=[IRSA])
@@ -216,14 +238,18 @@ def test_serve_config_carries_models_store_poll_and_cache(render: Callable[..., 
     assert parsed.poll_interval_s == 2
     assert parsed.cache_max_bytes == 40_000_000_000
     assert parsed.store == "s3://models/serving"
+    assert parsed.layout == "two-hop"
+    assert parsed.body_timeout_s == 30
 
 
 def test_autoscaling_turns_on_the_in_tree_autoscaler(render: Callable[..., Docs]) -> None:
     """Defaults: enableInTreeAutoscaling plus a Serve autoscaling_config; off when disabled."""
     on = one(render(), "RayService")["spec"]
     assert on["rayClusterConfig"]["enableInTreeAutoscaling"] is True
-    model = serve_config(render())["applications"][0]["args"]["models"][0]
-    assert model["autoscaling_config"]["max_replicas"] >= 1
+    args = serve_config(render())["applications"][0]["args"]
+    # NOTE: single-hop replicas serve every model; the ingress block scales them.
+    assert args["layout"] == "single-hop"
+    assert args["ingress"]["autoscaling_config"]["max_replicas"] >= 1
     off = one(render(values=[IRSA]), "RayService")["spec"]["rayClusterConfig"]
     assert off["enableInTreeAutoscaling"] is False
     assert "autoscalerOptions" not in off

@@ -263,3 +263,29 @@ def test_each_swap_and_rollback_is_one_structured_log_line(repo, cache, tmp_path
     ]
     assert events == [("swap", "1", "2", "alias moved"), ("rollback", "2", "1", "rollback")]
     assert all(isinstance(r.duration_s, float) for r in caplog.records)  # type: ignore[attr-defined]
+
+
+def test_a_forced_tick_does_not_skip_the_failure_backoff(repo, cache, tmp_path) -> None:
+    """POST .../load forces ticks; flooding them retries a failing version no sooner than the backoff."""
+    publish(repo, tmp_path, "1", factor=1)
+    publish(repo, tmp_path, "2", corrupt=True)
+    repo.set_alias("m", "production", "1")
+    clock = Clock()
+    slot, watcher = make(repo, cache, clock)
+    attempts: list[float] = []
+    real_load = slot.load
+
+    def counting_load(*args, **kwargs):
+        attempts.append(clock.now)
+        return real_load(*args, **kwargs)
+
+    watcher.start()
+    slot.load = counting_load  # type: ignore[method-assign]
+    repo.set_alias("m", "production", "2")
+    for _ in range(40):
+        watcher.tick(force=True)
+        clock.now += 0.1
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert len(attempts) == 2
+    assert gaps[0] >= 2.0
+    assert slot.version == "1"

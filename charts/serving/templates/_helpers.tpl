@@ -140,6 +140,8 @@ poll_interval_s: {{ .Values.serve.pollIntervalSeconds }}
 poll_jitter: {{ .Values.serve.pollJitter }}
 retry_backoff_max_s: {{ .Values.serve.retryBackoffMaxSeconds }}
 max_body_bytes: {{ .Values.serve.maxBodyBytes | int64 }}
+body_timeout_s: {{ .Values.serve.bodyTimeoutSeconds }}
+layout: {{ .Values.serve.layout }}
 ingress:
   {{- toYaml .Values.serve.ingress | nindent 2 }}
 models:
@@ -202,6 +204,19 @@ secretKeyRef, never from plain values.
       key: {{ include "serving.credentials.secretKey" $ }}
 {{- end }}
 {{- include "serving.trustEnv" . }}
+{{- if .Values.serve.highThroughput }}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+  value: "0"
+{{- end }}
+{{- with .Values.admin.existingSecret }}
+- name: SERVING_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.admin.tokenKey }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}

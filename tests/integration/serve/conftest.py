@@ -1,16 +1,10 @@
-"""One Ray instance and one Serve HTTP proxy for the whole test session.
-
-Replicas get fractional CPUs so several apps fit on 2 cores; the dashboard is
-off; metrics are exported on a free port and flushed every half second so
-metric tests poll briefly instead of waiting Ray's default 10 s.
-"""
+"""Helpers of the Ray Serve tests; the session's one Ray instance is ``cluster`` (tests/integration)."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +17,13 @@ from sklearn.linear_model import LogisticRegression
 from serving.manifest import TensorSpec
 from serving.publish import publish_path
 from serving.repository import Repository
-from serving.testing import MotoS3, free_port
+from serving.testing import MotoS3
+from serving.testing.cluster import Cluster
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 IRIS_ROW = [[5.1, 3.5, 1.4, 0.2]]
-
-
-@dataclass
-class Cluster:
-    http: str
-    metrics: str
-
-
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
-    http_port, metrics_port = free_port(), free_port()
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        namespace="serving",
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 500},
-        log_to_driver=False,
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    yield Cluster(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics")
-    serve.shutdown()
-    ray.shutdown()
 
 
 def wait_for(
@@ -103,13 +75,10 @@ def publish_iris(
 
 
 def app_args(
-    store: str, cache_dir: Path, env: dict[str, str], name: str = "iris", **overrides: Any
+    store: str, cache_dir: Path, env: dict[str, str], name: str = "iris", replicas: int = 1, **overrides: Any
 ) -> dict[str, Any]:
-    model = {
-        "name": name,
-        "alias": "production",
-        "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": env}},
-    }
+    """The default (single-hop) app: ``replicas`` replicas, each serving the model."""
+    model = {"name": name, "alias": "production"}
     model.update(overrides.pop("model", {}))
     args = {
         "store": store,
@@ -119,7 +88,10 @@ def app_args(
         "retry_backoff_max_s": 2.0,
         "cache_dir": str(cache_dir),
         "max_body_bytes": 64 * 1024,
-        "ingress": {"ray_actor_options": {"num_cpus": 0.1}},
+        "ingress": {
+            "num_replicas": replicas,
+            "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": env}},
+        },
     }
     args.update(overrides)
     return args

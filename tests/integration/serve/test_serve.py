@@ -1,4 +1,9 @@
-"""The Ray Serve app end to end: real Ray Serve, real HTTP, a real S3 server on loopback."""
+"""What only the Ray path does, end to end: several replicas, Ray metrics, restarts, store outages.
+
+Real Ray Serve (behind HAProxy, as the chart runs it), real HTTP, a real S3 server
+on loopback. Routes, errors and the load/index protocol are checked on every
+transport by tests/integration/conformance.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from serving.repository import Repository
 from serving.settings import Settings
 from serving.store import open_store
 
-from .conftest import IRIS_ROW, Cluster, app_args, infer, publish_iris, s3_env, wait_for
+from .conftest import Cluster, app_args, infer, publish_iris, s3_env, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
@@ -33,36 +38,6 @@ def served_version(client: httpx.Client, base: str, name: str = "iris") -> str |
     return resp.json()["model_version"] if resp.status_code == 200 else None
 
 
-def test_v2_and_v1_predict_with_the_alias_version(deploy, s3_bucket, tmp_path, monkeypatch) -> None:
-    """End to end on S3: v2 and v1 answer with the version the alias points to."""
-    server, bucket = s3_bucket
-    repo, uri = s3_repo(server, bucket, monkeypatch)
-    publish_iris(repo, tmp_path, "1")
-    publish_iris(repo, tmp_path, "2", c=0.5)
-    repo.set_alias("iris", "production", "2")
-    base = deploy(app_args(uri, tmp_path / "cache", s3_env(server)))
-    with httpx.Client(timeout=10) as client:
-        v2 = infer(client, base)
-        assert v2.status_code == 200, v2.text
-        body = v2.json()
-        assert body["model_name"] == "iris"
-        assert body["model_version"] == "2"
-        outputs = {o["name"]: o for o in body["outputs"]}
-        assert outputs["predict"]["data"] == [0]
-        assert outputs["predict_proba"]["shape"] == [1, 3]
-        v1 = client.post(base + "/v1/models/iris:predict", json={"instances": IRIS_ROW})
-        assert v1.status_code == 200, v1.text
-        assert v1.json() == {"predictions": [0], "model_version": "2"}
-        meta = client.get(base + "/v2/models/iris").json()
-        assert meta["versions"] == ["2"]
-        assert meta["inputs"][0]["shape"] == [-1, 4]
-        explicit = infer(client, base, version="1")
-        assert explicit.status_code == 200
-        assert explicit.json()["model_version"] == "1"
-        assert client.get(base + "/v2/health/live").status_code == 200
-        assert client.get(base + "/v2").json()["name"] == "serving"
-
-
 def test_hot_swap_under_load_fails_no_request(deploy, s3_bucket, tmp_path, monkeypatch) -> None:
     """A client sending continuously sees 0 failures while the alias moves; then only v2."""
     server, bucket = s3_bucket
@@ -70,7 +45,7 @@ def test_hot_swap_under_load_fails_no_request(deploy, s3_bucket, tmp_path, monke
     publish_iris(repo, tmp_path, "1")
     publish_iris(repo, tmp_path, "2", c=0.5)
     repo.set_alias("iris", "production", "1")
-    base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), model={"num_replicas": 2}))
+    base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), replicas=2))
     results: list[tuple[float, int, str | None]] = []
     stop = threading.Event()
 
@@ -299,9 +274,7 @@ def test_two_replicas_converge_and_download_once(deploy, s3_bucket, tmp_path, mo
     publish_iris(repo, tmp_path, "1", name="iris-two")
     publish_iris(repo, tmp_path, "2", name="iris-two", c=0.5)
     repo.set_alias("iris-two", "production", "1")
-    base = deploy(
-        app_args(uri, tmp_path / "cache", s3_env(server), name="iris-two", model={"num_replicas": 2})
-    )
+    base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), name="iris-two", replicas=2))
     with httpx.Client(timeout=10) as client:
         wait_for(lambda: len(_index(client, base, "iris-two")["replicas"]) == 2, what="two replicas")
         server.reset_counts()
@@ -353,78 +326,6 @@ def test_metrics_count_what_was_sent(deploy, s3_bucket, tmp_path, monkeypatch, c
         )
 
 
-@pytest.mark.parametrize(
-    ("path", "body", "status", "needle"),
-    [
-        ("/v2/models/iris-4xx/infer", b"{oops", 400, "malformed JSON"),
-        ("/v2/models/iris-4xx/infer", b'{"inputs": []}', 400, "non-empty"),
-        (
-            "/v2/models/iris-4xx/infer",
-            b'{"inputs":[{"name":"input-0","shape":[1,3],"datatype":"FP64","data":[1,2,3]}]}',
-            400,
-            "shape",
-        ),
-        (
-            "/v2/models/iris-4xx/infer",
-            b'{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP64","data":[1,2,3]}]}',
-            400,
-            "fill shape",
-        ),
-        (
-            "/v2/models/iris-4xx/infer",
-            b'{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"BYTES","data":["a","b","c","d"]}]}',
-            400,
-            "datatype",
-        ),
-        (
-            "/v2/models/iris-4xx/infer",
-            b'{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"NOPE","data":[1,2,3,4]}]}',
-            400,
-            "datatype",
-        ),
-        ("/v2/models/nope/infer", b"{}", 404, "not served"),
-        (
-            "/v2/models/iris-4xx/versions/99/infer",
-            b'{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP64","data":[1,2,3,4]}]}',
-            404,
-            "99",
-        ),
-        ("/v2/models/iris-4xx/infer", b"[" + b"1," * 40_000 + b"1]", 413, "limit"),
-        ("/v1/models/iris-4xx:predict", b'{"instances": "x"}', 400, "instances"),
-        ("/v2/nothing-here", b"{}", 404, "no route"),
-    ],
-)
-def test_bad_input_gets_a_4xx_with_a_message(served_4xx, path, body, status, needle) -> None:
-    client, base = served_4xx
-    resp = client.post(base + path, content=body)
-    assert resp.status_code == status, resp.text
-    assert needle in resp.json()["error"]
-    assert served_version(client, base, "iris-4xx") == "1"
-
-
-@pytest.fixture(scope="module")
-def served_4xx(cluster: Cluster, moto_s3, tmp_path_factory):
-    """One app for all the bad-input cases (a local store; the input path is the same)."""
-    from ray import serve
-
-    from serving.app import build_app
-
-    tmp = tmp_path_factory.mktemp("bad-input")
-    repo = Repository(open_store(str(tmp / "store")))
-    publish_iris(repo, tmp, "1", name="iris-4xx")
-    repo.set_alias("iris-4xx", "production", "1")
-    serve.run(
-        build_app(app_args(str(tmp / "store"), tmp / "cache", {}, name="iris-4xx")),
-        name="app-4xx",
-        route_prefix="/",
-        blocking=False,
-    )
-    wait_for(lambda: httpx.get(cluster.http + "/v2/health/ready", timeout=5).status_code == 200, what="ready")
-    with httpx.Client(timeout=10) as client:
-        yield client, cluster.http
-    serve.delete("app-4xx")
-
-
 def _index(client: httpx.Client, base: str, name: str) -> dict[str, Any]:
     entries = client.get(base + "/v2/repository/index").json()
     return next(e for e in entries if e["name"] == name)
@@ -439,28 +340,3 @@ def _metric(cluster: Cluster, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
-
-
-def test_batching_answers_each_request_with_its_own_rows(deploy, tmp_path) -> None:
-    """With @serve.batch on, concurrent requests are predicted together but answered apart."""
-    import concurrent.futures
-
-    repo = Repository(open_store(str(tmp_path / "store")))
-    publish_iris(repo, tmp_path, "1", name="iris-batch")
-    repo.set_alias("iris-batch", "production", "1")
-    batching = {"batching": {"enabled": True, "max_batch_size": 8, "batch_wait_timeout_s": 0.05}}
-    base = deploy(
-        app_args(str(tmp_path / "store"), tmp_path / "cache", {}, name="iris-batch", model=batching)
-    )
-    rows = {0: [[5.1, 3.5, 1.4, 0.2]], 1: [[6.0, 2.2, 4.0, 1.0]], 2: [[7.7, 3.0, 6.1, 2.3]] * 2}
-
-    def one(label: int) -> tuple[int, list[int]]:
-        with httpx.Client(timeout=30) as client:
-            resp = infer(client, base, rows=rows[label], name="iris-batch")
-            assert resp.status_code == 200, resp.text
-            return label, next(o for o in resp.json()["outputs"] if o["name"] == "predict")["data"]
-
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(one, [i % 3 for i in range(24)]))
-    for label, predicted in results:
-        assert predicted == [label] * len(rows[label])

