@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from test_standalone import Server, publish, start_server, wait_for
+from test_standalone_process import Server, publish, start_server, wait_for
 
 from serving.repository import Repository
 from serving.settings import Settings
