@@ -381,6 +381,9 @@ def _prctl(option: int, arg: int) -> None:
 
 
 def _helper_main(parent_pid: int, idle_s: float) -> int:
+    # NOTE: a terminal's Ctrl-C reaches the whole process group; stopping is the serving
+    # process's call (it closes our stdin), so the helper ignores SIGINT (its children too).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         return 0  # NOTE: the parent died before the death signal was armed

@@ -46,8 +46,13 @@ class LocalStore(ObjectStore):
     def get(self, key: str) -> tuple[bytes, str]:
         path = self._path(key)
         try:
-            check_get_size(key, path.stat().st_size, self.max_get_bytes)
-            return path.read_bytes(), self._etag(path)
+            # NOTE: one open file for the size check, the bytes and the ETag: a stat after
+            # reading could see the next write's ETag beside this write's bytes, and a
+            # compare-and-swap on that pair would silently drop the next write.
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                check_get_size(key, st.st_size, self.max_get_bytes)
+                return f.read(), self._etag_of(st)
         except FileNotFoundError as exc:
             raise self._missing(key) from exc
         except OSError as exc:
