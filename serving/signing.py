@@ -276,8 +276,31 @@ def verify_manifest(
             f"{where}: {SIGNATURE_NAME} was made for another manifest ({other}, "
             f"sha256 {str(doc.get('manifest_sha256'))[:12]}...), not this one ({msha[:12]}...)"
         )
+    kid, verified, seen = _trusted_signature(doc["signatures"], trusted, _DOMAIN + manifest_raw)
+    if kid is None:
+        raise UntrustedArtifact(
+            f"{where} is signed only by untrusted keys ({', '.join(seen) or 'none'}); "
+            f"trusted: {', '.join(k[:16] for k in sorted(trusted))}"
+        )
+    if not verified:
+        raise UntrustedArtifact(
+            f"{where}: the signature by trusted key {kid[:16]}... does not verify "
+            "(manifest or signature altered)"
+        )
+    return kid
+
+
+def _trusted_signature(
+    entries: list[Any], trusted: TrustedKeys, payload: bytes
+) -> tuple[str | None, bool, list[str]]:
+    """The first Ed25519 entry by a trusted key, shared by manifest and alias checks.
+
+    Returns ``(key_id, verified, seen)``: ``key_id`` is None when no entry is by
+    a trusted key; ``verified`` says whether that key's signature holds over
+    ``payload``; ``seen`` lists the (shortened) key ids of the entries looked at.
+    """
     seen: list[str] = []
-    for entry in doc["signatures"]:
+    for entry in entries:
         if not isinstance(entry, dict) or entry.get("alg") != "ed25519":
             continue
         kid = str(entry.get("key_id", ""))
@@ -286,18 +309,11 @@ def verify_manifest(
         if public is None:
             continue
         try:
-            signature = base64.b64decode(str(entry.get("signature", "")), validate=True)
-            public.verify(signature, _DOMAIN + manifest_raw)
-        except (InvalidSignature, binascii.Error, ValueError) as exc:
-            raise UntrustedArtifact(
-                f"{where}: the signature by trusted key {kid[:16]}... does not verify "
-                "(manifest or signature altered)"
-            ) from exc
-        return kid
-    raise UntrustedArtifact(
-        f"{where} is signed only by untrusted keys ({', '.join(seen) or 'none'}); "
-        f"trusted: {', '.join(k[:16] for k in sorted(trusted))}"
-    )
+            public.verify(base64.b64decode(str(entry.get("signature", "")), validate=True), payload)
+        except (InvalidSignature, binascii.Error, ValueError):
+            return kid, False, seen
+        return kid, True, seen
+    return None, False, seen
 
 
 def _alias_payload(doc: dict[str, Any]) -> bytes:
@@ -342,21 +358,11 @@ def verify_alias(raw: bytes, trusted: TrustedKeys, name: str, alias: str) -> str
         raise UntrustedArtifact(f"{where}: the alias is not signed and signatures are required")
     if doc.get("name") != name or doc.get("alias") != alias:
         raise UntrustedArtifact(f"{where}: the alias object is for {doc.get('name')}@{doc.get('alias')}")
-    payload = _alias_payload(doc)
-    seen: list[str] = []
-    for entry in doc["signatures"]:
-        if not isinstance(entry, dict) or entry.get("alg") != "ed25519":
-            continue
-        kid = str(entry.get("key_id", ""))
-        seen.append(kid[:16])
-        public = trusted.get(kid)
-        if public is None:
-            continue
-        try:
-            public.verify(base64.b64decode(str(entry.get("signature", "")), validate=True), payload)
-        except (InvalidSignature, binascii.Error, ValueError) as exc:
-            raise UntrustedArtifact(
-                f"{where}: the alias signature by trusted key {kid[:16]}... does not verify (alias altered)"
-            ) from exc
-        return kid
-    raise UntrustedArtifact(f"{where} is signed only by untrusted keys ({', '.join(seen) or 'none'})")
+    kid, verified, seen = _trusted_signature(doc["signatures"], trusted, _alias_payload(doc))
+    if kid is None:
+        raise UntrustedArtifact(f"{where} is signed only by untrusted keys ({', '.join(seen) or 'none'})")
+    if not verified:
+        raise UntrustedArtifact(
+            f"{where}: the alias signature by trusted key {kid[:16]}... does not verify (alias altered)"
+        )
+    return kid
