@@ -6,6 +6,13 @@ loop: a request that would load an explicit version never does; predict does
 while the model's recent requests are fast (under ``offload_predict_after_ms``),
 because for small models a thread hop costs more than the model.
 
+A request is timed by the CPU time of the thread that ran it, not the wall clock:
+a threaded request's wall time also counts its waits for the GIL, and any
+request's counts the time the OS ran other processes, so under load a fast model
+would look slow and leave the loop just when the hop costs most. One slow
+request moves the average by at most a bounded step, and a model goes back to
+the loop only below half the bound, so it does not flap between the two.
+
 :class:`Waker` and :class:`LocalLoads` are the standalone server's
 :class:`~serving.server.frontend.LoadPort`: each model's watcher thread waits on
 its waker between ticks, and a load request cuts that wait short.
@@ -43,6 +50,7 @@ class LocalModel:
             offload_after_s = service.config.offload_predict_after_ms / 1000
         self.offload_after_s = offload_after_s
         self._recent_s = 0.0
+        self._offloaded = offload_after_s <= 0
 
     def on_loop(self, version: str | None) -> bool:
         """Whether a request for ``version`` may run on the event loop."""
@@ -50,7 +58,13 @@ class LocalModel:
         # NOTE: an explicit version not loaded yet means a download and a load.
         if version is not None and version != slot.version and version not in resident.versions():
             return False
-        return self._recent_s < self.offload_after_s
+        # NOTE: hysteresis: off the loop at the bound, back on below half of it, so a
+        # model whose requests take about the bound does not flap between the two.
+        if self._offloaded:
+            self._offloaded = not self._recent_s < self.offload_after_s / 2
+        else:
+            self._offloaded = self._recent_s >= self.offload_after_s
+        return not self._offloaded
 
     async def _run(self, version: str | None, fn: Callable[..., api.Reply], *args: Any) -> api.Reply:
         if self.on_loop(version):
@@ -58,9 +72,11 @@ class LocalModel:
         return await asyncio.to_thread(self._timed, fn, *args)
 
     def _timed(self, fn: Callable[..., api.Reply], *args: Any) -> api.Reply:
-        started = time.perf_counter()
+        started = time.thread_time()
         reply = fn(*args)
-        elapsed = time.perf_counter() - started
+        # NOTE: one outlier (a GC pause) moves the average by a bounded step, so it takes a
+        # few slow requests in a row, not one, to move a model off the loop.
+        elapsed = min(time.thread_time() - started, 2 * self.offload_after_s)
         self._recent_s += _EWMA * (elapsed - self._recent_s)
         return reply
 

@@ -1,0 +1,108 @@
+"""Where LocalModel runs a request: on the event loop while the model is fast, in a thread when not."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import Any
+
+from serving import api
+from serving.server.local import LocalModel
+
+BOUND_S = 0.002
+
+
+def _spin(seconds: float) -> None:
+    """Hold the GIL and a core for ``seconds`` of this thread's CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+class Service:
+    """The slice of ModelService that LocalModel reads; each request spins for ``cost_s``."""
+
+    def __init__(self) -> None:
+        self.slot = SimpleNamespace(version="1")
+        self.resident = SimpleNamespace(versions=lambda: ["1"])
+        self.config = SimpleNamespace(offload_predict_after_ms=BOUND_S * 1000)
+        self.cost_s = 0.0
+        self.threads: list[int] = []
+
+    def infer_v2(self, body: bytes, version: str | None, headers: Mapping[str, str] | None) -> api.Reply:
+        self.threads.append(threading.get_ident())
+        _spin(self.cost_s)
+        return api.ok({})
+
+
+def _on_loop_share(service: Service, loop_thread: int, last: int) -> float:
+    recent = service.threads[-last:]
+    return sum(t == loop_thread for t in recent) / len(recent)
+
+
+def test_a_slow_model_moves_off_the_loop_and_a_fast_one_comes_back_under_load() -> None:
+    """Once fast again, a model returns to the loop even while concurrent requests fight for the GIL."""
+    service = Service()
+    port = LocalModel(service)  # type: ignore[arg-type]  # NOTE: the slice above is all it reads
+    stop = threading.Event()
+
+    def contend() -> None:
+        # NOTE: a second Python thread that wants the GIL all the time, as other requests' work does.
+        while not stop.is_set():
+            _spin(0.001)
+
+    async def main() -> tuple[float, float, float]:
+        loop_thread = threading.get_ident()
+        await port.infer(b"", None, None)
+        fast_before = _on_loop_share(service, loop_thread, 1)
+        service.cost_s = 4 * BOUND_S
+        for _ in range(20):
+            await port.infer(b"", None, None)
+        slow = _on_loop_share(service, loop_thread, 5)
+        service.cost_s = 0.0
+        contender = threading.Thread(target=contend)
+        contender.start()
+        try:
+            for _ in range(10):
+                await asyncio.gather(*(port.infer(b"", None, None) for _ in range(16)))
+        finally:
+            stop.set()
+            contender.join()
+        return fast_before, slow, _on_loop_share(service, loop_thread, 16)
+
+    fast_before, slow, fast_after = asyncio.run(main())
+    assert fast_before == 1.0
+    assert slow == 0.0, "requests that take twice the bound still ran on the loop"
+    assert fast_after == 1.0, "a model that is fast again stayed off the loop"
+
+
+def test_requests_near_the_bound_do_not_flap_between_loop_and_thread() -> None:
+    """Between half the bound and the bound, a model stays where it is."""
+    service = Service()
+    port = LocalModel(service)  # type: ignore[arg-type]
+    port._recent_s = 0.75 * BOUND_S
+    assert port.on_loop(None)
+    port._offloaded = True
+    assert not port.on_loop(None)
+    port._recent_s = 0.4 * BOUND_S
+    assert port.on_loop(None)
+
+
+def test_an_explicit_version_not_loaded_yet_never_runs_on_the_loop() -> None:
+    """Its request downloads and loads: always a thread, however fast the model."""
+    service = Service()
+    port = LocalModel(service)  # type: ignore[arg-type]
+    assert port.on_loop("1")
+    assert not port.on_loop("2")
+
+
+def test_zero_means_always_a_thread_and_infinity_only_loads() -> None:
+    service = Service()
+    always: Any = LocalModel(service, offload_after_s=0)  # type: ignore[arg-type]
+    never: Any = LocalModel(service, offload_after_s=float("inf"))  # type: ignore[arg-type]
+    never._recent_s = 10.0
+    assert not always.on_loop(None)
+    assert never.on_loop(None)
