@@ -405,10 +405,15 @@ def _scaling(num_replicas: int | str | None, autoscaling_config: dict[str, Any] 
     return {"num_replicas": num_replicas}
 
 
-def _deployment_options(model: ModelConfig) -> dict[str, Any]:
+def _logging(config: AppConfig) -> dict[str, Any]:
+    return {"logging_config": {"enable_access_log": config.access_log}}
+
+
+def _deployment_options(model: ModelConfig, config: AppConfig) -> dict[str, Any]:
     """Ray Serve options of one model's deployment (two-hop): replicas or autoscaling, resources."""
     return {
         "name": f"model-{model.name}",
+        **_logging(config),
         "ray_actor_options": model.ray_actor_options,
         "max_ongoing_requests": model.max_ongoing_requests,
         **_scaling(model.num_replicas, model.autoscaling_config),
@@ -429,6 +434,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "ray_actor_options": ingress.ray_actor_options,
         "max_ongoing_requests": ingress.max_ongoing_requests,
         **_scaling(ingress.num_replicas, ingress.autoscaling_config),
+        **_logging(config),
     }
     if config.layout == "single-hop":
         # NOTE: @serve.deployment turns the classes into Deployments; mypy sees classes.
@@ -438,7 +444,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     for model in config.models:
         handles[model.name] = (
             cast(Any, ModelDeployment)
-            .options(**_deployment_options(model))
+            .options(**_deployment_options(model, config))
             .bind(model.model_dump(mode="json"), app_dict)
         )
     application: serve.Application = cast(Any, Ingress).options(**options).bind(app_dict, handles)

@@ -116,6 +116,10 @@ class AppConfig(BaseModel):
     sized by ``ingress``). ``two-hop``: an ingress deployment in front of one deployment
     per model (per-model replicas and autoscaling, one more hop per request)."""
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    access_log: bool = False
+    """Ray Serve's access log line per request in every replica. Off by default, as in
+    the standalone server: ``serving_requests_total`` counts every request by model,
+    version and status either way, and the line costs about 5% of a 1-row request."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:

@@ -113,8 +113,12 @@ def test_ray_containers_run_serve_behind_haproxy_by_default(render: Callable[...
         env = _env(c)
         assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
         assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"]["value"] == "0"
+        # NOTE: HAProxy's per-request metrics cost a Python parse per request; serving_* cover them.
+        assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"]["value"] == "0"
     for c in ray_containers(render(values=[IRSA])):
         assert "RAY_SERVE_ENABLE_HA_PROXY" not in _env(c)
+    for c in ray_containers(render(sets=["serve.haproxyMetrics=true"])):
+        assert "RAY_SERVE_HAPROXY_METRICS_ENABLED" not in _env(c)
 
 
 def test_the_admin_token_comes_from_a_secret(render: Callable[..., Docs]) -> None:
@@ -240,6 +244,13 @@ def test_serve_config_carries_models_store_poll_and_cache(render: Callable[..., 
     assert parsed.store == "s3://models/serving"
     assert parsed.layout == "two-hop"
     assert parsed.body_timeout_s == 30
+
+
+def test_replica_access_logs_are_off_unless_asked_for(render: Callable[..., Docs]) -> None:
+    """serve.accessLog reaches the app's access_log (Ray Serve's per-request log line)."""
+    args = lambda docs: AppConfig.model_validate(serve_config(docs)["applications"][0]["args"])  # noqa: E731
+    assert args(render()).access_log is False
+    assert args(render(sets=["serve.accessLog=true"])).access_log is True
 
 
 def test_autoscaling_turns_on_the_in_tree_autoscaler(render: Callable[..., Docs]) -> None:

@@ -142,6 +142,7 @@ retry_backoff_max_s: {{ .Values.serve.retryBackoffMaxSeconds }}
 max_body_bytes: {{ .Values.serve.maxBodyBytes | int64 }}
 body_timeout_s: {{ .Values.serve.bodyTimeoutSeconds }}
 layout: {{ .Values.serve.layout }}
+access_log: {{ .Values.serve.accessLog }}
 ingress:
   {{- toYaml .Values.serve.ingress | nindent 2 }}
 models:
@@ -209,6 +210,10 @@ secretKeyRef, never from plain values.
   value: "1"
 - name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
   value: "0"
+{{- if not .Values.serve.haproxyMetrics }}
+- name: RAY_SERVE_HAPROXY_METRICS_ENABLED
+  value: "0"
+{{- end }}
 {{- end }}
 {{- with .Values.admin.existingSecret }}
 - name: SERVING_ADMIN_TOKEN
