@@ -47,6 +47,8 @@ class LoadResult:
     tool: str
     samples: list[tuple[float, float, int, str]] = field(default_factory=list)
     """(seconds since start, latency seconds, HTTP status or 0 on a transport error, version)."""
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    """wrk's error counts by kind (connect, read, write, status, timeout), the non-zero ones."""
 
     @property
     def requests_per_s(self) -> float:
@@ -105,8 +107,10 @@ def run_wrk(
     if line is None:
         raise RuntimeError(f"wrk gave no result for {url}: {proc.stdout[-400:]} {proc.stderr[-400:]}")
     d = json.loads(line.removeprefix("BENCH_JSON "))
-    errors = d["connect"] + d["read"] + d["write"] + d["status"] + d["timeout"]
+    kinds = {k: d[k] for k in ("connect", "read", "write", "status", "timeout") if d[k]}
+    errors = sum(kinds.values())
     return LoadResult(
+        error_kinds=kinds,
         requests=d["requests"],
         seconds=d["duration_us"] / 1e6,
         errors=errors,
@@ -137,6 +141,7 @@ async def _async_load(
     samples: list[tuple[float, float, int, str]] = []
     latencies: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     started = time.perf_counter()
     deadline = started + seconds
@@ -152,11 +157,14 @@ async def _async_load(
                 status = resp.status_code
                 if keep and status == 200:
                     version = str(_version_of(resp.content))
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
                 status = 0
+                kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
             elapsed = time.perf_counter() - t0
             if status != 200:
                 errors += 1
+                if status:
+                    kinds[str(status)] = kinds.get(str(status), 0) + 1
             else:
                 latencies.append(elapsed)
             if keep:
@@ -173,6 +181,7 @@ async def _async_load(
         p99_ms=percentile(latencies, 99) * 1000,
         tool="httpx async client",
         samples=samples,
+        error_kinds=kinds,
     )
 
 

@@ -95,7 +95,13 @@ def target(
     if value is None:
         return {"target": name, "value": None, "goal": goal, "met": None, "miss": None, "why": why}
     met = value >= goal if higher_is_better else value <= goal
-    miss = None if met else (goal / value - 1 if higher_is_better and value else value / goal - 1)
+    if met:
+        miss = None
+    elif higher_is_better:
+        miss = goal / value - 1 if value else None
+    else:
+        # NOTE: a goal of 0 (errors) is missed by the value itself, not by a ratio.
+        miss = value / goal - 1 if goal else value
     return {"target": name, "value": value, "goal": goal, "met": met, "miss": miss, "why": "" if met else why}
 
 

@@ -1,6 +1,6 @@
 """``make bench``: every workload against every peer, side by side in one run.
 
-Systems (all on 127.0.0.1, started here, stopped at the end):
+Systems (all on 127.0.0.1; one group of them up at a time, see ``GROUPS``):
 
 - ``ours``: ``serving serve``, the default Ray path as the chart deploys it: Ray Serve
   behind HAProxy (direct ingress), single-hop replicas (routes and models in one),
@@ -14,9 +14,10 @@ Systems (all on 127.0.0.1, started here, stopped at the end):
 - ``ours-standalone``: this project's models in one uvicorn process without Ray
   (``serving serve --standalone``, serving.standalone).
 
-Throughput runs alternate systems within each round (the order flips every
-round), so ratios hold on a noisy machine; each (workload, system) is the median
-of its rounds. Writes bench/results/latest.json, latest.md and PNG plots.
+Each round starts one group of systems, runs every workload on it and stops it
+before the next group starts, so nothing idle (a second Ray instance, MLServer's
+workers) takes CPU from what is measured; the order flips every round, and each
+(workload, system) is the median of its rounds. Writes bench/results/latest.json, latest.md and PNG plots.
 
 Run: ``.venv/bin/python -m bench.run [--quick]``.
 """
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +123,17 @@ IRIS_V2 = "/v2/models/iris/infer"
 IRIS_V1 = "/v1/models/iris:predict"
 
 
-def start_systems(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
+Group = Callable[[Processes, Path, dict[str, Any], list[str]], dict[str, System]]
+
+
+def _ours(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
     one = v2_body(np.array([ROW]))
-    systems: dict[str, System] = {}
-    systems["ours"] = start_serve(procs, ours_args(pub["store"], work / "serve", mlp=True), work, one)
-    systems["ours+batch"] = System(
-        "ours+batch", systems["ours"].base, {"mlp": "/v2/models/mlpb/infer"}, "@serve.batch(32, 2 ms)"
-    )
+    ours = start_serve(procs, ours_args(pub["store"], work / "serve", mlp=True), work, one)
+    batch = System("ours+batch", ours.base, {"mlp": "/v2/models/mlpb/infer"}, "@serve.batch(32, 2 ms)")
+    return {"ours": ours, "ours+batch": batch}
+
+
+def _ray_peers(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
     base = start_ray_host(
         procs,
         "ray-peers",
@@ -148,39 +154,62 @@ def start_systems(procs: Processes, work: Path, pub: dict[str, Any], notes: list
         ],
         work,
         IRIS_V2,
-        one,
+        v2_body(np.array([ROW])),
         env={"RAY_SERVE_ENABLE_HA_PROXY": "0"},
     )
-    systems["ours-2hop"] = System(
-        "ours-2hop",
-        base,
-        {"v2": IRIS_V2, "v1": IRIS_V1, "v2bin": IRIS_V2},
-        "before: layout two-hop behind Ray's Python proxy (proxy -> Ingress -> model replica)",
-    )
-    systems["naive-serve"] = System(
-        "naive-serve",
-        base,
-        {"v2": "/naive" + IRIS_V2, "v1": "/naive" + IRIS_V1},
-        "seed-style FastAPI ingress, Ray's Python proxy",
-    )
-    systems["serve-noop"] = System(
-        "serve-noop", base, {"v2": "/noop", "v1": "/noop"}, "Ray Serve deployment answering a constant"
-    )
-    systems["starlette"] = start_starlette(procs, pub["iris_joblib"], one)
+    return {
+        "ours-2hop": System(
+            "ours-2hop",
+            base,
+            {"v2": IRIS_V2, "v1": IRIS_V1, "v2bin": IRIS_V2},
+            "before: layout two-hop behind Ray's Python proxy (proxy -> Ingress -> model replica)",
+        ),
+        "naive-serve": System(
+            "naive-serve",
+            base,
+            {"v2": "/naive" + IRIS_V2, "v1": "/naive" + IRIS_V1},
+            "seed-style FastAPI ingress, Ray's Python proxy",
+        ),
+        "serve-noop": System(
+            "serve-noop", base, {"v2": "/noop", "v1": "/noop"}, "Ray Serve deployment answering a constant"
+        ),
+    }
+
+
+def _starlette(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
+    return {"starlette": start_starlette(procs, pub["iris_joblib"], v2_body(np.array([ROW])))}
+
+
+def _standalone(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
     standalone = ours_args(pub["store"], work / "standalone", mlp=False)
     for model in standalone["models"]:
         model.pop("ray_actor_options")
     standalone.pop("ingress")
-    systems["ours-standalone"] = start_standalone(procs, standalone, work, one)
+    return {STANDALONE: start_standalone(procs, standalone, work, v2_body(np.array([ROW])))}
+
+
+def _mlserver(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
     why = install_mlserver()
-    if why is None:
-        try:
-            systems["mlserver"] = start_mlserver(procs, work, one)
-        except (RuntimeError, subprocess.CalledProcessError) as exc:
-            notes.append(f"MLServer installed but did not run: {exc}")
-    else:
-        notes.append(f"MLServer not measured: {why}")
-    return systems
+    if why is not None:
+        if not any(n.startswith("MLServer") for n in notes):
+            notes.append(f"MLServer not measured: {why}")
+        return {}
+    try:
+        return {"mlserver": start_mlserver(procs, work, v2_body(np.array([ROW])))}
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        notes.append(f"MLServer installed but did not run: {exc}")
+        return {}
+
+
+GROUPS: dict[str, Group] = {
+    "ours": _ours,
+    "ray-peers": _ray_peers,
+    "starlette": _starlette,
+    "ours-standalone": _standalone,
+    "mlserver": _mlserver,
+}
+"""The systems, in groups that share processes. Only one group runs at a time: an idle
+Ray instance (GCS, raylet, controller, pollers) takes CPU from whatever is measured."""
 
 
 def binary_body(rows: np.ndarray) -> tuple[bytes, dict[str, str]]:
@@ -203,7 +232,17 @@ def binary_body(rows: np.ndarray) -> tuple[bytes, dict[str, str]]:
 
 
 # -- throughput workloads ---------------------------------------------------------------------
-def throughput(systems: dict[str, System], rounds: int, seconds: float) -> list[dict[str, Any]]:
+def throughput(
+    procs: Processes,
+    work: Path,
+    pub: dict[str, Any],
+    notes: list[str],
+    rounds: int,
+    seconds: float,
+    with_ours: Callable[[System], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every workload on every group of systems, one group up at a time; ``with_ours`` runs
+    once while ``ours`` is up (the swap-under-load workload)."""
     mlp_body = v2_body(
         np.random.default_rng(0).standard_normal((1, MLP_IN)).astype(np.float32), datatype="FP32"
     )
@@ -217,30 +256,43 @@ def throughput(systems: dict[str, System], rounds: int, seconds: float) -> list[
         ("c: torch MLP 1-row, 32 clients", "mlp", mlp_body, 32, 1, None),
     ]
     raw: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups = list(GROUPS.items())
     for rnd in range(rounds):
-        for workload, kind, body, conns, rows, headers in plan:
-            names = [n for n, s in systems.items() if s.url(kind) and not (n == "serve-noop" and rows > 1)]
-            for name in names if rnd % 2 == 0 else names[::-1]:
-                url = systems[name].url(kind)
-                assert url is not None
-                res = load.run_load(url, body, connections=conns, seconds=seconds, headers=headers)
-                print(
-                    f"  [{rnd + 1}/{rounds}] {workload:32} {name:12} {res.requests_per_s:9.0f} req/s"
-                    f"  p99 {res.p99_ms:7.1f} ms  errors {res.errors}",
-                    flush=True,
-                )
-                raw.setdefault((workload, name), []).append(
-                    report.record(
-                        workload,
-                        name,
-                        requests_per_s=res.requests_per_s,
-                        rows_per_s=res.requests_per_s * rows if rows > 1 else None,
-                        p50_ms=res.p50_ms,
-                        p99_ms=res.p99_ms,
-                        errors=res.errors,
-                        notes=f"{systems[name].note}; {res.tool} -c{conns}",
-                    )
-                )
+        # NOTE: the order flips every round, so a drift of the machine spreads over every system.
+        for group, start in groups if rnd % 2 == 0 else groups[::-1]:
+            print(f"  [{rnd + 1}/{rounds}] starting {group}...", flush=True)
+            where = work / f"{group}-{rnd}"
+            where.mkdir()
+            systems = start(procs, where, pub, notes)
+            try:
+                for workload, kind, body, conns, rows, headers in plan:
+                    for name, system in systems.items():
+                        url = system.url(kind)
+                        if url is None or (name == "serve-noop" and rows > 1):
+                            continue
+                        res = load.run_load(url, body, connections=conns, seconds=seconds, headers=headers)
+                        print(
+                            f"  [{rnd + 1}/{rounds}] {workload:32} {name:12} {res.requests_per_s:9.0f} req/s"
+                            f"  p99 {res.p99_ms:7.1f} ms  errors {res.errors} {res.error_kinds or ''}",
+                            flush=True,
+                        )
+                        raw.setdefault((workload, name), []).append(
+                            report.record(
+                                workload,
+                                name,
+                                requests_per_s=res.requests_per_s,
+                                rows_per_s=res.requests_per_s * rows if rows > 1 else None,
+                                p50_ms=res.p50_ms,
+                                p99_ms=res.p99_ms,
+                                errors=res.errors,
+                                notes=f"{system.note}; {res.tool} -c{conns}"
+                                + (f"; errors {res.error_kinds}" if res.error_kinds else ""),
+                            )
+                        )
+                if group == "ours" and rnd == 0 and with_ours is not None:
+                    with_ours(systems["ours"])
+            finally:
+                procs.stop_all()
     return [report.merge_rounds(v) for v in raw.values()]
 
 
@@ -342,6 +394,7 @@ def swap_under_load(ours: System, store: str, seconds: float, every: float) -> d
     return {
         "requests": len(samples),
         "errors": sum(1 for s in samples if s[2] != 200),
+        "error_kinds": res.error_kinds,
         "moves": [t for t, _ in moves],
         "convergence_s": convergence,
         "p50_ms": {"steady": p50(steady), "during": p50(during), "after": p50(after)},
@@ -432,21 +485,33 @@ def main(argv: list[str] | None = None) -> int:
         print("publishing models...", flush=True)
         pub = publish_models(work)
         if set(args.only) & set("abcd"):
-            print("starting systems...", flush=True)
-            systems = start_systems(procs, work, pub, notes)
+            swap: dict[str, Any] = {}
+
+            def with_ours(ours: System) -> None:
+                if "d" in args.only:
+                    print("d: swap under load...", flush=True)
+                    swap.update(
+                        swap_under_load(
+                            ours, pub["store"], 16.0 if args.quick else 30.0, 4.0 if args.quick else 6.0
+                        )
+                    )
+
             if set(args.only) & set("abc"):
-                records += throughput(systems, rounds, seconds)
+                print("a, b, c: throughput, one group of systems at a time...", flush=True)
+                records += throughput(procs, work, pub, notes, rounds, seconds, with_ours)
                 records += in_process(pub["store"], work, pub["iris_joblib"])
                 records += [
                     {**r, "workload": "b: 10,000 rows v2 binary"}
                     for r in records
                     if r["workload"] == "b: 10,000 rows v2" and r["system"] == "in-process Predictor.predict"
                 ]
-            if "d" in args.only:
-                print("d: swap under load...", flush=True)
-                swap = swap_under_load(
-                    systems["ours"], pub["store"], 16.0 if args.quick else 30.0, 4.0 if args.quick else 6.0
-                )
+            else:
+                try:
+                    (work / "ours-d").mkdir()
+                    with_ours(_ours(procs, work / "ours-d", pub, notes)["ours"])
+                finally:
+                    procs.stop_all()
+            if swap:
                 result["swap"] = {k: v for k, v in swap.items() if k != "samples"}
                 result["swap_timeline"] = {"moves": swap["moves"], "samples": swap["samples"]}
                 records.append(
@@ -459,10 +524,10 @@ def main(argv: list[str] | None = None) -> int:
                         p99_ms=swap["p99_ms"]["during"],
                         errors=swap["errors"],
                         notes=f"alias moved {len(swap['moves'])}x; p50/p99 during swaps; "
-                        f"convergence {max(swap['convergence_s'] or [0]):.2f} s max",
+                        f"convergence {max(swap['convergence_s'] or [0]):.2f} s max"
+                        + (f"; errors {swap['error_kinds']}" if swap["error_kinds"] else ""),
                     )
                 )
-            procs.stop_all()
         if "e" in args.only:
             print("e: cold start (cache miss vs boto3) and cache hit (bench.cache_load)...", flush=True)
             from bench import coldstart

@@ -138,7 +138,7 @@ class ModelService:
                 served = live.version
                 payload, binary = api.parse_infer_body(body, self.app.max_body_bytes, headers)
                 req = api.parse_v2(payload, live.predictor.inputs, binary)
-                outputs = self._predict(live, req.inputs)
+                outputs = self._predict(live, req.inputs, req.outputs)
                 reply = api.infer_reply(self.config.name, live.version, req, outputs)
         except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
             reply = api.error_reply(exc)
@@ -152,8 +152,9 @@ class ModelService:
             with self._lease(None) as live:
                 served = live.version
                 inputs = api.parse_v1(api.parse_json(body, self.app.max_body_bytes), live.predictor.inputs)
-                outputs = self._predict(live, inputs)
-                first = next(iter(outputs.values()))
+                primary = live.predictor.primary_output
+                outputs = self._predict(live, inputs, [primary])
+                first = outputs[primary] if primary in outputs else next(iter(outputs.values()))
                 reply = api.ok({"predictions": first, "model_version": live.version})
         except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
             reply = api.error_reply(exc)
@@ -169,8 +170,13 @@ class ModelService:
         return self.resident.lease(version) if version else self.slot.lease()
 
     @staticmethod
-    def _predict(live: Live, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _predict(
+        live: Live, inputs: dict[str, np.ndarray], names: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The predictor's outputs: every one, or at least ``names`` (a request's ``outputs``)."""
         try:
+            if names is not None:
+                return live.predictor.predict_only(inputs, names)
             return live.predictor.predict(inputs)
         except ServingError:
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,21 @@ class Predictor(ABC):
     @abstractmethod
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch. Keys of ``inputs`` are the names in ``self.inputs``."""
+
+    def predict_only(self, inputs: dict[str, np.ndarray], names: Collection[str]) -> dict[str, np.ndarray]:
+        """Run one batch for the outputs in ``names`` (a request's ``outputs``).
+
+        A predictor that can skip work skips the other outputs (an estimator's
+        ``predict_proba`` when only ``predict`` is asked for); one that cannot
+        computes all of them, and the codec drops the rest. Unknown names are the
+        codec's to refuse, so they make a predictor compute everything.
+        """
+        return self.predict(inputs)
+
+    @property
+    def primary_output(self) -> str:
+        """The output the v1 protocol's ``predictions`` carries (the first one produced)."""
+        return self.outputs[0].name
 
     def predict_rows(self, rows: Any) -> dict[str, np.ndarray]:
         """Convenience for single-input models: a list of rows or an array."""

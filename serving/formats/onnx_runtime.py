@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -55,8 +56,16 @@ class OnnxPredictor(Predictor):
         ]
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._run(inputs, [o.name for o in self.outputs])
+
+    def predict_only(self, inputs: dict[str, np.ndarray], names: Collection[str]) -> dict[str, np.ndarray]:
+        declared = [o.name for o in self.outputs]
+        # NOTE: onnxruntime computes only the subgraph the fetched outputs need.
+        known = set(declared).issuperset(names)
+        return self._run(inputs, [n for n in declared if n in names] if known else declared)
+
+    def _run(self, inputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         arrays = pick_inputs(self.inputs, inputs)
-        names = [o.name for o in self.outputs]
         feed = {spec.name: arr for spec, arr in zip(self.inputs, arrays, strict=True)}
         results = self.session.run(names, feed)
         return {name: np.asarray(r) for name, r in zip(names, results, strict=True)}

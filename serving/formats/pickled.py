@@ -7,6 +7,7 @@ Both load through :mod:`serving.formats.unpickler`'s exact allowlist, then
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,20 @@ class EstimatorPredictor(Predictor):
         self.outputs = outputs or _infer_outputs(model, self.methods)
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._run(inputs, {o.name for o in self.outputs})
+
+    def predict_only(self, inputs: dict[str, np.ndarray], names: Collection[str]) -> dict[str, np.ndarray]:
+        declared = {o.name for o in self.outputs}
+        # NOTE: each method validates the input again (a third of a 1-row request each).
+        return self._run(inputs, set(names) if declared.issuperset(names) else declared)
+
+    @property
+    def primary_output(self) -> str:
+        declared = {o.name for o in self.outputs}
+        return next((m for m in self.methods if m in declared), self.outputs[0].name)
+
+    def _run(self, inputs: dict[str, np.ndarray], wanted: set[str]) -> dict[str, np.ndarray]:
         (x,) = pick_inputs(self.inputs[:1], inputs)
-        wanted = {o.name for o in self.outputs}
         out: dict[str, np.ndarray] = {}
         for method in self.methods:
             if method not in wanted:
