@@ -4,7 +4,9 @@ Systems (all on 127.0.0.1; one group of them up at a time, see ``GROUPS``):
 
 - ``ours``: ``serving serve``, the default Ray path as the chart deploys it: Ray Serve
   behind HAProxy (direct ingress), single-hop replicas (routes and models in one),
-  user code on the replica's loop (serving.server.FAST_PATH_ENV);
+  user code on the replica's loop (serving.server.FAST_PATH_ENV), replicas and
+  autoscaling from the chart's ``serve.ingress`` values, measured once the autoscaler
+  has settled under 16 clients;
 - ``ours-2hop``: the same app with ``layout: two-hop`` behind Ray's Python proxy, as it
   ran before (proxy -> Ingress -> model replica), on the peers' Ray instance;
 - ``naive-serve``: the seed-style Ray Serve deployment (bench/baselines/naive_serve.py);
@@ -39,10 +41,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
+import yaml
 
 from bench import load, report
 from bench.systems import (
+    ROOT,
     Processes,
     System,
     install_mlserver,
@@ -58,12 +63,16 @@ ROW = [5.1, 3.5, 1.4, 0.2]
 MLP_IN = 64
 
 
-def v2_body(rows: np.ndarray, name: str = "input-0", datatype: str = "FP64") -> bytes:
-    doc = {
+def v2_body(
+    rows: np.ndarray, name: str = "input-0", datatype: str = "FP64", outputs: list[str] | None = None
+) -> bytes:
+    doc: dict[str, Any] = {
         "inputs": [
             {"name": name, "shape": list(rows.shape), "datatype": datatype, "data": rows.reshape(-1).tolist()}
         ]
     }
+    if outputs is not None:
+        doc["outputs"] = [{"name": o} for o in outputs]
     return json.dumps(doc).encode()
 
 
@@ -113,9 +122,38 @@ def ours_args(store: str, work: Path, *, mlp: bool, layout: str = "single-hop") 
         "poll_interval_s": 1.0,
         "models": models,
         "layout": layout,
-        # NOTE: single-hop: these replicas hold every model (one replica, like MLServer's one process).
-        "ingress": {"ray_actor_options": {"num_cpus": 0.5 if layout == "single-hop" else 0.25}},
+        # NOTE: single-hop: the chart's replicas (autoscaled, each holding every model); the
+        # two-hop "before" keeps its one small ingress replica.
+        "ingress": chart_ingress() if layout == "single-hop" else {"ray_actor_options": {"num_cpus": 0.25}},
     }
+
+
+def chart_ingress() -> dict[str, Any]:
+    """The chart's default ``serve.ingress`` block: replicas, autoscaling, resources."""
+    values = yaml.safe_load((ROOT / "charts" / "serving" / "values.yaml").read_text())
+    ingress: dict[str, Any] = values["serve"]["ingress"]
+    return ingress
+
+
+def settle(ours: System, quick: bool) -> int:
+    """Run 1-row load until Serve's autoscaler has settled; returns the replica count.
+
+    Serve scales up after ``upscale_delay_s`` (30 s) of load above the target, so the
+    load runs at least that long, then until the count holds for three checks.
+    """
+    url = ours.url("v2")
+    assert url is not None
+    body = v2_body(np.array([ROW]), outputs=["predict"])
+    started, counts = time.monotonic(), []
+    floor_s, limit_s = (35.0, 60.0) if quick else (40.0, 120.0)
+    while time.monotonic() - started < limit_s:
+        load.run_load(url, body, connections=16, seconds=5)
+        index = httpx.get(ours.base + "/v2/repository/index", timeout=10).json()
+        counts.append(len(next(e for e in index if e["name"] == "iris")["replicas"]))
+        if time.monotonic() - started >= floor_s and len(counts) >= 3 and len(set(counts[-3:])) == 1:
+            break
+    print(f"  ours: {counts[-1]} replicas after {time.monotonic() - started:.0f} s of 16 clients", flush=True)
+    return counts[-1]
 
 
 STANDALONE = "ours-standalone"
@@ -129,6 +167,8 @@ Group = Callable[[Processes, Path, dict[str, Any], list[str]], dict[str, System]
 def _ours(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
     one = v2_body(np.array([ROW]))
     ours = start_serve(procs, ours_args(pub["store"], work / "serve", mlp=True), work, one)
+    replicas = settle(ours, pub["quick"])
+    ours.note += f"; {replicas} replica(s): the chart's autoscaling settled under 16 clients"
     batch = System("ours+batch", ours.base, {"mlp": "/v2/models/mlpb/infer"}, "@serve.batch(32, 2 ms)")
     return {"ours": ours, "ours+batch": batch}
 
@@ -248,7 +288,10 @@ def throughput(
     )
     bulk, bulk_headers = binary_body(iris_rows(10_000))
     plan: list[tuple[str, str, bytes, int, int, dict[str, str] | None]] = [
-        ("a: 1-row v2", "v2", v2_body(np.array([ROW])), 16, 1, None),
+        # NOTE: the same request to every system, naming the one output MLServer's sklearn
+        # runtime returns by default; ours would otherwise compute all three it declares.
+        ("a: 1-row v2", "v2", v2_body(np.array([ROW]), outputs=["predict"]), 16, 1, None),
+        ("a: 1-row v2, every output", "v2all", v2_body(np.array([ROW])), 16, 1, None),
         ("a: 1-row v1", "v1", json.dumps({"instances": [ROW]}).encode(), 16, 1, None),
         ("b: 1,000 rows v2", "v2", v2_body(iris_rows(1000)), 4, 1000, None),
         ("b: 10,000 rows v2", "v2", v2_body(iris_rows(10_000)), 4, 10_000, None),
@@ -483,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     try:
         print("publishing models...", flush=True)
-        pub = publish_models(work)
+        pub = {**publish_models(work), "quick": args.quick}
         if set(args.only) & set("abcd"):
             swap: dict[str, Any] = {}
 

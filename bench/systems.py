@@ -144,7 +144,12 @@ def start_standalone(procs: Processes, app_args: dict[str, Any], work: Path, rea
     return System(
         "ours-standalone",
         base,
-        {"v2": "/v2/models/iris/infer", "v1": "/v1/models/iris:predict", "v2bin": "/v2/models/iris/infer"},
+        {
+            "v2": "/v2/models/iris/infer",
+            "v2all": "/v2/models/iris/infer",
+            "v1": "/v1/models/iris:predict",
+            "v2bin": "/v2/models/iris/infer",
+        },
         "serving.standalone: one uvicorn process, raw ASGI, predict on the loop while the model is fast",
     )
 
@@ -163,6 +168,7 @@ def start_serve(procs: Processes, app_args: dict[str, Any], work: Path, ready_bo
         base,
         {
             "v2": "/v2/models/iris/infer",
+            "v2all": "/v2/models/iris/infer",
             "v1": "/v1/models/iris:predict",
             "v2bin": "/v2/models/iris/infer",
             "mlp": "/v2/models/mlp/infer",
