@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -123,6 +124,7 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
     # NOTE: after ray.init, which installs its own SIGTERM handler (a stack dump on exit).
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    node_id = ray.get_runtime_context().get_node_id()
     try:
         if not stop.is_set():
             serve.start(http_options={"host": args.host, "port": args.port})
@@ -134,7 +136,30 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
     finally:
         log.info("stopping on %s: shutting down Ray", received[0] if received else "exit")
         _stop_ray(ray)
+        _remove_haproxy_files(node_id)
     return 0
+
+
+def _remove_haproxy_files(node_id: str) -> None:
+    """Remove the folder of HAProxy config, sockets and logs Ray made for this node.
+
+    Ray leaves it behind on shutdown, one per node id, so every ``serving serve``
+    would add one to /tmp for good.
+    """
+    # NOTE: private module; where Ray 2.60 puts each file (env or default), per node.
+    from ray.serve._private import constants as rc
+
+    if not node_id:
+        return
+    files = (
+        rc.RAY_SERVE_HAPROXY_CONFIG_FILE_LOC,
+        rc.RAY_SERVE_HAPROXY_SOCKET_PATH,
+        rc.RAY_SERVE_HAPROXY_SERVER_STATE_FILE,
+        rc.RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH,
+    )
+    bases = {Path(f).parent for f in files} | {Path(rc.RAY_SERVE_HAPROXY_SERVER_STATE_BASE)}
+    for base in bases:
+        shutil.rmtree(base / node_id, ignore_errors=True)
 
 
 def _free_port(host: str) -> int:

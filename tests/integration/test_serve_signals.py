@@ -8,10 +8,12 @@ SIGTERM to the main process alone, as Kubernetes and systemd send it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,7 +85,7 @@ def _alive(pids: list[int]) -> list[int]:
     ],
 )
 def test_a_signal_stops_serve_and_everything_it_started(
-    store: str, tmp_path: Path, transport: str, how: str
+    store: str, tmp_path: Path, transport: str, how: str, request: pytest.FixtureRequest
 ) -> None:
     port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "serving.cli", "--store", store, "serve", "--model", "iris@production"]
@@ -92,6 +94,13 @@ def test_a_signal_stops_serve_and_everything_it_started(
     # NOTE: no RAY_* from a Ray instance this test session may run (HAProxy ports, address).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "RAY_"))}
     env["SERVING_CACHE_DIR"] = str(tmp_path / "cache")
+    # NOTE: Ray's HAProxy files (config, sockets, logs) in a folder this test can watch; a
+    # short path, as a unix socket's path (folder, 56-character node id, name) must fit 107 bytes.
+    haproxy = Path(tempfile.mkdtemp(prefix="hp-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(haproxy, ignore_errors=True))
+    env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] = str(haproxy)
+    for name in ("CONFIG_FILE_LOC", "SOCKET_PATH", "SERVER_STATE_FILE", "METRICS_SOCKET_PATH"):
+        env[f"RAY_SERVE_HAPROXY_{name}"] = str(haproxy / name.lower())
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -109,6 +118,7 @@ def test_a_signal_stops_serve_and_everything_it_started(
         children = descendants(proc.pid)
         if transport == "ray":
             assert children, "a Ray server has child processes"
+            assert list(haproxy.iterdir()), "Ray wrote no HAProxy files where it was told to"
         started = time.monotonic()
         if how.startswith("SIGINT"):
             os.killpg(proc.pid, signal.SIGINT)
@@ -129,5 +139,6 @@ def test_a_signal_stops_serve_and_everything_it_started(
     assert _alive(children) == []
     assert _port_is_free(port)
     assert _port_is_free(metrics_port)
+    assert list(haproxy.iterdir()) == [], "HAProxy's files outlived serve"
     assert text.count('"stopping on ') == 1, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
