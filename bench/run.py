@@ -4,7 +4,7 @@ Systems (all on 127.0.0.1; one group of them up at a time, see ``GROUPS``):
 
 - ``ours``: ``serving serve``, the default Ray path as the chart deploys it: Ray Serve
   behind HAProxy (direct ingress), single-hop replicas (routes and models in one),
-  user code on the replica's loop (serving.server.FAST_PATH_ENV), replicas and
+  replicas reporting to the autoscaler (serving.server.FAST_PATH_ENV), replicas and
   autoscaling from the chart's ``serve.ingress`` values, measured once the autoscaler
   has settled under 16 clients;
 - ``ours-2hop``: the same app with ``layout: two-hop`` behind Ray's Python proxy, as it

@@ -173,8 +173,8 @@ def start_serve(procs: Processes, app_args: dict[str, Any], work: Path, ready_bo
             "v2bin": "/v2/models/iris/infer",
             "mlp": "/v2/models/mlp/infer",
         },
-        "serving serve: Ray Serve behind HAProxy (direct ingress), single-hop replicas, user code "
-        "on the replica loop (serving.server.FAST_PATH_ENV, as the chart sets it)",
+        "serving serve: Ray Serve behind HAProxy (direct ingress), single-hop replicas "
+        "reporting to the autoscaler (serving.server.FAST_PATH_ENV, as the chart sets it)",
     )
 
 

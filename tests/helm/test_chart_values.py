@@ -112,7 +112,8 @@ def test_ray_containers_run_serve_behind_haproxy_by_default(render: Callable[...
     for c in ray_containers(render()):
         env = _env(c)
         assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
-        assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"]["value"] == "0"
+        # NOTE: without it Serve's autoscaler sees no ongoing request behind HAProxy.
+        assert env["RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE"]["value"] == "0"
         # NOTE: HAProxy's per-request metrics cost a Python parse per request; serving_* cover them.
         assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"]["value"] == "0"
     for c in ray_containers(render(values=[IRSA])):

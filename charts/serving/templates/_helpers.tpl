@@ -208,7 +208,7 @@ secretKeyRef, never from plain values.
 {{- if .Values.serve.highThroughput }}
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
-- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+- name: RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE
   value: "0"
 {{- if not .Values.serve.haproxyMetrics }}
 - name: RAY_SERVE_HAPROXY_METRICS_ENABLED
