@@ -27,10 +27,10 @@ class Port:
     async def infer(self, body: bytes, version: str | None, headers: Mapping[str, str] | None) -> api.Reply:
         if self.error is not None:
             raise self.error
-        return api.ok({"echo": len(body)})
+        return api.ok({"echo": len(body), "headers": dict(headers or {})})
 
-    async def predict_v1(self, body: bytes) -> api.Reply:
-        return api.ok({})
+    async def predict_v1(self, body: bytes, headers: Mapping[str, str] | None = None) -> api.Reply:
+        return api.ok({"headers": dict(headers or {})})
 
     async def metadata(self, version: str | None) -> api.Reply:
         return api.ok({})
