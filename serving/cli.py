@@ -435,7 +435,8 @@ def _rollout(ctx: _Context, args: argparse.Namespace) -> None:
         f"{args.name}@{args.alias} -> {args.version} (promoted from {live_version} after "
         f"{_plural(len(result.steps), 'step')} in {result.seconds:.1f}s)"
     )
-    ctx.emit(text, {"result": result.as_dict()})
+    # NOTE: JSON Lines with --json: one object per step as it ends, then the result.
+    print(json.dumps({"result": result.as_dict()}) if ctx.as_json else text)
 
 
 def _rollback(ctx: _Context, args: argparse.Namespace) -> None:
