@@ -368,7 +368,7 @@ def _alias_abort(ctx: _Context, args: argparse.Namespace) -> None:
     writer, expires_at = _alias_writer(args)
     alias = ctx.repo.abort(args.name, args.alias, writer=writer, expires_at=expires_at)
     ctx.emit(
-        f"{args.name}@{args.alias} -> {alias.version} (dropped{_split_text(before).removeprefix(' (')}",
+        f"{args.name}@{args.alias} -> {alias.version} (dropped {_split_text(before).removeprefix(' (')}",
         alias.model_dump(),
     )
 
