@@ -323,7 +323,7 @@ def _split_text(alias: Alias) -> str:
     if alias.canary is not None:
         parts.append(f"canary {alias.canary.version} at {alias.canary.weight:g}%")
     if alias.shadow is not None:
-        parts.append(f"shadow {alias.shadow.version} on {alias.shadow.fraction:g} of requests")
+        parts.append(f"shadow {alias.shadow.version} on {alias.shadow.fraction:.0%} of requests")
     return f" ({', '.join(parts)})" if parts else ""
 
 

@@ -243,7 +243,7 @@ class Step:
         def ms(value: float | None) -> str:
             return "-" if value is None else f"{value * 1000:.1f} ms"
 
-        share = f"{self.share:g}%" if self.phase == "canary" else f"{self.share:g} of requests"
+        share = f"{self.share:g}%" if self.phase == "canary" else f"{self.share:.0%} of requests"
         text = (
             f"{self.phase} {version} at {share} for {self.seconds:.0f}s: "
             f"{c['requests']} req, {c['error_ratio']:.1%} errors, p99 {ms(c['p99_s'])}"
@@ -275,16 +275,21 @@ class Result:
 
 
 def judge_canary(candidate: Window, live: Window, t: Thresholds) -> str:
-    """Why a canary step fails ('' when it passes)."""
+    """Why a canary step fails ('' when it passes).
+
+    Errors are judged on whatever the step saw, so a canary that fails every request
+    is stopped at once; passing needs at least ``min_requests`` canary requests.
+    """
+    excess = candidate.error_ratio - live.error_ratio
+    if candidate.requests and excess > t.max_error_ratio:
+        return (
+            f"canary error ratio {candidate.error_ratio:.1%} ({candidate.errors}/{candidate.requests}) "
+            f"is {excess:.1%} over the live version's {live.error_ratio:.1%} "
+            f"(--max-error-ratio {t.max_error_ratio:g})"
+        )
     if candidate.requests < t.min_requests:
         return (
             f"the canary answered {candidate.requests} requests, fewer than --min-requests {t.min_requests}"
-        )
-    excess = candidate.error_ratio - live.error_ratio
-    if excess > t.max_error_ratio:
-        return (
-            f"canary error ratio {candidate.error_ratio:.1%} is {excess:.1%} over the live version's "
-            f"{live.error_ratio:.1%} (--max-error-ratio {t.max_error_ratio:g})"
         )
     if t.max_p99_ratio is not None:
         c99, l99 = candidate.p99_s, live.p99_s
@@ -297,18 +302,21 @@ def judge_canary(candidate: Window, live: Window, t: Thresholds) -> str:
 
 
 def judge_shadow(shadow: Window, live: Window, t: Thresholds) -> str:
-    """Why a shadow phase fails ('' when it passes)."""
-    if shadow.compared < t.min_requests:
-        return f"the shadow compared {shadow.compared} requests, fewer than --min-requests {t.min_requests}"
-    ratio = shadow.disagreed / shadow.compared
-    if ratio > t.max_disagreement:
-        return f"shadow disagreement {ratio:.1%} is over --max-disagreement {t.max_disagreement:g}"
+    """Why a shadow phase fails ('' when it passes); like :func:`judge_canary`, on disagreement."""
+    ratio = shadow.disagreed / shadow.compared if shadow.compared else 0.0
+    if shadow.compared and ratio > t.max_disagreement:
+        return (
+            f"shadow disagreement {ratio:.1%} ({shadow.disagreed}/{shadow.compared}) is over "
+            f"--max-disagreement {t.max_disagreement:g}"
+        )
     excess = shadow.error_ratio - live.error_ratio
-    if excess > t.max_error_ratio:
+    if shadow.requests and excess > t.max_error_ratio:
         return (
             f"shadow error ratio {shadow.error_ratio:.1%} is {excess:.1%} over the live version's "
             f"(--max-error-ratio {t.max_error_ratio:g})"
         )
+    if shadow.compared < t.min_requests:
+        return f"the shadow compared {shadow.compared} requests, fewer than --min-requests {t.min_requests}"
     return ""
 
 

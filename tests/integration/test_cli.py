@@ -173,12 +173,12 @@ def test_canary_shadow_promote_and_abort_through_the_alias(published: Cli, artif
     both = as_json(published("alias", "set", "iris", "production", "3", "--shadow", "0.5", "--json"))
     assert (both["version"], both["canary"]["weight"], both["shadow"]["fraction"]) == ("1", 30, 0.5)
     assert ok(published("alias", "get", "iris", "production")).stdout.strip() == (
-        "1 (canary 2 at 30%, shadow 3 on 0.5 of requests)"
+        "1 (canary 2 at 30%, shadow 3 on 50% of requests)"
     )
     promoted = ok(published("alias", "promote", "iris", "production")).stdout.strip()
-    assert promoted == "iris@production -> 2 (canary promoted, was 1) (shadow 3 on 0.5 of requests)"
+    assert promoted == "iris@production -> 2 (canary promoted, was 1) (shadow 3 on 50% of requests)"
     aborted = ok(published("alias", "abort", "iris", "production")).stdout.strip()
-    assert aborted == "iris@production -> 2 (dropped shadow 3 on 0.5 of requests)"
+    assert aborted == "iris@production -> 2 (dropped shadow 3 on 50% of requests)"
     assert_error(published("alias", "abort", "iris", "production"), 2, "no canary or shadow")
     assert_error(published("alias", "promote", "iris", "production"), 2, "no canary to promote")
     assert_error(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from serving.cache import LoaderCache
 from serving.errors import AliasNotFound, InvalidRequest
 from serving.manifest import Alias, CanaryTarget
 from serving.repository import Repository
+from serving.rollout import Thresholds, Window, judge_canary, judge_shadow, window
 from serving.signing import generate_keypair, load_signing_key, load_trusted_keys, sign_alias, verify_alias
 from serving.store.local import LocalStore
 from serving.traffic import Figures, Router, disagrees, merge, quantile, sticky_bucket
@@ -237,3 +239,42 @@ def test_a_canary_that_fails_to_load_takes_no_traffic_and_is_reported(repo, cach
     watcher.tick()  # NOTE: within the backoff: no second attempt
     assert failures() == before + 1
     assert slot.version == "1"
+
+
+# -- rollout decisions -------------------------------------------------------------------------------
+def _figures(requests: int, errors: int, fast: int) -> dict[str, Any]:
+    """Cumulative figures: ``fast`` answered requests at 2 ms, the other answered ones at 200 ms."""
+    f = Figures()
+    for i in range(requests):
+        status = 500 if i < errors else 200
+        f.observe("v", status, 0.002 if i < errors + fast else 0.2)
+    return f.snapshot()["v"]
+
+
+def test_a_window_is_the_difference_of_two_snapshots() -> None:
+    before, after = {"2": _figures(10, 1, 9)}, {"2": _figures(30, 4, 26)}
+    w = window(before, after, "2")
+    assert (w.requests, w.errors, w.buckets[-1]) == (20, 3, 17)
+    assert window(before, after, "9").requests == 0
+
+
+def test_judge_canary_on_errors_traffic_and_latency() -> None:
+    t = Thresholds(max_error_ratio=0.05, max_p99_ratio=2.0, min_requests=20)
+    healthy, live = window({}, {"c": _figures(50, 1, 49)}, "c"), window({}, {"l": _figures(500, 5, 495)}, "l")
+    assert judge_canary(healthy, live, t) == ""
+    failing = window({}, {"c": _figures(6, 6, 0)}, "c")
+    assert "canary error ratio 100.0% (6/6)" in judge_canary(failing, live, t)
+    quiet = window({}, {"c": _figures(5, 0, 5)}, "c")
+    assert "fewer than --min-requests 20" in judge_canary(quiet, live, t)
+    slow = window({}, {"c": _figures(50, 0, 0)}, "c")
+    assert "--max-p99-ratio 2" in judge_canary(slow, live, t)
+
+
+def test_judge_shadow_on_disagreement() -> None:
+    t = Thresholds(max_disagreement=0.1, min_requests=10)
+    live = Window(requests=100)
+    assert judge_shadow(Window(requests=100, compared=100, disagreed=5), live, t) == ""
+    assert "disagreement 20.0% (20/100)" in judge_shadow(
+        Window(requests=100, compared=100, disagreed=20), live, t
+    )
+    assert "fewer than --min-requests 10" in judge_shadow(Window(requests=3, compared=3), live, t)
