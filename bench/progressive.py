@@ -59,7 +59,13 @@ def traffic(url: str, model: str, seconds: float, clients: int = 2) -> dict[str,
         with httpx.Client(timeout=10) as client:
             i = 0
             while time.monotonic() < deadline:
-                r = client.post(f"{url}/v2/models/{model}/infer", content=_body([order[i % len(order)]]))
+                try:
+                    r = client.post(f"{url}/v2/models/{model}/infer", content=_body([order[i % len(order)]]))
+                except httpx.HTTPError as exc:
+                    with lock:
+                        counts[type(exc).__name__] += 1
+                    time.sleep(0.1)  # NOTE: the server is gone or restarting; do not spin
+                    continue
                 i += 1
                 key = (
                     f"{r.json().get('model_version')} {r.status_code}"
