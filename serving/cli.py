@@ -396,6 +396,13 @@ def _rollout(ctx: _Context, args: argparse.Namespace) -> None:
         else:
             print(step.line(args.version, live_version), flush=True)
 
+    import signal
+
+    def terminated(signum: int, frame: Any) -> None:
+        # NOTE: a cancelled CI job gets SIGTERM; raising here lets the rollout abort the canary.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     live_version = ctx.repo.get_alias(args.name, args.alias).version
     rollout = Rollout(
         ctx.repo,
