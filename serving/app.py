@@ -233,6 +233,10 @@ class BatchedModel(LocalModel):
         if version is not None:
             return await super().infer(body, version, headers)
         service = self.service
+        role = service.choose(headers)
+        if role != "live" or service.split.shadow_fraction > 0:
+            # NOTE: the canary's share (and mirrored requests) are answered unbatched, routed once here.
+            return await self._run(None, service.infer_routed, body, role, headers)
         started = time.perf_counter()
         served = service.slot.version or "none"
         try:
@@ -338,8 +342,8 @@ class ModelDeployment:
     ) -> api.Reply:
         return await self.port.infer(body, version, headers)
 
-    async def predict_v1(self, body: bytes) -> api.Reply:
-        return await self.port.predict_v1(body)
+    async def predict_v1(self, body: bytes, headers: dict[str, str] | None = None) -> api.Reply:
+        return await self.port.predict_v1(body, headers)
 
     async def metadata(self, version: str | None) -> api.Reply:
         return await self.port.metadata(version)
@@ -366,8 +370,8 @@ class HandleModel:
         reply: api.Reply = await self._handle.infer.remote(body, version, headers)
         return reply
 
-    async def predict_v1(self, body: bytes) -> api.Reply:
-        reply: api.Reply = await self._handle.predict_v1.remote(body)
+    async def predict_v1(self, body: bytes, headers: Mapping[str, str] | None = None) -> api.Reply:
+        reply: api.Reply = await self._handle.predict_v1.remote(body, headers)
         return reply
 
     async def metadata(self, version: str | None) -> api.Reply:

@@ -4,8 +4,10 @@ Verbs::
 
     serving publish PATH --name NAME [--version V] [--format F] [--alias A]
     serving versions NAME
-    serving alias set NAME ALIAS VERSION | serving alias get NAME ALIAS
+    serving alias set NAME ALIAS VERSION [--canary PCT | --shadow FRACTION] | serving alias get NAME ALIAS
+    serving alias promote NAME ALIAS | serving alias abort NAME ALIAS
     serving rollback NAME ALIAS
+    serving rollout NAME ALIAS VERSION --url URL [--steps 5,25,50,100] [--step-seconds 60] ...
     serving pull REF | serving verify REF [--trusted-key PUB]
     serving keygen PREFIX [--kek]
     serving predict REF --input JSON
@@ -43,6 +45,7 @@ from serving.manifest import ModelRef, TensorSpec, sha256_bytes
 if TYPE_CHECKING:
     from serving.cache import CachedVersion, LoaderCache
     from serving.encoding import EncodeOptions
+    from serving.manifest import Alias
     from serving.progress import ProgressFactory
     from serving.repository import Repository
     from serving.settings import Settings
@@ -314,8 +317,32 @@ def _alias_writer(args: argparse.Namespace) -> tuple[Any, str | None]:
     return alias_signer(key), expires_at
 
 
+def _split_text(alias: Alias) -> str:
+    """`` (canary 2 at 30%, shadow 3 on 0.5 of requests)`` or ``''``."""
+    parts = []
+    if alias.canary is not None:
+        parts.append(f"canary {alias.canary.version} at {alias.canary.weight:g}%")
+    if alias.shadow is not None:
+        parts.append(f"shadow {alias.shadow.version} on {alias.shadow.fraction:.0%} of requests")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _alias_set(ctx: _Context, args: argparse.Namespace) -> None:
     writer, expires_at = _alias_writer(args)
+    if args.canary is not None or args.shadow is not None:
+        if args.canary is not None and args.shadow is not None:
+            raise InvalidRequest("--canary and --shadow are two roles: give one per command")
+        alias = ctx.repo.set_canary(
+            args.name,
+            args.alias,
+            args.version,
+            weight=args.canary,
+            fraction=args.shadow,
+            writer=writer,
+            expires_at=expires_at,
+        )
+        ctx.emit(f"{args.name}@{args.alias} -> {alias.version}{_split_text(alias)}", alias.model_dump())
+        return
     alias = ctx.repo.set_alias(args.name, args.alias, args.version, writer=writer, expires_at=expires_at)
     was = f" (was {alias.history[-1].version})" if alias.history else ""
     ctx.emit(f"{args.name}@{args.alias} -> {alias.version}{was}", alias.model_dump())
@@ -323,7 +350,100 @@ def _alias_set(ctx: _Context, args: argparse.Namespace) -> None:
 
 def _alias_get(ctx: _Context, args: argparse.Namespace) -> None:
     alias = ctx.repo.get_alias(args.name, args.alias)
-    ctx.emit(alias.version, alias.model_dump())
+    ctx.emit(alias.version + _split_text(alias), alias.model_dump())
+
+
+def _alias_promote(ctx: _Context, args: argparse.Namespace) -> None:
+    writer, expires_at = _alias_writer(args)
+    alias = ctx.repo.promote(args.name, args.alias, writer=writer, expires_at=expires_at)
+    was = alias.history[-1].version
+    ctx.emit(
+        f"{args.name}@{args.alias} -> {alias.version} (canary promoted, was {was}){_split_text(alias)}",
+        alias.model_dump(),
+    )
+
+
+def _alias_abort(ctx: _Context, args: argparse.Namespace) -> None:
+    before = ctx.repo.get_alias(args.name, args.alias)
+    writer, expires_at = _alias_writer(args)
+    alias = ctx.repo.abort(args.name, args.alias, writer=writer, expires_at=expires_at)
+    ctx.emit(
+        f"{args.name}@{args.alias} -> {alias.version} (dropped {_split_text(before).removeprefix(' (')}",
+        alias.model_dump(),
+    )
+
+
+def _rollout(ctx: _Context, args: argparse.Namespace) -> None:
+    from serving.errors import RolloutAborted
+    from serving.rollout import IndexSource, PrometheusSource, Rollout, Step, Thresholds
+
+    if not args.url and not args.prometheus:
+        raise InvalidRequest("give --url (the serving endpoint's repository index) or --prometheus URL")
+    source: IndexSource | PrometheusSource
+    if args.prometheus:
+        source = PrometheusSource(
+            args.prometheus, args.name, prefix=args.prometheus_prefix, selector=args.prometheus_selector
+        )
+    else:
+        source = IndexSource(args.url, args.name)
+    writer, expires_at = _alias_writer(args)
+
+    def on_step(step: Step) -> None:
+        from dataclasses import asdict
+
+        if ctx.as_json:
+            print(json.dumps({"step": asdict(step)}), flush=True)
+        else:
+            print(step.line(args.version, live_version), flush=True)
+
+    import signal
+
+    def terminated(signum: int, frame: Any) -> None:
+        # NOTE: a cancelled CI job gets SIGTERM; raising here lets the rollout abort the canary.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+    live_version = ctx.repo.get_alias(args.name, args.alias).version
+    rollout = Rollout(
+        ctx.repo,
+        args.name,
+        args.alias,
+        args.version,
+        source,
+        Thresholds(
+            max_error_ratio=args.max_error_ratio,
+            max_p99_ratio=args.max_p99_ratio,
+            max_disagreement=args.max_disagreement,
+            min_requests=args.min_requests,
+        ),
+        writer=writer,
+        expires_at=expires_at,
+        on_step=on_step,
+        converge_timeout_s=args.converge_timeout,
+    )
+    try:
+        result = rollout.run(
+            args.steps,
+            args.step_seconds,
+            shadow_seconds=args.shadow_seconds,
+            shadow_fraction=args.shadow_fraction,
+        )
+    except RolloutAborted as exc:
+        if ctx.as_json and exc.result is not None:
+            print(json.dumps({"result": exc.result.as_dict()}), flush=True)
+        raise RolloutAborted(
+            f"rollout of {args.name}:{args.version} aborted: {exc.message}; "
+            f"{args.name}@{args.alias} stays on {live_version}",
+            exc.result,
+        ) from exc
+    finally:
+        source.close()
+    text = (
+        f"{args.name}@{args.alias} -> {args.version} (promoted from {live_version} after "
+        f"{_plural(len(result.steps), 'step')} in {result.seconds:.1f}s)"
+    )
+    # NOTE: JSON Lines with --json: one object per step as it ends, then the result.
+    print(json.dumps({"result": result.as_dict()}) if ctx.as_json else text)
 
 
 def _rollback(ctx: _Context, args: argparse.Namespace) -> None:
@@ -548,6 +668,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _percent(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a percentage between 0 and 100")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction between 0 and 1")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value:  # NOTE: NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return value
+
+
+def _steps(text: str) -> list[float]:
+    steps = [_percent(part.strip()) for part in text.split(",") if part.strip()]
+    if not steps or steps != sorted(set(steps)) or steps[0] <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give increasing weights above 0, e.g. 5,25,50,100")
+    return steps
+
+
 # -- parser ------------------------------------------------------------------------------
 def _alias_signing_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -656,11 +807,89 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name", metavar="NAME")
     a.add_argument("alias", metavar="ALIAS")
     a.add_argument("version", metavar="VERSION")
+    a.add_argument(
+        "--canary",
+        type=_percent,
+        metavar="PCT",
+        help="keep the target; send PCT percent of requests to VERSION (0-100) beside it",
+    )
+    a.add_argument(
+        "--shadow",
+        type=_fraction,
+        metavar="FRACTION",
+        help="keep the target; mirror FRACTION (0-1) of requests to VERSION, compared and never returned",
+    )
     _alias_signing_arguments(a)
     a = alias_verbs.add_parser("get", parents=[common], help="print the version NAME@ALIAS points at")
     a.set_defaults(func=_alias_get)
     a.add_argument("name", metavar="NAME")
     a.add_argument("alias", metavar="ALIAS")
+    a = alias_verbs.add_parser(
+        "promote", parents=[common], help="make NAME@ALIAS's canary its target (history keeps the old one)"
+    )
+    a.set_defaults(func=_alias_promote)
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("alias", metavar="ALIAS")
+    _alias_signing_arguments(a)
+    a = alias_verbs.add_parser(
+        "abort", parents=[common], help="drop NAME@ALIAS's canary and shadow: all requests to the target"
+    )
+    a.set_defaults(func=_alias_abort)
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("alias", metavar="ALIAS")
+    _alias_signing_arguments(a)
+
+    p = verb(
+        "rollout",
+        _rollout,
+        "move a canary's weight step by step, promote it, or abort on a threshold (exit 12)",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("alias", metavar="ALIAS")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--url", help="serving endpoint whose /v2/repository/index gives per-version figures")
+    p.add_argument("--prometheus", metavar="URL", help="read the figures from Prometheus instead")
+    p.add_argument(
+        "--prometheus-prefix",
+        default="ray_",
+        help="prefix of the metric names in Prometheus (ray_ on Ray; '' for --standalone)",
+    )
+    p.add_argument(
+        "--prometheus-selector", default="", metavar="MATCHERS", help='extra matchers, e.g. namespace="ml"'
+    )
+    p.add_argument("--steps", type=_steps, default=[5.0, 25.0, 50.0, 100.0], help="canary weights, in %%")
+    p.add_argument("--step-seconds", type=_positive_float, default=60.0, help="seconds measured per step")
+    p.add_argument(
+        "--shadow-seconds",
+        type=float,
+        default=0.0,
+        help="first mirror traffic to VERSION this long and check --max-disagreement (0: no shadow phase)",
+    )
+    p.add_argument(
+        "--shadow-fraction", type=_fraction, default=1.0, help="share mirrored in the shadow phase"
+    )
+    p.add_argument(
+        "--max-error-ratio",
+        type=float,
+        default=0.05,
+        help="abort when the canary's non-2xx share exceeds the live version's by more than this",
+    )
+    p.add_argument(
+        "--max-p99-ratio", type=_positive_float, help="abort when canary p99 / live p99 exceeds this"
+    )
+    p.add_argument(
+        "--max-disagreement", type=_fraction, default=0.05, help="shadow phase: abort above this disagreement"
+    )
+    p.add_argument(
+        "--min-requests", type=_positive_int, default=20, help="abort a step that saw fewer canary requests"
+    )
+    p.add_argument(
+        "--converge-timeout",
+        type=_positive_float,
+        default=120.0,
+        help="seconds every replica may take to load the version and apply a step",
+    )
+    _alias_signing_arguments(p)
 
     p = verb("rollback", _rollback, "move an alias back to its previous target")
     p.add_argument("name", metavar="NAME")

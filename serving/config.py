@@ -54,6 +54,13 @@ class ModelConfig(BaseModel):
     slower ones run in a worker thread so they do not stall other requests (0: always a
     thread). Loads of explicit versions never run on the loop, whatever this says."""
 
+    shadow_tolerance: float = Field(default=0.05, ge=0)
+    """A shadow's floating-point prediction disagrees with the live one beyond this relative
+    error (regressors); integer and string predictions (classifiers' labels) must be equal."""
+    shadow_queue: int = Field(default=64, ge=1)
+    """Mirrored requests waiting for the shadow version; more are dropped and counted, so a slow
+    shadow never holds memory or delays a reply."""
+
     @model_validator(mode="after")
     def _one_pointer(self) -> ModelConfig:
         check_name(self.name, "model name")
@@ -120,6 +127,9 @@ class AppConfig(BaseModel):
     """Ray Serve's access log line per request in every replica. Off by default, as in
     the standalone server: ``serving_requests_total`` counts every request by model,
     version and status either way, and the line costs about 5% of a 1-row request."""
+    routing_header: str = Field(default="x-request-id", pattern=r"^[A-Za-z0-9-]{1,64}$")
+    """Requests carrying this header are routed by its value's hash during a canary, so one
+    caller stays on one version; requests without it are split at random."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:

@@ -32,13 +32,17 @@ exit code the CLI returns, so neither layer needs its own mapping table::
     │   └── StoreConflict (409)               a compare-and-swap write kept losing
     ├── NotReady (503, exit 10)               no model loaded yet
     │   └── Overloaded (503)                  too many loads at once; has Retry-After
-    └── CacheError (500, exit 11)             the node-local cache's disk failed us
+    ├── CacheError (500, exit 11)             the node-local cache's disk failed us
+    └── RolloutAborted (409, exit 12)         ``serving rollout`` crossed a threshold and
+                                              put the alias back on the old version
 
 Library errors (botocore, framework errors) are translated at the boundary
 with ``raise XError(...) from exc`` so the cause stays chained.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "AliasNotFound",
@@ -59,6 +63,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "RequestTimeout",
+    "RolloutAborted",
     "ServingError",
     "StoreAccessDenied",
     "StoreConflict",
@@ -243,3 +248,17 @@ class CacheError(ServingError):
 
     status_code = 500
     exit_code = 11
+
+
+class RolloutAborted(ServingError):
+    """An automated rollout crossed a threshold (or could not measure) and aborted the canary.
+
+    ``result`` is the rollout's record (:class:`serving.rollout.Result`), for ``--json``.
+    """
+
+    status_code = 409
+    exit_code = 12
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result

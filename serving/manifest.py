@@ -201,6 +201,34 @@ class AliasEntry(BaseModel):
         return _plain(v, "version")
 
 
+class CanaryTarget(BaseModel):
+    """A second version taking ``weight`` percent of the alias's requests."""
+
+    version: str
+    manifest_sha256: str = Field(pattern=_SHA256)
+    weight: float = Field(ge=0, le=100)
+    """Percent of requests (0-100) routed to this version instead of the alias's ``version``."""
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        return _plain(v, "version")
+
+
+class ShadowTarget(BaseModel):
+    """A version that sees a copy of ``fraction`` of the requests after the live reply is sent."""
+
+    version: str
+    manifest_sha256: str = Field(pattern=_SHA256)
+    fraction: float = Field(ge=0, le=1)
+    """Share of requests (0-1) mirrored to this version; its answers are compared, never returned."""
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        return _plain(v, "version")
+
+
 class Alias(BaseModel):
     """A movable pointer: ``production -> 7``, with the history for rollback.
 
@@ -208,6 +236,12 @@ class Alias(BaseModel):
     them keep working): every move increments ``sequence``; a signed alias
     (:mod:`serving.signing`) lets replicas refuse one whose sequence goes backwards
     (a replayed old alias) or whose ``expires_at`` has passed (a frozen one).
+
+    ``canary`` and ``shadow`` are optional too (progressive delivery): a reader
+    that does not know them serves ``version`` to every request, which is what
+    the alias meant before they existed. Unknown fields are ignored on read
+    (pydantic's default), so a reader also keeps working on fields added later.
+    A signature covers the whole object, ``canary`` and ``shadow`` included.
     """
 
     name: str
@@ -223,6 +257,10 @@ class Alias(BaseModel):
     """ISO 8601: a signed alias is refused after this (freeze protection)."""
     signatures: list[dict[str, str]] | None = Field(default=None, exclude_if=lambda v: v is None)
     """Ed25519 signatures over the rest of the object (serving.signing.sign_alias)."""
+    canary: CanaryTarget | None = Field(default=None, exclude_if=lambda v: v is None)
+    """A version taking ``weight`` percent of requests beside ``version`` (``serving alias set --canary``)."""
+    shadow: ShadowTarget | None = Field(default=None, exclude_if=lambda v: v is None)
+    """A version mirrored ``fraction`` of requests, its answers compared and discarded."""
 
     @field_validator("name")
     @classmethod
@@ -263,6 +301,42 @@ class Alias(BaseModel):
             sequence=self.seq + 1,
             expires_at=expires_at,
         )
+
+    def with_split(
+        self,
+        by: str,
+        *,
+        canary: CanaryTarget | None,
+        shadow: ShadowTarget | None,
+        expires_at: str | None = None,
+    ) -> Alias:
+        """The same target with another canary and shadow (None drops one); a new sequence.
+
+        The history is untouched: it records targets, and the target did not move.
+        """
+        return self.model_copy(
+            update={
+                "canary": canary,
+                "shadow": shadow,
+                "updated_by": by,
+                "updated_at": now(),
+                "sequence": self.seq + 1,
+                "expires_at": expires_at,
+                "signatures": None,
+            }
+        )
+
+    def promoted(self, by: str, expires_at: str | None = None) -> Alias:
+        """The canary becomes the target (the old target goes to history); no canary left.
+
+        A shadow of the promoted version is dropped with it; another shadow stays.
+        """
+        if self.canary is None:
+            raise ValueError(f"{self.name}@{self.alias} has no canary to promote")
+        moved = self.moved_to(self.canary.version, self.canary.manifest_sha256, by, expires_at)
+        if self.shadow is not None and self.shadow.version != self.canary.version:
+            moved = moved.model_copy(update={"shadow": self.shadow})
+        return moved
 
     def rolled_back(self, by: str, expires_at: str | None = None) -> Alias:
         """The alias moved to its last history entry, which is dropped; a new, higher sequence."""

@@ -6,7 +6,8 @@ per-node exporter serves every replica's series on the node's metrics port
 (KubeRay scrapes 8080). Ray prefixes exported names with ``ray_``; the names
 below are the ones seen in-process, the README lists both.
 
-Labels are bounded: model, version, outcome, status code. Never request ids.
+Labels are bounded: model, version, outcome, status code, and the version's role
+(``live``, ``canary`` or ``shadow``, see :mod:`serving.traffic`). Never request ids.
 """
 
 from __future__ import annotations
@@ -116,17 +117,44 @@ def _histogram(name: str, doc: str, buckets: tuple[float, ...], *labels: str) ->
 # -- requests ---------------------------------------------------------------
 REQUESTS = _counter(
     "serving_requests_total",
-    "Inference requests by model, version and HTTP status.",
+    "Inference requests by model, version, HTTP status and role (live, canary, shadow).",
     "model",
     "version",
     "status",
+    "role",
 )
 REQUEST_SECONDS = _histogram(
     "serving_request_duration_seconds",
-    "Inference latency in the model replica.",
+    "Inference latency in the model replica, by role (live, canary, shadow).",
     LATENCY_BUCKETS,
     "model",
     "version",
+    "role",
+)
+# -- progressive delivery ------------------------------------------------------
+ROLE_VERSION = _gauge(
+    "serving_version_role_info",
+    "1 for a version a replica holds as canary or shadow beside the live one, 0 once dropped.",
+    "model",
+    "version",
+    "role",
+)
+CANARY_WEIGHT = _gauge(
+    "serving_canary_weight_percent",
+    "Percent of requests a replica sends to the canary (0 when there is none or it is not loaded).",
+    "model",
+)
+SHADOW_COMPARISONS = _counter(
+    "serving_shadow_comparisons_total",
+    "Mirrored requests whose shadow answer was compared with the live one (agree, disagree, error).",
+    "model",
+    "version",
+    "outcome",
+)
+SHADOW_DROPPED = _counter(
+    "serving_shadow_dropped_total",
+    "Mirrors dropped because the shadow queue was full (the client is never delayed).",
+    "model",
 )
 # -- model lifecycle ---------------------------------------------------------
 LOADS = _counter("serving_model_loads_total", "Model loads by outcome.", "model", "outcome")
@@ -189,6 +217,10 @@ ALIAS_CHECK_AGE = _gauge(
 ALL = [
     REQUESTS,
     REQUEST_SECONDS,
+    ROLE_VERSION,
+    CANARY_WEIGHT,
+    SHADOW_COMPARISONS,
+    SHADOW_DROPPED,
     LOADS,
     LOAD_SECONDS,
     SWAPS,

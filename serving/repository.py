@@ -310,6 +310,96 @@ class Repository:
 
         return self._swap_alias(name, alias, back, writer)
 
+    def set_canary(
+        self,
+        name: str,
+        alias: str,
+        version: str,
+        *,
+        weight: float | None = None,
+        fraction: float | None = None,
+        by: str | None = None,
+        writer: AliasWriter | None = None,
+        expires_at: str | None = None,
+    ) -> Alias:
+        """Give ``version`` ``weight`` percent of the alias's requests, or a ``fraction`` as shadow.
+
+        The alias keeps its target; exactly one of ``weight`` (a canary) and ``fraction``
+        (a shadow) is given, and the other role, if set, is kept. A compare-and-swap like
+        :meth:`set_alias`.
+
+        Raises:
+            AliasNotFound: the alias does not exist (a canary needs a live version beside it).
+            InvalidRequest: ``version`` is already the target, or neither/both roles given.
+        """
+        from serving.errors import InvalidRequest
+        from serving.manifest import CanaryTarget, ShadowTarget
+
+        if (weight is None) == (fraction is None):
+            raise InvalidRequest("give a canary weight or a shadow fraction, not both or neither")
+        _, raw = self.manifest(name, version)
+        sha = sha256_bytes(raw)
+        by = by or whoami()
+
+        def split(current: Alias | None) -> Alias:
+            if current is None:
+                raise AliasNotFound(f"alias {name}@{alias} not found: set it first, then add a canary")
+            if current.version == version:
+                raise InvalidRequest(
+                    f"{name}@{alias} already points at {version}; a canary or shadow is another version"
+                )
+            canary, shadow = current.canary, current.shadow
+            if weight is not None:
+                canary = CanaryTarget(version=version, manifest_sha256=sha, weight=weight)
+            else:
+                assert fraction is not None
+                shadow = ShadowTarget(version=version, manifest_sha256=sha, fraction=fraction)
+            return current.with_split(by, canary=canary, shadow=shadow, expires_at=expires_at)
+
+        return self._swap_alias(name, alias, split, writer)
+
+    def promote(
+        self,
+        name: str,
+        alias: str,
+        by: str | None = None,
+        *,
+        writer: AliasWriter | None = None,
+        expires_at: str | None = None,
+    ) -> Alias:
+        """Make the canary the alias's target (the old target goes to history)."""
+        from serving.errors import InvalidRequest
+
+        def promote(current: Alias | None) -> Alias:
+            if current is None:
+                raise AliasNotFound(f"alias {name}@{alias} not found")
+            if current.canary is None:
+                raise InvalidRequest(f"{name}@{alias} has no canary to promote")
+            return current.promoted(by or whoami(), expires_at)
+
+        return self._swap_alias(name, alias, promote, writer)
+
+    def abort(
+        self,
+        name: str,
+        alias: str,
+        by: str | None = None,
+        *,
+        writer: AliasWriter | None = None,
+        expires_at: str | None = None,
+    ) -> Alias:
+        """Drop the canary and the shadow: every request goes to the target again."""
+        from serving.errors import InvalidRequest
+
+        def abort(current: Alias | None) -> Alias:
+            if current is None:
+                raise AliasNotFound(f"alias {name}@{alias} not found")
+            if current.canary is None and current.shadow is None:
+                raise InvalidRequest(f"{name}@{alias} has no canary or shadow to abort")
+            return current.with_split(by or whoami(), canary=None, shadow=None, expires_at=expires_at)
+
+        return self._swap_alias(name, alias, abort, writer)
+
     def _swap_alias(
         self, name: str, alias: str, change: Callable[[Alias | None], Alias], writer: AliasWriter | None
     ) -> Alias:

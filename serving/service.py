@@ -7,8 +7,12 @@ and only adapts calls to it.
 from __future__ import annotations
 
 import errno
+import logging
+import queue
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from typing import Any
 
@@ -24,8 +28,11 @@ from serving.repository import Repository, Resolved
 from serving.settings import Settings
 from serving.slot import Live, ModelSlot, ResidentVersions
 from serving.store import open_store
+from serving.traffic import Figures, Router, disagrees, merge
 from serving.trust import check_trust
-from serving.watcher import AliasWatcher
+from serving.watcher import AliasWatcher, Split
+
+log = logging.getLogger("serving.service")
 
 _CLIENT_ERRNOS = frozenset(
     {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.EACCES, errno.ELOOP}
@@ -101,6 +108,9 @@ class ModelService:
             max_loading=settings.max_concurrent_version_loads,
             miss_ttl_s=settings.version_miss_ttl_s,
         )
+        self.router = Router()
+        self.figures = Figures()
+        self.mirror = ShadowMirror(self, queue_size=model.shadow_queue)
 
     def start(self) -> None:
         """Load the first version. Raises if nothing can be loaded (the replica is not ready)."""
@@ -121,20 +131,24 @@ class ModelService:
 
         Args:
             body: the request body; ``app.max_body_bytes`` applies to all of it.
-            version: an explicit version, or None for the live one.
+            version: an explicit version, or None for the alias's (live or canary, see
+                :meth:`choose`).
             headers: the request's HTTP headers (any mapping; names match
                 ignoring case). ``Inference-Header-Content-Length`` selects the
-                binary extension; other headers are ignored.
+                binary extension; the routing header (``app.routing_header``) keeps
+                a caller on one side of a canary split; other headers are ignored.
 
         Returns:
             The reply; binary outputs set ``reply.headers`` and ``content_type``.
         """
+        if version is None:
+            return self.infer_routed(body, self.choose(headers), headers)
         started = time.perf_counter()
         # NOTE: a client-chosen version becomes a label only once it has loaded (then it
         # exists and is one of a bounded set); misses and refusals count as "other".
-        served = "other" if version else self.slot.version or "none"
+        served = "other"
         try:
-            with self._lease(version) as live:
+            with self.resident.lease(version) as live:
                 served = live.version
                 payload, binary = api.parse_infer_body(body, self.app.max_body_bytes, headers)
                 req = api.parse_v2(payload, live.predictor.inputs, binary)
@@ -142,29 +156,91 @@ class ModelService:
                 reply = api.infer_reply(self.config.name, live.version, req, outputs)
         except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
             reply = api.error_reply(exc)
-        self.observe(served, reply.status, started)
+        self.observe(served, reply.status, started, role="pinned")
         return reply
 
-    def predict_v1(self, body: bytes) -> api.Reply:
+    def choose(self, headers: Mapping[str, str] | None) -> str:
+        """``canary`` for the canary's share of requests (sticky by the routing header), else ``live``."""
+        split = self.split
+        if split.canary_weight <= 0:
+            return "live"
+        key = api.header_value(headers, self.app.routing_header)
+        return "canary" if self.router.to_canary(split.canary_weight, key) else "live"
+
+    @property
+    def split(self) -> Split:
+        return self.watcher.split if self.watcher is not None else Split()
+
+    def infer_routed(self, body: bytes, role: str, headers: Mapping[str, str] | None = None) -> api.Reply:
+        """Answer an alias request from ``role``'s version (the live one when that role is empty)."""
+
+        def decode(live: Live) -> tuple[dict[str, np.ndarray], Any, list[str] | None]:
+            payload, binary = api.parse_infer_body(body, self.app.max_body_bytes, headers)
+            req = api.parse_v2(payload, live.predictor.inputs, binary)
+            return req.inputs, req, req.outputs
+
+        def encode(live: Live, req: Any, outputs: dict[str, np.ndarray]) -> api.Reply:
+            return api.infer_reply(self.config.name, live.version, req, outputs)
+
+        return self._answer(role, decode, encode)
+
+    def predict_v1(self, body: bytes, headers: Mapping[str, str] | None = None) -> api.Reply:
+        def decode(live: Live) -> tuple[dict[str, np.ndarray], Any, list[str] | None]:
+            inputs = api.parse_v1(api.parse_json(body, self.app.max_body_bytes), live.predictor.inputs)
+            # NOTE: v1 answers one output; the others need not be computed.
+            return inputs, None, [live.predictor.primary_output]
+
+        def encode(live: Live, _: Any, outputs: dict[str, np.ndarray]) -> api.Reply:
+            primary = live.predictor.primary_output
+            first = outputs[primary] if primary in outputs else next(iter(outputs.values()))
+            return api.ok({"predictions": first, "model_version": live.version})
+
+        return self._answer(self.choose(headers), decode, encode)
+
+    def _answer(
+        self,
+        role: str,
+        decode: Callable[[Live], tuple[dict[str, np.ndarray], Any, list[str] | None]],
+        encode: Callable[[Live, Any, dict[str, np.ndarray]], api.Reply],
+    ) -> api.Reply:
         started = time.perf_counter()
-        served = self.slot.version or "none"
+        served, answered = self.slot.version or "none", "live"
+        mirrored: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         try:
-            with self._lease(None) as live:
+            with self._lease_role(role) as (live, answered):
                 served = live.version
-                inputs = api.parse_v1(api.parse_json(body, self.app.max_body_bytes), live.predictor.inputs)
-                primary = live.predictor.primary_output
-                outputs = self._predict(live, inputs, [primary])
-                first = outputs[primary] if primary in outputs else next(iter(outputs.values()))
-                reply = api.ok({"predictions": first, "model_version": live.version})
+                inputs, req, names = decode(live)
+                outputs = self._predict(live, inputs, names)
+                reply = encode(live, req, outputs)
+                if answered == "live":
+                    mirrored = (inputs, outputs)
         except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
             reply = api.error_reply(exc)
-        self.observe(served, reply.status, started)
+        self.observe(served, reply.status, started, role=answered)
+        if mirrored is not None:
+            # NOTE: a non-blocking hand-off; the shadow predicts on its own thread later.
+            self.mirror.offer(*mirrored)
         return reply
+
+    @contextmanager
+    def _lease_role(self, role: str) -> Iterator[tuple[Live, str]]:
+        if role == "canary":
+            with self.slot.lease_companion("canary") as canary:
+                if canary is not None:
+                    yield canary, "canary"
+                    return
+        with self.slot.lease() as live:
+            yield live, "live"
 
     def predict_arrays(self, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]]:
         """Predict on decoded inputs with the live version (the batching path uses this)."""
         with self.slot.lease() as live:
             return live.version, self._predict(live, inputs)
+
+    def close(self) -> None:
+        """Stop the shadow mirror's thread and release every loaded version."""
+        self.mirror.close()
+        self.slot.close()
 
     def _lease(self, version: str | None) -> Any:
         return self.resident.lease(version) if version else self.slot.lease()
@@ -191,13 +267,19 @@ class ModelService:
                 raise
             raise InvalidInput(f"the model could not use the input: {exc.strerror or exc}") from exc
 
-    def observe(self, version: str, status: int, started: float) -> None:
-        """Count one answered request and, when it succeeded, its latency."""
-        metrics.REQUESTS.inc(model=self.config.name, version=version, status=str(status))
+    def observe(self, version: str, status: int, started: float, role: str = "live") -> None:
+        """Count one answered request and, when it succeeded, its latency.
+
+        ``role`` is ``live``, ``canary`` or ``shadow`` for requests through the alias
+        (those also count in :attr:`figures`, what ``serving rollout`` compares), and
+        ``pinned`` for requests that named their version.
+        """
+        elapsed = time.perf_counter() - started
+        metrics.REQUESTS.inc(model=self.config.name, version=version, status=str(status), role=role)
         if status < 400:
-            metrics.REQUEST_SECONDS.observe(
-                time.perf_counter() - started, model=self.config.name, version=version
-            )
+            metrics.REQUEST_SECONDS.observe(elapsed, model=self.config.name, version=version, role=role)
+        if role != "pinned" and version != "none":
+            self.figures.observe(version, status, elapsed)
 
     # -- metadata ------------------------------------------------------------------------
     def metadata(self, version: str | None = None) -> api.Reply:
@@ -227,6 +309,10 @@ class ModelService:
         return version in self.resident.versions()
 
     def status(self) -> dict[str, Any]:
+        """What this replica serves (the index's per-replica row), with its per-version figures."""
+        return {**self._watch_status(), "figures": self.figures.snapshot()}
+
+    def _watch_status(self) -> dict[str, Any]:
         if self.watcher is not None:
             return asdict(self.watcher.status())
         live = self.slot.live
@@ -252,7 +338,7 @@ def index_entry(config: ModelConfig, replicas: dict[str, dict[str, Any]]) -> dic
     targets = [r["target_version"] for r in replicas.values() if r["target_version"]]
     target = targets[0] if targets else config.version
     converged = bool(replicas) and live == {target}
-    return {
+    entry: dict[str, Any] = {
         "name": config.name,
         "version": target,
         "alias": config.alias,
@@ -260,5 +346,110 @@ def index_entry(config: ModelConfig, replicas: dict[str, dict[str, Any]]) -> dic
         "state": "READY" if live else "UNAVAILABLE",
         "reason": "" if converged else "converging",
         "converged": converged,
-        "replicas": [{"replica": rid, **state} for rid, state in sorted(replicas.items())],
     }
+    for role in ("canary", "shadow"):
+        # NOTE: what the alias asks for, as the replicas saw it; per-replica state stays in "replicas".
+        states = [r[role] for r in replicas.values() if r.get(role)]
+        if states:
+            share = "weight" if role == "canary" else "fraction"
+            entry[role] = {
+                "version": states[0]["version"],
+                share: states[0][share],
+                "loaded": sum(1 for s in states if s.get("loaded")),
+                "replicas": len(replicas),
+            }
+            if not all(s.get("loaded") for s in states) or len(states) < len(replicas):
+                entry["converged"] = False
+                entry["reason"] = entry["reason"] or f"{role} loading"
+    entry["figures"] = merge([r.get("figures") or {} for r in replicas.values()])
+    entry["replicas"] = [{"replica": rid, **state} for rid, state in sorted(replicas.items())]
+    return entry
+
+
+class ShadowMirror:
+    """Predicts a copy of live requests with the shadow version, on its own thread.
+
+    :meth:`offer` never blocks: it picks ``fraction`` of the requests and queues
+    their decoded inputs and the live outputs; when the queue is full the mirror
+    is dropped and counted. The worker compares each shadow answer with the live
+    one (:func:`serving.traffic.disagrees`) and counts the request under the
+    ``shadow`` role. Nothing it does reaches the client.
+    """
+
+    def __init__(self, service: ModelService, queue_size: int = 64) -> None:
+        self._service = service
+        self._queue: queue.Queue[tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None] = queue.Queue(
+            queue_size
+        )
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def offer(self, inputs: dict[str, np.ndarray], live_outputs: dict[str, np.ndarray]) -> None:
+        service = self._service
+        fraction = service.split.shadow_fraction
+        if fraction <= 0 or self._closed or not service.router.mirror(fraction):
+            return
+        shadow = service.slot.companion("shadow")
+        if shadow is None:
+            return
+        try:
+            self._queue.put_nowait((inputs, live_outputs))
+        except queue.Full:
+            service.figures.dropped(shadow.version)
+            metrics.SHADOW_DROPPED.inc(model=service.config.name)
+            return
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None and not self._closed:
+                    self._thread = threading.Thread(
+                        target=self._run, name=f"shadow-{service.config.name}", daemon=True
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                self._one(*item)
+            except Exception:
+                log.exception("shadow mirror failed for %s", self._service.config.name)
+
+    def _one(self, inputs: dict[str, np.ndarray], live_outputs: dict[str, np.ndarray]) -> None:
+        service = self._service
+        name = service.config.name
+        started = time.perf_counter()
+        with service.slot.lease_companion("shadow") as shadow:
+            if shadow is None:
+                return
+            status, outputs = 200, None
+            try:
+                outputs = service._predict(shadow, inputs)
+            except ServingError as exc:
+                status = exc.status_code
+            except Exception:
+                # NOTE: logged once here; the client already has its live answer.
+                log.exception("shadow %s:%s failed on a mirrored request", name, shadow.version)
+                status = 500
+            service.observe(shadow.version, status, started, role="shadow")
+            if outputs is None:
+                metrics.SHADOW_COMPARISONS.inc(model=name, version=shadow.version, outcome="error")
+                return
+            differs = disagrees(live_outputs, outputs, service.config.shadow_tolerance)
+            service.figures.compared(shadow.version, differs)
+            outcome = "disagree" if differs else "agree"
+            metrics.SHADOW_COMPARISONS.inc(model=name, version=shadow.version, outcome=outcome)
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is None:
+            return
+        while True:
+            try:
+                self._queue.put_nowait(None)
+                break
+            except queue.Full:
+                with suppress(queue.Empty):
+                    self._queue.get_nowait()
+        thread.join(timeout)

@@ -146,6 +146,8 @@ class ModelSlot:
         self._prober = prober
         self._live: Live | None = None
         self._swap_lock = threading.Lock()
+        self._companions: dict[str, Live] = {}
+        """Canary and shadow versions loaded beside the live one (``role -> Live``)."""
 
     @property
     def live(self) -> Live | None:
@@ -207,7 +209,8 @@ class ModelSlot:
             from_version = old.version if old else None
             started = time.perf_counter()
             try:
-                new = self.load(resolved, source=source)
+                # NOTE: a promoted canary is already loaded and warm: it becomes live as is.
+                new = self._adopt(resolved) or self.load(resolved, source=source)
             except ServingError as exc:
                 label = exc.reason if isinstance(exc, IsolationFailed) else type(exc).__name__
                 metrics.SWAP_FAILURES.inc(model=self.name, reason=label)
@@ -237,6 +240,92 @@ class ModelSlot:
             )
             return new
 
+    def _adopt(self, resolved: Resolved) -> Live | None:
+        """Take a loaded companion of exactly this version out of its role (caller holds the lock)."""
+        for role, companion in list(self._companions.items()):
+            if (
+                companion.manifest_sha256 == resolved.manifest_sha256
+                and companion.version == resolved.version
+            ):
+                del self._companions[role]
+                metrics.ROLE_VERSION.set(0, model=self.name, version=companion.version, role=role)
+                return companion
+        return None
+
+    def companion(self, role: str) -> Live | None:
+        """The version loaded for ``role`` (``canary`` or ``shadow``), if any."""
+        return self._companions.get(role)
+
+    def set_companion(self, role: str, resolved: Resolved) -> Live:
+        """Load ``resolved`` for ``role`` beside the live version, as carefully as a swap.
+
+        The same trust check, isolation, load and warm-up as :meth:`swap_to`; a
+        failure is counted and logged as a failed swap, and whatever held the role
+        before keeps it (requests never see a half-loaded version).
+
+        Raises:
+            ServingError: the load failed.
+        """
+        with self._swap_lock:
+            old = self._companions.get(role)
+            started = time.perf_counter()
+            try:
+                new = self.load(resolved)
+            except ServingError as exc:
+                label = exc.reason if isinstance(exc, IsolationFailed) else type(exc).__name__
+                metrics.SWAP_FAILURES.inc(model=self.name, reason=label)
+                log.warning(
+                    "%s load failed",
+                    role,
+                    extra=_event(
+                        "swap_failed",
+                        self.name,
+                        old.version if old else None,
+                        resolved.version,
+                        started,
+                        str(exc),
+                    )
+                    | {"role": role},
+                )
+                raise
+            self._companions[role] = new
+            if old is not None:
+                metrics.ROLE_VERSION.set(0, model=self.name, version=old.version, role=role)
+                old.retire()
+            metrics.ROLE_VERSION.set(1, model=self.name, version=new.version, role=role)
+            log.info(
+                "%s loaded",
+                role,
+                extra=_event(role, self.name, old.version if old else None, new.version, started, role)
+                | {"role": role},
+            )
+            return new
+
+    def drop_companion(self, role: str) -> None:
+        """Stop using the version loaded for ``role``; in-flight requests finish on it."""
+        with self._swap_lock:
+            old = self._companions.pop(role, None)
+            if old is not None:
+                metrics.ROLE_VERSION.set(0, model=self.name, version=old.version, role=role)
+                old.retire()
+                log.info(
+                    "%s dropped",
+                    role,
+                    extra={"event": f"{role}_dropped", "model": self.name, "version": old.version},
+                )
+
+    @contextmanager
+    def lease_companion(self, role: str) -> Iterator[Live | None]:
+        """A lease on ``role``'s version, or None when none is loaded (then use the live one)."""
+        live = self._companions.get(role)
+        if live is None or not live.try_acquire():
+            yield None
+            return
+        try:
+            yield live
+        finally:
+            live.release()
+
     @contextmanager
     def lease(self) -> Iterator[Live]:
         """Use the live version for one request; it is not released until the lease ends."""
@@ -258,6 +347,9 @@ class ModelSlot:
             live, self._live = self._live, None
             if live is not None:
                 live.retire()
+            for companion in self._companions.values():
+                companion.retire()
+            self._companions.clear()
             if self._prober is not None:
                 self._prober.close()
 

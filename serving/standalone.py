@@ -149,7 +149,7 @@ class StandaloneApp:
         for model in self.models.values():
             if model.thread.is_alive():
                 model.thread.join(max(0.0, deadline - time.monotonic()))
-            model.service.slot.close()
+            model.service.close()
 
     # -- ASGI ----------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from serving import metrics
-from serving.errors import AliasNotFound, ServingError, StoreError
+from serving.errors import AliasNotFound, IntegrityError, ServingError, StoreError
+from serving.manifest import CanaryTarget, ShadowTarget, sha256_bytes
 from serving.repository import Resolved
 from serving.slot import ModelSlot
 
@@ -43,6 +44,26 @@ class WatchStatus:
     last_error: str | None
     failed_version: str | None
     source: str | None
+    canary: dict[str, object] | None = None
+    """The alias's canary on this replica: version, weight, ``loaded``, and ``error`` if it failed."""
+    shadow: dict[str, object] | None = None
+    """The alias's shadow on this replica: version, fraction, ``loaded``, ``error``."""
+
+
+@dataclass
+class _CompanionFailure:
+    target: _Target
+    failures: int
+    retry_at: float
+    error: str
+
+
+@dataclass(frozen=True)
+class Split:
+    """What a replica does with requests now: only versions that loaded take a share."""
+
+    canary_weight: float = 0.0
+    shadow_fraction: float = 0.0
 
 
 class AliasWatcher:
@@ -78,6 +99,10 @@ class AliasWatcher:
         self._history_len: int | None = None
         self._reason = "alias moved"
         self._lock = threading.Lock()
+        self._canary: CanaryTarget | None = None
+        self._shadow: ShadowTarget | None = None
+        self._companion_failed: dict[str, _CompanionFailure] = {}
+        self._split = Split()
 
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
@@ -140,16 +165,16 @@ class AliasWatcher:
             target = self._target
             if target is None:
                 return
+            now = self._clock()
             if target.version == self.slot.version:
                 # NOTE: the alias came back to what is live (e.g. a rollback off a
                 # version that failed): nothing is failing any more.
                 if self._failed is not None:
                     self._failed, self._failures, self._last_error = None, 0, None
-                return
-            now = self._clock()
-            if self._failed == target and now < self._retry_at:
-                return
-            self._try_swap(target, now)
+            elif not (self._failed == target and now < self._retry_at):
+                self._try_swap(target, now)
+            # NOTE: after the live swap, so a promoted canary is adopted as live, not dropped.
+            self._sync_companions(now)
 
     def _check_alias(self) -> None:
         name = self.slot.name
@@ -173,6 +198,7 @@ class AliasWatcher:
             return
         metrics.ALIAS_CHECKS.inc(model=name, outcome="changed")
         self._target = _Target(check.alias.version, check.alias.manifest_sha256)
+        self._canary, self._shadow = check.alias.canary, check.alias.shadow
         # NOTE: `serving rollback` pops the alias history; a plain move appends to it.
         history = len(check.alias.history)
         shrank = self._history_len is not None and history < self._history_len
@@ -200,6 +226,82 @@ class AliasWatcher:
             self._last_error = f"{target.version}: {exc}"
             return
         self._failed, self._failures, self._last_error = None, 0, None
+
+    # -- canary and shadow -----------------------------------------------------------
+    def _sync_companions(self, now: float) -> None:
+        """Load, replace or drop the canary and shadow versions to match the alias.
+
+        A version that fails to load is retried with the same backoff as a failed
+        swap; meanwhile its role is empty, so every request goes to the live version.
+        """
+        live = self.slot.live
+        for role, want in (("canary", self._canary), ("shadow", self._shadow)):
+            loaded = self.slot.companion(role)
+            if want is None or (live is not None and live.manifest_sha256 == want.manifest_sha256):
+                if loaded is not None:
+                    self.slot.drop_companion(role)
+                self._companion_failed.pop(role, None)
+                continue
+            target = _Target(want.version, want.manifest_sha256)
+            if loaded is not None and loaded.manifest_sha256 == target.manifest_sha256:
+                continue
+            failed = self._companion_failed.get(role)
+            if failed is not None and failed.target == target and now < failed.retry_at:
+                continue
+            try:
+                self.slot.set_companion(role, self._resolve_companion(target))
+            except ServingError as exc:
+                # NOTE: an older canary must not keep the share the alias gave the new one.
+                self.slot.drop_companion(role)
+                failures = failed.failures + 1 if failed is not None and failed.target == target else 1
+                delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (failures - 1))
+                self._companion_failed[role] = _CompanionFailure(
+                    target, failures, now + delay, f"{target.version}: {exc}"
+                )
+                continue
+            self._companion_failed.pop(role, None)
+        self._split = self._current_split()
+        metrics.CANARY_WEIGHT.set(self._split.canary_weight, model=self.slot.name)
+
+    def _resolve_companion(self, target: _Target) -> Resolved:
+        """``name:version`` with the alias object's bytes, so signed-alias checks apply to it too."""
+        repo, name = self.slot.repo, self.slot.name
+        _, alias_raw, _ = repo.read_alias(name, self.alias)
+        manifest, raw = repo.manifest(name, target.version)
+        if sha256_bytes(raw) != target.manifest_sha256:
+            raise IntegrityError(f"{name}:{target.version}: manifest changed since the alias was set")
+        return Resolved(name, target.version, manifest, raw, alias=self.alias, alias_raw=alias_raw)
+
+    def _current_split(self) -> Split:
+        canary, shadow = self._canary, self._shadow
+        c_live, s_live = self.slot.companion("canary"), self.slot.companion("shadow")
+        weight = (
+            canary.weight if canary and c_live and c_live.manifest_sha256 == canary.manifest_sha256 else 0.0
+        )
+        fraction = (
+            shadow.fraction if shadow and s_live and s_live.manifest_sha256 == shadow.manifest_sha256 else 0.0
+        )
+        return Split(weight, fraction)
+
+    @property
+    def split(self) -> Split:
+        """The canary's weight and the shadow's fraction, each 0 unless its version is loaded here."""
+        return self._split
+
+    def _companion_status(
+        self, role: str, want: CanaryTarget | ShadowTarget | None
+    ) -> dict[str, object] | None:
+        if want is None:
+            return None
+        loaded = self.slot.companion(role)
+        failed = self._companion_failed.get(role)
+        share = ("weight", want.weight) if isinstance(want, CanaryTarget) else ("fraction", want.fraction)
+        return {
+            "version": want.version,
+            share[0]: share[1],
+            "loaded": loaded is not None and loaded.manifest_sha256 == want.manifest_sha256,
+            "error": failed.error if failed is not None else None,
+        }
 
     @staticmethod
     def _verify_target(resolved: Resolved, target: _Target) -> None:
@@ -239,6 +341,8 @@ class AliasWatcher:
             last_error=self._last_error,
             failed_version=self._failed.version if self._failed else None,
             source=live.source if live else None,
+            canary=self._companion_status("canary", self._canary),
+            shadow=self._companion_status("shadow", self._shadow),
         )
 
 

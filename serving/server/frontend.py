@@ -64,7 +64,7 @@ class ModelPort(Protocol):
         self, body: bytes, version: str | None, headers: Mapping[str, str] | None
     ) -> api.Reply: ...
 
-    async def predict_v1(self, body: bytes) -> api.Reply: ...
+    async def predict_v1(self, body: bytes, headers: Mapping[str, str] | None = None) -> api.Reply: ...
 
     async def metadata(self, version: str | None) -> api.Reply: ...
 
@@ -118,6 +118,7 @@ class Frontend:
         self.loads = loads
         self._admin_token = admin_token.encode() if admin_token else None
         self._load_timeout_s = load_timeout_s
+        self._routing_header = config.routing_header.lower()
         self._waits: dict[tuple[str, int], asyncio.Task[bool]] = {}
         self._routes: dict[str, Callable[..., Any]] = {
             "live": self._live,
@@ -167,11 +168,19 @@ class Frontend:
             ) from exc
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    @staticmethod
-    def _codec_headers(request: HttpRequest) -> dict[str, str] | None:
-        # NOTE: only the header the codec reads crosses to a model port (maybe another process).
+    def _model_headers(self, request: HttpRequest) -> dict[str, str] | None:
+        """The headers a model reads: the codec's and the canary routing header, no others.
+
+        NOTE: only these cross to a model port (maybe another process), not the whole request's.
+        """
+        out: dict[str, str] = {}
         length = request.headers.get(_INFERENCE_HEADER)
-        return {api.INFERENCE_HEADER: length} if length is not None else None
+        if length is not None:
+            out[api.INFERENCE_HEADER] = length
+        sticky = request.headers.get(self._routing_header)
+        if sticky is not None:
+            out[self._routing_header] = sticky
+        return out or None
 
     def _model(self, name: str) -> ModelPort:
         port = self.models.get(name)
@@ -217,12 +226,12 @@ class Frontend:
     async def _infer(self, request: HttpRequest, model: str, version: str | None = None) -> api.Reply:
         port = self._model(model)
         body = await self.read_body(request)
-        return await port.infer(body, version, self._codec_headers(request))
+        return await port.infer(body, version, self._model_headers(request))
 
     async def _predict_v1(self, request: HttpRequest, model: str) -> api.Reply:
         port = self._model(model)
         body = await self.read_body(request)
-        return await port.predict_v1(body)
+        return await port.predict_v1(body, self._model_headers(request))
 
     async def _repository_index(self, request: HttpRequest) -> api.Reply:
         return api.ok(await self._index())

@@ -83,8 +83,8 @@ class LocalModel:
     async def infer(self, body: bytes, version: str | None, headers: Mapping[str, str] | None) -> api.Reply:
         return await self._run(version, self.service.infer_v2, body, version, headers)
 
-    async def predict_v1(self, body: bytes) -> api.Reply:
-        return await self._run(None, self.service.predict_v1, body)
+    async def predict_v1(self, body: bytes, headers: Mapping[str, str] | None = None) -> api.Reply:
+        return await self._run(None, self.service.predict_v1, body, headers)
 
     async def metadata(self, version: str | None) -> api.Reply:
         if self.on_loop(version):

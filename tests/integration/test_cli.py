@@ -164,6 +164,30 @@ def test_rollback_moves_the_alias_to_its_previous_target(published: Cli, artifac
     assert_error(published("rollback", "iris", "production"), 3, "no previous target")
 
 
+def test_canary_shadow_promote_and_abort_through_the_alias(published: Cli, artifact: Path) -> None:
+    """--canary and --shadow keep the target; promote moves it to the canary; abort drops both."""
+    for _ in range(2):
+        ok(published("publish", str(artifact), "--name", "iris"))
+    text = ok(published("alias", "set", "iris", "production", "2", "--canary", "30")).stdout.strip()
+    assert text == "iris@production -> 1 (canary 2 at 30%)"
+    both = as_json(published("alias", "set", "iris", "production", "3", "--shadow", "0.5", "--json"))
+    assert (both["version"], both["canary"]["weight"], both["shadow"]["fraction"]) == ("1", 30, 0.5)
+    assert ok(published("alias", "get", "iris", "production")).stdout.strip() == (
+        "1 (canary 2 at 30%, shadow 3 on 50% of requests)"
+    )
+    promoted = ok(published("alias", "promote", "iris", "production")).stdout.strip()
+    assert promoted == "iris@production -> 2 (canary promoted, was 1) (shadow 3 on 50% of requests)"
+    aborted = ok(published("alias", "abort", "iris", "production")).stdout.strip()
+    assert aborted == "iris@production -> 2 (dropped shadow 3 on 50% of requests)"
+    assert_error(published("alias", "abort", "iris", "production"), 2, "no canary or shadow")
+    assert_error(published("alias", "promote", "iris", "production"), 2, "no canary to promote")
+    assert_error(
+        published("alias", "set", "iris", "production", "2", "--canary", "5"), 2, "already points at 2"
+    )
+    assert published("alias", "set", "iris", "production", "1", "--canary", "150").returncode == 2
+    assert_error(published("rollout", "iris", "production", "1"), 2, "--url")
+
+
 def test_pull_caches_the_version_once_and_verify_rehashes_it(published: Cli, tmp_path: Path) -> None:
     """pull downloads into SERVING_CACHE_DIR once; verify re-hashes the cached files."""
     first = as_json(published("pull", "iris@production", "--json"))

@@ -268,3 +268,63 @@ def test_prometheus_sees_every_dashboard_and_alert_series_after_a_swap(
         # NOTE: a healthy swap: no 5xx, no failure, no refusal, nothing stale.
         assert prom.query(expr) == [], f"alert expression not silent after a healthy swap: {expr}"
     print(f"checked in Prometheus: {checked}; used but not exported standalone: {sorted(used - exported)}")
+
+
+def test_rollout_reads_its_figures_from_prometheus_and_promotes(
+    serving_and_prometheus: tuple[Server, Prometheus, Repository], tmp_path: Path
+) -> None:
+    """``serving rollout --prometheus`` measures each step from the scraped counters and promotes."""
+    import sys
+    import threading
+
+    server, prom, repo = serving_and_prometheus
+    current = repo.get_alias(MODEL, "production").version
+    nxt = str(int(current) + 1)
+    publish(repo, tmp_path, MODEL, nxt, c=0.5)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                client.post(
+                    f"{server.base}/v2/models/{MODEL}/infer",
+                    json={
+                        "inputs": [
+                            {
+                                "name": "input-0",
+                                "datatype": "FP64",
+                                "shape": [1, 4],
+                                "data": [5.1, 3.5, 1.4, 0.2],
+                            }
+                        ]
+                    },
+                )
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        cmd = [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "--store",
+            repo.store.uri,
+            "rollout",
+            MODEL,
+            "production",
+            nxt,
+        ]
+        cmd += ["--prometheus", prom.base, "--prometheus-selector", f'namespace="{NAMESPACE}"']
+        cmd += ["--steps", "50,100", "--step-seconds", "3", "--min-requests", "3", "--converge-timeout", "30"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "AWS_"))}
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"canary {nxt} at 50% for 3s: ")
+    assert lines[0].endswith("-> ok")
+    assert f"live {current}: " in lines[0]
+    assert lines[-1].startswith(f"{MODEL}@production -> {nxt} (promoted from {current} after 2 steps")
+    assert repo.get_alias(MODEL, "production").version == nxt

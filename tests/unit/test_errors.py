@@ -37,6 +37,7 @@ EXPECTED = {
     "NotReady": ("ServingError", 503, 10),
     "Overloaded": ("NotReady", 503, 10),
     "CacheError": ("ServingError", 500, 11),
+    "RolloutAborted": ("ServingError", 409, 12),
 }
 
 

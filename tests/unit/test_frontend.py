@@ -27,10 +27,10 @@ class Port:
     async def infer(self, body: bytes, version: str | None, headers: Mapping[str, str] | None) -> api.Reply:
         if self.error is not None:
             raise self.error
-        return api.ok({"echo": len(body)})
+        return api.ok({"echo": len(body), "headers": dict(headers or {})})
 
-    async def predict_v1(self, body: bytes) -> api.Reply:
-        return api.ok({})
+    async def predict_v1(self, body: bytes, headers: Mapping[str, str] | None = None) -> api.Reply:
+        return api.ok({"headers": dict(headers or {})})
 
     async def metadata(self, version: str | None) -> api.Reply:
         return api.ok({})
@@ -164,3 +164,23 @@ def test_a_load_request_joins_one_that_has_not_started() -> None:
     assert not waker.wait_done(second, 0)
     assert waker.wait(0) is True
     assert waker.wait_done(first, 0)
+
+
+def test_only_the_codec_and_routing_headers_cross_to_the_model() -> None:
+    """The canary's sticky header reaches the model port (maybe another process); others do not."""
+    import orjson
+
+    frontend = Frontend(CONFIG, {"m": Port()}, Loads())
+    headers = {"x-request-id": "caller-1", "authorization": "Bearer x", "cookie": "c"}
+    infer = handle(frontend, HttpRequest("POST", "/v2/models/m/infer", headers, request("/", [b"{}"]).body))
+    assert orjson.loads(infer.body)["headers"] == {"x-request-id": "caller-1"}
+    v1 = handle(frontend, HttpRequest("POST", "/v1/models/m:predict", headers, request("/", [b"{}"]).body))
+    assert orjson.loads(v1.body)["headers"] == {"x-request-id": "caller-1"}
+    custom = Frontend(
+        AppConfig.model_validate({"models": [{"name": "m"}], "routing_header": "X-Caller"}),
+        {"m": Port()},
+        Loads(),
+    )
+    routed = {"x-caller": "7", "x-request-id": "other"}
+    reply = handle(custom, HttpRequest("POST", "/v2/models/m/infer", routed, request("/", [b"{}"]).body))
+    assert orjson.loads(reply.body)["headers"] == {"x-caller": "7"}

@@ -29,10 +29,10 @@ def test_names_follow_prometheus_conventions() -> None:
 def test_the_in_process_backend_records_with_labels() -> None:
     before = REGISTRY.get_sample_value("serving_swaps_total", {"model": "unit-m"}) or 0.0
     metrics.SWAPS.inc(model="unit-m")
-    metrics.REQUEST_SECONDS.observe(0.02, model="unit-m", version="3")
+    metrics.REQUEST_SECONDS.observe(0.02, model="unit-m", version="3", role="canary")
     assert REGISTRY.get_sample_value("serving_swaps_total", {"model": "unit-m"}) == before + 1
     count = REGISTRY.get_sample_value(
-        "serving_request_duration_seconds_count", {"model": "unit-m", "version": "3"}
+        "serving_request_duration_seconds_count", {"model": "unit-m", "version": "3", "role": "canary"}
     )
     assert count == 1
 

@@ -170,3 +170,33 @@ def test_a_replica_refusing_a_replayed_alias_keeps_serving_its_live_version(
     assert refused() == before + 1
     assert cache.remembered_alias("m", "prod").version == "2"  # type: ignore[union-attr]
     slot.close()
+
+
+def test_a_canary_added_without_the_key_is_refused_and_takes_no_traffic(
+    repo: Repository, settings: Settings, key: SigningKey, tmp_path: Path
+) -> None:
+    """An unsigned canary on a signed alias is refused like an unsigned move; a signed one loads."""
+    signed = alias_signer(key)
+    repo.set_alias("m", "prod", "1", writer=signed)
+    cache = LoaderCache(tmp_path / "cache")
+
+    def trust(r: Repository, resolved: object) -> LoadPolicy:
+        return check_trust(r, resolved, settings, cache_root=cache.root).policy  # type: ignore[arg-type]
+
+    slot = ModelSlot("m", repo, cache, loader=echo_loader, trust_check=trust, warmup=False)
+    watcher = AliasWatcher(slot, "prod", clock=lambda: 0.0)
+    watcher.start()
+    before = refused()
+    repo.set_canary("m", "prod", "2", weight=50)  # NOTE: no writer: an unsigned object
+    watcher.tick(force=True)
+    assert slot.companion("canary") is None
+    assert watcher.split.canary_weight == 0
+    assert refused() > before
+    assert slot.version == "1"
+    repo.set_canary("m", "prod", "3", weight=50, writer=signed)
+    watcher.tick(force=True)
+    canary = slot.companion("canary")
+    assert canary is not None
+    assert canary.version == "3"
+    assert watcher.split.canary_weight == 50
+    slot.close()
