@@ -121,16 +121,38 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if not stop.is_set():
-            serve.start(http_options={"host": args.host, "port": args.port})
+            serve.start(
+                http_options={"host": args.host, "port": args.port},
+                grpc_options=grpc_options(args.grpc_port),
+            )
             serve.run(build_app(app_args), name="serving", route_prefix="/", blocking=False)
             log.info(
-                "serving on http://%s:%d, metrics on :%d/metrics", args.host, args.port, args.metrics_port
+                "serving on http://%s:%d%s, metrics on :%d/metrics",
+                args.host,
+                args.port,
+                f", OIP gRPC on :{args.grpc_port}" if args.grpc_port else "",
+                args.metrics_port,
             )
         stop.wait()
     finally:
         log.info("stopping on %s: shutting down Ray", received[0] if received else "exit")
         _stop_ray(ray)
     return 0
+
+
+def grpc_options(port: int) -> dict[str, Any] | None:
+    """Ray Serve's ``grpc_options`` for OIP over gRPC on ``port`` (None when 0: off).
+
+    With HAProxy (:data:`FAST_PATH_ENV`) the port is HAProxy's; it forwards each
+    call to a replica's own gRPC server (direct ingress), which calls the
+    deployment's method of the RPC's name (:class:`serving.app.GrpcMethods`).
+    A client needs no ``application`` metadata while one app serves gRPC.
+    """
+    if not port:
+        return None
+    from serving.server.oip_grpc import SERVICER_FUNCTION
+
+    return {"port": port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
 
 
 def _free_port(host: str) -> int:
@@ -222,6 +244,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8080)
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=8001,
+        help="OIP over gRPC (inference.GRPCInferenceService) on this port; 0 turns it off",
+    )
     parser.add_argument("--poll-interval", type=float, default=None, help="seconds between alias checks")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance")
     parser.add_argument(
