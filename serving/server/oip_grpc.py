@@ -366,8 +366,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return pb.RepositoryIndexResponse(models=models)
 
     async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
-        """Check the model's alias now; OK once every replica has (or the wait ran out: REST's 202)."""
-        reply = await self._call(context, "POST", f"/v2/repository/models/{request.model_name}/load")
+        """Check the model's alias now; OK once every replica has (or the wait ran out: REST's 202).
+
+        NOTE: KServe's ``grpc_predict_v2.proto`` numbers ``model_name`` 1, where Triton's
+        has ``repository_name``; with no Triton ``model_name`` (field 2), field 1 names the model.
+        """
+        name = request.model_name or request.repository_name
+        reply = await self._call(context, "POST", f"/v2/repository/models/{name}/load")
         if reply.status >= 400:
             return self._fail(context, reply, pb.RepositoryModelLoadResponse())
         if reply.status == 202:
