@@ -51,6 +51,10 @@ from serving.logs import configure_logging
 from serving.server.asgi import request_from_asgi
 from serving.server.frontend import Frontend, ModelPort
 from serving.server.local import LocalModel
+
+# NOTE: imported here, not lazily: a request the Serve proxy pickles to this replica
+# needs the module's alias of the generated classes before any method runs.
+from serving.server.oip_grpc import InferenceServicer
 from serving.service import ModelService
 from serving.settings import get_settings
 from serving.watcher import run_forever
@@ -301,12 +305,10 @@ class GrpcMethods:
     """
 
     frontend: Frontend
-    _grpc: Any = None
+    _grpc: InferenceServicer | None = None
 
-    def _servicer(self) -> Any:
+    def _servicer(self) -> InferenceServicer:
         if self._grpc is None:
-            from serving.server.oip_grpc import InferenceServicer
-
             self._grpc = InferenceServicer(self.frontend)
         return self._grpc
 

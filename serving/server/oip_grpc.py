@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Protocol
 
@@ -56,12 +57,20 @@ __all__ = [
     "GRPC_CODES",
     "SERVICER_FUNCTION",
     "InferenceServicer",
+    "add_GRPCInferenceServiceServicer_to_server",
     "add_to_server",
     "start_server",
 ]
 
-SERVICER_FUNCTION = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+SERVICER_FUNCTION = "serving.server.oip_grpc.add_GRPCInferenceServiceServicer_to_server"
 """What Ray Serve's ``grpc_options.grpc_servicer_functions`` names to serve this service."""
+
+# NOTE: the generated classes say they come from module "grpc_service_pb2" (the .proto's
+# name), which does not exist, so pickle could not find them. Ray's Serve proxy pickles
+# each request to the replica (and the response back) when a call does not take the
+# direct-ingress path; the alias makes them importable under that name in every process
+# that imports this module (the proxy through SERVICER_FUNCTION, replicas through serving.app).
+sys.modules.setdefault("grpc_service_pb2", pb)
 
 GRPC_CODES: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -380,9 +389,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return pb.RepositoryModelLoadResponse()
 
 
+def add_GRPCInferenceServiceServicer_to_server(servicer: Any, server: Any) -> None:
+    """The generated registration, from this module (:data:`SERVICER_FUNCTION`: Ray imports it)."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+
+
 def add_to_server(servicer: InferenceServicer, server: Any) -> None:
     """Register the servicer's methods on a ``grpc.aio`` server."""
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    add_GRPCInferenceServiceServicer_to_server(servicer, server)
 
 
 async def start_server(
