@@ -4,9 +4,11 @@ A thin adapter: :class:`serving.server.frontend.Frontend` holds every route,
 over :class:`serving.server.local.LocalModel` ports (the same
 :class:`serving.service.ModelService` per model as a Ray replica) and
 :class:`serving.server.local.LocalLoads`. This module only converts ASGI to the
-front end's requests and runs the models' watcher threads::
+front end's requests and runs the models' watcher threads. With ``--grpc-port``
+(8001 by default) a ``grpc.aio`` server on the same event loop answers OIP over
+gRPC over the same front end (:mod:`serving.server.oip_grpc`)::
 
-    serving serve --standalone --model iris@production --port 8000 --metrics-port 8080
+    serving serve --standalone --model iris@production --port 8000 --metrics-port 8080 --grpc-port 8001
 
 What it trades away: Ray's autoscaling, multi-node placement and per-model
 replica counts. Scale with one process per pod, or ``--workers N`` (separate
@@ -200,7 +202,7 @@ class StandaloneApp:
                 try:
                     await self._start_grpc()
                 except OSError as exc:
-                    log.error("%s", exc)
+                    # NOTE: uvicorn logs the message and exits (status 3).
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})

@@ -1,4 +1,4 @@
-"""The HTTP server: one front end (:mod:`serving.server.frontend`) and ``serving serve``.
+"""The HTTP and gRPC server: one front end (:mod:`serving.server.frontend`) and ``serving serve``.
 
 ``serving serve`` starts a local Ray instance and the app in the foreground,
 built from the same :func:`serving.app.build_app` the Serve config and the Helm
@@ -6,7 +6,7 @@ chart use, so what runs here is what runs on the cluster; ``--standalone``
 runs :mod:`serving.standalone` instead. Either way the process owns its
 children: SIGINT (a terminal's Ctrl-C, sent to the whole process group) or
 SIGTERM stops Ray, Serve and any HAProxy Ray started within seconds, with one
-log line, and frees the ports.
+log line, and frees the ports (HTTP, gRPC, metrics).
 """
 
 from __future__ import annotations
