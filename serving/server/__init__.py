@@ -43,7 +43,14 @@ FAST_PATH_ENV = {
 }
 """How ``serving serve`` runs Ray (unless the environment says otherwise), as the chart's pods do."""
 
-_HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+HAPROXY_PORT_ENV = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    # NOTE: the Serve proxy HAProxy falls back to (and its gRPC server, with gRPC on).
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+"""Ports Ray fixes unless set (8404, 9101, 8500, 9500): one Ray per machine could bind them."""
 _STOP_TIMEOUT_S = 8.0
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -94,9 +101,9 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
     configure_logging()
     for key, value in FAST_PATH_ENV.items():
         os.environ.setdefault(key, value)
-    # NOTE: HAProxy's stats and metrics ports are fixed (8404, 9101) unless set; on a shared
-    # machine a second server would fail to start. Free ones here, the defaults in a pod.
-    for key in _HAPROXY_PORT_ENV:
+    # NOTE: HAProxy's stats and metrics ports and its fallback proxy's are fixed unless set;
+    # on a shared machine a second server would fail to start. Free ones here, the defaults in a pod.
+    for key in HAPROXY_PORT_ENV:
         os.environ.setdefault(key, str(_free_port(args.host)))
     _become_subreaper()
     stop = threading.Event()

@@ -32,15 +32,14 @@ def local_cluster(num_cpus: int = 4, *, grpc: bool = True) -> Iterator[Cluster]:
     import ray
     from ray import serve
 
-    from serving.server import FAST_PATH_ENV, grpc_options
+    from serving.server import FAST_PATH_ENV, HAPROXY_PORT_ENV, grpc_options
 
     http_port, metrics_port = free_port(), free_port()
     grpc_port = free_port() if grpc else 0
     env = {
         **FAST_PATH_ENV,
-        # NOTE: HAProxy's fixed stats/metrics ports would clash with any other Ray on the machine.
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        # NOTE: HAProxy's fixed stats/metrics/fallback ports would clash with any other Ray on the machine.
+        **{key: str(free_port()) for key in HAPROXY_PORT_ENV},
         # NOTE: behind HAProxy a deleted replica drains for 30 s by default; tests delete apps often.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
     }

@@ -199,7 +199,8 @@ def _standalone(served: Served, args: dict[str, Any], env: dict[str, str]) -> It
         return httpx.get(base + "/v2/health/ready", timeout=2).status_code == 200
 
     try:
-        wait_for(ready, what="the standalone server to be ready")
+        # NOTE: seven isolated first loads; on a loaded 2-core machine that can take a minute or more.
+        wait_for(ready, timeout=120, what="the standalone server to be ready")
         yield base, f"127.0.0.1:{grpc_port}"
     finally:
         proc.terminate()
