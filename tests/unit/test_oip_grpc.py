@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 
 import grpc
@@ -163,3 +164,73 @@ def test_every_error_status_has_a_grpc_code() -> None:
     assert grpc_code(errors.LoadError.status_code) == grpc.StatusCode.INTERNAL
     assert grpc_code(418) == grpc.StatusCode.INVALID_ARGUMENT
     assert grpc_code(599) == grpc.StatusCode.INTERNAL
+
+
+class _Busy:
+    """A model port that is not ready and answers infer with Overloaded (a 503 with Retry-After)."""
+
+    async def infer(self, body: bytes, version: str | None, headers: object) -> api.Reply:
+        return api.error_reply(errors.Overloaded("model 'm' is loading too many versions", retry_after_s=2))
+
+    async def predict_v1(self, body: bytes) -> api.Reply:
+        raise AssertionError("not called")
+
+    async def metadata(self, version: str | None) -> api.Reply:
+        raise AssertionError("not called")
+
+    async def ready(self, version: str | None) -> bool:
+        return False
+
+    async def status(self) -> dict[str, object]:
+        return {}
+
+
+def test_not_ready_is_an_answer_and_a_busy_model_says_when_to_retry() -> None:
+    """Over a real grpc.aio server on loopback: ready=false with OK; Overloaded is UNAVAILABLE
+    with REST's message and ``retry-after`` in the trailing metadata."""
+    from serving.config import AppConfig
+    from serving.server.frontend import Frontend
+    from serving.server.oip_grpc import start_server
+    from serving.testing import free_port
+
+    async def scenario() -> tuple[bool, bool, grpc.StatusCode, str, dict[str, str]]:
+        frontend = Frontend(AppConfig.model_validate({"models": [{"name": "m"}]}), {"m": _Busy()}, loads=None)
+        port = free_port()
+        server = await start_server(frontend, "127.0.0.1", port)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                ready = channel.unary_unary(
+                    "/inference.GRPCInferenceService/ServerReady",
+                    request_serializer=pb.ServerReadyRequest.SerializeToString,
+                    response_deserializer=pb.ServerReadyResponse.FromString,
+                )
+                model_ready = channel.unary_unary(
+                    "/inference.GRPCInferenceService/ModelReady",
+                    request_serializer=pb.ModelReadyRequest.SerializeToString,
+                    response_deserializer=pb.ModelReadyResponse.FromString,
+                )
+                infer = channel.unary_unary(
+                    "/inference.GRPCInferenceService/ModelInfer",
+                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                    response_deserializer=pb.ModelInferResponse.FromString,
+                )
+                server_ready = (await ready(pb.ServerReadyRequest())).ready
+                m_ready = (await model_ready(pb.ModelReadyRequest(name="m"))).ready
+                call = infer(
+                    pb.ModelInferRequest(
+                        model_name="m", inputs=[tensor("x", "FP64", [1], fp64_contents=[1.0])]
+                    )
+                )
+                try:
+                    await call
+                except grpc.aio.AioRpcError as exc:
+                    trailing = {k: v for k, v in (exc.trailing_metadata() or ()) if isinstance(v, str)}
+                    return server_ready, m_ready, exc.code(), exc.details() or "", trailing
+                raise AssertionError("ModelInfer on a busy model succeeded")
+        finally:
+            await server.stop(None)
+
+    server_ready, model_ready, code, details, trailing = asyncio.run(scenario())
+    assert (server_ready, model_ready) == (False, False)
+    assert (code, details) == (grpc.StatusCode.UNAVAILABLE, "model 'm' is loading too many versions")
+    assert trailing["retry-after"] == "2"
