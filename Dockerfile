@@ -71,8 +71,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
 WORKDIR /home/ray
 USER 1000:1000
 
-# 8000 Serve HTTP, 8080 Ray metrics, 8265 dashboard, 6379 GCS, 10001 Ray client.
-EXPOSE 8000 8080 8265 6379 10001
+# 8000 Serve HTTP, 8001 OIP gRPC, 8080 Ray metrics, 8265 dashboard, 6379 GCS, 10001 Ray client.
+EXPOSE 8000 8001 8080 8265 6379 10001
 
 # KubeRay replaces the command with `ray start ...`; by hand the image is the CLI.
 CMD ["serving", "--help"]

@@ -19,6 +19,11 @@ HELM   ?=
 MLFLOW_VENV    ?= .cache/mlflow-venv
 MLFLOW_VERSION ?= 3.17.2
 MLFLOW_SERVER  := $(MLFLOW_VENV)/bin/mlflow
+# KServe's Python gRPC client for the OIP-over-gRPC tests, in its own venv: kserve pins
+# protobuf below the version Ray brings, and pandas, which the serving environment does not carry.
+KSERVE_VENV    ?= .cache/kserve-venv
+KSERVE_VERSION ?= 0.21.0
+KSERVE_PY      := $(KSERVE_VENV)/bin/python
 
 .PHONY: serve test lint typecheck unit integration bench helm clean
 
@@ -39,10 +44,15 @@ $(MLFLOW_SERVER):
 	$(PYTHON) -m venv $(MLFLOW_VENV)
 	$(MLFLOW_VENV)/bin/python -m pip --disable-pip-version-check -q install mlflow==$(MLFLOW_VERSION)
 
-## serve: publish the demo iris model on first run and serve it on :8000 (metrics :8080)
+$(KSERVE_PY):
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_PY) -m pip --disable-pip-version-check -q install kserve==$(KSERVE_VERSION)
+
+## serve: publish the demo iris model on first run and serve it on :8000 (gRPC :8001, metrics :8080)
 serve: $(SERVE_STAMP)
 	$(PY) -m serving.demo --if-empty
-	$(PY) -m serving.cli serve --port $${PORT:-8000} --metrics-port $${METRICS_PORT:-8080}
+	$(PY) -m serving.cli serve --port $${PORT:-8000} --metrics-port $${METRICS_PORT:-8080} \
+		--grpc-port $${GRPC_PORT:-8001}
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check serving tests bench scripts
@@ -52,8 +62,9 @@ typecheck: $(TEST_STAMP)
 	$(VENV)/bin/mypy serving
 
 ## test: lint, type-check and run every test (unit, integration, helm, security)
-test: lint typecheck $(MLFLOW_SERVER)
-	SERVING_TEST_MLFLOW_SERVER=$(abspath $(MLFLOW_SERVER)) $(PY) -m pytest
+test: lint typecheck $(MLFLOW_SERVER) $(KSERVE_PY)
+	SERVING_TEST_MLFLOW_SERVER=$(abspath $(MLFLOW_SERVER)) SERVING_TEST_KSERVE_PYTHON=$(abspath $(KSERVE_PY)) \
+		$(PY) -m pytest
 
 unit: $(TEST_STAMP)
 	$(PY) -m pytest tests/unit

@@ -31,6 +31,8 @@ class System:
     paths: dict[str, str]
     note: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    grpc: str = ""
+    """OIP over gRPC, ``host:port``; empty when the system serves none."""
 
     def url(self, kind: str) -> str | None:
         path = self.paths.get(kind)
@@ -134,12 +136,12 @@ def start_starlette(procs: Processes, model_path: Path, ready_body: bytes) -> Sy
 
 def start_standalone(procs: Processes, app_args: dict[str, Any], work: Path, ready_body: bytes) -> System:
     """``serving serve --standalone``: this project's models in one uvicorn process, no Ray."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, grpc_port = free_port(), free_port(), free_port()
     config = work / "standalone.json"
     config.write_text(json.dumps(app_args))  # NOTE: JSON is YAML; --config reads either
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "serving.cli", "serve", "--standalone", "--config", str(config)]
-    cmd += ["--port", str(port), "--metrics-port", str(metrics_port)]
+    cmd += ["--port", str(port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port)]
     procs.start("ours-standalone", cmd, (base + "/v2/models/iris/infer", ready_body))
     return System(
         "ours-standalone",
@@ -150,18 +152,20 @@ def start_standalone(procs: Processes, app_args: dict[str, Any], work: Path, rea
             "v1": "/v1/models/iris:predict",
             "v2bin": "/v2/models/iris/infer",
         },
-        "serving.standalone: one uvicorn process, raw ASGI, predict on the loop while the model is fast",
+        "serving.standalone: one uvicorn process, raw ASGI, predict on the loop while the model is fast; "
+        "gRPC on a grpc.aio server on the same loop",
+        grpc=f"127.0.0.1:{grpc_port}",
     )
 
 
 def start_serve(procs: Processes, app_args: dict[str, Any], work: Path, ready_body: bytes) -> System:
     """``serving serve``: the default Ray path as the chart deploys it (HAProxy, single-hop replicas)."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, grpc_port = free_port(), free_port(), free_port()
     config = work / "serve.json"
     config.write_text(json.dumps(app_args))  # NOTE: JSON is YAML; --config reads either
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "serving.cli", "serve", "--config", str(config), "--num-cpus", "2"]
-    cmd += ["--port", str(port), "--metrics-port", str(metrics_port)]
+    cmd += ["--port", str(port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port)]
     procs.start("ours", cmd, (base + "/v2/models/iris/infer", ready_body))
     return System(
         "ours",
@@ -174,7 +178,8 @@ def start_serve(procs: Processes, app_args: dict[str, Any], work: Path, ready_bo
             "mlp": "/v2/models/mlp/infer",
         },
         "serving serve: Ray Serve behind HAProxy (direct ingress), single-hop replicas "
-        "reporting to the autoscaler (serving.server.FAST_PATH_ENV, as the chart sets it)",
+        "reporting to the autoscaler (serving.server.FAST_PATH_ENV, as the chart sets it); gRPC the same way",
+        grpc=f"127.0.0.1:{grpc_port}",
     )
 
 
@@ -253,4 +258,5 @@ def start_mlserver(procs: Processes, work: Path, ready_body: bytes) -> System:
         base,
         {"v2": "/v2/models/iris/infer"},
         f"MLServer {version} sklearn runtime, parallel_workers=0 (no v1 'instances' route)",
+        grpc=f"127.0.0.1:{grpc_port}",
     )

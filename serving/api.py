@@ -403,7 +403,7 @@ def _encode_outputs(
         entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
         data = array.reshape(-1)
         if binary(name):
-            raw = _to_binary(data, datatype)
+            raw = to_binary(data, datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -412,7 +412,8 @@ def _encode_outputs(
     return result
 
 
-def _to_binary(data: np.ndarray, datatype: str) -> bytes:
+def to_binary(data: np.ndarray, datatype: str) -> bytes:
+    """A flat array as the binary extension's bytes: little-endian, BYTES length-prefixed."""
     if datatype != "BYTES":
         return np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes()
     parts = []

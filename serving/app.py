@@ -51,6 +51,10 @@ from serving.logs import configure_logging
 from serving.server.asgi import request_from_asgi
 from serving.server.frontend import Frontend, ModelPort
 from serving.server.local import LocalModel
+
+# NOTE: imported here, not lazily: a request the Serve proxy pickles to this replica
+# needs the module's alias of the generated classes before any method runs.
+from serving.server.oip_grpc import InferenceServicer
 from serving.service import ModelService
 from serving.settings import get_settings
 from serving.watcher import run_forever
@@ -295,8 +299,50 @@ def _response(reply: api.Reply) -> Response:
     )
 
 
+class GrpcMethods:
+    """OIP over gRPC on a Ray Serve ingress replica: Serve calls the method named like the RPC.
+
+    Serve's gRPC ingress (``grpc_options`` naming
+    :data:`serving.server.oip_grpc.SERVICER_FUNCTION`) hands each method the
+    request message and a context; :class:`serving.server.oip_grpc.InferenceServicer`
+    answers it over this replica's front end, as HTTP is.
+    """
+
+    frontend: Frontend
+    _grpc: InferenceServicer | None = None
+
+    def _servicer(self) -> InferenceServicer:
+        if self._grpc is None:
+            self._grpc = InferenceServicer(self.frontend)
+        return self._grpc
+
+    async def ServerLive(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().ServerLive(request, grpc_context)
+
+    async def ServerReady(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().ServerReady(request, grpc_context)
+
+    async def ModelReady(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().ModelReady(request, grpc_context)
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().ServerMetadata(request, grpc_context)
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().ModelMetadata(request, grpc_context)
+
+    async def ModelInfer(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().ModelInfer(request, grpc_context)
+
+    async def RepositoryIndex(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().RepositoryIndex(request, grpc_context)
+
+    async def RepositoryModelLoad(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().RepositoryModelLoad(request, grpc_context)
+
+
 @serve.deployment
-class Server:
+class Server(GrpcMethods):
     """Single-hop replica: the routes and every model in one process; not ready until all load."""
 
     def __init__(self, app: dict[str, Any]) -> None:
@@ -387,7 +433,7 @@ class HandleModel:
 
 
 @serve.deployment
-class Ingress:
+class Ingress(GrpcMethods):
     """Two-hop ingress: the front end over handles to the model deployments."""
 
     def __init__(self, app: dict[str, Any], models: dict[str, DeploymentHandle[Any]]) -> None:

@@ -12,7 +12,7 @@ Verbs::
     serving keygen PREFIX [--kek]
     serving predict REF --input JSON
     serving import mlflow URI [--name N] [--alias A] [--sync [--interval S] [--max-polls N]]
-    serving serve [--port 8000] ...        (the HTTP serving layer, see serving.server)
+    serving serve [--port 8000] [--grpc-port 8001] ...   (HTTP and gRPC serving, see serving.server)
 
 Every verb takes ``--store URI`` (overrides ``SERVING_STORE``) and ``--json``.
 A :class:`~serving.errors.ServingError` ends the process with the error's
@@ -964,7 +964,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from serving import server
 
-    p = verb("serve", _serve, "run the HTTP serving layer (Ray Serve) in the foreground")
+    p = verb("serve", _serve, "run the HTTP and gRPC serving layer (Ray Serve) in the foreground")
     server.add_arguments(p)
     return parser
 

@@ -4,9 +4,11 @@ A thin adapter: :class:`serving.server.frontend.Frontend` holds every route,
 over :class:`serving.server.local.LocalModel` ports (the same
 :class:`serving.service.ModelService` per model as a Ray replica) and
 :class:`serving.server.local.LocalLoads`. This module only converts ASGI to the
-front end's requests and runs the models' watcher threads::
+front end's requests and runs the models' watcher threads. With ``--grpc-port``
+(8001 by default) a ``grpc.aio`` server on the same event loop answers OIP over
+gRPC over the same front end (:mod:`serving.server.oip_grpc`)::
 
-    serving serve --standalone --model iris@production --port 8000 --metrics-port 8080
+    serving serve --standalone --model iris@production --port 8000 --metrics-port 8080 --grpc-port 8001
 
 What it trades away: Ray's autoscaling, multi-node placement and per-model
 replica counts. Scale with one process per pod, or ``--workers N`` (separate
@@ -40,6 +42,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import anyio
@@ -94,6 +97,19 @@ class _Model:
                 self.waker.wait(60.0)
 
 
+@dataclass(frozen=True)
+class GrpcListen:
+    """Where the standalone server answers OIP over gRPC (:mod:`serving.server.oip_grpc`)."""
+
+    host: str
+    port: int
+    reuse_port: bool = False
+    """Share the port with the other ``--workers`` processes (the kernel spreads connections)."""
+
+
+_GRPC_GRACE_S = 3.0
+"""How long in-flight RPCs may finish once the server stops."""
+
 _OFFLOAD = {"inline": math.inf, "thread": 0.0}
 """``--predict`` overrides of each model's ``offload_predict_after_ms`` (``auto``: the model's)."""
 
@@ -114,12 +130,19 @@ class StandaloneApp:
     """
 
     def __init__(
-        self, config: AppConfig, settings: Settings | None = None, *, predict: PredictMode = "auto"
+        self,
+        config: AppConfig,
+        settings: Settings | None = None,
+        *,
+        predict: PredictMode = "auto",
+        grpc: GrpcListen | None = None,
     ) -> None:
         if predict not in ("auto", "inline", "thread"):
             raise ValueError(f"predict must be 'auto', 'inline' or 'thread', not {predict!r}")
         settings = settings or get_settings()
         self.config = config
+        self.grpc = grpc
+        self._grpc_server: Any = None
         self._stop = threading.Event()
         self._started = False
         self.models = {m.name: _Model(ModelService(m, config, settings), self._stop) for m in config.models}
@@ -151,6 +174,17 @@ class StandaloneApp:
                 model.thread.join(max(0.0, deadline - time.monotonic()))
             model.service.close()
 
+    async def _start_grpc(self) -> None:
+        """Serve OIP over gRPC beside HTTP, on this loop and over the same front end."""
+        if self.grpc is None:
+            return
+        from serving.server.oip_grpc import start_server
+
+        self._grpc_server = await start_server(
+            self.frontend, self.grpc.host, self.grpc.port, reuse_port=self.grpc.reuse_port
+        )
+        log.info("serving OIP over gRPC on %s:%d", self.grpc.host, self.grpc.port)
+
     # -- ASGI ----------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -165,8 +199,16 @@ class StandaloneApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.start()
+                try:
+                    await self._start_grpc()
+                except OSError as exc:
+                    # NOTE: uvicorn logs the message and exits (status 3).
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._grpc_server is not None:
+                    await self._grpc_server.stop(_GRPC_GRACE_S)
                 await anyio.to_thread.run_sync(self.close)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -178,7 +220,8 @@ def app_from_env() -> StandaloneApp:
     # NOTE: uvicorn spawns workers from an import string; the parent passes the
     # app args through the environment, the one way into a spawned worker.
     spec = orjson.loads(os.environ[ARGS_ENV])
-    return StandaloneApp(AppConfig.model_validate(spec["app"]), predict=spec["predict"])
+    grpc = GrpcListen(**spec["grpc"]) if spec.get("grpc") else None
+    return StandaloneApp(AppConfig.model_validate(spec["app"]), predict=spec["predict"], grpc=grpc)
 
 
 def _metrics_server(host: str, port: int, multiproc_dir: str | None) -> None:
@@ -239,6 +282,8 @@ def main(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
         # NOTE: SIGINT/SIGTERM stop the server within seconds even with clients still connected.
         "timeout_graceful_shutdown": 3,
     }
+    grpc_port = int(getattr(args, "grpc_port", 0) or 0)
+    grpc = GrpcListen(args.host, grpc_port, reuse_port=workers > 1) if grpc_port else None
     log.info(
         "serving %s on http://%s:%d (standalone, %d worker(s), predict %s), metrics on :%d/metrics",
         ", ".join(m.name for m in config.models),
@@ -250,17 +295,18 @@ def main(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
     )
     if workers == 1:
         _metrics_server(args.host, args.metrics_port, None)
-        server = _own_signals_server()(uvicorn.Config(StandaloneApp(config, predict=predict), **common))
+        app = StandaloneApp(config, predict=predict, grpc=grpc)
+        server = _own_signals_server()(uvicorn.Config(app, **common))
         server.run()
-        return 0
+        # NOTE: a failed startup (the gRPC port taken) ends run() without serving.
+        return 0 if server.started else 1
     with ExitStack() as stack:
         multiproc = stack.enter_context(tempfile.TemporaryDirectory(prefix="serving-prometheus-"))
         # NOTE: prometheus_client picks its multiprocess value store at import, from the
         # environment; the spawned workers inherit it.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc
-        os.environ[ARGS_ENV] = orjson.dumps(
-            {"app": config.model_dump(mode="json"), "predict": predict}
-        ).decode()
+        spec = {"app": config.model_dump(mode="json"), "predict": predict}
+        os.environ[ARGS_ENV] = orjson.dumps({**spec, "grpc": asdict(grpc) if grpc else None}).decode()
         _metrics_server(args.host, args.metrics_port, multiproc)
         uvicorn.run("serving.standalone:app_from_env", factory=True, workers=workers, **common)
     return 0

@@ -1,4 +1,4 @@
-"""The HTTP server: one front end (:mod:`serving.server.frontend`) and ``serving serve``.
+"""The HTTP and gRPC server: one front end (:mod:`serving.server.frontend`) and ``serving serve``.
 
 ``serving serve`` starts a local Ray instance and the app in the foreground,
 built from the same :func:`serving.app.build_app` the Serve config and the Helm
@@ -6,7 +6,7 @@ chart use, so what runs here is what runs on the cluster; ``--standalone``
 runs :mod:`serving.standalone` instead. Either way the process owns its
 children: SIGINT (a terminal's Ctrl-C, sent to the whole process group) or
 SIGTERM stops Ray, Serve and any HAProxy Ray started within seconds, with one
-log line, and frees the ports.
+log line, and frees the ports (HTTP, gRPC, metrics).
 """
 
 from __future__ import annotations
@@ -51,7 +51,14 @@ FAST_PATH_ENV = {
 }
 """How ``serving serve`` runs Ray (unless the environment says otherwise), as the chart's pods do."""
 
-_HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+HAPROXY_PORT_ENV = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    # NOTE: the Serve proxy HAProxy falls back to (and its gRPC server, with gRPC on).
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+"""Ports Ray fixes unless set (8404, 9101, 8500, 9500): one Ray per machine could bind them."""
 _STOP_TIMEOUT_S = 8.0
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -102,9 +109,9 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
     configure_logging()
     for key, value in FAST_PATH_ENV.items():
         os.environ.setdefault(key, value)
-    # NOTE: HAProxy's stats and metrics ports are fixed (8404, 9101) unless set; on a shared
-    # machine a second server would fail to start. Free ones here, the defaults in a pod.
-    for key in _HAPROXY_PORT_ENV:
+    # NOTE: HAProxy's stats and metrics ports and its fallback proxy's are fixed unless set;
+    # on a shared machine a second server would fail to start. Free ones here, the defaults in a pod.
+    for key in HAPROXY_PORT_ENV:
         os.environ.setdefault(key, str(_free_port(args.host)))
     _become_subreaper()
     stop = threading.Event()
@@ -130,10 +137,17 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
     node_id = ray.get_runtime_context().get_node_id()
     try:
         if not stop.is_set():
-            serve.start(http_options={"host": args.host, "port": args.port})
+            serve.start(
+                http_options={"host": args.host, "port": args.port},
+                grpc_options=grpc_options(args.grpc_port),
+            )
             serve.run(build_app(app_args), name="serving", route_prefix="/", blocking=False)
             log.info(
-                "serving on http://%s:%d, metrics on :%d/metrics", args.host, args.port, args.metrics_port
+                "serving on http://%s:%d%s, metrics on :%d/metrics",
+                args.host,
+                args.port,
+                f", OIP gRPC on :{args.grpc_port}" if args.grpc_port else "",
+                args.metrics_port,
             )
         stop.wait()
     finally:
@@ -163,6 +177,21 @@ def _remove_haproxy_files(node_id: str) -> None:
     bases = {Path(f).parent for f in files} | {Path(rc.RAY_SERVE_HAPROXY_SERVER_STATE_BASE)}
     for base in bases:
         shutil.rmtree(base / node_id, ignore_errors=True)
+
+
+def grpc_options(port: int) -> dict[str, Any] | None:
+    """Ray Serve's ``grpc_options`` for OIP over gRPC on ``port`` (None when 0: off).
+
+    With HAProxy (:data:`FAST_PATH_ENV`) the port is HAProxy's; it forwards each
+    call to a replica's own gRPC server (direct ingress), which calls the
+    deployment's method of the RPC's name (:class:`serving.app.GrpcMethods`).
+    A client needs no ``application`` metadata while one app serves gRPC.
+    """
+    if not port:
+        return None
+    from serving.server.oip_grpc import SERVICER_FUNCTION
+
+    return {"port": port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
 
 
 def _free_port(host: str) -> int:
@@ -254,6 +283,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8080)
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=8001,
+        help="OIP over gRPC (inference.GRPCInferenceService) on this port; 0 turns it off",
+    )
     parser.add_argument("--poll-interval", type=float, default=None, help="seconds between alias checks")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance")
     parser.add_argument(

@@ -1,10 +1,10 @@
 """The front end: every route handler, written once, over two small ports.
 
-A transport (the raw ASGI server, a Ray Serve replica, later gRPC) turns what it
-received into an :class:`HttpRequest`, calls :meth:`Frontend.handle` and sends
-the :class:`serving.api.Reply` back; it holds no route logic of its own::
+A transport (the raw ASGI server, a Ray Serve replica, OIP over gRPC on either)
+turns what it received into an :class:`HttpRequest`, calls :meth:`Frontend.handle`
+and sends the :class:`serving.api.Reply` back; it holds no route logic of its own::
 
-    transport adapter  (serving.standalone, serving.app)
+    transport adapter  (serving.standalone, serving.app, serving.server.oip_grpc)
         │ HttpRequest: method, path, root path, headers, body chunks
         ▼
     Frontend.handle ── api.match (routes) ── handler ── api.error_reply (the one handler)

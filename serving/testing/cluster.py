@@ -16,27 +16,30 @@ class Cluster:
     """Serve's HTTP base URL (HAProxy in front of the replicas)."""
     metrics: str
     """The node's Prometheus endpoint."""
+    grpc: str = ""
+    """Serve's gRPC address (``host:port``) for OIP over gRPC; empty when off."""
 
 
 @contextlib.contextmanager
-def local_cluster(num_cpus: int = 4) -> Iterator[Cluster]:
+def local_cluster(num_cpus: int = 4, *, grpc: bool = True) -> Iterator[Cluster]:
     """Start Ray and Serve on free loopback ports, set up as the chart's pods are; stop both on exit.
 
     Ray runs with :data:`serving.server.FAST_PATH_ENV` (HAProxy, replicas reporting
-    ongoing requests to the autoscaler). The dashboard is off; metrics are flushed every half second so
-    metric tests poll briefly.
+    ongoing requests to the autoscaler) and, with ``grpc``, Serve's gRPC ingress for OIP
+    over gRPC (:func:`serving.server.grpc_options`). The dashboard is off; metrics are
+    flushed every half second so metric tests poll briefly.
     """
     import ray
     from ray import serve
 
-    from serving.server import FAST_PATH_ENV
+    from serving.server import FAST_PATH_ENV, HAPROXY_PORT_ENV, grpc_options
 
     http_port, metrics_port = free_port(), free_port()
+    grpc_port = free_port() if grpc else 0
     env = {
         **FAST_PATH_ENV,
-        # NOTE: HAProxy's fixed stats/metrics ports would clash with any other Ray on the machine.
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        # NOTE: HAProxy's fixed stats/metrics/fallback ports would clash with any other Ray on the machine.
+        **{key: str(free_port()) for key in HAPROXY_PORT_ENV},
         # NOTE: behind HAProxy a deleted replica drains for 30 s by default; tests delete apps often.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
     }
@@ -52,8 +55,14 @@ def local_cluster(num_cpus: int = 4) -> Iterator[Cluster]:
             _system_config={"metrics_report_interval_ms": 500},
             log_to_driver=False,
         )
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        yield Cluster(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics")
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": http_port}, grpc_options=grpc_options(grpc_port)
+        )
+        yield Cluster(
+            f"http://127.0.0.1:{http_port}",
+            f"http://127.0.0.1:{metrics_port}/metrics",
+            f"127.0.0.1:{grpc_port}" if grpc_port else "",
+        )
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()  # type: ignore[no-untyped-call]  # NOTE: untyped in Ray

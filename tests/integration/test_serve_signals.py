@@ -1,4 +1,5 @@
-"""``serving serve`` owns its children: SIGINT or SIGTERM stops everything it started, at once.
+"""``serving serve`` owns its children: SIGINT or SIGTERM stops everything it started, at once,
+and frees its HTTP, metrics and gRPC ports.
 
 A real ``serving serve`` in its own session (as a terminal runs it), on both
 transports. SIGINT goes to the whole process group, as a terminal's Ctrl-C does;
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx
 import joblib
 import pytest
+import tritonclient.grpc
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
@@ -87,9 +89,9 @@ def _alive(pids: list[int]) -> list[int]:
 def test_a_signal_stops_serve_and_everything_it_started(
     store: str, tmp_path: Path, transport: str, how: str, request: pytest.FixtureRequest
 ) -> None:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, grpc_port = free_port(), free_port(), free_port()
     cmd = [sys.executable, "-m", "serving.cli", "--store", store, "serve", "--model", "iris@production"]
-    cmd += ["--port", str(port), "--metrics-port", str(metrics_port)]
+    cmd += ["--port", str(port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port)]
     cmd += ["--standalone"] if transport == "standalone" else ["--num-cpus", "2"]
     # NOTE: no RAY_* from a Ray instance this test session may run (HAProxy ports, address).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "RAY_"))}
@@ -115,6 +117,9 @@ def test_a_signal_stops_serve_and_everything_it_started(
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        # NOTE: the gRPC port serves too, so that it being free afterwards means something.
+        with tritonclient.grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            assert client.is_server_ready()
         children = descendants(proc.pid)
         if transport == "ray":
             assert children, "a Ray server has child processes"
@@ -139,6 +144,7 @@ def test_a_signal_stops_serve_and_everything_it_started(
     assert _alive(children) == []
     assert _port_is_free(port)
     assert _port_is_free(metrics_port)
+    assert _port_is_free(grpc_port)
     assert list(haproxy.iterdir()) == [], "HAProxy's files outlived serve"
     assert text.count('"stopping on ') == 1, text[-3000:]
     assert "Traceback" not in text, text[-3000:]

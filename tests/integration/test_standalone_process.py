@@ -107,7 +107,9 @@ def start_server(
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "AWS_"))}
     cmd = [sys.executable, "-m", "serving.cli", "--store", store, "serve", "--standalone"]
-    cmd += ["--config", str(config), "--port", str(port), "--metrics-port", str(metrics_port), *extra]
+    cmd += ["--config", str(config), "--port", str(port), "--metrics-port", str(metrics_port)]
+    # NOTE: gRPC off: the default port (8001) is one per machine; test_grpc.py covers gRPC.
+    cmd += ["--grpc-port", "0", *extra]
     log = work / f"server-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

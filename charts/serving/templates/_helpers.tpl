@@ -157,6 +157,14 @@ proxy_location: EveryNode
 http_options:
   host: 0.0.0.0
   port: {{ .Values.ports.serve }}
+{{- if .Values.ports.grpc }}
+# NOTE: OIP over gRPC; the replicas answer each RPC with the method of its name
+# (serving.app.GrpcMethods), over the same front end as HTTP.
+grpc_options:
+  port: {{ .Values.ports.grpc }}
+  grpc_servicer_functions:
+    - serving.server.oip_grpc.add_GRPCInferenceServiceServicer_to_server
+{{- end }}
 applications:
   - name: {{ .Values.serve.applicationName }}
     route_prefix: {{ .Values.serve.routePrefix }}
@@ -464,6 +472,11 @@ spec:
         - name: metrics
           containerPort: {{ $root.Values.ports.metrics }}
           protocol: TCP
+        {{- if $root.Values.ports.grpc }}
+        - name: grpc
+          containerPort: {{ $root.Values.ports.grpc }}
+          protocol: TCP
+        {{- end }}
         {{- if eq .component "ray-head" }}
         - name: gcs-server
           containerPort: 6379

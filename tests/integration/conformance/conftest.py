@@ -1,9 +1,10 @@
 """The same app on every transport: the standalone ASGI server (a real process) and Ray Serve
 in both layouts (single-hop, the default; two-hop, an ingress before per-model deployments).
 
-``served`` is module-scoped and parametrized over the transports, so every test
-of the conformance suite runs once per transport against a fresh S3 bucket
-(moto on loopback) holding the same models. The app follows aliases only when
+``served`` is package-scoped and parametrized over the transports, so every test
+of the conformance suite (REST in test_conformance.py, OIP over gRPC in
+test_grpc.py, against the same servers) runs once per transport against a fresh
+S3 bucket (moto on loopback) holding the same models. The app follows aliases only when
 asked (``poll_interval_s`` is an hour), so every swap in these tests is a load
 request's doing.
 """
@@ -37,7 +38,7 @@ from serving.testing import MotoS3, free_port
 from serving.testing.models import FailsOn
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
-MAX_BODY = 64 * 1024
+MAX_BODY = 512 * 1024
 BODY_TIMEOUT_S = 1.0
 ADMIN_TOKEN = "conformance-admin-token"
 OUTPUTS = [
@@ -71,6 +72,8 @@ class Served:
 
     transport: str
     base: str
+    grpc: str
+    """The OIP gRPC address, ``host:port``."""
     repo: Repository
     s3: MotoS3
     bucket: str
@@ -130,7 +133,7 @@ def _store(s3: MotoS3, work: Path, monkeypatch: pytest.MonkeyPatch) -> Served:
         monkeypatch.setenv(key, value)
     uri = f"s3://{bucket}/models"
     repo = Repository(open_store(uri, Settings(s3_addressing_style="path")))
-    served = Served("", "", repo, s3, bucket, work)
+    served = Served("", "", "", repo, s3, bucket, work)
     for name in MODELS[:-1]:
         served.publish(name, "1", ints=name == "ints")
         repo.set_alias(name, "production", "1")
@@ -176,14 +179,14 @@ def app_args(served: Served, env: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _standalone(served: Served, args: dict[str, Any], env: dict[str, str]) -> Iterator[str]:
-    port, metrics_port = free_port(), free_port()
+def _standalone(served: Served, args: dict[str, Any], env: dict[str, str]) -> Iterator[tuple[str, str]]:
+    port, metrics_port, grpc_port = free_port(), free_port(), free_port()
     args = {k: v for k, v in args.items() if k != "ingress"}
     config = served.work / f"standalone-{port}.yaml"
     config.write_text(yaml.safe_dump(args))
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "AWS_"))}
     cmd = [sys.executable, "-m", "serving.cli", "serve", "--standalone", "--config", str(config)]
-    cmd += ["--port", str(port), "--metrics-port", str(metrics_port)]
+    cmd += ["--port", str(port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port)]
     log = served.work / f"standalone-{port}.log"
     served.logs = lambda: [log]
     with log.open("wb") as out:
@@ -196,8 +199,9 @@ def _standalone(served: Served, args: dict[str, Any], env: dict[str, str]) -> It
         return httpx.get(base + "/v2/health/ready", timeout=2).status_code == 200
 
     try:
-        wait_for(ready, what="the standalone server to be ready")
-        yield base
+        # NOTE: seven isolated first loads; on a loaded 2-core machine that can take a minute or more.
+        wait_for(ready, timeout=120, what="the standalone server to be ready")
+        yield base, f"127.0.0.1:{grpc_port}"
     finally:
         proc.terminate()
         try:
@@ -207,7 +211,7 @@ def _standalone(served: Served, args: dict[str, Any], env: dict[str, str]) -> It
             proc.wait(timeout=10)
 
 
-def _ray(served: Served, cluster: Any, args: dict[str, Any], layout: str) -> Iterator[str]:
+def _ray(served: Served, cluster: Any, args: dict[str, Any], layout: str) -> Iterator[tuple[str, str]]:
     import ray
     from ray import serve
 
@@ -226,13 +230,13 @@ def _ray(served: Served, cluster: Any, args: dict[str, Any], layout: str) -> Ite
             timeout=120,
             what="the Ray app to be ready",
         )
-        yield cluster.http
+        yield cluster.http, cluster.grpc
     finally:
         serve.delete(name)
 
 
 @pytest.fixture(
-    scope="module",
+    scope="package",
     params=[
         "standalone",
         pytest.param("ray", marks=[pytest.mark.ray, pytest.mark.slow]),
@@ -266,6 +270,6 @@ def served(
             for model in args["models"]:
                 model["ray_actor_options"] = {"num_cpus": 0.1, "runtime_env": {"env_vars": env}}
             runner = _ray(served, cluster, args, layout)
-        for base in runner:
-            served.transport, served.base = request.param, base
+        for base, grpc in runner:
+            served.transport, served.base, served.grpc = request.param, base, grpc
             yield served
