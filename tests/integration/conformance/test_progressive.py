@@ -103,13 +103,13 @@ def delivery(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         "retry_backoff_max_s": 2,
         "cache_dir": str(work / "cache"),
     }
-    served = Served("", "", repo, None, "", work)  # type: ignore[arg-type]  # NOTE: no S3 here
+    served = Served("", "", "", repo, None, "", work)  # type: ignore[arg-type]  # NOTE: no S3 here
     if request.param == "standalone":
         runner = _standalone(served, args, {})
     else:
         args["ingress"] = {"ray_actor_options": {"num_cpus": 0.2}}
         runner = _ray(served, cluster, args, "single-hop")
-    for base in runner:
+    for base, _grpc in runner:
         out.base = base
         yield out
 
