@@ -13,9 +13,11 @@ worker nodes and the driver get ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN``
 (the token in ``~/.ray/auth_token``, if any, is neither read nor written).
 A node or driver without the token is refused (``InvalidAuthToken``).
 
-Serve runs in :data:`serving.server.FAST_PATH_ENV` (HAProxy, direct ingress),
-with its HTTP proxy on the head only: every node of this cluster has the same IP,
-so per-node proxies would bind the same port.
+Serve runs in :data:`serving.server.FAST_PATH_ENV` (HAProxy, direct ingress)
+with a proxy (an HAProxy) on every node, as the chart runs it. Every node here
+has the same IP, so each worker node's proxy gets a port of its own
+(``RAY_SERVE_WORKER_PROXY_HTTP_PORT``, and its own HAProxy stats and metrics
+ports); the head's is ``MultiNodeCluster.http``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class Node:
     head: bool
     num_cpus: int
     metrics_port: int
+    http_port: int
+    """The port of the Serve proxy (HAProxy) on this node."""
     cache_dir: Path
     temp_dir: Path
     log: Path
@@ -73,6 +77,10 @@ class Node:
     @property
     def metrics(self) -> str:
         return f"http://{HOST}:{self.metrics_port}/metrics"
+
+    @property
+    def http(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
 
     @property
     def alive(self) -> bool:
@@ -150,7 +158,16 @@ def _start_node(cluster: MultiNodeCluster, node: Node, resources: Mapping[str, f
     cmd += ["--dashboard-agent-listen-port", str(free_port())]
     cmd += ["--dashboard-agent-grpc-port", str(free_port())]
     cmd += ["--runtime-env-agent-port", str(free_port())]
-    env = {**os.environ, **cluster.env, "SERVING_CACHE_DIR": str(node.cache_dir)}
+    env = {
+        **os.environ,
+        **cluster.env,
+        "SERVING_CACHE_DIR": str(node.cache_dir),
+        # NOTE: HAProxy's fixed stats/metrics ports would clash between nodes (and other Rays).
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
+    if not node.head:
+        env["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(node.http_port)
     env.pop("RAY_ADDRESS", None)
     with node.log.open("wb") as log:
         # NOTE: its own session, so killpg reaches the raylet and every worker it started.
@@ -191,7 +208,10 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def multi_node_cluster(
-    workers: Mapping[str, int] | None = None, head_cpus: int = 2, serve_http: bool = True
+    workers: Mapping[str, int] | None = None,
+    head_cpus: int = 2,
+    serve_http: bool = True,
+    proxy_location: str = "EveryNode",
 ) -> Iterator[MultiNodeCluster]:
     """Start a head and worker nodes (name: CPUs), connect this process, start Serve; stop all on exit.
 
@@ -209,8 +229,6 @@ def multi_node_cluster(
         **METRICS_ENV,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
     }
     cluster = MultiNodeCluster(address=f"{HOST}:{free_port()}", token=token, env=env)
@@ -223,6 +241,7 @@ def multi_node_cluster(
             head=head,
             num_cpus=cpus,
             metrics_port=free_port(),
+            http_port=free_port(),
             cache_dir=node_dir / "cache",
             temp_dir=node_dir / "ray",
             log=node_dir / "ray-start.log",
@@ -246,9 +265,11 @@ def multi_node_cluster(
             if serve_http:
                 from ray import serve
 
-                port = free_port()
-                serve.start(proxy_location="HeadOnly", http_options={"host": HOST, "port": port})
-                cluster.http = f"http://{HOST}:{port}"
+                serve.start(
+                    proxy_location=proxy_location,
+                    http_options={"host": HOST, "port": cluster.head.http_port},
+                )
+                cluster.http = cluster.head.http
             yield cluster
     finally:
         with contextlib.suppress(Exception):

@@ -9,8 +9,10 @@ tests run in order; the last kills a worker node.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,6 +26,7 @@ from typing import Any
 import httpx
 import joblib
 import pytest
+import yaml
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
@@ -32,7 +35,7 @@ from serving.publish import publish_path
 from serving.repository import Repository
 from serving.settings import Settings
 from serving.store import open_store
-from serving.testing import MotoS3
+from serving.testing import MotoS3, free_port
 from serving.testing.multinode import MultiNodeCluster, Node, multi_node_cluster
 
 ray = pytest.importorskip("ray")
@@ -49,6 +52,9 @@ OUTPUTS = [
     TensorSpec(name="predict", datatype="INT64", shape=[-1]),
     TensorSpec(name="predict_proba", datatype="FP64", shape=[-1, 3]),
 ]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = REPO_ROOT / "charts" / "serving" / "files" / "serving-dashboard.json"
+NAMESPACE = "ml"
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
 
 
@@ -247,6 +253,36 @@ def test_alias_move_converges_on_every_node(deployed: Deployed, figures: dict[st
         assert "2" in pulled
 
 
+def test_each_node_with_a_replica_runs_a_proxy_to_every_replica(
+    deployed: Deployed, figures: dict[str, Any]
+) -> None:
+    """proxy_location EveryNode (the chart's): an HAProxy on the head and on each node with a
+    replica, each on its own port here, each answering from the live version."""
+    expected = {r["node_id"] for r in deployed.index()["replicas"]} | {deployed.cluster.head.node_id}
+
+    def all_there() -> dict[str, Any] | None:
+        proxies: dict[str, Any] = serve.status().proxies
+        return proxies if expected <= set(proxies) else None
+
+    proxies = wait_for(all_there, timeout=60, what="a proxy on the head and on each node with a replica")
+    figures["nodes running a proxy"] = sorted(deployed.node_of(n).name for n in proxies)
+    body = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": ROW}]}
+    for node_id in proxies:
+        node = deployed.node_of(node_id)
+        wait_for(
+            lambda node=node: deployed.client.get(f"{node.http}/v2/health/ready").status_code == 200,
+            timeout=60,
+            what=f"the proxy on node {node.name}",
+        )
+        versions = set()
+        for _ in range(6):
+            reply = deployed.client.post(f"{node.http}/v2/models/iris/infer", json=body)
+            assert reply.status_code == 200, (node.name, reply.text)
+            deployed.answered += 1
+            versions.add(reply.json()["model_version"])
+        assert versions == {"2"}
+
+
 def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     out = []
     for line in text.splitlines():
@@ -274,12 +310,17 @@ def test_each_node_exports_the_metrics_of_its_replicas(deployed: Deployed) -> No
     for _ in range(40):
         assert deployed.infer().status_code == 200
 
+    seen: list[dict[str, float]] = []
+
     def counted() -> dict[str, float] | None:
-        now = _requests_by_node(deployed)
-        return now if sum(now.values()) == deployed.answered else None
+        seen.append(_requests_by_node(deployed))
+        return seen[-1] if sum(seen[-1].values()) == deployed.answered else None
 
     # NOTE: every answered request of this module, counted once, on the node that served it.
-    delta = wait_for(counted, timeout=30, what=f"{deployed.answered} requests on the nodes' metrics ports")
+    try:
+        delta = wait_for(counted, timeout=30, what="the requests on the nodes' metrics ports")
+    except AssertionError:
+        raise AssertionError(f"answered {deployed.answered}, counted by node: {seen[-1:]}") from None
     # NOTE: HAProxy spreads requests; each replica's node exports that replica's count, no other node does.
     assert {name for name, d in delta.items() if d > 0} == replica_nodes, delta
     # NOTE: each node exports the swap to version 2 of the replica it hosts; the spare node none.
@@ -293,6 +334,160 @@ def test_each_node_exports_the_metrics_of_its_replicas(deployed: Deployed) -> No
             wait_for(lambda: swaps() == 1, timeout=30, what=f"node {node.name} to export its replica's swap")
         else:
             assert swaps() == 0, node.name
+
+
+def _live_versions(node: Node) -> set[str]:
+    samples = _samples(httpx.get(node.metrics, timeout=10).text, "ray_serving_live_version_info")
+    return {labels["version"] for labels, v in samples if labels.get("model") == "iris" and v == 1}
+
+
+def test_the_live_version_gauge_outlives_ray_gauge_expiry(deployed: Deployed) -> None:
+    """``ray_serving_live_version_info`` stays on each replica's node long after the swap.
+
+    Ray's node exporter drops a gauge not set again within two export intervals (2 s
+    here, 20 s by default); a swap sets it once, so the replica re-sets its gauges.
+    """
+    replica_nodes = [deployed.node_of(r["node_id"]) for r in deployed.index()["replicas"]]
+    for node in replica_nodes:
+        wait_for(lambda node=node: _live_versions(node) == {"2"}, timeout=30, what=f"{node.name}: version 2")
+    watched_until = time.monotonic() + 6.0  # NOTE: three expiry periods
+    scrapes = 0
+    while time.monotonic() < watched_until:
+        for node in replica_nodes:
+            assert _live_versions(node) == {"2"}, f"node {node.name} dropped the live version gauge"
+        scrapes += 1
+        time.sleep(0.25)  # NOTE: the pace of the scrapes, not a wait for a condition
+    assert scrapes >= 3
+    spare = [n for n in deployed.cluster.nodes.values() if n not in replica_nodes]
+    assert [_live_versions(n) for n in spare] == [set()]
+
+
+@dataclass
+class Prometheus:
+    base: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        body = httpx.get(f"{self.base}/api/v1/query", params={"query": expr}, timeout=10).json()
+        assert body["status"] == "success", f"{expr}: {body}"
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def by(self, expr: str, label: str) -> dict[str, float]:
+        return {r["metric"].get(label, ""): float(r["value"][1]) for r in self.query(expr)}
+
+
+@pytest.fixture(scope="module")
+def prometheus(deployed: Deployed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """A real Prometheus (Debian's package, or $PROMETHEUS) scraping every node's metrics port each second.
+
+    ``namespace="ml"`` is added as the chart's PodMonitor would find it on the pods.
+    """
+    binary = os.environ.get("PROMETHEUS") or shutil.which("prometheus")
+    if not binary:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("no prometheus binary (CI=true: required)")
+        pytest.skip("no prometheus binary (apt-get install prometheus, or set PROMETHEUS)")
+    work = tmp_path_factory.mktemp("prometheus")
+    targets = [
+        n.metrics.removeprefix("http://").removesuffix("/metrics") for n in deployed.cluster.nodes.values()
+    ]
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "ray-nodes",
+                "static_configs": [{"targets": targets, "labels": {"namespace": NAMESPACE}}],
+            }
+        ],
+    }
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    cmd = [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'tsdb'}"]
+    cmd += [f"--web.listen-address=127.0.0.1:{port}"]
+    log = work / "prometheus.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    prom = Prometheus(f"http://127.0.0.1:{port}", process, log)
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"prometheus exited {process.returncode}: {log.read_text()[-2000:]}")
+            return httpx.get(f"{prom.base}/-/ready", timeout=2).status_code == 200
+
+        wait_for(ready, what="prometheus to be ready")
+        yield prom
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _dashboard_exprs() -> list[str]:
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "expr" and isinstance(value, str) and "ray_serving_" in value:
+                    found.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(DASHBOARD.read_text()))
+    return found
+
+
+def test_prometheus_scrapes_every_node_and_the_dashboard_shows_the_swap(
+    deployed: Deployed, prometheus: Prometheus
+) -> None:
+    """After the swap to version 2, Prometheus holds every dashboard series the nodes export,
+    with the cluster-wide values: every answered request once, both replicas on version 2."""
+    sel = f'namespace="{NAMESPACE}",model="iris"'
+    per_version = f"sum by (model, version) (ray_serving_live_version_info{{{sel}}})"
+
+    def scraped() -> bool:
+        total = prometheus.query(f"sum(ray_serving_requests_total{{{sel}}})")
+        live = prometheus.by(per_version, "version")
+        up = prometheus.by('up{job="ray-nodes"}', "instance")
+        return (
+            bool(total)
+            and float(total[0]["value"][1]) == deployed.answered
+            and live.get("2") == REPLICAS
+            and sorted(up.values()) == [1.0] * len(deployed.cluster.nodes)
+        )
+
+    wait_for(scraped, timeout=60, what="prometheus to scrape every node, every request, the swap")
+    # NOTE: the dashboard's "replicas per live version" panel, long after the swap: v2 on both.
+    assert prometheus.by(per_version, "version").get("2") == REPLICAS
+    assert prometheus.by(per_version, "version").get("1", 0.0) == 0.0
+    exported = set()
+    for node in deployed.cluster.nodes.values():
+        text = httpx.get(node.metrics, timeout=10).text
+        exported |= {m["name"] for line in text.splitlines() if (m := _SAMPLE.match(line))}
+    used = {name for expr in _dashboard_exprs() for name in re.findall(r"\bray_serving_[a-z_]+\b", expr)}
+    checked = sorted(used & exported)
+    assert {"ray_serving_requests_total", "ray_serving_live_version_info", "ray_serving_swaps_total"} <= set(
+        checked
+    )
+    missing = [name for name in checked if not prometheus.query(f'{name}{{namespace="{NAMESPACE}"}}')]
+    assert not missing, f"exported by the nodes but not in Prometheus: {missing}"
+    for expr in _dashboard_exprs():
+        if not expr.startswith("label_values("):
+            prometheus.query(
+                expr.replace("$__rate_interval", "30s")
+                .replace('=~"$namespace"', f'=~"{NAMESPACE}"')
+                .replace('=~"$model"', '=~"iris"')
+            )
+    print(f"in Prometheus: {checked}; on the dashboard, not exported yet: {sorted(used - exported)}")
 
 
 def test_board_lives_on_the_head_and_comes_back_when_its_process_dies(
@@ -381,11 +576,15 @@ def test_killing_a_worker_node_under_load(deployed: Deployed, figures: dict[str,
         wait_for(lambda: len(loop.results) >= 50, timeout=30, what="the client loop to warm up")
         killed = cluster.kill(victim.name)
 
+        noticed: list[float] = []
+
         def rescheduled() -> bool:
             nodes = deployed.replica_nodes()
             app = serve.status().applications.get(APP)
-            running = app is not None and app.deployments["server"].replica_states.get("RUNNING") == REPLICAS
-            return running and len(nodes) == REPLICAS and victim.node_id not in nodes.values()
+            running = app.deployments["server"].replica_states.get("RUNNING", 0) if app else 0
+            if not noticed and (running < REPLICAS or victim.node_id not in nodes.values()):
+                noticed.append(time.monotonic())
+            return running == REPLICAS and len(nodes) == REPLICAS and victim.node_id not in nodes.values()
 
         wait_for(rescheduled, timeout=120, what="Serve to replace the lost replica")
         back = time.monotonic()
@@ -399,6 +598,8 @@ def test_killing_a_worker_node_under_load(deployed: Deployed, figures: dict[str,
     window = loop.failures(killed, back)
     after = loop.failures(back)
     total = len([r for r in loop.results if r[0] >= killed])
+    if noticed:
+        figures["node kill -> the lost replica off Serve's books"] = f"{noticed[0] - killed:.2f} s"
     figures["node kill -> replacement replica RUNNING"] = f"{back - killed:.2f} s"
     figures["requests from the kill on"] = total
     figures["failed in the reschedule window"] = [f"+{t - killed:.2f}s {o}" for t, o in window]
@@ -423,3 +624,8 @@ def test_killing_a_worker_node_under_load(deployed: Deployed, figures: dict[str,
     )
     pulled = {p.name.split("-")[0] for p in (spare.cache_dir / "versions" / "iris").glob("*")}
     assert {"2", "3"} <= pulled
+    # NOTE: the surviving nodes' proxies answer; the dead node's went with it.
+    for node in cluster.nodes.values():
+        if node is not victim:
+            ready = deployed.client.get(f"{node.http}/v2/health/ready")
+            assert ready.status_code == 200, (node.name, ready.text)
