@@ -20,7 +20,7 @@ MLFLOW_VENV    ?= .cache/mlflow-venv
 MLFLOW_VERSION ?= 3.17.2
 MLFLOW_SERVER  := $(MLFLOW_VENV)/bin/mlflow
 
-.PHONY: serve test lint typecheck unit integration bench helm clean
+.PHONY: serve test test-cluster lint typecheck unit integration bench helm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,9 +51,13 @@ lint: $(TEST_STAMP)
 typecheck: $(TEST_STAMP)
 	$(VENV)/bin/mypy serving
 
-## test: lint, type-check and run every test (unit, integration, helm, security)
+## test: lint, type-check and run every test (unit, integration, helm, security) but the cluster suite
 test: lint typecheck $(MLFLOW_SERVER)
 	SERVING_TEST_MLFLOW_SERVER=$(abspath $(MLFLOW_SERVER)) $(PY) -m pytest
+
+## test-cluster: a three-node Ray cluster (token auth on) under faults: alias moves, metrics, a node killed (about 4 min)
+test-cluster: $(TEST_STAMP)
+	$(PY) -m pytest tests/cluster -m cluster --durations=10
 
 unit: $(TEST_STAMP)
 	$(PY) -m pytest tests/unit
