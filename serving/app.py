@@ -81,6 +81,10 @@ BOARD_OPTIONS: dict[str, Any] = {
 class Board:
     """What each replica serves, and per-model load requests (a generation counter).
 
+    Generations only grow, across restarts too: a new one is at least the wall clock
+    in milliseconds, and a replica that has seen more than the board knows (the board
+    restarted) lifts the board's count to its own.
+
     A load request joins one that no replica has started yet, so each model has at
     most one forced check in flight and one queued, however many requests arrive.
     """
@@ -104,7 +108,9 @@ class Board:
             seen = self._seen[model].values()
             queued = current > 0 and bool(seen) and all(s < current for s in seen)
             if not queued:
-                self._generation[model] = current + 1
+                # NOTE: at least the wall clock in ms, so a restarted board (counting from 0)
+                # still hands out generations above any a replica has seen.
+                self._generation[model] = max(current + 1, time.time_ns() // 1_000_000)
                 self._changed.notify_all()
             return self._generation[model]
 

@@ -111,13 +111,46 @@ class MultiNodeCluster:
         return killed_at
 
 
+_EPHEMERAL_LOW = 32768
+"""Linux's default lowest ephemeral port: outgoing connections take ports from there up."""
+_taken: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _EPHEMERAL_LOW
+
+
+def _port() -> int:
+    """A free port below the ephemeral range, not handed out before in this process.
+
+    NOTE: a port from the ephemeral range (what binding port 0 gives) may be taken by any
+    outgoing connection on the machine in the minute between picking it and Ray binding it;
+    seen with HAProxy's HTTP port on a busy machine. Below the range, only a process that
+    binds a port on purpose takes it.
+    """
+    import random
+
+    for _ in range(500):
+        # NOTE: 30000-31000 is Serve's direct-ingress range (replicas of every Ray here).
+        port = random.randrange(26000, min(_ephemeral_low(), 30000))  # noqa: S311 -- NOTE: not a secret
+        if port not in _taken and _bindable(port):
+            _taken.add(port)
+            return port
+    return free_port()
+
+
 def _port_range(count: int) -> tuple[int, int]:
-    """``count`` consecutive ports nothing listens on now (for a node's workers)."""
+    """``count`` consecutive free ports below :func:`_port`'s (for a node's workers)."""
     import random
 
     for _ in range(200):
-        low = random.randrange(20000, 29000)  # noqa: S311 -- NOTE: a port, not a secret
-        if all(_bindable(p) for p in range(low, low + count)):
+        low = random.randrange(20000, 26000 - count)  # noqa: S311 -- NOTE: a port, not a secret
+        span = range(low, low + count)
+        if not _taken.intersection(span) and all(_bindable(p) for p in span):
+            _taken.update(span)
             return low, low + count - 1
     raise RuntimeError(f"no {count} free consecutive ports")
 
@@ -146,25 +179,25 @@ def _start_node(cluster: MultiNodeCluster, node: Node, resources: Mapping[str, f
     cmd = [_ray_cli(), "start", "--block", "--disable-usage-stats", "--node-ip-address", HOST]
     if node.head:
         cmd += ["--head", "--port", str(cluster.address.rsplit(":", 1)[1]), "--include-dashboard=false"]
-        cmd += ["--dashboard-port", str(free_port())]
-        cmd += ["--ray-client-server-port", str(free_port())]
+        cmd += ["--dashboard-port", str(_port())]
+        cmd += ["--ray-client-server-port", str(_port())]
     else:
         cmd += ["--address", cluster.address]
     cmd += ["--num-cpus", str(node.num_cpus), "--resources", json.dumps(dict(resources))]
     cmd += ["--object-store-memory", str(80 * 1024 * 1024)]
     cmd += ["--temp-dir", str(node.temp_dir), "--metrics-export-port", str(node.metrics_port)]
-    cmd += ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port())]
+    cmd += ["--node-manager-port", str(_port()), "--object-manager-port", str(_port())]
     cmd += ["--min-worker-port", str(low), "--max-worker-port", str(high)]
-    cmd += ["--dashboard-agent-listen-port", str(free_port())]
-    cmd += ["--dashboard-agent-grpc-port", str(free_port())]
-    cmd += ["--runtime-env-agent-port", str(free_port())]
+    cmd += ["--dashboard-agent-listen-port", str(_port())]
+    cmd += ["--dashboard-agent-grpc-port", str(_port())]
+    cmd += ["--runtime-env-agent-port", str(_port())]
     env = {
         **os.environ,
         **cluster.env,
         "SERVING_CACHE_DIR": str(node.cache_dir),
         # NOTE: HAProxy's fixed stats/metrics ports would clash between nodes (and other Rays).
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_port()),
     }
     if not node.head:
         env["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(node.http_port)
@@ -231,7 +264,7 @@ def multi_node_cluster(
         "RAY_AUTH_TOKEN": token,
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
     }
-    cluster = MultiNodeCluster(address=f"{HOST}:{free_port()}", token=token, env=env)
+    cluster = MultiNodeCluster(address=f"{HOST}:{_port()}", token=token, env=env)
     names = [("head", head_cpus, True), *((name, cpus, False) for name, cpus in workers.items())]
     for name, cpus, head in names:
         node_dir = root / name
@@ -240,8 +273,8 @@ def multi_node_cluster(
             name=name,
             head=head,
             num_cpus=cpus,
-            metrics_port=free_port(),
-            http_port=free_port(),
+            metrics_port=_port(),
+            http_port=_port(),
             cache_dir=node_dir / "cache",
             temp_dir=node_dir / "ray",
             log=node_dir / "ray-start.log",

@@ -499,8 +499,11 @@ def test_board_lives_on_the_head_and_comes_back_when_its_process_dies(
     head = deployed.cluster.head
     board = deployed.board()
     assert board["Address"]["NodeID"] == head.node_id
-    before = deployed.index()
-    generation = max(r["generation"] for r in before["replicas"])
+    # NOTE: a load request first, so the replicas have seen a generation the restarted board
+    # (its state lost) must not hand out again.
+    assert deployed.client.post(f"{deployed.http}/v2/repository/models/iris/load").status_code == 200
+    generation = min(r["generation"] for r in deployed.index()["replicas"])
+    assert generation > 0
     handle = ray.get_actor(f"board-{APP}", namespace=BOARD_NAMESPACE)
     killed = time.monotonic()
     ray.kill(handle, no_restart=False)
