@@ -25,7 +25,7 @@ KSERVE_VENV    ?= .cache/kserve-venv
 KSERVE_VERSION ?= 0.21.0
 KSERVE_PY      := $(KSERVE_VENV)/bin/python
 
-.PHONY: serve test lint typecheck unit integration bench helm clean
+.PHONY: serve test test-cluster lint typecheck unit integration bench helm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,10 +61,14 @@ lint: $(TEST_STAMP)
 typecheck: $(TEST_STAMP)
 	$(VENV)/bin/mypy serving
 
-## test: lint, type-check and run every test (unit, integration, helm, security)
+## test: lint, type-check and run every test (unit, integration, helm, security) but the cluster suite
 test: lint typecheck $(MLFLOW_SERVER) $(KSERVE_PY)
 	SERVING_TEST_MLFLOW_SERVER=$(abspath $(MLFLOW_SERVER)) SERVING_TEST_KSERVE_PYTHON=$(abspath $(KSERVE_PY)) \
 		$(PY) -m pytest
+
+## test-cluster: a three-node Ray cluster (token auth on) under faults: alias moves, metrics, a node killed (about 4 min)
+test-cluster: $(TEST_STAMP)
+	$(PY) -m pytest tests/cluster -m cluster --durations=10
 
 unit: $(TEST_STAMP)
 	$(PY) -m pytest tests/unit

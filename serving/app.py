@@ -21,7 +21,9 @@ Two layouts (``AppConfig.layout``):
 Replicas report what they serve to a small named "board" actor, which also
 carries load requests: a watcher's wait between alias checks is a long-poll on
 the board, so ``POST /v2/repository/models/{name}/load`` wakes every replica of
-the model at once.
+the model at once. The board lives on the Ray head node (which a cluster cannot
+lose and keep running) and is restarted in place if its process dies; see
+:data:`BOARD_OPTIONS`.
 """
 
 from __future__ import annotations
@@ -62,11 +64,30 @@ from serving.watcher import run_forever
 log = logging.getLogger("serving.app")
 
 BOARD_NAMESPACE = "serving"
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+"""A resource only Ray's head node has (one unit)."""
+BOARD_OPTIONS: dict[str, Any] = {
+    # NOTE: pinned to the head. Left to the scheduler, the board landed on a worker node;
+    # when that node died, surviving replicas kept a handle to the dead actor (load requests
+    # answered 500 ActorDiedError) while new replicas made a second board: a split index.
+    # The head holds the GCS, so losing it loses the cluster, board or not.
+    "resources": {HEAD_NODE_RESOURCE: 0.001},
+    # NOTE: a board whose process dies alone comes back on the head under the same handle;
+    # calls in flight are retried (every method is safe to repeat). Its state comes back
+    # from the replicas: reports within one wait, generations in ``wait``.
+    "max_restarts": -1,
+    "max_task_retries": -1,
+}
+"""How the board actor is placed and restarted (see :func:`get_board`)."""
 
 
 @ray.remote(num_cpus=0)
 class Board:
     """What each replica serves, and per-model load requests (a generation counter).
+
+    Generations only grow, across restarts too: a new one is at least the wall clock
+    in milliseconds, and a replica that has seen more than the board knows (the board
+    restarted) lifts the board's count to its own.
 
     A load request joins one that no replica has started yet, so each model has at
     most one forced check in flight and one queued, however many requests arrive.
@@ -91,13 +112,19 @@ class Board:
             seen = self._seen[model].values()
             queued = current > 0 and bool(seen) and all(s < current for s in seen)
             if not queued:
-                self._generation[model] = current + 1
+                # NOTE: at least the wall clock in ms, so a restarted board (counting from 0)
+                # still hands out generations above any a replica has seen.
+                self._generation[model] = max(current + 1, time.time_ns() // 1_000_000)
                 self._changed.notify_all()
             return self._generation[model]
 
     async def wait(self, model: str, replica: str, seen: int, timeout: float) -> int:
         """Return the model's load generation as soon as it exceeds ``seen``, or at timeout."""
         async with self._changed:
+            if seen > self._generation[model]:
+                # NOTE: a restarted board counts from 0 while its replicas kept their count:
+                # take theirs, or no load request would wake them until the count caught up.
+                self._generation[model] = seen
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._changed.wait_for(lambda: self._generation[model] > seen), timeout
@@ -117,7 +144,11 @@ class Board:
 
 def get_board(app_name: str) -> Any:
     return Board.options(  # type: ignore[attr-defined]
-        name=f"board-{app_name}", namespace=BOARD_NAMESPACE, lifetime="detached", get_if_exists=True
+        name=f"board-{app_name}",
+        namespace=BOARD_NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        **BOARD_OPTIONS,
     ).remote()
 
 
@@ -170,6 +201,7 @@ class _Follower:
         self._replica = replica
         self._generation = 0
         self._stop = threading.Event()
+        self._node_id = ray.get_runtime_context().get_node_id()
 
     def start(self) -> None:
         """Load the first version (raises if none loads: the replica is not healthy) and follow."""
@@ -190,7 +222,7 @@ class _Follower:
             self._board.forget.remote(self.name, self._replica)
 
     def _report(self) -> None:
-        status = {**self.service.status(), "generation": self._generation}
+        status = {**self.service.status(), "generation": self._generation, "node_id": self._node_id}
         self._board.report.remote(self.name, self._replica, status)
 
     def _wait(self, timeout: float) -> bool:
@@ -486,6 +518,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         **_scaling(ingress.num_replicas, ingress.autoscaling_config),
         **_logging(config),
     }
+    if ingress.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = ingress.max_replicas_per_node
     if config.layout == "single-hop":
         # NOTE: @serve.deployment turns the classes into Deployments; mypy sees classes.
         single: serve.Application = cast(Any, Server).options(name="server", **options).bind(app_dict)

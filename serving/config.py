@@ -89,6 +89,8 @@ class IngressConfig(BaseModel):
     autoscaling_config: dict[str, Any] | None = None
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.25})
     max_ongoing_requests: int = Field(default=256, ge=1)
+    max_replicas_per_node: int | None = Field(default=None, ge=1)
+    """At most this many replicas on one Ray node (``1`` spreads them, one per node)."""
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> IngressConfig:

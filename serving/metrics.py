@@ -20,13 +20,52 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 
 _backend = "prometheus"
 _lock = threading.Lock()
+_gauges: dict[tuple[Metric, tuple[tuple[str, str], ...]], float] = {}
+"""Ray backend: the last value of every gauge series, re-set by :func:`_keep_gauges`."""
+_keeper: threading.Thread | None = None
 
 
 def use_ray_backend() -> None:
-    """Export through ``ray.util.metrics`` (call once, in each Ray replica)."""
-    global _backend
+    """Export through ``ray.util.metrics`` (call once, in each Ray replica).
+
+    Also starts a daemon thread that re-sets every gauge's last value each half
+    export interval. NOTE: Ray 2.60's node exporter drops a gauge series that was not
+    set again within two export intervals (20 s by default); a gauge set once, as
+    ``serving_live_version_info`` is at a swap, vanished from the node's metrics port
+    20 s after the swap (seen on a multi-node cluster, tests/cluster).
+    """
+    global _backend, _keeper
     with _lock:
         _backend = "ray"
+        if _keeper is None:
+            _keeper = threading.Thread(target=_keep_gauges, name="metrics-gauges", daemon=True)
+            _keeper.start()
+
+
+def _export_interval_s() -> float:
+    """Ray's metrics export interval in this process (``metrics_report_interval_ms``, at least 1 s)."""
+    try:
+        import ray
+
+        interval_ms = float(getattr(ray, "_config").metrics_report_interval_ms())  # noqa: B009
+    except Exception:  # noqa: BLE001 -- NOTE: outside a Ray worker: Ray's default
+        interval_ms = 10_000.0
+    return max(interval_ms, 1000.0) / 1000.0
+
+
+def _keep_gauges(stop: threading.Event | None = None) -> None:
+    period = _export_interval_s() / 2
+    stop = stop or threading.Event()
+    while not stop.wait(period):
+        refresh_gauges()
+
+
+def refresh_gauges() -> None:
+    """Set every gauge series again to its last value (Ray backend; a no-op otherwise)."""
+    with _lock:
+        series = list(_gauges.items())
+    for (metric, labels), value in series:
+        metric._get().set(value, tags=dict(labels) or None)
 
 
 class Metric:
@@ -90,6 +129,8 @@ class Metric:
     def set(self, value: float, **labels: str) -> None:
         target = self._labelled(labels)
         if _backend == "ray":
+            with _lock:
+                _gauges[(self, tuple(sorted(labels.items())))] = value
             target.set(value, tags=labels or None)
         else:
             target.set(value)

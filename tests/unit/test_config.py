@@ -59,3 +59,19 @@ def test_serve_defaults_to_the_demo_model_and_refs_override_the_config(tmp_path:
 def test_serve_refuses_a_malformed_ref_before_starting_ray() -> None:
     with pytest.raises(InvalidReference):
         app_args_from(parse("--model", "iris@@x"))
+
+
+def test_max_replicas_per_node_reaches_the_serve_deployment() -> None:
+    """``ingress.max_replicas_per_node`` spreads replicas (the cluster suite runs 1); 0 is refused."""
+    pytest.importorskip("ray.serve")
+    from serving.app import build_app
+
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        AppConfig.model_validate({"models": [{"name": "iris"}], "ingress": {"max_replicas_per_node": 0}})
+    spread = build_app(
+        {"models": [{"name": "iris"}], "ingress": {"num_replicas": 2, "max_replicas_per_node": 1}}
+    )
+    default = build_app({"models": [{"name": "iris"}]})
+    # NOTE: private attributes; Ray Serve exposes a bound deployment's options nowhere public.
+    assert spread._bound_deployment._replica_config.max_replicas_per_node == 1
+    assert default._bound_deployment._replica_config.max_replicas_per_node is None
