@@ -197,7 +197,9 @@ def test_every_crafted_version_fails_on_ray_while_v1_answers_every_request(
                     repo.set_alias(name, "production", version)
                 replica = wait_for(
                     lambda v=version: (
-                        (r := _index(client, base, name)["replicas"][0])["failed_version"] == v and r
+                        (reps := _index(client, base, name)["replicas"])
+                        and (r := reps[0])["failed_version"] == v
+                        and r
                     ),
                     timeout=120,
                     what=f"{case} to fail",
