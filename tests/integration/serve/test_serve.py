@@ -270,39 +270,20 @@ def test_cold_start_with_the_store_down_uses_the_warm_cache(deploy, s3_bucket, t
             server.start()
 
 
-def test_two_replicas_converge_and_download_once(deploy, s3_bucket, tmp_path, monkeypatch) -> None:
+def test_the_autoscaler_adds_a_replica_and_both_converge_downloading_once(
+    deploy, s3_bucket, tmp_path, monkeypatch
+) -> None:
+    """16 clients against a target of 4 ongoing requests per replica add a second replica;
+    then an alias move reaches both, and the node's cache downloads the version once.
+
+    Behind HAProxy no handle sees a request; only the replicas' own counts reach Serve's
+    autoscaler (no test here had shown it scale on the fast path before)."""
     server, bucket = s3_bucket
     repo, uri = s3_repo(server, bucket, monkeypatch)
     publish_iris(repo, tmp_path, "1", name="iris-two")
     publish_iris(repo, tmp_path, "2", name="iris-two", c=0.5)
     repo.set_alias("iris-two", "production", "1")
-    base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), name="iris-two", replicas=2))
-    with httpx.Client(timeout=10) as client:
-        wait_for(lambda: len(_index(client, base, "iris-two")["replicas"]) == 2, what="two replicas")
-        server.reset_counts()
-        repo.set_alias("iris-two", "production", "2")
-        load = client.post(base + "/v2/repository/models/iris-two/load")
-        assert load.status_code == 200, load.text
-        entry = wait_for(
-            lambda: (e := _index(client, base, "iris-two"))["converged"] and e, what="convergence"
-        )
-        assert {r["live_version"] for r in entry["replicas"]} == {"2"}
-    model_gets = [r for r in server.requests if r.method == "GET" and r.key and r.key.endswith(".joblib")]
-    assert len(model_gets) == 1
-
-
-def test_the_autoscaler_adds_a_replica_under_load_behind_haproxy(
-    deploy, s3_bucket, tmp_path, monkeypatch
-) -> None:
-    """16 clients against a target of 4 ongoing requests per replica add a replica.
-
-    Behind HAProxy no handle sees a request; only the replicas' own counts reach
-    Serve's autoscaler (no test here had ever shown it scale on the fast path)."""
-    server, bucket = s3_bucket
-    repo, uri = s3_repo(server, bucket, monkeypatch)
-    publish_iris(repo, tmp_path, "1", name="iris-auto")
-    repo.set_alias("iris-auto", "production", "1")
-    args = app_args(uri, tmp_path / "cache", s3_env(server), name="iris-auto")
+    args = app_args(uri, tmp_path / "cache", s3_env(server), name="iris-two")
     args["ingress"].pop("num_replicas")
     args["ingress"]["autoscaling_config"] = {
         "min_replicas": 1,
@@ -319,7 +300,7 @@ def test_the_autoscaler_adds_a_replica_under_load_behind_haproxy(
     def hammer() -> None:
         with httpx.Client(timeout=10) as client:
             while not stop.is_set():
-                status = infer(client, base, name="iris-auto").status_code
+                status = infer(client, base, name="iris-two").status_code
                 if status != 200:
                     failed.append(status)
 
@@ -329,16 +310,27 @@ def test_the_autoscaler_adds_a_replica_under_load_behind_haproxy(
     try:
         with httpx.Client(timeout=10) as client:
             wait_for(
-                lambda: len(_index(client, base, "iris-auto")["replicas"]) == 2,
+                lambda: len(_index(client, base, "iris-two")["replicas"]) == 2,
                 timeout=90,
                 interval=0.5,
-                what="a second replica",
+                what="the autoscaler's second replica",
             )
     finally:
         stop.set()
         for thread in threads:
             thread.join()
     assert failed == []
+    with httpx.Client(timeout=10) as client:
+        server.reset_counts()
+        repo.set_alias("iris-two", "production", "2")
+        load = client.post(base + "/v2/repository/models/iris-two/load")
+        assert load.status_code == 200, load.text
+        entry = wait_for(
+            lambda: (e := _index(client, base, "iris-two"))["converged"] and e, what="convergence"
+        )
+        assert {r["live_version"] for r in entry["replicas"]} == {"2"}
+    model_gets = [r for r in server.requests if r.method == "GET" and r.key and r.key.endswith(".joblib")]
+    assert len(model_gets) == 1
 
 
 def test_metrics_count_what_was_sent(deploy, s3_bucket, tmp_path, monkeypatch, cluster: Cluster) -> None:
