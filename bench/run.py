@@ -135,17 +135,19 @@ def chart_ingress() -> dict[str, Any]:
     return ingress
 
 
-def settle(ours: System, quick: bool) -> int:
+def settle(ours: System) -> int:
     """Run 1-row load until Serve's autoscaler has settled; returns the replica count.
 
-    Serve scales up after ``upscale_delay_s`` (30 s) of load above the target, so the
-    load runs at least that long, then until the count holds for three checks.
+    Serve decides on its ``look_back_period_s`` (30 s) of figures and scales up after
+    ``upscale_delay_s`` (30 s) above the target, then a new replica takes seconds to
+    start and is listed only once it reports; so the load runs at least 75 s, then until
+    the count holds for three checks (15 s).
     """
     url = ours.url("v2")
     assert url is not None
     body = v2_body(np.array([ROW]), outputs=["predict"])
     started, counts = time.monotonic(), []
-    floor_s, limit_s = (35.0, 60.0) if quick else (40.0, 120.0)
+    floor_s, limit_s = 75.0, 150.0
     while time.monotonic() - started < limit_s:
         load.run_load(url, body, connections=16, seconds=5)
         index = httpx.get(ours.base + "/v2/repository/index", timeout=10).json()
@@ -167,7 +169,7 @@ Group = Callable[[Processes, Path, dict[str, Any], list[str]], dict[str, System]
 def _ours(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
     one = v2_body(np.array([ROW]))
     ours = start_serve(procs, ours_args(pub["store"], work / "serve", mlp=True), work, one)
-    replicas = settle(ours, pub["quick"])
+    replicas = settle(ours)
     ours.note += f"; {replicas} replica(s): the chart's autoscaling settled under 16 clients"
     batch = System("ours+batch", ours.base, {"mlp": "/v2/models/mlpb/infer"}, "@serve.batch(32, 2 ms)")
     return {"ours": ours, "ours+batch": batch}
@@ -280,6 +282,7 @@ def throughput(
     rounds: int,
     seconds: float,
     with_ours: Callable[[System], None] | None = None,
+    only_groups: set[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every workload on every group of systems, one group up at a time; ``with_ours`` runs
     once while ``ours`` is up (the swap-under-load workload)."""
@@ -299,7 +302,7 @@ def throughput(
         ("c: torch MLP 1-row, 32 clients", "mlp", mlp_body, 32, 1, None),
     ]
     raw: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    groups = list(GROUPS.items())
+    groups = [(name, start) for name, start in GROUPS.items() if only_groups is None or name in only_groups]
     for rnd in range(rounds):
         # NOTE: the order flips every round, so a drift of the machine spreads over every system.
         for group, start in groups if rnd % 2 == 0 else groups[::-1]:
@@ -498,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None, help="seconds per throughput run")
     parser.add_argument("--only", default="abcdefg", help="workload letters to run (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--groups", default="", help=f"comma-separated groups of systems to run (default: {','.join(GROUPS)})"
+    )
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 2)
     seconds = args.seconds or (3.0 if args.quick else 8.0)
@@ -541,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if set(args.only) & set("abc"):
                 print("a, b, c: throughput, one group of systems at a time...", flush=True)
-                records += throughput(procs, work, pub, notes, rounds, seconds, with_ours)
+                groups = set(args.groups.split(",")) if args.groups else None
+                records += throughput(procs, work, pub, notes, rounds, seconds, with_ours, groups)
                 records += in_process(pub["store"], work, pub["iris_joblib"])
                 records += [
                     {**r, "workload": "b: 10,000 rows v2 binary"}

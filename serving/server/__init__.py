@@ -21,7 +21,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,21 +153,22 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
     finally:
         log.info("stopping on %s: shutting down Ray", received[0] if received else "exit")
         _stop_ray(ray)
-        _remove_haproxy_files(node_id)
+        end_haproxy([node_id])
     return 0
 
 
-def _remove_haproxy_files(node_id: str) -> None:
-    """Remove the folder of HAProxy config, sockets and logs Ray made for this node.
+def end_haproxy(node_ids: Iterable[str], grace_s: float = 2.0) -> None:
+    """End every HAProxy Ray started for these nodes, then remove its files.
 
-    Ray leaves it behind on shutdown, one per node id, so every ``serving serve``
-    would add one to /tmp for good.
+    Ray's HAProxy manager starts HAProxy in a session of its own, and each reload starts
+    a new one, so HAProxy outlives ``ray.shutdown()`` and a kill of the node's process
+    group (tests and benches left them running for hours). Ray also leaves its config,
+    sockets and logs in a folder per node id. Call this after Ray has stopped.
     """
     # NOTE: private module; where Ray 2.60 puts each file (env or default), per node.
     from ray.serve._private import constants as rc
 
-    if not node_id:
-        return
+    ids = [n for n in node_ids if n]
     files = (
         rc.RAY_SERVE_HAPROXY_CONFIG_FILE_LOC,
         rc.RAY_SERVE_HAPROXY_SOCKET_PATH,
@@ -175,8 +176,39 @@ def _remove_haproxy_files(node_id: str) -> None:
         rc.RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH,
     )
     bases = {Path(f).parent for f in files} | {Path(rc.RAY_SERVE_HAPROXY_SERVER_STATE_BASE)}
-    for base in bases:
-        shutil.rmtree(base / node_id, ignore_errors=True)
+    folders = [str(base / node_id) + "/" for base in bases for node_id in ids]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = [pid for pid, cmd in _processes() if "haproxy" in cmd and any(f in cmd for f in folders)]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        # NOTE: no reaping here: in a test or bench they are not our children, and waiting on
+        # any child would steal other subprocesses' exit statuses. A zombie has ended.
+        while left and time.monotonic() < deadline:
+            left = [pid for pid in left if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+            time.sleep(0.05)
+        if not left:
+            break
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _processes() -> Iterator[tuple[int, str]]:
+    """(pid, command line) of every process this one can see."""
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        yield int(entry.name), cmd
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def grpc_options(port: int) -> dict[str, Any] | None:

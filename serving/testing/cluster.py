@@ -32,7 +32,7 @@ def local_cluster(num_cpus: int = 4, *, grpc: bool = True) -> Iterator[Cluster]:
     import ray
     from ray import serve
 
-    from serving.server import FAST_PATH_ENV, HAPROXY_PORT_ENV, grpc_options
+    from serving.server import FAST_PATH_ENV, HAPROXY_PORT_ENV, end_haproxy, grpc_options
 
     http_port, metrics_port = free_port(), free_port()
     grpc_port = free_port() if grpc else 0
@@ -46,6 +46,7 @@ def local_cluster(num_cpus: int = 4, *, grpc: bool = True) -> Iterator[Cluster]:
     previous = {key: os.environ.get(key) for key in env}
     # NOTE: Ray's processes read these at start, from the environment they inherit.
     os.environ.update(env)
+    node_id = ""
     try:
         ray.init(
             num_cpus=num_cpus,
@@ -55,6 +56,7 @@ def local_cluster(num_cpus: int = 4, *, grpc: bool = True) -> Iterator[Cluster]:
             _system_config={"metrics_report_interval_ms": 500},
             log_to_driver=False,
         )
+        node_id = ray.get_runtime_context().get_node_id()
         serve.start(
             http_options={"host": "127.0.0.1", "port": http_port}, grpc_options=grpc_options(grpc_port)
         )
@@ -67,6 +69,7 @@ def local_cluster(num_cpus: int = 4, *, grpc: bool = True) -> Iterator[Cluster]:
         with contextlib.suppress(Exception):
             serve.shutdown()  # type: ignore[no-untyped-call]  # NOTE: untyped in Ray
         ray.shutdown()
+        end_haproxy([node_id])
         for key, value in previous.items():
             if value is None:
                 os.environ.pop(key, None)

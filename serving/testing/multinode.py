@@ -251,7 +251,7 @@ def multi_node_cluster(
     Nodes are named ``head`` and the ``workers`` keys (default ``a`` and ``b``).
     Logical CPUs may exceed the machine's cores; replicas ask for fractions.
     """
-    from serving.server import FAST_PATH_ENV
+    from serving.server import FAST_PATH_ENV, end_haproxy
 
     workers = dict(workers or {"a": 2, "b": 2})
     root = Path(tempfile.mkdtemp(prefix="srvc-"))  # NOTE: short: Ray's unix socket paths must fit 107 bytes
@@ -308,6 +308,7 @@ def multi_node_cluster(
         with contextlib.suppress(Exception):
             ray.shutdown()
         _stop(cluster)
+        end_haproxy(n.node_id for n in cluster.nodes.values())
         shutil.rmtree(root, ignore_errors=True)
 
 
