@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import re
 import struct
 import uuid
@@ -183,11 +184,22 @@ def parse_v2(payload: Any, specs: list[TensorSpec], binary: bytes | memoryview =
     return InferRequest(
         decoded,
         names,
-        str(req_id) if req_id is not None else str(uuid.uuid4()),
+        str(req_id) if req_id is not None else request_id(),
         params,
         binary_output=binary_output,
         output_binary=output_binary,
     )
+
+
+def request_id() -> str:
+    """A random UUID for a request that brought no ``id``.
+
+    NOTE: ``uuid.uuid4()`` reads ``os.urandom``, which releases the GIL for its
+    syscall; on a replica whose event-loop thread is busy, taking the GIL back
+    cost 0.6 ms a request (py-spy: 9% of a replica's samples). ``random`` is
+    reseeded in forked children, and an id need not be unguessable.
+    """
+    return str(uuid.UUID(int=random.getrandbits(128), version=4))
 
 
 def _flag(params: dict[str, Any], key: str, where: str) -> bool:

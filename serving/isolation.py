@@ -54,6 +54,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -137,6 +138,10 @@ class IsolationLimits:
     memory_bytes: int | None = None
     cpu_seconds: int = 120
     timeout_s: float = 300.0
+    nice: int = 10
+    """Niceness added to the helper and its probe children: a probe runs while the
+    live version serves, and on a busy node it should wait for requests, not
+    compete with them for CPU."""
 
     def memory_for(self, manifest: Manifest) -> int:
         if self.memory_bytes is not None:
@@ -192,8 +197,23 @@ class Prober:
             return False
         budget = self.limits.memory_for(manifest)
         memo = self._memo_path(cached, policy, warmup, budget)
-        if memo is not None and memo.exists():
+        if memo is None:
+            return self._probe(cached, policy, warmup, budget, None)
+        if memo.exists():
             return False
+        # NOTE: replicas on one node that see the same new version at once (every
+        # replica, on an alias move) probe it once: the others wait here, then find
+        # the pass. The kernel drops the lock if its holder dies.
+        memo.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with _node_lock(memo.with_suffix(".lock")):
+            if memo.exists():
+                return False
+            return self._probe(cached, policy, warmup, budget, memo)
+
+    def _probe(
+        self, cached: CachedVersion, policy: LoadPolicy, warmup: bool, budget: int, memo: Path | None
+    ) -> bool:
+        manifest = cached.manifest
         request = {
             "path": str(cached.path),
             "manifest": manifest.model_dump(mode="json"),
@@ -277,7 +297,14 @@ class Prober:
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.isolation", str(os.getpid()), str(self.idle_s)],
+            [
+                sys.executable,
+                "-m",
+                "serving.isolation",
+                str(os.getpid()),
+                str(self.idle_s),
+                str(self.limits.nice),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -338,6 +365,19 @@ class Prober:
         return self.memo_dir / cached.name / f"{cached.manifest_sha256}-{digest}.ok"
 
 
+@contextlib.contextmanager
+def _node_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` across the processes of this node."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # NOTE: closing releases the lock
+
+
 def _write_memo(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{os.getpid()}-{threading.get_ident()}.tmp")
@@ -380,13 +420,16 @@ def _prctl(option: int, arg: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
 
 
-def _helper_main(parent_pid: int, idle_s: float) -> int:
+def _helper_main(parent_pid: int, idle_s: float, nice: int = 0) -> int:
     # NOTE: a terminal's Ctrl-C reaches the whole process group; stopping is the serving
     # process's call (it closes our stdin), so the helper ignores SIGINT (its children too).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         return 0  # NOTE: the parent died before the death signal was armed
+    if nice > 0:
+        with contextlib.suppress(OSError):
+            os.nice(nice)  # NOTE: inherited by every probe child it forks
     from serving.hardening import harden_process
 
     harden_process()
@@ -628,4 +671,4 @@ def _vm_size() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_helper_main(int(sys.argv[1]), float(sys.argv[2])))
+    sys.exit(_helper_main(int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0))

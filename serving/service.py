@@ -57,6 +57,7 @@ def build_prober(model: ModelConfig, settings: Settings, cache: LoaderCache) -> 
         memory_bytes=settings.isolation_memory_bytes,
         cpu_seconds=settings.isolation_cpu_seconds,
         timeout_s=settings.isolation_timeout_s,
+        nice=settings.isolation_nice,
     )
     return Prober(limits, mode=model.isolation, memo_dir=cache.root / "isolation")
 

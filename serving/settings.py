@@ -150,6 +150,11 @@ class Settings(BaseSettings):
     isolation_timeout_s: float = Field(default=300.0, gt=0)
     """Wall-clock seconds the isolated load and warm-up may take before the child is killed."""
 
+    isolation_nice: int = Field(default=10, ge=0, le=19)
+    """Niceness of the isolation helper and its probe children. A probe runs while
+    the live version serves; at 10 it gets about a tenth of a core that requests
+    also want, so a swap on a busy node takes longer and requests do not wait for it."""
+
     # -- admin routes ----------------------------------------------------------------
     admin_token: SecretStr | None = None
     """When set, ``POST /v2/repository/models/{name}/load`` requires

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +180,31 @@ def test_the_child_sees_no_secret_from_the_environment(
             assert "s3cr3t" not in str(info.value)
     finally:
         fresh.close()
+
+
+def test_the_helper_and_its_probes_run_at_a_lower_cpu_priority(versions: Versions, tmp_path: Path) -> None:
+    cached = versions.add(good_iris(tmp_path / "iris.joblib"), "sklearn")
+    limits = IsolationLimits(memory_bytes=768 * 1024**2, cpu_seconds=5, timeout_s=60, nice=7)
+    p = Prober(limits, mode="always")
+    try:
+        assert p.probe(cached, LoadPolicy())
+        assert p._proc is not None
+        assert os.getpriority(os.PRIO_PROCESS, p._proc.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+    finally:
+        p.close()
+
+
+def test_replicas_on_one_node_probe_a_new_version_once(versions: Versions, tmp_path: Path) -> None:
+    cached = versions.add(good_iris(tmp_path / "iris.joblib"), "sklearn", example=[[5.1, 3.5, 1.4, 0.2]])
+    probers = [Prober(LIMITS, memo_dir=tmp_path / "memo") for _ in range(3)]
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            ran = list(pool.map(lambda p: p.probe(cached, LoadPolicy(), warmup=True), probers))
+        assert sorted(ran) == [False, False, True]
+        assert sum(p._proc is not None for p in probers) == 1  # one helper started, not three
+    finally:
+        for p in probers:
+            p.close()
 
 
 def test_the_helper_is_restarted_after_it_dies(versions: Versions, tmp_path: Path) -> None:

@@ -190,3 +190,14 @@ def test_an_overloaded_reply_is_503_with_retry_after() -> None:
     from serving.errors import NotReady
 
     assert api.error_reply(NotReady("no model")).headers == {}
+
+
+def test_a_request_without_an_id_gets_a_fresh_uuid4_and_one_with_an_id_keeps_it() -> None:
+    import uuid
+
+    specs = [TensorSpec(name="x", datatype="FP32", shape=[-1, 1])]
+    body = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}
+    ids = {api.parse_v2(body, specs).id for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(uuid.UUID(i).version == 4 for i in ids)
+    assert api.parse_v2({**body, "id": "r-7"}, specs).id == "r-7"
