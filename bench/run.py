@@ -150,12 +150,17 @@ def settle(ours: System) -> int:
     floor_s, limit_s = 75.0, 150.0
     while time.monotonic() - started < limit_s:
         load.run_load(url, body, connections=16, seconds=5)
-        index = httpx.get(ours.base + "/v2/repository/index", timeout=10).json()
-        counts.append(len(next(e for e in index if e["name"] == "iris")["replicas"]))
+        counts.append(replica_count(ours))
         if time.monotonic() - started >= floor_s and len(counts) >= 3 and len(set(counts[-3:])) == 1:
             break
     print(f"  ours: {counts[-1]} replicas after {time.monotonic() - started:.0f} s of 16 clients", flush=True)
     return counts[-1]
+
+
+def replica_count(ours: System) -> int:
+    """How many replicas serve iris now, as the repository index lists them."""
+    index = httpx.get(ours.base + "/v2/repository/index", timeout=10).json()
+    return len(next(e for e in index if e["name"] == "iris")["replicas"])
 
 
 STANDALONE = "ours-standalone"
@@ -317,9 +322,11 @@ def throughput(
                         if url is None or (name == "serve-noop" and rows > 1):
                             continue
                         res = load.run_load(url, body, connections=conns, seconds=seconds, headers=headers)
+                        # NOTE: the autoscaler can still add a replica after settling; say so.
+                        after = f"; {replica_count(system)} replica(s) after it" if name == "ours" else ""
                         print(
                             f"  [{rnd + 1}/{rounds}] {workload:32} {name:12} {res.requests_per_s:9.0f} req/s"
-                            f"  p99 {res.p99_ms:7.1f} ms  errors {res.errors} {res.error_kinds or ''}",
+                            f"  p99 {res.p99_ms:7.1f} ms  errors {res.errors} {res.error_kinds or ''}{after}",
                             flush=True,
                         )
                         raw.setdefault((workload, name), []).append(
@@ -331,7 +338,7 @@ def throughput(
                                 p50_ms=res.p50_ms,
                                 p99_ms=res.p99_ms,
                                 errors=res.errors,
-                                notes=f"{system.note}; {res.tool} -c{conns}"
+                                notes=f"{system.note}; {res.tool} -c{conns}{after}"
                                 + (f"; errors {res.error_kinds}" if res.error_kinds else ""),
                             )
                         )

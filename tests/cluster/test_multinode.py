@@ -9,16 +9,14 @@ tests run in order; the last kills a worker node.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,6 @@ from typing import Any
 import httpx
 import joblib
 import pytest
-import yaml
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
@@ -35,8 +32,16 @@ from serving.publish import publish_path
 from serving.repository import Repository
 from serving.settings import Settings
 from serving.store import open_store
-from serving.testing import MotoS3, free_port
+from serving.testing import MotoS3
 from serving.testing.multinode import MultiNodeCluster, Node, multi_node_cluster
+from serving.testing.poll import wait_for
+from serving.testing.prometheus import (
+    Prometheus,
+    dashboard_exprs,
+    find_prometheus,
+    grafana_instantiate,
+    run_prometheus,
+)
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -57,22 +62,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO_ROOT / "charts" / "serving" / "files" / "serving-dashboard.json"
 NAMESPACE = "ml"
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (httpx.HTTPError, ConnectionError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}")
 
 
 @dataclass
@@ -363,88 +352,28 @@ def test_the_live_version_gauge_outlives_ray_gauge_expiry(deployed: Deployed) ->
     assert [_live_versions(n) for n in spare] == [set()]
 
 
-@dataclass
-class Prometheus:
-    base: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        body = httpx.get(f"{self.base}/api/v1/query", params={"query": expr}, timeout=10).json()
-        assert body["status"] == "success", f"{expr}: {body}"
-        result: list[dict[str, Any]] = body["data"]["result"]
-        return result
-
-    def by(self, expr: str, label: str) -> dict[str, float]:
-        return {r["metric"].get(label, ""): float(r["value"][1]) for r in self.query(expr)}
-
-
 @pytest.fixture(scope="module")
 def prometheus(deployed: Deployed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """A real Prometheus (Debian's package, or $PROMETHEUS) scraping every node's metrics port each second.
 
     ``namespace="ml"`` is added as the chart's PodMonitor would find it on the pods.
     """
-    binary = os.environ.get("PROMETHEUS") or shutil.which("prometheus")
+    binary = find_prometheus()
     if not binary:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("no prometheus binary (CI=true: required)")
         pytest.skip("no prometheus binary (apt-get install prometheus, or set PROMETHEUS)")
-    work = tmp_path_factory.mktemp("prometheus")
     targets = [
         n.metrics.removeprefix("http://").removesuffix("/metrics") for n in deployed.cluster.nodes.values()
     ]
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "ray-nodes",
-                "static_configs": [{"targets": targets, "labels": {"namespace": NAMESPACE}}],
-            }
-        ],
-    }
-    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    cmd = [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'tsdb'}"]
-    cmd += [f"--web.listen-address=127.0.0.1:{port}"]
-    log = work / "prometheus.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    prom = Prometheus(f"http://127.0.0.1:{port}", process, log)
-    try:
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"prometheus exited {process.returncode}: {log.read_text()[-2000:]}")
-            return httpx.get(f"{prom.base}/-/ready", timeout=2).status_code == 200
-
-        wait_for(ready, what="prometheus to be ready")
+    scrape = [
+        {
+            "job_name": "ray-nodes",
+            "static_configs": [{"targets": targets, "labels": {"namespace": NAMESPACE}}],
+        }
+    ]
+    with run_prometheus(binary, tmp_path_factory.mktemp("prometheus"), scrape) as prom:
         yield prom
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def _dashboard_exprs() -> list[str]:
-    found: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "expr" and isinstance(value, str) and "ray_serving_" in value:
-                    found.append(value)
-                else:
-                    walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(json.loads(DASHBOARD.read_text()))
-    return found
 
 
 def test_prometheus_scrapes_every_node_and_the_dashboard_shows_the_swap(
@@ -474,20 +403,18 @@ def test_prometheus_scrapes_every_node_and_the_dashboard_shows_the_swap(
     for node in deployed.cluster.nodes.values():
         text = httpx.get(node.metrics, timeout=10).text
         exported |= {m["name"] for line in text.splitlines() if (m := _SAMPLE.match(line))}
-    used = {name for expr in _dashboard_exprs() for name in re.findall(r"\bray_serving_[a-z_]+\b", expr)}
+    used = {
+        name for expr in dashboard_exprs(DASHBOARD) for name in re.findall(r"\bray_serving_[a-z_]+\b", expr)
+    }
     checked = sorted(used & exported)
     assert {"ray_serving_requests_total", "ray_serving_live_version_info", "ray_serving_swaps_total"} <= set(
         checked
     )
     missing = [name for name in checked if not prometheus.query(f'{name}{{namespace="{NAMESPACE}"}}')]
     assert not missing, f"exported by the nodes but not in Prometheus: {missing}"
-    for expr in _dashboard_exprs():
+    for expr in dashboard_exprs(DASHBOARD):
         if not expr.startswith("label_values("):
-            prometheus.query(
-                expr.replace("$__rate_interval", "30s")
-                .replace('=~"$namespace"', f'=~"{NAMESPACE}"')
-                .replace('=~"$model"', '=~"iris"')
-            )
+            prometheus.query(grafana_instantiate(expr, NAMESPACE, "iris"))
     print(f"in Prometheus: {checked}; on the dashboard, not exported yet: {sorted(used - exported)}")
 
 

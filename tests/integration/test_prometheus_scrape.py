@@ -10,14 +10,11 @@ same metrics in a cluster, so the dashboard's and the alerts' PromQL run verbati
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -27,7 +24,13 @@ from test_standalone_process import Server, publish, start_server, wait_for
 from serving.repository import Repository
 from serving.settings import Settings
 from serving.store import open_store
-from serving.testing import free_port
+from serving.testing.prometheus import (
+    Prometheus,
+    dashboard_exprs,
+    find_prometheus,
+    grafana_instantiate,
+    run_prometheus,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -40,24 +43,6 @@ _SERIES = re.compile(r"\bray_serving_[a-z_]+\b")
 
 def _on_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
-
-
-def _dashboard_exprs() -> list[str]:
-    out: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in ("expr", "query") and isinstance(value, str) and "ray_serving_" in value:
-                    out.append(value)
-                else:
-                    walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(json.loads(DASHBOARD.read_text()))
-    return out
 
 
 def _alert_exprs() -> list[str]:
@@ -82,43 +67,9 @@ def _alert_exprs() -> list[str]:
     return [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
 
 
-def _instantiate(expr: str) -> str:
-    """Grafana variables as a user picking namespace ml and our model would set them."""
-    return (
-        expr.replace("$__rate_interval", "30s")
-        .replace('=~"$namespace"', f'=~"{NAMESPACE}"')
-        .replace('=~"$model"', f'=~"{MODEL}"')
-    )
-
-
-class Prometheus:
-    def __init__(self, base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.base, self.proc, self.log = base, proc, log
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        reply = httpx.get(f"{self.base}/api/v1/query", params={"query": expr}, timeout=10)
-        body = reply.json()
-        assert body["status"] == "success", f"{expr}: {body}"
-        result: list[dict[str, Any]] = body["data"]["result"]
-        return result
-
-    def value(self, expr: str) -> float | None:
-        result = self.query(expr)
-        return float(result[0]["value"][1]) if result else None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def prometheus_binary() -> str:
-    found = os.environ.get("PROMETHEUS") or shutil.which("prometheus")
+    found = find_prometheus()
     if not found:
         reason = "no prometheus binary (apt-get install prometheus, or set PROMETHEUS)"
         if _on_ci():
@@ -138,48 +89,28 @@ def serving_and_prometheus(
     publish(repo, work, MODEL, "2", c=0.01)
     repo.set_alias(MODEL, "production", "1")
     server = start_server(work, str(root), [MODEL], poll_s=0.2)
-    prom: Prometheus | None = None
     try:
         wait_for(
             lambda: httpx.get(server.base + "/v2/health/ready", timeout=2).status_code == 200, what="ready"
         )
-        port = free_port()
         target = server.metrics.removeprefix("http://").removesuffix("/metrics")
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [
-                {
-                    "job_name": "serving",
-                    "static_configs": [{"targets": [target], "labels": {"namespace": NAMESPACE}}],
-                    "metric_relabel_configs": [
-                        {
-                            "source_labels": ["__name__"],
-                            "regex": "serving_(.*)",
-                            "target_label": "__name__",
-                            "replacement": "ray_serving_$1",
-                        }
-                    ],
-                }
-            ],
-        }
-        (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-        log = work / "prometheus.log"
-        cmd = [prometheus_binary, f"--config.file={work / 'prometheus.yml'}"]
-        cmd += [f"--storage.tsdb.path={work / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"prometheus exited {proc.returncode}: {log.read_text()[-2000:]}")
-            return httpx.get(f"{prom.base}/-/ready", timeout=2).status_code == 200
-
-        wait_for(ready, what="prometheus to be ready")
-        yield server, prom, repo
+        scrape = [
+            {
+                "job_name": "serving",
+                "static_configs": [{"targets": [target], "labels": {"namespace": NAMESPACE}}],
+                "metric_relabel_configs": [
+                    {
+                        "source_labels": ["__name__"],
+                        "regex": "serving_(.*)",
+                        "target_label": "__name__",
+                        "replacement": "ray_serving_$1",
+                    }
+                ],
+            }
+        ]
+        with run_prometheus(prometheus_binary, work, scrape) as prom:
+            yield server, prom, repo
     finally:
-        if prom is not None:
-            prom.stop()
         server.stop()
 
 
@@ -225,7 +156,7 @@ def test_prometheus_sees_every_dashboard_and_alert_series_after_a_swap(
         for line in httpx.get(server.metrics, timeout=5).text.splitlines()
         if line.startswith("serving_")
     }
-    used = {name for expr in _dashboard_exprs() + _alert_exprs() for name in _SERIES.findall(expr)}
+    used = {name for expr in dashboard_exprs(DASHBOARD) + _alert_exprs() for name in _SERIES.findall(expr)}
     checked = sorted(used & exported)
     core = {
         "ray_serving_requests_total",
@@ -258,10 +189,10 @@ def test_prometheus_sees_every_dashboard_and_alert_series_after_a_swap(
     assert cache_bytes is not None
     assert cache_bytes > 0
 
-    for expr in _dashboard_exprs():
+    for expr in dashboard_exprs(DASHBOARD):
         if expr.startswith("label_values("):
             continue
-        prom.query(_instantiate(expr))  # NOTE: asserts Prometheus evaluates it
+        prom.query(grafana_instantiate(expr, NAMESPACE, MODEL))  # NOTE: asserts Prometheus evaluates it
     skew = f"count by (namespace, model) (ray_serving_live_version_info{{{sel}}} == 1)"
     assert prom.value(skew) == 1, "one live version after the swap"
     for expr in _alert_exprs():

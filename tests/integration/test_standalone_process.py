@@ -12,9 +12,8 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from serving.repository import Repository
 from serving.settings import Settings
 from serving.store import open_store
 from serving.testing import free_port
+from serving.testing.poll import wait_for
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
 INPUTS = [TensorSpec(name="input-0", datatype="FP64", shape=[-1, 4])]
@@ -42,22 +42,6 @@ OUTPUTS = [
     TensorSpec(name="predict_proba", datatype="FP64", shape=[-1, 3]),
 ]
 MAX_BODY = 64 * 1024
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except httpx.HTTPError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}")
 
 
 def publish(repo: Repository, tmp: Path, name: str, version: str, c: float = 1.0) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from serving.settings import Settings
 from serving.store import open_store
 from serving.testing import MotoS3, free_port
 from serving.testing.models import FailsOn
+from serving.testing.poll import wait_for
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
 MAX_BODY = 512 * 1024
@@ -48,22 +48,6 @@ OUTPUTS = [
 MODELS = ("iris", "ints", "lazy", "flaky", "swap", "batch", "boom")
 BOOM_VALUE = 666.0
 """An input value the ``boom`` model answers with an unexpected RuntimeError."""
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (httpx.HTTPError, ConnectionError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}")
 
 
 @dataclass

@@ -102,6 +102,19 @@ def test_health_metadata_readiness_and_index(served: Served) -> None:
         assert [r["live_version"] for r in iris["replicas"]] == ["1"]
 
 
+def test_the_probe_kuberay_injects_into_ray_pods_passes(served: Served) -> None:
+    """KubeRay's readiness probe on a Serve pod: ``wget -O- localhost:8000/-/healthz | grep success``.
+
+    The chart leaves the Ray containers' probes to KubeRay; behind HAProxy it is
+    HAProxy that answers, and only while it has a replica up.
+    """
+    if not served.transport.startswith("ray"):
+        pytest.skip("the standalone server is probed on /v2/health/ready")
+    resp = httpx.get(served.base + "/-/healthz", timeout=10)
+    assert resp.status_code == 200
+    assert "success" in resp.text
+
+
 def test_binary_tensors_predict_what_json_does(served: Served) -> None:
     rows = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 2.8, 4.3, 1.3]])
     raw = rows.astype("<f8").tobytes()

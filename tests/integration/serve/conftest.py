@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,29 +18,12 @@ from serving.publish import publish_path
 from serving.repository import Repository
 from serving.testing import MotoS3
 from serving.testing.cluster import Cluster
+from serving.testing.poll import wait_for
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 IRIS_ROW = [[5.1, 3.5, 1.4, 0.2]]
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1, what: str = ""
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (httpx.HTTPError, ConnectionError) as exc:
-            last = exc  # NOTE: remembered for the failure message; never counts as success
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}")
 
 
 def iris_model(c: float) -> LogisticRegression:
