@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -103,12 +104,7 @@ class Format(ABC):
 
     def framework_version(self) -> str | None:
         """The installed framework's version, recorded in manifests; None if absent."""
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return version(self.framework)
-        except PackageNotFoundError:
-            return None
+        return _installed_version(self.framework)
 
     @abstractmethod
     def detect(self, path: Path) -> bool:
@@ -146,3 +142,16 @@ def oip_datatype(dtype: np.dtype[Any]) -> str:
     if dtype.kind in {"U", "S", "O"}:
         return "BYTES"
     return NUMPY_TO_OIP[str(dtype)]
+
+
+@functools.cache
+def _installed_version(package: str) -> str | None:
+    # NOTE: importlib.metadata parses the package's METADATA with the email parser, 2.5 ms
+    # a call, and every swap's isolation memo asks; what is installed does not change
+    # while a process runs.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
