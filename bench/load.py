@@ -140,7 +140,7 @@ async def _async_load(
     """Closed-loop HTTP/1.1 keep-alive clients over raw asyncio streams.
 
     NOTE: the request is serialized once and each reply is read by its
-    Content-Length (or chunks): about a fifth of httpx's CPU per request, which on a
+    Content-Length (or chunks): 240 us of CPU per request against httpx's 4 ms, which on a
     2-core machine is CPU the servers under test get back (httpx took 0.85 of a core
     at 200 req/s, as much as the replica it measured).
     """
@@ -207,7 +207,14 @@ async def _async_load(
     )
 
 
-_REPLY_ERRORS = (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
+_REPLY_ERRORS = (
+    TimeoutError,
+    OSError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+    ValueError,
+    IndexError,
+)
 
 
 async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:

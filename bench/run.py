@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     if not load.ensure_wrk():
         notes.append(
-            "wrk is not installed (apt-get install wrk): load came from a bounded async httpx "
+            "wrk is not installed (apt-get install wrk): load came from a bounded asyncio HTTP/1.1 "
             "client, which itself takes CPU"
         )
     started = time.time()
@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            "load_tool": "wrk" if load.have_wrk() else "httpx",
+            "load_tool": "wrk" if load.have_wrk() else "asyncio",
             "rounds": rounds,
             "seconds_per_run": seconds,
         },
@@ -587,9 +587,9 @@ def main(argv: list[str] | None = None) -> int:
                             ours, pub["store"], 16.0 if args.quick else 30.0, 4.0 if args.quick else 6.0
                         )
                     )
+                    ratio = swaps[-1]["ratio_p99_during_over_steady"]
                     print(
-                        f"  d: p99 during / steady {swaps[-1]['ratio_p99_during_over_steady']:.2f}",
-                        flush=True,
+                        f"  d: p99 during / steady {'n/a' if ratio is None else f'{ratio:.2f}'}", flush=True
                     )
 
             if set(args.only) & set("abc"):

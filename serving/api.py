@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import re
 import struct
@@ -191,15 +192,20 @@ def parse_v2(payload: Any, specs: list[TensorSpec], binary: bytes | memoryview =
     )
 
 
+_ids = random.Random()  # noqa: S311 -- NOTE: a request id, not a secret
+"""Our own generator: model code may seed the global one, which would repeat ids."""
+os.register_at_fork(after_in_child=_ids.seed)
+
+
 def request_id() -> str:
     """A random UUID for a request that brought no ``id``.
 
     NOTE: ``uuid.uuid4()`` reads ``os.urandom``, which releases the GIL for its
     syscall; on a replica whose event-loop thread is busy, taking the GIL back
     cost 0.6 ms a request (py-spy: 9% of a replica's samples). ``random`` is
-    reseeded in forked children, and an id need not be unguessable.
+    reseeded in forked children (``_ids`` too), and an id need not be unguessable.
     """
-    return str(uuid.UUID(int=random.getrandbits(128), version=4))
+    return str(uuid.UUID(int=_ids.getrandbits(128), version=4))
 
 
 def _flag(params: dict[str, Any], key: str, where: str) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from importlib.metadata import PackageNotFoundError, version
 
 from serving.errors import LoadError
 
@@ -51,10 +50,11 @@ def check_framework_versions(format_name: str) -> None:
     Raises:
         LoadError: an installed framework is older than :data:`MIN_VERSIONS`.
     """
+    from serving.formats.base import installed_version
+
     for package in _FORMAT_PACKAGES.get(format_name, ()):
-        try:
-            installed = version(package)
-        except PackageNotFoundError:
+        installed = installed_version(package)
+        if installed is None:
             continue
         minimum, why = MIN_VERSIONS[package]
         if _parse(installed) < _parse(minimum):

@@ -203,9 +203,11 @@ class Prober:
             return False
         # NOTE: replicas on one node that see the same new version at once (every
         # replica, on an alias move) probe it once: the others wait here, then find
-        # the pass. The kernel drops the lock if its holder dies.
+        # the pass. The kernel drops the lock if its holder dies. A failed probe leaves
+        # no pass, so the next waiter probes again; one that waits longer than a probe
+        # may take probes without the lock.
         memo.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with _node_lock(memo.with_suffix(".lock")):
+        with _node_lock(memo.with_suffix(".lock"), self.limits.timeout_s + 120.0):
             if memo.exists():
                 return False
             return self._probe(cached, policy, warmup, budget, memo)
@@ -366,14 +368,29 @@ class Prober:
 
 
 @contextlib.contextmanager
-def _node_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` across the processes of this node."""
+def _node_lock(path: Path, timeout_s: float) -> Iterator[bool]:
+    """An exclusive lock on ``path`` across the processes of this node; yields whether it holds it.
+
+    After ``timeout_s`` without it (a holder stuck in a probe), it goes on without the lock:
+    a second probe of the same version costs CPU, an endless wait would stall the swap.
+    """
     import fcntl
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    log.warning("%s: still locked after %.0f s; probing without the lock", path, timeout_s)
+                    held = False
+                    break
+                time.sleep(0.05)
+        yield held
     finally:
         os.close(fd)  # NOTE: closing releases the lock
 
@@ -411,7 +428,7 @@ def _close_all() -> None:
 
 
 # ---------------------------------------------------------------------------------
-# The helper process (``python -m serving.isolation PARENT_PID IDLE_S``)
+# The helper process (``python -m serving.isolation PARENT_PID IDLE_S [NICE]``)
 # ---------------------------------------------------------------------------------
 def _prctl(option: int, arg: int) -> None:
     import ctypes

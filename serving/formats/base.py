@@ -104,7 +104,7 @@ class Format(ABC):
 
     def framework_version(self) -> str | None:
         """The installed framework's version, recorded in manifests; None if absent."""
-        return _installed_version(self.framework)
+        return installed_version(self.framework)
 
     @abstractmethod
     def detect(self, path: Path) -> bool:
@@ -145,7 +145,8 @@ def oip_datatype(dtype: np.dtype[Any]) -> str:
 
 
 @functools.cache
-def _installed_version(package: str) -> str | None:
+def installed_version(package: str) -> str | None:
+    """The installed version of distribution ``package``, or None; read once per process."""
     # NOTE: importlib.metadata parses the package's METADATA with the email parser, 2.5 ms
     # a call, and every swap's isolation memo asks; what is installed does not change
     # while a process runs.

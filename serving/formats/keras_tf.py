@@ -210,9 +210,6 @@ class SavedModelFormat(Format):
 
 
 def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
+    from serving.formats.base import installed_version
 
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
+    return installed_version(dist)

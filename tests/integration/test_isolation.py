@@ -189,7 +189,8 @@ def test_the_helper_and_its_probes_run_at_a_lower_cpu_priority(versions: Version
     try:
         assert p.probe(cached, LoadPolicy())
         assert p._proc is not None
-        assert os.getpriority(os.PRIO_PROCESS, p._proc.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+        expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)  # NOTE: niceness stops at 19
+        assert os.getpriority(os.PRIO_PROCESS, p._proc.pid) == expected
     finally:
         p.close()
 

@@ -19,11 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from test_standalone_process import Server, publish, start_server, wait_for
+from test_standalone_process import Server, publish, start_server
 
 from serving.repository import Repository
 from serving.settings import Settings
 from serving.store import open_store
+from serving.testing.poll import wait_for
 from serving.testing.prometheus import (
     Prometheus,
     dashboard_exprs,

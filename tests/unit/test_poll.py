@@ -1,4 +1,4 @@
-"""serving.testing.wait_for: what the tests wait with."""
+"""serving.testing.poll.wait_for: what the tests wait with."""
 
 from __future__ import annotations
 
