@@ -56,7 +56,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _port_is_free(port: int) -> bool:
+    """Whether the next server could bind ``port``: as servers do, with SO_REUSEADDR, so that
+    connections left in TIME_WAIT by a server that closed them do not count as held."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -142,9 +145,10 @@ def test_a_signal_stops_serve_and_everything_it_started(
     while _alive(children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _alive(children) == []
-    assert _port_is_free(port)
-    assert _port_is_free(metrics_port)
-    assert _port_is_free(grpc_port)
+    ports = (port, metrics_port, grpc_port)
+    while not all(map(_port_is_free, ports)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [p for p in ports if not _port_is_free(p)] == []
     assert list(haproxy.iterdir()) == [], "HAProxy's files outlived serve"
     assert text.count('"stopping on ') == 1, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
