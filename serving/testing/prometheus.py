@@ -23,6 +23,7 @@ import httpx
 import yaml
 
 from serving.testing.poll import wait_for
+from serving.testing.process import stop_process
 from serving.testing.s3 import free_port
 
 __all__ = ["Prometheus", "dashboard_exprs", "find_prometheus", "grafana_instantiate", "run_prometheus"]
@@ -83,12 +84,7 @@ def run_prometheus(
         wait_for(ready, what="prometheus to be ready")
         yield prom
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
 
 
 def dashboard_exprs(path: Path, prefix: str = "ray_serving_") -> list[str]:

@@ -34,6 +34,7 @@ from serving.settings import Settings
 from serving.store import open_store
 from serving.testing import free_port
 from serving.testing.poll import wait_for
+from serving.testing.process import stop_process
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
 INPUTS = [TensorSpec(name="input-0", datatype="FP64", shape=[-1, 4])]
@@ -62,13 +63,7 @@ class Server:
     log: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
 
 def start_server(

@@ -36,6 +36,7 @@ from serving.store import open_store
 from serving.testing import MotoS3, free_port
 from serving.testing.models import FailsOn
 from serving.testing.poll import wait_for
+from serving.testing.process import stop_process
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
 MAX_BODY = 512 * 1024
@@ -187,12 +188,7 @@ def _standalone(served: Served, args: dict[str, Any], env: dict[str, str]) -> It
         wait_for(ready, timeout=120, what="the standalone server to be ready")
         yield base, f"127.0.0.1:{grpc_port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def _ray(served: Served, cluster: Any, args: dict[str, Any], layout: str) -> Iterator[tuple[str, str]]:
