@@ -12,7 +12,7 @@ from serving.errors import LoadError, UntrustedArtifact
 from serving.manifest import Manifest, TensorSpec, check_relative_path
 
 from ._common import check_zip_expansion, pick_inputs, primary_file, require, shape_of, to_numpy_outputs
-from .base import Format, LoadPolicy, Predictor, oip_datatype
+from .base import Format, LoadPolicy, Predictor, installed_version, oip_datatype
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -196,7 +196,7 @@ class SavedModelFormat(Format):
     extra = "tensorflow"
 
     def framework_version(self) -> str | None:
-        return super().framework_version() or _version("tensorflow")
+        return super().framework_version() or installed_version("tensorflow")
 
     def detect(self, path: Path) -> bool:
         return path.is_dir() and (path / "saved_model.pb").is_file()
@@ -207,9 +207,3 @@ class SavedModelFormat(Format):
         if not (model_dir / "saved_model.pb").is_file():
             raise LoadError(f"{manifest.name}:{manifest.version} has no saved_model.pb")
         return load_savedmodel(model_dir, manifest)
-
-
-def _version(dist: str) -> str | None:
-    from serving.formats.base import installed_version
-
-    return installed_version(dist)
