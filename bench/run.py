@@ -46,6 +46,7 @@ import numpy as np
 import yaml
 
 from bench import load, report
+from bench.codec import rest_infer
 from bench.systems import (
     ROOT,
     Processes,
@@ -350,7 +351,7 @@ def throughput(
 
 
 def in_process(store: str, work: Path, iris_joblib: Path) -> list[dict[str, Any]]:
-    """Rows/s of plain ``predict`` and of ModelService.infer_v2 (decode, predict, encode), no HTTP."""
+    """Rows/s of plain ``predict`` and of the REST path in process (decode, predict, encode), no HTTP."""
     import joblib
 
     from serving.config import AppConfig
@@ -373,7 +374,7 @@ def in_process(store: str, work: Path, iris_joblib: Path) -> list[dict[str, Any]
         for system, fn in (
             ("in-process predict", lambda x=x: model.predict(x)),
             ("in-process Predictor.predict", lambda x=x: predictor.predict({"input-0": x})),
-            ("in-process ModelService", lambda body=body: service.infer_v2(body)),
+            ("in-process ModelService", lambda body=body: rest_infer(service, body)),
         ):
             times = []
             for _ in range(max(5, 30_000 // n)):

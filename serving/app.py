@@ -1,4 +1,4 @@
-"""Ray Serve deployments: thin adapters around :class:`serving.server.frontend.Frontend`.
+"""Ray Serve deployments: thin adapters around :class:`serving.dataplane.DataPlane`.
 
 ``build_app`` is the import path a Serve config uses::
 
@@ -35,7 +35,6 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -46,22 +45,27 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
-from serving import api, metrics
+from serving import metrics
 from serving.config import AppConfig, ModelConfig
-from serving.errors import NotReady
+from serving.dataplane import DataPlane, ModelPort
+from serving.errors import ServingError
 from serving.logs import configure_logging
+from serving.protocol.rest import Reply
+from serving.protocol.tensors import conform
+from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
 from serving.server.asgi import request_from_asgi
-from serving.server.frontend import Frontend, ModelPort
-from serving.server.local import LocalModel
 
 # NOTE: imported here, not lazily: a request the Serve proxy pickles to this replica
-# needs the module's alias of the generated classes before any method runs.
-from serving.server.oip_grpc import InferenceServicer
+# needs the codec module's alias of the generated classes before any method runs.
+from serving.server.grpc import InferenceServicer
+from serving.server.local import LocalModel
+from serving.server.rest import RestApi
 from serving.service import ModelService
 from serving.settings import get_settings
+from serving.slot import Live
 from serving.watcher import run_forever
 
-log = logging.getLogger("serving.app")
+log = logging.getLogger(__name__)
 
 BOARD_NAMESPACE = "serving"
 HEAD_NODE_RESOURCE = "node:__internal_head__"
@@ -253,9 +257,10 @@ class _Failed:
 class BatchedModel(LocalModel):
     """A local model port whose live-version infers go through ``@serve.batch``.
 
-    Decode and encode stay per request; predict runs once per batch. When the
-    joined batch fails, each request is predicted alone, so one bad request fails
-    only itself.
+    Each request leases the live version, conforms its inputs to it and waits for
+    its batch under that lease; a batch predicts once per version it holds, so a
+    swap while requests wait never mixes two versions. When a joined batch fails,
+    each of its requests is predicted alone, so one bad request fails only itself.
     """
 
     def __init__(self, service: ModelService) -> None:
@@ -265,52 +270,66 @@ class BatchedModel(LocalModel):
             max_batch_size=batching.max_batch_size, batch_wait_timeout_s=batching.batch_wait_timeout_s
         )(self._predict_batch)
 
-    async def infer(self, body: bytes, version: str | None, headers: Mapping[str, str] | None) -> api.Reply:
-        if version is not None:
-            return await super().infer(body, version, headers)
+    async def infer(self, request: InferRequest) -> InferResponse:
         service = self.service
-        role = service.choose(headers)
-        if role != "live" or service.split.shadow_fraction > 0:
-            # NOTE: the canary's share (and mirrored requests) are answered unbatched, routed once here.
-            return await self._run(None, service.infer_routed, body, role, headers)
+        if request.version is not None or request.primary_only or service.split.shadow_fraction > 0:
+            # NOTE: explicit versions, v1 and mirrored requests are answered unbatched.
+            return await super().infer(request)
+        role = service.choose(request.routing_key)
+        if role != "live":
+            # NOTE: the canary's share is answered unbatched, routed once, here.
+            return await self._run(None, service.infer, request, role)
         started = time.perf_counter()
-        served = service.slot.version or "none"
+        served, status = service.slot.version or "none", 200
         try:
-            live = service.slot.live
-            if live is None:
-                raise NotReady(f"model {service.config.name!r} has no version loaded yet")
-            payload, binary = api.parse_infer_body(body, service.app.max_body_bytes, headers)
-            req = api.parse_v2(payload, live.predictor.inputs, binary)
-            result = await self._batched(req.inputs)
-            if isinstance(result, _Failed):
-                raise result.error
-            served, outputs = result
-            reply = api.infer_reply(service.config.name, served, req, outputs)
-        except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
-            reply = api.error_reply(exc)
-        service.observe(served, reply.status, started)
-        return reply
+            with service.slot.lease() as live:
+                served = live.version
+                inputs = conform(request.inputs, live.predictor.inputs)
+                outputs = await self._batched((live, inputs))
+                if isinstance(outputs, _Failed):
+                    raise outputs.error
+                return service.respond(live, request, outputs)
+        except BaseException as exc:
+            status = exc.status_code if isinstance(exc, ServingError) else 500
+            raise
+        finally:
+            service.observe(served, status, started)
 
     async def _predict_batch(
-        self, batch: list[dict[str, np.ndarray]]
-    ) -> list[tuple[str, dict[str, np.ndarray]] | _Failed]:
-        names = list(batch[0])
-        if len(batch) > 1 and all(list(item) == names for item in batch):
-            sizes = [len(item[names[0]]) for item in batch]
-            joined = {n: np.concatenate([item[n] for item in batch]) for n in names}
-            whole = await asyncio.to_thread(self._one, joined)
-            if not isinstance(whole, _Failed):
-                version, outputs = whole
-                bounds = np.cumsum(sizes)[:-1]
-                split = {n: np.split(np.asarray(v), bounds) for n, v in outputs.items()}
-                return [(version, {n: parts[i] for n, parts in split.items()}) for i in range(len(batch))]
-            # NOTE: the joined batch failed: predict each request alone to find the one(s) at fault.
-        return [await asyncio.to_thread(self._one, item) for item in batch]
+        self, batch: list[tuple[Live, dict[str, np.ndarray]]]
+    ) -> list[dict[str, np.ndarray] | _Failed]:
+        """Predict each version's share of the batch together; results in the batch's order."""
+        groups: dict[int, list[int]] = {}
+        for i, (live, _) in enumerate(batch):
+            groups.setdefault(id(live), []).append(i)
+        results: list[dict[str, np.ndarray] | _Failed] = [_Failed(RuntimeError("not predicted"))] * len(batch)
+        for indices in groups.values():
+            live = batch[indices[0]][0]
+            outputs = await self._predict_group(live, [batch[i][1] for i in indices])
+            for i, out in zip(indices, outputs, strict=True):
+                results[i] = out
+        return results
 
-    def _one(self, item: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]] | _Failed:
+    async def _predict_group(
+        self, live: Live, items: list[dict[str, np.ndarray]]
+    ) -> list[dict[str, np.ndarray] | _Failed]:
+        names = list(items[0])
+        if len(items) > 1 and all(list(item) == names for item in items):
+            sizes = [len(item[names[0]]) for item in items]
+            joined = {n: np.concatenate([item[n] for item in items]) for n in names}
+            whole = await asyncio.to_thread(self._one, live, joined)
+            if not isinstance(whole, _Failed):
+                bounds = np.cumsum(sizes)[:-1]
+                split = {n: np.split(np.asarray(v), bounds) for n, v in whole.items()}
+                return [{n: parts[i] for n, parts in split.items()} for i in range(len(items))]
+            # NOTE: the joined batch failed: predict each request alone to find the one(s) at fault.
+        return [await asyncio.to_thread(self._one, live, item) for item in items]
+
+    @staticmethod
+    def _one(live: Live, item: dict[str, np.ndarray]) -> dict[str, np.ndarray] | _Failed:
         try:
-            return self.service.predict_arrays(item)
-        except Exception as exc:  # noqa: BLE001 -- NOTE: handed to that request's error reply
+            return ModelService.run(live, item)
+        except Exception as exc:  # noqa: BLE001 -- NOTE: handed to that request's error
             return _Failed(exc)
 
 
@@ -325,7 +344,7 @@ def _replica_setup() -> None:
     os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 
 
-def _response(reply: api.Reply) -> Response:
+def _response(reply: Reply) -> Response:
     return Response(
         reply.body, status_code=reply.status, media_type=reply.content_type, headers=reply.headers
     )
@@ -335,17 +354,17 @@ class GrpcMethods:
     """OIP over gRPC on a Ray Serve ingress replica: Serve calls the method named like the RPC.
 
     Serve's gRPC ingress (``grpc_options`` naming
-    :data:`serving.server.oip_grpc.SERVICER_FUNCTION`) hands each method the
-    request message and a context; :class:`serving.server.oip_grpc.InferenceServicer`
-    answers it over this replica's front end, as HTTP is.
+    :data:`serving.server.grpc.SERVICER_FUNCTION`) hands each method the
+    request message and a context; :class:`serving.server.grpc.InferenceServicer`
+    answers it over this replica's data plane, as HTTP is.
     """
 
-    frontend: Frontend
+    plane: DataPlane
     _grpc: InferenceServicer | None = None
 
     def _servicer(self) -> InferenceServicer:
         if self._grpc is None:
-            self._grpc = InferenceServicer(self.frontend)
+            self._grpc = InferenceServicer(self.plane)
         return self._grpc
 
     async def ServerLive(self, request: Any, grpc_context: Any) -> Any:
@@ -387,15 +406,16 @@ class Server(GrpcMethods):
         self._followers = [_Follower(s, board, replica) for s in services]
         for follower in self._followers:
             follower.start()
-        self.frontend = Frontend(
+        self.plane = DataPlane(
             self.app,
             {s.config.name: _model_port(s) for s in services},
             BoardLoads(board, self.app),
             admin_token=settings.admin_token_value(),
         )
+        self.rest = RestApi(self.plane)
 
     async def __call__(self, request: Request) -> Response:
-        return _response(await self.frontend.handle(request_from_asgi(request.scope, request.receive)))
+        return _response(await self.rest.handle(request_from_asgi(request.scope, request.receive)))
 
     def __del__(self) -> None:
         for follower in getattr(self, "_followers", []):
@@ -415,15 +435,10 @@ class ModelDeployment:
         self._follower.start()
         self.port = _model_port(service)
 
-    async def infer(
-        self, body: bytes, version: str | None, headers: dict[str, str] | None = None
-    ) -> api.Reply:
-        return await self.port.infer(body, version, headers)
+    async def infer(self, request: InferRequest) -> InferResponse:
+        return await self.port.infer(request)
 
-    async def predict_v1(self, body: bytes, headers: dict[str, str] | None = None) -> api.Reply:
-        return await self.port.predict_v1(body, headers)
-
-    async def metadata(self, version: str | None) -> api.Reply:
+    async def metadata(self, version: str | None) -> ModelMetadata:
         return await self.port.metadata(version)
 
     async def ready(self, version: str | None) -> bool:
@@ -444,17 +459,13 @@ class HandleModel:
     def __init__(self, handle: DeploymentHandle[Any]) -> None:
         self._handle = handle
 
-    async def infer(self, body: bytes, version: str | None, headers: Mapping[str, str] | None) -> api.Reply:
-        reply: api.Reply = await self._handle.infer.remote(body, version, headers)
-        return reply
+    async def infer(self, request: InferRequest) -> InferResponse:
+        response: InferResponse = await self._handle.infer.remote(request)
+        return response
 
-    async def predict_v1(self, body: bytes, headers: Mapping[str, str] | None = None) -> api.Reply:
-        reply: api.Reply = await self._handle.predict_v1.remote(body, headers)
-        return reply
-
-    async def metadata(self, version: str | None) -> api.Reply:
-        reply: api.Reply = await self._handle.metadata.remote(version)
-        return reply
+    async def metadata(self, version: str | None) -> ModelMetadata:
+        meta: ModelMetadata = await self._handle.metadata.remote(version)
+        return meta
 
     async def ready(self, version: str | None) -> bool:
         return bool(await self._handle.ready.remote(version))
@@ -466,19 +477,20 @@ class HandleModel:
 
 @serve.deployment
 class Ingress(GrpcMethods):
-    """Two-hop ingress: the front end over handles to the model deployments."""
+    """Two-hop ingress: the data plane over handles to the model deployments."""
 
     def __init__(self, app: dict[str, Any], models: dict[str, DeploymentHandle[Any]]) -> None:
         configure_logging()
         self.app = AppConfig.model_validate(app)
         ports: dict[str, ModelPort] = {name: HandleModel(h) for name, h in models.items()}
         board = get_board(_replica_context()[0])
-        self.frontend = Frontend(
+        self.plane = DataPlane(
             self.app, ports, BoardLoads(board, self.app), admin_token=get_settings().admin_token_value()
         )
+        self.rest = RestApi(self.plane)
 
     async def __call__(self, request: Request) -> Response:
-        return _response(await self.frontend.handle(request_from_asgi(request.scope, request.receive)))
+        return _response(await self.rest.handle(request_from_asgi(request.scope, request.receive)))
 
 
 def _scaling(num_replicas: int | str | None, autoscaling_config: dict[str, Any] | None) -> dict[str, Any]:

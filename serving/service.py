@@ -1,7 +1,9 @@
-"""One model's serving logic, free of Ray and HTTP: decode, predict, encode, follow the alias.
+"""One model's serving logic, free of Ray and HTTP: lease a version, predict, follow the alias.
 
-The Ray deployment in :mod:`serving.app` holds one ModelService per replica
-and only adapts calls to it.
+:class:`ModelService` takes typed requests (:mod:`serving.protocol.types`) and
+returns typed responses; the transports decode and encode around it, and the
+canary's routing key comes in as a field of the request. The standalone
+server and each Ray replica hold one ModelService per model.
 """
 
 from __future__ import annotations
@@ -11,19 +13,21 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
-from serving import api, metrics
+from serving import metrics
 from serving.cache import LoaderCache
 from serving.config import AppConfig, ModelConfig
 from serving.errors import InvalidInput, ServingError
 from serving.formats.base import LoadPolicy
 from serving.isolation import IsolationLimits, Prober
+from serving.protocol.tensors import conform, select_outputs
+from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
 from serving.repository import Repository, Resolved
 from serving.settings import Settings
 from serving.slot import Live, ModelSlot, ResidentVersions
@@ -32,7 +36,7 @@ from serving.traffic import Figures, Router, disagrees, merge
 from serving.trust import check_trust
 from serving.watcher import AliasWatcher, Split
 
-log = logging.getLogger("serving.service")
+log = logging.getLogger(__name__)
 
 _CLIENT_ERRNOS = frozenset(
     {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.EACCES, errno.ELOOP}
@@ -125,107 +129,63 @@ class ModelService:
             self.slot.swap_to(resolved, reason="start", source="cache" if from_cache else "store")
 
     # -- requests ------------------------------------------------------------------
-    def infer_v2(
-        self, body: bytes, version: str | None = None, headers: Mapping[str, str] | None = None
-    ) -> api.Reply:
-        """Answer an OIP v2 infer request: JSON, or the binary tensor extension.
+    def infer(self, request: InferRequest, role: str | None = None) -> InferResponse:
+        """Answer one typed request: the one infer pipeline, whatever transport carried it.
 
-        Args:
-            body: the request body; ``app.max_body_bytes`` applies to all of it.
-            version: an explicit version, or None for the alias's (live or canary, see
-                :meth:`choose`).
-            headers: the request's HTTP headers (any mapping; names match
-                ignoring case). ``Inference-Header-Content-Length`` selects the
-                binary extension; the routing header (``app.routing_header``) keeps
-                a caller on one side of a canary split; other headers are ignored.
+        A request that names its version is answered by that version (loaded on
+        demand, see :class:`ResidentVersions`); any other by the alias's live version,
+        or its canary for the canary's share (sticky by ``request.routing_key``).
+        The inputs are conformed, predicted and encoded under one lease, so a swap
+        in between cannot mix two versions. ``role`` (``live`` or ``canary``) is a
+        choice already made for this request by :meth:`choose`.
 
-        Returns:
-            The reply; binary outputs set ``reply.headers`` and ``content_type``.
+        Raises:
+            ServingError: a client's mistake (4xx) or a serving fault (5xx).
         """
-        if version is None:
-            return self.infer_routed(body, self.choose(headers), headers)
         started = time.perf_counter()
+        pinned = request.version is not None
         # NOTE: a client-chosen version becomes a label only once it has loaded (then it
         # exists and is one of a bounded set); misses and refusals count as "other".
-        served = "other"
+        served = "other" if pinned else self.slot.version or "none"
+        answered = "pinned" if pinned else "live"
+        status = 200
+        mirrored: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         try:
-            with self.resident.lease(version) as live:
+            with self._lease_for(request, role) as (live, answered):
                 served = live.version
-                payload, binary = api.parse_infer_body(body, self.app.max_body_bytes, headers)
-                req = api.parse_v2(payload, live.predictor.inputs, binary)
-                outputs = self._predict(live, req.inputs, req.outputs)
-                reply = api.infer_reply(self.config.name, live.version, req, outputs)
-        except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
-            reply = api.error_reply(exc)
-        self.observe(served, reply.status, started, role="pinned")
-        return reply
+                inputs = conform(request.inputs, live.predictor.inputs)
+                response, outputs = self.predict(live, request, inputs)
+                if answered == "live":
+                    mirrored = (inputs, outputs)
+        except BaseException as exc:
+            status = exc.status_code if isinstance(exc, ServingError) else 500
+            raise
+        finally:
+            self.observe(served, status, started, role=answered)
+        if mirrored is not None:
+            # NOTE: a non-blocking hand-off; the shadow predicts on its own thread later.
+            self.mirror.offer(*mirrored)
+        return response
 
-    def choose(self, headers: Mapping[str, str] | None) -> str:
-        """``canary`` for the canary's share of requests (sticky by the routing header), else ``live``."""
+    def choose(self, routing_key: str | None) -> str:
+        """``canary`` for the canary's share of requests (sticky by ``routing_key``), else ``live``."""
         split = self.split
         if split.canary_weight <= 0:
             return "live"
-        key = api.header_value(headers, self.app.routing_header)
-        return "canary" if self.router.to_canary(split.canary_weight, key) else "live"
+        return "canary" if self.router.to_canary(split.canary_weight, routing_key) else "live"
 
     @property
     def split(self) -> Split:
         return self.watcher.split if self.watcher is not None else Split()
 
-    def infer_routed(self, body: bytes, role: str, headers: Mapping[str, str] | None = None) -> api.Reply:
-        """Answer an alias request from ``role``'s version (the live one when that role is empty)."""
-
-        def decode(live: Live) -> tuple[dict[str, np.ndarray], Any, list[str] | None]:
-            payload, binary = api.parse_infer_body(body, self.app.max_body_bytes, headers)
-            req = api.parse_v2(payload, live.predictor.inputs, binary)
-            return req.inputs, req, req.outputs
-
-        def encode(live: Live, req: Any, outputs: dict[str, np.ndarray]) -> api.Reply:
-            return api.infer_reply(self.config.name, live.version, req, outputs)
-
-        return self._answer(role, decode, encode)
-
-    def predict_v1(self, body: bytes, headers: Mapping[str, str] | None = None) -> api.Reply:
-        def decode(live: Live) -> tuple[dict[str, np.ndarray], Any, list[str] | None]:
-            inputs = api.parse_v1(api.parse_json(body, self.app.max_body_bytes), live.predictor.inputs)
-            # NOTE: v1 answers one output; the others need not be computed.
-            return inputs, None, [live.predictor.primary_output]
-
-        def encode(live: Live, _: Any, outputs: dict[str, np.ndarray]) -> api.Reply:
-            primary = live.predictor.primary_output
-            first = outputs[primary] if primary in outputs else next(iter(outputs.values()))
-            return api.ok({"predictions": first, "model_version": live.version})
-
-        return self._answer(self.choose(headers), decode, encode)
-
-    def _answer(
-        self,
-        role: str,
-        decode: Callable[[Live], tuple[dict[str, np.ndarray], Any, list[str] | None]],
-        encode: Callable[[Live, Any, dict[str, np.ndarray]], api.Reply],
-    ) -> api.Reply:
-        started = time.perf_counter()
-        served, answered = self.slot.version or "none", "live"
-        mirrored: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
-        try:
-            with self._lease_role(role) as (live, answered):
-                served = live.version
-                inputs, req, names = decode(live)
-                outputs = self._predict(live, inputs, names)
-                reply = encode(live, req, outputs)
-                if answered == "live":
-                    mirrored = (inputs, outputs)
-        except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
-            reply = api.error_reply(exc)
-        self.observe(served, reply.status, started, role=answered)
-        if mirrored is not None:
-            # NOTE: a non-blocking hand-off; the shadow predicts on its own thread later.
-            self.mirror.offer(*mirrored)
-        return reply
-
     @contextmanager
-    def _lease_role(self, role: str) -> Iterator[tuple[Live, str]]:
-        if role == "canary":
+    def _lease_for(self, request: InferRequest, role: str | None) -> Iterator[tuple[Live, str]]:
+        """The version that answers ``request``, leased, and its role."""
+        if request.version is not None:
+            with self.resident.lease(request.version) as live:
+                yield live, "pinned"
+            return
+        if (role or self.choose(request.routing_key)) == "canary":
             with self.slot.lease_companion("canary") as canary:
                 if canary is not None:
                     yield canary, "canary"
@@ -233,10 +193,25 @@ class ModelService:
         with self.slot.lease() as live:
             yield live, "live"
 
-    def predict_arrays(self, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]]:
-        """Predict on decoded inputs with the live version (the batching path uses this)."""
-        with self.slot.lease() as live:
-            return live.version, self._predict(live, inputs)
+    def predict(
+        self, live: Live, request: InferRequest, inputs: dict[str, np.ndarray]
+    ) -> tuple[InferResponse, dict[str, np.ndarray]]:
+        """Predict conformed ``inputs`` with a leased version: the response, and every output computed."""
+        names = [live.predictor.primary_output] if request.primary_only else request.output_names
+        outputs = self.run(live, inputs, names)
+        return self.respond(live, request, outputs), outputs
+
+    def respond(self, live: Live, request: InferRequest, outputs: dict[str, np.ndarray]) -> InferResponse:
+        """The response to ``request`` from the outputs ``live`` computed."""
+        if request.primary_only:
+            primary = live.predictor.primary_output
+            # NOTE: v1 answers one output: the primary, or the first the predictor produced.
+            selected = (
+                {primary: outputs[primary]} if primary in outputs else dict([next(iter(outputs.items()))])
+            )
+        else:
+            selected = select_outputs(outputs, request.output_names)
+        return InferResponse(self.config.name, live.version, request.id, selected)
 
     def close(self) -> None:
         """Stop the shadow mirror's thread and release every loaded version."""
@@ -247,7 +222,7 @@ class ModelService:
         return self.resident.lease(version) if version else self.slot.lease()
 
     @staticmethod
-    def _predict(
+    def run(
         live: Live, inputs: dict[str, np.ndarray], names: list[str] | None = None
     ) -> dict[str, np.ndarray]:
         """The predictor's outputs: every one, or at least ``names`` (a request's ``outputs``)."""
@@ -283,26 +258,22 @@ class ModelService:
             self.figures.observe(version, status, elapsed)
 
     # -- metadata ------------------------------------------------------------------------
-    def metadata(self, version: str | None = None) -> api.Reply:
-        try:
-            with self._lease(version) as live:
-                return api.ok(
-                    {
-                        "name": self.config.name,
-                        "versions": [live.version],
-                        "platform": live.manifest.format,
-                        "inputs": api.tensor_metadata(live.predictor.inputs),
-                        "outputs": api.tensor_metadata(live.predictor.outputs),
-                        "parameters": {
-                            "framework": live.manifest.framework,
-                            "framework_version": live.manifest.framework_version,
-                            "alias": self.config.alias,
-                            "created_at": live.manifest.created_at,
-                        },
-                    }
-                )
-        except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler maps every error
-            return api.error_reply(exc)
+    def metadata(self, version: str | None = None) -> ModelMetadata:
+        """OIP model metadata of the live version, or of ``version``."""
+        with self._lease(version) as live:
+            return ModelMetadata(
+                name=self.config.name,
+                versions=[live.version],
+                platform=live.manifest.format,
+                inputs=live.predictor.inputs,
+                outputs=live.predictor.outputs,
+                parameters={
+                    "framework": live.manifest.framework,
+                    "framework_version": live.manifest.framework_version,
+                    "alias": self.config.alias,
+                    "created_at": live.manifest.created_at,
+                },
+            )
 
     def ready(self, version: str | None = None) -> bool:
         if version is None or version == self.slot.version:
@@ -424,7 +395,7 @@ class ShadowMirror:
                 return
             status, outputs = 200, None
             try:
-                outputs = service._predict(shadow, inputs)
+                outputs = service.run(shadow, inputs)
             except ServingError as exc:
                 status = exc.status_code
             except Exception:

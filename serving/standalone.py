@@ -1,12 +1,12 @@
 """A single-process server, no Ray: every configured model behind one raw ASGI app.
 
-A thin adapter: :class:`serving.server.frontend.Frontend` holds every route,
+A thin adapter: :class:`serving.dataplane.DataPlane` holds every operation,
 over :class:`serving.server.local.LocalModel` ports (the same
 :class:`serving.service.ModelService` per model as a Ray replica) and
 :class:`serving.server.local.LocalLoads`. This module only converts ASGI to the
-front end's requests and runs the models' watcher threads. With ``--grpc-port``
+REST API's requests (:mod:`serving.server.rest`) and runs the models' watcher threads. With ``--grpc-port``
 (8001 by default) a ``grpc.aio`` server on the same event loop answers OIP over
-gRPC over the same front end (:mod:`serving.server.oip_grpc`)::
+gRPC over the same data plane (:mod:`serving.server.grpc`)::
 
     serving serve --standalone --model iris@production --port 8000 --metrics-port 8080 --grpc-port 8001
 
@@ -49,14 +49,15 @@ import anyio
 import orjson
 
 from serving.config import AppConfig
+from serving.dataplane import DataPlane
 from serving.server.asgi import Receive, Scope, Send, request_from_asgi, send_reply
-from serving.server.frontend import Frontend
 from serving.server.local import LocalLoads, LocalModel, Waker
+from serving.server.rest import RestApi
 from serving.service import ModelService
 from serving.settings import Settings, get_settings
 from serving.watcher import run_forever
 
-log = logging.getLogger("serving.standalone")
+log = logging.getLogger(__name__)
 
 PredictMode = Literal["auto", "inline", "thread"]
 
@@ -99,7 +100,7 @@ class _Model:
 
 @dataclass(frozen=True)
 class GrpcListen:
-    """Where the standalone server answers OIP over gRPC (:mod:`serving.server.oip_grpc`)."""
+    """Where the standalone server answers OIP over gRPC (:mod:`serving.server.grpc`)."""
 
     host: str
     port: int
@@ -115,7 +116,7 @@ _OFFLOAD = {"inline": math.inf, "thread": 0.0}
 
 
 class StandaloneApp:
-    """The ASGI app: the front end's routes, every model in this process.
+    """The ASGI app: the REST routes over one data plane, every model in this process.
 
     Example::
 
@@ -147,12 +148,13 @@ class StandaloneApp:
         self._started = False
         self.models = {m.name: _Model(ModelService(m, config, settings), self._stop) for m in config.models}
         offload = _OFFLOAD.get(predict)
-        self.frontend = Frontend(
+        self.plane = DataPlane(
             config,
             {name: LocalModel(m.service, offload) for name, m in self.models.items()},
             LocalLoads({name: (m.service, m.waker) for name, m in self.models.items()}),
             admin_token=settings.admin_token_value(),
         )
+        self.rest = RestApi(self.plane)
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -175,13 +177,13 @@ class StandaloneApp:
             model.service.close()
 
     async def _start_grpc(self) -> None:
-        """Serve OIP over gRPC beside HTTP, on this loop and over the same front end."""
+        """Serve OIP over gRPC beside HTTP, on this loop and over the same data plane."""
         if self.grpc is None:
             return
-        from serving.server.oip_grpc import start_server
+        from serving.server.grpc import start_server
 
         self._grpc_server = await start_server(
-            self.frontend, self.grpc.host, self.grpc.port, reuse_port=self.grpc.reuse_port
+            self.plane, self.grpc.host, self.grpc.port, reuse_port=self.grpc.reuse_port
         )
         log.info("serving OIP over gRPC on %s:%d", self.grpc.host, self.grpc.port)
 
@@ -189,7 +191,7 @@ class StandaloneApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            reply = await self.frontend.handle(request_from_asgi(scope, receive))
+            reply = await self.rest.handle(request_from_asgi(scope, receive))
             await send_reply(send, reply)
         elif kind == "lifespan":
             await self._lifespan(receive, send)

@@ -1,4 +1,4 @@
-"""The HTTP and gRPC server: one front end (:mod:`serving.server.frontend`) and ``serving serve``.
+"""The HTTP and gRPC transports over one data plane (:mod:`serving.dataplane`), and ``serving serve``.
 
 ``serving serve`` starts a local Ray instance and the app in the foreground,
 built from the same :func:`serving.app.build_app` the Serve config and the Helm
@@ -221,7 +221,7 @@ def grpc_options(port: int) -> dict[str, Any] | None:
     """
     if not port:
         return None
-    from serving.server.oip_grpc import SERVICER_FUNCTION
+    from serving.server.grpc import SERVICER_FUNCTION
 
     return {"port": port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
 

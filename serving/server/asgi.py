@@ -1,4 +1,4 @@
-"""ASGI in and out of the front end: an HTTP scope becomes an HttpRequest, a Reply becomes messages.
+"""ASGI in and out of the REST API: an HTTP scope becomes an HttpRequest, a Reply becomes messages.
 
 Both HTTP transports speak ASGI underneath (uvicorn in the standalone server;
 Ray Serve hands its replicas the request's ASGI scope and ``receive``), so both
@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-from serving import api
 from serving.errors import InvalidInput
-from serving.server.frontend import HttpRequest
+from serving.protocol.rest import Reply
+from serving.server.rest import HttpRequest
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -21,7 +21,10 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 def request_from_asgi(scope: Scope, receive: Receive) -> HttpRequest:
-    """The front end's view of an ASGI HTTP request (header names lower-case, latin-1)."""
+    """The REST API's view of an ASGI HTTP request (header names lower-case, latin-1).
+
+    The path is the raw one as sent (``raw_path``, percent-encoded) where the server gives it.
+    """
     headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
 
     async def body() -> AsyncIterator[bytes]:
@@ -37,14 +40,14 @@ def request_from_asgi(scope: Scope, receive: Receive) -> HttpRequest:
 
     return HttpRequest(
         method=scope["method"],
-        path=scope["path"],
+        path=raw.decode("latin-1") if (raw := scope.get("raw_path")) else scope["path"],
         headers=headers,
         body=body,
         root_path=scope.get("root_path", ""),
     )
 
 
-def reply_headers(reply: api.Reply) -> list[tuple[bytes, bytes]]:
+def reply_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
     headers = [
         (b"content-type", reply.content_type.encode()),
         (b"content-length", str(len(reply.body)).encode()),
@@ -54,6 +57,6 @@ def reply_headers(reply: api.Reply) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-async def send_reply(send: Send, reply: api.Reply) -> None:
+async def send_reply(send: Send, reply: Reply) -> None:
     await send({"type": "http.response.start", "status": reply.status, "headers": reply_headers(reply)})
     await send({"type": "http.response.body", "body": reply.body})

@@ -1,6 +1,6 @@
 """Ports over models in this process: used by the standalone server and single-hop Ray replicas.
 
-:class:`LocalModel` is a :class:`~serving.server.frontend.ModelPort` over a
+:class:`LocalModel` is a :class:`~serving.dataplane.ModelPort` over a
 :class:`~serving.service.ModelService`. It decides what may run on the event
 loop: a request that would load an explicit version never does; predict does
 while the model's recent requests are fast (under ``offload_predict_after_ms``),
@@ -14,7 +14,7 @@ request moves the average by at most a bounded step, and a model goes back to
 the loop only below half the bound, so it does not flap between the two.
 
 :class:`Waker` and :class:`LocalLoads` are the standalone server's
-:class:`~serving.server.frontend.LoadPort`: each model's watcher thread waits on
+:class:`~serving.dataplane.LoadPort`: each model's watcher thread waits on
 its waker between ticks, and a load request cuts that wait short.
 """
 
@@ -26,10 +26,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
-from serving import api
+from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
 from serving.service import ModelService
+
+T = TypeVar("T")
 
 _EWMA = 0.2
 """Weight of the newest request in a model's recent request time."""
@@ -66,27 +68,25 @@ class LocalModel:
             self._offloaded = self._recent_s >= self.offload_after_s
         return not self._offloaded
 
-    async def _run(self, version: str | None, fn: Callable[..., api.Reply], *args: Any) -> api.Reply:
+    async def _run(self, version: str | None, fn: Callable[..., T], *args: Any) -> T:
         if self.on_loop(version):
             return self._timed(fn, *args)
         return await asyncio.to_thread(self._timed, fn, *args)
 
-    def _timed(self, fn: Callable[..., api.Reply], *args: Any) -> api.Reply:
+    def _timed(self, fn: Callable[..., T], *args: Any) -> T:
         started = time.thread_time()
-        reply = fn(*args)
-        # NOTE: one outlier (a GC pause) moves the average by a bounded step, so it takes a
-        # few slow requests in a row, not one, to move a model off the loop.
-        elapsed = min(time.thread_time() - started, 2 * self.offload_after_s)
-        self._recent_s += _EWMA * (elapsed - self._recent_s)
-        return reply
+        try:
+            return fn(*args)
+        finally:
+            # NOTE: one outlier (a GC pause) moves the average by a bounded step, so it takes a
+            # few slow requests in a row, not one, to move a model off the loop.
+            elapsed = min(time.thread_time() - started, 2 * self.offload_after_s)
+            self._recent_s += _EWMA * (elapsed - self._recent_s)
 
-    async def infer(self, body: bytes, version: str | None, headers: Mapping[str, str] | None) -> api.Reply:
-        return await self._run(version, self.service.infer_v2, body, version, headers)
+    async def infer(self, request: InferRequest) -> InferResponse:
+        return await self._run(request.version, self.service.infer, request)
 
-    async def predict_v1(self, body: bytes, headers: Mapping[str, str] | None = None) -> api.Reply:
-        return await self._run(None, self.service.predict_v1, body, headers)
-
-    async def metadata(self, version: str | None) -> api.Reply:
+    async def metadata(self, version: str | None) -> ModelMetadata:
         if self.on_loop(version):
             return self.service.metadata(version)
         return await asyncio.to_thread(self.service.metadata, version)

@@ -15,6 +15,7 @@ from pathlib import Path
 import prometheus_client
 import pytest
 from hostile_modules import crafted_kd_tree, good_iris
+from rest_client import infer_v2
 
 from serving.config import AppConfig
 from serving.publish import publish_path
@@ -56,7 +57,7 @@ def store(tmp_path: Path) -> Repository:
 def infer(service: ModelService) -> tuple[int, str]:
     tensor = {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": ROW[0]}
     body = json.dumps({"inputs": [tensor]}).encode()
-    reply = service.infer_v2(body)
+    reply = infer_v2(service, body)
     return reply.status, service.slot.version or ""
 
 

@@ -9,11 +9,12 @@ import joblib
 import numpy as np
 import orjson
 import pytest
+from rest_client import infer_v2
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from serving.api import INFERENCE_HEADER
 from serving.config import AppConfig, ModelConfig
+from serving.protocol.rest import INFERENCE_HEADER
 from serving.publish import publish_path
 from serving.repository import Repository
 from serving.service import ModelService
@@ -52,11 +53,11 @@ def binary_body(rows: np.ndarray, size: int | None = None) -> tuple[bytes, int]:
 def test_headers_select_the_binary_path_and_predictions_match_json(service: ModelService) -> None:
     """A lower-case header name in a plain dict works, and binary predictions equal JSON's."""
     tensor = {"name": "input-0", "shape": [2, 4], "datatype": "FP64", "data": ROWS.tolist()}
-    as_json = service.infer_v2(orjson.dumps({"inputs": [tensor]}))
+    as_json = infer_v2(service, orjson.dumps({"inputs": [tensor]}))
     assert as_json.status == 200, as_json.body
     want = {o["name"]: o["data"] for o in orjson.loads(as_json.body)["outputs"]}
     body, size = binary_body(ROWS)
-    reply = service.infer_v2(body, headers={INFERENCE_HEADER.lower(): str(size)})
+    reply = infer_v2(service, body, headers={INFERENCE_HEADER.lower(): str(size)})
     assert reply.status == 200, reply.body
     assert reply.content_type == "application/octet-stream"
     head_size = int(reply.headers[INFERENCE_HEADER])
@@ -72,11 +73,11 @@ def test_headers_select_the_binary_path_and_predictions_match_json(service: Mode
 
 def test_bad_binary_requests_answer_400_and_big_bodies_413(service: ModelService) -> None:
     body, size = binary_body(ROWS, size=12)
-    wrong_size = service.infer_v2(body, headers={INFERENCE_HEADER: str(size)})
+    wrong_size = infer_v2(service, body, headers={INFERENCE_HEADER: str(size)})
     assert wrong_size.status == 400
     assert b"binary_data_size" in wrong_size.body
-    past_end = service.infer_v2(body, headers={INFERENCE_HEADER: str(len(body) + 1)})
+    past_end = infer_v2(service, body, headers={INFERENCE_HEADER: str(len(body) + 1)})
     assert past_end.status == 400
     big, big_size = binary_body(np.zeros((200, 4)))
     assert len(big) > 4096
-    assert service.infer_v2(big, headers={INFERENCE_HEADER: str(big_size)}).status == 413
+    assert infer_v2(service, big, headers={INFERENCE_HEADER: str(big_size)}).status == 413

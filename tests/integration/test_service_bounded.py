@@ -9,6 +9,7 @@ import joblib
 import orjson
 import prometheus_client
 import pytest
+from rest_client import infer_v2
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
@@ -50,11 +51,11 @@ def body() -> bytes:
 
 
 def test_a_thousand_random_explicit_versions_add_no_metric_series(service: ModelService) -> None:
-    assert service.infer_v2(body(), "1").status == 200
-    assert service.infer_v2(body(), "nope").status == 404  # the "other" series exists from here on
+    assert infer_v2(service, body(), "1").status == 200
+    assert infer_v2(service, body(), "nope").status == 404  # the "other" series exists from here on
     before = series("bounded")
     for i in range(1000):
-        reply = service.infer_v2(body(), f"random-{i}")
+        reply = infer_v2(service, body(), f"random-{i}")
         assert reply.status == 404, reply.body
     assert series("bounded") == before
     assert service.resident.pending() == 0

@@ -8,6 +8,7 @@ import joblib
 import orjson
 import pytest
 from prometheus_client import REGISTRY
+from rest_client import predict_v1
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
@@ -58,7 +59,7 @@ def _refused() -> float:
 
 
 def _served(service: ModelService) -> str:
-    reply = service.predict_v1(orjson.dumps({"instances": ROW}))
+    reply = predict_v1(service, orjson.dumps({"instances": ROW}))
     assert reply.status == 200, reply.body
     return str(orjson.loads(reply.body)["model_version"])
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
-from serving import api
+import numpy as np
+
+from serving.protocol.types import InferRequest, InferResponse
 from serving.server.local import LocalModel
 
 BOUND_S = 0.002
@@ -32,10 +33,14 @@ class Service:
         self.cost_s = 0.0
         self.threads: list[int] = []
 
-    def infer_v2(self, body: bytes, version: str | None, headers: Mapping[str, str] | None) -> api.Reply:
+    def infer(self, request: InferRequest) -> InferResponse:
         self.threads.append(threading.get_ident())
         _spin(self.cost_s)
-        return api.ok({})
+        return InferResponse(request.model, "1", request.id, {})
+
+
+def _request() -> InferRequest:
+    return InferRequest(model="m", inputs={"x": np.zeros(1)})
 
 
 def _on_loop_share(service: Service, loop_thread: int, last: int) -> float:
@@ -56,18 +61,18 @@ def test_a_slow_model_moves_off_the_loop_and_a_fast_one_comes_back_under_load() 
 
     async def main() -> tuple[float, float, float]:
         loop_thread = threading.get_ident()
-        await port.infer(b"", None, None)
+        await port.infer(_request())
         fast_before = _on_loop_share(service, loop_thread, 1)
         service.cost_s = 4 * BOUND_S
         for _ in range(20):
-            await port.infer(b"", None, None)
+            await port.infer(_request())
         slow = _on_loop_share(service, loop_thread, 5)
         service.cost_s = 0.0
         contender = threading.Thread(target=contend)
         contender.start()
         try:
             for _ in range(10):
-                await asyncio.gather(*(port.infer(b"", None, None) for _ in range(16)))
+                await asyncio.gather(*(port.infer(_request()) for _ in range(16)))
         finally:
             stop.set()
             contender.join()

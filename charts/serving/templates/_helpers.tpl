@@ -163,7 +163,7 @@ http_options:
 grpc_options:
   port: {{ .Values.ports.grpc }}
   grpc_servicer_functions:
-    - serving.server.oip_grpc.add_GRPCInferenceServiceServicer_to_server
+    - serving.server.grpc.add_GRPCInferenceServiceServicer_to_server
 {{- end }}
 applications:
   - name: {{ .Values.serve.applicationName }}

@@ -1,6 +1,6 @@
 """Every route, error case and the load/index protocol, against every transport.
 
-The front end (serving.server.frontend) holds every route once; this suite
+The REST API (serving.server.rest) over one data plane holds every route once; this suite
 checks that each transport adapter (``standalone``, ``ray``) serves it the same
 way over real HTTP. See conftest.py for the app and the store.
 """
@@ -204,7 +204,7 @@ def test_an_unexpected_error_is_a_500_logged_once_with_its_traceback(served: Ser
         assert r.json() == {"error": "internal error: RuntimeError"}
         lines = wait_for(lambda: logged()[before:], what="the error in the server's log")
         (line,) = lines
-        assert '"logger": "serving.api"' in line
+        assert '"logger": "serving.protocol.types"' in line
         assert "Traceback" in line
         assert served_version(client, served, "boom") == "1"
     assert len(logged()) == before + 1

@@ -5,10 +5,19 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pytest
+from codec_helpers import infer_reply, parse_v1, parse_v2
 
-from serving import api
-from serving.errors import InvalidInput, MethodNotAllowed, NotFound, PayloadTooLarge, VersionNotFound
+from serving.errors import (
+    InvalidInput,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    VersionNotFound,
+)
 from serving.manifest import TensorSpec
+from serving.protocol import rest
+from serving.server.rest import match
 
 IRIS = [TensorSpec(name="input-0", datatype="FP32", shape=[-1, 4])]
 
@@ -20,19 +29,19 @@ def v2(**tensor: object) -> dict[str, object]:
 
 
 def test_flattened_row_major_data_is_reshaped() -> None:
-    req = api.parse_v2(v2(shape=[2, 4], data=[1, 2, 3, 4, 5, 6, 7, 8]), IRIS)
+    req = parse_v2(v2(shape=[2, 4], data=[1, 2, 3, 4, 5, 6, 7, 8]), IRIS)
     assert req.inputs["input-0"].shape == (2, 4)
     assert req.inputs["input-0"][1, 0] == 5
     assert req.inputs["input-0"].dtype == np.float32
 
 
 def test_nested_data_is_accepted_too() -> None:
-    req = api.parse_v2(v2(data=[[1, 2, 3, 4]]), IRIS)
+    req = parse_v2(v2(data=[[1, 2, 3, 4]]), IRIS)
     assert req.inputs["input-0"].tolist() == [[1, 2, 3, 4]]
 
 
 def test_numeric_datatypes_are_cast_to_the_models() -> None:
-    req = api.parse_v2(v2(datatype="FP64"), IRIS)
+    req = parse_v2(v2(datatype="FP64"), IRIS)
     assert req.inputs["input-0"].dtype == np.float32
 
 
@@ -54,7 +63,7 @@ def test_numeric_datatypes_are_cast_to_the_models() -> None:
 )
 def test_malformed_requests_are_invalid_input(payload: object, needle: str) -> None:
     with pytest.raises(InvalidInput, match=needle):
-        api.parse_v2(payload, IRIS)
+        parse_v2(payload, IRIS)
 
 
 def test_unknown_input_name_for_a_multi_input_model_is_refused() -> None:
@@ -63,44 +72,69 @@ def test_unknown_input_name_for_a_multi_input_model_is_refused() -> None:
         TensorSpec(name="b", datatype="FP32", shape=[-1]),
     ]
     with pytest.raises(InvalidInput, match="unknown input 'c'"):
-        api.parse_v2({"inputs": [{"name": "c", "shape": [1], "datatype": "FP32", "data": [1]}]}, specs)
+        parse_v2({"inputs": [{"name": "c", "shape": [1], "datatype": "FP32", "data": [1]}]}, specs)
 
 
 def test_body_over_the_limit_is_413_and_bad_json_is_400() -> None:
     with pytest.raises(PayloadTooLarge) as too_big:
-        api.parse_json(b"x" * 11, limit=10)
+        rest.parse_json(b"x" * 11, limit=10)
     assert too_big.value.status_code == 413
     with pytest.raises(InvalidInput, match="malformed JSON"):
-        api.parse_json(b"{nope", limit=100)
+        rest.parse_json(b"{nope", limit=100)
 
 
 def test_outputs_are_flattened_with_shape_and_datatype() -> None:
-    out = api.encode_outputs({"p": np.array([[0.5, 0.5]]), "c": np.array([1])}, None)
-    body = orjson.loads(api.ok({"outputs": out}).body)
+    req = parse_v2(v2(), IRIS)
+    body = orjson.loads(infer_reply("m", "1", req, {"p": np.array([[0.5, 0.5]]), "c": np.array([1])}).body)
     assert body["outputs"][0] == {"name": "p", "shape": [1, 2], "datatype": "FP64", "data": [0.5, 0.5]}
     assert body["outputs"][1]["datatype"] == "INT64"
 
 
 def test_requested_outputs_are_filtered_and_unknown_ones_refused() -> None:
     outputs = {"p": np.array([1.0]), "c": np.array([1])}
-    assert [o["name"] for o in api.encode_outputs(outputs, ["c"])] == ["c"]
+    req = parse_v2({**v2(), "outputs": [{"name": "c"}]}, IRIS)
+    assert [o["name"] for o in orjson.loads(infer_reply("m", "1", req, outputs).body)["outputs"]] == ["c"]
     with pytest.raises(InvalidInput, match="unknown output 'z'"):
-        api.encode_outputs(outputs, ["z"])
+        infer_reply("m", "1", parse_v2({**v2(), "outputs": [{"name": "z"}]}, IRIS), outputs)
+
+
+def test_an_output_asked_for_twice_is_refused() -> None:
+    """One tensor per name: a request cannot multiply its reply by repeating an output."""
+    with pytest.raises(InvalidInput, match="more than once"):
+        parse_v2({**v2(), "outputs": [{"name": "c"}] * 3}, IRIS)
+
+
+@pytest.mark.parametrize(
+    ("shape", "needle"),
+    [([1] * 33, "rank 33"), ([0, 2**70], "elements"), ([2**40, 2**40], "elements")],
+)
+def test_shapes_past_the_limits_are_invalid_input_not_500(shape: list[int], needle: str) -> None:
+    with pytest.raises(InvalidInput, match=needle):
+        parse_v2(v2(shape=shape, data=[]), IRIS)
+
+
+@pytest.mark.parametrize("name", ["iris/versions/7", "../x", "a b", ""])
+def test_a_model_name_that_is_not_a_plain_name_is_a_400(name: str) -> None:
+    from serving.protocol import rest as codec
+
+    with pytest.raises(InvalidRequest) as refused:
+        codec.decode_v2(v2(), model=name)
+    assert refused.value.status_code == 400
 
 
 def test_v1_instances_become_the_single_input() -> None:
-    inputs = api.parse_v1({"instances": [[1, 2, 3, 4], [5, 6, 7, 8]]}, IRIS)
+    inputs = parse_v1({"instances": [[1, 2, 3, 4], [5, 6, 7, 8]]}, IRIS)
     assert inputs["input-0"].shape == (2, 4)
     with pytest.raises(InvalidInput, match="instances"):
-        api.parse_v1({"instances": "x"}, IRIS)
+        parse_v1({"instances": "x"}, IRIS)
     with pytest.raises(InvalidInput, match="one shape"):
-        api.parse_v1({"instances": [[1, 2], [3]]}, IRIS)
+        parse_v1({"instances": [[1, 2], [3]]}, IRIS)
 
 
 def test_errors_map_to_their_status_and_unknown_ones_to_500_without_details() -> None:
-    assert api.error_reply(VersionNotFound("no v9")).status == 404
-    assert orjson.loads(api.error_reply(VersionNotFound("no v9")).body) == {"error": "no v9"}
-    internal = api.error_reply(RuntimeError("secret path /etc/x"))
+    assert rest.error_reply(VersionNotFound("no v9")).status == 404
+    assert orjson.loads(rest.error_reply(VersionNotFound("no v9")).body) == {"error": "no v9"}
+    internal = rest.error_reply(RuntimeError("secret path /etc/x"))
     assert internal.status == 500
     assert b"/etc/x" not in internal.body
 
@@ -119,14 +153,14 @@ def test_errors_map_to_their_status_and_unknown_ones_to_500_without_details() ->
     ],
 )
 def test_routes(method: str, path: str, route: str, params: dict[str, str]) -> None:
-    assert api.match(method, path) == (route, params)
+    assert match(method, path) == (route, params)
 
 
 def test_unknown_paths_are_404_and_wrong_methods_405() -> None:
     with pytest.raises(NotFound):
-        api.match("GET", "/v3/anything")
+        match("GET", "/v3/anything")
     with pytest.raises(MethodNotAllowed) as exc:
-        api.match("GET", "/v2/models/iris/infer")
+        match("GET", "/v2/models/iris/infer")
     assert exc.value.status_code == 405
 
 
@@ -139,12 +173,12 @@ def test_unexpected_errors_are_logged_once_with_their_traceback(caplog: pytest.L
     try:
         boom()
     except KeyError as exc:
-        with caplog.at_level("ERROR", logger="serving.api"):
-            reply = api.error_reply(exc)
-            api.error_reply(InvalidInput("bad shape"))
+        with caplog.at_level("ERROR", logger="serving.protocol.types"):
+            reply = rest.error_reply(exc)
+            rest.error_reply(InvalidInput("bad shape"))
     assert reply.status == 500
     assert b"internal detail" not in reply.body
-    records = [r for r in caplog.records if r.name == "serving.api"]
+    records = [r for r in caplog.records if r.name == "serving.protocol.types"]
     assert len(records) == 1
     assert records[0].exc_info is not None
     assert "in boom" in caplog.text
@@ -176,20 +210,20 @@ def test_predictor_oserrors_caused_by_the_request_are_4xx(exc: OSError, client: 
     live = SimpleNamespace(predictor=_Failing(exc))
     if client:
         with pytest.raises(InvalidInput, match="could not use the input"):
-            ModelService._predict(live, {})  # type: ignore[arg-type]
+            ModelService.run(live, {})  # type: ignore[arg-type]
     else:
         with pytest.raises(OSError, match="No space"):
-            ModelService._predict(live, {})  # type: ignore[arg-type]
+            ModelService.run(live, {})  # type: ignore[arg-type]
 
 
 def test_an_overloaded_reply_is_503_with_retry_after() -> None:
     from serving.errors import Overloaded
 
-    reply = api.error_reply(Overloaded("busy loading another version", retry_after_s=2))
+    reply = rest.error_reply(Overloaded("busy loading another version", retry_after_s=2))
     assert (reply.status, reply.headers) == (503, {"Retry-After": "2"})
     from serving.errors import NotReady
 
-    assert api.error_reply(NotReady("no model")).headers == {}
+    assert rest.error_reply(NotReady("no model")).headers == {}
 
 
 def test_a_request_without_an_id_gets_a_fresh_uuid4_and_one_with_an_id_keeps_it() -> None:
@@ -197,7 +231,7 @@ def test_a_request_without_an_id_gets_a_fresh_uuid4_and_one_with_an_id_keeps_it(
 
     specs = [TensorSpec(name="x", datatype="FP32", shape=[-1, 1])]
     body = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}
-    ids = {api.parse_v2(body, specs).id for _ in range(1000)}
+    ids = {parse_v2(body, specs).id for _ in range(1000)}
     assert len(ids) == 1000
     assert all(uuid.UUID(i).version == 4 for i in ids)
-    assert api.parse_v2({**body, "id": "r-7"}, specs).id == "r-7"
+    assert parse_v2({**body, "id": "r-7"}, specs).id == "r-7"

@@ -1,4 +1,4 @@
-"""The gRPC adapter's conversions, without a server: requests to the REST codec and replies back."""
+"""The gRPC codec and servicer: protobuf straight to typed requests and back, no JSON step."""
 
 from __future__ import annotations
 
@@ -10,17 +10,22 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
-from serving import api, errors
+from serving import errors
 from serving.errors import InvalidInput
+from serving.formats.base import OIP_TO_NUMPY
 from serving.manifest import TensorSpec
-from serving.server.oip_grpc import grpc_code, infer_body, infer_response
+from serving.protocol.grpc import decode_infer, encode_infer, grpc_code
+from serving.protocol.tensors import conform
+from serving.protocol.types import InferRequest, InferResponse
 
 
-def decode(request: pb.ModelInferRequest, specs: list[TensorSpec]) -> api.InferRequest:
-    """What the front end's codec makes of the body the adapter builds."""
-    body, head_len = infer_body(request)
-    payload, binary = api.parse_infer_body(body, len(body) + 1, {api.INFERENCE_HEADER: str(head_len)})
-    return api.parse_v2(payload, specs, binary)
+def decode(request: pb.ModelInferRequest, specs: list[TensorSpec]) -> InferRequest:
+    """The typed request the codec makes of a message, conformed as the data plane does."""
+    if not request.model_name:
+        request.model_name = "m"
+    req = decode_infer(request)
+    req.inputs = conform(req.inputs, specs)
+    return req
 
 
 def tensor(name: str, datatype: str, shape: list[int], **contents: list[object]) -> object:
@@ -46,7 +51,7 @@ def test_typed_contents_decode_to_the_same_array(datatype: str, field: str, valu
     request = pb.ModelInferRequest(model_name="m", inputs=[tensor("x", datatype, [2, 2], **{field: values})])
     spec = TensorSpec(name="x", datatype=datatype, shape=[-1, 2])
     got = decode(request, [spec]).inputs["x"]
-    want = np.array(values, dtype=api.OIP_TO_NUMPY[datatype]).reshape(2, 2)
+    want = np.array(values, dtype=OIP_TO_NUMPY[datatype]).reshape(2, 2)
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
 
@@ -77,7 +82,6 @@ def test_raw_contents_pass_through_in_input_order() -> None:
     np.testing.assert_array_equal(decoded.inputs["a"], a)
     np.testing.assert_array_equal(decoded.inputs["b"], b)
     assert decoded.id == "req-1"
-    assert decoded.wants_binary("anything")
 
 
 @pytest.mark.parametrize(
@@ -115,8 +119,9 @@ def test_raw_contents_pass_through_in_input_order() -> None:
     ],
 )
 def test_contents_that_do_not_line_up_are_invalid_input(request_: pb.ModelInferRequest, needle: str) -> None:
+    request_.model_name = "m"
     with pytest.raises(InvalidInput) as caught:
-        infer_body(request_)
+        decode_infer(request_)
     assert needle in str(caught.value)
 
 
@@ -129,10 +134,9 @@ def test_a_raw_size_that_does_not_match_the_shape_gets_the_codec_message() -> No
         decode(request, [TensorSpec(name="x", datatype="FP64", shape=[-1])])
 
 
-def test_binary_outputs_become_raw_output_contents() -> None:
-    req = api.InferRequest({}, ["p", "s"], "id-7", {}, binary_output=True)
+def test_outputs_become_raw_output_contents() -> None:
     outputs = {"p": np.array([[0.25, 0.75]]), "s": np.array([b"yes"], dtype=object)}
-    response = infer_response(api.infer_reply("m", "3", req, outputs))
+    response = encode_infer(InferResponse("m", "3", "id-7", outputs))
     assert (response.model_name, response.model_version, response.id) == ("m", "3", "id-7")
     assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
         ("p", "FP64", [1, 2]),
@@ -143,10 +147,31 @@ def test_binary_outputs_become_raw_output_contents() -> None:
     assert s == b"\x03\x00\x00\x00yes"
 
 
-def test_json_outputs_are_packed_as_raw_too() -> None:
-    req = api.InferRequest({}, None, "id", {})
-    response = infer_response(api.infer_reply("m", "1", req, {"y": np.array([1, 2], dtype=np.int64)}))
+def test_integer_outputs_are_packed_little_endian() -> None:
+    response = encode_infer(InferResponse("m", "1", "id", {"y": np.array([1, 2], dtype=np.int64)}))
     np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], "<i8"), [1, 2])
+
+
+@pytest.mark.parametrize(
+    ("name", "version"), [("iris/versions/7", ""), ("iris", "7/../8"), ("", ""), (" iris", "")]
+)
+def test_a_name_or_version_that_is_not_a_plain_name_is_invalid_argument(name: str, version: str) -> None:
+    request = pb.ModelInferRequest(
+        model_name=name, model_version=version, inputs=[tensor("x", "FP64", [1], fp64_contents=[1.0])]
+    )
+    with pytest.raises(errors.InvalidRequest) as refused:
+        decode_infer(request)
+    assert grpc_code(refused.value.status_code) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_an_output_asked_for_twice_is_invalid_argument() -> None:
+    request = pb.ModelInferRequest(
+        model_name="m",
+        inputs=[tensor("x", "FP64", [1], fp64_contents=[1.0])],
+        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="y")] * 2,
+    )
+    with pytest.raises(InvalidInput, match="more than once"):
+        decode_infer(request)
 
 
 def test_every_error_status_has_a_grpc_code() -> None:
@@ -169,13 +194,10 @@ def test_every_error_status_has_a_grpc_code() -> None:
 class _Busy:
     """A model port that is not ready and answers infer with Overloaded (a 503 with Retry-After)."""
 
-    async def infer(self, body: bytes, version: str | None, headers: object) -> api.Reply:
-        return api.error_reply(errors.Overloaded("model 'm' is loading too many versions", retry_after_s=2))
+    async def infer(self, request: InferRequest) -> InferResponse:
+        raise errors.Overloaded("model 'm' is loading too many versions", retry_after_s=2)
 
-    async def predict_v1(self, body: bytes) -> api.Reply:
-        raise AssertionError("not called")
-
-    async def metadata(self, version: str | None) -> api.Reply:
+    async def metadata(self, version: str | None) -> object:
         raise AssertionError("not called")
 
     async def ready(self, version: str | None) -> bool:
@@ -189,14 +211,15 @@ def test_not_ready_is_an_answer_and_a_busy_model_says_when_to_retry() -> None:
     """Over a real grpc.aio server on loopback: ready=false with OK; Overloaded is UNAVAILABLE
     with REST's message and ``retry-after`` in the trailing metadata."""
     from serving.config import AppConfig
-    from serving.server.frontend import Frontend
-    from serving.server.oip_grpc import start_server
+    from serving.dataplane import DataPlane
+    from serving.server.grpc import start_server
     from serving.testing import free_port
 
     async def scenario() -> tuple[bool, bool, grpc.StatusCode, str, dict[str, str]]:
-        frontend = Frontend(AppConfig.model_validate({"models": [{"name": "m"}]}), {"m": _Busy()}, loads=None)
+        config = AppConfig.model_validate({"models": [{"name": "m"}]})
+        plane = DataPlane(config, {"m": _Busy()}, loads=None)  # type: ignore[arg-type]
         port = free_port()
-        server = await start_server(frontend, "127.0.0.1", port)
+        server = await start_server(plane, "127.0.0.1", port)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 ready = channel.unary_unary(

@@ -8,12 +8,16 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from codec_helpers import decode as codec_decode
+from codec_helpers import infer_reply, parse_v2
 
-from serving import api
 from serving.errors import InvalidInput, PayloadTooLarge
+from serving.formats.base import OIP_TO_NUMPY
 from serving.manifest import TensorSpec
+from serving.protocol import rest
+from serving.protocol.types import InferRequest
 
-HEADER = api.INFERENCE_HEADER
+HEADER = rest.INFERENCE_HEADER
 IRIS = [TensorSpec(name="input-0", datatype="FP64", shape=[-1, 4])]
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
 
@@ -38,12 +42,11 @@ def iris_request(rows: np.ndarray = ROWS, **extra: Any) -> tuple[bytes, dict[str
     return binary_request([(meta, rows.astype("<f8").tobytes())], **extra)
 
 
-def decode(body: bytes, headers: dict[str, str], specs: list[TensorSpec] = IRIS) -> api.InferRequest:
-    payload, tail = api.parse_infer_body(body, 1 << 20, headers)
-    return api.parse_v2(payload, specs, tail)
+def decode(body: bytes, headers: dict[str, str], specs: list[TensorSpec] = IRIS) -> InferRequest:
+    return codec_decode(body, headers, specs)
 
 
-def split_reply(reply: api.Reply) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def split_reply(reply: rest.Reply) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The reply's JSON header and its binary outputs decoded by hand, per the spec."""
     size = int(reply.headers[HEADER])
     head = orjson.loads(reply.body[:size])
@@ -53,7 +56,7 @@ def split_reply(reply: api.Reply) -> tuple[dict[str, Any], dict[str, np.ndarray]
         k = out.get("parameters", {}).get("binary_data_size")
         if k is None:
             continue
-        dtype = np.dtype(api.OIP_TO_NUMPY[out["datatype"]]).newbyteorder("<")
+        dtype = np.dtype(OIP_TO_NUMPY[out["datatype"]]).newbyteorder("<")
         arrays[out["name"]] = np.frombuffer(reply.body[offset : offset + k], dtype).reshape(out["shape"])
         offset += k
     assert offset == len(reply.body)
@@ -75,7 +78,7 @@ NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT3
 
 @pytest.mark.parametrize("datatype", [*NUMERIC, "FP16", "FP32", "FP64"])
 def test_every_numeric_datatype_round_trips_little_endian(datatype: str) -> None:
-    dtype = np.dtype(api.OIP_TO_NUMPY[datatype])
+    dtype = np.dtype(OIP_TO_NUMPY[datatype])
     values = (np.arange(6) % 2 if datatype == "BOOL" else np.arange(6) * 3).astype(dtype).reshape(2, 3)
     raw = values.astype(dtype.newbyteorder("<")).tobytes()
     body, headers = binary_request([({"name": "x", "shape": [2, 3], "datatype": datatype}, raw)])
@@ -127,7 +130,7 @@ def test_a_header_length_equal_to_the_body_is_a_plain_json_request() -> None:
 def test_the_size_limit_applies_to_the_whole_body_binary_part_included() -> None:
     body, headers = iris_request(np.zeros((200, 4)))
     with pytest.raises(PayloadTooLarge):
-        api.parse_infer_body(body, len(body) - 1, headers)
+        codec_decode(body, headers, IRIS, limit=len(body) - 1)
 
 
 def _with_size(size: Any) -> tuple[bytes, dict[str, str]]:
@@ -217,14 +220,14 @@ def test_binary_bytes_not_claimed_by_any_input_are_refused() -> None:
 OUTPUTS = {"predict": np.array([0, 2]), "predict_proba": np.array([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8]])}
 
 
-def reply_for(**extra: Any) -> api.Reply:
+def reply_for(**extra: Any) -> rest.Reply:
     req = decode(*iris_request(**extra))
-    return api.infer_reply("iris", "3", req, OUTPUTS)
+    return infer_reply("iris", "3", req, OUTPUTS)
 
 
 def test_a_request_that_asks_for_nothing_binary_gets_plain_json() -> None:
     reply = reply_for()
-    assert reply.content_type == api.JSON
+    assert reply.content_type == rest.JSON
     assert reply.headers == {}
     outputs = {o["name"]: o for o in orjson.loads(reply.body)["outputs"]}
     assert outputs["predict"]["data"] == [0, 2]
@@ -232,7 +235,7 @@ def test_a_request_that_asks_for_nothing_binary_gets_plain_json() -> None:
 
 def test_binary_data_output_returns_every_output_as_binary() -> None:
     reply = reply_for(parameters={"binary_data_output": True}, id="r1")
-    assert reply.content_type == api.OCTET_STREAM
+    assert reply.content_type == rest.OCTET_STREAM
     head, arrays = split_reply(reply)
     assert (head["model_name"], head["model_version"], head["id"]) == ("iris", "3", "r1")
     assert all("data" not in o for o in head["outputs"])
@@ -253,7 +256,7 @@ def test_per_output_binary_data_overrides_the_request_default() -> None:
 
 def test_bytes_outputs_are_length_prefixed_in_binary() -> None:
     req = decode(*iris_request(parameters={"binary_data_output": True}))
-    reply = api.infer_reply("m", "1", req, {"label": np.array(["setosa", "ok"])})
+    reply = infer_reply("m", "1", req, {"label": np.array(["setosa", "ok"])})
     size = int(reply.headers[HEADER])
     head = orjson.loads(reply.body[:size])
     assert head["outputs"][0]["datatype"] == "BYTES"
@@ -271,7 +274,7 @@ def test_bytes_outputs_are_length_prefixed_in_binary() -> None:
 )
 def test_flat_and_nested_json_numbers_decode_alike(data: list[Any]) -> None:
     payload = {"inputs": [{"name": "input-0", "shape": [2, 4], "datatype": "FP64", "data": data}]}
-    got = api.parse_v2(payload, IRIS).inputs["input-0"]
+    got = parse_v2(payload, IRIS).inputs["input-0"]
     assert np.array_equal(got, np.asarray(data, dtype=np.float64).reshape(2, 4))
 
 
@@ -287,14 +290,14 @@ def test_flat_and_nested_json_numbers_decode_alike(data: list[Any]) -> None:
 def test_malformed_json_numbers_are_still_refused(data: list[Any]) -> None:
     payload = {"inputs": [{"name": "input-0", "shape": [2, 4], "datatype": "FP64", "data": data}]}
     with pytest.raises(InvalidInput):
-        api.parse_v2(payload, IRIS)
+        parse_v2(payload, IRIS)
 
 
 def test_out_of_range_integers_are_a_400_not_a_500() -> None:
     specs = [TensorSpec(name="x", datatype="UINT8", shape=[-1])]
     payload = {"inputs": [{"name": "x", "shape": [2], "datatype": "UINT8", "data": [1, -1]}]}
     with pytest.raises(InvalidInput, match="does not match datatype"):
-        api.parse_v2(payload, specs)
+        parse_v2(payload, specs)
 
 
 # -- a standard client: tritonclient's HTTP module ----------------------------------------
@@ -311,8 +314,8 @@ def test_tritonclient_requests_decode_and_our_replies_parse_in_tritonclient() ->
     assert np.array_equal(req.inputs["input-0"], ROWS)
     assert req.inputs["words"].tolist() == [b"a", b"bcd"]
     # NOTE: with no outputs named, tritonclient asks for binary_data_output.
-    reply = api.infer_reply("iris", "1", req, OUTPUTS)
-    assert reply.content_type == api.OCTET_STREAM
+    reply = infer_reply("iris", "1", req, OUTPUTS)
+    assert reply.content_type == rest.OCTET_STREAM
     result = httpclient.InferenceServerClient.parse_response_body(
         reply.body, header_length=int(reply.headers[HEADER])
     )
@@ -330,7 +333,7 @@ def test_tritonclient_requested_outputs_choose_binary_per_output() -> None:
         httpclient.InferRequestedOutput("predict_proba", binary_data=True),
     ]
     body, json_size = httpclient.InferenceServerClient.generate_request_body([x], outputs=outputs)
-    reply = api.infer_reply("iris", "1", decode(body, {HEADER: str(json_size)}), OUTPUTS)
+    reply = infer_reply("iris", "1", decode(body, {HEADER: str(json_size)}), OUTPUTS)
     result = httpclient.InferenceServerClient.parse_response_body(
         reply.body, header_length=int(reply.headers[HEADER])
     )

@@ -1,39 +1,45 @@
-"""The front end over in-memory ports: what every transport inherits, without a server."""
+"""The REST API over the data plane and in-memory ports: what every HTTP transport inherits."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
+import orjson
 import pytest
 
-from serving import api
 from serving.config import AppConfig
-from serving.server.frontend import Frontend, HttpRequest
+from serving.dataplane import DataPlane
+from serving.manifest import TensorSpec
+from serving.protocol.rest import Reply
+from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
 from serving.server.local import Waker
+from serving.server.rest import HttpRequest, RestApi
 
 CONFIG = AppConfig.model_validate({"models": [{"name": "m"}], "max_body_bytes": 1024, "body_timeout_s": 0.2})
+BODY = orjson.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]})
 
 
 class Port:
-    """A model port whose infer raises what it is given."""
+    """A model port whose infer raises what it is given, else echoes what reached it."""
 
     def __init__(self, error: Exception | None = None) -> None:
         self.error = error
+        self.seen: list[InferRequest] = []
 
-    async def infer(self, body: bytes, version: str | None, headers: Mapping[str, str] | None) -> api.Reply:
+    async def infer(self, request: InferRequest) -> InferResponse:
         if self.error is not None:
             raise self.error
-        return api.ok({"echo": len(body), "headers": dict(headers or {})})
+        self.seen.append(request)
+        return InferResponse(request.model, request.version or "1", request.id, dict(request.inputs))
 
-    async def predict_v1(self, body: bytes, headers: Mapping[str, str] | None = None) -> api.Reply:
-        return api.ok({"headers": dict(headers or {})})
-
-    async def metadata(self, version: str | None) -> api.Reply:
-        return api.ok({})
+    async def metadata(self, version: str | None) -> ModelMetadata:
+        spec = TensorSpec(name="x", datatype="FP32", shape=[-1])
+        return ModelMetadata("m", [version or "1"], "sklearn", [spec], [spec])
 
     async def ready(self, version: str | None) -> bool:
         return True
@@ -72,19 +78,23 @@ def request(
                 await asyncio.sleep(10)
             yield chunk
 
-    return HttpRequest("POST", path, {}, body)
+    return HttpRequest(method, path, headers, body)
 
 
-def handle(frontend: Frontend, req: HttpRequest) -> api.Reply:
-    return asyncio.run(frontend.handle(req))
+def api(models: dict[str, Port], loads: Loads | None = None, **kw: Any) -> RestApi:
+    return RestApi(DataPlane(kw.pop("config", CONFIG), models, loads or Loads(), **kw))
+
+
+def handle(rest: RestApi, req: HttpRequest) -> Reply:
+    return asyncio.run(rest.handle(req))
 
 
 def test_an_unexpected_error_is_a_500_logged_once_with_its_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    frontend = Frontend(CONFIG, {"m": Port(RuntimeError("boom"))}, Loads())
+    frontend = api({"m": Port(RuntimeError("boom"))})
     with caplog.at_level(logging.ERROR):
-        reply = handle(frontend, request("/v2/models/m/infer", [b"{}"]))
+        reply = handle(frontend, request("/v2/models/m/infer", [BODY]))
     assert reply.status == 500
     assert b"RuntimeError" in reply.body
     assert b"boom" not in reply.body
@@ -101,20 +111,20 @@ def test_a_streamed_body_is_refused_as_soon_as_it_passes_the_limit() -> None:
             consumed.append(i)
             yield b"x" * 600
 
-    frontend = Frontend(CONFIG, {"m": Port()}, Loads())
+    frontend = api({"m": Port()})
     reply = handle(frontend, HttpRequest("POST", "/v2/models/m/infer", {}, body))
     assert reply.status == 413
     assert len(consumed) == 2
 
 
 def test_a_body_that_stops_arriving_is_a_408() -> None:
-    frontend = Frontend(CONFIG, {"m": Port()}, Loads())
+    frontend = api({"m": Port()})
     reply = handle(frontend, request("/v2/models/m/infer", [b"{", b"<hang>"]))
     assert reply.status == 408
 
 
 def test_the_root_path_is_stripped_before_routing() -> None:
-    frontend = Frontend(CONFIG, {"m": Port()}, Loads())
+    frontend = api({"m": Port()})
     req = HttpRequest("GET", "/prefix/v2/health/live", {}, request("/").body, root_path="/prefix")
     assert handle(frontend, req).status == 200
 
@@ -125,7 +135,7 @@ def test_the_root_path_is_stripped_before_routing() -> None:
 )
 def test_load_refuses_a_missing_or_wrong_admin_token(headers: dict[str, str], status: int) -> None:
     loads = Loads()
-    frontend = Frontend(CONFIG, {"m": Port()}, loads, admin_token="s3cret")
+    frontend = api({"m": Port()}, loads, admin_token="s3cret")
     req = HttpRequest("POST", "/v2/repository/models/m/load", headers, request("/").body)
     assert handle(frontend, req).status == status
     assert loads.requests == 0
@@ -133,10 +143,10 @@ def test_load_refuses_a_missing_or_wrong_admin_token(headers: dict[str, str], st
 
 def test_concurrent_load_requests_share_one_wait() -> None:
     loads = Loads()
-    frontend = Frontend(CONFIG, {"m": Port()}, loads, admin_token="s3cret")
+    frontend = api({"m": Port()}, loads, admin_token="s3cret")
     auth = {"authorization": "Bearer s3cret"}
 
-    async def flood() -> list[api.Reply]:
+    async def flood() -> list[Reply]:
         calls = [
             frontend.handle(HttpRequest("POST", "/v2/repository/models/m/load", auth, request("/").body))
             for _ in range(50)
@@ -166,21 +176,57 @@ def test_a_load_request_joins_one_that_has_not_started() -> None:
     assert waker.wait_done(first, 0)
 
 
-def test_only_the_codec_and_routing_headers_cross_to_the_model() -> None:
-    """The canary's sticky header reaches the model port (maybe another process); others do not."""
-    import orjson
-
-    frontend = Frontend(CONFIG, {"m": Port()}, Loads())
+def test_the_routing_header_reaches_the_model_as_a_typed_key() -> None:
+    """The canary's sticky header becomes the request's routing key; no other header crosses."""
+    port = Port()
+    frontend = api({"m": port})
     headers = {"x-request-id": "caller-1", "authorization": "Bearer x", "cookie": "c"}
-    infer = handle(frontend, HttpRequest("POST", "/v2/models/m/infer", headers, request("/", [b"{}"]).body))
-    assert orjson.loads(infer.body)["headers"] == {"x-request-id": "caller-1"}
-    v1 = handle(frontend, HttpRequest("POST", "/v1/models/m:predict", headers, request("/", [b"{}"]).body))
-    assert orjson.loads(v1.body)["headers"] == {"x-request-id": "caller-1"}
-    custom = Frontend(
-        AppConfig.model_validate({"models": [{"name": "m"}], "routing_header": "X-Caller"}),
-        {"m": Port()},
-        Loads(),
+    assert (
+        handle(frontend, HttpRequest("POST", "/v2/models/m/infer", headers, request("/", [BODY]).body)).status
+        == 200
+    )
+    v1 = orjson.dumps({"instances": [[1.0]]})
+    assert (
+        handle(frontend, HttpRequest("POST", "/v1/models/m:predict", headers, request("/", [v1]).body)).status
+        == 200
+    )
+    assert [r.routing_key for r in port.seen] == ["caller-1", "caller-1"]
+    assert port.seen[1].primary_only
+    custom_port = Port()
+    custom = api(
+        {"m": custom_port},
+        config=AppConfig.model_validate({"models": [{"name": "m"}], "routing_header": "X-Caller"}),
     )
     routed = {"x-caller": "7", "x-request-id": "other"}
-    reply = handle(custom, HttpRequest("POST", "/v2/models/m/infer", routed, request("/", [b"{}"]).body))
-    assert orjson.loads(reply.body)["headers"] == {"x-caller": "7"}
+    handle(custom, HttpRequest("POST", "/v2/models/m/infer", routed, request("/", [BODY]).body))
+    assert custom_port.seen[0].routing_key == "7"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/models/iris%2Fversions%2F7/infer",
+        "/v2/models/iris%2Fversions%2F7/versions/1/infer",
+        "/v2/models/m/versions/..%2F2/infer",
+    ],
+)
+def test_an_encoded_slash_in_a_name_is_a_400_not_another_route(path: str) -> None:
+    """A model name or version with '/' is refused as the gRPC field is, not read as a path."""
+    port = Port()
+    reply = handle(api({"m": port, "iris": port}), request(path, [BODY]))
+    assert reply.status == 400
+    assert b"invalid" in reply.body
+    assert port.seen == []
+
+
+def test_metadata_encodes_the_typed_answer() -> None:
+    reply = handle(api({"m": Port()}), request("/v2/models/m/versions/3", method="GET"))
+    assert orjson.loads(reply.body)["versions"] == ["3"]
+    assert orjson.loads(reply.body)["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1]}]
+
+
+def test_an_infer_reply_carries_what_the_port_answered() -> None:
+    reply = handle(api({"m": Port()}), request("/v2/models/m/infer", [BODY]))
+    body = orjson.loads(reply.body)
+    assert body["outputs"] == [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]
+    assert np.asarray(body["outputs"][0]["data"]).dtype == np.float64

@@ -1,0 +1,178 @@
+"""The data plane: every operation of the inference protocol, once, for every transport.
+
+REST (:mod:`serving.server.rest`) and gRPC (:mod:`serving.server.grpc`) decode
+their wire format into the types of :mod:`serving.protocol.types`, call one
+method here, and encode what it returns; an error is a
+:class:`serving.errors.ServingError` raised to them, which each maps to its own
+status (HTTP status, gRPC code) with the same message::
+
+    REST codec ─┐                               ┌─ ModelPort per model (this process,
+                ├─ DataPlane ── InferRequest ───┤  another Ray replica): lease, predict
+    gRPC codec ─┘      │                        └─ LoadPort: alias checks, replica reports
+                       └── admin token, load coordination, the repository index
+
+What lives here, once: model lookup, the admin token of ``load``, and load
+coordination (at most one forced check in flight per model, one wait shared by
+every request for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from serving.config import AppConfig
+from serving.errors import Forbidden, ModelNotFound, Unauthorized
+from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata, check_model
+from serving.service import index_entry
+
+LOAD_TIMEOUT_S = 30.0
+"""How long a load request waits for every replica's check before answering 'not yet converged'."""
+
+EXTENSIONS = ["model_repository", "binary_tensor_data"]
+"""What server metadata lists under ``extensions`` (Triton's names)."""
+
+
+class ModelPort(Protocol):
+    """One model, wherever it runs (this process, another Ray replica)."""
+
+    async def infer(self, request: InferRequest) -> InferResponse: ...
+
+    async def metadata(self, version: str | None) -> ModelMetadata: ...
+
+    async def ready(self, version: str | None) -> bool: ...
+
+    async def status(self) -> dict[str, Any]: ...
+
+
+class LoadPort(Protocol):
+    """Load requests and what each replica reports, for every model."""
+
+    async def request(self, model: str) -> int:
+        """Ask every replica of ``model`` to check its alias now; returns the request's generation."""
+        ...
+
+    async def wait_done(self, model: str, generation: int, timeout: float) -> bool:
+        """Wait until every replica of ``model`` has finished the check of ``generation``."""
+        ...
+
+    async def snapshot(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per model, per replica id: its status (live and target version, generation, ...)."""
+        ...
+
+
+class DataPlane:
+    """Every protocol operation over model ports and a load port.
+
+    Example::
+
+        plane = DataPlane(config, {"iris": LocalModel(service)}, LocalLoads(...))
+        response = await plane.infer(InferRequest(model="iris", inputs={"x": rows}))
+
+    Args:
+        config: the app config (the models the index lists).
+        models: a port per served model name.
+        loads: load requests and replica snapshots.
+        admin_token: when set, :meth:`load` requires it as a bearer token.
+    """
+
+    def __init__(
+        self,
+        config: AppConfig,
+        models: Mapping[str, ModelPort],
+        loads: LoadPort,
+        *,
+        admin_token: str | None = None,
+        load_timeout_s: float = LOAD_TIMEOUT_S,
+    ) -> None:
+        self.config = config
+        self.models = dict(models)
+        self.loads = loads
+        self._admin_token = admin_token.encode() if admin_token else None
+        self._load_timeout_s = load_timeout_s
+        self._waits: dict[tuple[str, int], asyncio.Task[bool]] = {}
+
+    def model(self, name: str) -> ModelPort:
+        """The port of a served model.
+
+        Raises:
+            InvalidReference: ``name`` is not a plain name (``iris/versions/7``).
+            ModelNotFound: no such model is served here.
+        """
+        check_model(name)
+        port = self.models.get(name)
+        if port is None:
+            raise ModelNotFound(
+                f"model {name!r} is not served here; served: {', '.join(sorted(self.models))}"
+            )
+        return port
+
+    # -- health and metadata ---------------------------------------------------------
+    async def live(self) -> bool:
+        return True
+
+    async def ready(self) -> bool:
+        """Whether every model has a version to answer with."""
+        return all(await asyncio.gather(*(port.ready(None) for port in self.models.values())))
+
+    def server_metadata(self) -> ServerMetadata:
+        from serving import __version__
+
+        return ServerMetadata("serving", __version__, list(EXTENSIONS))
+
+    async def model_metadata(self, model: str, version: str | None = None) -> ModelMetadata:
+        port = self.model(model)
+        check_model(model, version)
+        return await port.metadata(version)
+
+    async def model_ready(self, model: str, version: str | None = None) -> bool:
+        port = self.model(model)
+        check_model(model, version)
+        return await port.ready(version)
+
+    # -- inference --------------------------------------------------------------------
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Answer one request with the model it names (its checks ran when it was built)."""
+        return await self.model(request.model).infer(request)
+
+    # -- repository --------------------------------------------------------------------
+    async def index(self) -> list[dict[str, Any]]:
+        """One row per configured model: target, live versions per replica, convergence."""
+        snap = await self.loads.snapshot()
+        return [index_entry(cfg, snap.get(cfg.name, {})) for cfg in self.config.models]
+
+    def authorize(self, authorization: str | None) -> None:
+        """Check an ``Authorization: Bearer <token>`` value against the admin token, if one is set.
+
+        Raises:
+            Unauthorized: no bearer token was given.
+            Forbidden: the token is not the admin token.
+        """
+        if self._admin_token is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("this route needs 'Authorization: Bearer <admin token>'")
+        if not hmac.compare_digest(token.strip().encode(), self._admin_token):
+            raise Forbidden("the bearer token is not the admin token")
+
+    async def load(self, model: str, authorization: str | None) -> tuple[dict[str, Any], bool]:
+        """Check ``model``'s alias now on every replica; returns its index row and whether all are done.
+
+        Concurrent load requests that got the same generation share one wait, so a
+        flood of them holds one waiter per model, not one per request.
+        """
+        self.authorize(authorization)
+        self.model(model)
+        generation = await self.loads.request(model)
+        key = (model, generation)
+        wait = self._waits.get(key)
+        if wait is None:
+            wait = asyncio.ensure_future(self.loads.wait_done(model, generation, self._load_timeout_s))
+            self._waits[key] = wait
+            wait.add_done_callback(lambda _: self._waits.pop(key, None))
+        done = await asyncio.shield(wait)
+        entry = next(e for e in await self.index() if e["name"] == model)
+        return entry, done
