@@ -35,6 +35,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -48,11 +49,11 @@ from starlette.responses import Response
 from serving import metrics
 from serving.config import AppConfig, ModelConfig
 from serving.dataplane import DataPlane, ModelPort
-from serving.errors import ServingError
+from serving.errors import InternalError, ServingError
 from serving.logs import configure_logging
 from serving.protocol.rest import Reply
 from serving.protocol.tensors import conform
-from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
+from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, describe_error
 from serving.server.asgi import request_from_asgi
 
 # NOTE: imported here, not lazily: a request the Serve proxy pickles to this replica
@@ -436,10 +437,12 @@ class ModelDeployment:
         self.port = _model_port(service)
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        return await self.port.infer(request)
+        with _logged_here():
+            return await self.port.infer(request)
 
     async def metadata(self, version: str | None) -> ModelMetadata:
-        return await self.port.metadata(version)
+        with _logged_here():
+            return await self.port.metadata(version)
 
     async def ready(self, version: str | None) -> bool:
         return await self.port.ready(version)
@@ -451,6 +454,21 @@ class ModelDeployment:
         follower = getattr(self, "_follower", None)
         if follower is not None:
             follower.stop()
+
+
+@contextlib.contextmanager
+def _logged_here() -> Iterator[None]:
+    """Log an unexpected error in this replica, with its traceback, and pass on a plain 500.
+
+    NOTE: the ingress would otherwise log Ray's wrapped copy of it a second time, as
+    ``RayTaskError(...)``; a ServingError crosses the handle as it is.
+    """
+    try:
+        yield
+    except ServingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler, in this replica
+        raise InternalError(describe_error(exc).message) from None
 
 
 class HandleModel:

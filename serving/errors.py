@@ -33,8 +33,10 @@ exit code the CLI returns, so neither layer needs its own mapping table::
     ├── NotReady (503, exit 10)               no model loaded yet
     │   └── Overloaded (503)                  too many loads at once; has Retry-After
     ├── CacheError (500, exit 11)             the node-local cache's disk failed us
-    └── RolloutAborted (409, exit 12)         ``serving rollout`` crossed a threshold and
-                                              put the alias back on the old version
+    ├── RolloutAborted (409, exit 12)         ``serving rollout`` crossed a threshold and
+    │                                         put the alias back on the old version
+    └── InternalError (500, exit 1)           a bug or fault, already logged where it
+                                              happened, passed on without its details
 
 Library errors (botocore, framework errors) are translated at the boundary
 with ``raise XError(...) from exc`` so the cause stays chained.
@@ -64,6 +66,7 @@ __all__ = [
     "PayloadTooLarge",
     "RequestTimeout",
     "RolloutAborted",
+    "InternalError",
     "ServingError",
     "StoreAccessDenied",
     "StoreConflict",
@@ -262,3 +265,14 @@ class RolloutAborted(ServingError):
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class InternalError(ServingError):
+    """An unexpected error, logged with its traceback where it happened, passed on as a 500.
+
+    A model replica raises it in place of the original error, so the replica that
+    received the request answers ``internal error: <type>`` without logging it twice.
+    """
+
+    status_code = 500
+    exit_code = 1

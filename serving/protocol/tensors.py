@@ -144,6 +144,15 @@ def _conform(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
         return array
     numeric = "biuf"
     if array.dtype.kind in numeric and want.kind in numeric:
+        if want.kind in "iu" and array.dtype.kind in "iuf" and array.size:
+            # NOTE: no silent wrap-around: 2**63 arrives as UINT64 (or, beside smaller ints in
+            # v1's untyped JSON, as FP64) and would become a negative INT64.
+            info = np.iinfo(want)
+            low, high = array.min(), array.max()
+            # NOTE: ">= max + 1", not "> max": 2**63 - 1 is not a float, and 2**63 as a float
+            # equals it after rounding; the bounds ``min`` and ``max + 1`` are exact as floats.
+            if not (np.isfinite(low) and np.isfinite(high)) or low < info.min or high >= info.max + 1:
+                raise InvalidInput(f"input {spec.name!r}: a value is out of range for {spec.datatype}")
         return array.astype(want)
     if want.kind == "O" and array.dtype.kind in "US":
         return array.astype(object)

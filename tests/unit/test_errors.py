@@ -38,6 +38,7 @@ EXPECTED = {
     "Overloaded": ("NotReady", 503, 10),
     "CacheError": ("ServingError", 500, 11),
     "RolloutAborted": ("ServingError", 409, 12),
+    "InternalError": ("ServingError", 500, 1),
 }
 
 
