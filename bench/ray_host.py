@@ -25,7 +25,7 @@ from typing import Any
 
 def build(kind: str, args: dict[str, Any]) -> Any:
     if kind == "ours":
-        from serving.app import build_app
+        from serving.server.ray.app import build_app
 
         return build_app(args)
     if kind == "naive":

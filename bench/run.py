@@ -4,7 +4,7 @@ Systems (all on 127.0.0.1; one group of them up at a time, see ``GROUPS``):
 
 - ``ours``: ``serving serve``, the default Ray path as the chart deploys it: Ray Serve
   behind HAProxy (direct ingress), single-hop replicas (routes and models in one),
-  replicas reporting to the autoscaler (serving.server.FAST_PATH_ENV), replicas and
+  replicas reporting to the autoscaler (serving.server.launch.FAST_PATH_ENV), replicas and
   autoscaling from the chart's ``serve.ingress`` values, measured once the autoscaler
   has settled under 16 clients;
 - ``ours-2hop``: the same app with ``layout: two-hop`` behind Ray's Python proxy, as it
@@ -14,7 +14,7 @@ Systems (all on 127.0.0.1; one group of them up at a time, see ``GROUPS``):
 - ``starlette``: a bare Starlette + uvicorn app calling predict (the Python HTTP ceiling);
 - ``serve-noop``: a Ray Serve deployment that answers a constant (the engine's ceiling);
 - ``ours-standalone``: this project's models in one uvicorn process without Ray
-  (``serving serve --standalone``, serving.standalone).
+  (``serving serve --standalone``, serving.server.standalone).
 
 Each round starts one group of systems, runs every workload on it and stops it
 before the next group starts, so nothing idle (a second Ray instance, MLServer's

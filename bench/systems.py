@@ -152,7 +152,8 @@ def start_standalone(procs: Processes, app_args: dict[str, Any], work: Path, rea
             "v1": "/v1/models/iris:predict",
             "v2bin": "/v2/models/iris/infer",
         },
-        "serving.standalone: one uvicorn process, raw ASGI, predict on the loop while the model is fast; "
+        "serving.server.standalone: one uvicorn process, raw ASGI, predict on the loop while "
+        "the model is fast; "
         "gRPC on a grpc.aio server on the same loop",
         grpc=f"127.0.0.1:{grpc_port}",
     )
@@ -178,7 +179,8 @@ def start_serve(procs: Processes, app_args: dict[str, Any], work: Path, ready_bo
             "mlp": "/v2/models/mlp/infer",
         },
         "serving serve: Ray Serve behind HAProxy (direct ingress), single-hop replicas "
-        "reporting to the autoscaler (serving.server.FAST_PATH_ENV, as the chart sets it); gRPC the same way",
+        "reporting to the autoscaler (serving.server.launch.FAST_PATH_ENV, as the chart sets it); "
+        "gRPC the same way",
         grpc=f"127.0.0.1:{grpc_port}",
     )
 

@@ -635,7 +635,7 @@ def _import_mlflow(ctx: _Context, args: argparse.Namespace) -> None:
 
 
 def _serve(ctx: _Context, args: argparse.Namespace) -> int:
-    from serving import server
+    from serving.server import launch as server
 
     args.store = ctx.store
     try:
@@ -962,7 +962,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--encrypt", action="store_true", help="encrypt files with the configured key")
     a.add_argument("--encrypt-key", metavar="FILE", help="encrypt files with this key file")
 
-    from serving import server
+    from serving.server import launch as server
 
     p = verb("serve", _serve, "run the HTTP and gRPC serving layer (Ray Serve) in the foreground")
     server.add_arguments(p)

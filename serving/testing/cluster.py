@@ -24,7 +24,7 @@ class Cluster:
 def local_cluster(num_cpus: int = 4, *, grpc: bool = True) -> Iterator[Cluster]:
     """Start Ray and Serve on free loopback ports, set up as the chart's pods are; stop both on exit.
 
-    Ray runs with :data:`serving.server.FAST_PATH_ENV` (HAProxy, replicas reporting
+    Ray runs with :data:`serving.server.launch.FAST_PATH_ENV` (HAProxy, replicas reporting
     ongoing requests to the autoscaler) and, with ``grpc``, Serve's gRPC ingress for OIP
     over gRPC (:func:`serving.server.grpc_options`). The dashboard is off; metrics are
     flushed every half second so metric tests poll briefly.
@@ -32,7 +32,8 @@ def local_cluster(num_cpus: int = 4, *, grpc: bool = True) -> Iterator[Cluster]:
     import ray
     from ray import serve
 
-    from serving.server import FAST_PATH_ENV, HAPROXY_PORT_ENV, end_haproxy, grpc_options
+    from serving.server.launch import FAST_PATH_ENV, HAPROXY_PORT_ENV, grpc_options
+    from serving.server.process import end_haproxy
 
     http_port, metrics_port = free_port(), free_port()
     grpc_port = free_port() if grpc else 0

@@ -13,7 +13,7 @@ worker nodes and the driver get ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN``
 (the token in ``~/.ray/auth_token``, if any, is neither read nor written).
 A node or driver without the token is refused (``InvalidAuthToken``).
 
-Serve runs in :data:`serving.server.FAST_PATH_ENV` (HAProxy, direct ingress)
+Serve runs in :data:`serving.server.launch.FAST_PATH_ENV` (HAProxy, direct ingress)
 with a proxy (an HAProxy) on every node, as the chart runs it. Every node here
 has the same IP, so each worker node's proxy gets a port of its own
 (``RAY_SERVE_WORKER_PROXY_HTTP_PORT``, and its own HAProxy stats and metrics
@@ -251,7 +251,8 @@ def multi_node_cluster(
     Nodes are named ``head`` and the ``workers`` keys (default ``a`` and ``b``).
     Logical CPUs may exceed the machine's cores; replicas ask for fractions.
     """
-    from serving.server import FAST_PATH_ENV, end_haproxy
+    from serving.server.launch import FAST_PATH_ENV
+    from serving.server.process import end_haproxy
 
     workers = dict(workers or {"a": 2, "b": 2})
     root = Path(tempfile.mkdtemp(prefix="srvc-"))  # NOTE: short: Ray's unix socket paths must fit 107 bytes

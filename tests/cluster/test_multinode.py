@@ -154,7 +154,7 @@ def deployed(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> Itera
         for i, version in enumerate(versions):
             _publish(repo, tmp, version, c=1.0 / (i + 1))
         repo.set_alias("iris", "production", "1")
-        from serving.app import build_app
+        from serving.server.ray.app import build_app
 
         args = {
             "store": uri,
@@ -421,7 +421,7 @@ def test_prometheus_scrapes_every_node_and_the_dashboard_shows_the_swap(
 def test_board_lives_on_the_head_and_comes_back_when_its_process_dies(
     deployed: Deployed, figures: dict[str, Any]
 ) -> None:
-    from serving.app import BOARD_NAMESPACE
+    from serving.server.ray.board import BOARD_NAMESPACE
 
     head = deployed.cluster.head
     board = deployed.board()

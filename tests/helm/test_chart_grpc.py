@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import RELEASE, Docs, by_kind, one
 
-from serving.server import grpc_options
+from serving.server.launch import grpc_options
 
 pytestmark = pytest.mark.helm
 

@@ -227,7 +227,7 @@ def test_serve_config_parses_with_the_app_config_model(render: Callable[..., Doc
     """serveConfigV2's args parse with serving.config.AppConfig, as build_app parses them."""
     cfg = serve_config(render(values=[values]))
     (app,) = cfg["applications"]
-    assert app["import_path"] == "serving.app:build_app"
+    assert app["import_path"] == "serving.server.ray.app:build_app"
     parsed = AppConfig.model_validate(app["args"])
     assert parsed.models
     assert parsed.cache_dir == "/var/cache/serving"

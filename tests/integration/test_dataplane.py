@@ -165,7 +165,7 @@ def test_the_batched_path_decodes_and_predicts_under_one_lease(
 
     from ray import serve
 
-    from serving.app import BatchedModel
+    from serving.server.ray.batching import BatchedModel
 
     # NOTE: @serve.batch reads its replica's max_ongoing_requests once, for a warning; this
     # runs the real batcher outside a replica (no Ray in this suite).

@@ -28,7 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from serving.manifest import TensorSpec
 from serving.publish import publish_path
 from serving.repository import Repository
-from serving.server import descendants
+from serving.server.process import descendants
 from serving.store import open_store
 from serving.testing import free_port
 

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from serving.config import AppConfig
 from serving.errors import InvalidReference
-from serving.server import add_arguments, app_args_from
+from serving.server.launch import add_arguments, app_args_from
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_deploy_serve_yaml_is_a_valid_app_config() -> None:
     doc = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
     app = doc["applications"][0]
-    assert app["import_path"] == "serving.app:build_app"
+    assert app["import_path"] == "serving.server.ray.app:build_app"
     config = AppConfig.model_validate(app["args"])
     assert config.models[0].ref == "iris@production"
 
@@ -64,7 +64,7 @@ def test_serve_refuses_a_malformed_ref_before_starting_ray() -> None:
 def test_max_replicas_per_node_reaches_the_serve_deployment() -> None:
     """``ingress.max_replicas_per_node`` spreads replicas (the cluster suite runs 1); 0 is refused."""
     pytest.importorskip("ray.serve")
-    from serving.app import build_app
+    from serving.server.ray.app import build_app
 
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         AppConfig.model_validate({"models": [{"name": "iris"}], "ingress": {"max_replicas_per_node": 0}})

@@ -8,7 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
-from serving.server import end_haproxy
+from serving.server.process import end_haproxy
 
 BASE = Path("/tmp/haproxy-serve")  # NOTE: Ray 2.60 default, which end_haproxy reads
 

@@ -159,7 +159,7 @@ http_options:
   port: {{ .Values.ports.serve }}
 {{- if .Values.ports.grpc }}
 # NOTE: OIP over gRPC; the replicas answer each RPC with the method of its name
-# (serving.app.GrpcMethods), over the same front end as HTTP.
+# (serving.server.ray.app.GrpcMethods), over the same data plane as HTTP.
 grpc_options:
   port: {{ .Values.ports.grpc }}
   grpc_servicer_functions:

@@ -195,7 +195,7 @@ def _ray(served: Served, cluster: Any, args: dict[str, Any], layout: str) -> Ite
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.server.ray.app import build_app
 
     for other in list(serve.status().applications):
         serve.delete(other)

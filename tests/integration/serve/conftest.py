@@ -101,7 +101,7 @@ def infer(
 @pytest.fixture
 def deploy(cluster: Cluster) -> Iterator[Callable[[dict[str, Any]], str]]:
     """Run the app from args (replacing any app at ``/``); returns the HTTP base URL."""
-    from serving.app import build_app
+    from serving.server.ray.app import build_app
 
     names: list[str] = []
 

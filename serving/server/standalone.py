@@ -310,5 +310,5 @@ def main(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
         spec = {"app": config.model_dump(mode="json"), "predict": predict}
         os.environ[ARGS_ENV] = orjson.dumps({**spec, "grpc": asdict(grpc) if grpc else None}).decode()
         _metrics_server(args.host, args.metrics_port, multiproc)
-        uvicorn.run("serving.standalone:app_from_env", factory=True, workers=workers, **common)
+        uvicorn.run("serving.server.standalone:app_from_env", factory=True, workers=workers, **common)
     return 0

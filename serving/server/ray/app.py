@@ -1,0 +1,288 @@
+"""Ray Serve deployments: thin adapters around :class:`serving.dataplane.DataPlane`.
+
+``build_app`` is the import path a Serve config uses::
+
+    applications:
+      - name: serving
+        import_path: serving.server.ray.app:build_app
+        args: {models: [{name: iris, alias: production}]}
+
+Two layouts (``AppConfig.layout``):
+
+- ``single-hop`` (the default): one deployment, :class:`Server`, whose every
+  replica holds the routes and every model. A request crosses one hop: the
+  proxy (or HAProxy with direct ingress) to a replica, which predicts in
+  process. Replicas are sized and scaled by the ``ingress`` block, for all models
+  together.
+- ``two-hop``: :class:`Ingress` in front of one :class:`ModelDeployment` per
+  model, each with its own replicas and autoscaling, at the cost of one more
+  actor call per request.
+
+Replicas report what they serve to the board (:mod:`serving.server.ray.board`),
+which also carries load requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any, cast
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
+
+from serving import metrics
+from serving.config import AppConfig, ModelConfig
+from serving.dataplane import DataPlane, ModelPort
+from serving.errors import InternalError, ServingError
+from serving.logs import configure_logging
+from serving.protocol.rest import Reply
+from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, describe_error
+from serving.server.asgi import request_from_asgi
+
+# NOTE: imported here, not lazily: a request the Serve proxy pickles to this replica
+# needs the codec module's alias of the generated classes before any method runs.
+from serving.server.grpc import InferenceServicer
+from serving.server.local import LocalModel
+from serving.server.ray.batching import BatchedModel
+from serving.server.ray.board import BoardLoads, Follower, get_board, replica_context
+from serving.server.rest import RestApi
+from serving.service import ModelService
+from serving.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def _model_port(service: ModelService) -> LocalModel:
+    return BatchedModel(service) if service.config.batching.enabled else LocalModel(service)
+
+
+def _replica_setup() -> None:
+    configure_logging()
+    metrics.use_ray_backend()
+    # NOTE: defence in depth for any torch.load that escapes the format loaders.
+    os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+
+
+def _response(reply: Reply) -> Response:
+    return Response(
+        reply.body, status_code=reply.status, media_type=reply.content_type, headers=reply.headers
+    )
+
+
+class GrpcMethods:
+    """OIP over gRPC on a Ray Serve ingress replica: Serve calls the method named like the RPC.
+
+    Serve's gRPC ingress (``grpc_options`` naming
+    :data:`serving.server.grpc.SERVICER_FUNCTION`) hands each method the
+    request message and a context; :class:`serving.server.grpc.InferenceServicer`
+    answers it over this replica's data plane, as HTTP is.
+    """
+
+    plane: DataPlane
+    _grpc: InferenceServicer | None = None
+
+    def _servicer(self) -> InferenceServicer:
+        if self._grpc is None:
+            self._grpc = InferenceServicer(self.plane)
+        return self._grpc
+
+    async def ServerLive(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().ServerLive(request, grpc_context)
+
+    async def ServerReady(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().ServerReady(request, grpc_context)
+
+    async def ModelReady(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().ModelReady(request, grpc_context)
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().ServerMetadata(request, grpc_context)
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().ModelMetadata(request, grpc_context)
+
+    async def ModelInfer(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().ModelInfer(request, grpc_context)
+
+    async def RepositoryIndex(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().RepositoryIndex(request, grpc_context)
+
+    async def RepositoryModelLoad(self, request: Any, grpc_context: Any) -> Any:
+        return await self._servicer().RepositoryModelLoad(request, grpc_context)
+
+
+@serve.deployment
+class Server(GrpcMethods):
+    """Single-hop replica: the routes and every model in one process; not ready until all load."""
+
+    def __init__(self, app: dict[str, Any]) -> None:
+        _replica_setup()
+        self.app = AppConfig.model_validate(app)
+        settings = get_settings()
+        app_name, replica = replica_context()
+        board = get_board(app_name)
+        services = [ModelService(m, self.app, settings) for m in self.app.models]
+        self._followers = [Follower(s, board, replica) for s in services]
+        for follower in self._followers:
+            follower.start()
+        self.plane = DataPlane(
+            self.app,
+            {s.config.name: _model_port(s) for s in services},
+            BoardLoads(board, self.app),
+            admin_token=settings.admin_token_value(),
+        )
+        self.rest = RestApi(self.plane)
+
+    async def __call__(self, request: Request) -> Response:
+        return _response(await self.rest.handle(request_from_asgi(request.scope, request.receive)))
+
+    def __del__(self) -> None:
+        for follower in getattr(self, "_followers", []):
+            follower.stop()
+
+
+@serve.deployment
+class ModelDeployment:
+    """Two-hop model replica: one model, called by :class:`Ingress` through a handle."""
+
+    def __init__(self, model: dict[str, Any], app: dict[str, Any]) -> None:
+        _replica_setup()
+        config = ModelConfig.model_validate(model)
+        service = ModelService(config, AppConfig.model_validate(app), get_settings())
+        app_name, replica = replica_context()
+        self._follower = Follower(service, get_board(app_name), replica)
+        self._follower.start()
+        self.port = _model_port(service)
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        with _logged_here():
+            return await self.port.infer(request)
+
+    async def metadata(self, version: str | None) -> ModelMetadata:
+        with _logged_here():
+            return await self.port.metadata(version)
+
+    async def ready(self, version: str | None) -> bool:
+        return await self.port.ready(version)
+
+    async def status(self) -> dict[str, Any]:
+        return await self.port.status()
+
+    def __del__(self) -> None:
+        follower = getattr(self, "_follower", None)
+        if follower is not None:
+            follower.stop()
+
+
+@contextlib.contextmanager
+def _logged_here() -> Iterator[None]:
+    """Log an unexpected error in this replica, with its traceback, and pass on a plain 500.
+
+    NOTE: the ingress would otherwise log Ray's wrapped copy of it a second time, as
+    ``RayTaskError(...)``; a ServingError crosses the handle as it is.
+    """
+    try:
+        yield
+    except ServingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- NOTE: the one error handler, in this replica
+        raise InternalError(describe_error(exc).message) from None
+
+
+class HandleModel:
+    """A model port over a :class:`ModelDeployment`'s handle (the two-hop layout)."""
+
+    def __init__(self, handle: DeploymentHandle[Any]) -> None:
+        self._handle = handle
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        response: InferResponse = await self._handle.infer.remote(request)
+        return response
+
+    async def metadata(self, version: str | None) -> ModelMetadata:
+        meta: ModelMetadata = await self._handle.metadata.remote(version)
+        return meta
+
+    async def ready(self, version: str | None) -> bool:
+        return bool(await self._handle.ready.remote(version))
+
+    async def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = await self._handle.status.remote()
+        return status
+
+
+@serve.deployment
+class Ingress(GrpcMethods):
+    """Two-hop ingress: the data plane over handles to the model deployments."""
+
+    def __init__(self, app: dict[str, Any], models: dict[str, DeploymentHandle[Any]]) -> None:
+        configure_logging()
+        self.app = AppConfig.model_validate(app)
+        ports: dict[str, ModelPort] = {name: HandleModel(h) for name, h in models.items()}
+        board = get_board(replica_context()[0])
+        self.plane = DataPlane(
+            self.app, ports, BoardLoads(board, self.app), admin_token=get_settings().admin_token_value()
+        )
+        self.rest = RestApi(self.plane)
+
+    async def __call__(self, request: Request) -> Response:
+        return _response(await self.rest.handle(request_from_asgi(request.scope, request.receive)))
+
+
+def _scaling(num_replicas: int | str | None, autoscaling_config: dict[str, Any] | None) -> dict[str, Any]:
+    if autoscaling_config is not None:
+        return {"autoscaling_config": autoscaling_config}
+    return {"num_replicas": num_replicas}
+
+
+def _logging(config: AppConfig) -> dict[str, Any]:
+    return {"logging_config": {"enable_access_log": config.access_log}}
+
+
+def _deployment_options(model: ModelConfig, config: AppConfig) -> dict[str, Any]:
+    """Ray Serve options of one model's deployment (two-hop): replicas or autoscaling, resources."""
+    return {
+        "name": f"model-{model.name}",
+        **_logging(config),
+        "ray_actor_options": model.ray_actor_options,
+        "max_ongoing_requests": model.max_ongoing_requests,
+        **_scaling(model.num_replicas, model.autoscaling_config),
+    }
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Build the Serve application from ``AppConfig`` args (a Serve config's ``args``).
+
+    Example::
+
+        serve.run(build_app({"store": "s3://models/prod", "models": [{"name": "iris"}]}))
+    """
+    config = AppConfig.model_validate(args)
+    app_dict = config.model_dump(mode="json")
+    ingress = config.ingress
+    options = {
+        "ray_actor_options": ingress.ray_actor_options,
+        "max_ongoing_requests": ingress.max_ongoing_requests,
+        **_scaling(ingress.num_replicas, ingress.autoscaling_config),
+        **_logging(config),
+    }
+    if ingress.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = ingress.max_replicas_per_node
+    if config.layout == "single-hop":
+        # NOTE: @serve.deployment turns the classes into Deployments; mypy sees classes.
+        single: serve.Application = cast(Any, Server).options(name="server", **options).bind(app_dict)
+        return single
+    handles: dict[str, Any] = {}
+    for model in config.models:
+        handles[model.name] = (
+            cast(Any, ModelDeployment)
+            .options(**_deployment_options(model, config))
+            .bind(model.model_dump(mode="json"), app_dict)
+        )
+    application: serve.Application = cast(Any, Ingress).options(**options).bind(app_dict, handles)
+    return application

@@ -1,0 +1,204 @@
+"""The board: what each replica serves, and load requests, for every Ray replica of an app.
+
+Replicas report what they serve to a small named "board" actor, which also
+carries load requests: a watcher's wait between alias checks is a long-poll on
+the board, so ``POST /v2/repository/models/{name}/load`` wakes every replica of
+the model at once. The board lives on the Ray head node (which a cluster cannot
+lose and keep running) and is restarted in place if its process dies; see
+:data:`BOARD_OPTIONS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import ray
+from ray import serve
+
+from serving.config import AppConfig
+from serving.service import ModelService
+from serving.watcher import run_forever
+
+BOARD_NAMESPACE = "serving"
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+"""A resource only Ray's head node has (one unit)."""
+BOARD_OPTIONS: dict[str, Any] = {
+    # NOTE: pinned to the head. Left to the scheduler, the board landed on a worker node;
+    # when that node died, surviving replicas kept a handle to the dead actor (load requests
+    # answered 500 ActorDiedError) while new replicas made a second board: a split index.
+    # The head holds the GCS, so losing it loses the cluster, board or not.
+    "resources": {HEAD_NODE_RESOURCE: 0.001},
+    # NOTE: a board whose process dies alone comes back on the head under the same handle;
+    # calls in flight are retried (every method is safe to repeat). Its state comes back
+    # from the replicas: reports within one wait, generations in ``wait``.
+    "max_restarts": -1,
+    "max_task_retries": -1,
+}
+"""How the board actor is placed and restarted (see :func:`get_board`)."""
+
+
+@ray.remote(num_cpus=0)
+class Board:
+    """What each replica serves, and per-model load requests (a generation counter).
+
+    Generations only grow, across restarts too: a new one is at least the wall clock
+    in milliseconds, and a replica that has seen more than the board knows (the board
+    restarted) lifts the board's count to its own.
+
+    A load request joins one that no replica has started yet, so each model has at
+    most one forced check in flight and one queued, however many requests arrive.
+    """
+
+    def __init__(self) -> None:
+        self._generation: dict[str, int] = defaultdict(int)
+        self._seen: dict[str, dict[str, int]] = defaultdict(dict)
+        self._replicas: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+        self._changed = asyncio.Condition()
+
+    async def report(self, model: str, replica: str, status: dict[str, Any]) -> None:
+        self._replicas[model][replica] = {**status, "reported_at": time.time()}
+
+    async def forget(self, model: str, replica: str) -> None:
+        self._replicas[model].pop(replica, None)
+        self._seen[model].pop(replica, None)
+
+    async def request_load(self, model: str) -> int:
+        async with self._changed:
+            current = self._generation[model]
+            seen = self._seen[model].values()
+            queued = current > 0 and bool(seen) and all(s < current for s in seen)
+            if not queued:
+                # NOTE: at least the wall clock in ms, so a restarted board (counting from 0)
+                # still hands out generations above any a replica has seen.
+                self._generation[model] = max(current + 1, time.time_ns() // 1_000_000)
+                self._changed.notify_all()
+            return self._generation[model]
+
+    async def wait(self, model: str, replica: str, seen: int, timeout: float) -> int:
+        """Return the model's load generation as soon as it exceeds ``seen``, or at timeout."""
+        async with self._changed:
+            if seen > self._generation[model]:
+                # NOTE: a restarted board counts from 0 while its replicas kept their count:
+                # take theirs, or no load request would wake them until the count caught up.
+                self._generation[model] = seen
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self._generation[model] > seen), timeout
+                )
+            generation = self._generation[model]
+            self._seen[model][replica] = generation
+            return generation
+
+    async def snapshot(self, max_age_s: float) -> dict[str, Any]:
+        now = time.time()
+        out: dict[str, Any] = {}
+        for model, replicas in self._replicas.items():
+            fresh = {r: s for r, s in replicas.items() if now - s["reported_at"] <= max_age_s}
+            out[model] = {"generation": self._generation[model], "replicas": fresh}
+        return out
+
+
+def get_board(app_name: str) -> Any:
+    return Board.options(  # type: ignore[attr-defined]
+        name=f"board-{app_name}",
+        namespace=BOARD_NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        **BOARD_OPTIONS,
+    ).remote()
+
+
+def replica_context() -> tuple[str, str]:
+    ctx = serve.get_replica_context()
+    return ctx.app_name, ctx.replica_id.unique_id
+
+
+REPORT_EVERY_S = 10.0
+"""A replica reports what it serves at least this often, whatever the poll interval."""
+
+
+def _max_age_s(app: AppConfig) -> float:
+    """How old a replica's last report may be before the index forgets the replica."""
+    return 3 * min(app.poll_interval_s, REPORT_EVERY_S) + 10
+
+
+class BoardLoads:
+    """The load port of a Ray app: load requests and replica reports go through the board."""
+
+    def __init__(self, board: Any, app: AppConfig) -> None:
+        self._board = board
+        self._max_age_s = _max_age_s(app)
+
+    async def request(self, model: str) -> int:
+        return int(await self._board.request_load.remote(model))
+
+    async def wait_done(self, model: str, generation: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            replicas = (await self.snapshot()).get(model, {})
+            if replicas and all(r.get("generation", 0) >= generation for r in replicas.values()):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+    async def snapshot(self) -> dict[str, dict[str, dict[str, Any]]]:
+        snap = await self._board.snapshot.remote(self._max_age_s)
+        return {model: entry["replicas"] for model, entry in snap.items()}
+
+
+class Follower:
+    """One model in one replica: loads the first version, then follows the alias via the board."""
+
+    def __init__(self, service: ModelService, board: Any, replica: str) -> None:
+        self.service = service
+        self.name = service.config.name
+        self._board = board
+        self._replica = replica
+        self._generation = 0
+        self._stop = threading.Event()
+        self._node_id = ray.get_runtime_context().get_node_id()
+
+    def start(self) -> None:
+        """Load the first version (raises if none loads: the replica is not healthy) and follow."""
+        self.service.start()
+        self._report()
+        if self.service.watcher is not None:
+            threading.Thread(
+                target=run_forever,
+                args=(self.service.watcher, self._wait, self._stop),
+                name=f"watch-{self.name}",
+                daemon=True,
+            ).start()
+
+    def stop(self) -> None:
+        """Stop following and take this replica off the board (a graceful replica shutdown)."""
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self._board.forget.remote(self.name, self._replica)
+
+    def _report(self) -> None:
+        status = {**self.service.status(), "generation": self._generation, "node_id": self._node_id}
+        self._board.report.remote(self.name, self._replica, status)
+
+    def _wait(self, timeout: float) -> bool:
+        """Sleep until the next tick or a load request (True then), reporting every REPORT_EVERY_S."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._report()
+            chunk = max(0.0, min(REPORT_EVERY_S, deadline - time.monotonic()))
+            try:
+                gen = int(ray.get(self._board.wait.remote(self.name, self._replica, self._generation, chunk)))
+            except Exception:  # noqa: BLE001 -- NOTE: board gone (cluster shutting down): plain wait
+                self._stop.wait(chunk)
+                gen = self._generation
+            if gen > self._generation:
+                self._generation = gen
+                return True
+            if self._stop.is_set() or time.monotonic() >= deadline:
+                return False
