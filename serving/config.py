@@ -102,6 +102,11 @@ class IngressConfig(BaseModel):
 class AppConfig(BaseModel):
     """Everything the app builder needs; unknown keys are refused."""
 
+    @property
+    def reply_limit(self) -> int:
+        """The most bytes of tensors one answer may carry (``max_reply_bytes``, or twice the body limit)."""
+        return self.max_reply_bytes if self.max_reply_bytes is not None else 2 * self.max_body_bytes
+
     model_config = ConfigDict(extra="forbid")
 
     store: str | None = None
@@ -120,6 +125,9 @@ class AppConfig(BaseModel):
     """Requests with larger bodies get 413 (checked while the body is read)."""
     body_timeout_s: float = Field(default=30.0, gt=0)
     """A request body that has not fully arrived this long after its headers gets 408."""
+    max_reply_bytes: int | None = Field(default=None, ge=1024)
+    """An answer whose tensors hold more bytes than this is refused with 413 before it is
+    encoded; None: twice ``max_body_bytes``."""
     layout: Literal["single-hop", "two-hop"] = "single-hop"
     """``single-hop``: each replica holds the routes and every model (one hop per request;
     sized by ``ingress``). ``two-hop``: an ingress deployment in front of one deployment

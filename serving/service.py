@@ -26,7 +26,7 @@ from serving.config import AppConfig, ModelConfig
 from serving.errors import InvalidInput, ServingError
 from serving.formats.base import LoadPolicy
 from serving.isolation import IsolationLimits, Prober
-from serving.protocol.tensors import conform, select_outputs
+from serving.protocol.tensors import check_reply_size, conform, select_outputs
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
 from serving.repository import Repository, Resolved
 from serving.settings import Settings
@@ -211,6 +211,7 @@ class ModelService:
             )
         else:
             selected = select_outputs(outputs, request.output_names)
+        check_reply_size(selected, self.app.reply_limit)
         return InferResponse(self.config.name, live.version, request.id, selected)
 
     def close(self) -> None:

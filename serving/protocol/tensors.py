@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.errors import InvalidInput
+from serving.errors import InvalidInput, PayloadTooLarge
 from serving.formats.base import NUMPY_TO_OIP, OIP_TO_NUMPY, oip_datatype
 from serving.manifest import TensorSpec
 from serving.protocol.types import MAX_RANK
@@ -174,3 +174,25 @@ def select_outputs(outputs: dict[str, np.ndarray], names: list[str] | None) -> d
         if name not in outputs:
             raise InvalidInput(f"unknown output {name!r}; the model produces: {', '.join(outputs)}")
     return {name: outputs[name] for name in names}
+
+
+def check_reply_size(outputs: dict[str, np.ndarray], limit: int) -> None:
+    """Refuse an answer whose tensors hold more than ``limit`` bytes, before it is encoded.
+
+    BYTES elements count their length; every other tensor its buffer.
+
+    Raises:
+        PayloadTooLarge: a 413 that names the size and the limit.
+    """
+    total = 0
+    for array in outputs.values():
+        if array.dtype.kind == "O":
+            total += sum(len(x) if isinstance(x, bytes | str) else 8 for x in array.reshape(-1).tolist())
+        else:
+            total += array.nbytes
+        if total > limit:
+            break
+    if total > limit:
+        raise PayloadTooLarge(
+            f"the answer's tensors hold over {limit} bytes (max_reply_bytes); ask for fewer rows or outputs"
+        )

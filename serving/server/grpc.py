@@ -184,17 +184,20 @@ async def start_server(
     """Start a ``grpc.aio`` server for ``plane`` on the running loop; returns it started.
 
     The receive limit sits above ``max_body_bytes``, so an oversized request gets
-    the same RESOURCE_EXHAUSTED and message as REST; replies are bounded the same way.
+    the same RESOURCE_EXHAUSTED and message as REST; the send limit sits above the
+    reply limit (``max_reply_bytes``), which the model service checks first.
     ``reuse_port`` lets several processes share the port (``--workers N``).
 
     Raises:
         OSError: the port cannot be bound.
     """
-    limit = max(4 * 1024**2, 2 * plane.config.max_body_bytes + 1024**2)
+    receive = max(4 * 1024**2, 2 * plane.config.max_body_bytes + 1024**2)
+    # NOTE: an answer's tensors are bounded by reply_limit before encoding; protobuf adds little.
+    send = max(4 * 1024**2, plane.config.reply_limit + 1024**2)
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", receive),
+            ("grpc.max_send_message_length", send),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             *options,
         ]

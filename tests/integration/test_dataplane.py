@@ -53,8 +53,12 @@ def store(tmp_path: Path) -> str:
     return root
 
 
-def _service(tmp_path: Path, store: str, **model: Any) -> ModelService:
-    app = AppConfig(models=[ModelConfig(name="iris", alias="production", isolation="never", **model)])
+def _service(
+    tmp_path: Path, store: str, app_args: dict[str, Any] | None = None, **model: Any
+) -> ModelService:
+    app = AppConfig(
+        models=[ModelConfig(name="iris", alias="production", isolation="never", **model)], **(app_args or {})
+    )
     service = ModelService(app.models[0], app, Settings(store=store, cache_dir=tmp_path / "cache"))
     service.start()
     return service
@@ -214,3 +218,36 @@ def test_the_batched_path_decodes_and_predicts_under_one_lease(
     np.testing.assert_allclose(before.outputs["predict_proba"], expected["1"])
     assert after.version == "2"
     np.testing.assert_allclose(after.outputs["predict_proba"], expected["2"])
+
+
+def test_an_answer_over_the_reply_limit_is_refused_before_it_is_encoded(tmp_path: Path, store: str) -> None:
+    """413 on REST, RESOURCE_EXHAUSTED on gRPC, naming the limit; a small answer still passes."""
+    service = _service(tmp_path, store, app_args={"max_reply_bytes": 2048})
+    plane = _plane(service)
+    rows = np.repeat(ROWS, 40, axis=0)  # 120 rows: predict_proba alone holds 2,880 bytes
+
+    async def body() -> AsyncIterator[bytes]:
+        tensor = {"name": "input-0", "shape": list(rows.shape), "datatype": "FP64", "data": rows.tolist()}
+        yield orjson.dumps({"inputs": [tensor]})
+
+    try:
+        reply = asyncio.run(RestApi(plane).handle(HttpRequest("POST", "/v2/models/iris/infer", {}, body)))
+        assert reply.status == 413
+        assert b"max_reply_bytes" in reply.body
+        tensor = pb.ModelInferRequest.InferInputTensor(
+            name="input-0",
+            datatype="FP64",
+            shape=list(rows.shape),
+            contents=pb.InferTensorContents(fp64_contents=rows.ravel()),
+        )
+        big = pb.ModelInferRequest(model_name="iris", inputs=[tensor])
+        _, code, details = asyncio.run(_grpc_call(plane, big))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_reply_bytes" in details
+        small = _rest_infer(
+            plane,
+            {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": ROWS[:1].tolist()}]},
+        )
+        assert small["predict"].shape == (1,)
+    finally:
+        service.close()
