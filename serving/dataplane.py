@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from serving.config import AppConfig
-from serving.errors import Forbidden, ModelNotFound, Unauthorized
+from serving.errors import Forbidden, ModelNotFound, ServingError, Unauthorized
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata, check_model
 from serving.service import index_entry
 
@@ -41,6 +41,10 @@ class ModelPort(Protocol):
     async def infer(self, request: InferRequest) -> InferResponse: ...
 
     async def metadata(self, version: str | None) -> ModelMetadata: ...
+
+    async def refused(self, version: str | None, status: int) -> None:
+        """Count a request for this model that its transport refused before it reached a version."""
+        ...
 
     async def ready(self, version: str | None) -> bool: ...
 
@@ -136,6 +140,23 @@ class DataPlane:
     async def infer(self, request: InferRequest) -> InferResponse:
         """Answer one request with the model it names (its checks ran when it was built)."""
         return await self.model(request.model).infer(request)
+
+    async def infer_wire(
+        self, model: str, version: str | None, decode: Callable[[], InferRequest]
+    ) -> InferResponse:
+        """Decode a transport's request for ``model`` and answer it.
+
+        A request that does not decode (malformed JSON, a bad shape) is counted in
+        the model's request metrics, as one that reached it is, and its error raised.
+        """
+        port = self.model(model)
+        check_model(model, version)
+        try:
+            request = decode()
+        except ServingError as exc:
+            await port.refused(version, exc.status_code)
+            raise
+        return await port.infer(request)
 
     # -- repository --------------------------------------------------------------------
     async def index(self) -> list[dict[str, Any]]:

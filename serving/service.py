@@ -167,6 +167,17 @@ class ModelService:
             self.mirror.offer(*mirrored)
         return response
 
+    def refused(self, version: str | None, status: int) -> None:
+        """Count a request its transport refused before it reached a version (it did not decode).
+
+        It counts as the version that would have answered it: the live one, or ``other``
+        for an explicit version (a label only loaded versions get).
+        """
+        if version is not None:
+            self.observe("other", status, time.perf_counter(), role="pinned")
+        else:
+            self.observe(self.slot.version or "none", status, time.perf_counter())
+
     def choose(self, routing_key: str | None) -> str:
         """``canary`` for the canary's share of requests (sticky by ``routing_key``), else ``live``."""
         split = self.split

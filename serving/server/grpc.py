@@ -139,7 +139,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             if size > limit:
                 raise PayloadTooLarge(f"request body is {size} bytes, over the limit of {limit}")
             key = _metadata(context).get(self._routing_header)
-            return codec.encode_infer(await self.plane.infer(codec.decode_infer(request, key)))
+            version = request.model_version or None
+            response = await self.plane.infer_wire(
+                request.model_name, version, lambda: codec.decode_infer(request, key)
+            )
+            return codec.encode_infer(response)
 
         return await self._answer(context, pb.ModelInferResponse, call)
 

@@ -91,6 +91,9 @@ class LocalModel:
             return self.service.metadata(version)
         return await asyncio.to_thread(self.service.metadata, version)
 
+    async def refused(self, version: str | None, status: int) -> None:
+        self.service.refused(version, status)
+
     async def ready(self, version: str | None) -> bool:
         return self.service.ready(version)
 

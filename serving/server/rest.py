@@ -27,6 +27,7 @@ from urllib.parse import unquote
 from serving.dataplane import DataPlane
 from serving.errors import MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout
 from serving.protocol import rest
+from serving.protocol.types import InferRequest
 
 _INFERENCE_HEADER = rest.INFERENCE_HEADER.lower()
 
@@ -175,27 +176,27 @@ class RestApi:
     async def _infer(self, request: HttpRequest, model: str, version: str | None = None) -> rest.Reply:
         self.plane.model(model)
         body = await self.read_body(request)
-        payload, binary = rest.split_body(
-            body, self.config.max_body_bytes, request.headers.get(_INFERENCE_HEADER)
-        )
-        infer = rest.decode_v2(
-            payload,
-            binary,
-            model=model,
-            version=version,
-            routing_key=request.headers.get(self._routing_header),
-        )
-        return rest.encode_v2(await self.plane.infer(infer), infer)
+        decoded: list[InferRequest] = []
+
+        def decode() -> InferRequest:
+            length = request.headers.get(_INFERENCE_HEADER)
+            payload, binary = rest.split_body(body, self.config.max_body_bytes, length)
+            key = request.headers.get(self._routing_header)
+            decoded.append(rest.decode_v2(payload, binary, model=model, version=version, routing_key=key))
+            return decoded[0]
+
+        response = await self.plane.infer_wire(model, version, decode)
+        return rest.encode_v2(response, decoded[0])
 
     async def _predict_v1(self, request: HttpRequest, model: str) -> rest.Reply:
         self.plane.model(model)
         body = await self.read_body(request)
-        infer = rest.decode_v1(
-            rest.parse_json(body, self.config.max_body_bytes),
-            model=model,
-            routing_key=request.headers.get(self._routing_header),
-        )
-        return rest.encode_v1(await self.plane.infer(infer))
+
+        def decode() -> InferRequest:
+            payload = rest.parse_json(body, self.config.max_body_bytes)
+            return rest.decode_v1(payload, model=model, routing_key=request.headers.get(self._routing_header))
+
+        return rest.encode_v1(await self.plane.infer_wire(model, None, decode))
 
     async def _repository_index(self, request: HttpRequest) -> rest.Reply:
         return rest.ok(await self.plane.index())

@@ -200,6 +200,9 @@ class _Busy:
     async def metadata(self, version: str | None) -> object:
         raise AssertionError("not called")
 
+    async def refused(self, version: str | None, status: int) -> None:
+        raise AssertionError("not called")
+
     async def ready(self, version: str | None) -> bool:
         return False
 

@@ -30,6 +30,7 @@ class Port:
     def __init__(self, error: Exception | None = None) -> None:
         self.error = error
         self.seen: list[InferRequest] = []
+        self.refusals: list[int] = []
 
     async def infer(self, request: InferRequest) -> InferResponse:
         if self.error is not None:
@@ -40,6 +41,9 @@ class Port:
     async def metadata(self, version: str | None) -> ModelMetadata:
         spec = TensorSpec(name="x", datatype="FP32", shape=[-1])
         return ModelMetadata("m", [version or "1"], "sklearn", [spec], [spec])
+
+    async def refused(self, version: str | None, status: int) -> None:
+        self.refusals.append(status)
 
     async def ready(self, version: str | None) -> bool:
         return True
@@ -230,3 +234,12 @@ def test_an_infer_reply_carries_what_the_port_answered() -> None:
     body = orjson.loads(reply.body)
     assert body["outputs"] == [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]
     assert np.asarray(body["outputs"][0]["data"]).dtype == np.float64
+
+
+def test_a_request_that_does_not_decode_is_counted_by_its_model() -> None:
+    """Malformed JSON never reaches a version, but the model's request metrics still count it."""
+    port = Port()
+    reply = handle(api({"m": port}), request("/v2/models/m/infer", [b"{bad"]))
+    assert reply.status == 400
+    assert port.refusals == [400]
+    assert port.seen == []

@@ -167,6 +167,9 @@ class ModelDeployment:
         with _logged_here():
             return await self.port.metadata(version)
 
+    async def refused(self, version: str | None, status: int) -> None:
+        await self.port.refused(version, status)
+
     async def ready(self, version: str | None) -> bool:
         return await self.port.ready(version)
 
@@ -207,6 +210,9 @@ class HandleModel:
     async def metadata(self, version: str | None) -> ModelMetadata:
         meta: ModelMetadata = await self._handle.metadata.remote(version)
         return meta
+
+    async def refused(self, version: str | None, status: int) -> None:
+        await self._handle.refused.remote(version, status)
 
     async def ready(self, version: str | None) -> bool:
         return bool(await self._handle.ready.remote(version))
