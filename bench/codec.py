@@ -191,8 +191,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     from serving.config import AppConfig
-    from serving.service import ModelService
     from serving.settings import get_settings
+
+    try:
+        from serving.runtime.service import ModelService
+    except ImportError:  # NOTE: a tree from before serving/runtime (see the module docstring)
+        from serving.service import ModelService  # type: ignore[no-redef]
 
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -355,7 +355,7 @@ def in_process(store: str, work: Path, iris_joblib: Path) -> list[dict[str, Any]
     import joblib
 
     from serving.config import AppConfig
-    from serving.service import ModelService
+    from serving.runtime.service import ModelService
     from serving.settings import get_settings
 
     model = joblib.load(iris_joblib)

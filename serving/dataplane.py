@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from serving.config import AppConfig
 from serving.errors import Forbidden, ModelNotFound, ServingError, Unauthorized
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata, check_model
-from serving.service import index_entry
+from serving.runtime.service import index_entry
 
 LOAD_TIMEOUT_S = 30.0
 """How long a load request waits for every replica's check before answering 'not yet converged'."""

@@ -152,7 +152,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._policy.find_class(module, name)
 
 
-class _RestrictedPurePickle(pickle._Unpickler):  # type: ignore[name-defined,misc]  # NOTE: joblib's base
+class _RestrictedPurePickle(pickle._Unpickler):  # NOTE: joblib's base
     def __init__(self, file: IO[bytes], policy: GlobalPolicy) -> None:
         super().__init__(file)
         self._policy = policy
@@ -182,7 +182,7 @@ def _joblib_unpickler_class() -> type:
 
     base: Any = numpy_pickle.NumpyUnpickler
 
-    class RestrictedNumpyUnpickler(base):  # type: ignore[misc,valid-type]  # NOTE: untyped joblib base
+    class RestrictedNumpyUnpickler(base):  # type: ignore[misc]  # NOTE: untyped joblib base
         _policy: GlobalPolicy
 
         def find_class(self, module: str, name: str) -> Any:

@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 
 # NOTE: the generated modules are untyped; their message classes are Any to mypy.
-from tritonclient.grpc import service_pb2 as pb  # type: ignore[import-untyped]
+from tritonclient.grpc import service_pb2 as pb
 
 from serving.errors import InvalidInput
 from serving.protocol.tensors import check_shape, datatype_of, from_binary, numpy_dtype, to_binary

@@ -30,8 +30,8 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 # NOTE: the generated modules are untyped; their message classes are Any to mypy.
-from tritonclient.grpc import service_pb2 as pb  # type: ignore[import-untyped]
-from tritonclient.grpc import service_pb2_grpc as pb_grpc  # type: ignore[import-untyped]
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from serving.dataplane import DataPlane
 from serving.errors import PayloadTooLarge

@@ -1,7 +1,7 @@
 """Ports over models in this process: used by the standalone server and single-hop Ray replicas.
 
 :class:`LocalModel` is a :class:`~serving.dataplane.ModelPort` over a
-:class:`~serving.service.ModelService`. It decides what may run on the event
+:class:`~serving.runtime.service.ModelService`. It decides what may run on the event
 loop: a request that would load an explicit version never does; predict does
 while the model's recent requests are fast (under ``offload_predict_after_ms``),
 because for small models a thread hop costs more than the model.
@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
-from serving.service import ModelService
+from serving.runtime.service import ModelService
 
 T = TypeVar("T")
 

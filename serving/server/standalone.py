@@ -2,7 +2,7 @@
 
 A thin adapter: :class:`serving.dataplane.DataPlane` holds every operation,
 over :class:`serving.server.local.LocalModel` ports (the same
-:class:`serving.service.ModelService` per model as a Ray replica) and
+:class:`serving.runtime.service.ModelService` per model as a Ray replica) and
 :class:`serving.server.local.LocalLoads`. This module only converts ASGI to the
 REST API's requests (:mod:`serving.server.rest`) and runs the models' watcher threads. With ``--grpc-port``
 (8001 by default) a ``grpc.aio`` server on the same event loop answers OIP over
@@ -50,10 +50,10 @@ import orjson
 
 from serving.config import AppConfig
 from serving.dataplane import DataPlane
+from serving.runtime.service import ModelService
 from serving.server.asgi import Receive, Scope, Send, request_from_asgi, send_reply
 from serving.server.local import LocalLoads, LocalModel, Waker
 from serving.server.rest import RestApi
-from serving.service import ModelService
 from serving.settings import Settings, get_settings
 from serving.watcher import run_forever
 

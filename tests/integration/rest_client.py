@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Mapping
 
 from serving.dataplane import DataPlane
 from serving.protocol.rest import Reply
+from serving.runtime.service import ModelService
 from serving.server.local import LocalModel
 from serving.server.rest import HttpRequest, RestApi
-from serving.service import ModelService
 
 
 def _call(

@@ -22,10 +22,10 @@ from serving.formats.base import OIP_TO_NUMPY
 from serving.protocol import rest as rest_codec
 from serving.publish import publish_path
 from serving.repository import Repository
+from serving.runtime.service import ModelService
 from serving.server.grpc import start_server
 from serving.server.local import LocalModel
 from serving.server.rest import HttpRequest, RestApi
-from serving.service import ModelService
 from serving.settings import Settings
 from serving.store.local import LocalStore
 from serving.testing import free_port

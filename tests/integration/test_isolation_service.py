@@ -20,7 +20,7 @@ from rest_client import infer_v2
 from serving.config import AppConfig
 from serving.publish import publish_path
 from serving.repository import Repository
-from serving.service import ModelService
+from serving.runtime.service import ModelService
 from serving.settings import Settings
 from serving.store.local import LocalStore
 

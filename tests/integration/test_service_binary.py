@@ -17,7 +17,7 @@ from serving.config import AppConfig, ModelConfig
 from serving.protocol.rest import INFERENCE_HEADER
 from serving.publish import publish_path
 from serving.repository import Repository
-from serving.service import ModelService
+from serving.runtime.service import ModelService
 from serving.settings import Settings
 from serving.store.local import LocalStore
 

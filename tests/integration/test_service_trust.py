@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from serving.config import AppConfig, ModelConfig
 from serving.publish import publish_path
 from serving.repository import Repository
-from serving.service import ModelService
+from serving.runtime.service import ModelService
 from serving.settings import Settings
 from serving.signing import alias_signer, generate_keypair, load_signing_key
 from serving.store.local import LocalStore

@@ -205,7 +205,7 @@ def test_predictor_oserrors_caused_by_the_request_are_4xx(exc: OSError, client: 
     """An OSError the request caused (no such path, a directory) is a 400; a server fault is not."""
     from types import SimpleNamespace
 
-    from serving.service import ModelService
+    from serving.runtime.service import ModelService
 
     live = SimpleNamespace(predictor=_Failing(exc))
     if client:

@@ -42,6 +42,7 @@ from serving.errors import InternalError, ServingError
 from serving.logs import configure_logging
 from serving.protocol.rest import Reply
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, describe_error
+from serving.runtime.service import ModelService
 from serving.server.asgi import request_from_asgi
 
 # NOTE: imported here, not lazily: a request the Serve proxy pickles to this replica
@@ -51,7 +52,6 @@ from serving.server.local import LocalModel
 from serving.server.ray.batching import BatchedModel
 from serving.server.ray.board import BoardLoads, Follower, get_board, replica_context
 from serving.server.rest import RestApi
-from serving.service import ModelService
 from serving.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from ray import serve
 from serving.errors import ServingError
 from serving.protocol.tensors import conform
 from serving.protocol.types import InferRequest, InferResponse
+from serving.runtime.service import ModelService
 from serving.server.local import LocalModel
-from serving.service import ModelService
 from serving.slot import Live
 
 

@@ -21,7 +21,7 @@ import ray
 from ray import serve
 
 from serving.config import AppConfig
-from serving.service import ModelService
+from serving.runtime.service import ModelService
 from serving.watcher import run_forever
 
 BOARD_NAMESPACE = "serving"
