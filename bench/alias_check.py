@@ -51,7 +51,7 @@ def measure(server: Any, label: str, check: Callable[[], object]) -> dict[str, A
 
 
 def main() -> dict[str, Any]:
-    from serving.repository import Repository
+    from serving.repository import Repository, SetTarget
     from serving.settings import Settings
     from serving.store.factory import open_store
     from serving.testing import MotoS3, publish_files
@@ -64,7 +64,7 @@ def main() -> dict[str, Any]:
         for v in range(1, 3):
             publish_files(repo, Path(tmp), "iris", str(v), {"model.bin": os.urandom(1024)})
         for i in range(HISTORY):
-            repo.set_alias("iris", "production", str(1 + i % 2), by="bench")
+            repo.move_alias("iris", "production", SetTarget(str(1 + i % 2)), by="bench")
         alias_size = len(repo.store.get(repo.alias_key("iris", "production"))[0])
         etag = repo.check_alias("iris", "production", None).etag
 

@@ -102,7 +102,7 @@ def shadow_overhead(
     url: str, model: str, store: str, version: str, requests: int, block: int = 100
 ) -> dict[str, Any]:
     """Client latency without and with a shadow mirroring every request, in alternating blocks."""
-    from serving.repository import Repository
+    from serving.repository import Abort, Repository, SetShadow
     from serving.settings import Settings
     from serving.store import open_store
 
@@ -136,12 +136,12 @@ def shadow_overhead(
                 assert r.status_code == 200, r.text
             on = not on
             if on:
-                repo.set_canary(model, alias, version, fraction=1.0)
+                repo.move_alias(model, alias, SetShadow(version, 1.0))
             else:
-                repo.abort(model, alias)
+                repo.move_alias(model, alias, Abort())
             wait(client, on)
         if on:
-            repo.abort(model, alias)
+            repo.move_alias(model, alias, Abort())
         entry = next(e for e in client.get(f"{url}/v2/repository/index").json() if e["name"] == model)
     shadow_figures = entry["figures"].get(version, {})
     return {

@@ -403,7 +403,7 @@ def in_process(store: str, work: Path, iris_joblib: Path) -> list[dict[str, Any]
 
 # -- d: swap under load -------------------------------------------------------------------------
 def swap_under_load(ours: System, store: str, seconds: float, every: float) -> dict[str, Any]:
-    from serving.repository import Repository
+    from serving.repository import Repository, SetTarget
     from serving.settings import Settings
     from serving.store import open_store
 
@@ -418,7 +418,7 @@ def swap_under_load(ours: System, store: str, seconds: float, every: float) -> d
         t = every
         while t < seconds - every / 2:
             time.sleep(max(0.0, t0 + t - time.perf_counter()))
-            repo.set_alias("iris", "production", version, by="bench")
+            repo.move_alias("iris", "production", SetTarget(version), by="bench")
             moves.append((time.perf_counter() - t0, version))
             version = "1" if version == "2" else "2"
             t += every
@@ -429,7 +429,7 @@ def swap_under_load(ours: System, store: str, seconds: float, every: float) -> d
     thread.join()
     samples = res.samples
     if moves and moves[-1][1] != "1":
-        repo.set_alias("iris", "production", "1", by="bench")
+        repo.move_alias("iris", "production", SetTarget("1"), by="bench")
     ok = [s for s in samples if s[2] == 200]
     convergence = []
     windows = []

@@ -328,22 +328,23 @@ def _split_text(alias: Alias) -> str:
 
 
 def _alias_set(ctx: _Context, args: argparse.Namespace) -> None:
+    from serving.repository import AliasMove, SetCanary, SetShadow, SetTarget
+
     writer, expires_at = _alias_writer(args)
     if args.canary is not None or args.shadow is not None:
         if args.canary is not None and args.shadow is not None:
             raise InvalidRequest("--canary and --shadow are two roles: give one per command")
-        alias = ctx.repo.set_canary(
-            args.name,
-            args.alias,
-            args.version,
-            weight=args.canary,
-            fraction=args.shadow,
-            writer=writer,
-            expires_at=expires_at,
+        move: AliasMove = (
+            SetCanary(args.version, args.canary)
+            if args.canary is not None
+            else SetShadow(args.version, args.shadow)
         )
+        alias = ctx.repo.move_alias(args.name, args.alias, move, writer=writer, expires_at=expires_at)
         ctx.emit(f"{args.name}@{args.alias} -> {alias.version}{_split_text(alias)}", alias.model_dump())
         return
-    alias = ctx.repo.set_alias(args.name, args.alias, args.version, writer=writer, expires_at=expires_at)
+    alias = ctx.repo.move_alias(
+        args.name, args.alias, SetTarget(args.version), writer=writer, expires_at=expires_at
+    )
     was = f" (was {alias.history[-1].version})" if alias.history else ""
     ctx.emit(f"{args.name}@{args.alias} -> {alias.version}{was}", alias.model_dump())
 
@@ -354,8 +355,10 @@ def _alias_get(ctx: _Context, args: argparse.Namespace) -> None:
 
 
 def _alias_promote(ctx: _Context, args: argparse.Namespace) -> None:
+    from serving.repository import Promote
+
     writer, expires_at = _alias_writer(args)
-    alias = ctx.repo.promote(args.name, args.alias, writer=writer, expires_at=expires_at)
+    alias = ctx.repo.move_alias(args.name, args.alias, Promote(), writer=writer, expires_at=expires_at)
     was = alias.history[-1].version
     ctx.emit(
         f"{args.name}@{args.alias} -> {alias.version} (canary promoted, was {was}){_split_text(alias)}",
@@ -364,9 +367,11 @@ def _alias_promote(ctx: _Context, args: argparse.Namespace) -> None:
 
 
 def _alias_abort(ctx: _Context, args: argparse.Namespace) -> None:
+    from serving.repository import Abort
+
     before = ctx.repo.get_alias(args.name, args.alias)
     writer, expires_at = _alias_writer(args)
-    alias = ctx.repo.abort(args.name, args.alias, writer=writer, expires_at=expires_at)
+    alias = ctx.repo.move_alias(args.name, args.alias, Abort(), writer=writer, expires_at=expires_at)
     ctx.emit(
         f"{args.name}@{args.alias} -> {alias.version} (dropped {_split_text(before).removeprefix(' (')}",
         alias.model_dump(),
@@ -447,9 +452,11 @@ def _rollout(ctx: _Context, args: argparse.Namespace) -> None:
 
 
 def _rollback(ctx: _Context, args: argparse.Namespace) -> None:
+    from serving.repository import Rollback
+
     before = ctx.repo.get_alias(args.name, args.alias).version
     writer, expires_at = _alias_writer(args)
-    alias = ctx.repo.rollback(args.name, args.alias, writer=writer, expires_at=expires_at)
+    alias = ctx.repo.move_alias(args.name, args.alias, Rollback(), writer=writer, expires_at=expires_at)
     ctx.emit(
         f"{args.name}@{args.alias} -> {alias.version} (rolled back from {before})",
         {**alias.model_dump(), "rolled_back_from": before},

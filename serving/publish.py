@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from serving.errors import InvalidRequest
 from serving.manifest import Manifest, TensorSpec, check_name
-from serving.repository import Repository, collect_files, file_entries
+from serving.repository import Repository, SetTarget, collect_files, file_entries
 from serving.store.base import Progress
 
 if TYPE_CHECKING:
@@ -108,5 +108,5 @@ def publish_path(
             from serving.signing import alias_signer
 
             writer = alias_signer(signing_key)
-        repo.set_alias(name, alias, version, writer=writer)
+        repo.move_alias(name, alias, SetTarget(version), writer=writer)
     return manifest

@@ -1,21 +1,29 @@
 """The store layout: versions, manifests and aliases, the same on every store.
 
 ``manifest.json`` is written last: a version without one does not exist, so
-readers never see a half-written version. Moving an alias is one object write.
+readers never see a half-written version. Moving an alias is one object write,
+:meth:`Repository.move_alias`, with the change as a value::
+
+    repo.move_alias("iris", "production", SetTarget("8"))
+    repo.move_alias("iris", "production", SetCanary("9", weight=5))
+    repo.move_alias("iris", "production", Promote())  # or Abort(), Rollback(), SetShadow(v, fraction)
 """
 
 from __future__ import annotations
 
 import getpass
 import hashlib
+import logging
 import socket
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.errors import (
     AliasNotFound,
     IntegrityError,
+    InvalidRequest,
     ModelNotFound,
     NotFound,
     StoreConflict,
@@ -26,15 +34,19 @@ from serving.manifest import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
     Alias,
+    CanaryTarget,
     FileEntry,
     Manifest,
     ModelRef,
+    ShadowTarget,
     check_name,
     check_relative_path,
     sha256_bytes,
     version_sort_key,
 )
 from serving.store.base import ObjectStore, Progress
+
+log = logging.getLogger(__name__)
 
 AliasWriter = Callable[[Alias], bytes]
 """Turns the alias object to write into its bytes: ``Alias.to_json`` or a signer's."""
@@ -245,164 +257,37 @@ class Repository:
             raise VersionExists(f"{name}:{version} was published concurrently") from exc
         return sha256_bytes(raw)
 
-    def set_alias(
+    def move_alias(
         self,
         name: str,
         alias: str,
-        version: str,
-        by: str | None = None,
+        move: AliasMove,
         *,
+        by: str | None = None,
         writer: AliasWriter | None = None,
         expires_at: str | None = None,
     ) -> Alias:
-        """Point ``name@alias`` at ``version`` (which must exist); a compare-and-swap write.
+        """Apply ``move`` to ``name@alias`` (:class:`SetTarget`, :class:`Rollback`, ...); a compare-and-swap.
 
         The current object is read with its ETag and replaced only if nobody moved the
         alias meanwhile (S3 ``If-Match`` / ``If-None-Match: *``; a lock on a folder);
-        a lost race retries on a fresh read, so concurrent moves are never lost.
+        a lost race applies the move again on a fresh read, so concurrent moves are
+        never lost. Every new object has a higher ``sequence``, so a signed rollback is
+        a legitimate move, not a replay.
 
         Args:
+            by: who moves it (default ``user@host``).
             writer: the alias object's bytes (default ``Alias.to_json``); a signer signs it.
             expires_at: ISO 8601 expiry carried by the object (for signed aliases).
-        """
-        check_name(alias, "alias")
-        _, raw = self.manifest(name, version)
-        sha = sha256_bytes(raw)
-        by = by or whoami()
-
-        def move(current: Alias | None) -> Alias:
-            if current is None:
-                return Alias(
-                    name=name,
-                    alias=alias,
-                    version=version,
-                    manifest_sha256=sha,
-                    updated_by=by,
-                    sequence=1,
-                    expires_at=expires_at,
-                )
-            return current.moved_to(version, sha, by, expires_at)
-
-        return self._swap_alias(name, alias, move, writer)
-
-    def rollback(
-        self,
-        name: str,
-        alias: str,
-        by: str | None = None,
-        *,
-        writer: AliasWriter | None = None,
-        expires_at: str | None = None,
-    ) -> Alias:
-        """Move the alias back to its previous target, dropping that history entry.
-
-        A compare-and-swap like :meth:`set_alias`; the new object has a higher
-        ``sequence``, so a signed rollback is a legitimate move, not a replay.
-        """
-
-        def back(current: Alias | None) -> Alias:
-            if current is None:
-                raise AliasNotFound(f"alias {name}@{alias} not found")
-            if not current.history:
-                raise AliasNotFound(f"{name}@{alias} has no previous target to roll back to")
-            self.manifest(name, current.history[-1].version)  # it must still exist
-            return current.rolled_back(by or whoami(), expires_at)
-
-        return self._swap_alias(name, alias, back, writer)
-
-    def set_canary(
-        self,
-        name: str,
-        alias: str,
-        version: str,
-        *,
-        weight: float | None = None,
-        fraction: float | None = None,
-        by: str | None = None,
-        writer: AliasWriter | None = None,
-        expires_at: str | None = None,
-    ) -> Alias:
-        """Give ``version`` ``weight`` percent of the alias's requests, or a ``fraction`` as shadow.
-
-        The alias keeps its target; exactly one of ``weight`` (a canary) and ``fraction``
-        (a shadow) is given, and the other role, if set, is kept. A compare-and-swap like
-        :meth:`set_alias`.
 
         Raises:
-            AliasNotFound: the alias does not exist (a canary needs a live version beside it).
-            InvalidRequest: ``version`` is already the target, or neither/both roles given.
+            VersionNotFound: a version the move names is not published.
+            AliasNotFound: the move needs an existing alias (all but :class:`SetTarget`).
+            InvalidRequest: the move does not apply to the alias as it is now.
         """
-        from serving.errors import InvalidRequest
-        from serving.manifest import CanaryTarget, ShadowTarget
-
-        if (weight is None) == (fraction is None):
-            raise InvalidRequest("give a canary weight or a shadow fraction, not both or neither")
-        _, raw = self.manifest(name, version)
-        sha = sha256_bytes(raw)
-        by = by or whoami()
-
-        def split(current: Alias | None) -> Alias:
-            if current is None:
-                raise AliasNotFound(f"alias {name}@{alias} not found: set it first, then add a canary")
-            if current.version == version:
-                raise InvalidRequest(
-                    f"{name}@{alias} already points at {version}; a canary or shadow is another version"
-                )
-            canary, shadow = current.canary, current.shadow
-            if weight is not None:
-                canary = CanaryTarget(version=version, manifest_sha256=sha, weight=weight)
-            else:
-                assert fraction is not None
-                shadow = ShadowTarget(version=version, manifest_sha256=sha, fraction=fraction)
-            return current.with_split(by, canary=canary, shadow=shadow, expires_at=expires_at)
-
-        return self._swap_alias(name, alias, split, writer)
-
-    def promote(
-        self,
-        name: str,
-        alias: str,
-        by: str | None = None,
-        *,
-        writer: AliasWriter | None = None,
-        expires_at: str | None = None,
-    ) -> Alias:
-        """Make the canary the alias's target (the old target goes to history)."""
-        from serving.errors import InvalidRequest
-
-        def promote(current: Alias | None) -> Alias:
-            if current is None:
-                raise AliasNotFound(f"alias {name}@{alias} not found")
-            if current.canary is None:
-                raise InvalidRequest(f"{name}@{alias} has no canary to promote")
-            return current.promoted(by or whoami(), expires_at)
-
-        return self._swap_alias(name, alias, promote, writer)
-
-    def abort(
-        self,
-        name: str,
-        alias: str,
-        by: str | None = None,
-        *,
-        writer: AliasWriter | None = None,
-        expires_at: str | None = None,
-    ) -> Alias:
-        """Drop the canary and the shadow: every request goes to the target again."""
-        from serving.errors import InvalidRequest
-
-        def abort(current: Alias | None) -> Alias:
-            if current is None:
-                raise AliasNotFound(f"alias {name}@{alias} not found")
-            if current.canary is None and current.shadow is None:
-                raise InvalidRequest(f"{name}@{alias} has no canary or shadow to abort")
-            return current.with_split(by or whoami(), canary=None, shadow=None, expires_at=expires_at)
-
-        return self._swap_alias(name, alias, abort, writer)
-
-    def _swap_alias(
-        self, name: str, alias: str, change: Callable[[Alias | None], Alias], writer: AliasWriter | None
-    ) -> Alias:
+        check_name(alias, "alias")
+        change = AliasChange(self, name, alias, by or whoami(), expires_at)
+        move.check(change)
         key = self.alias_key(name, alias)
         encode = writer or (lambda a: a.to_json())
         for _ in range(CAS_ATTEMPTS):
@@ -410,7 +295,7 @@ class Repository:
                 current, _, etag = self.read_alias(name, alias)
             except AliasNotFound:
                 current, etag = None, None
-            new = change(current)
+            new = move.apply(current, change)
             try:
                 if etag is None:
                     self.store.put(key, encode(new), if_absent=True)
@@ -422,6 +307,144 @@ class Repository:
         raise StoreConflict(
             f"{name}@{alias}: gave up after {CAS_ATTEMPTS} attempts, other writers kept moving it"
         )
+
+
+@dataclass
+class AliasChange:
+    """What a move sees besides the current object: which alias, who moves it, until when."""
+
+    repo: Repository
+    name: str
+    alias: str
+    by: str
+    expires_at: str | None
+    _sha256: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def manifest_sha256(self, version: str) -> str:
+        """The sha256 of ``version``'s manifest, read once (VersionNotFound if it is not published)."""
+        if version not in self._sha256:
+            _, raw = self.repo.manifest(self.name, version)
+            self._sha256[version] = sha256_bytes(raw)
+        return self._sha256[version]
+
+    def existing(self, current: Alias | None, hint: str = "") -> Alias:
+        """``current``, or AliasNotFound when the alias does not exist."""
+        if current is None:
+            raise AliasNotFound(f"alias {self.name}@{self.alias} not found{hint}")
+        return current
+
+
+class AliasMove(ABC):
+    """One change of an alias object, for :meth:`Repository.move_alias`."""
+
+    def check(self, change: AliasChange) -> None:  # noqa: B027 -- NOTE: most moves check nothing up front
+        """Checks made once, before the alias is read (default: none)."""
+
+    @abstractmethod
+    def apply(self, current: Alias | None, change: AliasChange) -> Alias:
+        """The new alias object, from the current one (None: the alias does not exist yet).
+
+        Called again on a fresh ``current`` when another writer moved the alias first.
+        """
+
+
+@dataclass(frozen=True)
+class _ToVersion(AliasMove):
+    version: str
+
+    def check(self, change: AliasChange) -> None:
+        change.manifest_sha256(self.version)  # NOTE: it must exist, before the alias is touched
+
+    def beside(self, current: Alias | None, change: AliasChange) -> Alias:
+        """The alias that gets ``version`` as its canary or shadow (never as both target and split)."""
+        live = change.existing(current, ": set it first, then add a canary")
+        if live.version == self.version:
+            raise InvalidRequest(
+                f"{change.name}@{change.alias} already points at {self.version}; "
+                "a canary or shadow is another version"
+            )
+        return live
+
+
+@dataclass(frozen=True)
+class SetTarget(_ToVersion):
+    """Point the alias at ``version`` (creating the alias); the old target goes to history."""
+
+    def apply(self, current: Alias | None, change: AliasChange) -> Alias:
+        sha = change.manifest_sha256(self.version)
+        if current is None:
+            return Alias(
+                name=change.name,
+                alias=change.alias,
+                version=self.version,
+                manifest_sha256=sha,
+                updated_by=change.by,
+                sequence=1,
+                expires_at=change.expires_at,
+            )
+        return current.moved_to(self.version, sha, change.by, change.expires_at)
+
+
+@dataclass(frozen=True)
+class Rollback(AliasMove):
+    """Move the alias back to its previous target, dropping that history entry."""
+
+    def apply(self, current: Alias | None, change: AliasChange) -> Alias:
+        current = change.existing(current)
+        if not current.history:
+            raise AliasNotFound(f"{change.name}@{change.alias} has no previous target to roll back to")
+        change.manifest_sha256(current.history[-1].version)  # NOTE: it must still exist
+        return current.rolled_back(change.by, change.expires_at)
+
+
+@dataclass(frozen=True)
+class SetCanary(_ToVersion):
+    """Keep the target; send ``weight`` percent of the requests to ``version`` (a shadow stays)."""
+
+    weight: float
+
+    def apply(self, current: Alias | None, change: AliasChange) -> Alias:
+        live = self.beside(current, change)
+        canary = CanaryTarget(
+            version=self.version, manifest_sha256=change.manifest_sha256(self.version), weight=self.weight
+        )
+        return live.with_split(change.by, canary=canary, shadow=live.shadow, expires_at=change.expires_at)
+
+
+@dataclass(frozen=True)
+class SetShadow(_ToVersion):
+    """Keep the target; mirror ``fraction`` of the requests to ``version`` (a canary stays)."""
+
+    fraction: float
+
+    def apply(self, current: Alias | None, change: AliasChange) -> Alias:
+        live = self.beside(current, change)
+        shadow = ShadowTarget(
+            version=self.version, manifest_sha256=change.manifest_sha256(self.version), fraction=self.fraction
+        )
+        return live.with_split(change.by, canary=live.canary, shadow=shadow, expires_at=change.expires_at)
+
+
+@dataclass(frozen=True)
+class Promote(AliasMove):
+    """Make the canary the alias's target (the old target goes to history)."""
+
+    def apply(self, current: Alias | None, change: AliasChange) -> Alias:
+        current = change.existing(current)
+        if current.canary is None:
+            raise InvalidRequest(f"{change.name}@{change.alias} has no canary to promote")
+        return current.promoted(change.by, change.expires_at)
+
+
+@dataclass(frozen=True)
+class Abort(AliasMove):
+    """Drop the canary and the shadow: every request goes to the target again."""
+
+    def apply(self, current: Alias | None, change: AliasChange) -> Alias:
+        current = change.existing(current)
+        if current.canary is None and current.shadow is None:
+            raise InvalidRequest(f"{change.name}@{change.alias} has no canary or shadow to abort")
+        return current.with_split(change.by, canary=None, shadow=None, expires_at=change.expires_at)
 
 
 def file_entries(files: Iterable[tuple[str, Path]]) -> list[FileEntry]:

@@ -20,6 +20,7 @@ in that step. Figures come from the server's repository index
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,10 +31,23 @@ import httpx
 
 from serving.errors import InvalidRequest, RolloutAborted, ServingError, StoreUnavailable
 from serving.metrics import LATENCY_BUCKETS
-from serving.repository import AliasWriter, Repository
+from serving.repository import Abort, AliasMove, AliasWriter, Promote, Repository, SetCanary, SetShadow
 from serving.traffic import quantile
 
+log = logging.getLogger(__name__)
+
 Sleep = Callable[[float], None]
+
+DEFAULT_STEPS: tuple[float, ...] = (5.0, 25.0, 50.0, 100.0)
+"""The canary weights (percent) of a rollout that names none."""
+
+CONVERGE_TIMEOUT_S = 120.0
+"""How long every replica may take, by default, to load the version and apply a step."""
+
+
+def valid_steps(steps: Sequence[float]) -> bool:
+    """Whether ``steps`` are canary weights a rollout can take: strictly increasing, in (0, 100]."""
+    return bool(steps) and all(0 < s <= 100 for s in steps) and list(steps) == sorted(set(steps))
 
 
 @dataclass(frozen=True)
@@ -330,7 +344,7 @@ class Rollout:
 
     Args:
         writer, expires_at: how each alias write is signed (as ``serving alias set``).
-        on_step: called with each measured step (the CLI prints it).
+        on_step: called with each measured step (the CLI prints it, with :attr:`live_version`).
         converge_timeout_s: how long every replica may take to load the version and
             apply a new share; past it the rollout aborts.
     """
@@ -347,7 +361,7 @@ class Rollout:
         writer: AliasWriter | None = None,
         expires_at: str | None = None,
         on_step: Callable[[Step], None] | None = None,
-        converge_timeout_s: float = 120.0,
+        converge_timeout_s: float = CONVERGE_TIMEOUT_S,
         poll_s: float = 0.25,
         sleep: Sleep = time.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -360,6 +374,8 @@ class Rollout:
         self._converge_timeout_s = converge_timeout_s
         self._poll_s = poll_s
         self._sleep, self._clock = sleep, clock
+        self.live_version: str | None = None
+        """The alias's target when :meth:`run` began (None before): what the canary is measured against."""
 
     def run(
         self,
@@ -376,7 +392,7 @@ class Rollout:
             RolloutAborted: a step crossed a threshold, or the version did not load everywhere;
                 the alias has its old target and no canary or shadow any more.
         """
-        if not steps or any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(steps):
+        if not valid_steps(steps):
             raise InvalidRequest("--steps must be increasing weights in (0, 100], e.g. 5,25,50,100")
         current = self.repo.get_alias(self.name, self.alias)
         if current.version == self.version:
@@ -387,26 +403,24 @@ class Rollout:
                     f"{self.name}@{self.alias} already has {other.version} as canary or shadow: "
                     f"'serving alias abort {self.name} {self.alias}' first"
                 )
-        live_version = current.version
+        live_version = self.live_version = current.version
         started = self._clock()
         done: list[Step] = []
         try:
             if shadow_seconds > 0:
-                self.repo.set_canary(
-                    self.name, self.alias, self.version, fraction=shadow_fraction, **self._signing()
-                )
+                self._move(SetShadow(self.version, shadow_fraction))
                 step = self._measure("shadow", shadow_fraction, shadow_seconds, live_version)
                 done.append(step)
                 if not step.ok:
                     raise RolloutAborted(step.reason)
                 self._drop_shadow()
             for weight in steps:
-                self.repo.set_canary(self.name, self.alias, self.version, weight=weight, **self._signing())
+                self._move(SetCanary(self.version, weight))
                 step = self._measure("canary", weight, step_seconds, live_version)
                 done.append(step)
                 if not step.ok:
                     raise RolloutAborted(step.reason)
-            self.repo.promote(self.name, self.alias, **self._signing())
+            self._move(Promote())
         except BaseException as exc:
             # NOTE: whatever stopped us (a threshold, Ctrl-C, a lost server), the alias must
             # not be left half-way: back to the old target, no canary, no shadow.
@@ -427,20 +441,20 @@ class Rollout:
             round(self._clock() - started, 3),
         )
 
-    def _signing(self) -> dict[str, Any]:
-        return {"writer": self._writer, "expires_at": self._expires_at}
+    def _move(self, move: AliasMove) -> None:
+        self.repo.move_alias(self.name, self.alias, move, writer=self._writer, expires_at=self._expires_at)
 
     def _drop_shadow(self) -> None:
         current = self.repo.get_alias(self.name, self.alias)
         if current.shadow is not None:
-            self.repo.abort(self.name, self.alias, **self._signing())
+            self._move(Abort())
 
     def _abort_quietly(self) -> None:
         # NOTE: the original error is what the caller must see, not a failure to clean up.
         with contextlib.suppress(ServingError):
             current = self.repo.get_alias(self.name, self.alias)
             if current.canary is not None or current.shadow is not None:
-                self.repo.abort(self.name, self.alias, **self._signing())
+                self._move(Abort())
 
     def _wait_applied(self, role: str, share: float) -> None:
         deadline = self._clock() + self._converge_timeout_s

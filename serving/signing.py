@@ -332,7 +332,7 @@ def sign_alias(alias: Alias, key: SigningKey) -> bytes:
 
 
 def alias_signer(key: SigningKey) -> Callable[[Alias], bytes]:
-    """A ``writer`` for :meth:`serving.repository.Repository.set_alias` that signs each move."""
+    """A ``writer`` for :meth:`serving.repository.Repository.move_alias` that signs each move."""
     return lambda alias: sign_alias(alias, key)
 
 

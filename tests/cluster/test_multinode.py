@@ -29,7 +29,7 @@ from sklearn.linear_model import LogisticRegression
 
 from serving.manifest import TensorSpec
 from serving.publish import publish_path
-from serving.repository import Repository
+from serving.repository import Repository, SetTarget
 from serving.settings import Settings
 from serving.store import open_store
 from serving.testing import MotoS3
@@ -153,7 +153,7 @@ def deployed(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> Itera
         versions = ["1", "2", "3", "4"]
         for i, version in enumerate(versions):
             _publish(repo, tmp, version, c=1.0 / (i + 1))
-        repo.set_alias("iris", "production", "1")
+        repo.move_alias("iris", "production", SetTarget("1"))
         from serving.server.ray.app import build_app
 
         args = {
@@ -226,7 +226,7 @@ def test_replicas_spread_over_nodes_each_with_its_own_cache(deployed: Deployed) 
 def test_alias_move_converges_on_every_node(deployed: Deployed, figures: dict[str, Any]) -> None:
     nodes = {r["node_id"] for r in deployed.index()["replicas"]}
     moved = time.monotonic()
-    deployed.repo.set_alias("iris", "production", "2")
+    deployed.repo.move_alias("iris", "production", SetTarget("2"))
     # NOTE: no load request: each replica's own alias poll finds the move.
     entry = wait_for(lambda: deployed.converged_on("2", nodes), timeout=60, what="version 2 everywhere")
     figures["alias move -> every replica on version 2 (poll only, poll_interval_s=2)"] = (
@@ -545,7 +545,7 @@ def test_killing_a_worker_node_under_load(deployed: Deployed, figures: dict[str,
     # load request reach both replicas, the new one on the spare node with its own cache.
     nodes = set(deployed.replica_nodes().values())
     wait_for(lambda: deployed.converged_on("2", nodes), timeout=60, what="the index to show the new replica")
-    deployed.repo.set_alias("iris", "production", "3")
+    deployed.repo.move_alias("iris", "production", SetTarget("3"))
     moved = time.monotonic()
     reply = deployed.client.post(f"{deployed.http}/v2/repository/models/iris/load")
     assert reply.status_code == 200, reply.text

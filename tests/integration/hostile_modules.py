@@ -147,7 +147,7 @@ def hostile_versions(work: Path) -> dict[str, tuple[Path, str, dict[str, Any]]]:
 
 def point_alias_at_oversized_manifest(repo: Any, name: str, version: str, alias: str = "production") -> None:
     """What a bucket writer can do on any store: pad ``version``'s manifest past the 4 MiB cap,
-    then write the alias object by hand (``set_alias`` itself refuses to read such a manifest)."""
+    then write the alias object by hand (``move_alias`` itself refuses to read such a manifest)."""
     from serving.manifest import MANIFEST_NAME, sha256_bytes
 
     key = repo.version_prefix(name, version) + MANIFEST_NAME

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from serving import errors
-from serving.repository import Repository
+from serving.repository import Repository, Rollback, SetTarget
 from serving.settings import Settings
 from serving.store.base import ObjectStore
 from serving.testing import publish_files
@@ -24,7 +24,7 @@ _WORKER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from serving.repository import Repository
+    from serving.repository import Repository, SetTarget
     from serving.settings import Settings
     from serving.store.factory import open_store
 
@@ -36,7 +36,7 @@ _WORKER = textwrap.dedent(
             sys.exit("no go file")
         time.sleep(0.001)
     for i in range(rounds):
-        repo.set_alias("m", "prod", str(1 + i % 2), by=f"w{wid}-{i}")
+        repo.move_alias("m", "prod", SetTarget(str(1 + i % 2)), by=f"w{wid}-{i}")
     """
 )
 
@@ -47,7 +47,7 @@ def test_concurrent_alias_moves_from_two_processes_lose_nothing(
     """2 processes x 50 moves of one alias: every move is in the object or its history, in order."""
     publish_files(repo, tmp_path, "m", "1", {"a.bin": b"one"})
     publish_files(repo, tmp_path, "m", "2", {"a.bin": b"two"})
-    repo.set_alias("m", "prod", "1", by="init")
+    repo.move_alias("m", "prod", SetTarget("1"), by="init")
     go = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     procs = [
@@ -107,8 +107,8 @@ def test_a_local_etag_never_repeats_even_when_size_and_inode_could(tmp_path: Pat
 def test_rollback_is_a_new_move_with_a_higher_sequence(repo: Repository, tmp_path: Path) -> None:
     for v in ("1", "2"):
         publish_files(repo, tmp_path, "m", v, {"a.bin": v.encode()})
-        repo.set_alias("m", "prod", v)
-    back = repo.rollback("m", "prod")
+        repo.move_alias("m", "prod", SetTarget(v))
+    back = repo.move_alias("m", "prod", Rollback())
     assert (back.version, back.sequence, back.history) == ("1", 3, [])
     assert repo.get_alias("m", "prod") == back
 

@@ -22,7 +22,7 @@ import pytest
 
 from serving import errors
 from serving.cache import LoaderCache
-from serving.repository import Repository
+from serving.repository import Repository, SetTarget
 from serving.settings import Settings
 from serving.store.factory import open_store
 from serving.testing import MotoS3, publish_files
@@ -116,7 +116,7 @@ def test_resolving_an_alias_whose_target_is_cached_costs_one_request(
     s3repo: S3Repo, cache: LoaderCache
 ) -> None:
     s3repo.publish("iris", "1", {"model.bin": os.urandom(1 * KiB)})
-    s3repo.repo.set_alias("iris", "production", "1")
+    s3repo.repo.move_alias("iris", "production", SetTarget("1"))
     resolved, _ = cache.resolve(s3repo.repo, "iris@production")
     cache.fetch(s3repo.repo, resolved)
 
@@ -478,7 +478,7 @@ def test_resolve_falls_back_to_the_remembered_alias_while_the_store_is_down(
 ) -> None:
     repo = s3repo.repo
     s3repo.publish("iris", "1", {"w.bin": b"one"})
-    repo.set_alias("iris", "production", "1")
+    repo.move_alias("iris", "production", SetTarget("1"))
     online, from_cache = cache.resolve(repo, "iris@production")
     assert not from_cache
     cache.fetch(repo, online)
@@ -491,7 +491,7 @@ def test_resolve_falls_back_to_the_remembered_alias_while_the_store_is_down(
         assert "store unreachable" in caplog.text
 
     publish_and_move = s3repo.publish("iris", "2", {"w.bin": b"two"})
-    repo.set_alias("iris", "production", "2")
+    repo.move_alias("iris", "production", SetTarget("2"))
     back, from_cache = cache.resolve(repo, "iris@production")
     assert (back.version, back.manifest_sha256, from_cache) == ("2", publish_and_move, False)
 
@@ -500,7 +500,7 @@ def test_resolve_with_the_store_down_and_nothing_remembered_raises(
     s3repo: S3Repo, cache: LoaderCache
 ) -> None:
     s3repo.publish("iris", "1", {"w.bin": b"one"})
-    s3repo.repo.set_alias("iris", "production", "1")
+    s3repo.repo.move_alias("iris", "production", SetTarget("1"))
     with s3repo.server.outage(), pytest.raises(errors.StoreUnavailable) as info:
         cache.resolve(s3repo.repo, "iris@production")
     assert info.value.__cause__ is not None
@@ -512,7 +512,7 @@ def test_resolve_with_the_store_down_and_nothing_remembered_raises(
 def test_cache_files_are_0600_and_directories_0700(s3repo: S3Repo, cache: LoaderCache) -> None:
     _publish_versions(s3repo, 2, 10 * KiB)
     repo = s3repo.repo
-    repo.set_alias("iris", "production", "1")
+    repo.move_alias("iris", "production", SetTarget("1"))
     resolved, _ = cache.resolve(repo, "iris@production")
     with cache.pin(cache.fetch(repo, resolved)):
         cache.fetch(repo, repo.resolve("iris:2"))

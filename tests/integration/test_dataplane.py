@@ -21,7 +21,7 @@ from serving.dataplane import DataPlane
 from serving.formats.base import OIP_TO_NUMPY
 from serving.protocol import rest as rest_codec
 from serving.publish import publish_path
-from serving.repository import Repository
+from serving.repository import Repository, SetTarget
 from serving.runtime.service import ModelService
 from serving.server.grpc import start_server
 from serving.server.local import LocalModel
@@ -49,7 +49,7 @@ def store(tmp_path: Path) -> str:
     repo = Repository(LocalStore(root))
     _publish(tmp_path, repo, "1", shuffle=False)
     _publish(tmp_path, repo, "2", shuffle=True)
-    repo.set_alias("iris", "production", "1")
+    repo.move_alias("iris", "production", SetTarget("1"))
     return root
 
 

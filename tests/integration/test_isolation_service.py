@@ -19,7 +19,7 @@ from rest_client import infer_v2
 
 from serving.config import AppConfig
 from serving.publish import publish_path
-from serving.repository import Repository
+from serving.repository import Repository, SetTarget
 from serving.runtime.service import ModelService
 from serving.settings import Settings
 from serving.store.local import LocalStore
@@ -50,7 +50,7 @@ def store(tmp_path: Path) -> Repository:
     publish_path(
         repo, crafted_kd_tree(tmp_path / "bad.joblib"), "tree", version="2", format="sklearn", example=ROW
     )
-    repo.set_alias("tree", "production", "1")
+    repo.move_alias("tree", "production", SetTarget("1"))
     return repo
 
 
@@ -69,7 +69,7 @@ def test_the_live_version_keeps_serving_while_a_segfaulting_version_fails_isolat
         service.start()
         assert infer(service) == (200, "1")
         before = failures("tree", "crash")
-        store.set_alias("tree", "production", "2")
+        store.move_alias("tree", "production", SetTarget("2"))
         service.watcher.tick()  # type: ignore[union-attr]
         assert infer(service) == (200, "1")
         status = service.status()
@@ -86,7 +86,7 @@ def test_a_replica_that_starts_on_a_failing_target_serves_the_last_good_version(
     first = make_service(tmp_path, "tree")
     first.start()  # serves v1: recorded as this node's last good version
     first.slot.close()
-    store.set_alias("tree", "production", "2")
+    store.move_alias("tree", "production", SetTarget("2"))
     restarted = make_service(tmp_path, "tree")
     try:
         with caplog.at_level(logging.WARNING, logger="serving.watch"):
@@ -100,7 +100,7 @@ def test_a_replica_that_starts_on_a_failing_target_serves_the_last_good_version(
         (line,) = [r for r in caplog.records if getattr(r, "event", None) == "last_good"]
         assert (line.from_version, line.to_version) == ("2", "1")  # type: ignore[attr-defined]
         # The target is retried with backoff and serves once the alias moves to a good version.
-        store.set_alias("tree", "production", "1")
+        store.move_alias("tree", "production", SetTarget("1"))
         restarted.watcher.tick(force=True)  # type: ignore[union-attr]
         assert restarted.status()["failed_version"] is None
     finally:
@@ -108,7 +108,7 @@ def test_a_replica_that_starts_on_a_failing_target_serves_the_last_good_version(
 
 
 def test_a_replica_with_no_last_good_version_is_not_ready(store: Repository, tmp_path: Path) -> None:
-    store.set_alias("tree", "production", "2")
+    store.move_alias("tree", "production", SetTarget("2"))
     service = make_service(tmp_path, "tree")
     try:
         with pytest.raises(Exception, match="failed isolation"):

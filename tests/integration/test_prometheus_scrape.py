@@ -21,7 +21,7 @@ import pytest
 import yaml
 from test_standalone_process import Server, publish, start_server
 
-from serving.repository import Repository
+from serving.repository import Repository, SetTarget
 from serving.settings import Settings
 from serving.store import open_store
 from serving.testing.poll import wait_for
@@ -88,7 +88,7 @@ def serving_and_prometheus(
     repo = Repository(open_store(str(root), Settings(store=str(root))))
     publish(repo, work, MODEL, "1")
     publish(repo, work, MODEL, "2", c=0.01)
-    repo.set_alias(MODEL, "production", "1")
+    repo.move_alias(MODEL, "production", SetTarget("1"))
     server = start_server(work, str(root), [MODEL], poll_s=0.2)
     try:
         wait_for(
@@ -137,7 +137,7 @@ def test_prometheus_sees_every_dashboard_and_alert_series_after_a_swap(
     the values the server reported; every dashboard and alert expression evaluates."""
     server, prom, repo = serving_and_prometheus
     _predict(server, 3)
-    repo.set_alias(MODEL, "production", "2")
+    repo.move_alias(MODEL, "production", SetTarget("2"))
     live_v2 = f'serving_live_version_info{{model="{MODEL}",version="2"}} 1.0'
     wait_for(lambda: live_v2 in httpx.get(server.metrics, timeout=2).text, what="the swap to v2")
     _predict(server, 4)

@@ -27,7 +27,7 @@ from sklearn.linear_model import LogisticRegression
 
 from serving.manifest import TensorSpec
 from serving.publish import publish_path
-from serving.repository import Repository
+from serving.repository import Repository, SetTarget
 from serving.server.process import descendants
 from serving.store import open_store
 from serving.testing import free_port
@@ -51,7 +51,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
         inputs=[TensorSpec(name="input-0", datatype="FP64", shape=[-1, 4])],
         example=[[5.1, 3.5, 1.4, 0.2]],
     )
-    repo.set_alias("iris", "production", "1")
+    repo.move_alias("iris", "production", SetTarget("1"))
     return str(root)
 
 

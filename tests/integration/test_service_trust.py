@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 
 from serving.config import AppConfig, ModelConfig
 from serving.publish import publish_path
-from serving.repository import Repository
+from serving.repository import Repository, SetTarget
 from serving.runtime.service import ModelService
 from serving.settings import Settings
 from serving.signing import alias_signer, generate_keypair, load_signing_key
@@ -74,12 +74,12 @@ def test_require_signature_refuses_before_loading_and_keeps_the_old_version(
     _publish(repo, tmp_path, "3", 0.3, trusted_key)
     # NOTE: with require_signature, alias moves must be signed too (SECURITY.md, Signed aliases).
     move = alias_signer(load_signing_key(trusted_key))
-    repo.set_alias("iris", "production", "1", writer=move)
+    repo.move_alias("iris", "production", SetTarget("1"), writer=move)
     service = _service(settings)
     service.start()
     assert _served(service) == "1"
     refused_before = _refused()
-    repo.set_alias("iris", "production", "2", writer=move)
+    repo.move_alias("iris", "production", SetTarget("2"), writer=move)
     assert service.watcher is not None
     service.watcher.tick()
     assert _served(service) == "1"
@@ -89,6 +89,6 @@ def test_require_signature_refuses_before_loading_and_keeps_the_old_version(
     # Refused before any byte was pulled: v2's file never reached the cache.
     assert not list((tmp_path / "cache" / "versions" / "iris").glob("2-*"))
     assert _refused() == refused_before + 1
-    repo.set_alias("iris", "production", "3", writer=move)
+    repo.move_alias("iris", "production", SetTarget("3"), writer=move)
     service.watcher.tick()
     assert _served(service) == "3"

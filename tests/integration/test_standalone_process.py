@@ -29,7 +29,7 @@ from sklearn.linear_model import LogisticRegression
 
 from serving.manifest import TensorSpec
 from serving.publish import publish_path
-from serving.repository import Repository
+from serving.repository import Repository, SetTarget
 from serving.settings import Settings
 from serving.store import open_store
 from serving.testing import free_port
@@ -115,7 +115,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Repository, Pa
     repo = Repository(open_store(uri, Settings(store=uri)))
     for name in ("counted", "multi", "hostile"):
         publish(repo, work, name, "1")
-        repo.set_alias(name, "production", "1")
+        repo.move_alias(name, "production", SetTarget("1"))
     for i, (path, fmt, kwargs) in enumerate(hostile_versions(work).values(), start=2):
         publish_path(repo, path, "hostile", version=str(i), format=fmt, **kwargs)
     # NOTE: v99's manifest is padded past the cap when the test points the alias at it.
@@ -170,7 +170,7 @@ def test_model_not_loadable_yet_is_live_not_ready_until_a_load_request(
         assert r.status_code == 503
         assert "no version loaded" in r.json()["error"]
         publish(repo, work, "late", "1")
-        repo.set_alias("late", "production", "1")
+        repo.move_alias("late", "production", SetTarget("1"))
         r = client.post(slow_server.base + "/v2/repository/models/late/load")
         assert r.status_code == 200
         assert r.json()["replicas"][0]["live_version"] == "1"
@@ -286,7 +286,7 @@ def test_every_crafted_version_fails_while_v1_answers_every_request(
             if case == "oversized manifest":
                 point_alias_at_oversized_manifest(repo, "hostile", version)
             else:
-                repo.set_alias("hostile", "production", version)
+                repo.move_alias("hostile", "production", SetTarget(version))
             replica = wait_for(
                 lambda: (
                     (r := index_entry(client, server.base, "hostile")["replicas"][0])["failed_version"]
@@ -302,7 +302,7 @@ def test_every_crafted_version_fails_while_v1_answers_every_request(
         stop.set()
         for t in threads:
             t.join()
-        repo.set_alias("hostile", "production", "1")
+        repo.move_alias("hostile", "production", SetTarget("1"))
     assert server.proc.poll() is None
     assert replica["live_version"] == "1"
     assert replica["last_error"]

@@ -15,7 +15,7 @@ import pytest
 
 from serving import errors
 from serving.manifest import MANIFEST_NAME, Manifest
-from serving.repository import Repository, file_entries
+from serving.repository import Repository, Rollback, SetTarget, file_entries
 from serving.settings import Settings
 from serving.store.base import ObjectStore
 from serving.store.factory import open_store
@@ -281,8 +281,8 @@ def test_next_version_follows_the_highest_integer(repo: Repository, tmp_path: Pa
 def test_alias_set_get_and_history(repo: Repository, tmp_path: Path) -> None:
     sha1 = publish(repo, tmp_path, "iris", "1", {"m.bin": b"1"})
     sha2 = publish(repo, tmp_path, "iris", "2", {"m.bin": b"2"})
-    repo.set_alias("iris", "production", "1", by="alice")
-    moved = repo.set_alias("iris", "production", "2", by="bob")
+    repo.move_alias("iris", "production", SetTarget("1"), by="alice")
+    moved = repo.move_alias("iris", "production", SetTarget("2"), by="bob")
     got = repo.get_alias("iris", "production")
     assert got == moved
     assert (got.version, got.manifest_sha256, got.updated_by) == ("2", sha2, "bob")
@@ -295,20 +295,20 @@ def test_alias_set_get_and_history(repo: Repository, tmp_path: Path) -> None:
 def test_rollback_moves_the_alias_to_its_previous_target(repo: Repository, tmp_path: Path) -> None:
     for v in ("1", "2", "3"):
         publish(repo, tmp_path, "iris", v, {"m.bin": v.encode()})
-        repo.set_alias("iris", "production", v)
-    assert repo.rollback("iris", "production").version == "2"
-    assert repo.rollback("iris", "production").version == "1"
+        repo.move_alias("iris", "production", SetTarget(v))
+    assert repo.move_alias("iris", "production", Rollback()).version == "2"
+    assert repo.move_alias("iris", "production", Rollback()).version == "1"
     assert repo.get_alias("iris", "production").history == []
     with pytest.raises(errors.AliasNotFound):
-        repo.rollback("iris", "production")
+        repo.move_alias("iris", "production", Rollback())
 
 
 def test_alias_to_a_missing_version_or_model_is_refused(repo: Repository, tmp_path: Path) -> None:
     publish(repo, tmp_path, "iris", "1", {"m.bin": b"1"})
     with pytest.raises(errors.VersionNotFound):
-        repo.set_alias("iris", "production", "7")
+        repo.move_alias("iris", "production", SetTarget("7"))
     with pytest.raises(errors.ModelNotFound):
-        repo.set_alias("wine", "production", "1")
+        repo.move_alias("wine", "production", SetTarget("1"))
     assert repo.list_aliases("iris") == []
 
 
@@ -321,12 +321,12 @@ def test_missing_alias_is_alias_not_found(repo: Repository, tmp_path: Path) -> N
 def test_check_alias_reports_a_move_and_nothing_otherwise(repo: Repository, tmp_path: Path) -> None:
     publish(repo, tmp_path, "iris", "1", {"m.bin": b"1"})
     publish(repo, tmp_path, "iris", "2", {"m.bin": b"2"})
-    repo.set_alias("iris", "production", "1")
+    repo.move_alias("iris", "production", SetTarget("1"))
     first = repo.check_alias("iris", "production", None)
     assert first.alias is not None
     assert first.alias.version == "1"
     assert repo.check_alias("iris", "production", first.etag).alias is None
-    repo.set_alias("iris", "production", "2")
+    repo.move_alias("iris", "production", SetTarget("2"))
     moved = repo.check_alias("iris", "production", first.etag)
     assert moved.alias is not None
     assert moved.alias.version == "2"
@@ -335,7 +335,7 @@ def test_check_alias_reports_a_move_and_nothing_otherwise(repo: Repository, tmp_
 def test_alias_to_a_rewritten_manifest_is_an_integrity_error(repo: Repository, tmp_path: Path) -> None:
     """The alias pins the manifest's sha256: a manifest replaced behind it is refused."""
     publish(repo, tmp_path, "iris", "1", {"m.bin": b"1"})
-    repo.set_alias("iris", "production", "1")
+    repo.move_alias("iris", "production", SetTarget("1"))
     raw, _ = repo.store.get("iris/versions/1/manifest.json")
     repo.store.put("iris/versions/1/manifest.json", raw.replace(b'"format": "raw"', b'"format": "raw2"'))
     with pytest.raises(errors.IntegrityError):

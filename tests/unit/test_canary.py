@@ -16,9 +16,9 @@ from prometheus_client import REGISTRY
 from test_slot_watcher import Clock, make, publish
 
 from serving.cache import LoaderCache
-from serving.errors import AliasNotFound, InvalidRequest
+from serving.errors import AliasNotFound, InvalidRequest, VersionNotFound
 from serving.manifest import Alias, CanaryTarget
-from serving.repository import Repository
+from serving.repository import Abort, Promote, Repository, SetCanary, SetShadow, SetTarget
 from serving.rollout import Thresholds, Window, judge_canary, judge_shadow, window
 from serving.signing import generate_keypair, load_signing_key, load_trusted_keys, sign_alias, verify_alias
 from serving.store.local import LocalStore
@@ -94,11 +94,11 @@ def test_canary_weight_is_a_percentage() -> None:
 def test_set_canary_keeps_the_target_and_promote_moves_it_with_history(repo: Repository, tmp_path) -> None:
     publish(repo, tmp_path, "1", factor=1)
     publish(repo, tmp_path, "2", factor=2)
-    first = repo.set_alias("m", "production", "1")
-    split = repo.set_canary("m", "production", "2", weight=30)
+    first = repo.move_alias("m", "production", SetTarget("1"))
+    split = repo.move_alias("m", "production", SetCanary("2", 30))
     assert (split.version, split.canary and split.canary.weight, split.history) == ("1", 30, first.history)
     assert split.seq == first.seq + 1
-    promoted = repo.promote("m", "production")
+    promoted = repo.move_alias("m", "production", Promote())
     assert (promoted.version, promoted.canary, [h.version for h in promoted.history]) == ("2", None, ["1"])
     assert promoted.seq == split.seq + 1
 
@@ -106,26 +106,34 @@ def test_set_canary_keeps_the_target_and_promote_moves_it_with_history(repo: Rep
 def test_abort_drops_canary_and_shadow_and_keeps_the_target(repo: Repository, tmp_path) -> None:
     for v in ("1", "2", "3"):
         publish(repo, tmp_path, v, factor=int(v))
-    repo.set_alias("m", "production", "1")
-    repo.set_canary("m", "production", "2", weight=5)
-    both = repo.set_canary("m", "production", "3", fraction=0.5)
+    repo.move_alias("m", "production", SetTarget("1"))
+    repo.move_alias("m", "production", SetCanary("2", 5))
+    both = repo.move_alias("m", "production", SetShadow("3", 0.5))
     assert both.canary is not None
     assert both.shadow is not None
-    aborted = repo.abort("m", "production")
+    aborted = repo.move_alias("m", "production", Abort())
     assert (aborted.version, aborted.canary, aborted.shadow) == ("1", None, None)
 
 
 def test_canary_refusals(repo: Repository, tmp_path) -> None:
     publish(repo, tmp_path, "1", factor=1)
     with pytest.raises(AliasNotFound):
-        repo.set_canary("m", "production", "1", weight=5)
-    repo.set_alias("m", "production", "1")
+        repo.move_alias("m", "production", SetCanary("1", 5))
+    repo.move_alias("m", "production", SetTarget("1"))
     with pytest.raises(InvalidRequest, match="already points at 1"):
-        repo.set_canary("m", "production", "1", weight=5)
+        repo.move_alias("m", "production", SetCanary("1", 5))
     with pytest.raises(InvalidRequest, match="no canary to promote"):
-        repo.promote("m", "production")
+        repo.move_alias("m", "production", Promote())
     with pytest.raises(InvalidRequest, match="no canary or shadow"):
-        repo.abort("m", "production")
+        repo.move_alias("m", "production", Abort())
+
+
+def test_a_move_naming_a_missing_version_fails_before_the_alias_is_read(repo: Repository, tmp_path) -> None:
+    publish(repo, tmp_path, "1", factor=1)
+    for move in (SetTarget("9"), SetCanary("9", 5), SetShadow("9", 0.5)):
+        with pytest.raises(VersionNotFound):
+            repo.move_alias("m", "production", move)
+    assert repo.list_aliases("m") == []
 
 
 # -- routing and figures ---------------------------------------------------------------------------
@@ -182,19 +190,19 @@ def failures() -> float:
 def test_the_watcher_loads_the_canary_beside_live_and_promote_adopts_it(repo, cache, tmp_path) -> None:
     publish(repo, tmp_path, "1", factor=1)
     publish(repo, tmp_path, "2", factor=2)
-    repo.set_alias("m", "production", "1")
+    repo.move_alias("m", "production", SetTarget("1"))
     slot, watcher = make(repo, cache, Clock())
     watcher.start()
     watcher.tick()
     assert watcher.split.canary_weight == 0
-    repo.set_canary("m", "production", "2", weight=30)
+    repo.move_alias("m", "production", SetCanary("2", 30))
     watcher.tick()
     canary = slot.companion("canary")
     assert canary is not None
     assert canary.version == "2"
     assert watcher.split.canary_weight == 30
     assert watcher.status().canary == {"version": "2", "weight": 30, "loaded": True, "error": None}
-    repo.promote("m", "production")
+    repo.move_alias("m", "production", Promote())
     watcher.tick()
     assert slot.live is canary  # NOTE: the loaded canary itself, not a second load
     assert slot.companion("canary") is None
@@ -204,14 +212,14 @@ def test_the_watcher_loads_the_canary_beside_live_and_promote_adopts_it(repo, ca
 def test_abort_drops_the_canary_and_live_keeps_serving(repo, cache, tmp_path) -> None:
     publish(repo, tmp_path, "1", factor=1)
     publish(repo, tmp_path, "2", factor=2)
-    repo.set_alias("m", "production", "1")
+    repo.move_alias("m", "production", SetTarget("1"))
     slot, watcher = make(repo, cache, Clock())
     watcher.start()
-    repo.set_canary("m", "production", "2", weight=50)
+    repo.move_alias("m", "production", SetCanary("2", 50))
     watcher.tick()
     canary = slot.companion("canary")
     assert canary is not None
-    repo.abort("m", "production")
+    repo.move_alias("m", "production", Abort())
     watcher.tick()
     assert slot.companion("canary") is None
     assert canary.predictor.closed
@@ -222,12 +230,12 @@ def test_abort_drops_the_canary_and_live_keeps_serving(repo, cache, tmp_path) ->
 def test_a_canary_that_fails_to_load_takes_no_traffic_and_is_reported(repo, cache, tmp_path) -> None:
     publish(repo, tmp_path, "1", factor=1)
     publish(repo, tmp_path, "2", factor=-1)  # NOTE: explodes on warm-up
-    repo.set_alias("m", "production", "1")
+    repo.move_alias("m", "production", SetTarget("1"))
     clock = Clock()
     slot, watcher = make(repo, cache, clock)
     watcher.start()
     before = failures()
-    repo.set_canary("m", "production", "2", weight=30)
+    repo.move_alias("m", "production", SetCanary("2", 30))
     watcher.tick()
     assert slot.companion("canary") is None
     assert watcher.split.canary_weight == 0

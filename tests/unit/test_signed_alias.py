@@ -13,7 +13,7 @@ from serving.cache import CachedVersion, LoaderCache
 from serving.errors import UntrustedArtifact
 from serving.formats.base import LoadPolicy, Predictor
 from serving.manifest import Alias, Manifest, TensorSpec
-from serving.repository import Repository, collect_files, file_entries
+from serving.repository import Repository, Rollback, SetCanary, SetTarget, collect_files, file_entries
 from serving.settings import Settings
 from serving.signing import SigningKey, alias_signer, generate_keypair, load_signing_key, sign_manifest
 from serving.slot import ModelSlot
@@ -81,9 +81,9 @@ def test_a_replayed_older_signed_alias_is_refused_even_after_a_restart(
     repo: Repository, settings: Settings, key: SigningKey, tmp_path: Path
 ) -> None:
     signed = alias_signer(key)
-    repo.set_alias("m", "prod", "1", writer=signed)
+    repo.move_alias("m", "prod", SetTarget("1"), writer=signed)
     old_raw, _ = repo.store.get(alias_key())
-    repo.set_alias("m", "prod", "2", writer=signed)
+    repo.move_alias("m", "prod", SetTarget("2"), writer=signed)
     check_alias(repo.resolve("m@prod"), settings, cache_root=tmp_path / "cache")
 
     repo.store.put(alias_key(), old_raw)  # a bucket writer replays the validly signed old object
@@ -99,11 +99,11 @@ def test_a_replayed_older_signed_alias_is_refused_even_after_a_restart(
 def test_an_unsigned_or_tampered_alias_is_refused_when_signatures_are_required(
     repo: Repository, settings: Settings, key: SigningKey, tmp_path: Path
 ) -> None:
-    repo.set_alias("m", "prod", "1")  # unsigned
+    repo.move_alias("m", "prod", SetTarget("1"))  # unsigned
     with pytest.raises(UntrustedArtifact, match="not signed"):
         check_alias(repo.resolve("m@prod"), settings, cache_root=tmp_path / "cache")
 
-    repo.set_alias("m", "prod", "2", writer=alias_signer(key))
+    repo.move_alias("m", "prod", SetTarget("2"), writer=alias_signer(key))
     doc = json.loads(repo.store.get(alias_key())[0])
     target = repo.manifest("m", "3")[1]
     from serving.manifest import sha256_bytes
@@ -118,10 +118,10 @@ def test_a_signed_rollback_is_accepted_because_its_sequence_is_higher(
     repo: Repository, settings: Settings, key: SigningKey, tmp_path: Path
 ) -> None:
     signed = alias_signer(key)
-    repo.set_alias("m", "prod", "1", writer=signed)
-    repo.set_alias("m", "prod", "2", writer=signed)
+    repo.move_alias("m", "prod", SetTarget("1"), writer=signed)
+    repo.move_alias("m", "prod", SetTarget("2"), writer=signed)
     check_alias(repo.resolve("m@prod"), settings, cache_root=tmp_path / "cache")
-    back = repo.rollback("m", "prod", writer=signed)
+    back = repo.move_alias("m", "prod", Rollback(), writer=signed)
     assert (back.version, back.sequence) == ("1", 3)
     check_alias(repo.resolve("m@prod"), settings, cache_root=tmp_path / "cache")
 
@@ -129,7 +129,9 @@ def test_a_signed_rollback_is_accepted_because_its_sequence_is_higher(
 def test_an_expired_signed_alias_is_refused(
     repo: Repository, settings: Settings, key: SigningKey, tmp_path: Path
 ) -> None:
-    repo.set_alias("m", "prod", "1", writer=alias_signer(key), expires_at="2030-01-01T00:00:00+00:00")
+    repo.move_alias(
+        "m", "prod", SetTarget("1"), writer=alias_signer(key), expires_at="2030-01-01T00:00:00+00:00"
+    )
     resolved = repo.resolve("m@prod")
     check_alias(resolved, settings, cache_root=tmp_path / "cache", clock=lambda: 1_800_000_000.0)
     with pytest.raises(UntrustedArtifact, match="expired"):
@@ -139,7 +141,7 @@ def test_an_expired_signed_alias_is_refused(
 def test_readers_that_ignore_the_new_fields_still_parse_a_signed_alias(
     repo: Repository, key: SigningKey
 ) -> None:
-    repo.set_alias("m", "prod", "1", writer=alias_signer(key))
+    repo.move_alias("m", "prod", SetTarget("1"), writer=alias_signer(key))
     raw, _ = repo.store.get(alias_key())
     doc = json.loads(raw)
     old_fields = {"name", "alias", "version", "manifest_sha256", "updated_at", "updated_by", "history"}
@@ -151,9 +153,9 @@ def test_a_replica_refusing_a_replayed_alias_keeps_serving_its_live_version(
     repo: Repository, settings: Settings, key: SigningKey, tmp_path: Path
 ) -> None:
     signed = alias_signer(key)
-    repo.set_alias("m", "prod", "1", writer=signed)
+    repo.move_alias("m", "prod", SetTarget("1"), writer=signed)
     old_raw, _ = repo.store.get(alias_key())
-    repo.set_alias("m", "prod", "2", writer=signed)
+    repo.move_alias("m", "prod", SetTarget("2"), writer=signed)
     cache = LoaderCache(tmp_path / "cache")
 
     def trust(r: Repository, resolved: object) -> LoadPolicy:
@@ -177,7 +179,7 @@ def test_a_canary_added_without_the_key_is_refused_and_takes_no_traffic(
 ) -> None:
     """An unsigned canary on a signed alias is refused like an unsigned move; a signed one loads."""
     signed = alias_signer(key)
-    repo.set_alias("m", "prod", "1", writer=signed)
+    repo.move_alias("m", "prod", SetTarget("1"), writer=signed)
     cache = LoaderCache(tmp_path / "cache")
 
     def trust(r: Repository, resolved: object) -> LoadPolicy:
@@ -187,13 +189,13 @@ def test_a_canary_added_without_the_key_is_refused_and_takes_no_traffic(
     watcher = AliasWatcher(slot, "prod", clock=lambda: 0.0)
     watcher.start()
     before = refused()
-    repo.set_canary("m", "prod", "2", weight=50)  # NOTE: no writer: an unsigned object
+    repo.move_alias("m", "prod", SetCanary("2", 50))  # NOTE: no writer: an unsigned object
     watcher.tick(force=True)
     assert slot.companion("canary") is None
     assert watcher.split.canary_weight == 0
     assert refused() > before
     assert slot.version == "1"
-    repo.set_canary("m", "prod", "3", weight=50, writer=signed)
+    repo.move_alias("m", "prod", SetCanary("3", 50), writer=signed)
     watcher.tick(force=True)
     canary = slot.companion("canary")
     assert canary is not None

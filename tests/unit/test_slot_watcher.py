@@ -13,7 +13,7 @@ from serving.cache import CachedVersion, LoaderCache
 from serving.errors import IntegrityError, LoadError, NotReady
 from serving.formats.base import LoadPolicy, Predictor
 from serving.manifest import Manifest, TensorSpec
-from serving.repository import Repository, collect_files, file_entries
+from serving.repository import Repository, Rollback, SetTarget, collect_files, file_entries
 from serving.slot import ModelSlot, ResidentVersions
 from serving.store.local import LocalStore
 from serving.watcher import AliasWatcher
@@ -103,14 +103,14 @@ def test_slot_is_not_ready_before_a_version_loads(repo, cache) -> None:
 def test_watcher_follows_the_alias_when_it_moves(repo, cache, tmp_path) -> None:
     publish(repo, tmp_path, "1", factor=1)
     publish(repo, tmp_path, "2", factor=2)
-    repo.set_alias("m", "production", "1")
+    repo.move_alias("m", "production", SetTarget("1"))
     clock = Clock()
     slot, watcher = make(repo, cache, clock)
     watcher.start()
     assert predict(slot) == ("1", 1.0)
     watcher.tick()
     assert predict(slot) == ("1", 1.0)
-    repo.set_alias("m", "production", "2")
+    repo.move_alias("m", "production", SetTarget("2"))
     watcher.tick()
     assert predict(slot) == ("2", 2.0)
 
@@ -118,11 +118,11 @@ def test_watcher_follows_the_alias_when_it_moves(repo, cache, tmp_path) -> None:
 def test_in_flight_request_finishes_on_the_old_version_which_is_then_released(repo, cache, tmp_path) -> None:
     publish(repo, tmp_path, "1", factor=1)
     publish(repo, tmp_path, "2", factor=2)
-    repo.set_alias("m", "production", "1")
+    repo.move_alias("m", "production", SetTarget("1"))
     slot, watcher = make(repo, cache, Clock())
     watcher.start()
     with slot.lease() as old:
-        repo.set_alias("m", "production", "2")
+        repo.move_alias("m", "production", SetTarget("2"))
         watcher.tick()
         assert slot.version == "2"
         assert old.predictor.predict({"x": np.array([[3.0]])})["y"][0, 0] == 3.0
@@ -141,11 +141,11 @@ def test_a_version_that_fails_never_serves_and_the_old_one_keeps_serving(
     publish(repo, tmp_path, "1", factor=1)
     publish(repo, tmp_path, "2", **body)
     publish(repo, tmp_path, "3", factor=3)
-    repo.set_alias("m", "production", "1")
+    repo.move_alias("m", "production", SetTarget("1"))
     clock = Clock()
     slot, watcher = make(repo, cache, clock)
     watcher.start()
-    repo.set_alias("m", "production", "2")
+    repo.move_alias("m", "production", SetTarget("2"))
     watcher.tick()
     assert predict(slot) == ("1", 1.0)
     assert watcher.status().failed_version == "2"
@@ -155,7 +155,7 @@ def test_a_version_that_fails_never_serves_and_the_old_one_keeps_serving(
     assert predict(slot) == ("1", 1.0)
     assert watcher.next_delay() <= 2.0
     # A good version recovers.
-    repo.set_alias("m", "production", "3")
+    repo.move_alias("m", "production", SetTarget("3"))
     watcher.tick()
     assert predict(slot) == ("3", 3.0)
     assert watcher.status().failed_version is None
@@ -165,7 +165,7 @@ def test_a_version_that_fails_never_serves_and_the_old_one_keeps_serving(
 def test_failed_version_is_retried_with_growing_backoff(repo, cache, tmp_path) -> None:
     publish(repo, tmp_path, "1", factor=1)
     publish(repo, tmp_path, "2", corrupt=True)
-    repo.set_alias("m", "production", "1")
+    repo.move_alias("m", "production", SetTarget("1"))
     clock = Clock()
     slot, watcher = make(repo, cache, clock)
     attempts: list[float] = []
@@ -177,7 +177,7 @@ def test_failed_version_is_retried_with_growing_backoff(repo, cache, tmp_path) -
 
     watcher.start()
     slot.load = counting_load  # type: ignore[method-assign]
-    repo.set_alias("m", "production", "2")
+    repo.move_alias("m", "production", SetTarget("2"))
     for _ in range(40):
         watcher.tick()
         clock.now += 0.5
@@ -190,12 +190,12 @@ def test_failed_version_is_retried_with_growing_backoff(repo, cache, tmp_path) -
 def test_a_digest_mismatch_is_refused_and_the_old_version_keeps_serving(repo, cache, tmp_path) -> None:
     publish(repo, tmp_path, "1", factor=1)
     publish(repo, tmp_path, "2", factor=2)
-    repo.set_alias("m", "production", "1")
+    repo.move_alias("m", "production", SetTarget("1"))
     slot, watcher = make(repo, cache, Clock())
     watcher.start()
     stored = Path(repo.store.root) / "m" / "versions" / "2" / "factor.json"  # type: ignore[attr-defined]
     stored.write_text(stored.read_text().replace("2", "9"))
-    repo.set_alias("m", "production", "2")
+    repo.move_alias("m", "production", SetTarget("2"))
     watcher.tick()
     assert predict(slot) == ("1", 1.0)
     assert "sha256" in (watcher.status().last_error or "")
@@ -204,7 +204,7 @@ def test_a_digest_mismatch_is_refused_and_the_old_version_keeps_serving(repo, ca
 
 def test_store_outage_keeps_serving_and_a_cold_start_uses_the_remembered_alias(repo, cache, tmp_path) -> None:
     publish(repo, tmp_path, "1", factor=1)
-    repo.set_alias("m", "production", "1")
+    repo.move_alias("m", "production", SetTarget("1"))
     slot, watcher = make(repo, cache, Clock())
     watcher.start()
     root = Path(repo.store.root)  # type: ignore[attr-defined]
@@ -222,7 +222,7 @@ def test_store_outage_keeps_serving_and_a_cold_start_uses_the_remembered_alias(r
 def test_explicit_versions_are_kept_in_a_bounded_lru(repo, cache, tmp_path) -> None:
     for v in ("1", "2", "3", "4"):
         publish(repo, tmp_path, v, factor=int(v))
-    repo.set_alias("m", "production", "1")
+    repo.move_alias("m", "production", SetTarget("1"))
     slot, watcher = make(repo, cache, Clock())
     watcher.start()
     resident = ResidentVersions(slot, max_versions=2)
@@ -236,7 +236,7 @@ def test_explicit_versions_are_kept_in_a_bounded_lru(repo, cache, tmp_path) -> N
 
 def test_manifest_changed_after_alias_set_is_refused(repo, cache, tmp_path) -> None:
     publish(repo, tmp_path, "1", factor=1)
-    repo.set_alias("m", "production", "1")
+    repo.move_alias("m", "production", SetTarget("1"))
     root = Path(repo.store.root)  # type: ignore[attr-defined]
     man = root / "m" / "versions" / "1" / "manifest.json"
     man.write_text(man.read_text().replace('"format": "test"', '"format": "test2"'))
@@ -247,14 +247,14 @@ def test_manifest_changed_after_alias_set_is_refused(repo, cache, tmp_path) -> N
 def test_each_swap_and_rollback_is_one_structured_log_line(repo, cache, tmp_path, caplog) -> None:
     publish(repo, tmp_path, "1", factor=1)
     publish(repo, tmp_path, "2", factor=2)
-    repo.set_alias("m", "production", "1")
+    repo.move_alias("m", "production", SetTarget("1"))
     _slot, watcher = make(repo, cache, Clock())
     watcher.start()
     watcher.tick()
     with caplog.at_level("INFO", logger="serving.swap"):
-        repo.set_alias("m", "production", "2")
+        repo.move_alias("m", "production", SetTarget("2"))
         watcher.tick()
-        repo.rollback("m", "production")
+        repo.move_alias("m", "production", Rollback())
         watcher.tick()
     events = [
         (r.event, r.from_version, r.to_version, r.reason)  # type: ignore[attr-defined]
@@ -269,7 +269,7 @@ def test_a_forced_tick_does_not_skip_the_failure_backoff(repo, cache, tmp_path) 
     """POST .../load forces ticks; flooding them retries a failing version no sooner than the backoff."""
     publish(repo, tmp_path, "1", factor=1)
     publish(repo, tmp_path, "2", corrupt=True)
-    repo.set_alias("m", "production", "1")
+    repo.move_alias("m", "production", SetTarget("1"))
     clock = Clock()
     slot, watcher = make(repo, cache, clock)
     attempts: list[float] = []
@@ -281,7 +281,7 @@ def test_a_forced_tick_does_not_skip_the_failure_backoff(repo, cache, tmp_path) 
 
     watcher.start()
     slot.load = counting_load  # type: ignore[method-assign]
-    repo.set_alias("m", "production", "2")
+    repo.move_alias("m", "production", SetTarget("2"))
     for _ in range(40):
         watcher.tick(force=True)
         clock.now += 0.1

@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 
 from serving.manifest import TensorSpec
 from serving.publish import publish_path
-from serving.repository import Repository
+from serving.repository import Repository, SetTarget
 from serving.settings import Settings
 from serving.store import open_store
 from serving.testing import MotoS3, free_port
@@ -121,7 +121,7 @@ def _store(s3: MotoS3, work: Path, monkeypatch: pytest.MonkeyPatch) -> Served:
     served = Served("", "", "", repo, s3, bucket, work)
     for name in MODELS[:-1]:
         served.publish(name, "1", ints=name == "ints")
-        repo.set_alias(name, "production", "1")
+        repo.move_alias(name, "production", SetTarget("1"))
     served.boom_marker = f"boom-{uuid.uuid4().hex}"
     path = work / "boom.joblib"
     joblib.dump(FailsOn(BOOM_VALUE, served.boom_marker), path)
@@ -135,7 +135,7 @@ def _store(s3: MotoS3, work: Path, monkeypatch: pytest.MonkeyPatch) -> Served:
         outputs=[TensorSpec(name="predict", datatype="INT64", shape=[-1])],
         example=ROW,
     )
-    repo.set_alias("boom", "production", "1")
+    repo.move_alias("boom", "production", SetTarget("1"))
     served.publish("iris", "2", c=0.01)
     served.publish("iris", "3", c=0.3)
     served.publish("swap", "2", c=0.01)

@@ -19,6 +19,8 @@ import numpy as np
 import orjson
 import pytest
 
+from serving.repository import SetTarget
+
 from .conftest import ADMIN_TOKEN, BODY_TIMEOUT_S, BOOM_VALUE, MAX_BODY, ROW, Served, wait_for
 
 HEADER = "Inference-Header-Content-Length"
@@ -252,7 +254,7 @@ def test_load_requires_the_admin_token(served: Served) -> None:
 def test_a_load_request_checks_the_alias_at_once(served: Served) -> None:
     with httpx.Client(timeout=40) as client:
         served.publish("lazy", "2", c=0.05)
-        served.repo.set_alias("lazy", "production", "2")
+        served.repo.move_alias("lazy", "production", SetTarget("2"))
         assert served_version(client, served, "lazy") == "1"  # the next poll is an hour away
         r = served.load(client, "lazy")
         assert r.status_code == 200, r.text
@@ -269,7 +271,7 @@ def test_flooding_load_never_bypasses_the_backoff(served: Served) -> None:
     alias_key = "models/flaky/aliases/production.json"
     flood = 60
     with httpx.Client(timeout=40) as client:
-        served.repo.set_alias("flaky", "production", "2")
+        served.repo.move_alias("flaky", "production", SetTarget("2"))
         first = served.load(client, "flaky")
         assert first.status_code == 200, first.text
         assert first.json()["replicas"][0]["failed_version"] == "2"
@@ -325,7 +327,7 @@ def test_a_swap_under_load_fails_no_request(served: Served) -> None:
         wait_for(lambda: len(results) > 20, what="traffic on v1")
         with httpx.Client(timeout=40) as client:
             for version in ("2", "1"):
-                served.repo.set_alias("swap", "production", version)
+                served.repo.move_alias("swap", "production", SetTarget(version))
                 assert served.load(client, "swap").status_code == 200
                 count = len(results)
                 wait_for(lambda c=count: len(results) > c + 20, what="traffic after the swap")

@@ -32,7 +32,7 @@ from sklearn.linear_model import LogisticRegression
 
 from serving.manifest import TensorSpec
 from serving.publish import publish_path
-from serving.repository import Repository
+from serving.repository import Abort, Promote, Repository, SetCanary, SetShadow, SetTarget
 from serving.settings import Settings
 from serving.store import open_store
 
@@ -89,7 +89,7 @@ def delivery(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     _publish(repo, work, "bad", "1", c=1.0)
     _publish(repo, work, "bad", "2", c=1.0, features=5)
     for name in ("split", "roll", "bad"):
-        repo.set_alias(name, "production", "1")
+        repo.move_alias(name, "production", SetTarget("1"))
     args: dict[str, Any] = {
         "store": str(root),
         # NOTE: split's versions load isolated, as in production; the rollout models skip it
@@ -187,7 +187,7 @@ class Traffic:
 
 def test_a_30_percent_canary_takes_30_percent_and_every_reply_names_its_version(delivery: Delivery) -> None:
     d = delivery
-    d.repo.set_canary("split", "production", "2", weight=30)
+    d.repo.move_alias("split", "production", SetCanary("2", 30))
     with httpx.Client(timeout=20) as client:
         wait_for(lambda: applied(client, d, "split", "canary", "2", 30), what="the canary to load")
         before = entry(client, d.base, "split")["figures"].get("2", {}).get("requests", 0)
@@ -228,7 +228,7 @@ def test_sticky_routing_keeps_a_header_value_on_one_version(delivery: Delivery) 
 
 def test_a_shadow_never_changes_a_reply_and_its_disagreement_is_counted(delivery: Delivery) -> None:
     d = delivery
-    d.repo.abort("split", "production")
+    d.repo.move_alias("split", "production", Abort())
     rows = X[::3]  # NOTE: 50 distinct flowers, some where v1 and v2 disagree
     expected_disagreements = int(
         np.sum(d.models["split", "1"].predict(rows) != d.models["split", "2"].predict(rows))
@@ -248,7 +248,7 @@ def test_a_shadow_never_changes_a_reply_and_its_disagreement_is_counted(delivery
             return replies, seconds
 
         plain, plain_s = run()
-        d.repo.set_canary("split", "production", "2", fraction=1.0)
+        d.repo.move_alias("split", "production", SetShadow("2", 1.0))
         wait_for(lambda: applied(client, d, "split", "shadow", "2", 1.0), what="the shadow to load")
         before = entry(client, d.base, "split")["figures"].get("2", {"compared": 0, "disagreed": 0})
         shadowed, shadowed_s = run()
@@ -269,7 +269,7 @@ def test_a_shadow_never_changes_a_reply_and_its_disagreement_is_counted(delivery
         )
         # NOTE: loose: the shadow runs on its own thread after the reply; noise on 2 busy cores is large.
         assert p_shadow <= 2 * p_plain + 0.010
-    d.repo.abort("split", "production")
+    d.repo.move_alias("split", "production", Abort())
 
 
 def test_promote_and_abort_take_effect_within_one_poll_interval_with_no_failed_request(
@@ -278,19 +278,19 @@ def test_promote_and_abort_take_effect_within_one_poll_interval_with_no_failed_r
     d = delivery
     with httpx.Client(timeout=20) as client:
         wait_for(lambda: dropped(client, d, "split"), what="no canary")
-        d.repo.set_canary("split", "production", "2", weight=50)
+        d.repo.move_alias("split", "production", SetCanary("2", 50))
         wait_for(lambda: applied(client, d, "split", "canary", "2", 50), what="the canary to load")
         with Traffic(d.base, "split") as traffic:
             wait_for(lambda: {v for _, _, v in traffic.replies} >= {"1", "2"}, what="both versions answering")
             moved = time.monotonic()
-            d.repo.promote("split", "production")
+            d.repo.move_alias("split", "production", Promote())
             wait_for(lambda: traffic.all_since(moved, "2"), what="every reply from 2")
             promoted_in = (traffic.all_since(moved, "2") or 0) - moved
-            d.repo.set_canary("split", "production", "1", weight=50)
+            d.repo.move_alias("split", "production", SetCanary("1", 50))
             wait_for(lambda: applied(client, d, "split", "canary", "1", 50), what="1 as canary")
             wait_for(lambda: "1" in {v for t, _, v in traffic.replies if t > time.monotonic() - 1}, what="1")
             moved = time.monotonic()
-            d.repo.abort("split", "production")
+            d.repo.move_alias("split", "production", Abort())
             wait_for(lambda: traffic.all_since(moved, "2"), what="every reply from 2 again")
             aborted_in = (traffic.all_since(moved, "2") or 0) - moved
         print(f"[{d.transport}] promote took {promoted_in:.2f}s, abort {aborted_in:.2f}s (poll {POLL_S}s)")

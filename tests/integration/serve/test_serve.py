@@ -17,7 +17,7 @@ from hostile_modules import crafted_kd_tree, hostile_versions, point_alias_at_ov
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.publish import publish_path
-from serving.repository import Repository
+from serving.repository import Repository, SetTarget
 from serving.settings import Settings
 from serving.store import open_store
 
@@ -44,7 +44,7 @@ def test_hot_swap_under_load_fails_no_request(deploy, s3_bucket, tmp_path, monke
     repo, uri = s3_repo(server, bucket, monkeypatch)
     publish_iris(repo, tmp_path, "1")
     publish_iris(repo, tmp_path, "2", c=0.5)
-    repo.set_alias("iris", "production", "1")
+    repo.move_alias("iris", "production", SetTarget("1"))
     base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), replicas=2))
     results: list[tuple[float, int, str | None]] = []
     stop = threading.Event()
@@ -61,7 +61,7 @@ def test_hot_swap_under_load_fails_no_request(deploy, s3_bucket, tmp_path, monke
     try:
         wait_for(lambda: len(results) > 20, what="traffic on v1")
         moved_at = time.monotonic()
-        repo.set_alias("iris", "production", "2")
+        repo.move_alias("iris", "production", SetTarget("2"))
         wait_for(
             lambda: any(v == "2" for _, _, v in results[-5:]) and all(v == "2" for _, _, v in results[-20:]),
             what="convergence on v2",
@@ -95,7 +95,7 @@ def test_bad_version_keeps_the_old_one_serving_until_a_good_one(
     publish_iris(repo, tmp_path, "3", name="iris-bad", c=0.7)
     publish_iris(repo, tmp_path, "4", name="iris-bad", example=[[1.0, 2.0]])  # wrong width: warm-up fails
     publish_iris(repo, tmp_path, "5", name="iris-bad", c=0.3)
-    repo.set_alias("iris-bad", "production", "2")
+    repo.move_alias("iris-bad", "production", SetTarget("2"))
     # Corrupt v3's model file in the bucket: same size, one byte flipped.
     s3 = server.client()
     key = next(
@@ -109,7 +109,7 @@ def test_bad_version_keeps_the_old_one_serving_until_a_good_one(
     base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), name="iris-bad"))
     with httpx.Client(timeout=10) as client:
         for bad in ("3", "4"):
-            repo.set_alias("iris-bad", "production", bad)
+            repo.move_alias("iris-bad", "production", SetTarget(bad))
             wait_for(
                 lambda bad=bad: _index(client, base, "iris-bad")["replicas"][0]["failed_version"] == bad,
                 what=f"v{bad} to fail",
@@ -121,7 +121,7 @@ def test_bad_version_keeps_the_old_one_serving_until_a_good_one(
             what="failed swaps in metrics",
         )
         assert _metric(cluster, "ray_serving_model_loads_total", model="iris-bad", outcome="failure") >= 2
-        repo.set_alias("iris-bad", "production", "5")
+        repo.move_alias("iris-bad", "production", SetTarget("5"))
         wait_for(lambda: served_version(client, base, "iris-bad") == "5", what="recovery on v5")
 
 
@@ -134,11 +134,11 @@ def test_a_segfaulting_version_fails_isolation_and_a_new_replica_starts_on_the_l
     publish_iris(repo, tmp_path, "1", name="iris-crash")
     tree = crafted_kd_tree(tmp_path / "crash-2.joblib")
     publish_path(repo, tree, "iris-crash", version="2", format="sklearn", example=[[0.5, 0.5, 0.5, 0.5]])
-    repo.set_alias("iris-crash", "production", "1")
+    repo.move_alias("iris-crash", "production", SetTarget("1"))
     args = app_args(uri, tmp_path / "cache", s3_env(server), name="iris-crash")
     base = deploy(args)
     with httpx.Client(timeout=10) as client:
-        repo.set_alias("iris-crash", "production", "2")
+        repo.move_alias("iris-crash", "production", SetTarget("2"))
         wait_for(
             lambda: _index(client, base, "iris-crash")["replicas"][0]["failed_version"] == "2",
             what="v2 to fail isolation",
@@ -168,7 +168,7 @@ def test_every_crafted_version_fails_on_ray_while_v1_answers_every_request(
     repo, uri = s3_repo(server, bucket, monkeypatch)
     name = "iris-hostile"
     publish_iris(repo, tmp_path, "1", name=name)
-    repo.set_alias(name, "production", "1")
+    repo.move_alias(name, "production", SetTarget("1"))
     cases = hostile_versions(tmp_path)
     for i, (path, fmt, kwargs) in enumerate(cases.values(), start=2):
         publish_path(repo, path, name, version=str(i), format=fmt, **kwargs)
@@ -194,7 +194,7 @@ def test_every_crafted_version_fails_on_ray_while_v1_answers_every_request(
                 if version == "99":
                     point_alias_at_oversized_manifest(repo, name, version)
                 else:
-                    repo.set_alias(name, "production", version)
+                    repo.move_alias(name, "production", SetTarget(version))
                 replica = wait_for(
                     lambda v=version: (
                         (reps := _index(client, base, name)["replicas"])
@@ -223,7 +223,7 @@ def test_store_outage_keeps_serving_and_counts_failed_checks(
     repo, uri = s3_repo(server, bucket, monkeypatch)
     publish_iris(repo, tmp_path, "1", name="iris-out")
     publish_iris(repo, tmp_path, "2", name="iris-out", c=0.5)
-    repo.set_alias("iris-out", "production", "1")
+    repo.move_alias("iris-out", "production", SetTarget("1"))
     base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), name="iris-out"))
     with httpx.Client(timeout=10) as client:
         server.stop()
@@ -242,7 +242,7 @@ def test_store_outage_keeps_serving_and_counts_failed_checks(
             )
         finally:
             server.start()
-        repo.set_alias("iris-out", "production", "2")
+        repo.move_alias("iris-out", "production", SetTarget("2"))
         wait_for(lambda: served_version(client, base, "iris-out") == "2", what="v2 after the outage")
 
 
@@ -250,7 +250,7 @@ def test_cold_start_with_the_store_down_uses_the_warm_cache(deploy, s3_bucket, t
     server, bucket = s3_bucket
     repo, uri = s3_repo(server, bucket, monkeypatch)
     publish_iris(repo, tmp_path, "1", name="iris-cold")
-    repo.set_alias("iris-cold", "production", "1")
+    repo.move_alias("iris-cold", "production", SetTarget("1"))
     cache = tmp_path / "cache"
     args = app_args(uri, cache, s3_env(server), name="iris-cold")
     base = deploy(args)
@@ -282,7 +282,7 @@ def test_the_autoscaler_adds_a_replica_and_both_converge_downloading_once(
     repo, uri = s3_repo(server, bucket, monkeypatch)
     publish_iris(repo, tmp_path, "1", name="iris-two")
     publish_iris(repo, tmp_path, "2", name="iris-two", c=0.5)
-    repo.set_alias("iris-two", "production", "1")
+    repo.move_alias("iris-two", "production", SetTarget("1"))
     args = app_args(uri, tmp_path / "cache", s3_env(server), name="iris-two")
     args["ingress"].pop("num_replicas")
     args["ingress"]["autoscaling_config"] = {
@@ -322,7 +322,7 @@ def test_the_autoscaler_adds_a_replica_and_both_converge_downloading_once(
     assert failed == []
     with httpx.Client(timeout=10) as client:
         server.reset_counts()
-        repo.set_alias("iris-two", "production", "2")
+        repo.move_alias("iris-two", "production", SetTarget("2"))
         load = client.post(base + "/v2/repository/models/iris-two/load")
         assert load.status_code == 200, load.text
         entry = wait_for(
@@ -337,7 +337,7 @@ def test_metrics_count_what_was_sent(deploy, s3_bucket, tmp_path, monkeypatch, c
     server, bucket = s3_bucket
     repo, uri = s3_repo(server, bucket, monkeypatch)
     publish_iris(repo, tmp_path, "1", name="iris-metrics")
-    repo.set_alias("iris-metrics", "production", "1")
+    repo.move_alias("iris-metrics", "production", SetTarget("1"))
     base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), name="iris-metrics"))
     with httpx.Client(timeout=10) as client:
         for _ in range(7):
