@@ -1,0 +1,98 @@
+"""``serving pull`` and ``serving verify``: the node-local cache."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import TYPE_CHECKING, Any
+
+from serving.cli.context import Context, human_bytes, plural
+from serving.cli.options import Commands, add_ref
+from serving.errors import IntegrityError
+from serving.manifest import ModelRef
+
+if TYPE_CHECKING:
+    from serving.cache import CachedVersion
+
+log = logging.getLogger(__name__)
+
+
+def _cached_summary(cached: CachedVersion, offline: bool) -> dict[str, Any]:
+    return {
+        "name": cached.name,
+        "version": cached.version,
+        "path": str(cached.path),
+        "manifest_sha256": cached.manifest_sha256,
+        "files": len(cached.manifest.files),
+        "total_bytes": cached.manifest.total_bytes,
+        "hit": cached.hit,
+        "offline": offline,
+    }
+
+
+def add_pull(commands: Commands) -> None:
+    p = commands.add("pull", pull, "prefetch a version into the node-local cache")
+    add_ref(p)
+
+
+def pull(ctx: Context, args: argparse.Namespace) -> None:
+    cached, offline = ctx.pull(args.ref)
+    how = "already cached" if cached.hit else "downloaded"
+    if offline:
+        how += ", store unreachable: used the cache's last known target"
+    ctx.emit(
+        f"{cached.name}:{cached.version} -> {cached.path} "
+        f"({how}, {human_bytes(cached.manifest.total_bytes)})",
+        _cached_summary(cached, offline),
+    )
+
+
+def add_verify(commands: Commands) -> None:
+    p = commands.add("verify", verify, "check a version's signature, then re-hash its cached files")
+    add_ref(p)
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="if cached bytes changed, evict the version and pull it again (verified) instead of failing",
+    )
+    p.add_argument(
+        "--trusted-key",
+        metavar="PUB",
+        action="append",
+        default=[],
+        help="trusted Ed25519 public key file or directory (repeatable; default SERVING_TRUSTED_KEYS)",
+    )
+
+
+def verify(ctx: Context, args: argparse.Namespace) -> None:
+    key_id = None
+    trusted_paths = args.trusted_key or ctx.settings.trusted_keys
+    if trusted_paths or ctx.settings.require_signature:
+        from serving.signing import load_trusted_keys, verify_manifest
+        from serving.trust import read_signature
+
+        # NOTE: the signature first, on the manifest alone, before any file is pulled.
+        resolved, _ = ctx.cache.resolve(ctx.repo, ModelRef.parse(args.ref))
+        sig = read_signature(ctx.repo, resolved.name, resolved.version)
+        trusted = load_trusted_keys(trusted_paths)
+        key_id = verify_manifest(resolved.manifest_raw, sig, trusted, resolved.name, resolved.version)
+    resolved, offline = ctx.cache.resolve(ctx.repo, ModelRef.parse(args.ref))
+    repaired = False
+    held = ctx.cache.get(resolved.name, resolved.version, resolved.manifest_sha256)
+    if args.repair:
+        repaired = ctx.cache.repair(ctx.repo, resolved, ctx.progress)
+    elif held is not None:
+        try:
+            ctx.cache.verify(held)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc}; run 'serving verify --repair {args.ref}' to pull it again") from exc
+    cached = ctx.cache.fetch(ctx.repo, resolved, ctx.progress)
+    if repaired or held is None:
+        ctx.cache.verify(cached)
+    signed = f", signed by trusted key {key_id[:16]}" if key_id else ""
+    fixed = " (repaired: the cached copy had changed and was pulled again)" if repaired else ""
+    ctx.emit(
+        f"{cached.name}:{cached.version} OK: {plural(len(cached.manifest.files), 'file')} "
+        f"({human_bytes(cached.manifest.total_bytes)}) match the manifest{signed}{fixed}",
+        {**_cached_summary(cached, offline), "ok": True, "signed_by": key_id, "repaired": repaired},
+    )

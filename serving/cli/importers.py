@@ -1,0 +1,167 @@
+"""``serving import mlflow``: import a model from another registry as a new version."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from serving.cli.context import PROG, Context, alias_text, version_text
+from serving.cli.options import (
+    Commands,
+    add_encode_options,
+    add_signing_key,
+    encode_options,
+    positive_float,
+    positive_int,
+    signing_key,
+)
+from serving.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from serving.mlflow_import import MlflowRef
+
+log = logging.getLogger(__name__)
+
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 2,
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 1,
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": 30,
+}
+"""MLflow's client retries an unreachable server for minutes by default; a CLI should say so in seconds."""
+
+
+def add_import(commands: Commands) -> None:
+    group = commands.group(
+        "import",
+        "import a model from another registry as a new version",
+        dest="import_verb",
+        metavar="SOURCE",
+    )
+    a = group.add(
+        "mlflow",
+        import_mlflow,
+        "import an MLflow model (models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH)",
+    )
+    a.add_argument("uri", metavar="URI", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
+    a.add_argument("--tracking-uri", help="MLflow tracking server (default $MLFLOW_TRACKING_URI)")
+    a.add_argument("--name", help="our model name (default: the registered model's name)")
+    a.add_argument("--version", help="our version (default: the next integer)")
+    a.add_argument("--alias", help="move this alias of ours to each imported version")
+    a.add_argument(
+        "--sync",
+        action="store_true",
+        help="follow the MLflow alias: poll and import again whenever it moves (until SIGINT/SIGTERM)",
+    )
+    a.add_argument(
+        "--interval", type=positive_float, default=30.0, metavar="SECONDS", help="seconds between polls"
+    )
+    a.add_argument("--max-polls", type=positive_int, metavar="N", help="stop --sync after N polls")
+    add_signing_key(
+        a, "Ed25519 private key (PEM): sign each imported version (needed for unrestricted formats)"
+    )
+    add_encode_options(
+        a,
+        compress="store compressed",
+        encrypt="encrypt files with the configured key",
+        encrypt_key="encrypt files with this key file",
+    )
+
+
+@contextlib.contextmanager
+def mlflow_http_defaults(defaults: dict[str, int]) -> Iterator[None]:
+    """MLflow's HTTP retries and timeout at ``defaults`` while the block runs; the environment wins.
+
+    NOTE: MLflow's client has no API for these: each request reads the ``MLFLOW_HTTP_REQUEST_*``
+    settings of :mod:`mlflow.environment_variables` from ``os.environ`` when it is made, else
+    their defaults. So this changes those defaults (and restores them after), never the
+    process environment, which every child process would inherit.
+    """
+    try:
+        import mlflow.environment_variables as settings
+    except ImportError:
+        yield  # NOTE: MlflowRegistry says which extra is missing
+        return
+    saved = []
+    for name, value in defaults.items():
+        variable = getattr(settings, name, None)
+        if variable is not None:
+            saved.append((variable, variable.default))
+            variable.default = value
+    try:
+        yield
+    finally:
+        for variable, default in saved:
+            variable.default = default
+
+
+def import_mlflow(ctx: Context, args: argparse.Namespace) -> None:
+    from serving.mlflow_import import MlflowRef
+
+    ref = MlflowRef.parse(args.uri)
+    if args.max_polls is not None and not args.sync:
+        raise InvalidRequest("--max-polls needs --sync")
+    if args.version and args.sync:
+        raise InvalidRequest("--version cannot be used with --sync: every import takes the next version")
+    with mlflow_http_defaults(MLFLOW_HTTP_DEFAULTS):
+        _import_mlflow(ctx, args, ref)
+
+
+def _import_mlflow(ctx: Context, args: argparse.Namespace, ref: MlflowRef) -> None:
+    from serving.mlflow_import import MlflowRegistry, import_model, sync
+
+    tracking_uri = args.tracking_uri or ctx.settings.mlflow_tracking_uri
+    registry = MlflowRegistry(tracking_uri or "")
+    kwargs: dict[str, Any] = {
+        "settings": ctx.settings,
+        "name": args.name,
+        "alias": args.alias,
+        "signing_key": signing_key(args.signing_key),
+        "encode": encode_options(ctx, args),
+    }
+
+    def report(imported: Any) -> None:
+        m, src = imported.manifest, imported.source
+        ctx.emit(
+            f"imported {ref.uri} (MLflow version {src.model_version or '-'}, run {src.run_id or '-'}, "
+            f"{imported.plan.flavor}) as {version_text(m)} in {imported.seconds:.1f}s"
+            + alias_text(m, args.alias),
+            {
+                "name": m.name,
+                "version": m.version,
+                "format": m.format,
+                "alias": args.alias,
+                "mlflow": m.metadata["mlflow"],
+                "seconds": round(imported.seconds, 3),
+            },
+        )
+
+    if not args.sync:
+        report(import_model(registry, ctx.repo, ref, version=args.version, **kwargs))
+        return
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def on_poll(key: str, imported: Any) -> None:
+        if imported is not None:
+            report(imported)
+        elif key.startswith("error: "):
+            print(f"{PROG}: warning: {key.removeprefix('error: ')}", file=sys.stderr)
+
+    sync(
+        registry,
+        ctx.repo,
+        ref,
+        interval_s=args.interval,
+        stop=stop,
+        max_polls=args.max_polls,
+        on_poll=on_poll,
+        **kwargs,
+    )

@@ -1,0 +1,156 @@
+"""``serving publish``, ``serving versions`` and ``serving keygen``: versions and the keys that sign them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from serving.cli.context import Context, alias_text, human_bytes, load_json, version_text
+from serving.cli.options import Commands, add_encode_options, add_signing_key, encode_options, signing_key
+from serving.errors import InvalidRequest, ModelNotFound
+from serving.manifest import TensorSpec, sha256_bytes
+
+log = logging.getLogger(__name__)
+
+
+def add_publish(commands: Commands) -> None:
+    p = commands.add("publish", publish, "publish a saved artifact (file or directory) as a new version")
+    p.add_argument("path", metavar="PATH", help="the artifact: a file or a directory")
+    p.add_argument("--name", required=True, help="model name")
+    p.add_argument("--version", help="version to publish (default: the next integer)")
+    p.add_argument("--format", help="artifact format (default: detected from content and extension)")
+    p.add_argument("--alias", help="move this alias to the new version once it is published")
+    p.add_argument("--example", metavar="JSON", help="example input rows (JSON, @file or -)")
+    p.add_argument("--inputs", metavar="JSON", help="input schema: [{name, datatype, shape}] (JSON or @file)")
+    p.add_argument(
+        "--outputs", metavar="JSON", help="output schema: [{name, datatype, shape}] (JSON or @file)"
+    )
+    add_signing_key(p, "Ed25519 private key (PEM): write manifest.sig before the manifest (see SECURITY.md)")
+    add_encode_options(p)
+    p.add_argument(
+        "--metadata", metavar="KEY=VALUE", action="append", default=[], help="free-form metadata (repeatable)"
+    )
+
+
+def publish(ctx: Context, args: argparse.Namespace) -> None:
+    from serving.publish import publish_path
+
+    manifest = publish_path(
+        ctx.repo,
+        Path(args.path),
+        args.name,
+        version=args.version,
+        format=args.format,
+        alias=args.alias,
+        inputs=_tensor_specs(args.inputs, "--inputs"),
+        outputs=_tensor_specs(args.outputs, "--outputs"),
+        example=load_json(args.example, "--example") if args.example is not None else None,
+        metadata=_key_values(args.metadata, "--metadata"),
+        progress=ctx.progress,
+        signing_key=signing_key(args.signing_key),
+        encode=encode_options(ctx, args),
+    )
+    ctx.emit(
+        f"published {version_text(manifest)} to {ctx.repo.store.uri}{alias_text(manifest, args.alias)}",
+        {
+            "name": manifest.name,
+            "version": manifest.version,
+            "format": manifest.format,
+            "files": len(manifest.files),
+            "total_bytes": manifest.total_bytes,
+            "manifest_sha256": sha256_bytes(manifest.to_json()),
+            "alias": args.alias,
+            "store": ctx.repo.store.uri,
+        },
+    )
+
+
+def _tensor_specs(text: str | None, what: str) -> list[TensorSpec] | None:
+    if text is None:
+        return None
+    from pydantic import ValidationError
+
+    raw = load_json(text, what)
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"{what} must be a JSON list of {{name, datatype, shape}} objects")
+    try:
+        return [TensorSpec.model_validate(item) for item in raw]
+    except ValidationError as exc:
+        raise InvalidRequest(f"{what}: {exc.errors()[0]['msg']}") from exc
+
+
+def _key_values(pairs: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"{what} {pair!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def add_versions(commands: Commands) -> None:
+    p = commands.add("versions", versions, "list a model's published versions and the aliases on them")
+    p.add_argument("name", metavar="NAME")
+
+
+def versions(ctx: Context, args: argparse.Namespace) -> None:
+    repo = ctx.repo
+    published = repo.list_versions(args.name)
+    if not published:
+        raise ModelNotFound(f"model {args.name!r} not found in {repo.store.uri}")
+    by_version: dict[str, list[str]] = {}
+    for alias in repo.list_aliases(args.name):
+        target = repo.get_alias(args.name, alias)
+        by_version.setdefault(target.version, []).append(alias)
+    header = ("VERSION", "FORMAT", "CREATED", "SIZE", "ALIASES")
+    table: list[tuple[str, ...]] = [header]
+    rows: list[dict[str, Any]] = []
+    for v in published:
+        manifest, _ = repo.manifest(args.name, v)
+        aliases = by_version.get(v, [])
+        rows.append(
+            {
+                "version": v,
+                "format": manifest.format,
+                "created_at": manifest.created_at,
+                "total_bytes": manifest.total_bytes,
+                "aliases": aliases,
+            }
+        )
+        size = human_bytes(manifest.total_bytes)
+        table.append((v, manifest.format, manifest.created_at, size, ",".join(aliases)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    text = "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
+    )
+    ctx.emit(text, {"name": args.name, "versions": rows})
+
+
+def add_keygen(commands: Commands) -> None:
+    p = commands.add("keygen", keygen, "write an Ed25519 signing key pair PREFIX.key (0600) and PREFIX.pub")
+    p.add_argument("prefix", metavar="PREFIX", help="path prefix of the key files")
+    p.add_argument(
+        "--kek", action="store_true", help="write an AES-256 encryption key PREFIX.kek (0600) instead"
+    )
+
+
+def keygen(ctx: Context, args: argparse.Namespace) -> None:
+    if args.kek:
+        from serving.crypto import LocalKek, generate_kek
+
+        path = Path(f"{args.prefix}.kek")
+        generate_kek(path)
+        kek_id = LocalKek.from_file(path).kek_id
+        ctx.emit(f"wrote {path} (0600, encryption key {kek_id})", {"kek": str(path), "kek_id": kek_id})
+        return
+    from serving.signing import generate_keypair
+
+    pair = generate_keypair(args.prefix)
+    ctx.emit(
+        f"wrote {pair.key_path} (0600, keep it secret) and {pair.pub_path} (key id {pair.key_id[:16]})",
+        {"key": str(pair.key_path), "pub": str(pair.pub_path), "key_id": pair.key_id},
+    )
