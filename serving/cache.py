@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
+import functools
 import json
 import logging
 import os
@@ -48,6 +48,7 @@ from filelock import FileLock
 
 from serving import metrics
 from serving.errors import CacheError, IntegrityError, NotFound, ServingError, StoreError, UntrustedArtifact
+from serving.fileio import HashingWriter, atomic_write, hash_file
 from serving.manifest import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -57,11 +58,12 @@ from serving.manifest import (
     check_name,
     sha256_bytes,
 )
-from serving.repository import Repository, Resolved, hash_file
+from serving.repository import Repository, Resolved
 from serving.store.base import Progress
 
 if TYPE_CHECKING:
     from serving.crypto import Keyring
+    from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +90,6 @@ class Remembered:
     version: str
     manifest_sha256: str
     resolved_at: float
-
-
-class _HashingWriter:
-    """Writes to a file while hashing and counting, refusing to exceed ``limit``."""
-
-    def __init__(self, f: BinaryIO, limit: int, label: str) -> None:
-        self._f, self._limit, self._label = f, limit, label
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.size += len(data)
-        if self.size > self._limit:
-            raise IntegrityError(f"{self._label}: more bytes than the manifest declares")
-        self.hash.update(data)
-        return self._f.write(data)
 
 
 _OWNERS: dict[tuple[int, Path], tuple[str, int]] = {}
@@ -154,7 +140,12 @@ class Pin:
 class LoaderCache:
     """Pull versions through a shared node-local cache.
 
+    ``keyring`` decrypts encrypted files: a Keyring, or a function that builds one,
+    called at the first encrypted file (so a key file or a KMS client is only
+    touched when a version needs it). None refuses encrypted files.
+
     Example:
+        >>> cache = LoaderCache.from_settings(settings)  # doctest: +SKIP
         >>> cache = LoaderCache("/var/cache/serving", max_bytes=10 * 2**30)  # doctest: +SKIP
         >>> cached = cache.fetch(repo, repo.resolve("iris@production"))  # doctest: +SKIP
     """
@@ -166,7 +157,7 @@ class LoaderCache:
         *,
         max_artifact_bytes: int = 50 * 1024**3,
         max_artifact_files: int = 10_000,
-        keyring: Keyring | None = None,
+        keyring: Keyring | Callable[[], Keyring] | None = None,
         reverify_s: float = 24 * 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -185,6 +176,26 @@ class LoaderCache:
             os.chmod(self.root, 0o700)
             self._owner = _owner(self.root)
             self._sweep_tmp()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, root: Path | str | None = None, max_bytes: int | None = None
+    ) -> LoaderCache:
+        """The cache ``settings`` describe: directory, budgets, re-hash interval and decryption keys.
+
+        ``root`` and ``max_bytes`` override the settings' ``cache_dir`` and
+        ``cache_max_bytes`` (an app's own cache, ``serving.load(cache_dir=...)``).
+        """
+        from serving.encoding import keyring_from_settings
+
+        return cls(
+            root or settings.cache_dir,
+            max_bytes if max_bytes is not None else settings.cache_max_bytes,
+            max_artifact_bytes=settings.max_artifact_bytes,
+            max_artifact_files=settings.max_artifact_files,
+            keyring=functools.partial(keyring_from_settings, settings),
+            reverify_s=settings.cache_reverify_s,
+        )
 
     STALE_TMP_S = 6 * 3600
     """Partial downloads without an owner token (older releases) untouched this long are swept."""
@@ -267,11 +278,7 @@ class LoaderCache:
         path = self.root / "aliases" / name / f"{alias}.json"
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         body = {"version": version, "manifest_sha256": manifest_sha256, "resolved_at": time.time()}
-        tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(body))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(body))
 
     def remembered_alias(self, name: str, alias: str) -> Remembered | None:
         try:
@@ -387,11 +394,7 @@ class LoaderCache:
         }
         path = self._stamp_path(name, version, msha)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(body))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(body))
 
     def _unchanged(self, cached: CachedVersion, report: bool = True) -> bool:
         """Prove a cached version's files are the bytes once verified: cheap stats, re-hash on doubt.
@@ -559,19 +562,16 @@ class LoaderCache:
         progress: Progress | None,
     ) -> None:
         """Download one file into ``target`` (in staging) only once its bytes verified."""
-        tmp = self._tmp(".part")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                if entry.encoding:
-                    self._receive_encoded(repo, key, entry, label, model, version, f, progress)
-                else:
-                    self._receive_plain(repo, key, entry, label, model, f, progress)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        def receive(f: BinaryIO) -> None:
+            if entry.encoding:
+                self._receive_encoded(repo, key, entry, label, model, version, f, progress)
+            else:
+                self._receive_plain(repo, key, entry, label, model, f, progress)
+
+        # NOTE: the partial file is named after this process (swept if it dies) and
+        # linked, not renamed: the staging directory is renamed into place as a whole.
+        atomic_write(target, receive, fsync=True, tmp=self._tmp(".part"), publish=os.link)
 
     @staticmethod
     def _receive_plain(
@@ -583,19 +583,13 @@ class LoaderCache:
         f: BinaryIO,
         progress: Progress | None,
     ) -> None:
-        writer = _HashingWriter(f, entry.size, label)
+        writer = HashingWriter(f, entry.size, label)
         try:
             repo.store.download(key, writer, progress)
         except NotFound as exc:
             raise IntegrityError(f"{label}: listed in the manifest but not stored") from exc
         metrics.DOWNLOAD_BYTES.inc(writer.size, model=model)
-        if writer.size != entry.size:
-            raise IntegrityError(f"{label}: {writer.size} bytes, the manifest says {entry.size}")
-        digest = writer.hash.hexdigest()
-        if digest != entry.sha256:
-            raise IntegrityError(
-                f"{label}: sha256 {digest[:16]}... does not match the manifest's {entry.sha256[:16]}..."
-            )
+        writer.check(entry.size, entry.sha256)
 
     def _receive_encoded(
         self,
@@ -610,12 +604,8 @@ class LoaderCache:
     ) -> None:
         """A compressed and/or encrypted file: stored digest first, then decode (serving.encoding)."""
         from serving.crypto import Context
-        from serving.encoding import download_decoded, keyring_from_settings
+        from serving.encoding import download_decoded
 
-        if self._keyring is None and "aesgcm" in (entry.encoding or []):
-            from serving.settings import get_settings
-
-            self._keyring = keyring_from_settings(get_settings())
         stored = download_decoded(
             repo.store,
             key,
@@ -623,11 +613,17 @@ class LoaderCache:
             label,
             f,
             self.root / "tmp",
-            self._keyring,
+            self._keys() if "aesgcm" in (entry.encoding or []) else None,
             Context(model, version, entry.path),
             progress,
         )
         metrics.DOWNLOAD_BYTES.inc(stored, model=model)
+
+    def _keys(self) -> Keyring | None:
+        """The keyring, built on first use when the cache was given a function for it."""
+        if callable(self._keyring):
+            self._keyring = self._keyring()
+        return self._keyring
 
     @staticmethod
     def _touch(path: Path) -> None:

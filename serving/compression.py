@@ -14,12 +14,12 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from pathlib import Path
 from typing import Any
 
 from serving.errors import IntegrityError, InvalidRequest
+from serving.fileio import HashingWriter
 from serving.store.base import Sink
 
 __all__ = ["ALGORITHMS", "DecompressingWriter", "compress_file", "default_algorithm"]
@@ -52,24 +52,11 @@ def _check(algorithm: str) -> str:
     return algorithm
 
 
-class _Counting:
-    def __init__(self, sink: Sink) -> None:
-        self._sink = sink
-        self.size = 0
-        self.hash = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.size += len(data)
-        self.hash.update(data)
-        self._sink.write(data)
-        return len(data)
-
-
 def compress_file(src: Path, dst: Path, algorithm: str, level: int | None = None) -> tuple[int, str]:
     """Compress ``src`` into ``dst``; returns the stored size and sha256."""
     _check(algorithm)
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        out = _Counting(fout)
+        out = HashingWriter(fout)
         if algorithm == "zstd":
             zstd = _zstd()
             cctx = zstd.ZstdCompressor(level=3 if level is None else level, write_content_size=True)
@@ -82,7 +69,7 @@ def compress_file(src: Path, dst: Path, algorithm: str, level: int | None = None
             while chunk := fin.read(_CHUNK):
                 out.write(comp.compress(chunk))
             out.write(comp.flush())
-    return out.size, out.hash.hexdigest()
+    return out.size, out.hexdigest()
 
 
 class _Limited:

@@ -37,6 +37,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from serving.errors import IntegrityError, InvalidRequest, StoreError
+from serving.fileio import HashingWriter
 from serving.store.base import Sink
 
 __all__ = [
@@ -217,17 +218,9 @@ def encrypt_file(
     ).encode()
     header_sha = hashlib.sha256(header).digest()
     aead = AESGCM(data_key)
-    h = hashlib.sha256()
-    size = 0
-
-    def out(data: bytes) -> None:
-        nonlocal size
-        fout.write(data)
-        h.update(data)
-        size += len(data)
-
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        out(MAGIC + struct.pack(">H", len(header)) + header)
+        out = HashingWriter(fout)
+        out.write(MAGIC + struct.pack(">H", len(header)) + header)
         index = 0
         chunk = fin.read(chunk_size)
         while True:
@@ -235,11 +228,11 @@ def encrypt_file(
             following = fin.read(chunk_size) if len(chunk) == chunk_size else b""
             final = not following
             nonce = os.urandom(_NONCE)
-            out(nonce + aead.encrypt(nonce, chunk, _aad(header_sha, ctx, index, final)))
+            out.write(nonce + aead.encrypt(nonce, chunk, _aad(header_sha, ctx, index, final)))
             if final:
                 break
             chunk, index = following, index + 1
-    return size, h.hexdigest()
+    return out.size, out.hexdigest()
 
 
 class DecryptingWriter:

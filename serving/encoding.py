@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import BinaryIO
 from serving.compression import DecompressingWriter, compress_file
 from serving.crypto import Context, DecryptingWriter, Kek, Keyring, KmsKek, LocalKek, encrypt_file
 from serving.errors import IntegrityError, InvalidRequest, NotFound
+from serving.fileio import HashingWriter
 from serving.manifest import FileEntry
 from serving.settings import Settings
 from serving.store.base import ObjectStore, Progress, Sink
@@ -102,31 +102,6 @@ def encode_file(
     return FileEntry.model_validate(updated.model_dump()), current
 
 
-class _Hashing:
-    def __init__(self, sink: Sink, limit: int, label: str, what: str) -> None:
-        self._sink, self._limit, self._label, self._what = sink, limit, label, what
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.size += len(data)
-        if self.size > self._limit:
-            raise IntegrityError(f"{self._label}: more {self._what} bytes than the manifest declares")
-        self.hash.update(data)
-        self._sink.write(data)
-        return len(data)
-
-    def check(self, size: int, sha256: str) -> None:
-        if self.size != size:
-            raise IntegrityError(f"{self._label}: {self.size} {self._what} bytes, the manifest says {size}")
-        digest = self.hash.hexdigest()
-        if digest != sha256:
-            raise IntegrityError(
-                f"{self._label}: {self._what} sha256 {digest[:16]}... does not match the "
-                f"manifest's {sha256[:16]}..."
-            )
-
-
 def download_decoded(
     store: ObjectStore,
     key: str,
@@ -154,13 +129,13 @@ def download_decoded(
     try:
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            stored = _Hashing(f, entry.stored_size, label, "stored")
+            stored = HashingWriter(f, entry.stored_size, label, "stored")
             try:
                 store.download(key, stored, progress)
             except NotFound as exc:
                 raise IntegrityError(f"{label}: listed in the manifest but not stored") from exc
         stored.check(entry.stored_size, entry.stored_sha256)
-        plain = _Hashing(out, entry.size, label, "plaintext")
+        plain = HashingWriter(out, entry.size, label, "plaintext")
         chain, closers = _decoder_chain(entry, plain, keyring, context, label)
         with open(part, "rb") as f:
             while chunk := f.read(_CHUNK):

@@ -62,6 +62,7 @@ from typing import IO, Any, Literal
 from serving import errors
 from serving.cache import CachedVersion
 from serving.errors import IsolationFailed, LoadError, ServingError
+from serving.fileio import atomic_write
 from serving.formats.base import LoadPolicy
 from serving.manifest import Manifest
 
@@ -397,10 +398,7 @@ def _node_lock(path: Path, timeout_s: float) -> Iterator[bool]:
 
 def _write_memo(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{os.getpid()}-{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, b"")
 
 
 def _read_line(stream: IO[bytes], timeout: float) -> dict[str, Any] | None:

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,6 +40,7 @@ from typing import Literal
 
 from serving import metrics
 from serving.errors import NotFound, StoreError, UntrustedArtifact
+from serving.fileio import atomic_write
 from serving.formats.base import LoadPolicy
 from serving.hardening import check_framework_versions, harden_process
 from serving.manifest import SIGNATURE_NAME, Alias, Manifest
@@ -136,11 +135,7 @@ def _remembered_path(cache_root: Path, resolved: Resolved) -> Path:
 def _remember(cache_root: Path, resolved: Resolved, sig_raw: bytes) -> None:
     path = _remembered_path(cache_root, resolved)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(sig_raw)
-    os.replace(tmp, path)
+    atomic_write(path, sig_raw)
 
 
 def _signature_for(repo: Repository, resolved: Resolved, cache_root: Path | None) -> bytes | None:
@@ -185,11 +180,7 @@ def _remember_accepted(cache_root: Path, target: Alias) -> None:
     path = _accepted_path(cache_root, target.name, target.alias)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     body = {"sequence": target.seq, "version": target.version, "manifest_sha256": target.manifest_sha256}
-    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(body))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(body))
 
 
 def check_alias(

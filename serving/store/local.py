@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import builtins
-import contextlib
 import fcntl
 import os
-import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 from serving.errors import NotFound, StoreConflict, StoreError, StoreNotFound
+from serving.fileio import TMP_PREFIX, atomic_write
 from serving.store.base import MAX_GET_BYTES, ObjectInfo, ObjectStore, Progress, Sink, check_get_size
 
 _CHUNK = 1024 * 1024
@@ -70,22 +70,14 @@ class LocalStore(ObjectStore):
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> None:
         path = self._path(key)
+
+        def replace(tmp: Path, path: Path) -> None:
+            self._replace_locked(key, path, tmp, if_match)
+
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                if if_absent:
-                    # NOTE: link() fails if the target exists: an atomic create-if-absent.
-                    os.link(tmp, path)
-                else:
-                    self._replace_locked(key, path, Path(tmp), if_match)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            # NOTE: link() fails if the target exists: an atomic create-if-absent.
+            atomic_write(path, data, fsync=True, publish=os.link if if_absent else replace)
         except (FileExistsError, StoreConflict):
             raise
         except OSError as exc:
@@ -93,7 +85,7 @@ class LocalStore(ObjectStore):
 
     def _replace_locked(self, key: str, path: Path, tmp: Path, if_match: str | None) -> None:
         """Replace ``path`` by ``tmp`` under an exclusive lock: a compare-and-swap with ``if_match``."""
-        lock = path.with_name(f".tmp-{path.name}.lock")  # NOTE: .tmp- names are never listed
+        lock = path.with_name(f"{TMP_PREFIX}{path.name}.lock")  # NOTE: .tmp- names are never listed
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -114,15 +106,17 @@ class LocalStore(ObjectStore):
 
     def upload(self, key: str, path: Path, progress: Progress | None = None) -> None:
         target = self._path(key)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+
+        def copy(out: BinaryIO) -> None:
+            with open(path, "rb") as src:
                 while chunk := src.read(_CHUNK):
                     out.write(chunk)
                     if progress:
                         progress(len(chunk))
-            os.replace(tmp, target)
+
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, copy)
         except OSError as exc:
             raise StoreError(f"cannot upload {key} to {self.uri}: {exc.strerror}") from exc
 
@@ -150,7 +144,7 @@ class LocalStore(ObjectStore):
             for name in files:
                 full = Path(dirpath) / name
                 key = full.relative_to(self.root).as_posix()
-                if key.startswith(prefix) and not name.startswith(".tmp-"):
+                if key.startswith(prefix) and not name.startswith(TMP_PREFIX):
                     out.append(ObjectInfo(key, full.lstat().st_size))
         return sorted(out, key=lambda o: o.key)
 

@@ -1,0 +1,139 @@
+"""Low-level file helpers: one atomic write, one hashing writer, one file hash.
+
+Every module that writes a file readers must see whole (cache stamps, alias
+memory, remembered signatures, isolation passes, local store objects) goes
+through :func:`atomic_write`; every stream whose bytes a manifest vouches for
+goes through :class:`HashingWriter`.
+
+Example:
+    >>> atomic_write(Path("aliases/iris/production.json"), json.dumps(body))  # doctest: +SKIP
+    >>> size, sha256 = hash_file(Path("model.joblib"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from serving.errors import IntegrityError
+
+if TYPE_CHECKING:
+    from serving.store.base import Sink
+
+__all__ = ["TMP_PREFIX", "HashingWriter", "atomic_write", "hash_file"]
+
+TMP_PREFIX = ".tmp-"
+"""Names of temporary files beside their target start with this (stores never list them)."""
+
+_CHUNK = 1024 * 1024
+
+Content = bytes | str | Callable[[BinaryIO], object]
+"""What :func:`atomic_write` writes: bytes, text (UTF-8), or a function that writes into the file."""
+
+
+def atomic_write(
+    path: Path,
+    content: Content,
+    *,
+    fsync: bool = False,
+    mode: int = 0o600,
+    tmp: Path | None = None,
+    publish: Callable[[Path, Path], object] = os.replace,
+) -> None:
+    """Write ``path`` whole or not at all: into a new temporary file, then ``publish(tmp, path)``.
+
+    Args:
+        content: bytes, text, or a function that writes into the open binary file.
+        fsync: flush the bytes to disk before publishing them.
+        mode: permissions of the new file (before the umask).
+        tmp: the temporary file; defaults to a fresh ``.tmp-*`` name beside ``path``.
+        publish: ``os.replace`` (the default); ``os.link`` to create ``path`` only if
+            it is absent (raises FileExistsError); or a caller's own, e.g. a
+            compare-and-swap under a lock.
+
+    Raises:
+        OSError: from creating, writing or publishing. The temporary file is
+            removed whatever happens; ``path`` is never left half written.
+    """
+    tmp = tmp if tmp is not None else path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(content, bytes):
+                f.write(content)
+            elif isinstance(content, str):
+                f.write(content.encode())
+            else:
+                content(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        publish(tmp, path)
+    finally:
+        # NOTE: gone after a replace; still there after a link or a failure.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+class HashingWriter:
+    """Passes bytes on to ``sink`` while counting and hashing them (sha256).
+
+    Args:
+        sink: where the bytes go (a file, or the next writer of a chain).
+        limit: refuse (IntegrityError) as soon as more bytes than this arrive;
+            None for no limit.
+        label: names the file in errors, e.g. ``iris:3/model.joblib``.
+        what: which bytes these are in errors (``stored``, ``plaintext``), if any.
+    """
+
+    def __init__(self, sink: Sink, limit: int | None = None, label: str = "", what: str = "") -> None:
+        self._sink, self._limit, self._label = sink, limit, label
+        self._bytes = f"{what} bytes" if what else "bytes"
+        self._sha256 = f"{what} sha256" if what else "sha256"
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        if self._limit is not None and self.size > self._limit:
+            raise IntegrityError(f"{self._label}: more {self._bytes} than the manifest declares")
+        self.hash.update(data)
+        self._sink.write(data)
+        return len(data)
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()
+
+    def check(self, size: int, sha256: str) -> None:
+        """Refuse unless exactly ``size`` bytes with digest ``sha256`` went through.
+
+        Raises:
+            IntegrityError: the size or the digest differs from the manifest's.
+        """
+        if self.size != size:
+            raise IntegrityError(f"{self._label}: {self.size} {self._bytes}, the manifest says {size}")
+        digest = self.hexdigest()
+        if digest != sha256:
+            raise IntegrityError(
+                f"{self._label}: {self._sha256} {digest[:16]}... does not match the "
+                f"manifest's {sha256[:16]}..."
+            )
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def hash_file(path: Path) -> tuple[int, str]:
+    """The size and sha256 (hex) of the file at ``path``, read in chunks."""
+    writer = HashingWriter(_Discard())
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            writer.write(chunk)
+    return writer.size, writer.hexdigest()
