@@ -109,12 +109,7 @@ def load(ref: ModelRef | str, store: StoreLike = None, cache_dir: Path | str | N
     """
     settings = get_settings()
     repo = _repository(store, settings)
-    cache = LoaderCache(
-        cache_dir or settings.cache_dir,
-        settings.cache_max_bytes,
-        max_artifact_bytes=settings.max_artifact_bytes,
-        max_artifact_files=settings.max_artifact_files,
-    )
+    cache = LoaderCache.from_settings(settings, root=cache_dir)
     resolved, _ = cache.resolve(repo, ref)
     # NOTE: signatures and the load class are decided on the manifest, before any download.
     policy = check_trust(repo, resolved, settings, cache_root=cache.root).policy
