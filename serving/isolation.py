@@ -2,7 +2,7 @@
 
 Before the serving process loads a version it has not loaded before, a child
 process loads the same verified bytes with :func:`serving.formats.load_predictor`
-and runs :func:`serving.slot.warm_up` under resource limits. Only if the child
+and runs :func:`serving.formats.warmup.warm_up` under resource limits. Only if the child
 comes back clean does the serving process load them itself; a segfault, a
 memory bomb, an endless loop or an attempt to start a process kills the child,
 not the live model, and fails the swap with :class:`IsolationFailed`.
@@ -68,7 +68,7 @@ from serving.manifest import Manifest
 
 __all__ = ["REASONS", "IsolationLimits", "IsolationMode", "Prober", "needs_isolation"]
 
-log = logging.getLogger("serving.isolation")
+log = logging.getLogger(__name__)
 
 IsolationMode = Literal["auto", "always", "never"]
 
@@ -448,8 +448,7 @@ def _helper_main(parent_pid: int, idle_s: float, nice: int = 0) -> int:
     from serving.hardening import harden_process
 
     harden_process()
-    import serving.formats
-    import serving.slot  # noqa: F401 -- NOTE: warm_up, imported before any fork
+    import serving.formats.warmup  # noqa: F401 -- NOTE: the loaders and warm_up, imported before any fork
 
     preloaded: set[str] = set()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -636,7 +635,7 @@ def _child(request: dict[str, Any], wfd: int) -> None:  # pragma: no cover -- NO
 
 def _load_and_warm(request: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover -- probe child
     from serving.formats import load_predictor
-    from serving.slot import warm_up
+    from serving.formats.warmup import warm_up
 
     try:
         manifest = Manifest.model_validate(request["manifest"])

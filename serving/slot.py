@@ -18,17 +18,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from serving import metrics
 from serving.cache import CachedVersion, LoaderCache, Pin
 from serving.errors import IsolationFailed, LoadError, NotFound, NotReady, Overloaded, ServingError
-from serving.formats.base import LoadPolicy, Predictor, numpy_dtype
+from serving.formats.base import LoadPolicy, Predictor
+from serving.formats.warmup import warm_up
 from serving.isolation import Prober
-from serving.manifest import Manifest, TensorSpec
+from serving.manifest import Manifest
 from serving.repository import Repository, Resolved
 
-log = logging.getLogger("serving.swap")
+log = logging.getLogger(__name__)
 
 Loader = Callable[[CachedVersion, LoadPolicy], Predictor]
 TrustCheck = Callable[[Repository, Resolved], LoadPolicy]
@@ -92,30 +91,6 @@ class Live:
             self.predictor.close()
         finally:
             self.pin.release()
-
-
-def warm_up(predictor: Predictor, manifest: Manifest) -> None:
-    """Run the manifest's example and check outputs against the declared schema."""
-    if manifest.example is None or len(predictor.inputs) != 1:
-        return
-    spec = predictor.inputs[0]
-    batch = np.asarray(manifest.example, dtype=numpy_dtype(spec.datatype))
-    outputs = predictor.predict({spec.name: batch})
-    declared = {o.name: o for o in manifest.outputs or []}
-    for name, spec_out in declared.items():
-        if name not in outputs:
-            raise LoadError(f"warm-up: output {name!r} declared in the manifest was not produced")
-        _check_shape(outputs[name], spec_out, batch.shape[0])
-
-
-def _check_shape(array: np.ndarray, spec: TensorSpec, rows: int) -> None:
-    shape = list(array.shape)
-    if len(shape) != len(spec.shape) or any(
-        want not in (-1, got) for want, got in zip(spec.shape, shape, strict=False)
-    ):
-        raise LoadError(f"warm-up: output {spec.name!r} has shape {shape}, the manifest says {spec.shape}")
-    if shape and shape[0] != rows:
-        raise LoadError(f"warm-up: output {spec.name!r} has {shape[0]} rows for {rows} input rows")
 
 
 class ModelSlot:

@@ -20,7 +20,7 @@ from serving.manifest import CanaryTarget, ShadowTarget, sha256_bytes
 from serving.repository import Resolved
 from serving.slot import ModelSlot
 
-log = logging.getLogger("serving.watch")
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 

@@ -89,7 +89,7 @@ def test_a_replica_that_starts_on_a_failing_target_serves_the_last_good_version(
     store.move_alias("tree", "production", SetTarget("2"))
     restarted = make_service(tmp_path, "tree")
     try:
-        with caplog.at_level(logging.WARNING, logger="serving.watch"):
+        with caplog.at_level(logging.WARNING, logger="serving.watcher"):
             restarted.start()
         assert infer(restarted) == (200, "1")
         status = restarted.status()

@@ -251,7 +251,7 @@ def test_each_swap_and_rollback_is_one_structured_log_line(repo, cache, tmp_path
     _slot, watcher = make(repo, cache, Clock())
     watcher.start()
     watcher.tick()
-    with caplog.at_level("INFO", logger="serving.swap"):
+    with caplog.at_level("INFO", logger="serving.slot"):
         repo.move_alias("m", "production", SetTarget("2"))
         watcher.tick()
         repo.move_alias("m", "production", Rollback())
@@ -259,7 +259,7 @@ def test_each_swap_and_rollback_is_one_structured_log_line(repo, cache, tmp_path
     events = [
         (r.event, r.from_version, r.to_version, r.reason)  # type: ignore[attr-defined]
         for r in caplog.records
-        if r.name == "serving.swap"
+        if r.name == "serving.slot"
     ]
     assert events == [("swap", "1", "2", "alias moved"), ("rollback", "2", "1", "rollback")]
     assert all(isinstance(r.duration_s, float) for r in caplog.records)  # type: ignore[attr-defined]
