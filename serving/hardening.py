@@ -10,26 +10,9 @@ import os
 import re
 
 from serving.errors import LoadError
+from serving.formats.table import FORMAT_FACTS, MIN_VERSIONS
 
 __all__ = ["MIN_VERSIONS", "check_framework_versions", "harden_process"]
-
-MIN_VERSIONS: dict[str, tuple[str, str]] = {
-    "torch": ("2.10", "weights_only bypasses fixed (CVE-2025-32434 and later)"),
-    "keras": ("3.14", "safe_mode bypasses through config.json fixed"),
-    "onnx": ("1.21", "external-data path traversal fixes"),
-    "skops": ("0.13", "trusted-type check fixes"),
-}
-"""Package -> (minimum version, why). Checked only for packages a format uses."""
-
-_FORMAT_PACKAGES: dict[str, tuple[str, ...]] = {
-    "torch-state-dict": ("torch",),
-    "torchscript": ("torch",),
-    "torch-export": ("torch",),
-    "keras": ("keras",),
-    "keras-h5": ("keras",),
-    "onnx": ("onnx",),
-    "skops": ("skops",),
-}
 
 
 def _parse(v: str) -> tuple[int, ...]:
@@ -52,7 +35,8 @@ def check_framework_versions(format_name: str) -> None:
     """
     from serving.formats.base import installed_version
 
-    for package in _FORMAT_PACKAGES.get(format_name, ()):
+    facts = FORMAT_FACTS.get(format_name)
+    for package in facts.checked_packages if facts is not None else ():
         installed = installed_version(package)
         if installed is None:
             continue

@@ -64,6 +64,7 @@ from serving.cache import CachedVersion
 from serving.errors import IsolationFailed, LoadError, ServingError
 from serving.fileio import atomic_write
 from serving.formats.base import LoadPolicy
+from serving.formats.table import FORMAT_FACTS
 from serving.manifest import Manifest
 
 __all__ = ["REASONS", "IsolationLimits", "IsolationMode", "Prober", "needs_isolation"]
@@ -75,12 +76,6 @@ IsolationMode = Literal["auto", "always", "never"]
 REASONS = ("crash", "oom", "timeout", "exec")
 """Every ``IsolationFailed.reason``; also the ``reason`` label of swap failures."""
 
-# NOTE: formats that unpickle, or build native objects (trees, modules, graphs)
-# from parameters the artifact controls: the attacks found so far (an
-# out-of-bounds tree, a joblib decompression bomb, init_kwargs that build a
-# 16384x16384 Linear) all go through these. An unknown format is isolated too.
-_IN_PROCESS_UNDER_AUTO = frozenset({"onnx", "keras"})
-
 _CRASH_SIGNALS = frozenset(
     {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGFPE, signal.SIGSYS}
 )
@@ -91,24 +86,9 @@ _RESULT_LIMIT = 1 << 20
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 
-# Modules imported once in the helper, before the first fork, per format.
-_PRELOAD: dict[str, tuple[str, ...]] = {
-    "sklearn": ("numpy", "scipy", "joblib", "sklearn", "sklearn.base"),
-    "pickle": ("numpy", "scipy", "sklearn", "sklearn.base"),
-    "skops": ("numpy", "scipy", "sklearn", "sklearn.base", "skops.io"),
-    "torch-state-dict": ("numpy", "torch"),
-    "safetensors": ("numpy", "torch", "safetensors.torch"),
-    "torchscript": ("numpy", "torch"),
-    "torch-export": ("numpy", "torch"),
-    "onnx": ("numpy", "onnx", "onnxruntime"),
-    # NOTE: TensorFlow starts threads when imported, and forking a process with
-    # threads is unsafe; keras formats import it in each probe child instead.
-}
-# After a pass, the helper also imports what the child imported under these
+# NOTE: after a pass, the helper also imports what the child imported under these
 # packages (installed code only), so the next probe of that kind does not pay for it.
-_WARM_PACKAGES = frozenset(
-    {"numpy", "scipy", "sklearn", "joblib", "threadpoolctl", "torch", "safetensors", "skops", "onnx"}
-)
+_WARM_PACKAGES = frozenset(p for facts in FORMAT_FACTS.values() for p in facts.warm_packages)
 
 _PROCESS_EVENTS = frozenset(
     {
@@ -129,7 +109,9 @@ def needs_isolation(mode: IsolationMode, manifest: Manifest) -> bool:
     """Whether ``mode`` isolates this version's first load."""
     if mode == "never":
         return False
-    return mode == "always" or manifest.format not in _IN_PROCESS_UNDER_AUTO
+    facts = FORMAT_FACTS.get(manifest.format)
+    # NOTE: an unknown format is isolated too.
+    return mode == "always" or facts is None or facts.isolated_under_auto
 
 
 @dataclass(frozen=True)
@@ -463,7 +445,8 @@ def _helper_main(parent_pid: int, idle_s: float, nice: int = 0) -> int:
         fmt = str(request["manifest"].get("format", ""))
         if fmt not in preloaded:
             preloaded.add(fmt)
-            _import_quietly(_PRELOAD.get(fmt, ()))
+            facts = FORMAT_FACTS.get(fmt)
+            _import_quietly(facts.preload if facts is not None else ())
         # NOTE: a collection in the child would walk (and so copy-on-write) every
         # object the helper holds; frozen objects are never walked.
         gc.freeze()

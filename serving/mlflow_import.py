@@ -58,6 +58,7 @@ from serving.errors import (
     UntrustedArtifact,
     VersionNotFound,
 )
+from serving.formats.table import FORMAT_FACTS
 from serving.manifest import Manifest, check_name
 
 if TYPE_CHECKING:
@@ -285,6 +286,11 @@ def _find(root: Path, pattern: str) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob(pattern) if p.is_file())
 
 
+def _find_format(root: Path, fmt: str) -> list[str]:
+    """The files below ``root`` with one of the extensions of our format ``fmt``."""
+    return sorted({f for suffix in FORMAT_FACTS[fmt].suffixes for f in _find(root, f"*{suffix}")})
+
+
 def plan_import(model_dir: Path) -> Plan:
     """Read ``model_dir/MLmodel`` and decide which format of ours it becomes.
 
@@ -319,8 +325,9 @@ def plan_import(model_dir: Path) -> Plan:
     for flavor in ("keras", "tensorflow"):
         if flavor not in flavors:
             continue
-        if keras := _find(model_dir, "*.keras"):
+        if keras := _find_format(model_dir, "keras"):
             return Plan(flavor, "keras", {"file": keras[0]}, False, "", detail)
+        # NOTE: MLflow's keras flavor writes .h5, never .hdf5 (which keras-h5 also loads).
         if h5 := _find(model_dir, "*.h5"):
             why = "a legacy Keras .h5 model, which runs Lambda layers when loaded"
             return Plan(flavor, "keras-h5", {"file": h5[0]}, True, why, detail)
@@ -330,7 +337,7 @@ def plan_import(model_dir: Path) -> Plan:
             return Plan(flavor, "savedmodel", {"dir": sub}, True, why, detail)
         raise UnknownFormat(f"MLflow {flavor} model without a .keras, .h5 or SavedModel file")
     if "pytorch" in flavors:
-        if exported := _find(model_dir, "*.pt2"):
+        if exported := _find_format(model_dir, "torch-export"):
             why = "a torch.export program, whose loader is not hardened against hostile input"
             return Plan("pytorch", "torch-export", {"file": exported[0]}, True, why, detail)
         raise UnknownFormat(

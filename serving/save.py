@@ -22,6 +22,7 @@ from serving.errors import InvalidRequest
 from serving.formats import load_predictor
 from serving.formats._common import require, spec_for
 from serving.formats.base import Predictor, numpy_dtype
+from serving.formats.table import FORMAT_FACTS
 from serving.manifest import Manifest, ModelRef, TensorSpec
 from serving.publish import publish_path
 from serving.repository import Repository
@@ -140,6 +141,11 @@ class _Saved:
         self.inputs, self.outputs = inputs, outputs
 
 
+def _model_file(tmp: Path, fmt: str) -> Path:
+    """Where ``fmt`` is saved in ``tmp``: ``model`` with the format's first extension."""
+    return tmp / f"model{FORMAT_FACTS[fmt].suffixes[0]}"
+
+
 def _is_instance(model: Any, module: str, attr_path: str) -> bool:
     """``isinstance`` against a framework class, without importing an absent framework."""
     if module not in sys.modules:
@@ -160,7 +166,7 @@ def _write(model: Any, tmp: Path, example: np.ndarray | None, options: dict[str,
     if _is_instance(model, "tensorflow", "Module"):
         return _write_savedmodel(model, tmp, options)
     if _is_instance(model, "onnx", "ModelProto"):
-        path = tmp / "model.onnx"
+        path = _model_file(tmp, "onnx")
         path.write_bytes(model.SerializeToString())
         # NOTE: the loader reads inputs and outputs from the ONNX graph itself.
         return _Saved(path, "onnx", options)
@@ -190,15 +196,15 @@ def _write_estimator(model: Any, tmp: Path, example: np.ndarray | None, options:
     fmt = options.pop("format", "sklearn")
     compress = options.pop("compress", 0)
     if fmt == "pickle":
-        path = tmp / "model.pkl"
+        path = _model_file(tmp, fmt)
         with open(path, "wb") as f:
             pickle.dump(model, f, protocol=pickle.HIGHEST_PROTOCOL)
     elif fmt == "sklearn":
-        path = tmp / "model.joblib"
+        path = _model_file(tmp, fmt)
         joblib.dump(model, path, compress=compress)
     elif fmt == "skops":
-        path = tmp / "model.skops"
-        require("skops.io", "skops", fmt).dump(model, path)
+        path = _model_file(tmp, fmt)
+        require("skops.io", FORMAT_FACTS[fmt].extra, fmt).dump(model, path)
     else:
         raise InvalidRequest(
             f"an estimator saves as format 'sklearn' (joblib), 'skops' or 'pickle', not {fmt!r}"
@@ -228,18 +234,19 @@ def _write_torch(model: Any, tmp: Path, example: np.ndarray | None, options: dic
         spec = TensorSpec(name="input-0", datatype="FP32", shape=[-1, *example.shape[1:]])
     if fmt == "torch-state-dict":
         options = {**options, **_module_class_options(model, init_kwargs)}
-        path = tmp / "model.pt"
+        path = _model_file(tmp, fmt)
         torch.save(model.state_dict(), path)
     elif fmt == "safetensors":
         options = {**options, **_module_class_options(model, init_kwargs)}
-        path = tmp / "model.safetensors"
+        path = _model_file(tmp, fmt)
         try:
-            require("safetensors.torch", "torch", fmt).save_file(model.state_dict(), str(path))
+            st = require("safetensors.torch", FORMAT_FACTS[fmt].extra, fmt)
+            st.save_file(model.state_dict(), str(path))
         except (RuntimeError, ValueError) as exc:
             # NOTE: e.g. tied weights (two names, one storage), which safetensors refuses.
             raise InvalidRequest(f"safetensors cannot store this state dict: {exc}") from exc
     elif fmt == "torchscript":
-        path = tmp / "model.pt"
+        path = _model_file(tmp, fmt)
         try:
             scripted = torch.jit.script(model)
         except Exception as exc:
@@ -258,7 +265,7 @@ def _write_torch(model: Any, tmp: Path, example: np.ndarray | None, options: dic
             # NOTE: torch.export specialises a batch of 1; two rows keep the batch dimension dynamic.
             x = torch.cat([x, x])
         program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
-        path = tmp / "model.pt2"
+        path = _model_file(tmp, fmt)
         torch.export.save(program, str(path))
     else:
         raise InvalidRequest(
@@ -317,7 +324,7 @@ def _check_init_kwargs(cls: type, given: Any) -> dict[str, Any]:
 def _write_keras(model: Any, tmp: Path, example: np.ndarray | None, options: dict[str, Any]) -> _Saved:
     from serving.formats.keras_tf import KerasPredictor
 
-    path = tmp / "model.keras"
+    path = _model_file(tmp, "keras")
     model.save(str(path))
     saved = _Saved(path, "keras", options)
     predictor = KerasPredictor(model, None, None)

@@ -36,12 +36,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Literal
 
 from serving import metrics
 from serving.errors import NotFound, StoreError, UntrustedArtifact
 from serving.fileio import atomic_write
 from serving.formats.base import LoadPolicy
+from serving.formats.table import FORMAT_FACTS, LoadClass
 from serving.hardening import check_framework_versions, harden_process
 from serving.manifest import SIGNATURE_NAME, Alias, Manifest
 from serving.repository import Repository, Resolved
@@ -60,24 +60,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LoadClass = Literal["safe", "restricted", "unrestricted"]
-
-# NOTE: by format name as serving.formats registers them; anything not listed is
-# treated as unrestricted, so a new format is opt-in until someone classifies it.
-_FORMAT_CLASS: dict[str, LoadClass] = {
-    "onnx": "safe",  # external data confined to the version directory
-    "keras": "safe",  # .keras archive, safe_mode=True
-    "torch-state-dict": "safe",  # torch.load(weights_only=True); the class must be installed code
-    "safetensors": "safe",
-    "skops": "safe",
-    "sklearn": "restricted",  # joblib through the restricted unpickler
-    "pickle": "restricted",  # plain pickle through the restricted unpickler
-    "keras-h5": "unrestricted",  # no safe mode: Lambda layers run
-    "savedmodel": "unrestricted",  # a TensorFlow graph can call file and process ops
-    "torchscript": "unrestricted",  # a program, loaded by torch.jit.load
-    "torch-export": "unrestricted",  # a program; its loader is not hardened against hostile input
-}
-_UNRESTRICTED_SUFFIXES = (".h5", ".hdf5")
+_UNRESTRICTED_SUFFIXES = FORMAT_FACTS["keras-h5"].suffixes
 _UNRESTRICTED_NAMES = ("saved_model.pb", "saved_model.pbtxt")
 
 
@@ -93,7 +76,9 @@ def load_class(manifest: Manifest) -> LoadClass:
             return "unrestricted"
     if manifest.options.get("unrestricted") is True:
         return "unrestricted"
-    return _FORMAT_CLASS.get(manifest.format, "unrestricted")
+    facts = FORMAT_FACTS.get(manifest.format)
+    # NOTE: a format serving does not know is unrestricted: opt-in until someone classifies it.
+    return facts.load_class if facts is not None else "unrestricted"
 
 
 @dataclass(frozen=True)

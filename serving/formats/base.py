@@ -13,6 +13,8 @@ import numpy as np
 
 from serving.manifest import Manifest, TensorSpec
 
+from .table import FormatFacts
+
 
 @dataclass(frozen=True)
 class LoadPolicy:
@@ -91,7 +93,12 @@ class Predictor(ABC):
 
 
 class Format(ABC):
-    """How one artifact format is recognised, saved and loaded."""
+    """How one artifact format is recognised, saved and loaded.
+
+    A subclass names its row of :data:`serving.formats.table.FORMAT_FACTS`
+    (``class OnnxFormat(Format, facts=FORMAT_FACTS["onnx"])``), which sets the
+    attributes below.
+    """
 
     name: str
     framework: str
@@ -101,10 +108,23 @@ class Format(ABC):
     """Loading it can run code the artifact carries (a graph or program, not just
     weights). ``load_predictor`` refuses such formats unless the policy says
     ``allow_unrestricted`` (a signed version the operator opted in)."""
+    suffixes: tuple[str, ...] = ()
+    """File extensions it loads."""
+    frameworks: tuple[str, ...] = ()
+    """Distributions that provide the framework, preferred first (defaults to ``framework``)."""
+
+    def __init_subclass__(cls, facts: FormatFacts | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if facts is not None:
+            cls.name, cls.framework, cls.extra = facts.name, facts.framework, facts.extra
+            cls.runs_code, cls.suffixes, cls.frameworks = facts.runs_code, facts.suffixes, facts.frameworks
 
     def framework_version(self) -> str | None:
-        """The installed framework's version, recorded in manifests; None if absent."""
-        return installed_version(self.framework)
+        """The first installed framework's version, recorded in manifests; None if absent."""
+        for package in self.frameworks or (self.framework,):
+            if (found := installed_version(package)) is not None:
+                return found
+        return None
 
     @abstractmethod
     def detect(self, path: Path) -> bool:

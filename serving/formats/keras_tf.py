@@ -12,7 +12,8 @@ from serving.errors import LoadError, UntrustedArtifact
 from serving.manifest import Manifest, TensorSpec, check_relative_path
 
 from ._common import check_zip_expansion, pick_inputs, primary_file, require, shape_of, to_numpy_outputs
-from .base import Format, LoadPolicy, Predictor, installed_version, oip_datatype
+from .base import Format, LoadPolicy, Predictor, oip_datatype
+from .table import FORMAT_FACTS
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -86,12 +87,8 @@ def _to_numpy(keras: Any, result: Any) -> Any:
     return keras.ops.convert_to_numpy(result)
 
 
-class KerasFormat(Format):
+class KerasFormat(Format, facts=FORMAT_FACTS["keras"]):
     """A Keras 3 ``.keras`` archive, loaded in safe mode (no lambda bytecode)."""
-
-    name = "keras"
-    framework = "keras"
-    extra = "tensorflow"
 
     def detect(self, path: Path) -> bool:
         if not path.is_file() or not zipfile.is_zipfile(path):
@@ -102,19 +99,14 @@ class KerasFormat(Format):
 
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
         keras = require("keras", self.extra, self.name)
-        path = primary_file(root, manifest, (".keras",))
+        path = primary_file(root, manifest, self.suffixes)
         check_zip_expansion(path, policy.expansion_limit(path.stat().st_size))
         model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
         return KerasPredictor(model, manifest.inputs, manifest.outputs)
 
 
-class KerasH5Format(Format):
+class KerasH5Format(Format, facts=FORMAT_FACTS["keras-h5"]):
     """A legacy HDF5 Keras model; refused unless the policy allows it (no safe mode)."""
-
-    name = "keras-h5"
-    runs_code = True
-    framework = "keras"
-    extra = "tensorflow"
 
     def detect(self, path: Path) -> bool:
         if not path.is_file():
@@ -131,7 +123,7 @@ class KerasH5Format(Format):
                 f"or re-save it as .keras"
             )
         keras = require("keras", self.extra, self.name)
-        path = primary_file(root, manifest, (".h5", ".hdf5"))
+        path = primary_file(root, manifest, self.suffixes)
         model = keras.saving.load_model(str(path), compile=False)
         return KerasPredictor(model, manifest.inputs, manifest.outputs)
 
@@ -187,16 +179,8 @@ def load_savedmodel(path: Path, manifest: Manifest | None = None) -> SavedModelP
     return SavedModelPredictor(loaded, signature, manifest)
 
 
-class SavedModelFormat(Format):
+class SavedModelFormat(Format, facts=FORMAT_FACTS["savedmodel"]):
     """A TensorFlow SavedModel directory, served through its ``serving_default`` signature."""
-
-    name = "savedmodel"
-    runs_code = True
-    framework = "tensorflow-cpu"
-    extra = "tensorflow"
-
-    def framework_version(self) -> str | None:
-        return super().framework_version() or installed_version("tensorflow")
 
     def detect(self, path: Path) -> bool:
         return path.is_dir() and (path / "saved_model.pb").is_file()

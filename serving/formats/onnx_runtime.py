@@ -13,6 +13,7 @@ from serving.manifest import Manifest, TensorSpec
 
 from ._common import pick_inputs, primary_file, require, shape_of
 from .base import Format, LoadPolicy, Predictor
+from .table import FORMAT_FACTS
 
 # onnxruntime's type strings ("tensor(float)") -> OIP datatypes.
 _ORT_TYPES = {
@@ -127,11 +128,7 @@ def check_external_data(model_path: Path, root: Path) -> None:
             )
 
 
-class OnnxFormat(Format):
-    name = "onnx"
-    framework = "onnxruntime"
-    extra = "onnx"
-
+class OnnxFormat(Format, facts=FORMAT_FACTS["onnx"]):
     def detect(self, path: Path) -> bool:
         if path.is_file():
             return path.suffix.lower() == ".onnx"
@@ -139,7 +136,7 @@ class OnnxFormat(Format):
 
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
         ort = require("onnxruntime", self.extra, self.name)
-        path = primary_file(root, manifest, (".onnx",))
+        path = primary_file(root, manifest, self.suffixes)
         check_external_data(path, root)
         options = ort.SessionOptions()
         threads = manifest.options.get("intra_op_num_threads")

@@ -19,10 +19,11 @@ from serving.manifest import Manifest, TensorSpec
 from . import guard, unpickler
 from ._common import default_inputs, pick_inputs, primary_file
 from .base import Format, LoadPolicy, Predictor, oip_datatype
+from .table import FORMAT_FACTS
 
 _METHODS = ("predict", "predict_proba", "decision_function")
-_JOBLIB_SUFFIXES = (".joblib", ".jbl")
-_PICKLE_SUFFIXES = (".pkl", ".pickle", ".pck")
+_JOBLIB_SUFFIXES = FORMAT_FACTS["sklearn"].suffixes
+_PICKLE_SUFFIXES = FORMAT_FACTS["pickle"].suffixes
 # joblib compresses with these; the magic numbers let detection look past the extension.
 _COMPRESSED_MAGIC = (
     b"ZF",
@@ -108,12 +109,8 @@ def _mentions_joblib(path: Path) -> bool:
         return b"joblib.numpy_pickle" in f.read(1024 * 1024)
 
 
-class SklearnFormat(Format):
+class SklearnFormat(Format, facts=FORMAT_FACTS["sklearn"]):
     """An estimator saved with ``joblib.dump`` (optionally compressed)."""
-
-    name = "sklearn"
-    framework = "scikit-learn"
-    extra = "sklearn"
 
     def detect(self, path: Path) -> bool:
         if not path.is_file():
@@ -135,12 +132,8 @@ class SklearnFormat(Format):
         return checked_estimator(model, path, manifest, policy)
 
 
-class PickleFormat(Format):
+class PickleFormat(Format, facts=FORMAT_FACTS["pickle"]):
     """An estimator (or any object with ``predict``) saved with ``pickle.dump``."""
-
-    name = "pickle"
-    framework = "scikit-learn"
-    extra = "sklearn"
 
     def detect(self, path: Path) -> bool:
         if not path.is_file():

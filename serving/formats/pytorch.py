@@ -29,9 +29,7 @@ from ._common import (
     to_numpy_outputs,
 )
 from .base import Format, LoadPolicy, Predictor
-
-_STATE_SUFFIXES = (".pt", ".pth", ".bin")
-_EXPORT_SUFFIXES = (".pt2",)
+from .table import FORMAT_FACTS
 
 
 class TorchPredictor(Predictor):
@@ -192,23 +190,20 @@ class ModuleClass:
 _ELEMENT_SLACK = 1 << 20
 
 
-class TorchStateDictFormat(Format):
+class TorchStateDictFormat(Format, facts=FORMAT_FACTS["torch-state-dict"]):
     """``torch.save(model.state_dict())`` plus the module class in the manifest options."""
-
-    name = "torch-state-dict"
-    framework = "torch"
-    extra = "torch"
 
     def detect(self, path: Path) -> bool:
         names = _zip_names(path)
         if names:
             return _is_torch_zip(names) and not _is_torchscript(names) and not _is_torch_export(names)
+        # NOTE: not .bin, which it loads but which is too generic to claim a file by its name.
         return path.is_file() and path.suffix.lower() in (".pt", ".pth")
 
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
         torch = require("torch", self.extra, self.name)
         module_class = ModuleClass.from_options(manifest)
-        path = primary_file(root, manifest, _STATE_SUFFIXES)
+        path = primary_file(root, manifest, self.suffixes)
         if zipfile.is_zipfile(path):
             check_zip_expansion(path, policy.expansion_limit(path.stat().st_size))
         try:
@@ -221,41 +216,31 @@ class TorchStateDictFormat(Format):
         return module_class.predictor(state, manifest)
 
 
-class TorchScriptFormat(Format):
+class TorchScriptFormat(Format, facts=FORMAT_FACTS["torchscript"]):
     """A ``torch.jit.save`` archive."""
-
-    name = "torchscript"
-    runs_code = True
-    framework = "torch"
-    extra = "torch"
 
     def detect(self, path: Path) -> bool:
         return _is_torchscript(_zip_names(path))
 
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
         torch = require("torch", self.extra, self.name)
-        path = primary_file(root, manifest, _STATE_SUFFIXES)
+        path = primary_file(root, manifest, self.suffixes)
         module = torch.jit.load(str(path), map_location="cpu")
         module.eval()
         return TorchPredictor(module, default_inputs(manifest, "FP32"), manifest.outputs)
 
 
-class TorchExportFormat(Format):
+class TorchExportFormat(Format, facts=FORMAT_FACTS["torch-export"]):
     """A ``torch.export.save`` program (``.pt2``)."""
-
-    name = "torch-export"
-    runs_code = True
-    framework = "torch"
-    extra = "torch"
 
     def detect(self, path: Path) -> bool:
         names = _zip_names(path)
         return _is_torch_export(names) or (
-            not names and path.is_file() and path.suffix.lower() in _EXPORT_SUFFIXES
+            not names and path.is_file() and path.suffix.lower() in self.suffixes
         )
 
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
         torch = require("torch", self.extra, self.name)
-        path = primary_file(root, manifest, _EXPORT_SUFFIXES)
+        path = primary_file(root, manifest, self.suffixes)
         program = torch.export.load(str(path))
         return TorchPredictor(program.module(), default_inputs(manifest, "FP32"), manifest.outputs)

@@ -17,8 +17,8 @@ from serving.manifest import Manifest
 from ._common import primary_file, require
 from .base import Format, LoadPolicy, Predictor
 from .pytorch import ModuleClass
+from .table import FORMAT_FACTS
 
-_SUFFIXES = (".safetensors",)
 # NOTE: the safetensors library refuses headers above 100 MB; detection reads no more.
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -46,21 +46,17 @@ def _has_safetensors_header(path: Path) -> bool:
     )
 
 
-class SafetensorsFormat(Format):
+class SafetensorsFormat(Format, facts=FORMAT_FACTS["safetensors"]):
     """``safetensors.torch.save_file(model.state_dict())`` plus the module class in the options."""
-
-    name = "safetensors"
-    framework = "torch"
-    extra = "torch"
 
     def detect(self, path: Path) -> bool:
         if not path.is_file():
             return False
-        return path.suffix.lower() in _SUFFIXES or _has_safetensors_header(path)
+        return path.suffix.lower() in self.suffixes or _has_safetensors_header(path)
 
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
         st = require("safetensors.torch", self.extra, self.name)
         module_class = ModuleClass.from_options(manifest)
-        path = primary_file(root, manifest, _SUFFIXES)
+        path = primary_file(root, manifest, self.suffixes)
         state = st.load_file(str(path), device="cpu")
         return module_class.predictor(state, manifest)

@@ -25,8 +25,8 @@ from . import unpickler
 from ._common import check_zip_expansion, primary_file, require
 from .base import Format, LoadPolicy, Predictor
 from .pickled import checked_estimator
+from .table import FORMAT_FACTS
 
-_SUFFIXES = (".skops",)
 _SCHEMA = "schema.json"
 
 
@@ -79,17 +79,13 @@ def _key_type_names(key_types: Any) -> set[str]:
     return out
 
 
-class SkopsFormat(Format):
+class SkopsFormat(Format, facts=FORMAT_FACTS["skops"]):
     """An estimator saved with ``skops.io.dump``; outputs as for ``sklearn``."""
-
-    name = "skops"
-    framework = "scikit-learn"
-    extra = "skops"
 
     def detect(self, path: Path) -> bool:
         if not path.is_file():
             return False
-        if path.suffix.lower() in _SUFFIXES:
+        if path.suffix.lower() in self.suffixes:
             return True
         if not zipfile.is_zipfile(path):
             return False
@@ -97,7 +93,7 @@ class SkopsFormat(Format):
             return _SCHEMA in z.namelist()
 
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
-        path = primary_file(root, manifest, _SUFFIXES)
+        path = primary_file(root, manifest, self.suffixes)
         return checked_estimator(load_skops(path, policy), path, manifest, policy)
 
 

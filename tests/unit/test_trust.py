@@ -174,10 +174,12 @@ def test_remembered_signature_is_kept_per_node(repo: Repository, tmp_path: Path,
 
 
 def test_the_loaders_own_guard_and_the_trust_classes_agree() -> None:
-    """Every format that runs code on load is 'unrestricted' to check_trust, and no other."""
+    """Every registered format has one row of facts; those that run code on load are
+    'unrestricted' to check_trust, and no other."""
     from serving.formats import FORMATS
-    from serving.trust import _FORMAT_CLASS
+    from serving.formats.table import FORMAT_FACTS
 
+    assert set(FORMATS) == set(FORMAT_FACTS)
     runs_code = {name for name, fmt in FORMATS.items() if fmt.runs_code}
-    unrestricted = {name for name, cls in _FORMAT_CLASS.items() if cls == "unrestricted"}
+    unrestricted = {name for name, facts in FORMAT_FACTS.items() if facts.load_class == "unrestricted"}
     assert runs_code == unrestricted
