@@ -57,6 +57,7 @@ serve: $(SERVE_STAMP)
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check serving tests bench scripts
 	$(VENV)/bin/ruff format --check serving tests bench scripts
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: $(TEST_STAMP)
 	$(VENV)/bin/mypy serving

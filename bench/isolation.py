@@ -6,7 +6,7 @@ local store and pulled into a ``LoaderCache`` once. Then, in alternating
 rounds, ``ModelSlot.swap_to`` swaps to the version again in two slots:
 
 - ``in_process``: no prober, the serving process loads directly (as before);
-- ``isolated``: a :class:`serving.isolation.Prober` with nothing remembered,
+- ``isolated``: a :class:`serving.isolation.prober.Prober` with nothing remembered,
   so every swap pays the probe child's load as a version's first swap on a
   node does (helper already started, as it is after the first swap);
 - ``remembered``: the same, with the node's pass remembered (what a replica
@@ -43,8 +43,8 @@ def run_case(case: str, repo: Any, cache: Any, ref: str, work: Path) -> dict[str
 
     from serving.cache import LoaderCache
     from serving.formats.base import LoadPolicy
-    from serving.isolation import IsolationLimits, Prober
-    from serving.slot import ModelSlot
+    from serving.isolation.prober import IsolationLimits, Prober
+    from serving.runtime.slot import ModelSlot
 
     resolved = repo.resolve(ref)
     cache.fetch(repo, resolved)

@@ -29,8 +29,8 @@ def main(store: str, cache_dir: str) -> dict[str, Any]:
 
     from serving.cache import LoaderCache
     from serving.repository import Repository
+    from serving.runtime.slot import ModelSlot
     from serving.settings import Settings
-    from serving.slot import ModelSlot
     from serving.store import open_store
 
     settings = Settings(store=store, cache_dir=Path(cache_dir))

@@ -621,14 +621,6 @@ class LoaderCache:
 
     def _keys(self) -> Keyring | None:
         """The keyring, built on first use when the cache was given a function for it."""
-        if self._keyring is None:
-            # NOTE: transitional (issue 19): serving.runtime.service.build_cache and
-            # serving.cli.context still build the cache without from_settings, so their
-            # encrypted pulls would fail. Delete this once both call from_settings.
-            from serving.encoding import keyring_from_settings
-            from serving.settings import get_settings
-
-            self._keyring = functools.partial(keyring_from_settings, get_settings())
         if callable(self._keyring):
             self._keyring = self._keyring()
         return self._keyring

@@ -199,7 +199,7 @@ class LoadError(ServingError):
 class IsolationFailed(LoadError):
     """A version's first load, run in a child under resource limits, did not come back.
 
-    ``reason`` is one of :data:`serving.isolation.REASONS` (a bounded metric label):
+    ``reason`` is one of :data:`serving.isolation.prober.REASONS` (a bounded metric label):
     ``crash`` (killed by SIGSEGV, SIGBUS, SIGILL, SIGABRT, SIGFPE or died without
     a result), ``oom`` (MemoryError or the memory limit), ``timeout`` (wall clock
     or CPU time) or ``exec`` (tried to start a process).

@@ -7,7 +7,7 @@ per-node exporter serves every replica's series on the node's metrics port
 below are the ones seen in-process, the README lists both.
 
 Labels are bounded: model, version, outcome, status code, and the version's role
-(``live``, ``canary`` or ``shadow``, see :mod:`serving.traffic`). Never request ids.
+(``live``, ``canary`` or ``shadow``, see :mod:`serving.runtime.traffic`). Never request ids.
 """
 
 from __future__ import annotations

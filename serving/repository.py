@@ -12,7 +12,6 @@ readers never see a half-written version. Moving an alias is one object write,
 from __future__ import annotations
 
 import getpass
-import hashlib
 import logging
 import socket
 from abc import ABC, abstractmethod
@@ -30,6 +29,7 @@ from serving.errors import (
     VersionExists,
     VersionNotFound,
 )
+from serving.fileio import hash_file
 from serving.manifest import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -89,16 +89,6 @@ class AliasCheck:
 
     alias: Alias | None
     etag: str
-
-
-def hash_file(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
 
 
 def collect_files(root: Path) -> list[tuple[str, Path]]:

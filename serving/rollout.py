@@ -32,7 +32,7 @@ import httpx
 from serving.errors import InvalidRequest, RolloutAborted, ServingError, StoreUnavailable
 from serving.metrics import LATENCY_BUCKETS
 from serving.repository import Abort, AliasMove, AliasWriter, Promote, Repository, SetCanary, SetShadow
-from serving.traffic import quantile
+from serving.runtime.traffic import quantile
 
 log = logging.getLogger(__name__)
 

@@ -59,14 +59,7 @@ class Context:
     def cache(self) -> LoaderCache:
         from serving.cache import LoaderCache
 
-        s = self.settings
-        return LoaderCache(
-            s.cache_dir,
-            s.cache_max_bytes,
-            max_artifact_bytes=s.max_artifact_bytes,
-            max_artifact_files=s.max_artifact_files,
-            reverify_s=s.cache_reverify_s,
-        )
+        return LoaderCache.from_settings(self.settings)
 
     @property
     def progress(self) -> ProgressFactory | None:

@@ -3,7 +3,7 @@
 The format classes (:mod:`serving.formats`) take their name, framework, pip
 extra and file extensions from it; :mod:`serving.trust` its load class;
 :mod:`serving.hardening` the packages whose minimum versions it checks;
-:mod:`serving.isolation` whether ``isolation: auto`` isolates it and what the
+:mod:`serving.isolation.prober` whether ``isolation: auto`` isolates it and what the
 helper imports ahead of a probe; :mod:`serving.save` and
 :mod:`serving.mlflow_import` its file extensions. Nothing here imports a framework.
 

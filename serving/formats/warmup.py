@@ -1,7 +1,7 @@
 """Warm-up: run a version's example once and check its outputs against the manifest.
 
-Both the serving process (:mod:`serving.slot`) and the isolation probe child
-(:mod:`serving.isolation`) warm a freshly loaded Predictor up with this before
+Both the serving process (:mod:`serving.runtime.slot`) and the isolation probe child
+(:mod:`serving.isolation.prober`) warm a freshly loaded Predictor up with this before
 it may serve.
 """
 

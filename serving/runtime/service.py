@@ -25,16 +25,16 @@ from serving.cache import LoaderCache
 from serving.config import AppConfig, ModelConfig
 from serving.errors import InvalidInput, ServingError
 from serving.formats.base import LoadPolicy
-from serving.isolation import IsolationLimits, Prober
+from serving.isolation.prober import IsolationLimits, Prober
 from serving.protocol.tensors import check_reply_size, conform, select_outputs
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
 from serving.repository import Repository, Resolved
+from serving.runtime.slot import Live, ModelSlot, ResidentVersions
+from serving.runtime.traffic import Figures, Router, disagrees, merge
+from serving.runtime.watcher import AliasWatcher, Split
 from serving.settings import Settings
-from serving.slot import Live, ModelSlot, ResidentVersions
 from serving.store import open_store
-from serving.traffic import Figures, Router, disagrees, merge
 from serving.trust import check_trust
-from serving.watcher import AliasWatcher, Split
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,7 @@ _CLIENT_ERRNOS = frozenset(
 
 
 def build_cache(app: AppConfig, settings: Settings) -> LoaderCache:
-    return LoaderCache(
-        app.cache_dir or settings.cache_dir,
-        app.cache_max_bytes if app.cache_max_bytes is not None else settings.cache_max_bytes,
-        max_artifact_bytes=settings.max_artifact_bytes,
-        max_artifact_files=settings.max_artifact_files,
-        reverify_s=settings.cache_reverify_s,
-    )
+    return LoaderCache.from_settings(settings, root=app.cache_dir, max_bytes=app.cache_max_bytes)
 
 
 def build_prober(model: ModelConfig, settings: Settings, cache: LoaderCache) -> Prober | None:
@@ -356,7 +350,7 @@ class ShadowMirror:
     :meth:`offer` never blocks: it picks ``fraction`` of the requests and queues
     their decoded inputs and the live outputs; when the queue is full the mirror
     is dropped and counted. The worker compares each shadow answer with the live
-    one (:func:`serving.traffic.disagrees`) and counts the request under the
+    one (:func:`serving.runtime.traffic.disagrees`) and counts the request under the
     ``shadow`` role. Nothing it does reaches the client.
     """
 

@@ -16,7 +16,7 @@ uvicorn processes that share the node-local loader cache; each follows the
 alias on its own).
 
 Per model, one background thread loads the first version and then runs
-:func:`serving.watcher.run_forever`; ``POST /v2/repository/models/{name}/load``
+:func:`serving.runtime.watcher.run_forever`; ``POST /v2/repository/models/{name}/load``
 cuts its wait short (a forced tick) and answers once that tick is done. Model
 loading never runs on the event loop; predict does while the model is fast
 (``offload_predict_after_ms``; ``--predict thread`` always moves it to worker
@@ -51,11 +51,11 @@ import orjson
 from serving.config import AppConfig
 from serving.dataplane import DataPlane
 from serving.runtime.service import ModelService
+from serving.runtime.watcher import run_forever
 from serving.server.asgi import Receive, Scope, Send, request_from_asgi, send_reply
 from serving.server.local import LocalLoads, LocalModel, Waker
 from serving.server.rest import RestApi
 from serving.settings import Settings, get_settings
-from serving.watcher import run_forever
 
 log = logging.getLogger(__name__)
 

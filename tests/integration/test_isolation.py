@@ -18,7 +18,7 @@ from hostile_modules import crafted_kd_tree, crafted_tree, good_iris
 from serving.cache import CachedVersion, LoaderCache
 from serving.errors import IsolationFailed, LoadError, UntrustedArtifact
 from serving.formats.base import LoadPolicy
-from serving.isolation import IsolationLimits, Prober
+from serving.isolation.prober import IsolationLimits, Prober
 from serving.publish import publish_path
 from serving.repository import Repository
 from serving.store.local import LocalStore
@@ -228,7 +228,7 @@ def test_the_helper_is_restarted_after_it_dies(versions: Versions, tmp_path: Pat
 def test_auto_leaves_onnx_and_keras_in_process_and_never_isolates_nothing(
     versions: Versions, tmp_path: Path
 ) -> None:
-    from serving.isolation import needs_isolation
+    from serving.isolation.prober import needs_isolation
 
     cached = versions.add(good_iris(tmp_path / "iris.joblib"), "sklearn")
     assert needs_isolation("auto", cached.manifest)

@@ -89,7 +89,7 @@ def test_a_replica_that_starts_on_a_failing_target_serves_the_last_good_version(
     store.move_alias("tree", "production", SetTarget("2"))
     restarted = make_service(tmp_path, "tree")
     try:
-        with caplog.at_level(logging.WARNING, logger="serving.watcher"):
+        with caplog.at_level(logging.WARNING, logger="serving.runtime.watcher"):
             restarted.start()
         assert infer(restarted) == (200, "1")
         status = restarted.status()
@@ -128,7 +128,7 @@ def test_the_helper_does_not_outlive_a_terminated_parent(tmp_path: Path) -> None
         from serving.store.local import LocalStore
         from serving.cache import LoaderCache
         from serving.formats.base import LoadPolicy
-        from serving.isolation import Prober
+        from serving.isolation.prober import Prober
         repo = Repository(LocalStore({str(tmp_path / "store")!r}))
         publish_path(repo, __import__("pathlib").Path({str(model)!r}), "iris", version="1", format="sklearn")
         cache = LoaderCache({str(tmp_path / "cache")!r})

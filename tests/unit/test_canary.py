@@ -20,9 +20,9 @@ from serving.errors import AliasNotFound, InvalidRequest, VersionNotFound
 from serving.manifest import Alias, CanaryTarget
 from serving.repository import Abort, Promote, Repository, SetCanary, SetShadow, SetTarget
 from serving.rollout import Thresholds, Window, judge_canary, judge_shadow, window
+from serving.runtime.traffic import Figures, Router, disagrees, merge, quantile, sticky_bucket
 from serving.signing import generate_keypair, load_signing_key, load_trusted_keys, sign_alias, verify_alias
 from serving.store.local import LocalStore
-from serving.traffic import Figures, Router, disagrees, merge, quantile, sticky_bucket
 
 SHA = "a" * 64
 

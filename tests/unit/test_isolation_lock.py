@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from serving.isolation import _node_lock
+from serving.isolation.prober import _node_lock
 
 
 def test_the_lock_is_taken_when_free_and_released_on_exit(tmp_path: Path) -> None:

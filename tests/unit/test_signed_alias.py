@@ -14,12 +14,12 @@ from serving.errors import UntrustedArtifact
 from serving.formats.base import LoadPolicy, Predictor
 from serving.manifest import Alias, Manifest, TensorSpec
 from serving.repository import Repository, Rollback, SetCanary, SetTarget, collect_files, file_entries
+from serving.runtime.slot import ModelSlot
+from serving.runtime.watcher import AliasWatcher
 from serving.settings import Settings
 from serving.signing import SigningKey, alias_signer, generate_keypair, load_signing_key, sign_manifest
-from serving.slot import ModelSlot
 from serving.store.local import LocalStore
 from serving.trust import check_alias, check_trust
-from serving.watcher import AliasWatcher
 
 SPEC = [TensorSpec(name="x", datatype="FP64", shape=[-1, 1])]
 

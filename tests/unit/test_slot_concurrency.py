@@ -16,7 +16,7 @@ from serving.errors import NotFound, Overloaded, VersionNotFound
 from serving.formats.base import LoadPolicy, Predictor
 from serving.manifest import Manifest, TensorSpec
 from serving.repository import Repository, Resolved, collect_files, file_entries
-from serving.slot import ModelSlot, ResidentVersions
+from serving.runtime.slot import ModelSlot, ResidentVersions
 from serving.store.local import LocalStore
 
 SPEC = [TensorSpec(name="x", datatype="FP64", shape=[-1, 1])]
@@ -113,7 +113,7 @@ def test_a_swap_landing_between_reading_live_and_leasing_it_is_harmless(
     slot: ModelSlot, repo: Repository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The race made deterministic: the old version is retired (and closed) right before the lease."""
-    from serving.slot import Live
+    from serving.runtime.slot import Live
 
     slot.swap_to(repo.resolve("m:1"))
     real = Live.try_acquire

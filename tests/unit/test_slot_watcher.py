@@ -14,9 +14,9 @@ from serving.errors import IntegrityError, LoadError, NotReady
 from serving.formats.base import LoadPolicy, Predictor
 from serving.manifest import Manifest, TensorSpec
 from serving.repository import Repository, Rollback, SetTarget, collect_files, file_entries
-from serving.slot import ModelSlot, ResidentVersions
+from serving.runtime.slot import ModelSlot, ResidentVersions
+from serving.runtime.watcher import AliasWatcher
 from serving.store.local import LocalStore
-from serving.watcher import AliasWatcher
 
 SPEC_IN = [TensorSpec(name="x", datatype="FP64", shape=[-1, 1])]
 SPEC_OUT = [TensorSpec(name="y", datatype="FP64", shape=[-1, 1])]
@@ -251,7 +251,7 @@ def test_each_swap_and_rollback_is_one_structured_log_line(repo, cache, tmp_path
     _slot, watcher = make(repo, cache, Clock())
     watcher.start()
     watcher.tick()
-    with caplog.at_level("INFO", logger="serving.slot"):
+    with caplog.at_level("INFO", logger="serving.runtime.slot"):
         repo.move_alias("m", "production", SetTarget("2"))
         watcher.tick()
         repo.move_alias("m", "production", Rollback())
@@ -259,7 +259,7 @@ def test_each_swap_and_rollback_is_one_structured_log_line(repo, cache, tmp_path
     events = [
         (r.event, r.from_version, r.to_version, r.reason)  # type: ignore[attr-defined]
         for r in caplog.records
-        if r.name == "serving.slot"
+        if r.name == "serving.runtime.slot"
     ]
     assert events == [("swap", "1", "2", "alias moved"), ("rollback", "2", "1", "rollback")]
     assert all(isinstance(r.duration_s, float) for r in caplog.records)  # type: ignore[attr-defined]

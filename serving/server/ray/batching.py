@@ -13,8 +13,8 @@ from serving.errors import ServingError
 from serving.protocol.tensors import conform
 from serving.protocol.types import InferRequest, InferResponse
 from serving.runtime.service import ModelService
+from serving.runtime.slot import Live
 from serving.server.local import LocalModel
-from serving.slot import Live
 
 
 @dataclass(frozen=True)

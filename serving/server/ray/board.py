@@ -22,7 +22,7 @@ from ray import serve
 
 from serving.config import AppConfig
 from serving.runtime.service import ModelService
-from serving.watcher import run_forever
+from serving.runtime.watcher import run_forever
 
 BOARD_NAMESPACE = "serving"
 HEAD_NODE_RESOURCE = "node:__internal_head__"

@@ -23,7 +23,7 @@ from serving.cache import CachedVersion, LoaderCache, Pin
 from serving.errors import IsolationFailed, LoadError, NotFound, NotReady, Overloaded, ServingError
 from serving.formats.base import LoadPolicy, Predictor
 from serving.formats.warmup import warm_up
-from serving.isolation import Prober
+from serving.isolation.prober import Prober
 from serving.manifest import Manifest
 from serving.repository import Repository, Resolved
 
@@ -109,7 +109,7 @@ class ModelSlot:
         prober: Prober | None = None,
     ) -> None:
         """``prober``: load and warm up each version in a limited child first
-        (:mod:`serving.isolation`); None loads in this process directly. The slot
+        (:mod:`serving.isolation.prober`); None loads in this process directly. The slot
         closes it with itself."""
         self.name = name
         self.repo = repo

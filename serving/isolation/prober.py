@@ -285,7 +285,7 @@ class Prober:
             [
                 sys.executable,
                 "-m",
-                "serving.isolation",
+                "serving.isolation.prober",
                 str(os.getpid()),
                 str(self.idle_s),
                 str(self.limits.nice),
@@ -408,7 +408,7 @@ def _close_all() -> None:
 
 
 # ---------------------------------------------------------------------------------
-# The helper process (``python -m serving.isolation PARENT_PID IDLE_S [NICE]``)
+# The helper process (``python -m serving.isolation.prober PARENT_PID IDLE_S [NICE]``)
 # ---------------------------------------------------------------------------------
 def _prctl(option: int, arg: int) -> None:
     import ctypes

@@ -18,7 +18,7 @@ from serving import metrics
 from serving.errors import AliasNotFound, IntegrityError, ServingError, StoreError
 from serving.manifest import CanaryTarget, ShadowTarget, sha256_bytes
 from serving.repository import Resolved
-from serving.slot import ModelSlot
+from serving.runtime.slot import ModelSlot
 
 log = logging.getLogger(__name__)
 
