@@ -104,8 +104,16 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
         os.environ.setdefault(key, value)
     # NOTE: HAProxy's stats and metrics ports and its fallback proxy's are fixed unless set;
     # on a shared machine a second server would fail to start. Free ones here, the defaults in a pod.
+    # NOTE: never one of this server's own ports, nor one picked twice: the kernel may hand
+    # back a port just released, and Ray's fallback gRPC proxy then failed to bind at start.
+    taken = {args.port, args.metrics_port, args.grpc_port}
     for key in HAPROXY_PORT_ENV:
-        os.environ.setdefault(key, str(free_port(args.host)))
+        if key not in os.environ:
+            port = free_port(args.host)
+            while port in taken:
+                port = free_port(args.host)
+            taken.add(port)
+            os.environ[key] = str(port)
     become_subreaper()
     stop = threading.Event()
     received: list[str] = []
