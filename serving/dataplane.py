@@ -98,14 +98,14 @@ class DataPlane:
         self._load_timeout_s = load_timeout_s
         self._waits: dict[tuple[str, int], asyncio.Task[bool]] = {}
 
-    def model(self, name: str) -> ModelPort:
-        """The port of a served model.
+    def model(self, name: str, version: str | None = None) -> ModelPort:
+        """The port of a served model, with the model name (and version, if given) checked.
 
         Raises:
-            InvalidReference: ``name`` is not a plain name (``iris/versions/7``).
+            InvalidReference: ``name`` or ``version`` is not a plain name (``iris/versions/7``).
             ModelNotFound: no such model is served here.
         """
-        check_model(name)
+        check_model(name, version)
         port = self.models.get(name)
         if port is None:
             raise ModelNotFound(
@@ -127,14 +127,10 @@ class DataPlane:
         return ServerMetadata("serving", __version__, list(EXTENSIONS))
 
     async def model_metadata(self, model: str, version: str | None = None) -> ModelMetadata:
-        port = self.model(model)
-        check_model(model, version)
-        return await port.metadata(version)
+        return await self.model(model, version).metadata(version)
 
     async def model_ready(self, model: str, version: str | None = None) -> bool:
-        port = self.model(model)
-        check_model(model, version)
-        return await port.ready(version)
+        return await self.model(model, version).ready(version)
 
     # -- inference --------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -149,8 +145,7 @@ class DataPlane:
         A request that does not decode (malformed JSON, a bad shape) is counted in
         the model's request metrics, as one that reached it is, and its error raised.
         """
-        port = self.model(model)
-        check_model(model, version)
+        port = self.model(model, version)
         try:
             request = decode()
         except ServingError as exc:
