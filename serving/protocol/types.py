@@ -153,6 +153,11 @@ class ErrorInfo:
     retry_after_s: int | None = None
 
 
+def status_of(exc: BaseException) -> int:
+    """The status an error answers with (500 for anything not a ServingError), without logging it."""
+    return exc.status_code if isinstance(exc, ServingError) else 500
+
+
 def describe_error(exc: BaseException) -> ErrorInfo:
     """The one error handler: client mistakes keep their 4xx and message, never a 500.
 

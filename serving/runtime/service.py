@@ -27,7 +27,7 @@ from serving.errors import InvalidInput, ServingError
 from serving.formats.base import LoadPolicy
 from serving.isolation.prober import IsolationLimits, Prober
 from serving.protocol.tensors import check_reply_size, conform, select_outputs
-from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
+from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, status_of
 from serving.repository import Repository, Resolved
 from serving.runtime.slot import Live, ModelSlot, ResidentVersions
 from serving.runtime.traffic import Figures, Router, disagrees, merge
@@ -152,7 +152,7 @@ class ModelService:
                 if answered == "live":
                     mirrored = (inputs, outputs)
         except BaseException as exc:
-            status = exc.status_code if isinstance(exc, ServingError) else 500
+            status = status_of(exc)
             raise
         finally:
             self.observe(served, status, started, role=answered)
@@ -211,9 +211,8 @@ class ModelService:
         if request.primary_only:
             primary = live.predictor.primary_output
             # NOTE: v1 answers one output: the primary, or the first the predictor produced.
-            selected = (
-                {primary: outputs[primary]} if primary in outputs else dict([next(iter(outputs.items()))])
-            )
+            name = primary if primary in outputs else next(iter(outputs))
+            selected = {name: outputs[name]}
         else:
             selected = select_outputs(outputs, request.output_names)
         check_reply_size(selected, self.app.reply_limit)

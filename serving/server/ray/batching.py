@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 from ray import serve
 
-from serving.errors import ServingError
 from serving.protocol.tensors import conform
-from serving.protocol.types import InferRequest, InferResponse
+from serving.protocol.types import InferRequest, InferResponse, status_of
 from serving.runtime.service import ModelService
 from serving.runtime.slot import Live
 from serving.server.local import LocalModel
@@ -60,7 +59,7 @@ class BatchedModel(LocalModel):
                     raise outputs.error
                 return service.respond(live, request, outputs)
         except BaseException as exc:
-            status = exc.status_code if isinstance(exc, ServingError) else 500
+            status = status_of(exc)
             raise
         finally:
             service.observe(served, status, started)
