@@ -32,9 +32,14 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def is_plain_name(value: str) -> bool:
+    """Whether ``value`` passes :func:`check_name`."""
+    return bool(_NAME_RE.fullmatch(value)) and value not in {".", ".."}
+
+
 def check_name(value: str, what: str = "name") -> str:
     """Model names, versions and aliases become path segments: keep them plain."""
-    if not _NAME_RE.match(value) or value in {".", ".."}:
+    if not _NAME_RE.fullmatch(value) or value in {".", ".."}:
         raise InvalidReference(f"invalid {what} {value!r}: use letters, digits, '.', '_' or '-' (max 128)")
     return value
 
@@ -180,7 +185,7 @@ class Manifest(BaseModel):
 
 def _plain(value: str, what: str) -> str:
     # NOTE: ValueError, so pydantic reports it as a validation error of that field.
-    if not _NAME_RE.match(value) or value in {".", ".."}:
+    if not _NAME_RE.fullmatch(value) or value in {".", ".."}:
         raise ValueError(f"invalid {what} {value!r}: use letters, digits, '.', '_' or '-' (max 128)")
     return value
 

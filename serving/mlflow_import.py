@@ -106,11 +106,11 @@ class MlflowRef:
         Raises:
             InvalidReference: it is none of the three forms.
         """
-        if m := _MODELS_ALIAS.match(uri):
+        if m := _MODELS_ALIAS.fullmatch(uri):
             return cls(uri, "alias", model=m["model"], alias=m["alias"])
-        if m := _MODELS_VERSION.match(uri):
+        if m := _MODELS_VERSION.fullmatch(uri):
             return cls(uri, "version", model=m["model"], version=m["version"])
-        if m := _RUNS.match(uri):
+        if m := _RUNS.fullmatch(uri):
             path = m["path"]
             if ".." in path.split("/"):
                 raise InvalidReference(f"MLflow URI {uri!r}: the artifact path may not contain '..'")
@@ -291,18 +291,80 @@ def _find_format(root: Path, fmt: str) -> list[str]:
     return sorted({f for suffix in FORMAT_FACTS[fmt].suffixes for f in _find(root, f"*{suffix}")})
 
 
+MAX_MLMODEL_BYTES = 1024**2
+"""An ``MLmodel`` file is a few hundred bytes; past this it is refused unread."""
+_TEXT_FIELDS = ("mlflow_version", "model_uuid", "utc_time_created", "run_id", "artifact_path")
+_FLAVOR_TEXT = (
+    "serialization_format",
+    "pickled_model",
+    "sklearn_version",
+    "data",
+    "loader_module",
+    "python_model",
+    "keras_version",
+    "pytorch_version",
+    "onnx_version",
+)
+
+
+class _NoAliases(yaml.SafeLoader):
+    """YAML without aliases: an anchor repeated by ``*alias`` nests for free, and a 1.2 KB
+    ``MLmodel`` expanded to a 374 MB manifest."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not accepted", mark)
+        return super().compose_node(parent, index)
+
+
+def read_mlmodel(path: Path) -> dict[str, Any]:
+    """``MLmodel`` as a mapping, with the fields the import reads checked for type and size.
+
+    Raises:
+        UnknownFormat: unreadable, too large, YAML aliases, or a field of the wrong type.
+    """
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_MLMODEL_BYTES + 1)
+    except OSError as exc:
+        raise UnknownFormat(f"not an MLflow model directory: cannot read {path.name}: {exc}") from exc
+    if len(data) > MAX_MLMODEL_BYTES:
+        raise UnknownFormat(f"{path.name} is over {MAX_MLMODEL_BYTES} bytes; refusing to parse it")
+    try:
+        spec = yaml.load(data, Loader=_NoAliases)  # noqa: S506 -- NOTE: a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise UnknownFormat(f"cannot read {path.name}: {str(exc)[:300]}") from exc
+    if not isinstance(spec, dict):
+        raise UnknownFormat(f"{path.name} is not a YAML mapping")
+    for key in _TEXT_FIELDS:
+        _check_text(spec.get(key), key, path.name)
+    flavors = spec.get("flavors")
+    if flavors is not None and not (isinstance(flavors, dict) and all(isinstance(k, str) for k in flavors)):
+        raise UnknownFormat(f"{path.name}: 'flavors' must be a mapping of names")
+    for flavor_name, flavor in (flavors or {}).items():
+        if not isinstance(flavor, dict):
+            raise UnknownFormat(f"{path.name}: flavor {flavor_name[:40]!r} must be a mapping")
+        for key in _FLAVOR_TEXT:
+            _check_text(flavor.get(key), f"flavors.{flavor_name[:40]}.{key}", path.name)
+    return spec
+
+
+def _check_text(value: Any, field: str, where: str, limit: int = 1024) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str | int | float) or isinstance(value, bool) or len(str(value)) > limit:
+        raise UnknownFormat(f"{where}: {field} must be a string of at most {limit} characters")
+
+
 def plan_import(model_dir: Path) -> Plan:
     """Read ``model_dir/MLmodel`` and decide which format of ours it becomes.
 
     Raises:
         UnknownFormat: no MLmodel file, or a flavor serving has no loader for.
     """
-    mlmodel = model_dir / "MLmodel"
-    try:
-        spec = yaml.safe_load(mlmodel.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UnknownFormat(f"not an MLflow model directory: cannot read {mlmodel.name}: {exc}") from exc
-    flavors: dict[str, Any] = (spec or {}).get("flavors") or {}
+    spec = read_mlmodel(model_dir / "MLmodel")
+    flavors: dict[str, Any] = spec.get("flavors") or {}
     detail = {"mlflow_version": spec.get("mlflow_version"), "flavors": sorted(flavors)}
 
     if "sklearn" in flavors:

@@ -22,6 +22,7 @@ from pathlib import Path
 from serving.errors import (
     AliasNotFound,
     IntegrityError,
+    InvalidManifest,
     InvalidRequest,
     ModelNotFound,
     NotFound,
@@ -41,10 +42,11 @@ from serving.manifest import (
     ShadowTarget,
     check_name,
     check_relative_path,
+    is_plain_name,
     sha256_bytes,
     version_sort_key,
 )
-from serving.store.base import ObjectStore, Progress
+from serving.store.base import MAX_GET_BYTES, ObjectStore, Progress
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,13 @@ class Repository:
         """Published versions (those with a manifest), oldest first."""
         check_name(name, "model name")
         candidates = self.store.list_dirs(f"{name}/versions/")
-        found = [v for v in candidates if self.store.exists(f"{name}/versions/{v}/{MANIFEST_NAME}")]
+        # NOTE: a folder that is not a plain name (planted by a bucket writer: "2\n") cannot
+        # be addressed, so it is not a version.
+        found = [
+            v
+            for v in candidates
+            if is_plain_name(v) and self.store.exists(f"{name}/versions/{v}/{MANIFEST_NAME}")
+        ]
         return sorted(found, key=version_sort_key)
 
     def list_aliases(self, name: str) -> list[str]:
@@ -236,9 +244,15 @@ class Repository:
         prefix = self.version_prefix(name, version)
         if self.store.exists(prefix + MANIFEST_NAME):
             raise VersionExists(f"{name}:{version} already exists; versions are immutable")
+        raw = manifest.to_json()
+        if len(raw) > MAX_GET_BYTES:
+            # NOTE: checked before any upload: no reader would ever accept this version.
+            raise InvalidManifest(
+                f"{name}:{version}: the manifest would be {len(raw)} bytes; readers accept at most "
+                f"{MAX_GET_BYTES}"
+            )
         for rel, path in files:
             self.store.upload(prefix + rel, path, progress(path.stat().st_size) if progress else None)
-        raw = manifest.to_json()
         if signer is not None:
             self.store.put(prefix + SIGNATURE_NAME, signer(raw))
         try:

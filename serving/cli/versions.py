@@ -10,7 +10,7 @@ from typing import Any
 
 from serving.cli.context import Context, alias_text, human_bytes, load_json, version_text
 from serving.cli.options import Commands, add_encode_options, add_signing_key, encode_options, signing_key
-from serving.errors import InvalidRequest, ModelNotFound
+from serving.errors import InvalidRequest, ModelNotFound, ServingError
 from serving.manifest import TensorSpec, sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -104,14 +104,23 @@ def versions(ctx: Context, args: argparse.Namespace) -> None:
         raise ModelNotFound(f"model {args.name!r} not found in {repo.store.uri}")
     by_version: dict[str, list[str]] = {}
     for alias in repo.list_aliases(args.name):
-        target = repo.get_alias(args.name, alias)
+        try:
+            target = repo.get_alias(args.name, alias)
+        except ServingError:
+            continue  # NOTE: one unreadable alias does not hide the versions
         by_version.setdefault(target.version, []).append(alias)
     header = ("VERSION", "FORMAT", "CREATED", "SIZE", "ALIASES")
     table: list[tuple[str, ...]] = [header]
     rows: list[dict[str, Any]] = []
     for v in published:
-        manifest, _ = repo.manifest(args.name, v)
         aliases = by_version.get(v, [])
+        try:
+            manifest, _ = repo.manifest(args.name, v)
+        except ServingError as exc:
+            # NOTE: one bad manifest is that version's problem, not the listing's.
+            rows.append({"version": v, "error": str(exc), "aliases": aliases})
+            table.append((v, "-", "-", "-", ",".join(aliases) + f"  (unreadable: {exc})"))
+            continue
         rows.append(
             {
                 "version": v,

@@ -142,6 +142,26 @@ def test_versions_lists_each_version_with_its_aliases(published: Cli, artifact: 
     assert "production" in text.splitlines()[1]
 
 
+def test_versions_lists_the_others_past_a_bad_manifest_and_a_planted_name(
+    published: Cli, store_uri: str
+) -> None:
+    """What a bucket writer plants (a manifest no reader accepts, a folder that is not a plain name)
+    costs that entry only: the listing shows every other version."""
+    from serving.store import open_store
+
+    store = open_store(store_uri)
+    good, _ = store.get("iris/versions/1/manifest.json")
+    store.put("iris/versions/2/manifest.json", b"{not json")
+    # NOTE: "1\n" where the store takes it (S3 refuses a newline in a key).
+    planted = "1 copy" if store_uri.startswith("s3://") else "1\n"
+    store.put(f"iris/versions/{planted}/manifest.json", good)
+    listing = as_json(published("versions", "iris", "--json"))
+    assert [v["version"] for v in listing["versions"]] == ["1", "2"]
+    assert listing["versions"][0]["format"] == "sklearn"
+    assert "manifest" in listing["versions"][1]["error"]
+    assert "unreadable" in ok(published("versions", "iris")).stdout
+
+
 def test_alias_set_moves_the_alias_and_alias_get_reads_it(published: Cli, artifact: Path) -> None:
     """alias set points NAME@ALIAS at a version; alias get prints that version."""
     ok(published("publish", str(artifact), "--name", "iris"))

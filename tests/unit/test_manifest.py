@@ -69,6 +69,15 @@ def test_plain_names_are_accepted(name: str) -> None:
     assert check_name(name) == name
 
 
+@pytest.mark.parametrize("name", ["2\n", "iris\n", " 2", "2 ", "2\t", "\x002", "2\r", "ir\u200bis", "２"])
+def test_names_with_control_characters_whitespace_or_non_ascii_are_refused(name: str) -> None:
+    """'2\n' passed a ``$``-anchored match (``$`` matches before a final newline)."""
+    with pytest.raises(errors.InvalidReference, match="invalid version"):
+        check_name(name, "version")
+    with pytest.raises(errors.InvalidReference):
+        ModelRef.parse(f"iris:{name}")
+
+
 @pytest.mark.parametrize("path", ["model.bin", "weights/layer1.npy", "a/b/c.json", ".hidden"])
 def test_plain_relative_paths_are_accepted(path: str) -> None:
     assert check_relative_path(path) == path

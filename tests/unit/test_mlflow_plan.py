@@ -95,3 +95,42 @@ def test_a_flavor_without_a_loader_names_the_ones_there_are(tmp_path: Path) -> N
     root = model_dir(tmp_path, {"xgboost": {"data": "model.xgb"}}, ("model.xgb",))
     with pytest.raises(UnknownFormat, match="sklearn, onnx, keras/tensorflow"):
         plan_import(root)
+
+
+def test_yaml_aliases_in_mlmodel_are_refused_before_they_expand(tmp_path: Path) -> None:
+    """1.2 KB of anchors and aliases expanded to a 374 MB manifest; now refused unexpanded."""
+    root = tmp_path / "model"
+    (root / "data").mkdir(parents=True)
+    (root / "model.onnx").write_bytes(b"x")
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    lines += ["mlflow_version: *a8", "flavors: {onnx: {data: model.onnx}}"]
+    (root / "MLmodel").write_text("\n".join(lines))
+    assert len((root / "MLmodel").read_bytes()) < 2048
+    with pytest.raises(UnknownFormat, match="aliases"):
+        plan_import(root)
+
+
+@pytest.mark.parametrize(
+    ("doc", "match"),
+    [
+        ({"mlflow_version": ["3"], "flavors": {}}, "mlflow_version must be a string"),
+        ({"mlflow_version": "3", "flavors": ["onnx"]}, "'flavors' must be a mapping"),
+        ({"mlflow_version": "3", "flavors": {"onnx": {"data": {"x": 1}}}}, "flavors.onnx.data must be"),
+        ({"mlflow_version": "x" * 5000, "flavors": {}}, "at most 1024 characters"),
+    ],
+)
+def test_mlmodel_fields_of_the_wrong_type_or_size_are_refused(tmp_path: Path, doc: Any, match: str) -> None:
+    root = tmp_path / "model"
+    root.mkdir()
+    (root / "MLmodel").write_text(yaml.safe_dump(doc))
+    with pytest.raises(UnknownFormat, match=match):
+        plan_import(root)
+
+
+def test_an_oversized_mlmodel_is_refused_unread(tmp_path: Path) -> None:
+    root = tmp_path / "model"
+    root.mkdir()
+    (root / "MLmodel").write_bytes(b"#" * (2 * 1024**2))
+    with pytest.raises(UnknownFormat, match="over"):
+        plan_import(root)
