@@ -11,9 +11,14 @@ refuses (:class:`serving.errors.UntrustedArtifact`):
   value is admitted only when it is a numpy scalar type (a ``dtype=`` parameter);
 - a text vectorizer whose ``input`` is not ``"content"``: with ``"filename"`` or
   ``"file"`` it opens whatever path a client sends;
+- a text vectorizer whose ``ngram_range`` passes :data:`MAX_NGRAM` or whose analyzer
+  is not one of sklearn's own, which sets what each request costs;
 - a fitted decision tree (``sklearn.tree._tree.Tree``) or histogram-gradient-boosting
   predictor whose node arrays point outside themselves or at features the
-  model does not have, which native predict code would follow out of bounds.
+  model does not have, which native predict code would follow out of bounds;
+- a KD-tree or ball tree (nearest neighbours) whose index arrays point outside
+  its data, and a sparse matrix (``coef_`` of a linear model, anywhere) whose
+  indices are outside its shape or out of order: predict would read the heap.
 
 Example:
     >>> check_loaded(model, admits=lambda name: False, source="model.joblib")  # doctest: +SKIP
@@ -189,12 +194,105 @@ def _check_object(node: Any, where: _Path, source: str) -> None:
             "for a very long time on a client's text; only patterns whose unbounded repeats are of single "
             "characters (at most two of them) are admitted"
         )
+    if vectorizer:
+        _check_vectorizer_cost(node, where, source)
     _check_feature_counts(node, where, source)
     module = cls.__module__
     if module == "sklearn.tree._tree" and cls.__name__ == "Tree":
         _check_tree(node, where, source)
     elif module.endswith("_hist_gradient_boosting.predictor") and cls.__name__ == "TreePredictor":
         _check_hist_predictor(node, where, source)
+    elif module.startswith("sklearn.neighbors.") and cls.__name__ in _NEIGHBOR_TREES:
+        _check_neighbor_tree(node, where, source)
+    elif module.startswith("scipy.sparse") and callable(getattr(node, "tocsr", None)):
+        _check_sparse(node, where, source)
+
+
+MAX_NGRAM = 8
+"""The longest n-gram a text vectorizer may build per token position (``ngram_range``'s upper
+end): a request's cost grows with it, and ``(1, 10**6)`` took a 2.5 KB request to 2.6 GB."""
+_ANALYZERS = frozenset({"word", "char", "char_wb"})
+_NEIGHBOR_TREES = frozenset({"KDTree", "BallTree", "BinaryTree", "BinaryTree64", "BinaryTree32"})
+
+
+def _check_vectorizer_cost(node: Any, where: _Path, source: str) -> None:
+    """Bound what a vectorizer's hyperparameters make each request cost."""
+    name = type(node).__name__
+    ngram = getattr(node, "ngram_range", (1, 1))
+    ok = (
+        isinstance(ngram, tuple | list)
+        and len(ngram) == 2
+        and all(isinstance(n, int | np.integer) and not isinstance(n, bool) for n in ngram)
+        and 1 <= int(ngram[0]) <= int(ngram[1]) <= MAX_NGRAM
+    )
+    if not ok:
+        raise UntrustedArtifact(
+            f"{source}: {where}.ngram_range of this {name} is {ngram!r:.80}; the limit is "
+            f"1 <= min_n <= max_n <= {MAX_NGRAM} (every request pays for each n-gram length)"
+        )
+    analyzer = getattr(node, "analyzer", "word")
+    if isinstance(analyzer, str) and analyzer not in _ANALYZERS:
+        raise UntrustedArtifact(
+            f"{source}: {where}.analyzer of this {name} is {analyzer[:40]!r}; only "
+            f"{sorted(_ANALYZERS)} are admitted"
+        )
+
+
+def _check_neighbor_tree(tree: Any, where: _Path, source: str) -> None:
+    """A KD-tree or ball tree's index arrays are followed natively at query time: all in range."""
+    try:
+        data, idx, node_data, node_bounds = (np.asarray(a) for a in tree.get_arrays())
+    except Exception as exc:  # NOTE: an unreadable tree is refused, not raised
+        raise _bad_tree(source, where, f"its arrays cannot be read ({type(exc).__name__})") from exc
+    n = int(data.shape[0]) if data.ndim == 2 else -1
+    if n < 0 or idx.ndim != 1 or len(idx) != n:
+        raise _bad_tree(source, where, f"idx_array has {len(idx)} entries for {n} samples")
+    if n and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise _bad_tree(source, where, f"idx_array points outside 0..{n - 1}")
+    if node_data.ndim != 1 or len(node_data) == 0:
+        raise _bad_tree(source, where, "node_data is empty")
+    start = np.asarray(node_data["idx_start"], dtype=np.int64)
+    end = np.asarray(node_data["idx_end"], dtype=np.int64)
+    if np.any(start < 0) or np.any(end > n) or np.any(start > end):
+        raise _bad_tree(source, where, f"a node's idx_start..idx_end is outside 0..{n}")
+    inner = np.flatnonzero(~np.asarray(node_data["is_leaf"]).astype(bool))
+    if len(inner) and 2 * int(inner.max()) + 2 >= len(node_data):
+        # NOTE: queries descend from node i to 2i+1 and 2i+2 without a bounds check.
+        raise _bad_tree(source, where, f"an inner node's children are past the {len(node_data)} nodes")
+    if (
+        node_bounds.ndim < 2
+        or node_bounds.shape[-2] < len(node_data)
+        or node_bounds.shape[-1] != data.shape[1]
+    ):
+        raise _bad_tree(
+            source, where, f"node_bounds has shape {node_bounds.shape} for {len(node_data)} nodes"
+        )
+
+
+def _check_sparse(matrix: Any, where: _Path, source: str) -> None:
+    """Sparse matrices hold index arrays that products follow natively: every index in range."""
+    try:
+        shape = tuple(int(d) for d in matrix.shape)
+        if hasattr(matrix, "indptr"):
+            matrix.check_format(full_check=True)
+        elif hasattr(matrix, "row") and hasattr(matrix, "col"):  # coo
+            rows, cols = np.asarray(matrix.row), np.asarray(matrix.col)
+            data = np.asarray(matrix.data)
+            if not (len(rows) == len(cols) == len(data)):
+                raise ValueError("row, col and data lengths differ")
+            if len(rows) and (
+                rows.min() < 0 or rows.max() >= shape[0] or cols.min() < 0 or cols.max() >= shape[1]
+            ):
+                raise ValueError("an index is outside the shape")
+        else:
+            matrix.tocsr().check_format(full_check=True)
+    except UntrustedArtifact:
+        raise
+    except Exception as exc:  # NOTE: any malformation is a refusal
+        raise UntrustedArtifact(
+            f"{source}: {where} is a malformed sparse matrix ({type(exc).__name__}: {str(exc)[:200]}); "
+            "its indices must lie inside its shape"
+        ) from exc
 
 
 def _linear_regex(pattern: str) -> bool:

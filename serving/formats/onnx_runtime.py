@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Collection
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
 
-from serving.errors import UntrustedArtifact
+from serving.errors import InvalidManifest, UntrustedArtifact
 from serving.manifest import Manifest, TensorSpec
 
 from ._common import pick_inputs, primary_file, require, shape_of
@@ -128,6 +130,28 @@ def check_external_data(model_path: Path, root: Path) -> None:
             )
 
 
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity (a pod's cpuset), capped by a cgroup CPU quota
+    (a pod's CPU limit), rounded up."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    for quota_file, period_file in (
+        ("/sys/fs/cgroup/cpu.max", None),
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    ):
+        try:
+            words = Path(quota_file).read_text().split()
+            quota, period = words[0], (words[1] if period_file is None else Path(period_file).read_text())
+            if quota not in ("max", "-1"):
+                cpus = min(cpus, math.ceil(int(quota) / int(period)))
+                break
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(1, cpus)
+
+
 class OnnxFormat(Format, facts=FORMAT_FACTS["onnx"]):
     def detect(self, path: Path) -> bool:
         if path.is_file():
@@ -140,7 +164,13 @@ class OnnxFormat(Format, facts=FORMAT_FACTS["onnx"]):
         check_external_data(path, root)
         options = ort.SessionOptions()
         threads = manifest.options.get("intra_op_num_threads")
-        if isinstance(threads, int) and threads > 0:
+        if threads is not None:
+            limit = available_cpus()
+            if isinstance(threads, bool) or not isinstance(threads, int) or not 0 < threads <= limit:
+                raise InvalidManifest(
+                    f"options.intra_op_num_threads is {threads!r:.40}; the limit is 1..{limit}, the CPUs "
+                    "this process may use (a thread per request-time op beyond them only adds switching)"
+                )
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         return OnnxPredictor(session, manifest)

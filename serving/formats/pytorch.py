@@ -178,13 +178,52 @@ class ModuleClass:
         except Exception as exc:  # NOTE: any failure of installed code, reported
             raise LoadError(f"{where}: cannot build the module with init_kwargs: {exc}") from exc
         wanted = sum(t.numel() for t in (*shell.parameters(), *shell.buffers()))
-        have = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+        have = stored_elements(state, where)
         # NOTE: non-persistent buffers are not in the state dict: allow some slack.
         if wanted > max(2 * have, have + _ELEMENT_SLACK):
             raise UntrustedArtifact(
                 f"{where}: init_kwargs build a module of {wanted} elements, but the state dict "
                 f"holds {have}; refusing to allocate it"
             )
+
+
+def stored_elements(state: Mapping[str, Any], where: str) -> int:
+    """The elements a state dict really stores: unique storage bytes, not what its views claim.
+
+    Raises:
+        UntrustedArtifact: a weight is a zero-stride or self-overlapping view (840 bytes
+            stored claimed 860 MiB each once a module copied them), or views claim more
+            bytes than their storages hold.
+    """
+    import torch
+
+    storages: dict[tuple[int, int], int] = {}
+    claimed = 0
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        shape, strides = tuple(tensor.shape), tuple(tensor.stride())
+        if any(s == 0 and n > 1 for n, s in zip(shape, strides, strict=True)):
+            raise UntrustedArtifact(
+                f"{where}: weight {key!r} is a zero-stride view ({tensor.numel()} elements claimed "
+                f"over {tensor.untyped_storage().nbytes()} bytes stored); refusing it"
+            )
+        if tensor.numel() > 1:
+            span = 1 + sum((n - 1) * abs(s) for n, s in zip(shape, strides, strict=True))
+            if span < tensor.numel():
+                raise UntrustedArtifact(
+                    f"{where}: weight {key!r} is a view that overlaps itself; refusing it"
+                )
+        storage = tensor.untyped_storage()
+        storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        claimed += tensor.numel() * tensor.element_size()
+    stored = sum(storages.values())
+    if claimed > max(2 * stored, stored + (1 << 20)):
+        raise UntrustedArtifact(
+            f"{where}: the weights claim {claimed} bytes over {stored} bytes stored (overlapping views); "
+            "refusing them"
+        )
+    return sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor)) if stored else 0
 
 
 _ELEMENT_SLACK = 1 << 20

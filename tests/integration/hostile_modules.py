@@ -79,10 +79,9 @@ def crafted_tree(path: Path) -> Path:
 def crafted_kd_tree(path: Path) -> Path:
     """A fitted KNeighborsClassifier whose KD-tree indices point far outside its data.
 
-    Every class in it is on the allowlist and the loaded-model check does not
-    look inside neighbours trees, so the load passes in-process checks; the
-    first predict (the warm-up) reads out of bounds in native code and dies
-    with SIGSEGV. Isolation is what contains it. The example row is 4 features.
+    Every class in it is on the allowlist. Unchecked, the first predict (the warm-up)
+    reads out of bounds in native code and dies with SIGSEGV; the loaded-model check
+    now refuses its ``idx_array`` before anything runs. The example row is 4 features.
     """
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -93,6 +92,15 @@ def crafted_kd_tree(path: Path) -> Path:
     model._tree.__setstate__(tuple(state))
     joblib.dump(model, path)
     return path
+
+
+def segfault_version(path: Path) -> tuple[Path, dict[str, Any]]:
+    """A version whose load dies with SIGSEGV in native code, past every check a loader
+    makes: an (empty) state dict for ``hostile_modules:Segfault``. Publish it as
+    ``publish_path(repo, path, name, format="torch-state-dict", **kwargs)``; whoever loads
+    it must have this folder on its path."""
+    torch.save({}, path)
+    return path, {"options": {"class_path": "hostile_modules:Segfault", "init_kwargs": {}}}
 
 
 def good_iris(path: Path) -> Path:
@@ -124,7 +132,16 @@ def hostile_versions(work: Path) -> dict[str, tuple[Path, str, dict[str, Any]]]:
     reader = work / "reader.skops"
     sio.dump(corpus.vectorizer_reading_files(), reader)
     out["skops file read"] = (reader, "skops", {})
-    out["native crash"] = (crafted_kd_tree(work / "kd.joblib"), "sklearn", {"example": [[0.5] * 4]})
+    crash, crash_kwargs = segfault_version(work / "segfault.pt")
+    out["native crash"] = (crash, "torch-state-dict", crash_kwargs)
+    out["kd-tree out of range"] = (crafted_kd_tree(work / "kd.joblib"), "sklearn", {"example": [[0.5] * 4]})
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adversarial"))
+    try:
+        import crafted
+    finally:
+        sys.path.pop(0)
+    out["sparse coef heap read"] = crafted.sparse_coef_heap_read(work)
+    out["vectorizer n-gram bomb"] = crafted.vectorizer_ngram_bomb(work)
     xz = work / "xz.joblib"
     corpus.write_xz_joblib_bomb(xz, 160 * 1024 * 1024)
     out["xz bomb"] = (xz, "sklearn", {})
@@ -156,3 +173,30 @@ def point_alias_at_oversized_manifest(repo: Any, name: str, version: str, alias:
     repo.store.put(key, padded)
     moved = repo.get_alias(name, alias).moved_to(version, sha256_bytes(padded), "attacker")
     repo.store.put(repo.alias_key(name, alias), moved.to_json())
+
+
+class Sleepy(torch.nn.Module):
+    """A request-controlled hang, as an ONNX ``Loop`` whose trip count comes from the
+    request: ``forward`` sleeps for as many seconds as the first input value."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(float(x.reshape(-1)[0]))
+        return x * 2
+
+
+class CrashOnNegative(torch.nn.Module):
+    """Answers ``2 * x``, and dies with SIGSEGV when the first input value is negative:
+    a request that crashes native code, after any number of good ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.reshape(-1)[0]) < 0:
+            ctypes.string_at(0)
+        return x * 2
+
+
+class Hog(torch.nn.Module):
+    """Allocates as many GiB as the first input value, then answers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        held = bytearray(int(float(x.reshape(-1)[0]) * 1024**3))
+        return x * 2 + len(held) * 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import prometheus_client
 import pytest
-from hostile_modules import crafted_kd_tree, good_iris
+from hostile_modules import good_iris, segfault_version
 from rest_client import infer_v2
 
 from serving.config import AppConfig
@@ -47,9 +47,8 @@ def store(tmp_path: Path) -> Repository:
     repo = Repository(LocalStore(str(tmp_path / "store")))
     good = good_iris(tmp_path / "good.joblib")
     publish_path(repo, good, "tree", version="1", format="sklearn", example=ROW)
-    publish_path(
-        repo, crafted_kd_tree(tmp_path / "bad.joblib"), "tree", version="2", format="sklearn", example=ROW
-    )
+    crash, kwargs = segfault_version(tmp_path / "bad.pt")
+    publish_path(repo, crash, "tree", version="2", format="torch-state-dict", **kwargs)
     repo.move_alias("tree", "production", SetTarget("1"))
     return repo
 

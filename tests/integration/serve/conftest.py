@@ -80,8 +80,11 @@ def app_args(
 
 
 def s3_env(server: MotoS3) -> dict[str, str]:
+    """The replicas' environment: the moto server, and tests/integration on the path, so a
+    version may name ``hostile_modules`` classes as a user's installed module."""
     return {
         **server.env(),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
         "SERVING_S3_ADDRESSING_STYLE": "path",
         "SERVING_S3_CONNECT_TIMEOUT": "0.5",
         "SERVING_S3_READ_TIMEOUT": "2",

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hostile_modules import crafted_kd_tree, hostile_versions, point_alias_at_oversized_manifest
+from hostile_modules import hostile_versions, point_alias_at_oversized_manifest, segfault_version
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.publish import publish_path
@@ -128,12 +128,12 @@ def test_bad_version_keeps_the_old_one_serving_until_a_good_one(
 def test_a_segfaulting_version_fails_isolation_and_a_new_replica_starts_on_the_last_good(
     deploy, s3_bucket, tmp_path, monkeypatch, cluster: Cluster
 ) -> None:
-    """v2 kills its probe child, not the replica; a redeployed replica on v2 serves v1 and says so."""
+    """v2 kills its model worker, not the replica; a redeployed replica on v2 serves v1 and says so."""
     server, bucket = s3_bucket
     repo, uri = s3_repo(server, bucket, monkeypatch)
     publish_iris(repo, tmp_path, "1", name="iris-crash")
-    tree = crafted_kd_tree(tmp_path / "crash-2.joblib")
-    publish_path(repo, tree, "iris-crash", version="2", format="sklearn", example=[[0.5, 0.5, 0.5, 0.5]])
+    crash, kwargs = segfault_version(tmp_path / "crash-2.pt")
+    publish_path(repo, crash, "iris-crash", version="2", format="torch-state-dict", **kwargs)
     repo.move_alias("iris-crash", "production", SetTarget("1"))
     args = app_args(uri, tmp_path / "cache", s3_env(server), name="iris-crash")
     base = deploy(args)

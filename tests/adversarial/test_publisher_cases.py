@@ -1,0 +1,69 @@
+"""Each crafted version is refused by name before any predict, in a model worker.
+
+The loads run in real model workers, so a defence that misses a case shows up as a
+failed test (an IsolationFailed crash), not as a dead test process. Cases marked
+"(own)" are ours: the defence was not written for them (SECURITY.md records what held).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import crafted
+import pytest
+
+from serving.cache import LoaderCache
+from serving.errors import InvalidManifest, UntrustedArtifact
+from serving.formats.base import LoadPolicy
+from serving.isolation.worker import WorkerLimits, WorkerPredictor
+from serving.publish import publish_path
+from serving.repository import Repository
+from serving.store.local import LocalStore
+
+CASES: dict[str, tuple[Callable[[Path], crafted.Case], str]] = {
+    "kd-tree indices out of range in one unvisited leaf": (
+        crafted.kd_tree_bad_leaf,
+        r"model._tree is a malformed tree \(idx_array points outside",
+    ),
+    "kd-tree leaf range past its indices (own)": (crafted.kd_tree_bad_node_range, "idx_start..idx_end"),
+    "kd-tree inner node with no children (own)": (
+        crafted.kd_tree_inner_node_without_children,
+        "children are past the",
+    ),
+    "sparse coef_ with out-of-range indices": (crafted.sparse_coef_heap_read, r"coef_ is a malformed sparse"),
+    "sparse coef_ whose indptr runs past its data (own)": (
+        crafted.sparse_indptr_past_data,
+        "malformed sparse",
+    ),
+    "vectorizer ngram_range (1, 10**6)": (crafted.vectorizer_ngram_bomb, r"ngram_range .* the limit is"),
+    "character n-grams (1, 4096) (own)": (crafted.vectorizer_char_ngram_bomb, r"ngram_range .* the limit is"),
+    "torch weights with strides (0, 0)": (crafted.torch_zero_stride_weights, "zero-stride view"),
+    "torch weights that overlap themselves (own)": (crafted.torch_overlapping_weights, "overlaps itself"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_crafted_version_is_refused_with_the_attribute_and_the_limit(case: str, tmp_path: Path) -> None:
+    build, reason = CASES[case]
+    path, fmt, kwargs = build(tmp_path)
+    repo = Repository(LocalStore(str(tmp_path / "store")))
+    name = f"m{uuid.uuid4().hex[:8]}"
+    publish_path(repo, path, name, version="1", format=fmt, **kwargs)
+    cached = LoaderCache(tmp_path / "cache", max_bytes=10**10).fetch(repo, repo.resolve(f"{name}:1"))
+    with pytest.raises(UntrustedArtifact, match=reason):
+        WorkerPredictor(cached, LoadPolicy(), WorkerLimits(load_timeout_s=120), model=name).close()
+
+
+def test_a_manifest_no_reader_would_accept_is_refused_before_any_upload(tmp_path: Path) -> None:
+    """Readers stop at 4 MiB; publishing checks the same limit first, so nothing half-written stays."""
+    import joblib
+    from sklearn.dummy import DummyClassifier
+
+    path = tmp_path / "m.joblib"
+    joblib.dump(DummyClassifier().fit([[0.0]], [0]), path)
+    store = LocalStore(str(tmp_path / "store"))
+    with pytest.raises(InvalidManifest, match="readers accept at most"):
+        publish_path(Repository(store), path, "big", version="1", metadata={"notes": "x" * (5 * 1024**2)})
+    assert list(store.list("big/")) == []
