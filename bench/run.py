@@ -14,7 +14,9 @@ Systems (all on 127.0.0.1; one group of them up at a time, see ``GROUPS``):
 - ``starlette``: a bare Starlette + uvicorn app calling predict (the Python HTTP ceiling);
 - ``serve-noop``: a Ray Serve deployment that answers a constant (the engine's ceiling);
 - ``ours-standalone``: this project's models in one uvicorn process without Ray
-  (``serving serve --standalone``, serving.server.standalone).
+  (``serving serve --standalone``, serving.server.standalone);
+- ``ours-inproc`` and ``ours-standalone-inproc``: the same two with model workers off
+  (``isolation: none``), so the report shows what predicting in a worker costs.
 
 Each round starts one group of systems, runs every workload on it and stops it
 before the next group starts, so nothing idle (a second Ray instance, MLServer's
@@ -104,7 +106,10 @@ def publish_models(work: Path) -> dict[str, Any]:
     return {"store": store, "iris_joblib": work / "iris.joblib"}
 
 
-def ours_args(store: str, work: Path, *, mlp: bool, layout: str = "single-hop") -> dict[str, Any]:
+def ours_args(
+    store: str, work: Path, *, mlp: bool, layout: str = "single-hop", isolation: str = "worker"
+) -> dict[str, Any]:
+    """``isolation``: ``worker`` (the default: predict in model workers) or ``none`` (in process)."""
     cpus = {"num_cpus": 0.25}
     models: list[dict[str, Any]] = [{"name": "iris", "alias": "production", "ray_actor_options": cpus}]
     if mlp:
@@ -117,6 +122,8 @@ def ours_args(store: str, work: Path, *, mlp: bool, layout: str = "single-hop") 
                 "batching": {"enabled": True, "max_batch_size": 32, "batch_wait_timeout_s": 0.002},
             },
         ]
+    for model in models:
+        model["isolation"] = isolation
     return {
         "store": store,
         "cache_dir": str(work / "cache"),
@@ -165,6 +172,8 @@ def replica_count(ours: System) -> int:
 
 
 STANDALONE = "ours-standalone"
+STANDALONE_IN_PROCESS = "ours-standalone-inproc"
+OURS_IN_PROCESS = "ours-inproc"
 IRIS_V2 = "/v2/models/iris/infer"
 IRIS_V1 = "/v1/models/iris:predict"
 
@@ -179,6 +188,17 @@ def _ours(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -
     ours.note += f"; {replicas} replica(s): the chart's autoscaling settled under 16 clients"
     batch = System("ours+batch", ours.base, {"mlp": "/v2/models/mlpb/infer"}, "@serve.batch(32, 2 ms)")
     return {"ours": ours, "ours+batch": batch}
+
+
+def _ours_in_process(
+    procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]
+) -> dict[str, System]:
+    """The default Ray path with model workers off (``isolation: none``): what workers cost."""
+    args = ours_args(pub["store"], work / "serve-inproc", mlp=False, isolation="none")
+    ours = start_serve(procs, args, work, v2_body(np.array([ROW])), name=OURS_IN_PROCESS)
+    replicas = settle(ours)
+    ours.note = f"workers off (isolation: none); {replicas} replica(s) after settling under 16 clients"
+    return {OURS_IN_PROCESS: ours}
 
 
 def _ray_peers(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
@@ -228,12 +248,26 @@ def _starlette(procs: Processes, work: Path, pub: dict[str, Any], notes: list[st
     return {"starlette": start_starlette(procs, pub["iris_joblib"], v2_body(np.array([ROW])))}
 
 
-def _standalone(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
-    standalone = ours_args(pub["store"], work / "standalone", mlp=False)
+def _standalone_args(pub: dict[str, Any], work: Path, isolation: str) -> dict[str, Any]:
+    standalone = ours_args(pub["store"], work, mlp=False, isolation=isolation)
     for model in standalone["models"]:
         model.pop("ray_actor_options")
     standalone.pop("ingress")
-    return {STANDALONE: start_standalone(procs, standalone, work, v2_body(np.array([ROW])))}
+    return standalone
+
+
+def _standalone(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
+    args = _standalone_args(pub, work / "standalone", "worker")
+    return {STANDALONE: start_standalone(procs, args, work, v2_body(np.array([ROW])))}
+
+
+def _standalone_in_process(
+    procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]
+) -> dict[str, System]:
+    args = _standalone_args(pub, work / "standalone-inproc", "none")
+    system = start_standalone(procs, args, work, v2_body(np.array([ROW])), name=STANDALONE_IN_PROCESS)
+    system.note = "workers off (isolation: none): predict in the uvicorn process"
+    return {STANDALONE_IN_PROCESS: system}
 
 
 def _mlserver(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]) -> dict[str, System]:
@@ -251,9 +285,11 @@ def _mlserver(procs: Processes, work: Path, pub: dict[str, Any], notes: list[str
 
 GROUPS: dict[str, Group] = {
     "ours": _ours,
+    OURS_IN_PROCESS: _ours_in_process,
     "ray-peers": _ray_peers,
     "starlette": _starlette,
     "ours-standalone": _standalone,
+    STANDALONE_IN_PROCESS: _standalone_in_process,
     "mlserver": _mlserver,
 }
 """The systems, in groups that share processes. Only one group runs at a time: an idle
@@ -708,6 +744,18 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "decision_function outputs) against a bare predict",
             )
         )
+    for ours, off in ((report.OURS, OURS_IN_PROCESS), (STANDALONE, STANDALONE_IN_PROCESS)):
+        for workload in ("a: 1-row v2", "b: 10,000 rows v2", "b: 10,000 rows v2 binary"):
+            out.append(
+                t(
+                    f"{workload[3:]} req/s, {ours} / {off} (model workers on / off)",
+                    _ratio(result, workload, off, ours=ours),
+                    0.9,
+                    higher_is_better=True,
+                    why="what predicting in a model worker costs: tensors through shared memory, "
+                    "a socket round trip, and a thread hop off the event loop",
+                )
+            )
     for ours in (report.OURS, STANDALONE):
         out.append(
             t(

@@ -134,17 +134,19 @@ def start_starlette(procs: Processes, model_path: Path, ready_body: bytes) -> Sy
     )
 
 
-def start_standalone(procs: Processes, app_args: dict[str, Any], work: Path, ready_body: bytes) -> System:
+def start_standalone(
+    procs: Processes, app_args: dict[str, Any], work: Path, ready_body: bytes, name: str = "ours-standalone"
+) -> System:
     """``serving serve --standalone``: this project's models in one uvicorn process, no Ray."""
     port, metrics_port, grpc_port = free_port(), free_port(), free_port()
-    config = work / "standalone.json"
+    config = work / f"{name}.json"
     config.write_text(json.dumps(app_args))  # NOTE: JSON is YAML; --config reads either
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "serving.cli", "serve", "--standalone", "--config", str(config)]
     cmd += ["--port", str(port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port)]
-    procs.start("ours-standalone", cmd, (base + "/v2/models/iris/infer", ready_body))
+    procs.start(name, cmd, (base + "/v2/models/iris/infer", ready_body))
     return System(
-        "ours-standalone",
+        name,
         base,
         {
             "v2": "/v2/models/iris/infer",
@@ -159,17 +161,19 @@ def start_standalone(procs: Processes, app_args: dict[str, Any], work: Path, rea
     )
 
 
-def start_serve(procs: Processes, app_args: dict[str, Any], work: Path, ready_body: bytes) -> System:
+def start_serve(
+    procs: Processes, app_args: dict[str, Any], work: Path, ready_body: bytes, name: str = "ours"
+) -> System:
     """``serving serve``: the default Ray path as the chart deploys it (HAProxy, single-hop replicas)."""
     port, metrics_port, grpc_port = free_port(), free_port(), free_port()
-    config = work / "serve.json"
+    config = work / f"{name}.json"
     config.write_text(json.dumps(app_args))  # NOTE: JSON is YAML; --config reads either
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "serving.cli", "serve", "--config", str(config), "--num-cpus", "2"]
     cmd += ["--port", str(port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port)]
-    procs.start("ours", cmd, (base + "/v2/models/iris/infer", ready_body))
+    procs.start(name, cmd, (base + "/v2/models/iris/infer", ready_body))
     return System(
-        "ours",
+        name,
         base,
         {
             "v2": "/v2/models/iris/infer",

@@ -42,12 +42,24 @@ class ModelConfig(BaseModel):
     """Explicit-version requests keep at most this many extra versions loaded (LRU)."""
     warmup: bool = True
     """Run the manifest's example input before a version goes live."""
-    isolation: Literal["auto", "always", "never"] = "auto"
-    """Load and warm up each new version in a resource-limited child process first.
+    isolation: Literal["worker", "auto", "always", "never", "none"] = "worker"
+    """Where this model's code runs (SECURITY.md, "Isolation").
 
-    ``auto`` isolates the formats that unpickle or build native objects from the
-    artifact (everything but ``onnx`` and ``keras``); ``always`` every format;
-    ``never`` loads in the serving process directly (SECURITY.md, "Isolation")."""
+    ``worker`` (the default): each version loads, warms up and predicts in its own
+    model worker, a limited child process; the serving process never runs model
+    code, so a crash, hang or memory blow-up costs this model's requests only, and
+    the worker is restarted. ``auto`` and ``always``: the first load of a version
+    is probed in a child (``auto``: the formats that unpickle or build native
+    objects), then the version loads and predicts in the serving process. ``none``
+    (or ``never``): everything in the serving process; for trusted,
+    latency-critical models only: a crash there takes every model down."""
+    predict_timeout_s: float = Field(default=30.0, gt=0)
+    """Workers only: the most one predict may take. Past it the worker is stopped and
+    started again, and the request gets 504. A request may ask for less (the v2
+    ``timeout`` parameter in microseconds, or its gRPC deadline), never more."""
+    probation_requests: int = Field(default=10, ge=0)
+    """Workers only: a version whose worker fails within this many requests is marked
+    failed on that replica, and the version served before it goes back live."""
 
     offload_predict_after_ms: float = Field(default=2.0, ge=0)
     """Predict on the event loop while this model's recent requests take less than this;

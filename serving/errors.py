@@ -31,7 +31,10 @@ exit code the CLI returns, so neither layer needs its own mapping table::
     │   ├── StoreNotFound (502)               no such bucket or root
     │   └── StoreConflict (409)               a compare-and-swap write kept losing
     ├── NotReady (503, exit 10)               no model loaded yet
-    │   └── Overloaded (503)                  too many loads at once; has Retry-After
+    │   ├── Overloaded (503)                  too many loads at once; has Retry-After
+    │   └── WorkerFailed (503)                the model worker died or is restarting
+    ├── DeadlineExceeded (504, exit 13)       predict ran past its deadline; the worker
+    │                                         that ran it was stopped
     ├── CacheError (500, exit 11)             the node-local cache's disk failed us
     ├── RolloutAborted (409, exit 12)         ``serving rollout`` crossed a threshold and
     │                                         put the alias back on the old version
@@ -49,6 +52,7 @@ from typing import Any
 __all__ = [
     "AliasNotFound",
     "CacheError",
+    "DeadlineExceeded",
     "Forbidden",
     "IntegrityError",
     "InternalError",
@@ -78,6 +82,7 @@ __all__ = [
     "UntrustedArtifact",
     "VersionExists",
     "VersionNotFound",
+    "WorkerFailed",
 ]
 
 
@@ -244,6 +249,23 @@ class Overloaded(NotReady):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class WorkerFailed(NotReady):
+    """The model worker that held the request crashed, ran out of memory or broke protocol,
+    or is restarting after that; ``reason`` is a bounded label. Other models are unaffected."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = 1
+
+
+class DeadlineExceeded(ServingError):
+    """Predict ran past the request's deadline (or the model's ``predict_timeout_s``)."""
+
+    status_code = 504
+    exit_code = 13
 
 
 class CacheError(ServingError):

@@ -218,6 +218,15 @@ LIVE_VERSION = _gauge(
     "model",
     "version",
 )
+WORKER_FAILURES = _counter(
+    "serving_worker_failures_total",
+    "Model workers that crashed, ran out of memory or time, or broke protocol while serving.",
+    "model",
+    "reason",
+)
+WORKER_RESTARTS = _counter(
+    "serving_worker_restarts_total", "Model workers started again after a failure.", "model"
+)
 # -- cache and downloads -------------------------------------------------------
 CACHE_HITS = _counter("serving_cache_hits_total", "Versions found complete in the loader cache.", "model")
 CACHE_MISSES = _counter("serving_cache_misses_total", "Versions that had to be pulled.", "model")
@@ -267,6 +276,8 @@ ALL = [
     SWAPS,
     SWAP_FAILURES,
     LIVE_VERSION,
+    WORKER_FAILURES,
+    WORKER_RESTARTS,
     CACHE_HITS,
     CACHE_MISSES,
     CACHE_BYTES,

@@ -67,42 +67,20 @@ from serving.formats.base import LoadPolicy
 from serving.formats.table import FORMAT_FACTS
 from serving.manifest import Manifest
 
+from .confine import PR_SET_PDEATHSIG, REASONS, child_env, classify, confine, describe, out_of_memory, prctl
+
 __all__ = ["REASONS", "IsolationLimits", "IsolationMode", "Prober", "needs_isolation"]
 
 log = logging.getLogger(__name__)
 
 IsolationMode = Literal["auto", "always", "never"]
 
-REASONS = ("crash", "oom", "timeout", "exec")
-"""Every ``IsolationFailed.reason``; also the ``reason`` label of swap failures."""
-
-_CRASH_SIGNALS = frozenset(
-    {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGFPE, signal.SIGSYS}
-)
-_EXIT_EXEC = 86
-"""Exit code of a child whose audit hook saw a process start."""
 _EXIT_INTERNAL = 87
 _RESULT_LIMIT = 1 << 20
-_PR_SET_PDEATHSIG = 1
-_PR_SET_NO_NEW_PRIVS = 38
 
 # NOTE: after a pass, the helper also imports what the child imported under these
 # packages (installed code only), so the next probe of that kind does not pay for it.
 _WARM_PACKAGES = frozenset(p for facts in FORMAT_FACTS.values() for p in facts.warm_packages)
-
-_PROCESS_EVENTS = frozenset(
-    {
-        "os.system",
-        "os.exec",
-        "os.posix_spawn",
-        "os.spawn",
-        "os.fork",
-        "os.forkpty",
-        "os.startfile",
-        "subprocess.Popen",
-        "pty.spawn",
-    }
-)
 
 
 def needs_isolation(mode: IsolationMode, manifest: Manifest) -> bool:
@@ -271,16 +249,7 @@ class Prober:
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
         self._stop_helper()
-        from serving.settings import isolated_child_env
-
-        env = dict(self._env if self._env is not None else isolated_child_env())
-        # NOTE: the child must import exactly what this process would (this serving
-        # package, a module class_path names), however this process found them:
-        # PYTHONPATH, a Ray runtime env, entries added at run time.
-        package_root = str(Path(__file__).resolve().parent.parent)
-        paths = [package_root, *(os.path.abspath(p) for p in sys.path if p)]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        env = child_env(self._env)
         self._proc = subprocess.Popen(
             [
                 sys.executable,
@@ -410,18 +379,11 @@ def _close_all() -> None:
 # ---------------------------------------------------------------------------------
 # The helper process (``python -m serving.isolation.prober PARENT_PID IDLE_S [NICE]``)
 # ---------------------------------------------------------------------------------
-def _prctl(option: int, arg: int) -> None:
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
-
-
 def _helper_main(parent_pid: int, idle_s: float, nice: int = 0) -> int:
     # NOTE: a terminal's Ctrl-C reaches the whole process group; stopping is the serving
     # process's call (it closes our stdin), so the helper ignores SIGINT (its children too).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         return 0  # NOTE: the parent died before the death signal was armed
     if nice > 0:
@@ -532,7 +494,7 @@ def _run_probe(
     status = _reap(pid, pidfd, deadline)
     if result is not None and status is not None and not os.WIFSIGNALED(status):
         return result, [], None
-    return _classify(status), [], None
+    return classify(status, "the probe child"), [], None
 
 
 def _reap(pid: int, pidfd: int | None, deadline: float | None = None) -> int | None:
@@ -558,25 +520,6 @@ def _reap(pid: int, pidfd: int | None, deadline: float | None = None) -> int | N
                 os.close(pidfd)
 
 
-def _classify(status: int | None) -> dict[str, Any]:
-    if status is None:
-        return {"ok": False, "reason": "crash", "message": "the probe child vanished"}
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        if sig == signal.SIGXCPU:
-            return {"ok": False, "reason": "timeout", "message": "CPU time limit reached (SIGXCPU)"}
-        if sig == signal.SIGKILL:
-            # NOTE: we only SIGKILL on our deadline (reported as a timeout above), so
-            # this is the kernel's OOM killer or a cgroup memory limit.
-            return {"ok": False, "reason": "oom", "message": "killed (SIGKILL), out of memory"}
-        return {"ok": False, "reason": "crash", "message": f"killed by {name}"}
-    code = os.WEXITSTATUS(status)
-    if code == _EXIT_EXEC:
-        return {"ok": False, "reason": "exec", "message": "tried to start a process"}
-    return {"ok": False, "reason": "crash", "message": f"exited with code {code} without a result"}
-
-
 def _parse_result(data: bytes) -> dict[str, Any] | None:
     try:
         result = json.loads(data)
@@ -586,25 +529,12 @@ def _parse_result(data: bytes) -> dict[str, Any] | None:
 
 
 def _child(request: dict[str, Any], wfd: int) -> None:  # pragma: no cover -- NOTE: probe child
-    import resource
-
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)  # NOTE: never the helper's protocol pipe
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    cpu = int(request["cpu_seconds"])
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    address_space = _vm_size() + int(request["memory_bytes"])
-    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
-    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
     before = set(sys.modules)
-
-    def no_processes(event: str, args: tuple[Any, ...]) -> None:
-        if event in _PROCESS_EVENTS:
-            os._exit(_EXIT_EXEC)
-
-    sys.addaudithook(no_processes)
+    confine(int(request["memory_bytes"]), int(request["cpu_seconds"]))
     gc.disable()  # NOTE: short-lived; RLIMIT_AS still bounds what garbage can hold
     started = time.perf_counter()
     result = _load_and_warm(request)
@@ -633,38 +563,12 @@ def _load_and_warm(request: dict[str, Any]) -> dict[str, Any]:  # pragma: no cov
         if request["warmup"]:
             warm_up(predictor, manifest)
     except BaseException as exc:  # noqa: BLE001 -- NOTE: every failure becomes a result
-        if _out_of_memory(exc):
-            return {"ok": False, "reason": "oom", "message": _describe(exc)}
+        if out_of_memory(exc):
+            return {"ok": False, "reason": "oom", "message": describe(exc)}
         if isinstance(exc, ServingError):
             return {"ok": False, "reason": "error", "class": type(exc).__name__, "message": exc.message}
-        return {"ok": False, "reason": "error", "class": "LoadError", "message": _describe(exc)}
+        return {"ok": False, "reason": "error", "class": "LoadError", "message": describe(exc)}
     return {"ok": True}
-
-
-_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "out of memory")
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    for _ in range(10):
-        if seen is None:
-            return False
-        if isinstance(seen, MemoryError) or any(m in str(seen).lower() for m in _OOM_MARKERS):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:2000]
-
-
-def _vm_size() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 if __name__ == "__main__":

@@ -93,8 +93,11 @@ def parameters(params: Any) -> dict[str, Any]:
     return out
 
 
-def decode_infer(request: Any, routing_key: str | None = None) -> InferRequest:
-    """A ``ModelInferRequest`` as a typed request, with no JSON step.
+def decode_infer(
+    request: Any, routing_key: str | None = None, timeout_s: float | None = None
+) -> InferRequest:
+    """A ``ModelInferRequest`` as a typed request, with no JSON step; ``timeout_s``: what
+    is left of the call's gRPC deadline.
 
     Raises:
         InvalidInput: raw and typed contents do not line up with the inputs, or a
@@ -128,6 +131,7 @@ def decode_infer(request: Any, routing_key: str | None = None) -> InferRequest:
         id=request.id,
         parameters=parameters(request.parameters),
         routing_key=routing_key,
+        timeout_s=timeout_s if timeout_s is None else max(timeout_s, 1e-3),
     )
 
 

@@ -54,6 +54,9 @@ class InferRequest:
         routing_key: the value that keeps a caller on one side of a canary split
             (a header or gRPC metadata, read by the transport), or None.
         primary_only: answer only the model's primary output (the v1 route).
+        timeout_s: the request's own deadline in seconds from now (the v2 ``timeout``
+            parameter, in microseconds as Triton reads it, or a gRPC deadline), or
+            None. The model's ``predict_timeout_s`` caps it.
     """
 
     model: str
@@ -64,9 +67,16 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     routing_key: str | None = None
     primary_only: bool = False
+    timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         check_model(self.model, self.version)
+        timeout = self.parameters.get("timeout")
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < 1e15:
+                raise InvalidInput("parameter 'timeout' must be a positive number of microseconds")
+            asked = timeout / 1e6
+            self.timeout_s = asked if self.timeout_s is None else min(self.timeout_s, asked)
         if not self.inputs:
             raise InvalidInput("'inputs' must be a non-empty list")
         for name, array in self.inputs.items():

@@ -21,15 +21,16 @@ from typing import Any
 import numpy as np
 
 from serving import metrics
-from serving.cache import LoaderCache
+from serving.cache import CachedVersion, LoaderCache
 from serving.config import AppConfig, ModelConfig
 from serving.errors import InvalidInput, ServingError
 from serving.formats.base import LoadPolicy
-from serving.isolation.prober import IsolationLimits, Prober
+from serving.isolation.prober import IsolationLimits, IsolationMode, Prober
+from serving.isolation.worker import DEADLINE, WorkerLimits, WorkerPredictor
 from serving.protocol.tensors import check_reply_size, conform, select_outputs
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, status_of
 from serving.repository import Repository, Resolved
-from serving.runtime.slot import Live, ModelSlot, ResidentVersions
+from serving.runtime.slot import Live, Loader, ModelSlot, ResidentVersions, default_loader
 from serving.runtime.traffic import Figures, Router, disagrees, merge
 from serving.runtime.watcher import AliasWatcher, Split
 from serving.settings import Settings
@@ -48,8 +49,9 @@ def build_cache(app: AppConfig, settings: Settings) -> LoaderCache:
 
 
 def build_prober(model: ModelConfig, settings: Settings, cache: LoaderCache) -> Prober | None:
-    """The isolation of first loads for ``model`` (None when its config says ``never``)."""
-    if model.isolation == "never":
+    """The isolation of first loads for ``model``: None for ``none`` and for workers
+    (a worker's load is already confined)."""
+    if model.isolation in ("never", "none", "worker"):
         return None
     limits = IsolationLimits(
         memory_bytes=settings.isolation_memory_bytes,
@@ -57,7 +59,27 @@ def build_prober(model: ModelConfig, settings: Settings, cache: LoaderCache) -> 
         timeout_s=settings.isolation_timeout_s,
         nice=settings.isolation_nice,
     )
-    return Prober(limits, mode=model.isolation, memo_dir=cache.root / "isolation")
+    mode: IsolationMode = "always" if model.isolation == "always" else "auto"
+    return Prober(limits, mode=mode, memo_dir=cache.root / "isolation")
+
+
+def build_loader(model: ModelConfig, app: AppConfig, settings: Settings) -> Loader:
+    """How ``model``'s versions load: in a model worker, or in this process."""
+    if model.isolation != "worker":
+        return default_loader
+    limits = WorkerLimits(
+        memory_bytes=settings.isolation_memory_bytes,
+        load_timeout_s=settings.isolation_timeout_s,
+        load_cpu_seconds=settings.isolation_cpu_seconds,
+        predict_timeout_s=model.predict_timeout_s,
+        probation_requests=model.probation_requests,
+        max_reply_bytes=app.reply_limit,
+    )
+
+    def load_in_worker(cached: CachedVersion, policy: LoadPolicy) -> WorkerPredictor:
+        return WorkerPredictor(cached, policy, limits, model=model.name, warmup=model.warmup)
+
+    return load_in_worker
 
 
 def policy_from(settings: Settings) -> LoadPolicy:
@@ -87,7 +109,9 @@ class ModelService:
             cache,
             policy_from(settings),
             trust_check=trust_check,
-            warmup=model.warmup,
+            loader=build_loader(model, app, settings),
+            # NOTE: a worker warms its version up itself, before it answers the load.
+            warmup=model.warmup and model.isolation != "worker",
             prober=build_prober(model, settings, cache),
         )
         self.watcher = (
@@ -144,6 +168,7 @@ class ModelService:
         answered = "pinned" if pinned else "live"
         status = 200
         mirrored: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+        deadline = DEADLINE.set(time.monotonic() + request.timeout_s if request.timeout_s else None)
         try:
             with self._lease_for(request, role) as (live, answered):
                 served = live.version
@@ -155,6 +180,7 @@ class ModelService:
             status = status_of(exc)
             raise
         finally:
+            DEADLINE.reset(deadline)
             self.observe(served, status, started, role=answered)
         if mirrored is not None:
             # NOTE: a non-blocking hand-off; the shadow predicts on its own thread later.
@@ -287,7 +313,14 @@ class ModelService:
 
     def status(self) -> dict[str, Any]:
         """What this replica serves (the index's per-replica row), with its per-version figures."""
-        return {**self._watch_status(), "figures": self.figures.snapshot()}
+        status = {**self._watch_status(), "figures": self.figures.snapshot()}
+        live = self.slot.live
+        if live is not None and isinstance(live.predictor, WorkerPredictor):
+            status["worker"] = live.predictor.status()
+        failed = self.slot.failed_versions()
+        if failed:
+            status["failed_in_probation"] = failed
+        return status
 
     def _watch_status(self) -> dict[str, Any]:
         if self.watcher is not None:

@@ -9,6 +9,7 @@ finish on the old model, which is released when its last lease ends.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from serving.errors import IsolationFailed, LoadError, NotFound, NotReady, Overl
 from serving.formats.base import LoadPolicy, Predictor
 from serving.formats.warmup import warm_up
 from serving.isolation.prober import Prober
+from serving.isolation.worker import WorkerPredictor
 from serving.manifest import Manifest
 from serving.repository import Repository, Resolved
 
@@ -51,6 +53,8 @@ class Live:
     predictor: Predictor
     pin: Pin
     loaded_at: float = field(default_factory=time.time)
+    resolved: Resolved | None = None
+    """What was loaded, so a failed successor can put this version back."""
     source: str = "store"
     """``store`` normally; ``cache`` when resolved from the cache's memory (store down);
     ``last_good`` when the alias's target failed to load at start and this node's
@@ -123,6 +127,10 @@ class ModelSlot:
         self._swap_lock = threading.Lock()
         self._companions: dict[str, Live] = {}
         """Canary and shadow versions loaded beside the live one (``role -> Live``)."""
+        self._previous: Resolved | None = None
+        """The version live before this one, put back if this one fails its probation."""
+        self._failed: dict[tuple[str, str], str] = {}
+        """Versions (version, manifest sha256) that failed their probation on this replica."""
 
     @property
     def live(self) -> Live | None:
@@ -150,6 +158,8 @@ class ModelSlot:
                     # bomb or endless loop there fails this load, not this process.
                     self._prober.probe(cached, policy, warmup=self._warmup)
                 predictor = self._loader(cached, policy)
+                if isinstance(predictor, WorkerPredictor):
+                    predictor.on_probation_failure = functools.partial(self._probation_failed, resolved)
                 if self._warmup:
                     warm_up(predictor, cached.manifest)
             except BaseException:
@@ -170,6 +180,7 @@ class ModelSlot:
             cached.manifest_sha256,
             predictor,
             pin,
+            resolved=resolved,
             source=source,
         )
 
@@ -184,6 +195,9 @@ class ModelSlot:
             from_version = old.version if old else None
             started = time.perf_counter()
             try:
+                failed = self._failed.get((resolved.version, resolved.manifest_sha256))
+                if failed is not None:
+                    raise LoadError(f"{resolved.name}:{resolved.version} failed on this replica: {failed}")
                 # NOTE: a promoted canary is already loaded and warm: it becomes live as is.
                 new = self._adopt(resolved) or self.load(resolved, source=source)
             except ServingError as exc:
@@ -201,6 +215,7 @@ class ModelSlot:
                 metrics.LIVE_VERSION.set(0, model=self.name, version=old.version)
                 old.retire()
                 metrics.SWAPS.inc(model=self.name)
+                self._previous = old.resolved
             metrics.LIVE_VERSION.set(1, model=self.name, version=new.version)
             log.info(
                 "swapped" if old else "loaded",
@@ -214,6 +229,32 @@ class ModelSlot:
                 ),
             )
             return new
+
+    def _probation_failed(self, resolved: Resolved, note: str) -> None:
+        """``resolved``'s worker failed within its first requests: never serve it again on
+        this replica, drop it from any role, and put the previous live version back."""
+        key = (resolved.version, resolved.manifest_sha256)
+        with self._swap_lock:
+            self._failed[key] = note
+            metrics.SWAP_FAILURES.inc(model=self.name, reason="probation")
+            for role, companion in list(self._companions.items()):
+                if (companion.version, companion.manifest_sha256) == key:
+                    del self._companions[role]
+                    metrics.ROLE_VERSION.set(0, model=self.name, version=companion.version, role=role)
+                    companion.retire()
+            live, previous = self._live, self._previous
+        is_live = live is not None and (live.version, live.manifest_sha256) == key
+        log.error("%s:%s marked failed on this replica: %s", self.name, resolved.version, note)
+        if not is_live or previous is None or (previous.version, previous.manifest_sha256) == key:
+            return
+        try:
+            self.swap_to(previous, reason="rollback")
+        except ServingError as exc:
+            log.error("%s: putting back %s failed: %s", self.name, previous.version, exc)
+
+    def failed_versions(self) -> dict[str, str]:
+        """Versions that failed their probation here, with why."""
+        return {version: note for (version, _), note in self._failed.items()}
 
     def _adopt(self, resolved: Resolved) -> Live | None:
         """Take a loaded companion of exactly this version out of its role (caller holds the lock)."""

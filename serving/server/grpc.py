@@ -63,6 +63,13 @@ class Context(Protocol):
     def invocation_metadata(self) -> Any: ...
 
 
+def _remaining(context: Context) -> float | None:
+    """Seconds left of the call's deadline, where the context knows it (``grpc.aio``'s does)."""
+    remaining = getattr(context, "time_remaining", None)
+    value = remaining() if callable(remaining) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
 def _metadata(context: Context) -> dict[str, str]:
     """Text metadata by lower-case key (binary ``-bin`` entries are left out)."""
     return {str(k).lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -140,8 +147,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 raise PayloadTooLarge(f"request body is {size} bytes, over the limit of {limit}")
             key = _metadata(context).get(self._routing_header)
             version = request.model_version or None
+            remaining = _remaining(context)
             response = await self.plane.infer_wire(
-                request.model_name, version, lambda: codec.decode_infer(request, key)
+                request.model_name, version, lambda: codec.decode_infer(request, key, remaining)
             )
             return codec.encode_infer(response)
 

@@ -44,12 +44,17 @@ class LocalModel:
         service: the model.
         offload_after_s: requests run in a worker thread once the model's recent
             request time reaches this (0: always; ``math.inf``: only version loads).
+            A model served by model workers always runs in a thread: the loop never
+            waits for a worker.
     """
 
     def __init__(self, service: ModelService, offload_after_s: float | None = None) -> None:
         self.service = service
         if offload_after_s is None:
             offload_after_s = service.config.offload_predict_after_ms / 1000
+        if service.config.isolation == "worker":
+            # NOTE: predict waits for a model worker, up to its deadline: never on the loop.
+            offload_after_s = 0.0
         self.offload_after_s = offload_after_s
         self._recent_s = 0.0
         self._offloaded = offload_after_s <= 0

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import httpx
 import joblib
 import pytest
 import yaml
-from hostile_modules import hostile_versions, point_alias_at_oversized_manifest
+from hostile_modules import CrashOnNegative, Hog, Sleepy, hostile_versions, point_alias_at_oversized_manifest
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
@@ -30,6 +31,7 @@ from sklearn.linear_model import LogisticRegression
 from serving.manifest import TensorSpec
 from serving.publish import publish_path
 from serving.repository import Repository, SetTarget
+from serving.save import save
 from serving.settings import Settings
 from serving.store import open_store
 from serving.testing import free_port
@@ -67,7 +69,7 @@ class Server:
 
 
 def start_server(
-    work: Path, store: str, models: list[str], *, poll_s: float, extra: tuple[str, ...] = ()
+    work: Path, store: str, models: list[str | dict[str, Any]], *, poll_s: float, extra: tuple[str, ...] = ()
 ) -> Server:
     port, metrics_port = free_port(), free_port()
     config = work / f"app-{port}.yaml"
@@ -75,7 +77,7 @@ def start_server(
         yaml.safe_dump(
             {
                 "store": store,
-                "models": [{"name": m, "alias": "production"} for m in models],
+                "models": [{"name": m} if isinstance(m, str) else m for m in models],
                 "poll_interval_s": poll_s,
                 "poll_jitter": 0.1,
                 "retry_backoff_max_s": 1.0,
@@ -85,6 +87,8 @@ def start_server(
         )
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "AWS_"))}
+    # NOTE: versions may name hostile_modules classes, as a user's installed module.
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent)
     cmd = [sys.executable, "-m", "serving.cli", "--store", store, "serve", "--standalone"]
     cmd += ["--config", str(config), "--port", str(port), "--metrics-port", str(metrics_port)]
     # NOTE: gRPC off: the default port (8001) is one per machine; test_grpc.py covers gRPC.
@@ -250,6 +254,9 @@ HOSTILE_CASES = [
     "admitted-class gadget",
     "skops file read",
     "native crash",
+    "kd-tree out of range",
+    "sparse coef heap read",
+    "vectorizer n-gram bomb",
     "xz bomb",
     "skops schema bomb",
     "torch init_kwargs bomb",
@@ -314,3 +321,100 @@ def test_every_crafted_version_fails_while_v1_answers_every_request(
         assert f"failed isolation ({reason})" in replica["last_error"]
         text = httpx.get(server.metrics, timeout=10).text
         assert f'serving_swap_failures_total{{model="hostile",reason="{reason}"}}' in text
+
+
+# -- containment: a hostile request costs only its own model --------------------------------------
+@pytest.fixture(scope="module")
+def contained(
+    store: tuple[str, Repository, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """``counted`` (iris) beside three models whose requests crash, hang or blow up their worker."""
+    uri, repo, _ = store
+    for name, module in (("crashy", CrashOnNegative()), ("sleepy", Sleepy()), ("hoggy", Hog())):
+        save(module, name, version="1", store=repo, example=[[0.0, 1.0]], alias="production")
+    models: list[str | dict[str, Any]] = [
+        "counted",
+        "crashy",
+        {"name": "sleepy", "predict_timeout_s": 3},
+        "hoggy",
+    ]
+    srv = start_server(tmp_path_factory.mktemp("contained"), uri, models, poll_s=1.0)
+    wait_for(
+        lambda: httpx.get(srv.base + "/v2/health/ready", timeout=2).status_code == 200,
+        what="every model to load",
+    )
+    yield srv
+    srv.stop()
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _ask(client: httpx.Client, base: str, name: str, first: float, **parameters: Any) -> httpx.Response:
+    tensor = {"name": "input-0", "shape": [1, 2], "datatype": "FP32", "data": [first, 1.0]}
+    body: dict[str, Any] = {"inputs": [tensor]}
+    if parameters:
+        body["parameters"] = parameters
+    return client.post(f"{base}/v2/models/{name}/infer", json=body)
+
+
+def test_a_crash_a_hang_and_a_memory_blow_up_cost_only_their_own_model(contained: Server) -> None:
+    """Each hostile request gets a clear 5xx within its deadline; ``counted`` answers every one
+    of a concurrent stream; the serving process's RSS grows by at most 50 MB."""
+    results: list[int] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                results.append(infer(client, contained.base, "counted").status_code)
+
+    with httpx.Client(timeout=60) as client:
+        for _ in range(20):
+            assert infer(client, contained.base, "counted").status_code == 200
+        before = _rss(contained.proc.pid)
+        threads = [threading.Thread(target=stream) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            crash = _ask(client, contained.base, "crashy", -1.0)
+            assert crash.status_code == 503, crash.text
+            assert "SIGSEGV" in crash.json()["error"]
+            started = time.monotonic()
+            hang = _ask(client, contained.base, "sleepy", 600.0, timeout=1_000_000)
+            assert hang.status_code == 504, hang.text
+            assert time.monotonic() - started < 10
+            wait_for(
+                lambda: _ask(client, contained.base, "sleepy", 0.0).status_code == 200,
+                timeout=20,
+                what="sleepy's worker back",
+            )
+            started = time.monotonic()
+            assert _ask(client, contained.base, "sleepy", 600.0).status_code == 504  # the model's 3 s
+            assert time.monotonic() - started < 15
+            oom = _ask(client, contained.base, "hoggy", 64.0)
+            assert oom.status_code == 503, oom.text
+            assert "memory" in oom.json()["error"]
+            for name in ("crashy", "sleepy", "hoggy"):
+                back = wait_for(
+                    lambda name=name: _ask(client, contained.base, name, 0.0).status_code == 200,
+                    timeout=10,
+                    what=f"{name}'s worker back",
+                )
+                assert back
+            seen = len(results)
+            wait_for(lambda: len(results) > seen + 20, what="traffic after the failures")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        grown = _rss(contained.proc.pid) - before
+    assert contained.proc.poll() is None
+    assert len(results) > 50
+    assert set(results) == {200}, {s: results.count(s) for s in set(results)}
+    assert grown < 50 * 1024**2, f"RSS grew by {grown / 1024**2:.1f} MB"
+    text = httpx.get(contained.metrics, timeout=10).text
+    for model, reason in (("crashy", "crash"), ("sleepy", "timeout"), ("hoggy", "oom")):
+        assert f'serving_worker_failures_total{{model="{model}",reason="{reason}"}}' in text

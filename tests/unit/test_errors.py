@@ -36,6 +36,8 @@ EXPECTED = {
     "StoreConflict": ("StoreError", 409, 9),
     "NotReady": ("ServingError", 503, 10),
     "Overloaded": ("NotReady", 503, 10),
+    "WorkerFailed": ("NotReady", 503, 10),
+    "DeadlineExceeded": ("ServingError", 504, 13),
     "CacheError": ("ServingError", 500, 11),
     "RolloutAborted": ("ServingError", 409, 12),
     "InternalError": ("ServingError", 500, 1),

@@ -29,7 +29,7 @@ class Service:
     def __init__(self) -> None:
         self.slot = SimpleNamespace(version="1")
         self.resident = SimpleNamespace(versions=lambda: ["1"])
-        self.config = SimpleNamespace(offload_predict_after_ms=BOUND_S * 1000)
+        self.config = SimpleNamespace(offload_predict_after_ms=BOUND_S * 1000, isolation="none")
         self.cost_s = 0.0
         self.threads: list[int] = []
 
@@ -111,3 +111,11 @@ def test_zero_means_always_a_thread_and_infinity_only_loads() -> None:
     never._recent_s = 10.0
     assert not always.on_loop(None)
     assert never.on_loop(None)
+
+
+def test_a_model_served_by_workers_never_runs_on_the_loop() -> None:
+    """Its predict waits for another process, up to its deadline: the loop must not wait with it."""
+    service = Service()
+    service.config.isolation = "worker"
+    model: Any = LocalModel(service, offload_after_s=float("inf"))  # type: ignore[arg-type]
+    assert not model.on_loop(None)

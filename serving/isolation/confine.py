@@ -1,0 +1,147 @@
+"""What every child that runs model code is held to, and how its death is read.
+
+Both kinds of child use it: the prober's short-lived probe children
+(:mod:`.prober`) and the long-lived model workers (:mod:`.worker`).
+
+- :func:`confine` sets the limits a child applies to itself before it touches an
+  artifact: no core dumps, an address-space limit, a CPU-time limit,
+  ``no_new_privs`` and an audit hook that ends the process on any attempt to
+  start another one.
+- :func:`classify` turns a wait status into one of :data:`REASONS` and a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from typing import Any
+
+__all__ = [
+    "EXIT_EXEC",
+    "REASONS",
+    "child_env",
+    "classify",
+    "confine",
+    "describe",
+    "out_of_memory",
+    "prctl",
+    "vm_size",
+]
+
+REASONS = ("crash", "oom", "timeout", "exec")
+"""Every reason a child can fail for; a bounded metric label."""
+
+EXIT_EXEC = 86
+"""Exit code of a child whose audit hook saw a process start."""
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+
+PROCESS_EVENTS = frozenset(
+    {
+        "os.system",
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "os.fork",
+        "os.forkpty",
+        "os.startfile",
+        "subprocess.Popen",
+        "pty.spawn",
+    }
+)
+
+
+def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child that loads models: ``base`` (default: no secrets, see
+    :func:`serving.settings.isolated_child_env`), importing exactly what this process would."""
+    from pathlib import Path
+
+    from serving.settings import isolated_child_env
+
+    env = dict(base if base is not None else isolated_child_env())
+    # NOTE: the child must import exactly what this process would (this serving
+    # package, a module class_path names), however this process found them:
+    # PYTHONPATH, a Ray runtime env, entries added at run time.
+    package_root = str(Path(__file__).resolve().parent.parent.parent)
+    paths = [package_root, *(os.path.abspath(p) for p in sys.path if p)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    return env
+
+
+def prctl(option: int, arg: int) -> None:
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+
+
+def confine(memory_bytes: int, cpu_seconds: int | None) -> None:
+    """Limit this process: ``memory_bytes`` more address space than it maps now, CPU time,
+    no core, no new privileges, no new processes (the audit hook exits with :data:`EXIT_EXEC`).
+
+    ``cpu_seconds=None`` leaves the CPU limit to the caller (a worker sets one per request).
+    """
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if cpu_seconds is not None:
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+    address_space = vm_size() + memory_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+    def no_processes(event: str, args: tuple[Any, ...]) -> None:
+        if event in PROCESS_EVENTS:
+            os._exit(EXIT_EXEC)
+
+    sys.addaudithook(no_processes)
+
+
+def classify(status: int | None, who: str = "the child") -> dict[str, Any]:
+    """What a wait status means: ``{"ok": False, "reason": ..., "message": ...}``."""
+    if status is None:
+        return {"ok": False, "reason": "crash", "message": f"{who} vanished"}
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        if sig == signal.SIGXCPU:
+            return {"ok": False, "reason": "timeout", "message": "CPU time limit reached (SIGXCPU)"}
+        if sig == signal.SIGKILL:
+            # NOTE: callers that kill on their own deadline report a timeout themselves,
+            # so this is the kernel's OOM killer or a cgroup memory limit.
+            return {"ok": False, "reason": "oom", "message": "killed (SIGKILL), out of memory"}
+        return {"ok": False, "reason": "crash", "message": f"killed by {name}"}
+    code = os.WEXITSTATUS(status)
+    if code == EXIT_EXEC:
+        return {"ok": False, "reason": "exec", "message": "tried to start a process"}
+    return {"ok": False, "reason": "crash", "message": f"exited with code {code} without a result"}
+
+
+_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "out of memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, MemoryError) or any(m in str(seen).lower() for m in _OOM_MARKERS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def vm_size() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0

@@ -1,0 +1,668 @@
+"""Model workers: each loaded version predicts in its own limited child process.
+
+The process that owns the sockets never runs model code. A :class:`WorkerPredictor`
+is a :class:`~serving.formats.base.Predictor` like any other, so the slot, leases,
+swaps and every transport are unchanged; behind it a child process (``python -m
+serving.isolation.worker``) loaded the version and answers one request at a time::
+
+    serving process                                   model worker (one per version)
+      WorkerPredictor.predict(inputs)                   confined: RLIMIT_AS, no core,
+        pack inputs -> its memory file (sealed)         no_new_privs, no new processes,
+        {"op": "predict", headers} --SOCK_SEQPACKET-->  CPU-time limit per request
+                                                        predict on views of the file
+        unpack, check, copy <----------------------    pack outputs -> its memory file
+        wait at most the deadline                       {"ok": true, headers}
+
+A worker that crashes, runs out of memory, breaks the protocol or runs past the
+request's deadline is killed; the requests it held get :class:`WorkerFailed` (503)
+or :class:`DeadlineExceeded` (504) with the reason, and it is started again with
+backoff while every other model keeps answering. A version whose worker fails
+within its first :attr:`WorkerLimits.probation_requests` requests is reported to
+``on_probation_failure``: the slot puts the previous version back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving import errors, metrics
+from serving.cache import CachedVersion
+from serving.errors import DeadlineExceeded, InternalError, IsolationFailed, ServingError, WorkerFailed
+from serving.formats.base import LoadPolicy, Predictor
+from serving.formats.table import FORMAT_FACTS
+from serving.manifest import Manifest, TensorSpec
+
+from .confine import child_env, classify, confine, describe, out_of_memory
+from .shm import Arena, ProtocolViolation, map_peer, pack, unpack
+
+__all__ = ["DEADLINE", "WorkerLimits", "WorkerPredictor"]
+
+log = logging.getLogger(__name__)
+
+DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "serving_predict_deadline", default=None
+)
+"""A request's own deadline (``time.monotonic()``), set by the caller around a predict;
+the model's ``predict_timeout_s`` still caps it."""
+
+_MESSAGE_LIMIT = 1 << 20
+_RETURNED_ERRORS = {
+    cls.__name__: cls
+    for cls in (
+        errors.InvalidInput,
+        errors.PayloadTooLarge,
+        errors.LoadError,
+        errors.UntrustedArtifact,
+        errors.MissingExtra,
+        errors.IntegrityError,
+        errors.UnknownFormat,
+        errors.InvalidManifest,
+    )
+}
+"""The errors a worker may answer with, as themselves; anything else is an internal error."""
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """What one model worker may use, and how its failures are handled.
+
+    Attributes:
+        memory_bytes: address space on top of the interpreter's; None: max(1 GiB,
+            4 x the version's bytes), as for the isolation probe.
+        load_timeout_s: wall clock for starting, loading and warming up.
+        load_cpu_seconds: CPU time for the load.
+        predict_timeout_s: the most a request may take (its own deadline may be shorter);
+            past it the worker is killed and started again, and the request gets 504.
+        probation_requests: a version whose worker fails within this many requests
+            is reported as failed (the previous version goes back).
+        restart_backoff_s: first wait before a restart; doubles up to ``restart_backoff_max_s``.
+        max_reply_bytes: the most bytes of tensors one answer may hold.
+        nice: niceness added to the worker.
+    """
+
+    memory_bytes: int | None = None
+    load_timeout_s: float = 300.0
+    load_cpu_seconds: int = 120
+    predict_timeout_s: float = 30.0
+    probation_requests: int = 10
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 30.0
+    max_reply_bytes: int = 64 * 1024**2
+    nice: int = 0
+
+    def memory_for(self, manifest: Manifest) -> int:
+        if self.memory_bytes is not None:
+            return self.memory_bytes
+        return max(1 << 30, 4 * manifest.total_bytes)
+
+
+class _Failure(Exception):
+    """The worker is gone: ``reason`` is one of confine.REASONS or ``protocol``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class _Process:
+    """One worker process and its end of the socket and memory files."""
+
+    def __init__(self, env: dict[str, str], nice: int) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            cmd = [
+                sys.executable,
+                "-m",
+                "serving.isolation.worker",
+                str(os.getpid()),
+                str(child.fileno()),
+                str(nice),
+            ]
+            self.popen = subprocess.Popen(
+                cmd, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL, close_fds=True, cwd="/"
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.sock = parent
+        self.peer_view: Any = None
+        self.arena_sent = False
+
+    def send(self, message: dict[str, Any], fds: list[int]) -> None:
+        data = json.dumps(message).encode()
+        try:
+            if fds:
+                socket.send_fds(self.sock, [data], fds)
+            else:
+                self.sock.send(data)
+        except OSError as exc:
+            raise _Failure("crash", f"the worker stopped reading ({exc.strerror or exc})") from exc
+
+    def receive(self, deadline: float) -> dict[str, Any]:
+        """The worker's answer; a peer memory file it sends is mapped (and checked) here."""
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([self.sock], [], [], max(0.0, remaining))
+        if not ready:
+            raise TimeoutError
+        try:
+            data, fds, flags, _ = socket.recv_fds(self.sock, _MESSAGE_LIMIT, 1)
+        except OSError as exc:
+            raise _Failure("crash", f"the worker's socket failed ({exc.strerror or exc})") from exc
+        try:
+            if not data:
+                raise _Failure("crash", "")
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise _Failure("protocol", "the worker sent an oversized message")
+            if fds:
+                view = map_peer(fds[0])
+                self.close_view()
+                self.peer_view = view
+            reply = json.loads(data)
+            if not isinstance(reply, dict):
+                raise _Failure("protocol", "the worker's answer is not an object")
+            return reply
+        except (ProtocolViolation, ValueError) as exc:
+            raise _Failure("protocol", f"the worker broke the protocol: {exc}") from exc
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def close_view(self) -> None:
+        if self.peer_view is not None:
+            with contextlib.suppress(BufferError):
+                self.peer_view.close()
+            self.peer_view = None
+
+    def kill(self) -> int | None:
+        """Stop it now and reap it; its wait status."""
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.send_signal(signal.SIGKILL)
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            self.close()
+        return _wait_status(self.popen.returncode)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Close its socket (it exits on EOF), then kill it if it lingers."""
+        self.close()
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.close_view()
+
+
+def _wait_status(returncode: int | None) -> int | None:
+    """Popen's returncode back as a wait status, for :func:`confine.classify`."""
+    if returncode is None:
+        return None
+    if returncode < 0:
+        return -returncode  # NOTE: WIFSIGNALED with WTERMSIG == the signal
+    return (returncode & 0xFF) << 8
+
+
+class WorkerPredictor(Predictor):
+    """A version loaded in its own worker process; predicts there, within a deadline.
+
+    Args:
+        cached: the verified version in the loader cache.
+        policy: what its loader may trust.
+        limits: memory, time and restart limits.
+        model: the model's name, for metrics and messages.
+        warmup: run the manifest's example in the worker before it serves.
+        env: the worker's environment (no secrets; the caller scrubs it).
+        on_probation_failure: called (from a background thread) with a message when
+            the worker fails within its first ``probation_requests`` requests.
+
+    Raises:
+        IsolationFailed: the worker crashed, ran out of memory or time while loading.
+        ServingError: the loader refused the version; the same class and message.
+    """
+
+    def __init__(
+        self,
+        cached: CachedVersion,
+        policy: LoadPolicy,
+        limits: WorkerLimits,
+        *,
+        model: str,
+        warmup: bool = True,
+        env: dict[str, str] | None = None,
+        on_probation_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        self.where = f"{cached.name}:{cached.version}"
+        self.model = model
+        self.limits = limits
+        self.on_probation_failure = on_probation_failure
+        self._env = child_env(env)
+        self._load_request = {
+            "op": "load",
+            "path": str(cached.path),
+            "manifest": cached.manifest.model_dump(mode="json"),
+            "policy": {
+                "trusted_globals": sorted(policy.trusted_globals),
+                "allow_legacy_h5": policy.allow_legacy_h5,
+                "signed": policy.signed,
+                "allow_unrestricted": policy.allow_unrestricted,
+                "max_artifact_bytes": policy.max_artifact_bytes,
+                "max_expansion_ratio": policy.max_expansion_ratio,
+            },
+            "warmup": warmup,
+            "memory_bytes": limits.memory_for(cached.manifest),
+            "cpu_seconds": limits.load_cpu_seconds,
+        }
+        self._call_lock = threading.Lock()
+        self._state = threading.Lock()
+        self._closed = threading.Event()
+        self._arena = Arena(f"serving-{model}-in")
+        self._proc: _Process | None = None
+        self._served = 0
+        """Requests the current version answered (counts towards probation)."""
+        self._failures = 0
+        """Failures since the last answered request (sets the backoff)."""
+        self.restarts = 0
+        self.last_failure: str | None = None
+        self._proc, spec = self._start()
+        self.inputs = [TensorSpec.model_validate(s) for s in spec["inputs"]]
+        self.outputs = [TensorSpec.model_validate(s) for s in spec["outputs"]]
+        primary = spec.get("primary")
+        self._primary = (
+            primary if isinstance(primary, str) and primary in {o.name for o in self.outputs} else None
+        )
+        self._watch(self._proc)
+
+    # -- Predictor ---------------------------------------------------------------
+    @property
+    def primary_output(self) -> str:
+        return self._primary or super().primary_output
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._call(inputs, None)
+
+    def predict_only(self, inputs: dict[str, np.ndarray], names: Collection[str]) -> dict[str, np.ndarray]:
+        return self._call(inputs, list(names))
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._state:
+            proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.stop()
+        with self._call_lock:
+            self._arena.close()
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.popen.pid if proc is not None else None
+
+    def status(self) -> dict[str, Any]:
+        return {"pid": self.pid, "restarts": self.restarts, "last_failure": self.last_failure}
+
+    # -- one request ---------------------------------------------------------------
+    def _call(self, inputs: dict[str, np.ndarray], names: list[str] | None) -> dict[str, np.ndarray]:
+        now = time.monotonic()
+        timeout = self.limits.predict_timeout_s
+        own = DEADLINE.get()
+        deadline = min(now + timeout, own) if own is not None else now + timeout
+        if not self._call_lock.acquire(timeout=max(0.0, deadline - now)):
+            raise DeadlineExceeded(f"{self.where}: waited for the model worker past the request's deadline")
+        try:
+            proc = self._proc
+            if proc is None:
+                raise WorkerFailed(
+                    f"{self.where}: the model worker is restarting after: {self.last_failure or 'closed'}",
+                    reason="restarting",
+                )
+            headers, replaced = pack(inputs, self._arena)
+            fds = [self._arena.fd] if replaced or not proc.arena_sent else []
+            message = {
+                "op": "predict",
+                "inputs": headers,
+                "names": names,
+                "seconds": max(0.0, deadline - time.monotonic()),
+                "limit": self.limits.max_reply_bytes,
+            }
+            try:
+                proc.send(message, fds)
+                proc.arena_sent = True
+                reply = proc.receive(deadline)
+                outputs = self._outputs(proc, reply)
+            except TimeoutError:
+                seconds = deadline - now
+                self._fail(proc, "timeout", f"predict ran past its deadline of {seconds:.3g} s", kill=True)
+                raise DeadlineExceeded(
+                    f"{self.where}: predict ran past its deadline of {seconds:.3g} s; the worker was stopped"
+                ) from None
+            except _Failure as failure:
+                reason, message_ = self._fail(proc, failure.reason, failure.message, kill=True)
+                raise WorkerFailed(
+                    f"{self.where}: the model worker failed ({message_}); it is restarting", reason=reason
+                ) from None
+            self._served += 1
+            self._failures = 0
+            return outputs
+        finally:
+            self._call_lock.release()
+
+    def _outputs(self, proc: _Process, reply: dict[str, Any]) -> dict[str, np.ndarray]:
+        if reply.get("ok") is True:
+            try:
+                return unpack(
+                    reply.get("outputs"), proc.peer_view, copy=True, limit=self.limits.max_reply_bytes
+                )
+            except ProtocolViolation as exc:
+                raise _Failure("protocol", f"the worker broke the protocol: {exc}") from exc
+        message = str(reply.get("message", ""))[:4000]
+        if reply.get("reason") == "oom":
+            raise _Failure("oom", f"out of memory: {message}")
+        cls = _RETURNED_ERRORS.get(str(reply.get("class")))
+        if cls is not None:
+            raise cls(message)
+        log.error(
+            "%s: unexpected error in the model worker:\n%s",
+            self.where,
+            str(reply.get("traceback", ""))[:20000],
+        )
+        raise InternalError(f"internal error: {str(reply.get('class', 'Exception'))[:80]}")
+
+    # -- failures and restarts -----------------------------------------------------
+    def _fail(self, proc: _Process, reason: str, message: str, *, kill: bool) -> tuple[str, str]:
+        """Take ``proc`` out of service (once) and schedule a restart; the reason and message told."""
+        if kill:
+            status = proc.kill()
+        else:
+            proc.close()
+            status = _wait_status(proc.popen.returncode)
+        if reason == "crash" and not message:
+            told = classify(status, "the worker")
+            reason, message = told["reason"], told["message"]
+        with self._state:
+            if self._proc is not proc:
+                return reason, message
+            self._proc = None
+        self.last_failure = f"{reason}: {message}"
+        metrics.WORKER_FAILURES.inc(model=self.model, reason=reason)
+        log.warning("%s: model worker failed (%s: %s)", self.where, reason, message)
+        if self._served < self.limits.probation_requests and self.on_probation_failure is not None:
+            callback = self.on_probation_failure
+            first = self.limits.probation_requests
+            note = f"its worker failed within its first {first} requests ({reason}: {message})"
+            threading.Thread(
+                target=callback, args=(note,), name=f"probation-{self.where}", daemon=True
+            ).start()
+        self._failures += 1
+        threading.Thread(target=self._restart, name=f"restart-{self.where}", daemon=True).start()
+        return reason, message
+
+    def _restart(self) -> None:
+        delay = min(
+            self.limits.restart_backoff_max_s, self.limits.restart_backoff_s * 2 ** (self._failures - 1)
+        )
+        while not self._closed.wait(delay):
+            try:
+                proc, _ = self._start()
+            except ServingError as exc:
+                self.last_failure = f"restart failed: {exc}"
+                log.warning("%s: model worker restart failed: %s", self.where, exc)
+                self._failures += 1
+                delay = min(self.limits.restart_backoff_max_s, delay * 2)
+                continue
+            with self._state:
+                if self._closed.is_set():
+                    proc.stop()
+                    return
+                self._proc = proc
+            self.restarts += 1
+            metrics.WORKER_RESTARTS.inc(model=self.model)
+            log.info("%s: model worker restarted (pid %s)", self.where, proc.popen.pid)
+            self._watch(proc)
+            return
+
+    def _watch(self, proc: _Process) -> None:
+        """Notice a worker that dies between requests, so it is back before the next one."""
+
+        def wait() -> None:
+            proc.popen.wait()
+            if self._closed.is_set() or self._proc is not proc:
+                return
+            with self._call_lock:
+                if self._proc is proc:
+                    self._fail(proc, "crash", "", kill=False)
+
+        threading.Thread(target=wait, name=f"watch-{self.where}", daemon=True).start()
+
+    def _start(self) -> tuple[_Process, dict[str, Any]]:
+        """A new worker that loaded (and warmed up) this version: it and its specs."""
+        proc = _Process(self._env, self.limits.nice)
+        deadline = time.monotonic() + self.limits.load_timeout_s
+        try:
+            proc.send(self._load_request, [])
+            reply = proc.receive(deadline)
+        except TimeoutError:
+            proc.kill()
+            seconds = self.limits.load_timeout_s
+            raise self._isolation_failed("timeout", f"still loading after {seconds} s") from None
+        except _Failure as failure:
+            status = proc.kill()
+            if failure.reason == "crash":
+                told = classify(status, "the model worker")
+                raise self._isolation_failed(told["reason"], told["message"]) from None
+            raise self._isolation_failed("crash", failure.message) from None
+        if reply.get("ok") is not True:
+            proc.stop()
+            reason = reply.get("reason")
+            if reason in ("oom", "timeout", "exec"):
+                raise self._isolation_failed(str(reason), str(reply.get("message"))[:4000])
+            cls = _RETURNED_ERRORS.get(str(reply.get("class")), errors.LoadError)
+            raise cls(str(reply.get("message", ""))[:4000])
+        try:
+            if not isinstance(reply.get("inputs"), list) or not isinstance(reply.get("outputs"), list):
+                raise ValueError("the specs are missing")
+            [TensorSpec.model_validate(s) for s in reply["inputs"] + reply["outputs"]]
+        except ValueError as exc:
+            proc.kill()
+            raise self._isolation_failed("crash", f"the model worker broke the protocol: {exc}") from exc
+        return proc, reply
+
+    def _isolation_failed(self, reason: str, message: str) -> IsolationFailed:
+        return IsolationFailed(
+            f"{self.where}: failed isolation ({reason}) in its model worker: {message}", reason
+        )
+
+
+# ---------------------------------------------------------------------------------
+# The worker process (``python -m serving.isolation.worker PARENT_PID FD NICE``)
+# ---------------------------------------------------------------------------------
+def _worker_main(parent_pid: int, fd: int, nice: int) -> int:  # pragma: no cover -- NOTE: runs in the worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # NOTE: not PR_SET_PDEATHSIG: it fires when the *thread* that started us ends, and
+    # workers are started from short-lived threads (restarts, version loads).
+    _exit_when_orphaned(parent_pid)
+    if nice > 0:
+        with contextlib.suppress(OSError):
+            os.nice(nice)
+    from serving.hardening import harden_process
+
+    harden_process()
+    import serving.formats.warmup  # noqa: F401 -- NOTE: the loaders, before the limits
+
+    sock = socket.socket(fileno=fd)
+    request = _receive(sock)
+    if request is None or request.get("op") != "load":
+        return 0
+    predictor, reply = _load(request)
+    sock.send(json.dumps(reply).encode())
+    if predictor is None:
+        return 0
+    inputs_view: Any = None
+    outputs = Arena("serving-worker-out")
+    while True:
+        request = _receive(sock, keep_fd=True)
+        if request is None:
+            return 0
+        fd_in = request.pop("_fd", None)
+        if fd_in is not None:
+            inputs_view = map_peer(fd_in)
+            os.close(fd_in)
+        reply, replaced = _predict(predictor, request, inputs_view, outputs)
+        data = json.dumps(reply).encode()
+        if replaced:
+            socket.send_fds(sock, [data], [outputs.fd])
+        else:
+            sock.send(data)
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:  # pragma: no cover -- worker
+    """Exit within a second of the serving process's death, even in the middle of a predict."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
+def _receive(sock: socket.socket, keep_fd: bool = False) -> dict[str, Any] | None:  # pragma: no cover
+    data, fds, _, _ = socket.recv_fds(sock, _MESSAGE_LIMIT, 1)
+    if not data:
+        return None
+    message: dict[str, Any] = json.loads(data)
+    if fds:
+        if keep_fd:
+            message["_fd"] = fds[0]
+        else:
+            os.close(fds[0])
+    return message
+
+
+def _load(request: dict[str, Any]) -> tuple[Predictor | None, dict[str, Any]]:  # pragma: no cover -- worker
+    from serving.formats import load_predictor
+    from serving.formats.warmup import warm_up
+
+    try:
+        facts = FORMAT_FACTS.get(str(request["manifest"].get("format", "")))
+        for module in facts.preload if facts is not None else ():
+            # NOTE: the framework's own import is not the version's to pay for.
+            with contextlib.suppress(Exception):
+                importlib.import_module(module)
+        confine(int(request["memory_bytes"]), None)
+        _cpu_budget(float(request["cpu_seconds"]))
+        manifest = Manifest.model_validate(request["manifest"])
+        p = request["policy"]
+        policy = LoadPolicy(
+            trusted_globals=frozenset(p["trusted_globals"]),
+            allow_legacy_h5=bool(p["allow_legacy_h5"]),
+            signed=bool(p["signed"]),
+            allow_unrestricted=bool(p["allow_unrestricted"]),
+            max_artifact_bytes=int(p["max_artifact_bytes"]),
+            max_expansion_ratio=float(p["max_expansion_ratio"]),
+        )
+        predictor = load_predictor(Path(request["path"]), manifest, policy)
+        if request["warmup"]:
+            warm_up(predictor, manifest)
+    except BaseException as exc:  # noqa: BLE001 -- NOTE: every failure becomes an answer
+        if out_of_memory(exc):
+            return None, {"ok": False, "reason": "oom", "message": describe(exc)}
+        if isinstance(exc, ServingError):
+            return None, {"ok": False, "reason": "error", "class": type(exc).__name__, "message": exc.message}
+        return None, {"ok": False, "reason": "error", "class": "LoadError", "message": describe(exc)}
+    return predictor, {
+        "ok": True,
+        "inputs": [s.model_dump(mode="json") for s in predictor.inputs],
+        "outputs": [s.model_dump(mode="json") for s in predictor.outputs],
+        "primary": predictor.primary_output if predictor.outputs else None,
+    }
+
+
+def _cpu_budget(seconds: float) -> None:  # pragma: no cover -- worker
+    """SIGXCPU after ``seconds`` more CPU time than this process used so far (all threads)."""
+    import resource
+
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    spent = used.ru_utime + used.ru_stime
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = int(spent + seconds) + 1
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
+_CLIENT_ERRNOS = frozenset({2, 21, 20, 36, 22, 13, 40})
+"""ENOENT, EISDIR, ENOTDIR, ENAMETOOLONG, EINVAL, EACCES, ELOOP: a path from the request."""
+
+
+def _predict(
+    predictor: Predictor, request: dict[str, Any], view: Any, outputs: Arena
+) -> tuple[dict[str, Any], bool]:  # pragma: no cover -- worker
+    try:
+        inputs = unpack(request["inputs"], view, copy=False)
+        # NOTE: threads can take CPU faster than the clock; the parent's wall deadline is exact.
+        _cpu_budget(float(request["seconds"]) * (os.cpu_count() or 1) + 1)
+        names = request.get("names")
+        result = predictor.predict_only(inputs, names) if names is not None else predictor.predict(inputs)
+        if names is not None:
+            result = {k: v for k, v in result.items() if k in names} or result
+        headers, replaced = pack(result, outputs, limit=int(request["limit"]))
+    except OverflowError as exc:
+        return {"ok": False, "class": "PayloadTooLarge", "message": f"the answer is too large: {exc}"}, False
+    except MemoryError as exc:
+        # NOTE: the parent stops this worker: a heap that ran out may be in any state.
+        return {"ok": False, "reason": "oom", "message": describe(exc)}, False
+    except ServingError as exc:
+        return {"ok": False, "class": type(exc).__name__, "message": exc.message}, False
+    except (ValueError, TypeError) as exc:
+        return {
+            "ok": False,
+            "class": "InvalidInput",
+            "message": f"the model rejected the input: {exc}"[:4000],
+        }, False
+    except OSError as exc:
+        if exc.errno in _CLIENT_ERRNOS:
+            message = f"the model could not use the input: {exc.strerror or exc}"
+            return {"ok": False, "class": "InvalidInput", "message": message}, False
+        return _unexpected(exc), False
+    except Exception as exc:  # noqa: BLE001 -- NOTE: the serving process logs it once
+        if out_of_memory(exc):
+            return {"ok": False, "reason": "oom", "message": describe(exc)}, False
+        return _unexpected(exc), False
+    return {"ok": True, "outputs": headers}, replaced
+
+
+def _unexpected(exc: BaseException) -> dict[str, Any]:  # pragma: no cover -- worker
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    return {"ok": False, "class": type(exc).__name__, "message": describe(exc), "traceback": text[-20000:]}
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))

@@ -1,0 +1,280 @@
+"""Model workers: real versions, real worker processes, real crashes and deadlines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hostile_modules import CrashOnNegative, Hog, Sleepy, good_iris, segfault_version
+from prometheus_client import REGISTRY
+
+from serving.cache import CachedVersion, LoaderCache
+from serving.errors import DeadlineExceeded, IsolationFailed, PayloadTooLarge, WorkerFailed
+from serving.formats import load_predictor
+from serving.formats.base import LoadPolicy
+from serving.isolation.worker import DEADLINE, WorkerLimits, WorkerPredictor
+from serving.publish import publish_path
+from serving.repository import Repository
+from serving.save import save
+from serving.store.local import LocalStore
+from serving.testing.poll import wait_for
+
+LIMITS = WorkerLimits(memory_bytes=1536 * 1024**2, predict_timeout_s=20.0, restart_backoff_s=0.1)
+ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
+
+
+class Versions:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.store = LocalStore(str(root / "store"))
+        self.repo = Repository(self.store)
+        self.cache = LoaderCache(root / "cache", max_bytes=10**10)
+
+    def fetch(self, name: str) -> CachedVersion:
+        return self.cache.fetch(self.repo, self.repo.resolve(f"{name}:1"))
+
+    def add(self, path: Path, fmt: str, **kwargs: Any) -> CachedVersion:
+        name = f"m{uuid.uuid4().hex[:8]}"
+        publish_path(self.repo, path, name, version="1", format=fmt, **kwargs)
+        return self.fetch(name)
+
+    def module(self, module: Any) -> CachedVersion:
+        name = f"m{uuid.uuid4().hex[:8]}"
+        save(module, name, version="1", store=self.repo, example=[[0.0, 1.0]])
+        return self.fetch(name)
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> Versions:
+    return Versions(tmp_path_factory.mktemp("workers"))
+
+
+@pytest.fixture(scope="module")
+def iris(versions: Versions, tmp_path_factory: pytest.TempPathFactory) -> CachedVersion:
+    path = good_iris(tmp_path_factory.mktemp("iris") / "iris.joblib")
+    return versions.add(path, "sklearn", example=ROWS[:1].tolist())
+
+
+def start(cached: CachedVersion, limits: WorkerLimits = LIMITS, **kwargs: Any) -> WorkerPredictor:
+    return WorkerPredictor(cached, LoadPolicy(), limits, model="m", **kwargs)
+
+
+@pytest.fixture
+def sleepy(versions: Versions) -> Iterator[WorkerPredictor]:
+    predictor = start(versions.module(Sleepy()))
+    yield predictor
+    predictor.close()
+
+
+def test_a_worker_answers_what_the_model_answers_in_another_process(iris: CachedVersion) -> None:
+    local = load_predictor(iris.path, iris.manifest, LoadPolicy())
+    worker = start(iris)
+    try:
+        assert worker.pid is not None
+        assert worker.pid != os.getpid()
+        assert [s.name for s in worker.inputs] == [s.name for s in local.inputs]
+        assert worker.primary_output == local.primary_output
+        name = local.inputs[0].name
+        got, want = worker.predict({name: ROWS}), local.predict({name: ROWS})
+        assert set(got) == set(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+        assert set(worker.predict_only({name: ROWS}, [local.primary_output])) == {local.primary_output}
+        # 10,000 rows: the arena grows; the answer is the model's
+        big = np.random.default_rng(0).normal(5, 2, size=(10_000, 4))
+        np.testing.assert_array_equal(
+            worker.predict({name: big})["predict"], local.predict({name: big})["predict"]
+        )
+    finally:
+        worker.close()
+    assert not _alive(worker)
+
+
+def test_string_outputs_cross_as_strings(versions: Versions, tmp_path: Path) -> None:
+    import joblib
+    from sklearn.tree import DecisionTreeClassifier
+
+    model = DecisionTreeClassifier().fit([[0.0], [1.0]], np.array(["setosa", "virginica"], dtype=object))
+    path = tmp_path / "labels.joblib"
+    joblib.dump(model, path)
+    worker = start(versions.add(path, "sklearn", example=[[0.0]]))
+    try:
+        out = worker.predict({worker.inputs[0].name: np.array([[0.0], [1.0], [0.9]])})["predict"]
+        assert list(out) == ["setosa", "virginica", "virginica"]
+    finally:
+        worker.close()
+
+
+def test_a_request_past_its_deadline_gets_504_and_the_worker_comes_back(sleepy: WorkerPredictor) -> None:
+    name = sleepy.inputs[0].name
+    first = sleepy.pid
+    token = DEADLINE.set(time.monotonic() + 0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="deadline"):
+            sleepy.predict({name: np.array([[60.0, 0.0]], dtype=np.float32)})
+        assert time.monotonic() - started < 5
+    finally:
+        DEADLINE.reset(token)
+    assert "timeout" in (sleepy.last_failure or "")
+    wait_for(lambda: sleepy.pid not in (None, first), timeout=10, what="a new worker")
+    out = sleepy.predict({name: np.array([[0.0, 1.0]], dtype=np.float32)})
+    np.testing.assert_array_equal(out[sleepy.primary_output], [[0.0, 2.0]])
+
+
+def test_the_model_deadline_caps_a_longer_request_deadline(versions: Versions) -> None:
+    worker = start(versions.module(Sleepy()), WorkerLimits(predict_timeout_s=0.5, restart_backoff_s=0.1))
+    token = DEADLINE.set(time.monotonic() + 600)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            worker.predict({worker.inputs[0].name: np.array([[60.0, 0.0]], dtype=np.float32)})
+        assert time.monotonic() - started < 5
+    finally:
+        DEADLINE.reset(token)
+        worker.close()
+
+
+def _restarts() -> float:
+    return REGISTRY.get_sample_value("serving_worker_restarts_total", {"model": "m"}) or 0.0
+
+
+def test_a_killed_worker_is_back_and_serving_within_5_s(iris: CachedVersion) -> None:
+    restarts = _restarts()
+    worker = start(iris)
+    try:
+        first = worker.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+        name = worker.inputs[0].name
+
+        def serving() -> bool:
+            try:
+                return worker.pid != first and len(worker.predict({name: ROWS})) > 0
+            except WorkerFailed:
+                return False
+
+        wait_for(serving, timeout=5, what="the worker back and serving")
+        assert time.monotonic() - killed < 5
+        assert worker.restarts == 1
+        assert _restarts() == restarts + 1
+    finally:
+        worker.close()
+
+
+def test_a_crash_at_predict_is_a_503_with_the_reason_and_reported_in_probation(versions: Versions) -> None:
+    failed: list[str] = []
+    worker = start(versions.module(CrashOnNegative()), on_probation_failure=failed.append)
+    name = worker.inputs[0].name
+    try:
+        with pytest.raises(WorkerFailed, match="SIGSEGV") as info:
+            worker.predict({name: np.array([[-1.0, 0.0]], dtype=np.float32)})
+        assert info.value.status_code == 503
+        assert info.value.reason == "crash"
+        wait_for(lambda: failed, timeout=5, what="the probation callback")
+        assert "within its first" in failed[0]
+    finally:
+        worker.close()
+
+
+def test_after_probation_a_crashing_request_only_restarts_the_worker(versions: Versions) -> None:
+    failed: list[str] = []
+    limits = WorkerLimits(probation_requests=3, restart_backoff_s=0.1)
+    worker = start(versions.module(CrashOnNegative()), limits, on_probation_failure=failed.append)
+    name = worker.inputs[0].name
+    try:
+        for _ in range(3):
+            worker.predict({name: np.array([[1.0, 0.0]], dtype=np.float32)})
+        with pytest.raises(WorkerFailed):
+            worker.predict({name: np.array([[-1.0, 0.0]], dtype=np.float32)})
+        wait_for(lambda: worker.restarts == 1, timeout=10, what="the restart")
+        assert failed == []  # NOTE: a client cannot make a good version look bad
+    finally:
+        worker.close()
+
+
+def test_memory_past_the_limit_costs_the_worker_not_this_process(versions: Versions) -> None:
+    worker = start(versions.module(Hog()), WorkerLimits(memory_bytes=512 * 1024**2, restart_backoff_s=0.1))
+    name = worker.inputs[0].name
+    try:
+        with pytest.raises(WorkerFailed) as info:
+            worker.predict({name: np.array([[4.0, 0.0]], dtype=np.float32)})
+        assert info.value.reason == "oom"
+        wait_for(lambda: worker.pid is not None, timeout=10, what="the worker back")
+        out = worker.predict({name: np.array([[0.0, 1.0]], dtype=np.float32)})
+        np.testing.assert_array_equal(out[worker.primary_output], [[0.0, 2.0]])
+    finally:
+        worker.close()
+
+
+def test_a_reply_over_the_limit_is_413_and_the_worker_keeps_serving(iris: CachedVersion) -> None:
+    worker = start(iris, WorkerLimits(max_reply_bytes=4096))
+    name = worker.inputs[0].name
+    try:
+        with pytest.raises(PayloadTooLarge):
+            worker.predict({name: np.zeros((10_000, 4))})
+        assert len(worker.predict({name: ROWS})) > 0
+    finally:
+        worker.close()
+
+
+def test_a_crash_while_loading_is_an_isolation_failure(versions: Versions, tmp_path: Path) -> None:
+    path, kwargs = segfault_version(tmp_path / "crash.pt")
+    cached = versions.add(path, "torch-state-dict", **kwargs)
+    with pytest.raises(IsolationFailed) as info:
+        start(cached)
+    assert info.value.reason == "crash"
+
+
+def _alive(worker: WorkerPredictor) -> bool:
+    return worker.pid is not None
+
+
+def test_a_version_that_crashes_its_worker_in_probation_is_failed_and_the_previous_serves(
+    tmp_path: Path,
+) -> None:
+    """Through the model service: v2 crashes its worker on its first request, so this
+    replica marks it failed, puts v1 back, and does not swap to v2 again."""
+    from serving.config import AppConfig, ModelConfig
+    from serving.protocol.types import InferRequest
+    from serving.repository import SetTarget
+    from serving.runtime.service import ModelService
+    from serving.settings import Settings
+
+    store = str(tmp_path / "store")
+    repo = Repository(LocalStore(store))
+    save(Sleepy(), "pair", version="1", store=repo, example=[[0.0, 1.0]], alias="production")
+    save(CrashOnNegative(), "pair", version="2", store=repo, example=[[0.0, 1.0]])
+    app = AppConfig(models=[ModelConfig(name="pair", probation_requests=5)], poll_interval_s=60)
+    service = ModelService(app.models[0], app, Settings(store=store, cache_dir=tmp_path / "cache"))
+    assert service.watcher is not None
+    try:
+        service.start()
+        assert service.slot.version == "1"
+        repo.move_alias("pair", "production", SetTarget("2"))
+        service.watcher.tick()
+        assert service.slot.version == "2"
+
+        def ask(value: float) -> Any:
+            row = np.array([[value, 1.0]], dtype=np.float32)
+            return service.infer(InferRequest(model="pair", inputs={"input-0": row}))
+
+        with pytest.raises(WorkerFailed):
+            ask(-1.0)
+        wait_for(lambda: service.slot.version == "1", timeout=30, what="v1 back live")
+        assert ask(0.0).version == "1"
+        service.watcher.tick()
+        assert service.slot.version == "1"  # NOTE: v2 stays failed on this replica
+        status = service.status()
+        assert "2" in status["failed_in_probation"]
+        assert status["worker"]["pid"] not in (None, os.getpid())
+    finally:
+        service.close()
