@@ -62,7 +62,7 @@ lint: $(TEST_STAMP)
 typecheck: $(TEST_STAMP)
 	$(VENV)/bin/mypy serving
 
-## test: lint, type-check and run every test (unit, integration, helm, security) but the cluster suite
+## test: lint, type-check and run every test (unit, integration, helm, security, adversarial) but the cluster suite
 test: lint typecheck $(MLFLOW_SERVER) $(KSERVE_PY)
 	SERVING_TEST_MLFLOW_SERVER=$(abspath $(MLFLOW_SERVER)) SERVING_TEST_KSERVE_PYTHON=$(abspath $(KSERVE_PY)) \
 		$(PY) -m pytest
