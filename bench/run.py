@@ -194,7 +194,7 @@ def _ours_in_process(
     procs: Processes, work: Path, pub: dict[str, Any], notes: list[str]
 ) -> dict[str, System]:
     """The default Ray path with model workers off (``isolation: none``): what workers cost."""
-    args = ours_args(pub["store"], work / "serve-inproc", mlp=False, isolation="none")
+    args = ours_args(pub["store"], work / "serve-inproc", mlp=True, isolation="none")
     ours = start_serve(procs, args, work, v2_body(np.array([ROW])), name=OURS_IN_PROCESS)
     replicas = settle(ours)
     ours.note = f"workers off (isolation: none); {replicas} replica(s) after settling under 16 clients"
