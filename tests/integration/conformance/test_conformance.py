@@ -292,9 +292,14 @@ def test_loading_an_explicit_version_does_not_stall_the_live_one(served: Served)
     key = served.model_key("iris", "3")
     with httpx.Client(timeout=20) as client, served.s3.stall(key, after_bytes=0):
         slow: list[httpx.Response] = []
-        thread = threading.Thread(
-            target=lambda: slow.append(infer(httpx.Client(timeout=30), served.base, "iris", "3"))
-        )
+
+        def ask_v3() -> None:
+            # NOTE: its own client, closed here: a leaked one is closed by the GC at a random
+            # point of a later test.
+            with httpx.Client(timeout=30) as own:
+                slow.append(infer(own, served.base, "iris", "3"))
+
+        thread = threading.Thread(target=ask_v3)
         thread.start()
         try:
             wait_for(lambda: served.s3.count("GET", bucket=served.bucket, key=key) >= 1, what="v3's download")
