@@ -34,7 +34,7 @@ __all__ = ["Arena", "ProtocolViolation", "pack", "unpack"]
 MAX_RANK = 32
 _ALIGN = 64
 _MIN_SIZE = 1 << 20
-_DTYPE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|[US][0-9]{1,9})$")
+_DTYPE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|[US][1-9][0-9]{0,8})$")
 _RAGGED = ("bytes", "str")
 
 
@@ -59,7 +59,8 @@ class Arena:
         fd = os.memfd_create(self.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            # NOTE: the reader cannot shrink it under us (SIGBUS) nor grow it (memory outside limits).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             view = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
@@ -80,8 +81,9 @@ class Arena:
         self.size = 0
 
 
-def map_peer(fd: int) -> mmap.mmap:
-    """Map the other side's memory file read-write; it must be sealed against shrinking."""
+def map_peer(fd: int, *, max_size: int | None = None, readonly: bool = False) -> mmap.mmap:
+    """Map the other side's memory file; it must be sealed against shrinking and, with
+    ``max_size``, no larger (a worker must not choose how much of our address space it takes)."""
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError as exc:
@@ -91,7 +93,12 @@ def map_peer(fd: int) -> mmap.mmap:
     size = os.fstat(fd).st_size
     if size <= 0:
         raise ProtocolViolation("the memory file is empty")
-    return mmap.mmap(fd, size)
+    if max_size is not None and size > max_size:
+        raise ProtocolViolation(f"the memory file is {size} bytes, over the limit of {max_size}")
+    try:
+        return mmap.mmap(fd, size, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
+    except (OSError, ValueError) as exc:
+        raise ProtocolViolation(f"the memory file cannot be mapped: {exc}") from exc
 
 
 def _ragged(array: np.ndarray) -> tuple[str, bytes, np.ndarray]:

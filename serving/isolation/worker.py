@@ -28,6 +28,7 @@ import contextvars
 import importlib
 import json
 import logging
+import math
 import os
 import select
 import signal
@@ -64,6 +65,9 @@ DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 the model's ``predict_timeout_s`` still caps it."""
 
 _MESSAGE_LIMIT = 1 << 20
+_SEND_TIMEOUT_S = 5.0
+_MIN_SEND_S = 0.002
+"""A request with less of its deadline left than this is answered 504 without being sent."""
 _RETURNED_ERRORS = {
     cls.__name__: cls
     for cls in (
@@ -126,7 +130,7 @@ class _Failure(Exception):
 class _Process:
     """One worker process and its end of the socket and memory files."""
 
-    def __init__(self, env: dict[str, str], nice: int) -> None:
+    def __init__(self, env: dict[str, str], nice: int, peer_limit: int) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             cmd = [
@@ -138,19 +142,32 @@ class _Process:
                 str(nice),
             ]
             self.popen = subprocess.Popen(
-                cmd, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL, close_fds=True, cwd="/"
+                cmd,
+                pass_fds=(child.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+                cwd="/",
+                # NOTE: its own process group, so a kill reaches whatever it started natively.
+                start_new_session=True,
             )
         except BaseException:
             parent.close()
             raise
         finally:
             child.close()
+        # NOTE: a send never blocks for long: a worker that stops reading is a failed worker.
+        parent.settimeout(_SEND_TIMEOUT_S)
         self.sock = parent
         self.peer_view: Any = None
+        self.peer_limit = peer_limit
         self.arena_sent = False
 
     def send(self, message: dict[str, Any], fds: list[int]) -> None:
         data = json.dumps(message).encode()
+        if self.readable(0):
+            # NOTE: an answer nobody asked for (or a hang-up): the next reply would be the wrong one.
+            raise _Failure("protocol", "the worker sent a message it was not asked for, or hung up")
         try:
             if fds:
                 socket.send_fds(self.sock, [data], fds)
@@ -159,11 +176,15 @@ class _Process:
         except OSError as exc:
             raise _Failure("crash", f"the worker stopped reading ({exc.strerror or exc})") from exc
 
+    def readable(self, timeout: float) -> bool:
+        """Whether the worker sent something within ``timeout`` seconds (poll: any fd number)."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(max(0, math.ceil(timeout * 1000))))
+
     def receive(self, deadline: float) -> dict[str, Any]:
         """The worker's answer; a peer memory file it sends is mapped (and checked) here."""
-        remaining = deadline - time.monotonic()
-        ready, _, _ = select.select([self.sock], [], [], max(0.0, remaining))
-        if not ready:
+        if not self.readable(deadline - time.monotonic()):
             raise TimeoutError
         try:
             data, fds, flags, _ = socket.recv_fds(self.sock, _MESSAGE_LIMIT, 1)
@@ -175,15 +196,16 @@ class _Process:
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 raise _Failure("protocol", "the worker sent an oversized message")
             if fds:
-                view = map_peer(fds[0])
+                view = map_peer(fds[0], max_size=self.peer_limit, readonly=True)
                 self.close_view()
                 self.peer_view = view
             reply = json.loads(data)
             if not isinstance(reply, dict):
                 raise _Failure("protocol", "the worker's answer is not an object")
             return reply
-        except (ProtocolViolation, ValueError) as exc:
-            raise _Failure("protocol", f"the worker broke the protocol: {exc}") from exc
+        except (ProtocolViolation, ValueError, RecursionError, OSError, MemoryError) as exc:
+            # NOTE: whatever the worker's bytes make a parser or mmap raise is its fault.
+            raise _Failure("protocol", f"the worker broke the protocol: {type(exc).__name__}: {exc}") from exc
         finally:
             for fd in fds:
                 os.close(fd)
@@ -194,10 +216,16 @@ class _Process:
                 self.peer_view.close()
             self.peer_view = None
 
-    def kill(self) -> int | None:
-        """Stop it now and reap it; its wait status."""
-        with contextlib.suppress(ProcessLookupError):
-            self.popen.send_signal(signal.SIGKILL)
+    def kill(self, grace_s: float = 0.0) -> int | None:
+        """Stop it (after ``grace_s`` to exit on its own) and reap it; its wait status."""
+        if grace_s > 0:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(grace_s)
+        if self.popen.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(signal.SIGKILL)
         try:
             self.popen.wait(10)
         except subprocess.TimeoutExpired:
@@ -292,6 +320,7 @@ class WorkerPredictor(Predictor):
         self._proc, spec = self._start()
         self.inputs = [TensorSpec.model_validate(s) for s in spec["inputs"]]
         self.outputs = [TensorSpec.model_validate(s) for s in spec["outputs"]]
+        self._output_names = frozenset(o.name for o in self.outputs)
         primary = spec.get("primary")
         self._primary = (
             primary if isinstance(primary, str) and primary in {o.name for o in self.outputs} else None
@@ -328,12 +357,13 @@ class WorkerPredictor(Predictor):
 
     # -- one request ---------------------------------------------------------------
     def _call(self, inputs: dict[str, np.ndarray], names: list[str] | None) -> dict[str, np.ndarray]:
-        now = time.monotonic()
         timeout = self.limits.predict_timeout_s
         own = DEADLINE.get()
+        now = time.monotonic()
         deadline = min(now + timeout, own) if own is not None else now + timeout
         if not self._call_lock.acquire(timeout=max(0.0, deadline - now)):
             raise DeadlineExceeded(f"{self.where}: waited for the model worker past the request's deadline")
+        handed_off = False
         try:
             proc = self._proc
             if proc is None:
@@ -341,25 +371,49 @@ class WorkerPredictor(Predictor):
                     f"{self.where}: the model worker is restarting after: {self.last_failure or 'closed'}",
                     reason="restarting",
                 )
+            sent_at = time.monotonic()
+            if deadline - sent_at < _MIN_SEND_S:
+                raise DeadlineExceeded(
+                    f"{self.where}: the request's deadline passed before the model could run"
+                )
+            # NOTE: the worker is killed only past the model's own limit, counted from the send; a
+            # request's shorter deadline answers 504 but lets the worker finish, so a client
+            # cannot make a healthy worker look failed.
+            model_deadline = sent_at + timeout
+            client_first = False
+            asked = None
+            if names is not None and all(n in self._output_names for n in names):
+                asked = list(names)  # NOTE: unknown names: compute everything, the codec refuses them
             headers, replaced = pack(inputs, self._arena)
             fds = [self._arena.fd] if replaced or not proc.arena_sent else []
             message = {
                 "op": "predict",
                 "inputs": headers,
-                "names": names,
-                "seconds": max(0.0, deadline - time.monotonic()),
+                "names": asked,
+                "seconds": timeout,
                 "limit": self.limits.max_reply_bytes,
             }
             try:
                 proc.send(message, fds)
                 proc.arena_sent = True
-                reply = proc.receive(deadline)
+                client_first = own is not None and own < model_deadline
+                reply = proc.receive(own if client_first and own is not None else model_deadline)
                 outputs = self._outputs(proc, reply)
             except TimeoutError:
-                seconds = deadline - now
-                self._fail(proc, "timeout", f"predict ran past its deadline of {seconds:.3g} s", kill=True)
+                if client_first:
+                    handed_off = True
+                    threading.Thread(
+                        target=self._drain,
+                        args=(proc, model_deadline),
+                        name=f"drain-{self.where}",
+                        daemon=True,
+                    ).start()
+                    raise DeadlineExceeded(
+                        f"{self.where}: predict ran past the request's deadline of {deadline - now:.3g} s"
+                    ) from None
+                self._fail(proc, "timeout", f"predict ran past its deadline of {timeout:.3g} s", kill=True)
                 raise DeadlineExceeded(
-                    f"{self.where}: predict ran past its deadline of {seconds:.3g} s; the worker was stopped"
+                    f"{self.where}: predict ran past its deadline of {timeout:.3g} s; the worker was stopped"
                 ) from None
             except _Failure as failure:
                 reason, message_ = self._fail(proc, failure.reason, failure.message, kill=True)
@@ -370,6 +424,22 @@ class WorkerPredictor(Predictor):
             self._failures = 0
             return outputs
         finally:
+            if not handed_off:
+                self._call_lock.release()
+
+    def _drain(self, proc: _Process, model_deadline: float) -> None:
+        """Wait out a request its client gave up on (holding the call lock), so the next request
+        gets its own answer; kill the worker only past the model's limit."""
+        try:
+            self._outputs(proc, proc.receive(model_deadline))
+        except TimeoutError:
+            seconds = self.limits.predict_timeout_s
+            self._fail(proc, "timeout", f"predict ran past its deadline of {seconds:.3g} s", kill=True)
+        except _Failure as failure:
+            self._fail(proc, failure.reason, failure.message, kill=True)
+        except ServingError:
+            pass  # NOTE: the model's own answer (a 4xx, an internal error, logged); nobody waits for it
+        finally:
             self._call_lock.release()
 
     def _outputs(self, proc: _Process, reply: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -378,8 +448,10 @@ class WorkerPredictor(Predictor):
                 return unpack(
                     reply.get("outputs"), proc.peer_view, copy=True, limit=self.limits.max_reply_bytes
                 )
-            except ProtocolViolation as exc:
-                raise _Failure("protocol", f"the worker broke the protocol: {exc}") from exc
+            except (ProtocolViolation, ValueError, TypeError, OverflowError, MemoryError) as exc:
+                raise _Failure(
+                    "protocol", f"the worker broke the protocol: {type(exc).__name__}: {exc}"
+                ) from exc
         message = str(reply.get("message", ""))[:4000]
         if reply.get("reason") == "oom":
             raise _Failure("oom", f"out of memory: {message}")
@@ -397,7 +469,9 @@ class WorkerPredictor(Predictor):
     def _fail(self, proc: _Process, reason: str, message: str, *, kill: bool) -> tuple[str, str]:
         """Take ``proc`` out of service (once) and schedule a restart; the reason and message told."""
         if kill:
-            status = proc.kill()
+            # NOTE: a worker that hung up is usually dying: give it a moment so its own death,
+            # not our SIGKILL (read as "oom"), is what is reported.
+            status = proc.kill(grace_s=1.0 if reason == "crash" and not message else 0.0)
         else:
             proc.close()
             status = _wait_status(proc.popen.returncode)
@@ -423,13 +497,14 @@ class WorkerPredictor(Predictor):
         return reason, message
 
     def _restart(self) -> None:
-        delay = min(
-            self.limits.restart_backoff_max_s, self.limits.restart_backoff_s * 2 ** (self._failures - 1)
-        )
+        exponent = min(max(0, self._failures - 1), 20)
+        delay = min(self.limits.restart_backoff_max_s, self.limits.restart_backoff_s * 2**exponent)
         while not self._closed.wait(delay):
             try:
                 proc, _ = self._start()
-            except ServingError as exc:
+            except Exception as exc:  # NOTE: a restart thread must never die
+                if not isinstance(exc, ServingError):
+                    log.exception("%s: model worker restart failed", self.where)
                 self.last_failure = f"restart failed: {exc}"
                 log.warning("%s: model worker restart failed: %s", self.where, exc)
                 self._failures += 1
@@ -461,7 +536,14 @@ class WorkerPredictor(Predictor):
 
     def _start(self) -> tuple[_Process, dict[str, Any]]:
         """A new worker that loaded (and warmed up) this version: it and its specs."""
-        proc = _Process(self._env, self.limits.nice)
+        proc = _Process(self._env, self.limits.nice, peer_limit=2 * self.limits.max_reply_bytes + (2 << 20))
+        try:
+            return self._load(proc)
+        except BaseException:
+            proc.kill()
+            raise
+
+    def _load(self, proc: _Process) -> tuple[_Process, dict[str, Any]]:
         deadline = time.monotonic() + self.limits.load_timeout_s
         try:
             proc.send(self._load_request, [])

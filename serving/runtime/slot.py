@@ -145,6 +145,9 @@ class ModelSlot:
         """Fetch, verify trust, load and warm up a version without making it live."""
         started = time.perf_counter()
         try:
+            failed = self._failed.get((resolved.version, resolved.manifest_sha256))
+            if failed is not None:
+                raise LoadError(f"{resolved.name}:{resolved.version} failed on this replica: {failed}")
             policy = self.policy
             if self._trust_check is not None:
                 policy = self._trust_check(self.repo, resolved)
@@ -184,8 +187,18 @@ class ModelSlot:
             source=source,
         )
 
-    def swap_to(self, resolved: Resolved, *, reason: str = "alias moved", source: str = "store") -> Live:
+    def swap_to(
+        self,
+        resolved: Resolved,
+        *,
+        reason: str = "alias moved",
+        source: str = "store",
+        expect_live: tuple[str, str] | None = None,
+    ) -> Live:
         """Load ``resolved`` and make it live; on any failure the old version stays live.
+
+        ``expect_live`` (version, manifest sha256): swap only while that version is live
+        (a rollback off it); otherwise the live version is returned unchanged.
 
         Raises:
             ServingError: the load failed; the live version is unchanged.
@@ -194,10 +207,12 @@ class ModelSlot:
             old = self._live
             from_version = old.version if old else None
             started = time.perf_counter()
+            if expect_live is not None and (old is None or (old.version, old.manifest_sha256) != expect_live):
+                # NOTE: swapped meanwhile: putting the previous version back is moot.
+                if old is None:
+                    raise NotReady(f"model {self.name!r}: nothing is live to roll back from")
+                return old
             try:
-                failed = self._failed.get((resolved.version, resolved.manifest_sha256))
-                if failed is not None:
-                    raise LoadError(f"{resolved.name}:{resolved.version} failed on this replica: {failed}")
                 # NOTE: a promoted canary is already loaded and warm: it becomes live as is.
                 new = self._adopt(resolved) or self.load(resolved, source=source)
             except ServingError as exc:
@@ -248,13 +263,13 @@ class ModelSlot:
         if not is_live or previous is None or (previous.version, previous.manifest_sha256) == key:
             return
         try:
-            self.swap_to(previous, reason="rollback")
+            self.swap_to(previous, reason="rollback", expect_live=key)
         except ServingError as exc:
             log.error("%s: putting back %s failed: %s", self.name, previous.version, exc)
 
     def failed_versions(self) -> dict[str, str]:
         """Versions that failed their probation here, with why."""
-        return {version: note for (version, _), note in self._failed.items()}
+        return {version: note for (version, _), note in dict(self._failed).items()}
 
     def _adopt(self, resolved: Resolved) -> Live | None:
         """Take a loaded companion of exactly this version out of its role (caller holds the lock)."""

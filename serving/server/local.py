@@ -21,11 +21,13 @@ its waker between ticks, and a load request cuts that wait short.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
@@ -33,6 +35,8 @@ from serving.runtime.service import ModelService
 
 T = TypeVar("T")
 
+_WORKER_THREADS = 4
+"""Threads per model served by model workers (a worker answers one request at a time)."""
 _EWMA = 0.2
 """Weight of the newest request in a model's recent request time."""
 
@@ -52,9 +56,15 @@ class LocalModel:
         self.service = service
         if offload_after_s is None:
             offload_after_s = service.config.offload_predict_after_ms / 1000
+        self._threads: ThreadPoolExecutor | None = None
         if service.config.isolation == "worker":
-            # NOTE: predict waits for a model worker, up to its deadline: never on the loop.
+            # NOTE: predict waits for a model worker, up to its deadline: never on the loop, and
+            # on threads of its own, so requests queued for one slow or hung model cannot take
+            # every thread of the shared pool from the other models.
             offload_after_s = 0.0
+            self._threads = ThreadPoolExecutor(
+                _WORKER_THREADS, thread_name_prefix=f"model-{service.config.name}"
+            )
         self.offload_after_s = offload_after_s
         self._recent_s = 0.0
         self._offloaded = offload_after_s <= 0
@@ -76,6 +86,10 @@ class LocalModel:
     async def _run(self, version: str | None, fn: Callable[..., T], *args: Any) -> T:
         if self.on_loop(version):
             return self._timed(fn, *args)
+        if self._threads is not None:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._threads, functools.partial(self._timed, fn, *args)
+            )
         return await asyncio.to_thread(self._timed, fn, *args)
 
     def _timed(self, fn: Callable[..., T], *args: Any) -> T:

@@ -112,31 +112,55 @@ def test_string_outputs_cross_as_strings(versions: Versions, tmp_path: Path) -> 
         worker.close()
 
 
-def test_a_request_past_its_deadline_gets_504_and_the_worker_comes_back(sleepy: WorkerPredictor) -> None:
+def test_a_request_past_its_own_deadline_gets_504_and_leaves_a_healthy_worker_alone(
+    sleepy: WorkerPredictor,
+) -> None:
+    """The client's shorter deadline answers 504 at once; the worker finishes that predict,
+    is not killed or counted as failed, and the next request gets its own answer."""
+    failed: list[str] = []
+    sleepy.on_probation_failure = failed.append
     name = sleepy.inputs[0].name
     first = sleepy.pid
-    token = DEADLINE.set(time.monotonic() + 0.5)
+    token = DEADLINE.set(time.monotonic() + 0.3)
     try:
         started = time.monotonic()
-        with pytest.raises(DeadlineExceeded, match="deadline"):
-            sleepy.predict({name: np.array([[60.0, 0.0]], dtype=np.float32)})
-        assert time.monotonic() - started < 5
+        with pytest.raises(DeadlineExceeded, match="request's deadline"):
+            sleepy.predict({name: np.array([[1.5, 7.0]], dtype=np.float32)})
+        assert time.monotonic() - started < 1.2
     finally:
         DEADLINE.reset(token)
-    assert "timeout" in (sleepy.last_failure or "")
-    wait_for(lambda: sleepy.pid not in (None, first), timeout=10, what="a new worker")
     out = sleepy.predict({name: np.array([[0.0, 1.0]], dtype=np.float32)})
     np.testing.assert_array_equal(out[sleepy.primary_output], [[0.0, 2.0]])
+    assert sleepy.pid == first
+    assert (sleepy.restarts, sleepy.last_failure, failed) == (0, None, [])
 
 
-def test_the_model_deadline_caps_a_longer_request_deadline(versions: Versions) -> None:
+def test_a_deadline_already_spent_is_504_without_reaching_the_worker(sleepy: WorkerPredictor) -> None:
+    token = DEADLINE.set(time.monotonic() - 1)
+    try:
+        with pytest.raises(DeadlineExceeded):
+            sleepy.predict({sleepy.inputs[0].name: np.array([[0.0, 1.0]], dtype=np.float32)})
+    finally:
+        DEADLINE.reset(token)
+    assert sleepy.restarts == 0
+    assert sleepy.last_failure is None
+
+
+def test_past_the_model_deadline_the_worker_is_stopped_and_comes_back(versions: Versions) -> None:
+    """The model's limit caps a longer request deadline; past it the worker is killed and restarted."""
     worker = start(versions.module(Sleepy()), WorkerLimits(predict_timeout_s=0.5, restart_backoff_s=0.1))
+    name = worker.inputs[0].name
+    first = worker.pid
     token = DEADLINE.set(time.monotonic() + 600)
     try:
         started = time.monotonic()
-        with pytest.raises(DeadlineExceeded):
-            worker.predict({worker.inputs[0].name: np.array([[60.0, 0.0]], dtype=np.float32)})
+        with pytest.raises(DeadlineExceeded, match="the worker was stopped"):
+            worker.predict({name: np.array([[60.0, 0.0]], dtype=np.float32)})
         assert time.monotonic() - started < 5
+        assert "timeout" in (worker.last_failure or "")
+        wait_for(lambda: worker.pid not in (None, first), timeout=10, what="a new worker")
+        out = worker.predict({name: np.array([[0.0, 1.0]], dtype=np.float32)})
+        np.testing.assert_array_equal(out[worker.primary_output], [[0.0, 2.0]])
     finally:
         DEADLINE.reset(token)
         worker.close()

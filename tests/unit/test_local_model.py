@@ -29,7 +29,7 @@ class Service:
     def __init__(self) -> None:
         self.slot = SimpleNamespace(version="1")
         self.resident = SimpleNamespace(versions=lambda: ["1"])
-        self.config = SimpleNamespace(offload_predict_after_ms=BOUND_S * 1000, isolation="none")
+        self.config = SimpleNamespace(offload_predict_after_ms=BOUND_S * 1000, isolation="none", name="m")
         self.cost_s = 0.0
         self.threads: list[int] = []
 
