@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Collection
@@ -42,6 +43,22 @@ class LoadPolicy:
     allow_unrestricted: bool = False
     max_artifact_bytes: int = 50 * 1024**3
     max_expansion_ratio: float = 100.0
+
+    def to_json(self) -> dict[str, Any]:
+        """This policy as JSON values (what a child process that loads the version is sent)."""
+        return {**dataclasses.asdict(self), "trusted_globals": sorted(self.trusted_globals)}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> LoadPolicy:
+        """The policy :meth:`to_json` wrote."""
+        return cls(
+            trusted_globals=frozenset(str(g) for g in doc["trusted_globals"]),
+            allow_legacy_h5=bool(doc["allow_legacy_h5"]),
+            signed=bool(doc["signed"]),
+            allow_unrestricted=bool(doc["allow_unrestricted"]),
+            max_artifact_bytes=int(doc["max_artifact_bytes"]),
+            max_expansion_ratio=float(doc["max_expansion_ratio"]),
+        )
 
     def expansion_limit(self, stored_bytes: int) -> int:
         """The most bytes a file of ``stored_bytes`` may decompress to."""

@@ -16,7 +16,13 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from serving.errors import ServingError
+from serving.formats.base import LoadPolicy, Predictor
+from serving.manifest import Manifest
 
 __all__ = [
     "EXIT_EXEC",
@@ -25,6 +31,7 @@ __all__ = [
     "classify",
     "confine",
     "describe",
+    "load_in_child",
     "out_of_memory",
     "prctl",
     "vm_size",
@@ -57,8 +64,6 @@ PROCESS_EVENTS = frozenset(
 def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a child that loads models: ``base`` (default: no secrets, see
     :func:`serving.settings.isolated_child_env`), importing exactly what this process would."""
-    from pathlib import Path
-
     from serving.settings import isolated_child_env
 
     env = dict(base if base is not None else isolated_child_env())
@@ -99,6 +104,33 @@ def confine(memory_bytes: int, cpu_seconds: int | None) -> None:
             os._exit(EXIT_EXEC)
 
     sys.addaudithook(no_processes)
+
+
+def load_in_child(
+    request: dict[str, Any], prepare: Callable[[], None] | None = None
+) -> tuple[Predictor | None, dict[str, Any]]:  # pragma: no cover -- NOTE: runs in a child
+    """Load (and warm up) the version a child was sent: the predictor and ``{"ok": True}``, or
+    None and the failure as an answer (``oom``, or the error's class and message).
+
+    ``prepare`` runs first, inside the same handling (a worker confines itself there).
+    """
+    from serving.formats import load_predictor
+    from serving.formats.warmup import warm_up
+
+    try:
+        if prepare is not None:
+            prepare()
+        manifest = Manifest.model_validate(request["manifest"])
+        predictor = load_predictor(Path(request["path"]), manifest, LoadPolicy.from_json(request["policy"]))
+        if request["warmup"]:
+            warm_up(predictor, manifest)
+    except BaseException as exc:  # noqa: BLE001 -- NOTE: every failure becomes an answer
+        if out_of_memory(exc):
+            return None, {"ok": False, "reason": "oom", "message": describe(exc)}
+        if isinstance(exc, ServingError):
+            return None, {"ok": False, "reason": "error", "class": type(exc).__name__, "message": exc.message}
+        return None, {"ok": False, "reason": "error", "class": "LoadError", "message": describe(exc)}
+    return predictor, {"ok": True}
 
 
 def classify(status: int | None, who: str = "the child") -> dict[str, Any]:

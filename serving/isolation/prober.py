@@ -55,7 +55,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -67,7 +67,7 @@ from serving.formats.base import LoadPolicy
 from serving.formats.table import FORMAT_FACTS
 from serving.manifest import Manifest
 
-from .confine import PR_SET_PDEATHSIG, REASONS, child_env, classify, confine, describe, out_of_memory, prctl
+from .confine import PR_SET_PDEATHSIG, REASONS, child_env, classify, confine, load_in_child, prctl
 
 __all__ = ["REASONS", "IsolationLimits", "IsolationMode", "Prober", "needs_isolation"]
 
@@ -180,12 +180,7 @@ class Prober:
         request = {
             "path": str(cached.path),
             "manifest": manifest.model_dump(mode="json"),
-            "policy": {
-                "trusted_globals": sorted(policy.trusted_globals),
-                "allow_legacy_h5": policy.allow_legacy_h5,
-                "signed": policy.signed,
-                "allow_unrestricted": policy.allow_unrestricted,
-            },
+            "policy": policy.to_json(),
             "warmup": warmup,
             "memory_bytes": budget,
             "cpu_seconds": self.limits.cpu_seconds,
@@ -306,7 +301,7 @@ class Prober:
 
         fmt = FORMATS.get(cached.manifest.format)
         key = {
-            "policy": {**asdict(policy), "trusted_globals": sorted(policy.trusted_globals)},
+            "policy": policy.to_json(),
             "warmup": warmup,
             "memory_bytes": budget,
             "cpu_seconds": self.limits.cpu_seconds,
@@ -547,28 +542,7 @@ def _child(request: dict[str, Any], wfd: int) -> None:  # pragma: no cover -- NO
 
 
 def _load_and_warm(request: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover -- probe child
-    from serving.formats import load_predictor
-    from serving.formats.warmup import warm_up
-
-    try:
-        manifest = Manifest.model_validate(request["manifest"])
-        p = request["policy"]
-        policy = LoadPolicy(
-            trusted_globals=frozenset(p["trusted_globals"]),
-            allow_legacy_h5=bool(p["allow_legacy_h5"]),
-            signed=bool(p["signed"]),
-            allow_unrestricted=bool(p["allow_unrestricted"]),
-        )
-        predictor = load_predictor(Path(request["path"]), manifest, policy)
-        if request["warmup"]:
-            warm_up(predictor, manifest)
-    except BaseException as exc:  # noqa: BLE001 -- NOTE: every failure becomes a result
-        if out_of_memory(exc):
-            return {"ok": False, "reason": "oom", "message": describe(exc)}
-        if isinstance(exc, ServingError):
-            return {"ok": False, "reason": "error", "class": type(exc).__name__, "message": exc.message}
-        return {"ok": False, "reason": "error", "class": "LoadError", "message": describe(exc)}
-    return {"ok": True}
+    return load_in_child(request)[1]
 
 
 if __name__ == "__main__":

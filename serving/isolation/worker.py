@@ -39,7 +39,6 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,7 +50,7 @@ from serving.formats.base import LoadPolicy, Predictor
 from serving.formats.table import FORMAT_FACTS
 from serving.manifest import Manifest, TensorSpec
 
-from .confine import child_env, classify, confine, describe, out_of_memory
+from .confine import child_env, classify, confine, describe, load_in_child, out_of_memory
 from .shm import Arena, ProtocolViolation, map_peer, pack, unpack
 
 __all__ = ["DEADLINE", "WorkerLimits", "WorkerPredictor"]
@@ -294,14 +293,7 @@ class WorkerPredictor(Predictor):
             "op": "load",
             "path": str(cached.path),
             "manifest": cached.manifest.model_dump(mode="json"),
-            "policy": {
-                "trusted_globals": sorted(policy.trusted_globals),
-                "allow_legacy_h5": policy.allow_legacy_h5,
-                "signed": policy.signed,
-                "allow_unrestricted": policy.allow_unrestricted,
-                "max_artifact_bytes": policy.max_artifact_bytes,
-                "max_expansion_ratio": policy.max_expansion_ratio,
-            },
+            "policy": policy.to_json(),
             "warmup": warmup,
             "memory_bytes": limits.memory_for(cached.manifest),
             "cpu_seconds": limits.load_cpu_seconds,
@@ -647,10 +639,7 @@ def _receive(sock: socket.socket, keep_fd: bool = False) -> dict[str, Any] | Non
 
 
 def _load(request: dict[str, Any]) -> tuple[Predictor | None, dict[str, Any]]:  # pragma: no cover -- worker
-    from serving.formats import load_predictor
-    from serving.formats.warmup import warm_up
-
-    try:
+    def prepare() -> None:
         facts = FORMAT_FACTS.get(str(request["manifest"].get("format", "")))
         for module in facts.preload if facts is not None else ():
             # NOTE: the framework's own import is not the version's to pay for.
@@ -658,25 +647,10 @@ def _load(request: dict[str, Any]) -> tuple[Predictor | None, dict[str, Any]]:  
                 importlib.import_module(module)
         confine(int(request["memory_bytes"]), None)
         _cpu_budget(float(request["cpu_seconds"]))
-        manifest = Manifest.model_validate(request["manifest"])
-        p = request["policy"]
-        policy = LoadPolicy(
-            trusted_globals=frozenset(p["trusted_globals"]),
-            allow_legacy_h5=bool(p["allow_legacy_h5"]),
-            signed=bool(p["signed"]),
-            allow_unrestricted=bool(p["allow_unrestricted"]),
-            max_artifact_bytes=int(p["max_artifact_bytes"]),
-            max_expansion_ratio=float(p["max_expansion_ratio"]),
-        )
-        predictor = load_predictor(Path(request["path"]), manifest, policy)
-        if request["warmup"]:
-            warm_up(predictor, manifest)
-    except BaseException as exc:  # noqa: BLE001 -- NOTE: every failure becomes an answer
-        if out_of_memory(exc):
-            return None, {"ok": False, "reason": "oom", "message": describe(exc)}
-        if isinstance(exc, ServingError):
-            return None, {"ok": False, "reason": "error", "class": type(exc).__name__, "message": exc.message}
-        return None, {"ok": False, "reason": "error", "class": "LoadError", "message": describe(exc)}
+
+    predictor, answer = load_in_child(request, prepare)
+    if predictor is None:
+        return None, answer
     return predictor, {
         "ok": True,
         "inputs": [s.model_dump(mode="json") for s in predictor.inputs],
