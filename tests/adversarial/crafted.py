@@ -7,6 +7,7 @@ the heap of, or blew up the memory of the process that served it (issue 20).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,65 +18,54 @@ Case = tuple[Path, str, dict[str, Any]]
 ROW4 = [[0.5, 0.5, 0.5, 0.5]]
 
 
-def _neighbors(seed: int = 0) -> Any:
+def _kd_tree(work: Path, name: str, seed: int, change: Callable[[list[Any]], None]) -> Case:
+    """A fitted KNeighborsClassifier whose KD-tree state ``change`` edited (the list of
+    ``__getstate__``: [1] is ``idx_array``, [2] ``node_data``), joblib-dumped as ``name``."""
     from sklearn.neighbors import KNeighborsClassifier
 
     x = np.random.default_rng(seed).normal(size=(64, 4))
-    return KNeighborsClassifier(n_neighbors=3, algorithm="kd_tree", leaf_size=4).fit(x, np.repeat([0, 1], 32))
-
-
-def _set_tree_state(model: Any, change: Any) -> None:
+    model = KNeighborsClassifier(n_neighbors=3, algorithm="kd_tree", leaf_size=4).fit(
+        x, np.repeat([0, 1], 32)
+    )
     state = list(model._tree.__getstate__())
     change(state)
     model._tree.__setstate__(tuple(state))
+    path = work / name
+    joblib.dump(model, path)
+    return path, "sklearn", {"example": ROW4}
 
 
 def kd_tree_bad_leaf(work: Path) -> Case:
     """Out-of-range indices only in the last leaf, which the example row never reaches:
     the isolation probe and warm-up pass, and a request that reaches the leaf crashes."""
-    model = _neighbors()
 
     def change(state: list[Any]) -> None:
-        idx, nodes = state[1].copy(), state[2]
-        last = nodes[-1]
+        idx, last = state[1].copy(), state[2][-1]
         idx[int(last["idx_start"]) : int(last["idx_end"])] = 10**12
         state[1] = idx
 
-    _set_tree_state(model, change)
-    path = work / "kd-leaf.joblib"
-    joblib.dump(model, path)
-    return path, "sklearn", {"example": ROW4}
+    return _kd_tree(work, "kd-leaf.joblib", 0, change)
 
 
 def kd_tree_bad_node_range(work: Path) -> Case:
     """A case of our own: the indices are fine, a leaf's idx_end is past them."""
-    model = _neighbors(1)
 
     def change(state: list[Any]) -> None:
-        nodes = state[2].copy()
-        nodes["idx_end"][-1] = 10**9
-        state[2] = nodes
+        state[2] = state[2].copy()
+        state[2]["idx_end"][-1] = 10**9
 
-    _set_tree_state(model, change)
-    path = work / "kd-range.joblib"
-    joblib.dump(model, path)
-    return path, "sklearn", {"example": ROW4}
+    return _kd_tree(work, "kd-range.joblib", 1, change)
 
 
 def kd_tree_inner_node_without_children(work: Path) -> Case:
     """A case of our own: the last node says it is not a leaf, so a query descends
     to children 2i+1 and 2i+2 past the node array."""
-    model = _neighbors(2)
 
     def change(state: list[Any]) -> None:
-        nodes = state[2].copy()
-        nodes["is_leaf"][-1] = 0
-        state[2] = nodes
+        state[2] = state[2].copy()
+        state[2]["is_leaf"][-1] = 0
 
-    _set_tree_state(model, change)
-    path = work / "kd-inner.joblib"
-    joblib.dump(model, path)
-    return path, "sklearn", {"example": ROW4}
+    return _kd_tree(work, "kd-inner.joblib", 2, change)
 
 
 def sparse_coef_heap_read(work: Path) -> Case:
