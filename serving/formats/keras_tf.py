@@ -13,6 +13,7 @@ from serving.manifest import Manifest, TensorSpec, check_relative_path
 
 from ._common import check_zip_expansion, pick_inputs, primary_file, require, shape_of, to_numpy_outputs
 from .base import Format, LoadPolicy, Predictor, oip_datatype
+from .keras_guard import check_keras_archive
 from .table import FORMAT_FACTS
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -88,7 +89,7 @@ def _to_numpy(keras: Any, result: Any) -> Any:
 
 
 class KerasFormat(Format, facts=FORMAT_FACTS["keras"]):
-    """A Keras 3 ``.keras`` archive, loaded in safe mode (no lambda bytecode)."""
+    """A Keras 3 ``.keras`` archive: checked by :mod:`.keras_guard`, then loaded in safe mode."""
 
     def detect(self, path: Path) -> bool:
         if not path.is_file() or not zipfile.is_zipfile(path):
@@ -98,9 +99,10 @@ class KerasFormat(Format, facts=FORMAT_FACTS["keras"]):
         return "config.json" in names and "metadata.json" in names
 
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
-        keras = require("keras", self.extra, self.name)
         path = primary_file(root, manifest, self.suffixes)
         check_zip_expansion(path, policy.expansion_limit(path.stat().st_size))
+        check_keras_archive(path, policy, f"{manifest.name}:{manifest.version} ({path.name})")
+        keras = require("keras", self.extra, self.name)
         model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
         return KerasPredictor(model, manifest.inputs, manifest.outputs)
 

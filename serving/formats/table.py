@@ -35,7 +35,6 @@ class FormatFacts:
         suffixes: file extensions it loads, the one :func:`serving.save` writes first;
             empty for a directory format.
         load_class: ``safe``, ``restricted`` or ``unrestricted`` (runs code when loaded).
-        isolated_under_auto: ``isolation: auto`` loads it in a limited child first.
         checked_packages: packages that must meet :data:`MIN_VERSIONS` before a load.
         preload: modules the isolation helper imports once, before its first fork.
         warm_packages: after a pass, the helper also imports what the probe child
@@ -47,7 +46,6 @@ class FormatFacts:
     extra: str
     suffixes: tuple[str, ...]
     load_class: LoadClass
-    isolated_under_auto: bool = True
     checked_packages: tuple[str, ...] = ()
     preload: tuple[str, ...] = ()
     warm_packages: tuple[str, ...] = ()
@@ -66,11 +64,7 @@ _SKLEARN_PRELOAD = ("numpy", "scipy", "sklearn", "sklearn.base")
 _SKLEARN_WARM = ("numpy", "scipy", "sklearn", "joblib", "threadpoolctl")
 _TORCH_STATE = (".pt", ".pth", ".bin")
 
-# NOTE: isolated_under_auto is False only for formats that neither unpickle nor build
-# native objects (trees, modules, graphs) from parameters the artifact controls: the
-# attacks found so far (an out-of-bounds tree, a joblib decompression bomb, init_kwargs
-# that build a 16384x16384 Linear) all go through those. An unknown format is isolated too.
-# NOTE: no preload for the keras formats: TensorFlow starts threads when imported, and
+# NOTE: no TensorFlow preload for the keras formats: it starts threads when imported, and
 # forking a process with threads is unsafe; they import it in each probe child instead.
 FORMAT_FACTS: dict[str, FormatFacts] = {
     f.name: f
@@ -148,8 +142,8 @@ FORMAT_FACTS: dict[str, FormatFacts] = {
             "tensorflow",
             (".keras",),
             "safe",  # .keras archive, safe_mode=True
-            isolated_under_auto=False,
             checked_packages=("keras",),
+            preload=("numpy", "h5py"),  # NOTE: h5py's import runs `uname -p`, refused once confined
         ),
         FormatFacts(
             "keras-h5",
@@ -172,7 +166,6 @@ FORMAT_FACTS: dict[str, FormatFacts] = {
             "onnx",
             (".onnx",),
             "safe",  # external data confined to the version directory
-            isolated_under_auto=False,
             checked_packages=("onnx",),
             preload=("numpy", "onnx", "onnxruntime"),
             warm_packages=("numpy", "onnx"),

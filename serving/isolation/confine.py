@@ -153,7 +153,13 @@ def classify(status: int | None, who: str = "the child") -> dict[str, Any]:
     return {"ok": False, "reason": "crash", "message": f"exited with code {code} without a result"}
 
 
-_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "out of memory")
+_OOM_MARKERS = (
+    "can't allocate memory",
+    "cannot allocate memory",
+    "failed to allocate memory",  # onnxruntime's arena
+    "bad_alloc",
+    "out of memory",
+)
 
 
 def out_of_memory(exc: BaseException) -> bool:

@@ -151,3 +151,217 @@ def torch_overlapping_weights(work: Path) -> Case:
     torch.save({"weight": weight, "bias": torch.zeros(4096)}, path)
     options = {"class_path": "torch.nn:Linear", "init_kwargs": {"in_features": 4096, "out_features": 4096}}
     return path, "torch-state-dict", {"options": options}
+
+
+# -- Keras: archives written by hand (json + h5py), as a publisher can, without Keras ---------------
+
+
+def _keras_object(module: str, class_name: str, config: Any, **extra: Any) -> dict[str, Any]:
+    return {"module": module, "class_name": class_name, "config": config, "registered_name": None, **extra}
+
+
+def _keras_function(module: str, name: str) -> dict[str, Any]:
+    return {"module": module, "class_name": "function", "config": name, "registered_name": "function"}
+
+
+def _keras_archive(
+    work: Path,
+    name: str,
+    extra_layers: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    weights: Callable[[Any], None] | None = None,
+) -> Case:
+    """A ``.keras`` archive of Sequential(Input(4), Dense(3), *extra_layers); ``weights``
+    writes ``model.weights.h5`` into the h5py file it is given (default: the honest Dense)."""
+    import io
+    import json
+    import zipfile
+
+    import h5py
+
+    dense = _keras_object(
+        "keras.layers",
+        "Dense",
+        {"name": "dense", "units": 3, "activation": "linear", "use_bias": True, "dtype": "float32"},
+        build_config={"input_shape": [None, 4]},
+    )
+    layers = [_keras_object("keras.layers", "InputLayer", {"batch_shape": [None, 4], "name": "in"}), dense]
+    config = _keras_object("keras", "Sequential", {"name": "seq", "layers": [*layers, *extra_layers]})
+
+    def honest(f: Any) -> None:
+        f["layers/dense/vars/0"] = np.ones((4, 3), np.float32)
+        f["layers/dense/vars/1"] = np.zeros(3, np.float32)
+        f.create_group("vars")
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        (weights or honest)(f)
+    path = work / name
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("metadata.json", json.dumps({"keras_version": "3.15.1"}))
+        z.writestr("config.json", json.dumps(config))
+        z.writestr("model.weights.h5", buffer.getvalue())
+    return path, "keras", {}
+
+
+def _lambda(function: dict[str, Any], arguments: dict[str, Any]) -> dict[str, Any]:
+    return _keras_object(
+        "keras.layers", "Lambda", {"name": "l", "function": function, "arguments": arguments}
+    )
+
+
+def keras_lambda_zeros(work: Path) -> Case:
+    """A Lambda over ``keras.ops.zeros`` with a literal shape: 26 bytes of request took the
+    server from 658 to 2,629 MiB. Keras safe mode admits it (no bytecode)."""
+    return _keras_archive(
+        work, "zeros.keras", [_lambda(_keras_function("keras.ops", "zeros"), {"shape": [2**29]})]
+    )
+
+
+def keras_lambda_application(work: Path) -> Case:
+    """A Lambda over a ``keras.applications`` constructor: loading it downloaded weights."""
+    return _keras_archive(
+        work,
+        "app.keras",
+        [_lambda(_keras_function("keras.applications", "ResNet50"), {"weights": "imagenet"})],
+    )
+
+
+def keras_lambda_set_epsilon(work: Path) -> Case:
+    """A Lambda over ``keras.config.set_epsilon``: it changed another Keras model's answers."""
+    return _keras_archive(
+        work, "epsilon.keras", [_lambda(_keras_function("keras.config", "set_epsilon"), {"value": 1.0})]
+    )
+
+
+def keras_zero_fill_weights(work: Path) -> Case:
+    """HDF5 weights declared at full shape with nothing stored read back as zeros: 20 KB of
+    file held 1.7 GB. Here a chunked (4, 2**27) dataset with no chunk written."""
+
+    def weights(f: Any) -> None:
+        f.create_dataset("layers/dense/vars/0", shape=(4, 2**27), dtype="f4", chunks=(4, 1024))
+        f["layers/dense/vars/1"] = np.zeros(3, np.float32)
+
+    return _keras_archive(work, "zero-fill.keras", weights=weights)
+
+
+def keras_lambda_inside_a_wrapper(work: Path) -> Case:
+    """A case of our own: the Lambda is not a layer of the model but the layer a
+    ``TimeDistributed`` wraps, one level down in its config."""
+    inner = _lambda(_keras_function("keras.ops", "zeros"), {"shape": [2**29]})
+    return _keras_archive(
+        work,
+        "wrapped.keras",
+        [_keras_object("keras.layers", "TimeDistributed", {"name": "t", "layer": inner})],
+    )
+
+
+def keras_savedmodel_layer(work: Path) -> Case:
+    """A case of our own: ``TFSMLayer``, a built-in layer that loads a SavedModel (a program)
+    from whatever path its config names."""
+    return _keras_archive(
+        work, "tfsm.keras", [_keras_object("keras.layers", "TFSMLayer", {"name": "t", "filepath": "/tmp/x"})]
+    )
+
+
+def keras_registered_custom_layer(work: Path) -> Case:
+    """A case of our own: a built-in class name under a registered custom name, which Keras
+    resolves through its registry before the module."""
+    layer = _keras_object("keras.layers", "Dense", {"name": "d", "units": 3})
+    layer["registered_name"] = "evil>Dense"
+    return _keras_archive(work, "registered.keras", [layer])
+
+
+def keras_repeat_bomb(work: Path) -> Case:
+    """A case of our own: no Lambda, a built-in ``RepeatVector`` with n = 10**9: each row of
+    each request becomes a billion."""
+    return _keras_archive(
+        work, "repeat.keras", [_keras_object("keras.layers", "RepeatVector", {"name": "r", "n": 10**9})]
+    )
+
+
+def keras_external_weights(work: Path) -> Case:
+    """A case of our own: a weight stored in another file (HDF5 external storage), which
+    would read a server file into the model."""
+
+    def weights(f: Any) -> None:
+        f.create_dataset("layers/dense/vars/0", shape=(4, 3), dtype="f4", external=[("/etc/hostname", 0, 48)])
+        f["layers/dense/vars/1"] = np.zeros(3, np.float32)
+
+    return _keras_archive(work, "external.keras", weights=weights)
+
+
+def keras_linked_weights(work: Path) -> Case:
+    """A case of our own: a weight that is a soft link, and a group hard-linked into itself."""
+
+    def weights(f: Any) -> None:
+        f["layers/dense/vars/1"] = np.zeros(3, np.float32)
+        f["layers/dense/vars/0"] = f["layers/dense/vars/1"]  # the same dataset twice
+        f["layers/dense/loop"] = f["layers/dense"]
+
+    return _keras_archive(work, "linked.keras", weights=weights)
+
+
+# -- ONNX: valid graphs, a few hundred bytes ----------------------------------------------------
+
+
+def _onnx(work: Path, name: str, nodes: list[Any], initializers: list[Any] = ()) -> Case:  # type: ignore[assignment]
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 4])],
+        initializer=list(initializers),
+    )
+    path = work / f"{name}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path, "onnx", {"example": [[0.25, 0.25, 0.25, 0.25]]}
+
+
+def onnx_constant_fold_bomb(work: Path) -> Case:
+    """About 200 bytes that constant-fold, when the session is created, to a tensor just under
+    onnxruntime's 1 GiB folding limit: the serving process went from 231 to 2,279 MiB."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array([2**28 - 1024], np.int64), "shape")
+    fill = helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["big"], value=fill),
+        helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+        helper.make_node("Add", ["X", "total"], ["Y"]),
+    ]
+    return _onnx(work, "fold-bomb", nodes, [shape])
+
+
+def onnx_request_controlled_loop(work: Path) -> Case:
+    """A ``Loop`` whose trip count is the sum of the request's row: the example runs it once,
+    a request with a large number runs it for ever."""
+    from onnx import TensorProto, helper
+
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Identity", ["v"], ["v_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, [None, 4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [None, 4]),
+        ],
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["X"], ["s"], keepdims=0),
+        helper.make_node("Cast", ["s"], ["trips"], to=TensorProto.INT64),
+        helper.make_node(
+            "Constant", [], ["true"], value=helper.make_tensor("t", TensorProto.BOOL, [], [True])
+        ),
+        helper.make_node("Loop", ["trips", "true", "X"], ["Y"], body=body),
+    ]
+    return _onnx(work, "loop", nodes)

@@ -7,20 +7,23 @@ failed test (an IsolationFailed crash), not as a dead test process. Cases marked
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import crafted
+import numpy as np
 import pytest
 
 from serving.cache import LoaderCache
-from serving.errors import InvalidManifest, UntrustedArtifact
+from serving.errors import DeadlineExceeded, InvalidManifest, IsolationFailed, UntrustedArtifact
 from serving.formats.base import LoadPolicy
 from serving.isolation.worker import WorkerLimits, WorkerPredictor
 from serving.publish import publish_path
 from serving.repository import Repository
 from serving.store.local import LocalStore
+from serving.testing.poll import wait_for
 
 CASES: dict[str, tuple[Callable[[Path], crafted.Case], str]] = {
     "kd-tree indices out of range in one unvisited leaf": (
@@ -41,6 +44,8 @@ CASES: dict[str, tuple[Callable[[Path], crafted.Case], str]] = {
     "character n-grams (1, 4096) (own)": (crafted.vectorizer_char_ngram_bomb, r"ngram_range .* the limit is"),
     "torch weights with strides (0, 0)": (crafted.torch_zero_stride_weights, "zero-stride view"),
     "torch weights that overlap themselves (own)": (crafted.torch_overlapping_weights, "overlaps itself"),
+    "Keras Lambda over keras.ops.zeros": (crafted.keras_lambda_zeros, "is keras.layers.Lambda"),
+    "Keras weights declared at full shape, nothing stored": (crafted.keras_zero_fill_weights, "but stores 0"),
 }
 
 
@@ -67,3 +72,38 @@ def test_a_manifest_no_reader_would_accept_is_refused_before_any_upload(tmp_path
     with pytest.raises(InvalidManifest, match="readers accept at most"):
         publish_path(Repository(store), path, "big", version="1", metadata={"notes": "x" * (5 * 1024**2)})
     assert list(store.list("big/")) == []
+
+
+def _cached(tmp_path: Path, case: crafted.Case) -> tuple[str, object]:
+    path, fmt, kwargs = case
+    repo = Repository(LocalStore(str(tmp_path / "store")))
+    name = f"m{uuid.uuid4().hex[:8]}"
+    publish_path(repo, path, name, version="1", format=fmt, **kwargs)
+    return name, LoaderCache(tmp_path / "cache", max_bytes=10**10).fetch(repo, repo.resolve(f"{name}:1"))
+
+
+def test_an_onnx_graph_that_folds_to_a_gibibyte_is_refused_by_its_workers_memory_limit(
+    tmp_path: Path,
+) -> None:
+    """onnxruntime folds constants when the session is created: the load, not a request, blows up."""
+    name, cached = _cached(tmp_path, crafted.onnx_constant_fold_bomb(tmp_path))
+    limits = WorkerLimits(memory_bytes=768 * 1024**2, load_timeout_s=120)
+    with pytest.raises(IsolationFailed, match=r"\(oom\)"):
+        WorkerPredictor(cached, LoadPolicy(), limits, model=name).close()  # type: ignore[arg-type]
+
+
+def test_an_onnx_loop_the_request_drives_gets_504_and_its_worker_comes_back(tmp_path: Path) -> None:
+    name, cached = _cached(tmp_path, crafted.onnx_request_controlled_loop(tmp_path))
+    limits = WorkerLimits(predict_timeout_s=1.0, restart_backoff_s=0.1, load_timeout_s=120)
+    worker = WorkerPredictor(cached, LoadPolicy(), limits, model=name)  # type: ignore[arg-type]
+    try:
+        first = worker.pid
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            worker.predict({"X": np.array([[1e12, 0, 0, 0]], dtype=np.float32)})
+        assert time.monotonic() - started < 5
+        wait_for(lambda: worker.pid not in (None, first), timeout=10, what="a new worker")
+        row = np.array([[0.25, 0.25, 0.25, 0.25]], dtype=np.float32)
+        np.testing.assert_array_equal(worker.predict({"X": row})["Y"], row)
+    finally:
+        worker.close()

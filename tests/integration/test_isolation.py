@@ -224,7 +224,7 @@ def test_the_helper_is_restarted_after_it_dies(versions: Versions, tmp_path: Pat
     assert helper.poll() is not None
 
 
-def test_auto_leaves_onnx_and_keras_in_process_and_never_isolates_nothing(
+def test_auto_probes_every_format_onnx_and_keras_too_and_never_isolates_nothing(
     versions: Versions, tmp_path: Path
 ) -> None:
     from serving.isolation.prober import needs_isolation
@@ -233,5 +233,7 @@ def test_auto_leaves_onnx_and_keras_in_process_and_never_isolates_nothing(
     assert needs_isolation("auto", cached.manifest)
     assert not needs_isolation("never", cached.manifest)
     onnx_like = cached.manifest.model_copy(update={"format": "onnx"})
-    assert not needs_isolation("auto", onnx_like)
+    keras_like = cached.manifest.model_copy(update={"format": "keras"})
+    assert needs_isolation("auto", onnx_like)
+    assert needs_isolation("auto", keras_like)
     assert needs_isolation("always", onnx_like)

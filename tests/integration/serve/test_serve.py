@@ -216,6 +216,88 @@ def test_every_crafted_version_fails_on_ray_while_v1_answers_every_request(
     assert not failed, failed[:5]
 
 
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_crash_a_hang_and_a_memory_blow_up_cost_only_their_own_model_on_ray(
+    deploy, s3_bucket, tmp_path, monkeypatch
+) -> None:
+    """The Ray path's replica runs no model code: each hostile request gets a clear 5xx within
+    its deadline, iris answers every request of a concurrent stream, and the replica's RSS grows
+    by at most 50 MB."""
+    from hostile_modules import CrashOnNegative, Hog, Sleepy
+
+    from serving.save import save
+
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "1", name="iris-beside")
+    repo.move_alias("iris-beside", "production", SetTarget("1"))
+    for name, module in (("crashy", CrashOnNegative()), ("sleepy", Sleepy()), ("hoggy", Hog())):
+        save(module, name, version="1", store=repo, example=[[0.0, 1.0]], alias="production")
+    args = app_args(uri, tmp_path / "cache", s3_env(server), name="iris-beside")
+    args["models"] += [
+        {"name": "crashy", "alias": "production"},
+        {"name": "sleepy", "alias": "production", "predict_timeout_s": 3},
+        {"name": "hoggy", "alias": "production"},
+    ]
+    base = deploy(args)
+
+    def ask(client: httpx.Client, name: str, first: float) -> httpx.Response:
+        tensor = {"name": "input-0", "shape": [1, 2], "datatype": "FP32", "data": [first, 1.0]}
+        return client.post(f"{base}/v2/models/{name}/infer", json={"inputs": [tensor]})
+
+    results: list[int] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                results.append(infer(client, base, name="iris-beside").status_code)
+
+    with httpx.Client(timeout=60) as client:
+        worker_pid = _index(client, base, "crashy")["replicas"][0]["worker"]["pid"]
+        replica = _parent(worker_pid)
+        for _ in range(20):
+            assert infer(client, base, name="iris-beside").status_code == 200
+        before = _rss(replica)
+        thread = threading.Thread(target=stream)
+        thread.start()
+        try:
+            crash = ask(client, "crashy", -1.0)
+            assert crash.status_code == 503, crash.text
+            assert "SIGSEGV" in crash.json()["error"]
+            started = time.monotonic()
+            hang = ask(client, "sleepy", 600.0)
+            assert hang.status_code == 504, hang.text
+            assert time.monotonic() - started < 15
+            oom = ask(client, "hoggy", 64.0)
+            assert oom.status_code == 503, oom.text
+            assert "memory" in oom.json()["error"]
+            for name in ("crashy", "sleepy", "hoggy"):
+                wait_for(
+                    lambda name=name: ask(client, name, 0.0).status_code == 200,
+                    timeout=10,
+                    what=f"{name}'s worker back",
+                )
+            seen = len(results)
+            wait_for(lambda: len(results) > seen + 20, what="traffic after the failures")
+        finally:
+            stop.set()
+            thread.join()
+        grown = _rss(replica) - before
+    assert len(results) > 50
+    assert set(results) == {200}, {s: results.count(s) for s in set(results)}
+    assert grown < 50 * 1024**2, f"the replica's RSS grew by {grown / 1024**2:.1f} MB"
+
+
 def test_store_outage_keeps_serving_and_counts_failed_checks(
     deploy, s3_bucket, tmp_path, monkeypatch, cluster: Cluster
 ) -> None:

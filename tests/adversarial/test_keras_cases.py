@@ -1,0 +1,86 @@
+"""Crafted ``.keras`` archives are refused by name before Keras reads them (issue 20).
+
+Keras safe mode admits any function Keras exports; the guard admits exact layer and
+function names, and weights stored in full in the archive. Cases marked "(own)"
+were not the ones the guard was written for (SECURITY.md records what held).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import crafted
+import pytest
+
+from serving.errors import UntrustedArtifact
+from serving.formats.base import LoadPolicy
+from serving.formats.keras_guard import check_keras_archive
+
+CASES: dict[str, tuple[Callable[[Path], crafted.Case], str]] = {
+    "Lambda over keras.ops.zeros": (crafted.keras_lambda_zeros, r"layers\[2\] is keras.layers.Lambda"),
+    "Lambda over a keras.applications constructor": (crafted.keras_lambda_application, "Lambda layer"),
+    "Lambda over keras.config.set_epsilon": (crafted.keras_lambda_set_epsilon, "Lambda layer"),
+    "weights declared at full shape, nothing stored": (
+        crafted.keras_zero_fill_weights,
+        r"vars/0 declares 2147483648 bytes .* but stores 0",
+    ),
+    "a Lambda inside TimeDistributed (own)": (
+        crafted.keras_lambda_inside_a_wrapper,
+        r"layers\[2\]\.config\.layer is keras.layers.Lambda",
+    ),
+    "TFSMLayer, a built-in that loads a SavedModel (own)": (
+        crafted.keras_savedmodel_layer,
+        "TFSMLayer: it is not",
+    ),
+    "a built-in name registered as a custom object (own)": (
+        crafted.keras_registered_custom_layer,
+        "registered as 'evil>Dense'",
+    ),
+    "RepeatVector(n=10**9) (own)": (
+        crafted.keras_repeat_bomb,
+        r"config\.n is 1000000000, over the limit of 4096",
+    ),
+    "a weight stored in another file (own)": (
+        crafted.keras_external_weights,
+        "reads its data from another file",
+    ),
+    "a weight linked twice, a group linked into itself (own)": (
+        crafted.keras_linked_weights,
+        "links to an object already seen",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_crafted_archive_is_refused_with_the_attribute_and_the_limit(case: str, tmp_path: Path) -> None:
+    build, reason = CASES[case]
+    path, _, _ = build(tmp_path)
+    with pytest.raises(UntrustedArtifact, match=reason):
+        check_keras_archive(path, LoadPolicy(), path.name)
+
+
+def test_an_honest_archive_written_the_same_way_passes(tmp_path: Path) -> None:
+    path, _, _ = crafted._keras_archive(tmp_path, "honest.keras")
+    check_keras_archive(path, LoadPolicy(), path.name)
+
+
+def test_a_signed_version_the_operator_opted_in_may_hold_a_lambda_but_not_hollow_weights(
+    tmp_path: Path,
+) -> None:
+    trusted = LoadPolicy(signed=True, allow_unrestricted=True)
+    path, _, _ = crafted.keras_lambda_zeros(tmp_path)
+    check_keras_archive(path, trusted, path.name)
+    hollow, _, _ = crafted.keras_zero_fill_weights(tmp_path)
+    with pytest.raises(UntrustedArtifact, match="but stores 0"):
+        check_keras_archive(hollow, trusted, hollow.name)
+
+
+def test_an_archive_with_a_member_keras_never_writes_is_refused(tmp_path: Path) -> None:
+    import zipfile
+
+    path, _, _ = crafted._keras_archive(tmp_path, "extra.keras")
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("model.weights.npz", b"")
+    with pytest.raises(UntrustedArtifact, match=r"holds 'model\.weights\.npz'"):
+        check_keras_archive(path, LoadPolicy(), path.name)
