@@ -8,6 +8,7 @@ importable ``torch.nn.Module`` subclass, built with ``options["init_kwargs"]``.
 from __future__ import annotations
 
 import importlib
+import math
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -177,6 +178,7 @@ class ModuleClass:
                 shell = self.cls(**self.init_kwargs)
         except Exception as exc:  # NOTE: any failure of installed code, reported
             raise LoadError(f"{where}: cannot build the module with init_kwargs: {exc}") from exc
+        check_module_cost(shell, where)
         wanted = sum(t.numel() for t in (*shell.parameters(), *shell.buffers()))
         have = stored_elements(state, where)
         # NOTE: non-persistent buffers are not in the state dict: allow some slack.
@@ -185,6 +187,68 @@ class ModuleClass:
                 f"{where}: init_kwargs build a module of {wanted} elements, but the state dict "
                 f"holds {have}; refusing to allocate it"
             )
+
+
+MAX_WINDOW = 1024
+"""The most a built-in layer's window or scale may multiply each request's work or size by."""
+MAX_OUTPUT_ELEMENTS = 1 << 24
+"""The largest fixed output size (``output_size``, ``size``) a built-in layer may ask for."""
+_COST_ATTRIBUTES = {
+    # attribute: (limit, whether the limit is on the product of its values or on each)
+    "kernel_size": (MAX_WINDOW, True),
+    "dilation": (MAX_WINDOW, True),
+    "scale_factor": (MAX_WINDOW, True),
+    "upscale_factor": (MAX_WINDOW, True),
+    "padding": (MAX_WINDOW, False),
+    "output_padding": (MAX_WINDOW, False),
+    "output_size": (MAX_OUTPUT_ELEMENTS, True),
+    "size": (MAX_OUTPUT_ELEMENTS, True),
+}
+
+
+def check_module_cost(module: Any, where: str) -> None:
+    """Bound what ``init_kwargs`` make each request cost, not only what they allocate.
+
+    ``MaxPool1d(kernel_size=10**6)`` has no weights at all, so the size check passes it,
+    and one 6 MB request froze the server. Every ``torch.nn`` layer in the module may
+    multiply a request by at most :data:`MAX_WINDOW` through its window, dilation,
+    padding or scale, and ask for at most :data:`MAX_OUTPUT_ELEMENTS` by a fixed size.
+
+    Raises:
+        UntrustedArtifact: names the layer, the attribute and the limit.
+    """
+    for name, layer in module.named_modules():
+        if not type(layer).__module__.startswith("torch.nn."):
+            continue
+        for attribute, (limit, product) in _COST_ATTRIBUTES.items():
+            numbers = _numbers(getattr(layer, attribute, None))
+            if not numbers:
+                continue
+            if len(numbers) == 1:
+                # NOTE: one number stands for every spatial dimension (MaxPool2d(11) is 11x11).
+                numbers *= _spatial_dims(type(layer).__name__)
+            cost = math.prod(numbers) if product else max(numbers)
+            if cost > limit:
+                raise UntrustedArtifact(
+                    f"{where}: {name or 'the module'} ({type(layer).__name__}) has "
+                    f"{attribute}={getattr(layer, attribute)!r}, over the limit of {limit}; "
+                    "it sets what each request costs"
+                )
+
+
+def _spatial_dims(class_name: str) -> int:
+    """1, 2 or 3 from a layer's name (``Conv2d``, ``MaxPool3d``); 3 when the name does not say."""
+    if class_name[-2:-1].isdigit() and class_name.endswith("d"):
+        return int(class_name[-2])
+    return 2 if class_name in ("PixelShuffle", "PixelUnshuffle") else 3
+
+
+def _numbers(value: Any) -> list[float]:
+    """The magnitudes in an int, float or tuple attribute (at least 1 each); [] for anything else."""
+    values = value if isinstance(value, tuple | list) else (value,)
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return []
+    return [max(abs(float(v)), 1.0) for v in values]
 
 
 def stored_elements(state: Mapping[str, Any], where: str) -> int:

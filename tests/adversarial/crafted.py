@@ -365,3 +365,23 @@ def onnx_request_controlled_loop(work: Path) -> Case:
         helper.make_node("Loop", ["trips", "true", "X"], ["Y"], body=body),
     ]
     return _onnx(work, "loop", nodes)
+
+
+def _weightless(work: Path, name: str, class_path: str, init_kwargs: dict[str, Any]) -> Case:
+    import torch
+
+    path = work / f"{name}.pt"
+    torch.save({}, path)
+    return path, "torch-state-dict", {"options": {"class_path": class_path, "init_kwargs": init_kwargs}}
+
+
+def torch_weightless_pool(work: Path) -> Case:
+    """A state dict with no weights at all, for ``MaxPool1d(kernel_size=10**6, stride=1)``:
+    the size check passed it, and one 6 MB request froze the server."""
+    return _weightless(work, "pool", "torch.nn:MaxPool1d", {"kernel_size": 10**6, "stride": 1})
+
+
+def torch_weightless_upsample(work: Path) -> Case:
+    """A case of our own: no window at all, ``Upsample(scale_factor=64)`` makes each request's
+    image 4,096 times larger (a volume's 262,144 times)."""
+    return _weightless(work, "upsample", "torch.nn:Upsample", {"scale_factor": 64})
