@@ -89,6 +89,18 @@ class Settings(BaseSettings):
     """A cached version whose files look unchanged (size, mtime, inode) is still re-hashed in
     full once this long after its last full check; 0 re-hashes at every load."""
 
+    # -- HTTP connections of the standalone server (serving.server.connections) ------
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    """A request's headers must arrive within this many seconds of its first byte (of the
+    connection, for the first request), or the connection is closed."""
+
+    http_keep_alive_s: float = Field(default=5.0, gt=0)
+    """An idle kept-alive connection is closed after this many seconds."""
+
+    http_max_connections: int = Field(default=10_000, ge=1)
+    """Past this many open connections, a new one closes the longest-idle connection (one
+    with no request in progress); only when every one is busy is the new one refused."""
+
     progress: bool = True
     """Show progress bars for transfers above a few MB when stderr is a TTY."""
 

@@ -270,6 +270,7 @@ def main(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
     import uvicorn
 
     from serving.logs import configure_logging
+    from serving.server import connections
 
     configure_logging()
     config = AppConfig.model_validate(app_args)
@@ -283,6 +284,9 @@ def main(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
         "lifespan": "on",
         # NOTE: SIGINT/SIGTERM stop the server within seconds even with clients still connected.
         "timeout_graceful_shutdown": 3,
+        # NOTE: a header deadline and a connection limit that evicts idle connections.
+        "http": connections.PROTOCOL,
+        "timeout_keep_alive": connections.limits().keep_alive_s,
     }
     grpc_port = int(getattr(args, "grpc_port", 0) or 0)
     grpc = GrpcListen(args.host, grpc_port, reuse_port=workers > 1) if grpc_port else None

@@ -116,6 +116,13 @@ def test_ray_containers_run_serve_behind_haproxy_by_default(render: Callable[...
         assert env["RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE"]["value"] == "0"
         # NOTE: HAProxy's per-request metrics cost a Python parse per request; serving_* cover them.
         assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"]["value"] == "0"
+        # NOTE: Ray's defaults held 4,200 silent connections for an hour (issue 21).
+        assert env["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"]["value"] == "10"
+        assert env["RAY_SERVE_HAPROXY_MAXCONN"]["value"] == "20000"
+    sets = ["serve.connections.maxConnections=500", "serve.connections.clientTimeoutSeconds=3"]
+    for c in ray_containers(render(sets=sets)):
+        assert _env(c)["RAY_SERVE_HAPROXY_MAXCONN"]["value"] == "500"
+        assert _env(c)["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"]["value"] == "3"
     for c in ray_containers(render(values=[IRSA])):
         assert "RAY_SERVE_ENABLE_HA_PROXY" not in _env(c)
     for c in ray_containers(render(sets=["serve.haproxyMetrics=true"])):

@@ -9,6 +9,7 @@ tests/integration/conformance; this file holds what the Ray path does differentl
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -69,7 +70,13 @@ class Server:
 
 
 def start_server(
-    work: Path, store: str, models: list[str | dict[str, Any]], *, poll_s: float, extra: tuple[str, ...] = ()
+    work: Path,
+    store: str,
+    models: list[str | dict[str, Any]],
+    *,
+    poll_s: float,
+    extra: tuple[str, ...] = (),
+    env_extra: dict[str, str] | None = None,
 ) -> Server:
     port, metrics_port = free_port(), free_port()
     config = work / f"app-{port}.yaml"
@@ -89,6 +96,7 @@ def start_server(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "AWS_"))}
     # NOTE: versions may name hostile_modules classes, as a user's installed module.
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent)
+    env.update(env_extra or {})
     cmd = [sys.executable, "-m", "serving.cli", "--store", store, "serve", "--standalone"]
     cmd += ["--config", str(config), "--port", str(port), "--metrics-port", str(metrics_port)]
     # NOTE: gRPC off: the default port (8001) is one per machine; test_grpc.py covers gRPC.
@@ -418,3 +426,102 @@ def test_a_crash_a_hang_and_a_memory_blow_up_cost_only_their_own_model(contained
     text = httpx.get(contained.metrics, timeout=10).text
     for model, reason in (("crashy", "crash"), ("sleepy", "timeout"), ("hoggy", "oom")):
         assert f'serving_worker_failures_total{{model="{model}",reason="{reason}"}}' in text
+
+
+# -- connections: idle ones never lock a real client out ------------------------------------------
+def _closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _open(base: str, count: int, first: bytes = b"") -> list[socket.socket]:
+    host, port = base.removeprefix("http://").split(":")
+    socks = []
+    for i in range(count):
+        sock = socket.create_connection((host, int(port)))
+        if first and i % 2:
+            sock.sendall(first)
+        socks.append(sock)
+    return socks
+
+
+_HALF_A_HEADER = b"POST /v2/models/counted/infer HTTP/1.1\r\nHost: x\r\n"
+
+
+def test_idle_connections_past_the_limit_never_lock_out_a_real_client(
+    store: tuple[str, Repository, Path], tmp_path: Path
+) -> None:
+    """Three times the connection limit in sockets that send nothing or half a header: a real
+    client still gets its answer within 1 s, because new connections evict the longest idle."""
+    uri, _, _ = store
+    limits = {"SERVING_HTTP_MAX_CONNECTIONS": "40", "SERVING_HTTP_HEADER_TIMEOUT_S": "120"}
+    srv = start_server(tmp_path, uri, ["counted"], poll_s=5.0, env_extra=limits)
+    idle: list[socket.socket] = []
+    try:
+        wait_for(
+            lambda: httpx.get(srv.base + "/v2/health/ready", timeout=2).status_code == 200,
+            what="counted to load",
+        )
+        idle = _open(srv.base, 120, _HALF_A_HEADER)
+        for _ in range(5):
+            with httpx.Client(timeout=1.0) as client:
+                assert infer(client, srv.base, "counted").status_code == 200
+        for sock in idle:
+            sock.setblocking(False)
+        # NOTE: well before the 120 s header deadline, eviction alone closed them.
+        wait_for(
+            lambda: sum(_closed_by_server(s) for s in idle) >= 80,
+            timeout=10,
+            what="the oldest idle connections to be evicted",
+        )
+    finally:
+        for sock in idle:
+            sock.close()
+        srv.stop()
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed_at_the_deadline(
+    store: tuple[str, Repository, Path], tmp_path: Path
+) -> None:
+    """Silent, half-a-header and one-byte-at-a-time (slowloris) connections are all closed."""
+    uri, _, _ = store
+    srv = start_server(
+        tmp_path, uri, ["counted"], poll_s=5.0, env_extra={"SERVING_HTTP_HEADER_TIMEOUT_S": "2"}
+    )
+    idle = _open(srv.base, 10, _HALF_A_HEADER)
+    slow = _open(srv.base, 1)[0]
+    try:
+        for sock in idle:
+            sock.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 15
+        while not _closed_after_send(slow, _HALF_A_HEADER[sent : sent + 1]):
+            sent += 1
+            assert time.monotonic() < deadline, "a one-byte-a-second client was never closed"
+            time.sleep(0.3)  # NOTE: the client's pace under test, not a wait for a result
+        assert sent < len(_HALF_A_HEADER)
+        wait_for(
+            lambda: all(_closed_by_server(s) for s in idle), timeout=10, what="the idle connections closed"
+        )
+        with httpx.Client(timeout=5) as client:
+            assert infer(client, srv.base, "counted").status_code == 200
+    finally:
+        for sock in [*idle, slow]:
+            sock.close()
+        srv.stop()
+
+
+def _closed_after_send(sock: socket.socket, byte: bytes) -> bool:
+    try:
+        sock.sendall(byte)
+    except OSError:
+        return True
+    sock.setblocking(False)
+    try:
+        return _closed_by_server(sock)
+    finally:
+        sock.setblocking(True)

@@ -157,6 +157,7 @@ proxy_location: EveryNode
 http_options:
   host: 0.0.0.0
   port: {{ .Values.ports.serve }}
+  keep_alive_timeout_s: {{ .Values.serve.connections.keepAliveSeconds }}
 {{- if .Values.ports.grpc }}
 # NOTE: OIP over gRPC; the replicas answer each RPC with the method of its name
 # (serving.server.ray.app.GrpcMethods), over the same data plane as HTTP.
@@ -222,6 +223,10 @@ secretKeyRef, never from plain values.
 - name: RAY_SERVE_HAPROXY_METRICS_ENABLED
   value: "0"
 {{- end }}
+- name: RAY_SERVE_HAPROXY_MAXCONN
+  value: {{ .Values.serve.connections.maxConnections | quote }}
+- name: RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S
+  value: {{ .Values.serve.connections.clientTimeoutSeconds | quote }}
 {{- end }}
 {{- with .Values.admin.existingSecret }}
 - name: SERVING_ADMIN_TOKEN
