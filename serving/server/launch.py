@@ -28,6 +28,22 @@ from serving.server.process import become_subreaper, end_haproxy, free_port, ign
 
 log = logging.getLogger(__name__)
 
+
+def haproxy_maxconn(wanted: int = 8192) -> int:
+    """HAProxy's maxconn: ``wanted``, or what this process's open-file limit allows.
+
+    HAProxy needs two descriptors per connection, and with Ray's splice options two per
+    pipe (a quarter as many pipes as connections): 2.5 per connection. It does not start
+    when it cannot raise its own limit that far: under a 20,000 limit, 8,192 asked 20,517.
+    """
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return wanted
+    return max(256, min(wanted, (hard - 1024) * 2 // 5))
+
+
 FAST_PATH_ENV = {
     # NOTE: HAProxy in front of the replicas instead of Ray's Python proxy; it implies
     # direct ingress (HAProxy sends each request straight to a replica's own HTTP port).
@@ -45,10 +61,11 @@ FAST_PATH_ENV = {
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
     # NOTE: Ray's defaults (timeout client 3600 s, maxconn 4096, no timeout http-request)
     # let 4,200 silent connections hold every slot for an hour. A client silent for 10 s
-    # (while HAProxy waits for its request, its next byte or its next request) is closed;
-    # idle connections cost HAProxy no buffers, so a pod holds far more than 4,096.
+    # (while HAProxy waits for its request, its next byte or its next request) gets 408 and
+    # is closed. HAProxy needs two descriptors per connection and refuses to start when
+    # it cannot raise its own limit to that (see haproxy_maxconn).
     "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "10",
-    "RAY_SERVE_HAPROXY_MAXCONN": "20000",
+    "RAY_SERVE_HAPROXY_MAXCONN": str(haproxy_maxconn()),
 }
 """How ``serving serve`` runs Ray (unless the environment says otherwise), as the chart's pods do."""
 
@@ -94,6 +111,12 @@ def app_args_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from serving.settings import get_settings
+
+    # NOTE: before Ray or a socket starts: an empty SERVING_ADMIN_TOKEN refuses to start here,
+    # with its one-line reason, instead of leaving the admin routes open.
+    if get_settings().admin_token_value() is None:
+        log.warning("no SERVING_ADMIN_TOKEN: the admin routes (POST .../load) need no credentials")
     if getattr(args, "standalone", False):
         from serving.server import standalone
 

@@ -32,7 +32,7 @@ def local_cluster(num_cpus: int = 4, *, grpc: bool = True) -> Iterator[Cluster]:
     import ray
     from ray import serve
 
-    from serving.server.launch import FAST_PATH_ENV, HAPROXY_PORT_ENV, grpc_options
+    from serving.server.launch import FAST_PATH_ENV, HAPROXY_PORT_ENV, KEEP_ALIVE_S, grpc_options
     from serving.server.process import end_haproxy
 
     http_port, metrics_port = free_port(), free_port()
@@ -59,7 +59,8 @@ def local_cluster(num_cpus: int = 4, *, grpc: bool = True) -> Iterator[Cluster]:
         )
         node_id = ray.get_runtime_context().get_node_id()
         serve.start(
-            http_options={"host": "127.0.0.1", "port": http_port}, grpc_options=grpc_options(grpc_port)
+            http_options={"host": "127.0.0.1", "port": http_port, "keep_alive_timeout_s": KEEP_ALIVE_S},
+            grpc_options=grpc_options(grpc_port),
         )
         yield Cluster(
             f"http://127.0.0.1:{http_port}",

@@ -118,7 +118,7 @@ def test_ray_containers_run_serve_behind_haproxy_by_default(render: Callable[...
         assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"]["value"] == "0"
         # NOTE: Ray's defaults held 4,200 silent connections for an hour (issue 21).
         assert env["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"]["value"] == "10"
-        assert env["RAY_SERVE_HAPROXY_MAXCONN"]["value"] == "20000"
+        assert env["RAY_SERVE_HAPROXY_MAXCONN"]["value"] == "8192"
     sets = ["serve.connections.maxConnections=500", "serve.connections.clientTimeoutSeconds=3"]
     for c in ray_containers(render(sets=sets)):
         assert _env(c)["RAY_SERVE_HAPROXY_MAXCONN"]["value"] == "500"

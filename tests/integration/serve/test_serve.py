@@ -298,6 +298,50 @@ def test_a_crash_a_hang_and_a_memory_blow_up_cost_only_their_own_model_on_ray(
     assert grown < 50 * 1024**2, f"the replica's RSS grew by {grown / 1024**2:.1f} MB"
 
 
+def test_silent_connections_are_closed_by_haproxy_and_never_delay_a_real_client(
+    deploy, s3_bucket, tmp_path, monkeypatch
+) -> None:
+    """The chart's HAProxy settings (timeout client 10 s, not Ray's 3600): 300 connections that
+    send nothing or half a header are answered 408 or closed, and a real client meanwhile gets
+    its answer within 1 s."""
+    import socket
+
+    from serving.server.launch import FAST_PATH_ENV
+
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "1", name="iris-conn")
+    repo.move_alias("iris-conn", "production", SetTarget("1"))
+    base = deploy(app_args(uri, tmp_path / "cache", s3_env(server), name="iris-conn"))
+    host, port = base.removeprefix("http://").split(":")
+    silent = []
+    try:
+        for i in range(300):
+            sock = socket.create_connection((host, int(port)))
+            if i % 2:
+                sock.sendall(b"POST /v2/models/iris-conn/infer HTTP/1.1\r\nHost: x\r\n")
+            sock.setblocking(False)
+            silent.append(sock)
+        with httpx.Client(timeout=1.0) as client:
+            for _ in range(5):
+                assert infer(client, base, name="iris-conn").status_code == 200
+
+        def ended(sock: socket.socket) -> bool:
+            try:
+                data = sock.recv(64)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            return data == b"" or data.startswith(b"HTTP/1.1 408")
+
+        timeout_s = float(FAST_PATH_ENV["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"])
+        wait_for(lambda: all(ended(s) for s in silent), timeout=timeout_s + 10, what="HAProxy to end them")
+    finally:
+        for sock in silent:
+            sock.close()
+
+
 def test_store_outage_keeps_serving_and_counts_failed_checks(
     deploy, s3_bucket, tmp_path, monkeypatch, cluster: Cluster
 ) -> None:
