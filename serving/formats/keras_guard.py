@@ -36,11 +36,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from serving.errors import LoadError, UntrustedArtifact
 
+from ._common import check_zip_expansion
 from .base import LoadPolicy
 
-__all__ = ["FUNCTIONS", "MAX_REPEAT", "OBJECTS", "check_keras_archive"]
+__all__ = ["FUNCTIONS", "MAX_IMAGE", "MAX_REPEAT", "MAX_WIDTH", "OBJECTS", "check_keras_archive"]
 
 _LAYERS = [
     "InputLayer",
@@ -131,6 +134,23 @@ _LAYERS = [
     "ZeroPadding2D",
     "ZeroPadding3D",
     "Resizing",
+    "RNN",
+    "StackedRNNCells",
+    "ConvLSTM1D",
+    "ConvLSTM2D",
+    "ConvLSTM3D",
+    "RMSNormalization",
+    "TextVectorization",
+    "StringLookup",
+    "IntegerLookup",
+    # NOTE: augmentation layers are the identity at inference (training=False, enforced below).
+    "RandomFlip",
+    "RandomRotation",
+    "RandomZoom",
+    "RandomTranslation",
+    "RandomContrast",
+    "RandomBrightness",
+    "RandomCrop",
 ]
 
 OBJECTS: frozenset[tuple[str, str]] = frozenset(
@@ -202,18 +222,35 @@ _INTERNAL = frozenset(
 """Keras's own value encodings: a tensor reference, a tuple, a literal array."""
 
 MAX_REPEAT = 4096
-"""The largest factor a layer may multiply each request by (repeats, upsampling, padding, size)."""
+"""How much all the model's repeating layers together (``RepeatVector``, ``UpSampling*``) may
+multiply each request: the product over every such layer, not each one alone."""
+MAX_WIDTH = 1 << 20
+"""The widest output a layer may be configured to (one-hot and count encodings, hashing
+bins, sequence lengths), and the most a padding may add."""
+MAX_IMAGE = 1 << 24
+"""The most pixels a ``Resizing`` or ``CenterCrop`` may produce."""
 
-_COST_ARGUMENTS = {
+_REPEATS = {
     "RepeatVector": ("n",),
     "UpSampling1D": ("size",),
     "UpSampling2D": ("size",),
     "UpSampling3D": ("size",),
+}
+_WIDTHS = {
     "ZeroPadding1D": ("padding",),
     "ZeroPadding2D": ("padding",),
     "ZeroPadding3D": ("padding",),
-    "Resizing": ("height", "width"),
+    "CategoryEncoding": ("num_tokens",),
+    "Hashing": ("num_bins",),
+    "HashedCrossing": ("num_bins",),
+    "TextVectorization": ("max_tokens", "output_sequence_length"),
+    "StringLookup": ("max_tokens",),
+    "IntegerLookup": ("max_tokens",),
 }
+_IMAGES = {"Resizing": ("height", "width"), "CenterCrop": ("height", "width")}
+_VALUE_DTYPES = frozenset("biuf")
+"""What a literal array in the config (``__numpy__``, ``__tensor__``) may hold: numbers. A
+``U400000000`` string dtype made one short config value a 1.6 GB array."""
 _MEMBERS = frozenset({"metadata.json", "config.json", "model.weights.h5"})
 _MAX_CONFIG_BYTES = 16 * 1024**2
 _MAX_DEPTH = 200
@@ -229,6 +266,7 @@ def check_keras_archive(path: Path, policy: LoadPolicy, source: str) -> None:
         UntrustedArtifact: names the member, the attribute path and the limit.
         LoadError: the archive or a member cannot be read.
     """
+    check_zip_expansion(path, policy.expansion_limit(path.stat().st_size))
     try:
         with zipfile.ZipFile(path) as z:
             infos = {info.filename: info for info in z.infolist()}
@@ -278,11 +316,13 @@ def _objects(node: Any, where: str, source: str, depth: int = 0) -> Iterator[tup
 
 
 def _check_config(config: Any, source: str) -> None:
+    repeats = 1.0
     for obj, where in _objects(config, "config", source):
         class_name, module = obj.get("class_name"), obj.get("module")
         if not isinstance(class_name, str):
             raise UntrustedArtifact(f"{source}: {where}.class_name is not a string")
         if class_name in _INTERNAL:
+            _check_value(obj, where, source)
             continue
         if class_name == "function":
             name = obj.get("config")
@@ -306,18 +346,54 @@ def _check_config(config: Any, source: str) -> None:
                 f"{source}: {where} is {module}.{class_name}: {why}; it loads only when the version is "
                 "signed by a trusted key and the model is in SERVING_UNRESTRICTED_MODELS"
             )
-        _check_cost(class_name, obj.get("config"), where, source)
+        config_of = obj.get("config")
+        layer: dict[str, Any] = config_of if isinstance(config_of, dict) else {}
+        _check_calls(obj, where, source)
+        for argument in _WIDTHS.get(class_name, ()):
+            widest = max(_numbers(layer.get(argument)), default=0.0)
+            _bound(widest, MAX_WIDTH, f"{where}.config.{argument}", source)
+        if class_name in _IMAGES:
+            height, width = _IMAGES[class_name]
+            pixels = math.prod(max(_numbers(layer.get(a)), default=1.0) for a in (height, width))
+            _bound(pixels, MAX_IMAGE, f"{where}.config.{height} x {width}", source)
+        for argument in _REPEATS.get(class_name, ()):
+            repeats *= math.prod(max(abs(n), 1.0) for n in _numbers(layer.get(argument)))
+            _bound(repeats, MAX_REPEAT, f"{where}.config.{argument} (times the repeats before it)", source)
 
 
-def _check_cost(class_name: str, config: Any, where: str, source: str) -> None:
-    for argument in _COST_ARGUMENTS.get(class_name, ()):
-        value = config.get(argument) if isinstance(config, dict) else None
-        for number in _numbers(value):
-            if not -MAX_REPEAT <= number <= MAX_REPEAT:
-                raise UntrustedArtifact(
-                    f"{source}: {where}.config.{argument} is {number}, over the limit of {MAX_REPEAT} "
-                    "(it sets what each request costs)"
-                )
+def _bound(value: float, limit: float, where: str, source: str) -> None:
+    if not -limit <= value <= limit:
+        raise UntrustedArtifact(
+            f"{source}: {where} is {value:g}, over the limit of {limit:g} (it sets what each request costs)"
+        )
+
+
+def _check_value(obj: dict[str, Any], where: str, source: str) -> None:
+    """A literal array must hold numbers: its dtype, not the config's text, sets its size."""
+    if obj.get("class_name") not in ("__numpy__", "__tensor__"):
+        return
+    config = obj.get("config")
+    dtype = config.get("dtype") if isinstance(config, dict) else None
+    try:
+        parsed = np.dtype(str(dtype))
+    except (TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.kind not in _VALUE_DTYPES or parsed.itemsize > 16:
+        raise UntrustedArtifact(
+            f"{source}: {where} is an array of dtype {dtype!r}; literal arrays hold numbers"
+        )
+
+
+def _check_calls(layer: dict[str, Any], where: str, source: str) -> None:
+    """No layer may be called with ``training`` on: Dropout and augmentation would then change
+    every answer at inference."""
+    for i, node in enumerate(layer.get("inbound_nodes") or []):
+        kwargs = node.get("kwargs") if isinstance(node, dict) else None
+        if isinstance(kwargs, dict) and kwargs.get("training") not in (None, False):
+            raise UntrustedArtifact(
+                f"{source}: {where}.inbound_nodes[{i}] calls the layer with training={kwargs['training']!r}; "
+                "a served model runs in inference mode"
+            )
 
 
 def _numbers(value: Any) -> Iterator[float]:

@@ -11,7 +11,7 @@ import numpy as np
 from serving.errors import LoadError, UntrustedArtifact
 from serving.manifest import Manifest, TensorSpec, check_relative_path
 
-from ._common import check_zip_expansion, pick_inputs, primary_file, require, shape_of, to_numpy_outputs
+from ._common import pick_inputs, primary_file, require, shape_of, to_numpy_outputs
 from .base import Format, LoadPolicy, Predictor, oip_datatype
 from .keras_guard import check_keras_archive
 from .table import FORMAT_FACTS
@@ -100,7 +100,6 @@ class KerasFormat(Format, facts=FORMAT_FACTS["keras"]):
 
     def load(self, root: Path, manifest: Manifest, policy: LoadPolicy) -> Predictor:
         path = primary_file(root, manifest, self.suffixes)
-        check_zip_expansion(path, policy.expansion_limit(path.stat().st_size))
         check_keras_archive(path, policy, f"{manifest.name}:{manifest.version} ({path.name})")
         keras = require("keras", self.extra, self.name)
         model = keras.saving.load_model(str(path), compile=False, safe_mode=True)

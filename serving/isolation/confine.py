@@ -157,6 +157,7 @@ _OOM_MARKERS = (
     "can't allocate memory",
     "cannot allocate memory",
     "failed to allocate memory",  # onnxruntime's arena
+    "oom when allocating",  # TensorFlow's ResourceExhaustedError
     "bad_alloc",
     "out of memory",
 )

@@ -385,3 +385,72 @@ def torch_weightless_upsample(work: Path) -> Case:
     """A case of our own: no window at all, ``Upsample(scale_factor=64)`` makes each request's
     image 4,096 times larger (a volume's 262,144 times)."""
     return _weightless(work, "upsample", "torch.nn:Upsample", {"scale_factor": 64})
+
+
+def keras_category_encoding_bomb(work: Path) -> Case:
+    """Found by a reviewer who did not see the guard: no Lambda, a built-in ``CategoryEncoding``
+    400 million tokens wide; one (1, 4) request took 2.2 GB."""
+    layer = _keras_object(
+        "keras.layers",
+        "CategoryEncoding",
+        {"name": "c", "num_tokens": 400_000_000, "output_mode": "multi_hot"},
+    )
+    return _keras_archive(work, "catenc.keras", [layer])
+
+
+def keras_upsampling_chain(work: Path) -> Case:
+    """Found by the same reviewer: three ``UpSampling1D`` layers, each under the per-layer
+    limit, together 134 million times each request."""
+    layers = [_keras_object("keras.layers", "Reshape", {"name": "r", "target_shape": [3, 1]})]
+    layers += [
+        _keras_object("keras.layers", "UpSampling1D", {"name": f"u{i}", "size": size})
+        for i, size in enumerate((4096, 4096, 8))
+    ]
+    return _keras_archive(work, "upchain.keras", layers)
+
+
+def keras_training_call_with_a_string_array(work: Path) -> Case:
+    """Found by the same reviewer: a layer called with ``training=`` a literal array of dtype
+    ``U400000000`` (a 1.6 GB array from a few bytes of config), which also turned Dropout on."""
+    dropout = _keras_object("keras.layers", "Dropout", {"name": "d", "rate": 0.5})
+    big = {"class_name": "__numpy__", "config": {"value": "a", "dtype": "U400000000"}}
+    dropout["inbound_nodes"] = [{"args": [], "kwargs": {"training": big}}]
+    return _keras_archive(work, "training.keras", [dropout])
+
+
+def keras_string_array_initializer(work: Path) -> Case:
+    """A case of our own, after the reviewer's: the same huge string dtype as a ``Constant``
+    initializer's value, where no call is involved."""
+    value = {"class_name": "__numpy__", "config": {"value": "a", "dtype": "U400000000"}}
+    init = _keras_object("keras.initializers", "Constant", {"value": value})
+    dense = _keras_object("keras.layers", "Dense", {"name": "d2", "units": 3, "kernel_initializer": init})
+    return _keras_archive(work, "string-init.keras", [dense])
+
+
+def keras_unpacking_bomb(work: Path) -> Case:
+    """Found by the same reviewer: 40 ``assets/`` members of 60 MB of zeros each in a 2.4 MB
+    archive; Keras unpacks every member to disk when there are more than three."""
+    import zipfile
+
+    path, fmt, kwargs = _keras_archive(work, "unpack.keras")
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        for i in range(40):
+            z.writestr(f"assets/pad{i}", b"\0" * (60 * 1024**2))
+    return path, fmt, kwargs
+
+
+def keras_dense_without_weights(work: Path) -> Case:
+    """Found by the same reviewer, and not refused by the guard: ``Dense(units=10**8)`` with an
+    empty weights file. Keras allocates the layer before it reads the file (5.4 GB); the
+    version's worker runs out of its memory limit instead of the server."""
+
+    def weights(f: Any) -> None:
+        f.create_group("vars")
+
+    dense = _keras_object(
+        "keras.layers",
+        "Dense",
+        {"name": "big", "units": 100_000_000},
+        build_config={"input_shape": [None, 3]},
+    )
+    return _keras_archive(work, "dense-empty.keras", [dense], weights=weights)

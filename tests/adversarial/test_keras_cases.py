@@ -39,7 +39,7 @@ CASES: dict[str, tuple[Callable[[Path], crafted.Case], str]] = {
     ),
     "RepeatVector(n=10**9) (own)": (
         crafted.keras_repeat_bomb,
-        r"config\.n is 1000000000, over the limit of 4096",
+        r"config\.n \(times the repeats before it\) is 1e\+09, over the limit of 4096",
     ),
     "a weight stored in another file (own)": (
         crafted.keras_external_weights,
@@ -49,6 +49,23 @@ CASES: dict[str, tuple[Callable[[Path], crafted.Case], str]] = {
         crafted.keras_linked_weights,
         "links to an object already seen",
     ),
+    "CategoryEncoding 400 million tokens wide (reviewer)": (
+        crafted.keras_category_encoding_bomb,
+        r"num_tokens is 4e\+08, over the limit",
+    ),
+    "three UpSampling1D, each under the limit (reviewer)": (
+        crafted.keras_upsampling_chain,
+        r"layers\[4\]\.config\.size \(times the repeats before it\) is 1\.67772e\+07",
+    ),
+    "training= a U400000000 array (reviewer)": (
+        crafted.keras_training_call_with_a_string_array,
+        "calls the layer with training=",
+    ),
+    "a U400000000 array as a Constant initializer (own)": (
+        crafted.keras_string_array_initializer,
+        "is an array of dtype 'U400000000'",
+    ),
+    "40 assets members of 60 MB of zeros (reviewer)": (crafted.keras_unpacking_bomb, "decompression bomb"),
 }
 
 
@@ -84,3 +101,25 @@ def test_an_archive_with_a_member_keras_never_writes_is_refused(tmp_path: Path) 
         z.writestr("model.weights.npz", b"")
     with pytest.raises(UntrustedArtifact, match=r"holds 'model\.weights\.npz'"):
         check_keras_archive(path, LoadPolicy(), path.name)
+
+
+def test_models_saved_by_keras_itself_pass(tmp_path: Path) -> None:
+    """The honest side: layers a reviewer found refused (augmentation, lookups, RNN wrappers,
+    ConvLSTM, RMSNormalization), saved by ``model.save()``, nested, compiled."""
+    import keras
+
+    inner = keras.Sequential([keras.layers.RandomFlip("horizontal"), keras.layers.Conv2D(4, 3)])
+    image = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten()(inner(image))
+    x = keras.layers.RMSNormalization()(x)
+    words = keras.Input((3,), dtype="string")
+    y = keras.layers.StringLookup(vocabulary=["a", "b"], output_mode="one_hot")(words)
+    y = keras.layers.Flatten()(y)
+    seq = keras.Input((5, 2))
+    z = keras.layers.RNN(keras.layers.LSTMCell(4))(seq)
+    out = keras.layers.Dense(2)(keras.layers.Concatenate()([x, y, z]))
+    model = keras.Model([image, words, seq], out)
+    model.compile(optimizer="adam", loss="mse")
+    path = tmp_path / "honest.keras"
+    model.save(path)
+    check_keras_archive(path, LoadPolicy(), path.name)

@@ -115,3 +115,12 @@ def test_an_onnx_loop_the_request_drives_gets_504_and_its_worker_comes_back(tmp_
         np.testing.assert_array_equal(worker.predict({"X": row})["Y"], row)
     finally:
         worker.close()
+
+
+def test_a_keras_layer_that_allocates_past_the_limit_at_load_costs_only_its_worker(tmp_path: Path) -> None:
+    """The case the Keras guard does not refuse: ``Dense(10**8)`` with no weights. Keras
+    allocates it before reading the weights; the worker's memory limit ends the load."""
+    name, cached = _cached(tmp_path, crafted.keras_dense_without_weights(tmp_path))
+    limits = WorkerLimits(memory_bytes=3 * 1024**3, load_timeout_s=180)
+    with pytest.raises(IsolationFailed, match=r"\(oom\)"):
+        WorkerPredictor(cached, LoadPolicy(), limits, model=name).close()  # type: ignore[arg-type]

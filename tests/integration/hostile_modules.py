@@ -142,8 +142,6 @@ def hostile_versions(work: Path) -> dict[str, tuple[Path, str, dict[str, Any]]]:
         sys.path.pop(0)
     out["sparse coef heap read"] = crafted.sparse_coef_heap_read(work)
     out["vectorizer n-gram bomb"] = crafted.vectorizer_ngram_bomb(work)
-    out["keras Lambda over keras.ops.zeros"] = crafted.keras_lambda_zeros(work)
-    out["ONNX constant-fold bomb"] = crafted.onnx_constant_fold_bomb(work)
     xz = work / "xz.joblib"
     corpus.write_xz_joblib_bomb(xz, 160 * 1024 * 1024)
     out["xz bomb"] = (xz, "sklearn", {})
@@ -161,6 +159,8 @@ def hostile_versions(work: Path) -> dict[str, tuple[Path, str, dict[str, Any]]]:
     onnx_dir.mkdir()
     corpus.onnx_with_sparse_external_data(onnx_dir / "model.onnx", "../../../outside.bin")
     out["sparse external data"] = (onnx_dir, "onnx", {})
+    out["keras Lambda over keras.ops.zeros"] = crafted.keras_lambda_zeros(work)
+    out["ONNX constant-fold bomb"] = crafted.onnx_constant_fold_bomb(work)
     return out
 
 
