@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from filelock import FileLock
 
@@ -90,6 +90,8 @@ class Remembered:
     version: str
     manifest_sha256: str
     resolved_at: float
+    alias_raw: bytes | None = None
+    """The alias object's exact bytes as resolved (its signature and expiry are re-checked offline)."""
 
 
 _OWNERS: dict[tuple[int, Path], tuple[str, int]] = {}
@@ -274,17 +276,31 @@ class LoaderCache:
             return None
         return raw if sha256_bytes(raw) == manifest_sha256 else None
 
-    def remember_alias(self, name: str, alias: str, version: str, manifest_sha256: str) -> None:
+    def remember_alias(
+        self, name: str, alias: str, version: str, manifest_sha256: str, alias_raw: bytes | None = None
+    ) -> None:
         path = self.root / "aliases" / name / f"{alias}.json"
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        body = {"version": version, "manifest_sha256": manifest_sha256, "resolved_at": time.time()}
+        body: dict[str, Any] = {
+            "version": version,
+            "manifest_sha256": manifest_sha256,
+            "resolved_at": time.time(),
+        }
+        if alias_raw is not None:
+            body["alias_raw"] = alias_raw.decode()
         atomic_write(path, json.dumps(body))
 
     def remembered_alias(self, name: str, alias: str) -> Remembered | None:
         try:
             body = json.loads((self.root / "aliases" / name / f"{alias}.json").read_text())
             version = check_name(str(body["version"]), "version")  # NOTE: it becomes a path
-            return Remembered(version, str(body["manifest_sha256"]), float(body["resolved_at"]))
+            raw = body.get("alias_raw")
+            return Remembered(
+                version,
+                str(body["manifest_sha256"]),
+                float(body["resolved_at"]),
+                raw.encode() if isinstance(raw, str) else None,
+            )
         except (OSError, ValueError, KeyError, TypeError, ServingError):
             return None
 
@@ -312,27 +328,34 @@ class LoaderCache:
         try:
             resolved = repo.resolve(ref, known=self._manifest_bytes)
         except StoreError:
-            fallback = self._resolve_offline(ref)
+            fallback = self._resolve_offline(ref, offline=True)
             if fallback is None:
                 raise
             log.warning("store unreachable; serving %s from the cache's memory", ref)
             return fallback, True
         if ref.alias and remember:
-            self.remember_alias(ref.name, ref.alias, resolved.version, resolved.manifest_sha256)
+            self.remember_alias(
+                ref.name, ref.alias, resolved.version, resolved.manifest_sha256, resolved.alias_raw
+            )
         return resolved, False
 
-    def _resolve_offline(self, ref: ModelRef) -> Resolved | None:
+    def _resolve_offline(self, ref: ModelRef, *, offline: bool = False) -> Resolved | None:
+        """The remembered target, from the cache. ``offline``: the store could not be asked, so
+        the alias object comes along as this node accepted it (its signature and expiry are
+        checked again, :func:`serving.trust.check_alias`)."""
+        alias_raw = None
         if ref.alias:
             mem = self.remembered_alias(ref.name, ref.alias)
             if mem is None:
                 return None
             cached = self.get(ref.name, mem.version, mem.manifest_sha256)
+            alias_raw = mem.alias_raw if offline else None
         else:
             cached = self._any_cached(ref.name, str(ref.version))
         if cached is None:
             return None
         raw = (cached.path / MANIFEST_NAME).read_bytes()
-        return Resolved(ref.name, cached.version, cached.manifest, raw, ref.alias)
+        return Resolved(ref.name, cached.version, cached.manifest, raw, ref.alias, alias_raw, offline=offline)
 
     def _any_cached(self, name: str, version: str) -> CachedVersion | None:
         for path in sorted((self.root / "versions" / name).glob(f"{version}-*")):

@@ -38,6 +38,8 @@ exit code the CLI returns, so neither layer needs its own mapping table::
     ├── CacheError (500, exit 11)             the node-local cache's disk failed us
     ├── RolloutAborted (409, exit 12)         ``serving rollout`` crossed a threshold and
     │                                         put the alias back on the old version
+    ├── AliasChanged (409, exit 14)           another writer changed the canary or shadow
+    │                                         a move expected (nothing was written)
     └── InternalError (500, exit 1)           a bug or fault, already logged where it
                                               happened, passed on without its details
 
@@ -50,6 +52,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AliasChanged",
     "AliasNotFound",
     "CacheError",
     "DeadlineExceeded",
@@ -287,6 +290,14 @@ class RolloutAborted(ServingError):
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class AliasChanged(ServingError):
+    """A move named the canary (or shadow) it expected, and the alias holds another: someone
+    else changed it. Nothing was written; the message says what the alias holds and who set it."""
+
+    status_code = 409
+    exit_code = 14
 
 
 class InternalError(ServingError):

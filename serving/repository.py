@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.errors import (
+    AliasChanged,
     AliasNotFound,
     IntegrityError,
     InvalidManifest,
@@ -74,7 +75,10 @@ class Resolved:
     manifest_raw: bytes
     alias: str | None = None
     alias_raw: bytes | None = None
-    """The alias object's exact bytes, when resolved through the store (signed aliases)."""
+    """The alias object's exact bytes, when resolved through the store (signed aliases), or
+    as this node last accepted them, when resolved offline."""
+    offline: bool = False
+    """Resolved from the cache's memory because the store could not be asked."""
 
     @property
     def manifest_sha256(self) -> str:
@@ -401,14 +405,40 @@ class Rollback(AliasMove):
         return current.rolled_back(change.by, change.expires_at)
 
 
+def _holder(current: Alias) -> str:
+    return f"set by {current.updated_by} at {current.updated_at}"
+
+
+def _split_conflict(
+    change: AliasChange, role: str, held: str | None, wanted: str | None, current: Alias
+) -> None:
+    """Refuse (AliasChanged) when the alias's ``role`` holds ``held`` and the move expected ``wanted``."""
+    if held != wanted:
+        raise AliasChanged(
+            f"{change.name}@{change.alias}: its {role} is {held or 'unset'} ({_holder(current)}), "
+            f"not {wanted or 'unset'} as this move expected; another writer changed it, nothing was written"
+        )
+
+
 @dataclass(frozen=True)
 class SetCanary(_ToVersion):
-    """Keep the target; send ``weight`` percent of the requests to ``version`` (a shadow stays)."""
+    """Keep the target; send ``weight`` percent of the requests to ``version`` (a shadow stays).
+
+    A canary of another version is never replaced silently: that is another writer's
+    rollout. ``replace=True`` (``serving alias set --canary ... --replace``) does it on purpose.
+    """
 
     weight: float
+    replace: bool = False
+    live: str | None = None
+    """The target the caller expects (a rollout's): another one is refused (AliasChanged)."""
 
     def apply(self, current: Alias | None, change: AliasChange) -> Alias:
         live = self.beside(current, change)
+        if self.live is not None:
+            _split_conflict(change, "target", live.version, self.live, live)
+        if live.canary is not None and not self.replace and live.canary.version != self.version:
+            _split_conflict(change, "canary", live.canary.version, self.version, live)
         canary = CanaryTarget(
             version=self.version, manifest_sha256=change.manifest_sha256(self.version), weight=self.weight
         )
@@ -417,12 +447,22 @@ class SetCanary(_ToVersion):
 
 @dataclass(frozen=True)
 class SetShadow(_ToVersion):
-    """Keep the target; mirror ``fraction`` of the requests to ``version`` (a canary stays)."""
+    """Keep the target; mirror ``fraction`` of the requests to ``version`` (a canary stays).
+
+    As for a canary, a shadow of another version is replaced only with ``replace=True``.
+    """
 
     fraction: float
+    replace: bool = False
+    live: str | None = None
+    """The target the caller expects (a rollout's): another one is refused (AliasChanged)."""
 
     def apply(self, current: Alias | None, change: AliasChange) -> Alias:
         live = self.beside(current, change)
+        if self.live is not None:
+            _split_conflict(change, "target", live.version, self.live, live)
+        if live.shadow is not None and not self.replace and live.shadow.version != self.version:
+            _split_conflict(change, "shadow", live.shadow.version, self.version, live)
         shadow = ShadowTarget(
             version=self.version, manifest_sha256=change.manifest_sha256(self.version), fraction=self.fraction
         )
@@ -431,24 +471,76 @@ class SetShadow(_ToVersion):
 
 @dataclass(frozen=True)
 class Promote(AliasMove):
-    """Make the canary the alias's target (the old target goes to history)."""
+    """Make the canary the alias's target (the old target goes to history).
+
+    ``expected``: the canary version the caller judged; ``live``: the target it was judged
+    against. Another one is refused (AliasChanged), so nobody promotes a version they did
+    not judge, or over a target someone else has moved since.
+    """
+
+    expected: str | None = None
+    live: str | None = None
 
     def apply(self, current: Alias | None, change: AliasChange) -> Alias:
         current = change.existing(current)
+        if self.live is not None:
+            _split_conflict(change, "target", current.version, self.live, current)
         if current.canary is None:
+            if self.expected is not None:
+                _split_conflict(change, "canary", None, self.expected, current)
             raise InvalidRequest(f"{change.name}@{change.alias} has no canary to promote")
+        if self.expected is not None:
+            _split_conflict(change, "canary", current.canary.version, self.expected, current)
         return current.promoted(change.by, change.expires_at)
 
 
 @dataclass(frozen=True)
 class Abort(AliasMove):
-    """Drop the canary and the shadow: every request goes to the target again."""
+    """Drop the canary and the shadow: every request goes to the target again.
+
+    ``expected``: the version the caller put there as canary or shadow; when the alias
+    holds another, it is another writer's and is refused (AliasChanged), not dropped.
+    """
+
+    expected: str | None = None
 
     def apply(self, current: Alias | None, change: AliasChange) -> Alias:
         current = change.existing(current)
         if current.canary is None and current.shadow is None:
             raise InvalidRequest(f"{change.name}@{change.alias} has no canary or shadow to abort")
+        if self.expected is not None:
+            for role, split in (("canary", current.canary), ("shadow", current.shadow)):
+                if split is not None:
+                    _split_conflict(change, role, split.version, self.expected, current)
         return current.with_split(change.by, canary=None, shadow=None, expires_at=change.expires_at)
+
+
+@dataclass(frozen=True)
+class Expecting(AliasMove):
+    """``move``, only if the alias is still the object of ``sequence`` (what the caller last
+    wrote or read): any other writer's change in between, of any kind, is refused
+    (AliasChanged), naming what the alias holds now and who wrote it."""
+
+    move: AliasMove
+    sequence: int
+
+    def check(self, change: AliasChange) -> None:
+        self.move.check(change)
+
+    def apply(self, current: Alias | None, change: AliasChange) -> Alias:
+        current = change.existing(current)
+        if current.seq != self.sequence:
+            split = "".join(
+                f", {role} {s.version}"
+                for role, s in (("canary", current.canary), ("shadow", current.shadow))
+                if s is not None
+            )
+            now = f"-> {current.version}{split} (sequence {current.seq}, {_holder(current)})"
+            raise AliasChanged(
+                f"{change.name}@{change.alias} changed under this move: it is now {now}, "
+                f"not sequence {self.sequence}; nothing was written"
+            )
+        return self.move.apply(current, change)
 
 
 def file_entries(files: Iterable[tuple[str, Path]]) -> list[FileEntry]:

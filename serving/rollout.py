@@ -31,7 +31,16 @@ import httpx
 
 from serving.errors import InvalidRequest, RolloutAborted, ServingError, StoreUnavailable
 from serving.metrics import LATENCY_BUCKETS
-from serving.repository import Abort, AliasMove, AliasWriter, Promote, Repository, SetCanary, SetShadow
+from serving.repository import (
+    Abort,
+    AliasMove,
+    AliasWriter,
+    Expecting,
+    Promote,
+    Repository,
+    SetCanary,
+    SetShadow,
+)
 from serving.runtime.traffic import quantile
 
 log = logging.getLogger(__name__)
@@ -374,6 +383,7 @@ class Rollout:
         self._converge_timeout_s = converge_timeout_s
         self._poll_s = poll_s
         self._sleep, self._clock = sleep, clock
+        self._sequence: int | None = None
         self.live_version: str | None = None
         """The alias's target when :meth:`run` began (None before): what the canary is measured against."""
 
@@ -404,23 +414,27 @@ class Rollout:
                     f"'serving alias abort {self.name} {self.alias}' first"
                 )
         live_version = self.live_version = current.version
+        # NOTE: each move of this rollout expects the alias exactly as it last wrote (or read)
+        # it: another writer's change of any kind stops the rollout (AliasChanged).
+        self._sequence = current.seq
         started = self._clock()
         done: list[Step] = []
         try:
             if shadow_seconds > 0:
-                self._move(SetShadow(self.version, shadow_fraction))
+                self._move(SetShadow(self.version, shadow_fraction, live=live_version))
                 step = self._measure("shadow", shadow_fraction, shadow_seconds, live_version)
                 done.append(step)
                 if not step.ok:
                     raise RolloutAborted(step.reason)
                 self._drop_shadow()
             for weight in steps:
-                self._move(SetCanary(self.version, weight))
+                self._move(SetCanary(self.version, weight, live=live_version))
                 step = self._measure("canary", weight, step_seconds, live_version)
                 done.append(step)
                 if not step.ok:
                     raise RolloutAborted(step.reason)
-            self._move(Promote())
+            # NOTE: only the canary this rollout judged; another writer's is refused (AliasChanged).
+            self._move(Promote(expected=self.version, live=live_version))
         except BaseException as exc:
             # NOTE: whatever stopped us (a threshold, Ctrl-C, a lost server), the alias must
             # not be left half-way: back to the old target, no canary, no shadow.
@@ -442,19 +456,25 @@ class Rollout:
         )
 
     def _move(self, move: AliasMove) -> None:
-        self.repo.move_alias(self.name, self.alias, move, writer=self._writer, expires_at=self._expires_at)
+        if self._sequence is not None:
+            move = Expecting(move, self._sequence)
+        moved = self.repo.move_alias(
+            self.name, self.alias, move, writer=self._writer, expires_at=self._expires_at
+        )
+        self._sequence = moved.seq
 
     def _drop_shadow(self) -> None:
         current = self.repo.get_alias(self.name, self.alias)
         if current.shadow is not None:
-            self._move(Abort())
+            self._move(Abort(expected=self.version))
 
     def _abort_quietly(self) -> None:
         # NOTE: the original error is what the caller must see, not a failure to clean up.
+        # NOTE: and only its own canary or shadow: another writer's is theirs (AliasChanged).
         with contextlib.suppress(ServingError):
             current = self.repo.get_alias(self.name, self.alias)
             if current.canary is not None or current.shadow is not None:
-                self._move(Abort())
+                self._move(Abort(expected=self.version))
 
     def _wait_applied(self, role: str, share: float) -> None:
         deadline = self._clock() + self._converge_timeout_s

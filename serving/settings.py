@@ -177,14 +177,18 @@ class Settings(BaseSettings):
     ``admin_token``. Read once, when the server starts."""
 
     def admin_token_value(self) -> str | None:
-        """The admin token from ``admin_token_file`` or ``admin_token``; None when neither is set.
+        """The admin token from ``admin_token_file`` or ``admin_token``, without surrounding
+        whitespace (a Secret made ``--from-file`` ends in a newline); None when neither is set.
+
+        Fails closed: a token that is set but empty or only whitespace, in the file or in the
+        variable, is refused rather than read as "no token" (which leaves the routes open).
 
         Raises:
-            InvalidRequest: the file cannot be read or is empty.
+            InvalidRequest: the file cannot be read, or a token is set but empty.
         """
-        if self.admin_token_file is not None:
-            from serving.errors import InvalidRequest
+        from serving.errors import InvalidRequest
 
+        if self.admin_token_file is not None:
             try:
                 token = self.admin_token_file.read_text().strip()
             except OSError as exc:
@@ -192,8 +196,14 @@ class Settings(BaseSettings):
             if not token:
                 raise InvalidRequest(f"SERVING_ADMIN_TOKEN_FILE {self.admin_token_file} is empty")
             return token
-        if self.admin_token is not None and self.admin_token.get_secret_value():
-            return self.admin_token.get_secret_value()
+        if self.admin_token is not None:
+            token = self.admin_token.get_secret_value().strip()
+            if not token:
+                raise InvalidRequest(
+                    "SERVING_ADMIN_TOKEN is set but empty; set a token, or unset it to leave the admin "
+                    "routes open"
+                )
+            return token
         return None
 
     @field_validator("trusted_keys", "unrestricted_models", mode="before")

@@ -180,16 +180,28 @@ def check_alias(
     The alias object must be signed by a trusted key, not expired, and its
     ``sequence`` must not go below the last one this node accepted (remembered
     under ``cache_root``, so a restart cannot be rolled back either); the same
-    sequence is accepted only for the same target. Aliases resolved from the
-    cache's memory (store down) were accepted before and are not re-checked.
+    sequence is accepted only for the same target. An alias resolved from the
+    cache's memory because the store is down is checked the same way, on the
+    object as this node accepted it: an expired one is refused offline too, and
+    one remembered without its object is refused. (The last good version a
+    replica falls back to when a new target fails carries no alias object: it
+    passed these checks when it was the target.)
 
     Raises:
         UntrustedArtifact: counted as a refused trust check; the live version keeps serving.
     """
-    if not settings.require_signature or resolved.alias is None or resolved.alias_raw is None:
+    if not settings.require_signature or resolved.alias is None:
         return
     name, alias = resolved.name, resolved.alias
     where = f"{name}@{alias}"
+    if resolved.alias_raw is None:
+        if resolved.offline:
+            raise _refuse(
+                name,
+                f"{where}: the store is unreachable and this node remembers no signed alias object "
+                "to check; not serving an unverified target",
+            )
+        return
     try:
         verify_alias(resolved.alias_raw, load_trusted_keys(settings.trusted_keys), name, alias)
     except UntrustedArtifact as exc:

@@ -66,15 +66,26 @@ def add_alias(commands: Commands) -> None:
         metavar="FRACTION",
         help="keep the target; mirror FRACTION (0-1) of requests to VERSION, compared and never returned",
     )
+    a.add_argument(
+        "--replace",
+        action="store_true",
+        help="with --canary/--shadow: replace a canary or shadow of another version (refused without it)",
+    )
     add_alias_signing(a)
     a = group.add("get", alias_get, "print the version NAME@ALIAS points at")
     add_name_alias(a)
     a = group.add("promote", alias_promote, "make NAME@ALIAS's canary its target (history keeps the old one)")
     add_name_alias(a)
+    _add_expect(a, "promote only if the canary is VERSION (refused, exit 14, if another writer changed it)")
     add_alias_signing(a)
     a = group.add("abort", alias_abort, "drop NAME@ALIAS's canary and shadow: all requests to the target")
     add_name_alias(a)
+    _add_expect(a, "abort only if the canary or shadow is VERSION (refused, exit 14, otherwise)")
     add_alias_signing(a)
+
+
+def _add_expect(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--expect", metavar="VERSION", help=help)
 
 
 def alias_set(ctx: Context, args: argparse.Namespace) -> None:
@@ -84,9 +95,9 @@ def alias_set(ctx: Context, args: argparse.Namespace) -> None:
         if args.canary is not None and args.shadow is not None:
             raise InvalidRequest("--canary and --shadow are two roles: give one per command")
         split: AliasMove = (
-            SetCanary(args.version, args.canary)
+            SetCanary(args.version, args.canary, replace=args.replace)
             if args.canary is not None
-            else SetShadow(args.version, args.shadow)
+            else SetShadow(args.version, args.shadow, replace=args.replace)
         )
         alias = _move(ctx, args, split)
         ctx.emit(f"{args.name}@{args.alias} -> {alias.version}{_split_text(alias)}", alias.model_dump())
@@ -104,7 +115,7 @@ def alias_get(ctx: Context, args: argparse.Namespace) -> None:
 def alias_promote(ctx: Context, args: argparse.Namespace) -> None:
     from serving.repository import Promote
 
-    alias = _move(ctx, args, Promote())
+    alias = _move(ctx, args, Promote(expected=args.expect))
     was = alias.history[-1].version
     ctx.emit(
         f"{args.name}@{args.alias} -> {alias.version} (canary promoted, was {was}){_split_text(alias)}",
@@ -116,7 +127,7 @@ def alias_abort(ctx: Context, args: argparse.Namespace) -> None:
     from serving.repository import Abort
 
     before = ctx.repo.get_alias(args.name, args.alias)
-    alias = _move(ctx, args, Abort())
+    alias = _move(ctx, args, Abort(expected=args.expect))
     ctx.emit(
         f"{args.name}@{args.alias} -> {alias.version} (dropped {_split_text(before).removeprefix(' (')}",
         alias.model_dump(),

@@ -151,7 +151,9 @@ class AliasWatcher:
             self._last_error = f"{target.version}: {exc}"
             return
         if not from_cache:
-            self.slot.cache.remember_alias(name, self.alias, resolved.version, resolved.manifest_sha256)
+            self.slot.cache.remember_alias(
+                name, self.alias, resolved.version, resolved.manifest_sha256, resolved.alias_raw
+            )
 
     # -- one tick --------------------------------------------------------------
     def tick(self, force: bool = False) -> None:
@@ -215,7 +217,9 @@ class AliasWatcher:
                 self._target = target
             self._verify_target(resolved, target)
             self.slot.swap_to(resolved, reason=self._reason)
-            self.slot.cache.remember_alias(name, self.alias, resolved.version, resolved.manifest_sha256)
+            self.slot.cache.remember_alias(
+                name, self.alias, resolved.version, resolved.manifest_sha256, resolved.alias_raw
+            )
         except ServingError as exc:
             if self._failed == target:
                 self._failures += 1

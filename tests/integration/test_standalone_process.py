@@ -270,6 +270,8 @@ HOSTILE_CASES = [
     "torch init_kwargs bomb",
     "allocation bomb",
     "sparse external data",
+    "keras Lambda over keras.ops.zeros",
+    "ONNX constant-fold bomb",
     "oversized manifest",
 ]
 
@@ -324,7 +326,7 @@ def test_every_crafted_version_fails_while_v1_answers_every_request(
     print(f"\n{case}: {len(results)} requests, all 200 from v1; refused with: {replica['last_error'][:160]}")
     failed = [r for r in results if r != (200, "1")]
     assert not failed, failed[:5]
-    reason = {"native crash": "crash", "allocation bomb": "oom"}.get(case)
+    reason = {"native crash": "crash", "allocation bomb": "oom", "ONNX constant-fold bomb": "oom"}.get(case)
     if reason is not None:
         assert f"failed isolation ({reason})" in replica["last_error"]
         text = httpx.get(server.metrics, timeout=10).text
@@ -525,3 +527,21 @@ def _closed_after_send(sock: socket.socket, byte: bytes) -> bool:
         return _closed_by_server(sock)
     finally:
         sock.setblocking(True)
+
+
+@pytest.mark.parametrize("standalone", [True, False], ids=["standalone", "ray"])
+def test_an_empty_admin_token_refuses_to_start_with_the_reason(
+    store: tuple[str, Repository, Path], standalone: bool
+) -> None:
+    """Before Ray or any socket starts: exit code and one line, not open admin routes."""
+    uri, _, _ = store
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
+    env["SERVING_ADMIN_TOKEN"] = ""
+    cmd = [sys.executable, "-m", "serving.cli", "--store", uri, "serve", "--model", "counted@production"]
+    cmd += ["--port", str(free_port()), "--metrics-port", str(free_port()), "--grpc-port", "0"]
+    done = subprocess.run(
+        [*cmd, "--standalone"] if standalone else cmd, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "SERVING_ADMIN_TOKEN is set but empty" in done.stderr
+    assert "Traceback" not in done.stderr

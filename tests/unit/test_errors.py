@@ -40,6 +40,7 @@ EXPECTED = {
     "DeadlineExceeded": ("ServingError", 504, 13),
     "CacheError": ("ServingError", 500, 11),
     "RolloutAborted": ("ServingError", 409, 12),
+    "AliasChanged": ("ServingError", 409, 14),
     "InternalError": ("ServingError", 500, 1),
 }
 

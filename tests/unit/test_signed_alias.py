@@ -202,3 +202,61 @@ def test_a_canary_added_without_the_key_is_refused_and_takes_no_traffic(
     assert canary.version == "3"
     assert watcher.split.canary_weight == 50
     slot.close()
+
+
+class Outage(LocalStore):
+    """A local store that can go down: every read raises StoreUnavailable."""
+
+    down = False
+
+    def get(self, key: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def,override]
+        from serving.errors import StoreUnavailable
+
+        if self.down:
+            raise StoreUnavailable("the store is down (test)")
+        return super().get(key, *args, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "served"), [("2020-01-01T00:00:00+00:00", False), ("2999-01-01T00:00:00+00:00", True)]
+)
+def test_offline_the_remembered_signed_alias_is_checked_as_online(
+    repo: Repository, settings: Settings, key: SigningKey, tmp_path: Path, expires_at: str, served: bool
+) -> None:
+    """A restarted node with the store down serves the remembered target only if its signed
+    alias object still verifies and has not expired (it used to skip the check)."""
+    store = Outage(str(tmp_path / "store"))
+    online = Repository(store)
+    online.move_alias("m", "prod", SetTarget("2"), writer=alias_signer(key), expires_at=expires_at)
+    cache = LoaderCache(tmp_path / "cache")
+    resolved, from_cache = cache.resolve(online, "m@prod")
+    assert not from_cache
+    cache.fetch(online, resolved)
+
+    store.down = True
+    offline, from_cache = cache.resolve(online, "m@prod")
+    assert from_cache
+    assert offline.offline
+    assert offline.version == "2"
+    if served:
+        check_alias(offline, settings, cache_root=cache.root)
+    else:
+        with pytest.raises(UntrustedArtifact, match="expired"):
+            check_alias(offline, settings, cache_root=cache.root)
+
+
+def test_offline_a_target_remembered_without_its_alias_object_is_refused(
+    repo: Repository, settings: Settings, key: SigningKey, tmp_path: Path
+) -> None:
+    """Memory written before alias objects were kept (or stripped of it) fails closed."""
+    store = Outage(str(tmp_path / "store"))
+    online = Repository(store)
+    online.move_alias("m", "prod", SetTarget("1"), writer=alias_signer(key))
+    cache = LoaderCache(tmp_path / "cache")
+    resolved, _ = cache.resolve(online, "m@prod", remember=False)
+    cache.fetch(online, resolved)
+    cache.remember_alias("m", "prod", resolved.version, resolved.manifest_sha256)  # no alias object
+    store.down = True
+    offline, _ = cache.resolve(online, "m@prod")
+    with pytest.raises(UntrustedArtifact, match="remembers no signed alias object"):
+        check_alias(offline, settings, cache_root=cache.root)

@@ -1,0 +1,115 @@
+"""A rollout promotes only what it judged, with a second writer racing it (issue 22).
+
+The second writer moves the alias at a random point of the rollout, in one of the
+ways an operator would; every rollout must either promote exactly its version over
+the target it measured, or stop non-zero naming what the other writer holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_slot_watcher import publish
+
+from serving.errors import AliasChanged, InvalidRequest, RolloutAborted
+from serving.repository import Abort, AliasMove, Promote, Repository, SetCanary, SetShadow, SetTarget
+from serving.rollout import LATENCY_BUCKETS, Rollout
+from serving.store.local import LocalStore
+
+
+class Healthy:
+    """Every version answers 100 fast requests per snapshot, none failed, all agreeing."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def figures(self) -> dict[str, dict[str, Any]]:
+        self.calls += 1
+        n = 100 * self.calls
+        row = {"requests": n, "errors": 0, "compared": n, "disagreed": 0}
+        row["buckets"] = [n] + [0] * len(LATENCY_BUCKETS)
+        return {v: dict(row) for v in ("1", "2", "3")}
+
+    def applied(self, role: str, version: str, share: float) -> tuple[bool, str]:
+        return True, ""
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    repo = Repository(LocalStore(str(tmp_path / "store")))
+    for v in ("1", "2", "3"):
+        publish(repo, tmp_path, v, factor=int(v))
+    return repo
+
+
+OTHER_MOVES: dict[str, Callable[[], AliasMove]] = {
+    "canary 3 over the rollout's (--replace)": lambda: SetCanary("3", 50, replace=True),
+    "canary 3 (no --replace)": lambda: SetCanary("3", 50),
+    "shadow 3 (--replace)": lambda: SetShadow("3", 1.0, replace=True),
+    "target 3": lambda: SetTarget("3"),
+    "abort": lambda: Abort(),
+}
+
+
+def test_twenty_races_never_promote_an_unjudged_version(repo: Repository) -> None:
+    rng = random.Random(20)
+    outcomes = []
+    for round_ in range(20):
+        repo.move_alias("m", "production", SetTarget("1"), by="operator")
+        what = rng.choice(sorted(OTHER_MOVES))
+        when = rng.randrange(1, 5)  # during the shadow phase, a canary step, or right before promote
+        sleeps = 0
+
+        def sleep(seconds: float, what: str = what, when: int = when) -> None:
+            nonlocal sleeps
+            sleeps += 1
+            if sleeps == when:
+                # NOTE: when the other writer is the one refused, the rollout goes on.
+                with contextlib.suppress(AliasChanged, InvalidRequest):
+                    repo.move_alias("m", "production", OTHER_MOVES[what](), by="other-writer")
+
+        rollout = Rollout(repo, "m", "production", "2", Healthy(), sleep=sleep, poll_s=0)
+        stopped = _run(rollout)
+        if stopped is not None:
+            final = repo.get_alias("m", "production")
+            assert final.version != "2" or final.updated_by == "other-writer", (round_, what, final)
+            assert "other-writer" in stopped, (round_, what, stopped)
+            outcomes.append(("stopped", what))
+        else:
+            final = repo.get_alias("m", "production")
+            assert (final.version, final.history[-1].version) == ("2", "1"), (round_, what, final)
+            assert final.canary is None
+            outcomes.append(("promoted", what))
+        repo.move_alias("m", "production", SetTarget("1"), by="operator")
+    assert {o for o, _ in outcomes} == {"stopped", "promoted"}, outcomes
+
+
+def _run(rollout: Rollout) -> str | None:
+    """None when the rollout promoted, else the message it stopped with."""
+    try:
+        rollout.run([25, 50, 100], step_seconds=1, shadow_seconds=1)
+    except (AliasChanged, RolloutAborted, InvalidRequest) as exc:
+        return exc.message
+    return None
+
+
+def test_promote_and_abort_refuse_a_canary_they_did_not_expect(repo: Repository) -> None:
+    repo.move_alias("m", "production", SetTarget("1"))
+    repo.move_alias("m", "production", SetCanary("2", 10), by="rollout")
+    with pytest.raises(AliasChanged, match=r"its canary is 2 \(set by rollout at .*\), not 3"):
+        repo.move_alias("m", "production", SetCanary("3", 50))
+    replaced = repo.move_alias("m", "production", SetCanary("3", 50, replace=True), by="other")
+    before = replaced.seq
+    with pytest.raises(AliasChanged, match=r"its canary is 3 \(set by other"):
+        repo.move_alias("m", "production", Promote(expected="2"))
+    with pytest.raises(AliasChanged, match="its canary is 3"):
+        repo.move_alias("m", "production", Abort(expected="2"))
+    with pytest.raises(AliasChanged, match="its target is 1"):
+        repo.move_alias("m", "production", Promote(expected="3", live="7"))
+    assert repo.get_alias("m", "production").seq == before  # nothing was written
+    assert repo.move_alias("m", "production", Promote(expected="3", live="1")).version == "3"
