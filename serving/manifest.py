@@ -192,13 +192,16 @@ def _plain(value: str, what: str) -> str:
 
 _SHA256 = "^[0-9a-f]{64}$"
 
+MAX_SEQUENCE = 2**53 - 1
+"""The largest alias sequence (what a JSON number holds exactly): ``2**200`` is refused."""
+
 
 class AliasEntry(BaseModel):
     version: str
     manifest_sha256: str = Field(pattern=_SHA256)
     updated_at: str
     updated_by: str
-    sequence: int | None = Field(default=None, ge=0, exclude_if=lambda v: v is None)
+    sequence: int | None = Field(default=None, ge=0, le=MAX_SEQUENCE, exclude_if=lambda v: v is None)
 
     @field_validator("version")
     @classmethod
@@ -256,7 +259,7 @@ class Alias(BaseModel):
     updated_at: str = Field(default_factory=now)
     updated_by: str = "unknown"
     history: list[AliasEntry] = Field(default_factory=list)
-    sequence: int | None = Field(default=None, ge=0, exclude_if=lambda v: v is None)
+    sequence: int | None = Field(default=None, ge=0, le=MAX_SEQUENCE, exclude_if=lambda v: v is None)
     """Incremented by every move, rollback included; absent on aliases written before it existed."""
     expires_at: str | None = Field(default=None, exclude_if=lambda v: v is None)
     """ISO 8601: a signed alias is refused after this (freeze protection)."""
@@ -271,6 +274,13 @@ class Alias(BaseModel):
     @classmethod
     def _name(cls, v: str) -> str:
         return _plain(v, "model name")
+
+    @model_validator(mode="after")
+    def _split_is_another_version(self) -> Alias:
+        for role, split in (("canary", self.canary), ("shadow", self.shadow)):
+            if split is not None and split.version == self.version:
+                raise ValueError(f"its {role} is its target, {self.version}; a {role} is another version")
+        return self
 
     @field_validator("alias")
     @classmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 import getpass
 import logging
 import socket
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from serving.errors import (
 from serving.fileio import hash_file
 from serving.manifest import (
     MANIFEST_NAME,
+    MAX_SEQUENCE,
     SIGNATURE_NAME,
     Alias,
     CanaryTarget,
@@ -185,7 +187,7 @@ class Repository:
             raw, etag = self.store.get(self.alias_key(name, alias))
         except NotFound as exc:
             raise AliasNotFound(f"alias {name}@{alias} not found") from exc
-        return Alias.from_json(raw), raw, etag
+        return _own(Alias.from_json(raw), name, alias), raw, etag
 
     def check_alias(self, name: str, alias: str, etag: str | None) -> AliasCheck:
         """One small request: a conditional GET that returns no body when unchanged."""
@@ -193,7 +195,7 @@ class Repository:
             raw, new_etag = self.store.get_if_changed(self.alias_key(name, alias), etag)
         except NotFound as exc:
             raise AliasNotFound(f"alias {name}@{alias} not found") from exc
-        return AliasCheck(Alias.from_json(raw) if raw is not None else None, new_etag)
+        return AliasCheck(_own(Alias.from_json(raw), name, alias) if raw is not None else None, new_etag)
 
     def resolve(self, ref: ModelRef | str, known: ManifestLookup | None = None) -> Resolved:
         """Resolve ``name@alias`` or ``name:version`` to a version and its manifest.
@@ -315,6 +317,98 @@ class Repository:
         raise StoreConflict(
             f"{name}@{alias}: gave up after {CAS_ATTEMPTS} attempts, other writers kept moving it"
         )
+
+    def repair_alias(
+        self,
+        name: str,
+        alias: str,
+        version: str,
+        *,
+        by: str | None = None,
+        writer: AliasWriter | None = None,
+        expires_at: str | None = None,
+        sequence: int | None = None,
+    ) -> tuple[Alias, str | None]:
+        """Point ``name@alias`` at ``version`` whatever the object there holds, even unreadable bytes.
+
+        ``serving alias set`` refuses to move an alias object it cannot read; this
+        replaces it with a valid one. The old bytes are kept at the returned key
+        (``<name>/repairs/<alias>-<sequence>.json``; None when there was no object).
+        The new sequence is the old one plus one when it can be read, otherwise
+        ``sequence`` or, by default, the current Unix time: above any sequence a
+        replica accepted before, so replicas that refuse replays accept the repair.
+        A compare-and-swap, like every move.
+
+        Raises:
+            VersionNotFound: ``version`` is not published.
+            StoreConflict: other writers kept moving the alias.
+        """
+        check_name(alias, "alias")
+        if sequence is not None and not 0 <= sequence <= MAX_SEQUENCE:
+            raise InvalidRequest(f"--sequence must be between 0 and {MAX_SEQUENCE}")
+        _, raw_manifest = self.manifest(name, version)
+        sha = sha256_bytes(raw_manifest)
+        key = self.alias_key(name, alias)
+        encode = writer or (lambda a: a.to_json())
+        for _ in range(CAS_ATTEMPTS):
+            try:
+                old_raw, etag = self.store.get(key)
+            except NotFound:
+                old_raw, etag = None, None
+            old = _readable_alias(old_raw, name, alias)
+            if old is not None:
+                new = old.moved_to(version, sha, by or whoami(), expires_at).model_copy(
+                    update={"canary": None, "shadow": None}
+                )
+            else:
+                seq = sequence if sequence is not None else int(time.time())
+                new = Alias(
+                    name=name,
+                    alias=alias,
+                    version=version,
+                    manifest_sha256=sha,
+                    updated_by=by or whoami(),
+                    sequence=seq,
+                    expires_at=expires_at,
+                )
+            kept = None
+            if old_raw is not None:
+                kept = f"{name}/repairs/{alias}-{new.seq}.json"
+                self.store.put(kept, old_raw)
+            try:
+                if etag is None:
+                    self.store.put(key, encode(new), if_absent=True)
+                else:
+                    self.store.put(key, encode(new), if_match=etag)
+            except (FileExistsError, StoreConflict):
+                continue
+            return new, kept
+        raise StoreConflict(
+            f"{name}@{alias}: gave up after {CAS_ATTEMPTS} attempts, other writers kept moving it"
+        )
+
+
+def _own(parsed: Alias, name: str, alias: str) -> Alias:
+    """``parsed``, if it is this alias's object: one copied from another model or alias is refused."""
+    if (parsed.name, parsed.alias) != (name, alias):
+        raise InvalidManifest(
+            f"the object at {name}@{alias} describes {parsed.name}@{parsed.alias}; "
+            f"'serving alias repair {name} {alias} --to VERSION' replaces it"
+        )
+    return parsed
+
+
+def _readable_alias(raw: bytes | None, name: str, alias: str) -> Alias | None:
+    """The alias object in ``raw`` if it is valid and names this alias, else None."""
+    if raw is None:
+        return None
+    try:
+        parsed = Alias.from_json(raw)
+    except (InvalidManifest, ValueError):
+        return None
+    if (parsed.name, parsed.alias) != (name, alias) or parsed.seq >= MAX_SEQUENCE:
+        return None
+    return parsed
 
 
 @dataclass

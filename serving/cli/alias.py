@@ -74,6 +74,22 @@ def add_alias(commands: Commands) -> None:
     add_alias_signing(a)
     a = group.add("get", alias_get, "print the version NAME@ALIAS points at")
     add_name_alias(a)
+    a = group.add(
+        "repair",
+        alias_repair,
+        "point NAME@ALIAS at VERSION whatever its object holds, even unreadable bytes (kept aside)",
+    )
+    add_name_alias(a)
+    a.add_argument(
+        "--to", required=True, metavar="VERSION", help="the version the alias points at afterwards"
+    )
+    a.add_argument(
+        "--sequence",
+        type=int,
+        metavar="N",
+        help="for an unreadable object: the new sequence (default: the Unix time, above any earlier one)",
+    )
+    add_alias_signing(a)
     a = group.add("promote", alias_promote, "make NAME@ALIAS's canary its target (history keeps the old one)")
     add_name_alias(a)
     _add_expect(a, "promote only if the canary is VERSION (refused, exit 14, if another writer changed it)")
@@ -105,6 +121,18 @@ def alias_set(ctx: Context, args: argparse.Namespace) -> None:
     alias = _move(ctx, args, SetTarget(args.version))
     was = f" (was {alias.history[-1].version})" if alias.history else ""
     ctx.emit(f"{args.name}@{args.alias} -> {alias.version}{was}", alias.model_dump())
+
+
+def alias_repair(ctx: Context, args: argparse.Namespace) -> None:
+    writer, expires_at = alias_writer(args)
+    alias, kept = ctx.repo.repair_alias(
+        args.name, args.alias, args.to, writer=writer, expires_at=expires_at, sequence=args.sequence
+    )
+    where = f"; the old object is kept at {kept}" if kept else ""
+    ctx.emit(
+        f"{args.name}@{args.alias} -> {alias.version} (repaired, sequence {alias.seq}{where})",
+        alias.model_dump(),
+    )
 
 
 def alias_get(ctx: Context, args: argparse.Namespace) -> None:

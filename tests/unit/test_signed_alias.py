@@ -195,7 +195,7 @@ def test_a_canary_added_without_the_key_is_refused_and_takes_no_traffic(
     assert watcher.split.canary_weight == 0
     assert refused() > before
     assert slot.version == "1"
-    repo.move_alias("m", "prod", SetCanary("3", 50), writer=signed)
+    repo.move_alias("m", "prod", SetCanary("3", 50, replace=True), writer=signed)
     watcher.tick(force=True)
     canary = slot.companion("canary")
     assert canary is not None
