@@ -407,7 +407,7 @@ class LoaderCache:
 
     @staticmethod
     def _file_stat(path: Path) -> list[int]:
-        st = path.stat()
+        st = path.lstat()
         return [st.st_size, st.st_mtime_ns, st.st_ino]
 
     def _write_stamp(self, cached_path: Path, name: str, version: str, msha: str, manifest: Manifest) -> None:
@@ -439,12 +439,19 @@ class LoaderCache:
                 now = self._file_stat(cached.path / entry.path)
             except FileNotFoundError:
                 return report and self._corrupt(cached, entry, "is missing")
+            except OSError as exc:
+                return report and self._corrupt(cached, entry, f"cannot be read ({exc.strerror})")
             if not fresh or recorded.get(entry.path) != now or now[0] != entry.size:
                 doubtful.append(entry)
         if not doubtful:
             return True
         for entry in doubtful:
-            size, digest = hash_file(cached.path / entry.path)
+            # NOTE: any damage, not only a digest mismatch, is evicted and pulled again: an
+            # unreadable file, a symlink (to /dev/zero, read for ever), a special file.
+            try:
+                size, digest = hash_file(cached.path / entry.path, entry.size)
+            except OSError as exc:
+                return report and self._corrupt(cached, entry, f"cannot be read ({exc.strerror})")
             if size != entry.size or digest != entry.sha256:
                 return report and self._corrupt(cached, entry, "changed on disk")
         self._write_stamp(cached.path, cached.name, cached.version, cached.manifest_sha256, cached.manifest)
@@ -473,15 +480,30 @@ class LoaderCache:
         except FileNotFoundError:
             return
         for entry in cached.manifest.files:
-            blob = self.blob_path(entry.sha256)
-            try:
-                if hash_file(blob) != (entry.size, entry.sha256):
-                    blob.unlink()
-            except FileNotFoundError:
-                pass
+            self._drop_if_wrong(self.blob_path(entry.sha256), entry)
         shutil.rmtree(trash, ignore_errors=True)
         self._stamp_path(cached.name, cached.version, cached.manifest_sha256).unlink(missing_ok=True)
         self._drop_unreferenced_blobs()
+
+    def _drop_if_wrong(self, path: Path, entry: FileEntry, *, blob: bool = False, model: str = "") -> bool:
+        """Unlink ``path`` unless it holds ``entry``'s exact bytes (and, with ``blob``, the
+        shared blob it is a link of too); True when it was dropped."""
+        try:
+            if hash_file(path, entry.size) == (entry.size, entry.sha256):
+                return False
+        except FileNotFoundError:
+            return False
+        except OSError:
+            pass
+        log.warning("cached blob %s... of %s is damaged; pulling it again", entry.sha256[:16], entry.path)
+        if model:
+            metrics.CACHE_CORRUPT.inc(model=model)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        if blob:
+            with contextlib.suppress(FileNotFoundError):
+                self.blob_path(entry.sha256).unlink()
+        return True
 
     def repair(self, repo: Repository, resolved: Resolved, progress: ProgressFactory | None = None) -> bool:
         """Re-hash a cached version in full; if any byte changed, evict it and pull it again.
@@ -548,9 +570,16 @@ class LoaderCache:
                     # NOTE: linking first keeps the blob's link count above 1, so a
                     # concurrent eviction never drops a blob this version needs.
                     os.link(fetched.get(entry.sha256) or self.blob_path(entry.sha256), target)
-                    continue
                 except FileNotFoundError:
                     pass
+                else:
+                    # NOTE: a blob another version holds is hashed before this one is stamped
+                    # verified: an ordinary write to it was served wrong under the new version.
+                    if (
+                        entry.sha256 in fetched
+                        or self._drop_if_wrong(target, entry, blob=True, model=name) is False
+                    ):
+                        continue
                 label = f"{name}:{version}/{entry.path}"
                 cb = progress(label, entry.size) if progress else None
                 self._download_blob(repo, prefix + entry.path, entry, label, name, version, target, cb)
@@ -664,9 +693,13 @@ class LoaderCache:
         where = f"{cached.name}:{cached.version}"
         for entry in cached.manifest.files:
             try:
-                size, digest = hash_file(cached.path / entry.path)
+                size, digest = hash_file(cached.path / entry.path, entry.size)
             except FileNotFoundError:
                 raise IntegrityError(f"{where}/{entry.path}: cached file is missing") from None
+            except OSError as exc:
+                raise IntegrityError(
+                    f"{where}/{entry.path}: cached file cannot be read ({exc.strerror})"
+                ) from exc
             if (size, digest) != (entry.size, entry.sha256):
                 raise IntegrityError(f"{where}/{entry.path}: cached bytes changed")
         with _disk_errors(f"record the check of {where}"):

@@ -13,8 +13,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -130,10 +132,28 @@ class _Discard:
         return len(data)
 
 
-def hash_file(path: Path) -> tuple[int, str]:
-    """The size and sha256 (hex) of the file at ``path``, read in chunks."""
+def hash_file(path: Path, expected_size: int | None = None) -> tuple[int, str]:
+    """The size and sha256 (hex) of the regular file at ``path``, read in chunks.
+
+    Only a regular file is read, never through a symlink (a cached link to ``/dev/zero``
+    read for ever). With ``expected_size``, at most one byte more is read: a longer file
+    is reported with that size, which already says it is not the expected one.
+
+    Raises:
+        OSError: the file cannot be opened, is a symlink (``ELOOP``) or is not a regular
+            file (``EINVAL``).
+    """
     writer = HashingWriter(_Discard())
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        left = None if expected_size is None else expected_size + 1
+        while left is None or left > 0:
+            chunk = f.read(_CHUNK if left is None else min(_CHUNK, left))
+            if not chunk:
+                break
             writer.write(chunk)
+            if left is not None:
+                left -= len(chunk)
     return writer.size, writer.hexdigest()
