@@ -543,7 +543,9 @@ def test_a_blob_linked_into_a_new_version_is_hashed_first(s3repo: S3Repo, cache:
     assert (again.path / "w.bin").read_bytes() == shared
 
 
-@pytest.mark.parametrize("damage", ["symlink to /dev/zero", "symlink to another file", "a fifo", "a directory"])
+@pytest.mark.parametrize(
+    "damage", ["symlink to /dev/zero", "symlink to another file", "a fifo", "a directory"]
+)
 def test_a_cached_file_replaced_by_something_else_is_pulled_again_not_read(
     damage: str, s3repo: S3Repo, cache: LoaderCache, tmp_path: Path
 ) -> None:
@@ -572,7 +574,7 @@ def test_a_cached_file_replaced_by_something_else_is_pulled_again_not_read(
     assert not (again.path / "w.bin").is_symlink()
     assert (again.path / "w.bin").read_bytes() == original
     assert _corrupt_count("odd") == before + 1
+    (again.path / "w.bin").unlink()
+    (again.path / "w.bin").symlink_to("/dev/zero")
     with pytest.raises(errors.IntegrityError, match="cannot be read"):
-        (again.path / "w.bin").unlink()
-        (again.path / "w.bin").symlink_to("/dev/zero")
         cache.verify(again)
