@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import httpx
 
 from serving.errors import InvalidRequest, RolloutAborted, ServingError, StoreUnavailable
+from serving.manifest import TensorSpec
 from serving.metrics import LATENCY_BUCKETS
 from serving.repository import (
     Abort,
@@ -288,13 +289,34 @@ class Result:
     version: str
     from_version: str
     outcome: str
-    """``promoted`` or ``aborted``."""
+    """``promoted``, ``aborted``, or ``refused`` (before any traffic: the input schema changed)."""
     steps: list[Step]
     seconds: float
     reason: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "steps": [asdict(s) for s in self.steps]}
+
+
+def schema_change(live: Sequence[TensorSpec], candidate: Sequence[TensorSpec]) -> str:
+    """Why a request the live version accepts could fail on the candidate ('' when none could).
+
+    The inputs must have the same names and datatypes, and each dimension the live version
+    leaves free (-1) must stay free: a fixed size where the live version takes any is a
+    request the candidate refuses. A dimension the live version fixes may become free.
+    """
+    live_by, cand_by = {s.name: s for s in live}, {s.name: s for s in candidate}
+    if set(live_by) != set(cand_by):
+        return f"its inputs are {sorted(cand_by)}, the live version's {sorted(live_by)}"
+    for name, spec in live_by.items():
+        other = cand_by[name]
+        if other.datatype != spec.datatype:
+            return f"input {name!r} is {other.datatype}, the live version's {spec.datatype}"
+        if len(other.shape) != len(spec.shape) or any(
+            c != -1 and c != d for c, d in zip(other.shape, spec.shape, strict=True)
+        ):
+            return f"input {name!r} has shape {other.shape}, the live version's {spec.shape}"
+    return ""
 
 
 def judge_canary(candidate: Window, live: Window, t: Thresholds) -> str:
@@ -394,8 +416,12 @@ class Rollout:
         *,
         shadow_seconds: float = 0.0,
         shadow_fraction: float = 1.0,
+        allow_schema_change: bool = False,
     ) -> Result:
-        """Shadow phase (if ``shadow_seconds``), then each canary weight in ``steps``, then promote.
+        """Schema gate, shadow phase (if ``shadow_seconds``), each canary weight in ``steps``, promote.
+
+        Before any traffic, the candidate's declared inputs are compared with the live
+        version's (:func:`schema_change`); a change is refused unless ``allow_schema_change``.
 
         Raises:
             InvalidRequest: bad steps, or the alias already has a canary/shadow of another version.
@@ -414,6 +440,8 @@ class Rollout:
                     f"'serving alias abort {self.name} {self.alias}' first"
                 )
         live_version = self.live_version = current.version
+        if not allow_schema_change:
+            self._schema_gate(live_version)
         # NOTE: each move of this rollout expects the alias exactly as it last wrote (or read)
         # it: another writer's change of any kind stops the rollout (AliasChanged).
         self._sequence = current.seq
@@ -454,6 +482,21 @@ class Rollout:
             done,
             round(self._clock() - started, 3),
         )
+
+    def _schema_gate(self, live_version: str) -> None:
+        live, _ = self.repo.manifest(self.name, live_version)
+        candidate, _ = self.repo.manifest(self.name, self.version)
+        if not live.inputs or not candidate.inputs:
+            log.info("%s: no declared input schema to compare; the shadow phase judges it", self.name)
+            return
+        why = schema_change(live.inputs, candidate.inputs)
+        if why:
+            reason = (
+                f"{self.name}:{self.version} refused before any traffic: {why}, so requests that "
+                f"{live_version} answers would fail on it (--allow-schema-change to roll it out anyway)"
+            )
+            result = Result(self.name, self.alias, self.version, live_version, "refused", [], 0.0, reason)
+            raise RolloutAborted(reason, result)
 
     def _move(self, move: AliasMove) -> None:
         if self._sequence is not None:

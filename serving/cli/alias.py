@@ -206,7 +206,13 @@ def add_rollout(commands: Commands) -> None:
     p.add_argument(
         "--shadow-seconds",
         type=float,
-        help="first mirror traffic to VERSION this long and check --max-disagreement (0: no shadow phase)",
+        help="first mirror traffic to VERSION this long and check --max-disagreement, no client exposed "
+        "(default: --step-seconds; 0: no shadow phase)",
+    )
+    p.add_argument(
+        "--allow-schema-change",
+        action="store_true",
+        help="roll out a version whose declared inputs differ from the live one's (refused without it)",
     )
     p.add_argument("--shadow-fraction", type=fraction, help="share mirrored in the shadow phase")
     p.add_argument(
@@ -286,10 +292,14 @@ def rollout(ctx: Context, args: argparse.Namespace) -> None:
         **_given(args, converge_timeout_s="converge_timeout"),
     )
     try:
+        # NOTE: safe by default: a shadow phase first (no client exposed), then the canary.
+        shadow_seconds = args.step_seconds if args.shadow_seconds is None else args.shadow_seconds
         result = job.run(
             args.steps or DEFAULT_STEPS,
             args.step_seconds,
-            **_given(args, shadow_seconds="shadow_seconds", shadow_fraction="shadow_fraction"),
+            shadow_seconds=shadow_seconds,
+            allow_schema_change=args.allow_schema_change,
+            **_given(args, shadow_fraction="shadow_fraction"),
         )
     except RolloutAborted as exc:
         if ctx.as_json and exc.result is not None:

@@ -113,3 +113,19 @@ def test_promote_and_abort_refuse_a_canary_they_did_not_expect(repo: Repository)
         repo.move_alias("m", "production", Promote(expected="3", live="7"))
     assert repo.get_alias("m", "production").seq == before  # nothing was written
     assert repo.move_alias("m", "production", Promote(expected="3", live="1")).version == "3"
+
+
+def test_schema_change_lets_through_only_what_every_live_request_still_fits() -> None:
+    from serving.manifest import TensorSpec
+    from serving.rollout import schema_change
+
+    def spec(shape: list[int], name: str = "x", datatype: str = "FP64") -> list[TensorSpec]:
+        return [TensorSpec(name=name, datatype=datatype, shape=shape)]
+
+    assert schema_change(spec([-1, 4]), spec([-1, 4])) == ""
+    assert schema_change(spec([-1, 4]), spec([-1, -1])) == ""  # more general is fine
+    assert "shape [-1, 5]" in schema_change(spec([-1, 4]), spec([-1, 5]))
+    assert "shape [-1, 4]" in schema_change(spec([-1, -1]), spec([-1, 4]))  # narrower is not
+    assert "shape [-1, 4, 1]" in schema_change(spec([-1, 4]), spec([-1, 4, 1]))
+    assert "FP32" in schema_change(spec([-1, 4]), spec([-1, 4], datatype="FP32"))
+    assert "inputs are ['y']" in schema_change(spec([-1, 4]), spec([-1, 4], name="y"))

@@ -315,7 +315,9 @@ def test_rollout_promotes_a_healthy_version_through_every_step(delivery: Deliver
     assert done.returncode == 0, done.stderr
     lines = [orjson.loads(line) for line in done.stdout.splitlines()]
     steps = [line["step"] for line in lines if "step" in line]
+    # NOTE: safe by default: a shadow phase (no client exposed) before the canary steps.
     assert [(s["phase"], s["share"], s["ok"]) for s in steps] == [
+        ("shadow", 1.0, True),
         ("canary", 20, True),
         ("canary", 50, True),
         ("canary", 100, True),
@@ -327,24 +329,42 @@ def test_rollout_promotes_a_healthy_version_through_every_step(delivery: Deliver
     print(f"[{d.transport}] healthy rollout, 3 steps of 1 s: {took:.1f}s")
 
 
-def test_rollout_aborts_a_version_whose_input_schema_changed_and_leaves_the_alias(delivery: Delivery) -> None:
+def test_a_version_whose_input_schema_changed_is_refused_before_any_traffic(delivery: Delivery) -> None:
+    """5 features against 4: the schema gate refuses it before the alias is touched, so no
+    client request ever reaches it (116 of 624 failed while it took its canary share)."""
+    d = delivery
+    before = d.repo.get_alias("bad", "production")
+    with Traffic(d.base, "bad") as traffic:
+        done = rollout(d, "bad")
+        seen = len(traffic.replies)
+        wait_for(lambda: len(traffic.replies) > seen + 5, what="traffic after the refusal")
+    assert done.returncode == 12, (done.stdout, done.stderr)
+    assert "refused before any traffic: input 'input-0' has shape [-1, 5], the live version's [-1, 4]" in (
+        done.stderr
+    )
+    assert "--allow-schema-change" in done.stderr
+    assert d.repo.get_alias("bad", "production").seq == before.seq  # never moved
+    assert traffic.failures() == []
+
+
+def test_a_schema_change_let_through_is_caught_in_shadow_with_no_failed_request(delivery: Delivery) -> None:
+    """With --allow-schema-change the shadow phase comes first: every mirrored request fails
+    on the candidate, the rollout aborts there, and no client ever got an error."""
     d = delivery
     with Traffic(d.base, "bad") as traffic:
         started = time.monotonic()
-        done = rollout(d, "bad")
+        done = rollout(d, "bad", "--allow-schema-change")
         took = time.monotonic() - started
         with httpx.Client(timeout=20) as client:
-            wait_for(lambda: dropped(client, d, "bad"), what="the canary to be dropped")
-            after = time.monotonic()
-        wait_for(lambda: any(t > after for t, _, _ in traffic.replies), what="traffic after the abort")
+            wait_for(lambda: dropped(client, d, "bad"), what="the shadow to be dropped")
+        seen = len(traffic.replies)
+        wait_for(lambda: len(traffic.replies) > seen + 5, what="traffic after the abort")
     assert done.returncode == 12, (done.stdout, done.stderr)
-    assert "aborted" in done.stderr
     assert "bad@production stays on 1" in done.stderr
-    assert "canary error ratio 100.0%" in done.stderr
+    assert "shadow error ratio 100.0%" in done.stderr
     assert done.stdout.count("ABORT") == 1
     alias = d.repo.get_alias("bad", "production")
     assert (alias.version, alias.canary, alias.shadow) == ("1", None, None)
-    # NOTE: the canary's share failed (that is how it was caught); live never did, nor anything after.
+    assert traffic.failures() == []
     assert {v for _, s, v in traffic.replies if s == 200} == {"1"}
-    assert all(t < after for t, _, _ in traffic.failures())
-    print(f"[{d.transport}] bad rollout aborted in {took:.1f}s")
+    print(f"[{d.transport}] schema change aborted in shadow in {took:.1f}s, 0 failed requests")
