@@ -121,16 +121,25 @@ class LocalStore(ObjectStore):
             raise StoreError(f"cannot upload {key} to {self.uri}: {exc.strerror}") from exc
 
     def download(self, key: str, sink: Sink, progress: Progress | None = None) -> None:
+        """Copy ``key`` into ``sink``. Only reading the store is a StoreError: the sink's own
+        errors (the cache's disk full) pass through as they are, so they are named as such."""
         try:
-            with open(self._path(key), "rb") as src:
-                while chunk := src.read(_CHUNK):
-                    sink.write(chunk)
-                    if progress:
-                        progress(len(chunk))
+            src = open(self._path(key), "rb")  # noqa: SIM115 -- NOTE: closed below; errors split by side
         except FileNotFoundError as exc:
             raise NotFound(f"{key} not found in {self.uri}") from exc
         except OSError as exc:
             raise StoreError(f"cannot read {key} from {self.uri}: {exc.strerror}") from exc
+        with src:
+            while True:
+                try:
+                    chunk = src.read(_CHUNK)
+                except OSError as exc:
+                    raise StoreError(f"cannot read {key} from {self.uri}: {exc.strerror}") from exc
+                if not chunk:
+                    return
+                sink.write(chunk)
+                if progress:
+                    progress(len(chunk))
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -354,3 +354,20 @@ def test_unreadable_or_unsafe_stored_manifest_is_invalid(repo: Repository, body:
     repo.store.put("iris/versions/1/manifest.json", body)
     with pytest.raises(errors.InvalidManifest):
         repo.resolve("iris:1")
+
+
+class _FullDisk:
+    """A sink on a full disk: every write fails as a cache file's would."""
+
+    def write(self, data: bytes) -> int:
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_sink_is_not_reported_as_the_store_failing(store: ObjectStore) -> None:
+    """A full cache disk under a local (or S3) store used to read 'cannot read from store', exit 9."""
+    store.put("m/full.bin", b"x" * 1024)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        store.download("m/full.bin", _FullDisk())  # type: ignore[arg-type]
+    assert not isinstance(info.value, errors.StoreError)
