@@ -272,8 +272,8 @@ class LoaderCache:
         """The exact manifest bytes of a complete cached version, if their digest matches."""
         try:
             raw = (self.version_dir(name, version, manifest_sha256) / MANIFEST_NAME).read_bytes()
-        except FileNotFoundError:
-            return None
+        except OSError:
+            return None  # NOTE: missing, unreadable or not a file: damaged, pulled again
         return raw if sha256_bytes(raw) == manifest_sha256 else None
 
     def remember_alias(
@@ -359,8 +359,13 @@ class LoaderCache:
 
     def _any_cached(self, name: str, version: str) -> CachedVersion | None:
         for path in sorted((self.root / "versions" / name).glob(f"{version}-*")):
-            raw = (path / MANIFEST_NAME).read_bytes()
-            return self.get(name, version, sha256_bytes(raw))
+            try:
+                raw = (path / MANIFEST_NAME).read_bytes()
+            except OSError:
+                continue  # NOTE: a damaged copy is not one to serve
+            found = self.get(name, version, sha256_bytes(raw))
+            if found is not None and path == found.path:
+                return found
         return None
 
     # -- fetch -------------------------------------------------------------------
@@ -485,6 +490,23 @@ class LoaderCache:
         self._stamp_path(cached.name, cached.version, cached.manifest_sha256).unlink(missing_ok=True)
         self._drop_unreferenced_blobs()
 
+    def _clear_damaged(self, final: Path, name: str, version: str) -> None:
+        """Move aside what sits where a version is about to go: with the pull lock held, a
+        directory there is one whose manifest changed or went missing (``get`` found no valid
+        version), and left in place it made the rename fail on every pull, for good."""
+        if not os.path.lexists(final):
+            return
+        log.warning(
+            "cached %s:%s is damaged (its manifest changed or is missing); pulling it again", name, version
+        )
+        metrics.CACHE_CORRUPT.inc(model=name)
+        trash = self._tmp(".evict")
+        os.rename(final, trash)
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink(missing_ok=True)
+
     def _drop_if_wrong(self, path: Path, entry: FileEntry, *, blob: bool = False, model: str = "") -> bool:
         """Unlink ``path`` unless it holds ``entry``'s exact bytes (and, with ``blob``, the
         shared blob it is a link of too); True when it was dropped."""
@@ -594,6 +616,7 @@ class LoaderCache:
                 f.write(resolved.manifest_raw)
             final = self.version_dir(name, version, resolved.manifest_sha256)
             final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._clear_damaged(final, name, version)
             os.rename(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

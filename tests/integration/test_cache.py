@@ -22,6 +22,7 @@ import pytest
 
 from serving import errors
 from serving.cache import LoaderCache
+from serving.manifest import MANIFEST_NAME
 from serving.repository import Repository, SetTarget
 from serving.settings import Settings
 from serving.store.factory import open_store
@@ -578,3 +579,29 @@ def test_a_cached_file_replaced_by_something_else_is_pulled_again_not_read(
     (again.path / "w.bin").symlink_to("/dev/zero")
     with pytest.raises(errors.IntegrityError, match="cannot be read"):
         cache.verify(again)
+
+
+@pytest.mark.parametrize("damage", ["a byte appended", "deleted", "a directory in its place"])
+def test_a_changed_cached_manifest_is_pulled_again_not_unloadable_for_good(
+    damage: str, s3repo: S3Repo, cache: LoaderCache
+) -> None:
+    """A changed cached manifest.json left the version's folder in the way of every new pull."""
+    original = os.urandom(10 * KiB)
+    s3repo.publish("man", "1", {"w.bin": original})
+    resolved = s3repo.repo.resolve("man:1")
+    cached = cache.fetch(s3repo.repo, resolved)
+    manifest = cached.path / MANIFEST_NAME
+    if damage == "a byte appended":
+        manifest.write_bytes(manifest.read_bytes() + b" ")
+    elif damage == "deleted":
+        manifest.unlink()
+    else:
+        manifest.unlink()
+        manifest.mkdir()
+    before = _corrupt_count("man")
+    again = cache.fetch(s3repo.repo, resolved)
+    assert not again.hit
+    assert (again.path / "w.bin").read_bytes() == original
+    assert (again.path / MANIFEST_NAME).read_bytes() == resolved.manifest_raw
+    assert _corrupt_count("man") == before + 1
+    assert cache.fetch(s3repo.repo, resolved).hit
