@@ -97,6 +97,8 @@ class AliasCheck:
 
     alias: Alias | None
     etag: str
+    raw: bytes | None = None
+    """The object's exact bytes, when it changed."""
 
 
 def collect_files(root: Path) -> list[tuple[str, Path]]:
@@ -195,7 +197,8 @@ class Repository:
             raw, new_etag = self.store.get_if_changed(self.alias_key(name, alias), etag)
         except NotFound as exc:
             raise AliasNotFound(f"alias {name}@{alias} not found") from exc
-        return AliasCheck(_own(Alias.from_json(raw), name, alias) if raw is not None else None, new_etag)
+        parsed = _own(Alias.from_json(raw), name, alias) if raw is not None else None
+        return AliasCheck(parsed, new_etag, raw)
 
     def resolve(self, ref: ModelRef | str, known: ManifestLookup | None = None) -> Resolved:
         """Resolve ``name@alias`` or ``name:version`` to a version and its manifest.

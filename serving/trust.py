@@ -181,9 +181,9 @@ def check_alias(
     ``sequence`` must not go below the last one this node accepted (remembered
     under ``cache_root``, so a restart cannot be rolled back either); the same
     sequence is accepted only for the same target. An alias resolved from the
-    cache's memory because the store is down is checked the same way, on the
-    object as this node accepted it: an expired one is refused offline too, and
-    one remembered without its object is refused. (The last good version a
+    cache's memory because the store is down is checked for its signature and
+    expiry, on the newest object this node saw for that target: an expired one is
+    refused offline too, and one remembered without its object is refused. (The last good version a
     replica falls back to when a new target fails carries no alias object: it
     passed these checks when it was the target.)
 
@@ -220,7 +220,9 @@ def check_alias(
                 f"{where}: the signed alias expired at {target.expires_at}; the publisher must re-sign it "
                 "(a store that stops updating must not freeze replicas on an old target)",
             )
-    if cache_root is None:
+    if cache_root is None or resolved.offline:
+        # NOTE: offline the object comes from this node's own memory, not the store: there is
+        # nothing to replay, and the sequence it accepted since (a canary step) may be newer.
         return
     last = _last_accepted(cache_root, name, alias)
     if last is not None:

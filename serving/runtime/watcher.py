@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from serving import metrics
 from serving.errors import AliasNotFound, IntegrityError, ServingError, StoreError
-from serving.manifest import CanaryTarget, ShadowTarget, sha256_bytes
+from serving.manifest import Alias, CanaryTarget, ShadowTarget, sha256_bytes
 from serving.repository import Resolved
 from serving.runtime.slot import ModelSlot
 
@@ -199,6 +199,7 @@ class AliasWatcher:
             metrics.ALIAS_CHECKS.inc(model=name, outcome="unchanged")
             return
         metrics.ALIAS_CHECKS.inc(model=name, outcome="changed")
+        self._remember_same_target(check.alias, check.raw)
         self._target = _Target(check.alias.version, check.alias.manifest_sha256)
         self._canary, self._shadow = check.alias.canary, check.alias.shadow
         # NOTE: `serving rollback` pops the alias history; a plain move appends to it.
@@ -206,6 +207,16 @@ class AliasWatcher:
         shrank = self._history_len is not None and history < self._history_len
         self._reason = "rollback" if shrank else "alias moved"
         self._history_len = history
+
+    def _remember_same_target(self, alias: Alias, raw: bytes | None) -> None:
+        """A new object for the target this node already remembers (a canary step, an abort, a
+        re-sign that extends ``expires_at``) replaces the remembered object, so an offline
+        restart checks the newest one this node saw (its signature is checked then)."""
+        mem = self.slot.cache.remembered_alias(self.slot.name, self.alias)
+        if raw is None or mem is None:
+            return
+        if (mem.version, mem.manifest_sha256) == (alias.version, alias.manifest_sha256):
+            self.slot.cache.remember_alias(self.slot.name, self.alias, mem.version, mem.manifest_sha256, raw)
 
     def _try_swap(self, target: _Target, now: float) -> None:
         name = self.slot.name

@@ -13,7 +13,7 @@ from serving.cache import CachedVersion, LoaderCache
 from serving.errors import UntrustedArtifact
 from serving.formats.base import LoadPolicy, Predictor
 from serving.manifest import Alias, Manifest, TensorSpec
-from serving.repository import Repository, Rollback, SetCanary, SetTarget, collect_files, file_entries
+from serving.repository import Abort, Repository, Rollback, SetCanary, SetTarget, collect_files, file_entries
 from serving.runtime.slot import ModelSlot
 from serving.runtime.watcher import AliasWatcher
 from serving.settings import Settings
@@ -260,3 +260,36 @@ def test_offline_a_target_remembered_without_its_alias_object_is_refused(
     offline, _ = cache.resolve(online, "m@prod")
     with pytest.raises(UntrustedArtifact, match="remembers no signed alias object"):
         check_alias(offline, settings, cache_root=cache.root)
+
+
+def test_offline_restart_after_a_canary_step_serves_the_remembered_target(
+    repo: Repository, settings: Settings, key: SigningKey, tmp_path: Path
+) -> None:
+    """A canary step and its abort move the alias's sequence without moving its target: the node
+    remembers the newest object it saw, so an offline restart is not refused as a replay."""
+    signed = alias_signer(key)
+    store = Outage(str(tmp_path / "store"))
+    online = Repository(store)
+    online.move_alias("m", "prod", SetTarget("1"), writer=signed)
+    cache = LoaderCache(tmp_path / "cache")
+
+    def replica() -> tuple[ModelSlot, AliasWatcher]:
+        def trust(r: Repository, resolved: object) -> LoadPolicy:
+            return check_trust(r, resolved, settings, cache_root=cache.root).policy  # type: ignore[arg-type]
+
+        slot = ModelSlot("m", online, cache, loader=echo_loader, trust_check=trust, warmup=False)
+        return slot, AliasWatcher(slot, "prod", clock=lambda: 0.0)
+
+    slot, watcher = replica()
+    watcher.start()
+    online.move_alias("m", "prod", SetCanary("2", 10), writer=signed)
+    watcher.tick(force=True)
+    assert slot.companion("canary") is not None
+    online.move_alias("m", "prod", Abort(), writer=signed)
+    watcher.tick(force=True)
+    slot.close()
+    store.down = True
+    again, watcher = replica()
+    watcher.start()
+    assert again.version == "1"
+    again.close()
