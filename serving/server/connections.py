@@ -11,7 +11,8 @@ uvicorn's own httptools protocol with two limits (issue 21):
   closed. Between requests, uvicorn's keep-alive timeout
   (``SERVING_HTTP_KEEP_ALIVE_S``) applies.
 - **a connection limit that evicts the idle.** Past
-  ``SERVING_HTTP_MAX_CONNECTIONS``, a new connection closes the connection that
+  ``SERVING_HTTP_MAX_CONNECTIONS`` (lowered to what the process's open-file
+  limit holds, which is raised to its hard limit), a new connection closes the connection that
   has waited longest without a request in progress; only when every connection
   is busy is the new one closed instead. So idle connections can never lock a
   real client out: it waits for no timeout.
@@ -23,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -53,8 +55,29 @@ class ConnectionLimits:
 def limits() -> ConnectionLimits:
     settings = get_settings()
     return ConnectionLimits(
-        settings.http_header_timeout_s, settings.http_keep_alive_s, settings.http_max_connections
+        settings.http_header_timeout_s,
+        settings.http_keep_alive_s,
+        min(settings.http_max_connections, descriptor_room()),
     )
+
+
+_RESERVED_FILES = 256
+"""Descriptors kept for everything but client connections (models, workers, logs, the store)."""
+
+
+def descriptor_room() -> int:
+    """How many connections this process can hold: its open-file limit (raised to the hard
+    limit first) less a reserve. Past it accept() fails before eviction could make room."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(16, soft - _RESERVED_FILES)
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -79,7 +102,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._header_timer is None and self.idle_since is not None:
+        if self._header_timer is None and self.idle_since is not None and self._between_requests():
             # NOTE: the first byte of a request on a kept-alive connection starts its deadline.
             self._arm_header_deadline()
         super().data_received(data)
@@ -91,10 +114,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.pipeline:
+        # NOTE: after super(), which may have started the next pipelined request: idle only
+        # when no request is in progress (a busy connection is never evicted or timed out).
+        if self.cycle is None or self.cycle.response_complete:
+            self._disarm_header_deadline()
             self.idle_since = time.monotonic()
 
     # -- limits ------------------------------------------------------------------------------
+
+    def _between_requests(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
 
     def _arm_header_deadline(self) -> None:
         self._disarm_header_deadline()
@@ -121,7 +150,5 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if idle:
             min(idle, key=lambda c: c.idle_since or 0.0).transport.close()
             return
-        log.warning(
-            "every one of %d connections has a request in progress; closing a new one", len(self.connections)
-        )
+        log.warning("all %d connections have a request in progress; closing a new one", len(self.connections))
         self.transport.close()
