@@ -501,7 +501,10 @@ class LoaderCache:
         )
         metrics.CACHE_CORRUPT.inc(model=name)
         trash = self._tmp(".evict")
-        os.rename(final, trash)
+        try:
+            os.rename(final, trash)
+        except FileNotFoundError:
+            return  # NOTE: eviction (under its own lock) took it away first
         if trash.is_dir() and not trash.is_symlink():
             shutil.rmtree(trash, ignore_errors=True)
         else:

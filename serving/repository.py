@@ -12,6 +12,7 @@ readers never see a half-written version. Moving an alias is one object write,
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import socket
 import time
@@ -337,9 +338,11 @@ class Repository:
         ``serving alias set`` refuses to move an alias object it cannot read; this
         replaces it with a valid one. The old bytes are kept at the returned key
         (``<name>/repairs/<alias>-<sequence>.json``; None when there was no object).
-        The new sequence is the old one plus one when it can be read, otherwise
-        ``sequence`` or, by default, the current Unix time: above any sequence a
-        replica accepted before, so replicas that refuse replays accept the repair.
+        The new sequence is the old one plus one when it can be read, otherwise one
+        more than the largest of any sequence the bytes still show and ``sequence``
+        (by default the current Unix time): above any sequence a replica accepted
+        before, so replicas that refuse replays accept the repair. One that would
+        pass ``MAX_SEQUENCE`` is refused (InvalidRequest).
         A compare-and-swap, like every move.
 
         Raises:
@@ -359,12 +362,25 @@ class Repository:
             except NotFound:
                 old_raw, etag = None, None
             old = _readable_alias(old_raw, name, alias)
+            # NOTE: never below a sequence the old bytes carry, readable or not: a replica that
+            # accepted it would refuse anything lower as a replay.
+            if old is not None:
+                seq = old.seq + 1
+            else:
+                seq = (
+                    max(_lenient_sequence(old_raw), sequence if sequence is not None else int(time.time()))
+                    + 1
+                )
+            if seq > MAX_SEQUENCE:
+                raise InvalidRequest(
+                    f"{name}@{alias}: its sequence would pass {MAX_SEQUENCE}, the largest a reader accepts; "
+                    "replicas that remember it cannot accept another move"
+                )
             if old is not None:
                 new = old.moved_to(version, sha, by or whoami(), expires_at).model_copy(
                     update={"canary": None, "shadow": None}
                 )
             else:
-                seq = sequence if sequence is not None else int(time.time())
                 new = Alias(
                     name=name,
                     alias=alias,
@@ -401,6 +417,17 @@ def _own(parsed: Alias, name: str, alias: str) -> Alias:
     return parsed
 
 
+def _lenient_sequence(raw: bytes | None) -> int:
+    """The ``sequence`` in ``raw`` if any reader could see one there (0 otherwise)."""
+    try:
+        doc = json.loads(raw or b"")
+    except (ValueError, RecursionError):
+        return 0
+    seq = doc.get("sequence") if isinstance(doc, dict) else None
+    # NOTE: one past MAX_SEQUENCE no reader accepted, so no replica remembers it.
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 < seq <= MAX_SEQUENCE else 0
+
+
 def _readable_alias(raw: bytes | None, name: str, alias: str) -> Alias | None:
     """The alias object in ``raw`` if it is valid and names this alias, else None."""
     if raw is None:
@@ -409,7 +436,7 @@ def _readable_alias(raw: bytes | None, name: str, alias: str) -> Alias | None:
         parsed = Alias.from_json(raw)
     except (InvalidManifest, ValueError):
         return None
-    if (parsed.name, parsed.alias) != (name, alias) or parsed.seq >= MAX_SEQUENCE:
+    if (parsed.name, parsed.alias) != (name, alias):
         return None
     return parsed
 
@@ -610,6 +637,30 @@ class Abort(AliasMove):
                 if split is not None:
                     _split_conflict(change, role, split.version, self.expected, current)
         return current.with_split(change.by, canary=None, shadow=None, expires_at=change.expires_at)
+
+
+@dataclass(frozen=True)
+class Withdraw(AliasMove):
+    """Take ``version`` out of the alias's canary and shadow, leaving any other version's there.
+
+    A rollout's cleanup: whatever else changed, its own unjudged version stops taking traffic,
+    and another writer's canary or shadow stays theirs. Refused (InvalidRequest) when
+    ``version`` is in neither role, so nothing is written.
+    """
+
+    version: str
+
+    def apply(self, current: Alias | None, change: AliasChange) -> Alias:
+        current = change.existing(current)
+        canary = (
+            None if current.canary is not None and current.canary.version == self.version else current.canary
+        )
+        shadow = (
+            None if current.shadow is not None and current.shadow.version == self.version else current.shadow
+        )
+        if (canary, shadow) == (current.canary, current.shadow):
+            raise InvalidRequest(f"{change.name}@{change.alias} has no canary or shadow {self.version}")
+        return current.with_split(change.by, canary=canary, shadow=shadow, expires_at=change.expires_at)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from serving.repository import (
     Repository,
     SetCanary,
     SetShadow,
+    Withdraw,
 )
 from serving.runtime.traffic import quantile
 
@@ -513,11 +514,21 @@ class Rollout:
 
     def _abort_quietly(self) -> None:
         # NOTE: the original error is what the caller must see, not a failure to clean up.
-        # NOTE: and only its own canary or shadow: another writer's is theirs (AliasChanged).
+        # NOTE: whatever else changed (another writer, a write whose answer was lost), this
+        # rollout's own version stops taking traffic; another writer's canary or shadow stays.
         with contextlib.suppress(ServingError):
             current = self.repo.get_alias(self.name, self.alias)
-            if current.canary is not None or current.shadow is not None:
-                self._move(Abort(expected=self.version))
+            mine = [
+                s for s in (current.canary, current.shadow) if s is not None and s.version == self.version
+            ]
+            if mine:
+                self.repo.move_alias(
+                    self.name,
+                    self.alias,
+                    Withdraw(self.version),
+                    writer=self._writer,
+                    expires_at=self._expires_at,
+                )
 
     def _wait_applied(self, role: str, share: float) -> None:
         deadline = self._clock() + self._converge_timeout_s

@@ -13,8 +13,8 @@ model in the process) all pass it. This module admits exact names instead:
   unless the version is signed by a trusted key and the operator opted the
   model in (``LoadPolicy.allow_unrestricted``);
 - layers whose arguments set what each request costs (``RepeatVector(n)``,
-  ``UpSampling2D(size)``, ``ZeroPadding2D(padding)``, ``Resizing``) are bounded
-  by :data:`MAX_REPEAT`;
+  ``UpSampling2D(size)``, ``ZeroPadding2D(padding)``, ``Resizing``) are bounded,
+  one layer by :data:`MAX_REPEAT` and the model's product by :data:`MAX_REPEATS`;
 - ``model.weights.h5`` may hold only plain numeric datasets stored in full in
   the file: no dataset declared larger than the bytes it stores (HDF5 reads
   the missing part back as its fill value, so 20 KB could declare 1.7 GB), no
@@ -43,7 +43,15 @@ from serving.errors import LoadError, UntrustedArtifact
 from ._common import check_zip_expansion
 from .base import LoadPolicy
 
-__all__ = ["FUNCTIONS", "MAX_IMAGE", "MAX_REPEAT", "MAX_WIDTH", "OBJECTS", "check_keras_archive"]
+__all__ = [
+    "FUNCTIONS",
+    "MAX_IMAGE",
+    "MAX_REPEAT",
+    "MAX_REPEATS",
+    "MAX_WIDTH",
+    "OBJECTS",
+    "check_keras_archive",
+]
 
 _LAYERS = [
     "InputLayer",
@@ -222,8 +230,10 @@ _INTERNAL = frozenset(
 """Keras's own value encodings: a tensor reference, a tuple, a literal array."""
 
 MAX_REPEAT = 4096
-"""How much all the model's repeating layers together (``RepeatVector``, ``UpSampling*``) may
-multiply each request: the product over every such layer, not each one alone."""
+"""How much one repeating layer (``RepeatVector``, ``UpSampling*``) may multiply each request."""
+MAX_REPEATS = 1 << 18
+"""How much all of them together may: the product over the model (a 7-level U-Net's decoder
+is 4**7 = 16,384; chaining layers each under :data:`MAX_REPEAT` is not a way around it)."""
 MAX_WIDTH = 1 << 20
 """The widest output a layer may be configured to (one-hot and count encodings, hashing
 bins, sequence lengths), and the most a padding may add."""
@@ -357,8 +367,10 @@ def _check_config(config: Any, source: str) -> None:
             pixels = math.prod(max(_numbers(layer.get(a)), default=1.0) for a in (height, width))
             _bound(pixels, MAX_IMAGE, f"{where}.config.{height} x {width}", source)
         for argument in _REPEATS.get(class_name, ()):
-            repeats *= math.prod(max(abs(n), 1.0) for n in _numbers(layer.get(argument)))
-            _bound(repeats, MAX_REPEAT, f"{where}.config.{argument} (times the repeats before it)", source)
+            factor = math.prod(max(abs(n), 1.0) for n in _numbers(layer.get(argument)))
+            _bound(factor, MAX_REPEAT, f"{where}.config.{argument}", source)
+            repeats *= factor
+            _bound(repeats, MAX_REPEATS, f"{where}.config.{argument} (times the repeats before it)", source)
 
 
 def _bound(value: float, limit: float, where: str, source: str) -> None:
@@ -384,12 +396,24 @@ def _check_value(obj: dict[str, Any], where: str, source: str) -> None:
         )
 
 
+_RECORDS_TRAINING = frozenset(
+    {"Resizing", "CenterCrop"} | {name for name in _LAYERS if name.startswith("Random")}
+)
+"""Layers whose call signature defaults to ``training=True``, which Keras records in every
+functional model that uses them; the server calls the model with ``training=False``, which
+wins, so for them a recorded ``True`` (a plain boolean) is admitted."""
+
+
 def _check_calls(layer: dict[str, Any], where: str, source: str) -> None:
     """No layer may be called with ``training`` on: Dropout and augmentation would then change
     every answer at inference."""
+    admitted: tuple[object, ...] = (None, False)
+    if layer.get("class_name") in _RECORDS_TRAINING:
+        admitted = (None, False, True)
     for i, node in enumerate(layer.get("inbound_nodes") or []):
         kwargs = node.get("kwargs") if isinstance(node, dict) else None
-        if isinstance(kwargs, dict) and kwargs.get("training") not in (None, False):
+        training = kwargs.get("training") if isinstance(kwargs, dict) else None
+        if isinstance(kwargs, dict) and not any(training is a for a in admitted):
             raise UntrustedArtifact(
                 f"{source}: {where}.inbound_nodes[{i}] calls the layer with training={kwargs['training']!r}; "
                 "a served model runs in inference mode"

@@ -189,7 +189,7 @@ class ModuleClass:
             )
 
 
-MAX_WINDOW = 1024
+MAX_WINDOW = 4096
 """The most a built-in layer's window or scale may multiply each request's work or size by."""
 MAX_OUTPUT_ELEMENTS = 1 << 24
 """The largest fixed output size (``output_size``, ``size``) a built-in layer may ask for."""
@@ -237,10 +237,11 @@ def check_module_cost(module: Any, where: str) -> None:
 
 
 def _spatial_dims(class_name: str) -> int:
-    """1, 2 or 3 from a layer's name (``Conv2d``, ``MaxPool3d``); 3 when the name does not say."""
+    """1, 2 or 3 from a layer's name (``Conv2d``, ``MaxPool3d``); 2 when the name does not say."""
     if class_name[-2:-1].isdigit() and class_name.endswith("d"):
         return int(class_name[-2])
-    return 2 if class_name in ("PixelShuffle", "PixelUnshuffle") else 3
+    # NOTE: Upsample and the like do not say; images (2) are what they are used on.
+    return 2
 
 
 def _numbers(value: Any) -> list[float]:

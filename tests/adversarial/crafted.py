@@ -382,9 +382,9 @@ def torch_weightless_pool(work: Path) -> Case:
 
 
 def torch_weightless_upsample(work: Path) -> Case:
-    """A case of our own: no window at all, ``Upsample(scale_factor=64)`` makes each request's
-    image 4,096 times larger (a volume's 262,144 times)."""
-    return _weightless(work, "upsample", "torch.nn:Upsample", {"scale_factor": 64})
+    """A case of our own: no window at all, ``Upsample(scale_factor=128)`` makes each request's
+    image 16,384 times larger."""
+    return _weightless(work, "upsample", "torch.nn:Upsample", {"scale_factor": 128})
 
 
 def keras_category_encoding_bomb(work: Path) -> Case:

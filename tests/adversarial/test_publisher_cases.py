@@ -46,11 +46,11 @@ CASES: dict[str, tuple[Callable[[Path], crafted.Case], str]] = {
     "torch weights that overlap themselves (own)": (crafted.torch_overlapping_weights, "overlaps itself"),
     "torch MaxPool1d(kernel_size=10**6) with no weights": (
         crafted.torch_weightless_pool,
-        r"\(MaxPool1d\) has kernel_size=1000000, over the limit of 1024",
+        r"\(MaxPool1d\) has kernel_size=1000000, over the limit of 4096",
     ),
-    "torch Upsample(scale_factor=64) with no weights (own)": (
+    "torch Upsample(scale_factor=128) with no weights (own)": (
         crafted.torch_weightless_upsample,
-        r"scale_factor=64.0, over the limit",
+        r"scale_factor=128.0, over the limit",
     ),
     "Keras Lambda over keras.ops.zeros": (crafted.keras_lambda_zeros, "is keras.layers.Lambda"),
     "Keras weights declared at full shape, nothing stored": (crafted.keras_zero_fill_weights, "but stores 0"),

@@ -100,3 +100,20 @@ def test_a_readable_alias_is_repaired_as_a_move_with_its_history(store: LocalSto
 def test_readers_refuse_what_writers_must_not_write(case: str) -> None:
     with pytest.raises(InvalidManifest):
         Alias.from_json(CORRUPTED[case])
+
+
+@pytest.mark.parametrize("old", [2**40, 2**53 - 2])
+def test_repair_never_lowers_a_sequence_the_old_bytes_show(store: LocalStore, old: int) -> None:
+    """Found in review: an unreadable object carrying a sequence above the clock was repaired
+    to the Unix time, which replicas that accepted the old one refuse as a replay."""
+    store.put(Repository.alias_key("m", "prod"), _valid(sequence=old, manifest_sha256="zz"))
+    repaired, _ = Repository(store).repair_alias("m", "prod", "1")
+    assert repaired.seq == old + 1
+
+
+def test_repair_refuses_to_pass_the_largest_sequence(store: LocalStore) -> None:
+    from serving.errors import InvalidRequest
+
+    store.put(Repository.alias_key("m", "prod"), _valid(sequence=2**53 - 1, manifest_sha256="zz"))
+    with pytest.raises(InvalidRequest, match="would pass"):
+        Repository(store).repair_alias("m", "prod", "1")

@@ -79,6 +79,8 @@ def test_twenty_races_never_promote_an_unjudged_version(repo: Repository) -> Non
             final = repo.get_alias("m", "production")
             assert final.version != "2" or final.updated_by == "other-writer", (round_, what, final)
             assert "other-writer" in stopped, (round_, what, stopped)
+            # NOTE: and its own unjudged version takes no traffic any more; the other's stays.
+            assert "2" not in {x.version for x in (final.canary, final.shadow) if x is not None}, final
             outcomes.append(("stopped", what))
         else:
             final = repo.get_alias("m", "production")
@@ -129,3 +131,51 @@ def test_schema_change_lets_through_only_what_every_live_request_still_fits() ->
     assert "shape [-1, 4, 1]" in schema_change(spec([-1, 4]), spec([-1, 4, 1]))
     assert "FP32" in schema_change(spec([-1, 4]), spec([-1, 4], datatype="FP32"))
     assert "inputs are ['y']" in schema_change(spec([-1, 4]), spec([-1, 4], name="y"))
+
+
+def test_a_stopped_rollout_withdraws_its_own_canary_and_keeps_the_other_writers_shadow(
+    repo: Repository,
+) -> None:
+    """Found in review: a shadow added by an operator mid-step stopped the rollout (right), and
+    its cleanup was then refused, leaving its unjudged canary at 25% for good."""
+    repo.move_alias("m", "production", SetTarget("1"))
+    sleeps = 0
+
+    def sleep(_: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        if sleeps == 2:  # NOTE: during the first canary step
+            repo.move_alias("m", "production", SetShadow("3", 0.1), by="operator")
+
+    assert "operator" in (_run(Rollout(repo, "m", "production", "2", Healthy(), sleep=sleep, poll_s=0)) or "")
+    final = repo.get_alias("m", "production")
+    assert (final.version, final.canary) == ("1", None)
+    assert final.shadow is not None
+    assert final.shadow.version == "3"
+
+
+def test_a_rollout_whose_write_answer_was_lost_still_withdraws_its_canary(repo: Repository) -> None:
+    """Found in review: the store wrote the canary and the answer was lost; the cleanup used
+    the stale sequence, was refused, and the canary stayed."""
+    from serving.errors import StoreUnavailable
+
+    repo.move_alias("m", "production", SetTarget("1"))
+    real_put = repo.store.put
+    writes = 0
+
+    def put(key: str, data: bytes, **kwargs: Any) -> None:
+        nonlocal writes
+        real_put(key, data, **kwargs)
+        if key.endswith("aliases/production.json"):
+            writes += 1
+            if writes == 3:  # NOTE: shadow, drop the shadow, canary 25: this answer is lost
+                raise StoreUnavailable("connection reset after the write (test)")
+
+    repo.store.put = put  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable):
+        Rollout(repo, "m", "production", "2", Healthy(), sleep=lambda _: None, poll_s=0).run(
+            [25, 50, 100], step_seconds=1, shadow_seconds=1
+        )
+    repo.store.put = real_put  # type: ignore[method-assign]
+    final = repo.get_alias("m", "production")
+    assert (final.version, final.canary, final.shadow) == ("1", None, None)
