@@ -111,7 +111,10 @@ def app_args_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from serving.logs import configure_logging
     from serving.settings import get_settings
+
+    configure_logging()
 
     # NOTE: before Ray or a socket starts: an empty SERVING_ADMIN_TOKEN refuses to start here,
     # with its one-line reason, instead of leaving the admin routes open.

@@ -550,3 +550,8 @@ def test_an_empty_admin_token_refuses_to_start_with_the_reason(
     assert done.returncode != 0
     assert "SERVING_ADMIN_TOKEN is set but empty" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_without_an_admin_token_the_log_says_the_admin_routes_are_open(server: Server) -> None:
+    text = server.log.read_text()
+    assert "no SERVING_ADMIN_TOKEN: the admin routes (POST .../load) need no credentials" in text
