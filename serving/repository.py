@@ -302,14 +302,27 @@ class Repository:
         check_name(alias, "alias")
         change = AliasChange(self, name, alias, by or whoami(), expires_at)
         move.check(change)
+
+        def build(raw: bytes | None) -> Alias:
+            current = None if raw is None else _own(Alias.from_json(raw), name, alias)
+            return move.apply(current, change)
+
+        return self._swap_alias(name, alias, writer, build)
+
+    def _swap_alias(
+        self, name: str, alias: str, writer: AliasWriter | None, build: Callable[[bytes | None], Alias]
+    ) -> Alias:
+        """Write ``build(the current bytes, None when absent)`` over them, a compare-and-swap: a lost
+        race builds again on a fresh read, so concurrent moves are never lost."""
+        check_name(name, "model name")
         key = self.alias_key(name, alias)
         encode = writer or (lambda a: a.to_json())
         for _ in range(CAS_ATTEMPTS):
             try:
-                current, _, etag = self.read_alias(name, alias)
-            except AliasNotFound:
-                current, etag = None, None
-            new = move.apply(current, change)
+                raw, etag = self.store.get(key)
+            except NotFound:
+                raw, etag = None, None
+            new = build(raw)
             try:
                 if etag is None:
                     self.store.put(key, encode(new), if_absent=True)
@@ -354,13 +367,9 @@ class Repository:
             raise InvalidRequest(f"--sequence must be between 0 and {MAX_SEQUENCE}")
         _, raw_manifest = self.manifest(name, version)
         sha = sha256_bytes(raw_manifest)
-        key = self.alias_key(name, alias)
-        encode = writer or (lambda a: a.to_json())
-        for _ in range(CAS_ATTEMPTS):
-            try:
-                old_raw, etag = self.store.get(key)
-            except NotFound:
-                old_raw, etag = None, None
+        kept: list[str | None] = [None]
+
+        def build(old_raw: bytes | None) -> Alias:
             old = _readable_alias(old_raw, name, alias)
             # NOTE: never below a sequence the old bytes carry, readable or not: a replica that
             # accepted it would refuse anything lower as a replay.
@@ -390,21 +399,14 @@ class Repository:
                     sequence=seq,
                     expires_at=expires_at,
                 )
-            kept = None
+            path = None
             if old_raw is not None:
-                kept = f"{name}/repairs/{alias}-{new.seq}.json"
-                self.store.put(kept, old_raw)
-            try:
-                if etag is None:
-                    self.store.put(key, encode(new), if_absent=True)
-                else:
-                    self.store.put(key, encode(new), if_match=etag)
-            except (FileExistsError, StoreConflict):
-                continue
-            return new, kept
-        raise StoreConflict(
-            f"{name}@{alias}: gave up after {CAS_ATTEMPTS} attempts, other writers kept moving it"
-        )
+                path = f"{name}/repairs/{alias}-{new.seq}.json"
+                self.store.put(path, old_raw)
+            kept[0] = path
+            return new
+
+        return self._swap_alias(name, alias, writer, build), kept[0]
 
 
 def _own(parsed: Alias, name: str, alias: str) -> Alias:
