@@ -25,7 +25,7 @@ KSERVE_VENV    ?= .cache/kserve-venv
 KSERVE_VERSION ?= 0.21.0
 KSERVE_PY      := $(KSERVE_VENV)/bin/python
 
-.PHONY: serve test test-cluster lint typecheck unit integration bench helm clean
+.PHONY: serve test test-faults test-cluster lint typecheck unit integration bench helm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ test: lint typecheck $(MLFLOW_SERVER) $(KSERVE_PY)
 ## test-cluster: a three-node Ray cluster (token auth on) under faults: alias moves, metrics, a node killed (about 4 min)
 test-cluster: $(TEST_STAMP)
 	$(PY) -m pytest tests/cluster -m cluster --durations=10
+
+## test-faults: the fault suite alone (a store that hangs or trickles, cache tampering, a full disk, killed processes); make test runs it too
+test-faults: $(TEST_STAMP)
+	$(PY) -m pytest -m faults --durations=10
 
 unit: $(TEST_STAMP)
 	$(PY) -m pytest tests/unit

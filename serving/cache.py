@@ -47,7 +47,15 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from filelock import FileLock
 
 from serving import metrics
-from serving.errors import CacheError, IntegrityError, NotFound, ServingError, StoreError, UntrustedArtifact
+from serving.errors import (
+    CacheError,
+    IntegrityError,
+    NotFound,
+    ServingError,
+    StoreError,
+    StoreUnavailable,
+    UntrustedArtifact,
+)
 from serving.fileio import HashingWriter, atomic_write, hash_file
 from serving.manifest import (
     MANIFEST_NAME,
@@ -59,6 +67,7 @@ from serving.manifest import (
     sha256_bytes,
 )
 from serving.repository import Repository, Resolved
+from serving.store import pull as pulls
 from serving.store.base import Progress
 
 if TYPE_CHECKING:
@@ -121,6 +130,23 @@ def _disk_errors(what: str) -> Iterator[None]:
         raise CacheError(f"cache: cannot {what}: {reason}{where}") from exc
 
 
+@contextlib.contextmanager
+def _node_lock(lock: FileLock, label: str) -> Iterator[None]:
+    """The node-wide pull lock of one version; held past one pull's deadline elsewhere is an error."""
+    from filelock import Timeout
+
+    try:
+        lock.acquire()
+    except Timeout as exc:
+        raise StoreUnavailable(
+            f"another process on this node has held the pull of {label} for over {lock.timeout:g} s"
+        ) from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 class Pin:
     """Keeps one cached version from eviction until released (or the process dies)."""
 
@@ -161,6 +187,10 @@ class LoaderCache:
         max_artifact_files: int = 10_000,
         keyring: Keyring | Callable[[], Keyring] | None = None,
         reverify_s: float = 24 * 3600.0,
+        pull_timeout_s: float = 3600.0,
+        pull_min_bytes_per_s: float = 64 * 1024,
+        pull_rate_window_s: float = 30.0,
+        hash_on_load: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.root = Path(root).expanduser().resolve()
@@ -169,6 +199,10 @@ class LoaderCache:
         self.max_artifact_bytes = max_artifact_bytes
         self.max_artifact_files = max_artifact_files
         self.reverify_s = reverify_s
+        self.pull_timeout_s = pull_timeout_s
+        self.pull_min_bytes_per_s = pull_min_bytes_per_s
+        self.pull_rate_window_s = pull_rate_window_s
+        self.hash_on_load = hash_on_load
         self._clock = clock
         self._thread_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -197,6 +231,10 @@ class LoaderCache:
             max_artifact_files=settings.max_artifact_files,
             keyring=functools.partial(keyring_from_settings, settings),
             reverify_s=settings.cache_reverify_s,
+            pull_timeout_s=settings.pull_timeout_s,
+            pull_min_bytes_per_s=settings.pull_min_bytes_per_s,
+            pull_rate_window_s=settings.pull_rate_window_s,
+            hash_on_load=settings.cache_hash_on_load,
         )
 
     STALE_TMP_S = 6 * 3600
@@ -370,9 +408,19 @@ class LoaderCache:
 
     # -- fetch -------------------------------------------------------------------
     def fetch(
-        self, repo: Repository, resolved: Resolved, progress: ProgressFactory | None = None
+        self,
+        repo: Repository,
+        resolved: Resolved,
+        progress: ProgressFactory | None = None,
+        *,
+        prefetch: bool = False,
     ) -> CachedVersion:
         """Return the version's verified directory, downloading it at most once per node.
+
+        A version about to be loaded has every cached file re-hashed first
+        (``hash_on_load``), so a byte changed with its stat put back (bit rot, a careful
+        write) never reaches a model; ``prefetch`` (``serving pull``) trusts the stat
+        stamp for ``reverify_s``.
 
         Raises:
             IntegrityError: a file's size or sha256 differs from the manifest, or the
@@ -381,8 +429,9 @@ class LoaderCache:
         name, version, msha = resolved.name, resolved.version, resolved.manifest_sha256
         self._check_limits(resolved.manifest)
         with _disk_errors(f"pull {name}:{version}"):
+            rehash = self.hash_on_load and not prefetch
             cached = self.get(name, version, msha)
-            if cached is not None and self._unchanged(cached, report=False):
+            if cached is not None and self._unchanged(cached, report=False, rehash=rehash):
                 metrics.CACHE_HITS.inc(model=name)
                 self._touch(cached.path)
                 return cached
@@ -391,10 +440,15 @@ class LoaderCache:
                 tlock = self._thread_locks.setdefault(key, threading.Lock())
             # NOTE: a thread lock for this process, then a file lock for the node; re-check
             # after each, as the winner may have finished the download meanwhile.
-            with tlock, FileLock(str(self._lock_path("pull", name, version, msha)), mode=0o600):
+            # NOTE: another process's pull of this version is bounded by its own deadline, so
+            # waiting for its lock longer than one pull's deadline means it is stuck.
+            node_lock = FileLock(
+                str(self._lock_path("pull", name, version, msha)), mode=0o600, timeout=self.pull_timeout_s
+            )
+            with tlock, _node_lock(node_lock, f"{name}:{version}"):
                 cached = self.get(name, version, msha)
                 if cached is not None:
-                    if self._unchanged(cached):
+                    if self._unchanged(cached, rehash=rehash):
                         metrics.CACHE_HITS.inc(model=name)
                         self._touch(cached.path)
                         return cached
@@ -424,18 +478,19 @@ class LoaderCache:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(path, json.dumps(body))
 
-    def _unchanged(self, cached: CachedVersion, report: bool = True) -> bool:
+    def _unchanged(self, cached: CachedVersion, report: bool = True, rehash: bool = False) -> bool:
         """Prove a cached version's files are the bytes once verified: cheap stats, re-hash on doubt.
 
         Returns False when a file's bytes changed, after counting and logging it if ``report``
         (the check under the pull lock reports; the optimistic one before it does not).
+        ``rehash`` re-hashes every file whatever the stamp says.
         """
         try:
             stamp = json.loads(
                 self._stamp_path(cached.name, cached.version, cached.manifest_sha256).read_text()
             )
             recorded: dict[str, list[int]] = stamp["files"]
-            fresh = self._clock() - float(stamp["verified_at"]) < self.reverify_s
+            fresh = not rehash and self._clock() - float(stamp["verified_at"]) < self.reverify_s
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             recorded, fresh = {}, False
         doubtful = []
@@ -563,6 +618,18 @@ class LoaderCache:
             )
 
     def _download(self, repo: Repository, resolved: Resolved, progress: ProgressFactory | None) -> Path:
+        """Pull a version under one deadline and minimum rate (:mod:`serving.store.pull`)."""
+        with pulls.pulling(
+            f"{resolved.name}:{resolved.version}",
+            timeout_s=self.pull_timeout_s,
+            min_bytes_per_s=self.pull_min_bytes_per_s,
+            window_s=self.pull_rate_window_s,
+        ):
+            return self._download_version(repo, resolved, progress)
+
+    def _download_version(
+        self, repo: Repository, resolved: Resolved, progress: ProgressFactory | None
+    ) -> Path:
         manifest = resolved.manifest
         name, version = resolved.name, resolved.version
         stored = repo.version_files(name, version)

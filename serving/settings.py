@@ -85,9 +85,33 @@ class Settings(BaseSettings):
     """Seconds a requested version that does not exist is remembered as missing, so repeating
     it costs no store request."""
 
+    cache_hash_on_load: bool = True
+    """Re-hash every file of a cached version each time it is loaded into a process (a
+    start, a swap, an explicit version), so a byte changed with its size, mtime and inode
+    put back (bit rot, a careful write) never reaches a model. It costs one read of the
+    files per load (``python -m bench.rehash``); false trusts the stat stamp for
+    ``cache_reverify_s`` instead."""
+
     cache_reverify_s: float = Field(default=24 * 3600.0, ge=0)
-    """A cached version whose files look unchanged (size, mtime, inode) is still re-hashed in
-    full once this long after its last full check; 0 re-hashes at every load."""
+    """Where files are not re-hashed at load (``serving pull``, or ``cache_hash_on_load``
+    off), a cached version whose files look unchanged (size, mtime, inode) is still
+    re-hashed in full once this long after its last full check; 0 re-hashes every time."""
+
+    pull_timeout_s: float = Field(default=3600.0, gt=0)
+    """A version's whole pull (every file) must finish within this many seconds, or it is
+    abandoned, its partial files removed, and retried with backoff."""
+
+    pull_min_bytes_per_s: float = Field(default=64 * 1024, ge=0)
+    """Over every ``pull_rate_window_s`` of a pull, at least this many bytes per second must
+    arrive, or the pull is abandoned even inside a blocked read (a store that trickles);
+    0 turns the rate check off."""
+
+    pull_rate_window_s: float = Field(default=30.0, gt=0)
+    """The window the minimum pull rate is measured over."""
+
+    alias_check_timeout_s: float = Field(default=10.0, gt=0)
+    """An alias check that has not answered within this many seconds is abandoned, and the
+    watcher goes on (the next check starts a fresh request)."""
 
     # -- HTTP connections of the standalone server (serving.server.connections) ------
     http_header_timeout_s: float = Field(default=10.0, gt=0)

@@ -86,7 +86,7 @@ def verify(ctx: Context, args: argparse.Namespace) -> None:
             ctx.cache.verify(held)
         except IntegrityError as exc:
             raise IntegrityError(f"{exc}; run 'serving verify --repair {args.ref}' to pull it again") from exc
-    cached = ctx.cache.fetch(ctx.repo, resolved, ctx.progress)
+    cached = ctx.cache.fetch(ctx.repo, resolved, ctx.progress, prefetch=True)
     if repaired or held is None:
         ctx.cache.verify(cached)
     signed = f", signed by trusted key {key_id[:16]}" if key_id else ""

@@ -75,9 +75,10 @@ class Context:
             print(text)
 
     def pull(self, ref: str) -> tuple[CachedVersion, bool]:
-        """Resolve ``ref`` and bring its version into the cache; ``(cached, offline)``."""
+        """Resolve ``ref`` and bring its version into the cache (a prefetch: a cached copy whose
+        stat stamp holds is a hit without a re-hash); ``(cached, offline)``."""
         resolved, offline = self.cache.resolve(self.repo, ModelRef.parse(ref))
-        return self.cache.fetch(self.repo, resolved, self.progress), offline
+        return self.cache.fetch(self.repo, resolved, self.progress, prefetch=True), offline
 
 
 def json_default(obj: Any) -> Any:

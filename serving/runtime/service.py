@@ -121,6 +121,7 @@ class ModelService:
                 interval_s=app.poll_interval_s,
                 jitter=app.poll_jitter,
                 backoff_max_s=app.retry_backoff_max_s,
+                check_timeout_s=settings.alias_check_timeout_s,
             )
             if model.alias
             else None

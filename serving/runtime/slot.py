@@ -131,6 +131,7 @@ class ModelSlot:
         """The version live before this one, put back if this one fails its probation."""
         self._failed: dict[tuple[str, str], str] = {}
         """Versions (version, manifest sha256) that failed their probation on this replica."""
+        self._closed = False
 
     @property
     def live(self) -> Live | None:
@@ -194,38 +195,71 @@ class ModelSlot:
         reason: str = "alias moved",
         source: str = "store",
         expect_live: tuple[str, str] | None = None,
+        still_wanted: Callable[[], bool] | None = None,
     ) -> Live:
         """Load ``resolved`` and make it live; on any failure the old version stays live.
 
+        The load runs outside the swap lock, so a load that hangs on the store never
+        holds up another swap (a rollback to a cached version); only the swap itself
+        is under the lock.
+
         ``expect_live`` (version, manifest sha256): swap only while that version is live
         (a rollback off it); otherwise the live version is returned unchanged.
+        ``still_wanted``: asked under the lock once the load is done; False discards the
+        loaded version (a newer swap made it moot) and returns the live one unchanged.
 
         Raises:
             ServingError: the load failed; the live version is unchanged.
         """
+        started = time.perf_counter()
         with self._swap_lock:
             old = self._live
-            from_version = old.version if old else None
-            started = time.perf_counter()
             if expect_live is not None and (old is None or (old.version, old.manifest_sha256) != expect_live):
                 # NOTE: swapped meanwhile: putting the previous version back is moot.
                 if old is None:
                     raise NotReady(f"model {self.name!r}: nothing is live to roll back from")
                 return old
+            # NOTE: a promoted canary is already loaded and warm: it becomes live as is.
+            new = self._adopt(resolved)
+        if new is None:
             try:
-                # NOTE: a promoted canary is already loaded and warm: it becomes live as is.
-                new = self._adopt(resolved) or self.load(resolved, source=source)
+                new = self.load(resolved, source=source)
             except ServingError as exc:
+                current = self._live
                 label = exc.reason if isinstance(exc, IsolationFailed) else type(exc).__name__
                 metrics.SWAP_FAILURES.inc(model=self.name, reason=label)
                 log.warning(
                     "swap failed",
-                    extra=_event("swap_failed", self.name, from_version, resolved.version, started, str(exc)),
+                    extra=_event(
+                        "swap_failed",
+                        self.name,
+                        current.version if current else None,
+                        resolved.version,
+                        started,
+                        str(exc),
+                    ),
                 )
                 raise
+        with self._swap_lock:
+            old = self._live
+            moot = (
+                expect_live is not None and (old is None or (old.version, old.manifest_sha256) != expect_live)
+            ) or (still_wanted is not None and not still_wanted())
+            if moot or self._closed:
+                new.retire()
+                if old is None or self._closed:
+                    raise NotReady(f"model {self.name!r}: {resolved.version} is no longer wanted here")
+                log.info(
+                    "%s:%s loaded but no longer wanted; %s stays live",
+                    self.name,
+                    resolved.version,
+                    old.version,
+                )
+                return old
             # NOTE: one attribute assignment is the swap; requests that already took a
             # lease on the old version finish on it.
             self._live = new
+            from_version = old.version if old else None
             if old is not None:
                 metrics.LIVE_VERSION.set(0, model=self.name, version=old.version)
                 old.retire()
@@ -287,38 +321,46 @@ class ModelSlot:
         """The version loaded for ``role`` (``canary`` or ``shadow``), if any."""
         return self._companions.get(role)
 
-    def set_companion(self, role: str, resolved: Resolved) -> Live:
+    def set_companion(
+        self, role: str, resolved: Resolved, *, still_wanted: Callable[[], bool] | None = None
+    ) -> Live:
         """Load ``resolved`` for ``role`` beside the live version, as carefully as a swap.
 
-        The same trust check, isolation, load and warm-up as :meth:`swap_to`; a
-        failure is counted and logged as a failed swap, and whatever held the role
-        before keeps it (requests never see a half-loaded version).
+        The same trust check, isolation, load and warm-up as :meth:`swap_to`, and like
+        it the load runs outside the swap lock; a failure is counted and logged as a
+        failed swap, and whatever held the role before keeps it (requests never see a
+        half-loaded version). ``still_wanted`` is asked once the load is done, as in
+        :meth:`swap_to`.
 
         Raises:
-            ServingError: the load failed.
+            ServingError: the load failed, or was no longer wanted once done.
         """
-        with self._swap_lock:
+        started = time.perf_counter()
+        try:
+            new = self.load(resolved)
+        except ServingError as exc:
             old = self._companions.get(role)
-            started = time.perf_counter()
-            try:
-                new = self.load(resolved)
-            except ServingError as exc:
-                label = exc.reason if isinstance(exc, IsolationFailed) else type(exc).__name__
-                metrics.SWAP_FAILURES.inc(model=self.name, reason=label)
-                log.warning(
-                    "%s load failed",
-                    role,
-                    extra=_event(
-                        "swap_failed",
-                        self.name,
-                        old.version if old else None,
-                        resolved.version,
-                        started,
-                        str(exc),
-                    )
-                    | {"role": role},
+            label = exc.reason if isinstance(exc, IsolationFailed) else type(exc).__name__
+            metrics.SWAP_FAILURES.inc(model=self.name, reason=label)
+            log.warning(
+                "%s load failed",
+                role,
+                extra=_event(
+                    "swap_failed",
+                    self.name,
+                    old.version if old else None,
+                    resolved.version,
+                    started,
+                    str(exc),
                 )
-                raise
+                | {"role": role},
+            )
+            raise
+        with self._swap_lock:
+            if self._closed or (still_wanted is not None and not still_wanted()):
+                new.retire()
+                raise NotReady(f"model {self.name!r}: {resolved.version} is no longer wanted as {role}")
+            old = self._companions.get(role)
             self._companions[role] = new
             if old is not None:
                 metrics.ROLE_VERSION.set(0, model=self.name, version=old.version, role=role)
@@ -375,6 +417,7 @@ class ModelSlot:
 
     def close(self) -> None:
         with self._swap_lock:
+            self._closed = True
             live, self._live = self._live, None
             if live is not None:
                 live.retire()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from serving import metrics
 from serving.errors import AliasNotFound, IntegrityError, ServingError, StoreError
 from serving.manifest import Alias, CanaryTarget, ShadowTarget, sha256_bytes
-from serving.repository import Resolved
+from serving.repository import AliasCheck, Resolved
 from serving.runtime.slot import ModelSlot
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,22 @@ class _CompanionFailure:
     error: str
 
 
+@dataclass
+class _Job:
+    """One load a tick started: a swap to the alias's target, or a canary or shadow load."""
+
+    role: str
+    target: _Target
+    done: threading.Event
+    error: ServingError | None = None
+    loaded: bool = False
+    """The version became live (or took its role); False if it was no longer wanted."""
+
+
+MAX_PENDING_CHECKS = 4
+"""Abandoned alias checks still waiting for the store; past this, no new one starts."""
+
+
 @dataclass(frozen=True)
 class Split:
     """What a replica does with requests now: only versions that loaded take a share."""
@@ -80,7 +96,13 @@ class AliasWatcher:
         backoff_max_s: float = 60.0,
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
+        check_timeout_s: float = 10.0,
+        load_wait_s: float = 30.0,
     ) -> None:
+        """``check_timeout_s``: an alias check that has not answered by then is abandoned.
+        ``load_wait_s``: how long one tick waits for the loads it started, checking the
+        alias again every interval meanwhile; a load still running then goes on in the
+        background and is judged by a later tick."""
         self.slot = slot
         self.alias = alias
         self.interval_s = interval_s
@@ -103,6 +125,15 @@ class AliasWatcher:
         self._shadow: ShadowTarget | None = None
         self._companion_failed: dict[str, _CompanionFailure] = {}
         self._split = Split()
+        self.check_timeout_s = check_timeout_s
+        self.load_wait_s = load_wait_s
+        self._jobs: dict[str, _Job] = {}
+        """The load in flight per role (``live``, ``canary``, ``shadow``): at most one each that
+        a tick waits for; one superseded by a newer target runs out in the background."""
+        self._pending_checks = 0
+        self._pending_lock = threading.Lock()
+        self.stopping = threading.Event()
+        """Set when the server stops: a tick waiting for the store or a load returns at once."""
 
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
@@ -157,56 +188,199 @@ class AliasWatcher:
 
     # -- one tick --------------------------------------------------------------
     def tick(self, force: bool = False) -> None:
-        """Check the alias once (one small request when unchanged); swap if it moved.
+        """Check the alias once (one small request when unchanged); start loads if it moved.
+
+        Nothing the store does can hold the alias unwatched: the check is abandoned
+        after ``check_timeout_s``, and each load runs in its own thread. While the tick
+        waits for its loads (at most ``load_wait_s``), it checks the alias again every
+        interval, so a newer target (a rollback to a cached version) is loaded beside a
+        pull that hangs and swapped in as soon as it is ready; the older load is
+        discarded when it ends.
 
         ``force`` means an operator asked to check now; it does not skip the failure
         backoff, so flooding load requests cannot re-download a failing version.
         """
         with self._lock:
-            self._check_alias()
-            target = self._target
-            if target is None:
-                return
-            now = self._clock()
-            if target.version == self.slot.version:
-                # NOTE: the alias came back to what is live (e.g. a rollback off a
-                # version that failed): nothing is failing any more.
-                if self._failed is not None:
-                    self._failed, self._failures, self._last_error = None, 0, None
-            elif not (self._failed == target and now < self._retry_at):
-                self._try_swap(target, now)
-            # NOTE: after the live swap, so a promoted canary is adopted as live, not dropped.
-            self._sync_companions(now)
+            deadline = time.monotonic() + self.load_wait_s
+            while True:
+                self._step()
+                # NOTE: a load still running past one interval does not hold up the alias:
+                # it is checked again, and a newer target's load starts beside the old one.
+                slice_end = min(deadline, time.monotonic() + self.interval_s)
+                if self._settle(slice_end) or time.monotonic() >= deadline or self.stopping.is_set():
+                    break
+            self._reap()
+            self._split = self._current_split()
+            metrics.CANARY_WEIGHT.set(self._split.canary_weight, model=self.slot.name)
+
+    def _step(self) -> None:
+        """Check the alias, judge the loads that ended, and start the ones the alias now needs."""
+        self._check_alias()
+        self._reap()
+        target = self._target
+        if target is None:
+            return
+        now = self._clock()
+        if self._is_live(target):
+            # NOTE: the alias came back to what is live (e.g. a rollback off a
+            # version that failed): nothing is failing any more.
+            if self._failed is not None:
+                self._failed, self._failures, self._last_error = None, 0, None
+        elif not (self._failed == target and now < self._retry_at):
+            self._start("live", target, self._swap_job)
+        # NOTE: after the live swap is started, so a promoted canary is adopted as live, not dropped.
+        self._sync_companions(now)
+
+    def _is_live(self, target: _Target) -> bool:
+        live = self.slot.live
+        return live is not None and (live.version, live.manifest_sha256) == (
+            target.version,
+            target.manifest_sha256,
+        )
 
     def _check_alias(self) -> None:
         name = self.slot.name
-        try:
-            check = self.slot.repo.check_alias(name, self.alias, self._etag)
-        except (StoreError, AliasNotFound) as exc:
+        outcome: list[object] = []
+        done = threading.Event()
+        with self._pending_lock:
+            if self._pending_checks >= MAX_PENDING_CHECKS:
+                metrics.ALIAS_CHECKS.inc(model=name, outcome="error")
+                self._last_error = f"{self._pending_checks} alias checks are still waiting for the store"
+                self._update_age()
+                return
+            self._pending_checks += 1
+        etag = self._etag
+
+        def check() -> None:
+            try:
+                outcome.append(self.slot.repo.check_alias(name, self.alias, etag))
+            except Exception as exc:  # noqa: BLE001 -- NOTE: judged by the tick below
+                outcome.append(exc)
+            finally:
+                with self._pending_lock:
+                    self._pending_checks -= 1
+                done.set()
+
+        threading.Thread(target=check, name=f"alias-check-{name}", daemon=True).start()
+        if not self._wait(done, time.monotonic() + self.check_timeout_s):
+            # NOTE: abandoned, not cancelled: the thread ends with the store's own timeouts,
+            # and its answer is dropped; the next tick starts a fresh check.
             metrics.ALIAS_CHECKS.inc(model=name, outcome="error")
-            self._last_error = str(exc)
-            log.warning("alias check failed for %s@%s: %s", name, self.alias, exc)
+            self._last_error = (
+                f"alias check of {name}@{self.alias} did not answer within {self.check_timeout_s:g} s "
+                "(SERVING_ALIAS_CHECK_TIMEOUT_S); abandoned"
+            )
+            log.warning("%s", self._last_error)
             self._update_age()
             return
-        except ServingError as exc:
+        result = outcome[0]
+        if isinstance(result, StoreError | AliasNotFound):
             metrics.ALIAS_CHECKS.inc(model=name, outcome="error")
-            self._last_error = str(exc)
+            self._last_error = str(result)
+            log.warning("alias check failed for %s@%s: %s", name, self.alias, result)
             self._update_age()
             return
-        self._etag = check.etag
+        if isinstance(result, ServingError):
+            metrics.ALIAS_CHECKS.inc(model=name, outcome="error")
+            self._last_error = str(result)
+            self._update_age()
+            return
+        if isinstance(result, BaseException):
+            raise result
+        check_result: AliasCheck = result  # type: ignore[assignment]
+        self._etag = check_result.etag
         self._mark_ok()
-        if check.alias is None:
+        if check_result.alias is None:
             metrics.ALIAS_CHECKS.inc(model=name, outcome="unchanged")
             return
         metrics.ALIAS_CHECKS.inc(model=name, outcome="changed")
-        self._remember_same_target(check.alias, check.raw)
-        self._target = _Target(check.alias.version, check.alias.manifest_sha256)
-        self._canary, self._shadow = check.alias.canary, check.alias.shadow
+        self._remember_same_target(check_result.alias, check_result.raw)
+        self._target = _Target(check_result.alias.version, check_result.alias.manifest_sha256)
+        self._canary, self._shadow = check_result.alias.canary, check_result.alias.shadow
         # NOTE: `serving rollback` pops the alias history; a plain move appends to it.
-        history = len(check.alias.history)
+        history = len(check_result.alias.history)
         shrank = self._history_len is not None and history < self._history_len
         self._reason = "rollback" if shrank else "alias moved"
         self._history_len = history
+
+    # -- loads in their own threads ---------------------------------------------------
+    def _start(self, role: str, target: _Target, body: Callable[[_Job], None]) -> None:
+        """Start ``body`` for ``role``'s ``target`` unless that very load is already running."""
+        running = self._jobs.get(role)
+        if running is not None and running.target == target and not running.done.is_set():
+            return
+        job = _Job(role, target, threading.Event())
+        self._jobs[role] = job
+
+        def run() -> None:
+            try:
+                body(job)
+            except ServingError as exc:
+                job.error = exc
+            except Exception as exc:
+                log.exception("loading %s:%s as %s failed", self.slot.name, target.version, role)
+                job.error = ServingError(f"{type(exc).__name__}: {exc}")
+            finally:
+                job.done.set()
+
+        threading.Thread(target=run, name=f"load-{self.slot.name}-{role}", daemon=True).start()
+
+    def _settle(self, until: float) -> bool:
+        """Wait until ``until`` (monotonic) for the loads the alias needs; True if all ended."""
+        return all(self._wait(job.done, until) for job in list(self._jobs.values()))
+
+    def _wait(self, event: threading.Event, until: float) -> bool:
+        """``event.wait`` until ``until`` (monotonic), cut short when the server stops."""
+        while not event.is_set():
+            left = until - time.monotonic()
+            if left <= 0 or self.stopping.is_set():
+                return False
+            event.wait(min(left, 0.1))
+        return True
+
+    def _reap(self) -> None:
+        """Judge the loads that ended: failures back off, superseded ones are forgotten."""
+        now = self._clock()
+        for role, job in list(self._jobs.items()):
+            if not job.done.is_set():
+                continue
+            del self._jobs[role]
+            if role == "live":
+                self._reap_swap(job, now)
+            else:
+                self._reap_companion(job, now)
+
+    def _swap_job(self, job: _Job) -> None:
+        name = self.slot.name
+        resolved = self.slot.repo.resolve(f"{name}@{self.alias}")
+        if (resolved.version, resolved.manifest_sha256) != (job.target.version, job.target.manifest_sha256):
+            if resolved.version == job.target.version:
+                self._verify_target(resolved, job.target)
+            # NOTE: the alias moved again since the check; the next tick follows the newest.
+            return
+        live = self.slot.swap_to(
+            resolved, reason=self._reason, still_wanted=lambda: self._target == job.target
+        )
+        if live.manifest_sha256 == resolved.manifest_sha256 and live.version == resolved.version:
+            job.loaded = True
+            self.slot.cache.remember_alias(
+                name, self.alias, resolved.version, resolved.manifest_sha256, resolved.alias_raw
+            )
+
+    def _reap_swap(self, job: _Job, now: float) -> None:
+        if job.error is None:
+            if job.loaded:
+                self._failed, self._failures, self._last_error = None, 0, None
+            return
+        if job.target != self._target:
+            return  # NOTE: superseded; its failure says nothing about the current target
+        if self._failed == job.target:
+            self._failures += 1
+        else:
+            self._failed, self._failures = job.target, 1
+        delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (self._failures - 1))
+        self._retry_at = now + delay
+        self._last_error = f"{job.target.version}: {job.error}"
 
     def _remember_same_target(self, alias: Alias, raw: bytes | None) -> None:
         """A new object for the target this node already remembers (a canary step, an abort, a
@@ -218,33 +392,9 @@ class AliasWatcher:
         if (mem.version, mem.manifest_sha256) == (alias.version, alias.manifest_sha256):
             self.slot.cache.remember_alias(self.slot.name, self.alias, mem.version, mem.manifest_sha256, raw)
 
-    def _try_swap(self, target: _Target, now: float) -> None:
-        name = self.slot.name
-        try:
-            resolved = self.slot.repo.resolve(f"{name}@{self.alias}")
-            if resolved.version != target.version:
-                # NOTE: the alias moved again between the check and now; follow the newest.
-                target = _Target(resolved.version, resolved.manifest_sha256)
-                self._target = target
-            self._verify_target(resolved, target)
-            self.slot.swap_to(resolved, reason=self._reason)
-            self.slot.cache.remember_alias(
-                name, self.alias, resolved.version, resolved.manifest_sha256, resolved.alias_raw
-            )
-        except ServingError as exc:
-            if self._failed == target:
-                self._failures += 1
-            else:
-                self._failed, self._failures = target, 1
-            delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (self._failures - 1))
-            self._retry_at = now + delay
-            self._last_error = f"{target.version}: {exc}"
-            return
-        self._failed, self._failures, self._last_error = None, 0, None
-
     # -- canary and shadow -----------------------------------------------------------
     def _sync_companions(self, now: float) -> None:
-        """Load, replace or drop the canary and shadow versions to match the alias.
+        """Drop, or start loading, the canary and shadow versions to match the alias.
 
         A version that fails to load is retried with the same backoff as a failed
         swap; meanwhile its role is empty, so every request goes to the live version.
@@ -253,7 +403,15 @@ class AliasWatcher:
         for role, want in (("canary", self._canary), ("shadow", self._shadow)):
             loaded = self.slot.companion(role)
             if want is None or (live is not None and live.manifest_sha256 == want.manifest_sha256):
-                if loaded is not None:
+                swapping = self._jobs.get("live")
+                adopting = (
+                    swapping is not None
+                    and not swapping.done.is_set()
+                    and loaded is not None
+                    and loaded.manifest_sha256 == swapping.target.manifest_sha256
+                )
+                # NOTE: a promoted canary is left for the swap in flight to adopt, warm as it is.
+                if loaded is not None and not adopting:
                     self.slot.drop_companion(role)
                 self._companion_failed.pop(role, None)
                 continue
@@ -263,20 +421,35 @@ class AliasWatcher:
             failed = self._companion_failed.get(role)
             if failed is not None and failed.target == target and now < failed.retry_at:
                 continue
-            try:
-                self.slot.set_companion(role, self._resolve_companion(target))
-            except ServingError as exc:
-                # NOTE: an older canary must not keep the share the alias gave the new one.
-                self.slot.drop_companion(role)
-                failures = failed.failures + 1 if failed is not None and failed.target == target else 1
-                delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (failures - 1))
-                self._companion_failed[role] = _CompanionFailure(
-                    target, failures, now + delay, f"{target.version}: {exc}"
-                )
-                continue
+            self._start(role, target, self._companion_job)
+
+    def _wanted(self, role: str) -> _Target | None:
+        want = self._canary if role == "canary" else self._shadow
+        return None if want is None else _Target(want.version, want.manifest_sha256)
+
+    def _companion_job(self, job: _Job) -> None:
+        self.slot.set_companion(
+            job.role,
+            self._resolve_companion(job.target),
+            still_wanted=lambda: self._wanted(job.role) == job.target,
+        )
+        job.loaded = True
+
+    def _reap_companion(self, job: _Job, now: float) -> None:
+        role, target = job.role, job.target
+        if job.error is None:
             self._companion_failed.pop(role, None)
-        self._split = self._current_split()
-        metrics.CANARY_WEIGHT.set(self._split.canary_weight, model=self.slot.name)
+            return
+        if self._wanted(role) != target:
+            return
+        # NOTE: an older canary must not keep the share the alias gave the new one.
+        self.slot.drop_companion(role)
+        failed = self._companion_failed.get(role)
+        failures = failed.failures + 1 if failed is not None and failed.target == target else 1
+        delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (failures - 1))
+        self._companion_failed[role] = _CompanionFailure(
+            target, failures, now + delay, f"{target.version}: {job.error}"
+        )
 
     def _resolve_companion(self, target: _Target) -> Resolved:
         """``name:version`` with the alias object's bytes, so signed-alias checks apply to it too."""
@@ -363,10 +536,15 @@ class AliasWatcher:
 
 def run_forever(watcher: AliasWatcher, wait: Callable[[float], bool], stop: threading.Event) -> None:
     """Tick until ``stop`` is set. ``wait(timeout)`` returns True when a load was requested."""
+    watcher.stopping = stop
     forced = False
     while not stop.is_set():
+        started = time.monotonic()
         try:
             watcher.tick(force=forced)
         except Exception:
             log.exception("alias watcher tick failed for %s", watcher.slot.name)
-        forced = wait(watcher.next_delay())
+        # NOTE: a tick that waited for a load counts against the interval: the next check
+        # is due one interval after the last one started, not after the load.
+        spent = time.monotonic() - started
+        forced = wait(max(0.05, watcher.next_delay() - spent))

@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlparse
 
 from serving.errors import NotFound, StoreConflict, StoreError, StoreNotFound
 from serving.fileio import TMP_PREFIX, atomic_write
+from serving.store import pull as pulls
 from serving.store.base import MAX_GET_BYTES, ObjectInfo, ObjectStore, Progress, Sink, check_get_size
 
 _CHUNK = 1024 * 1024
@@ -129,6 +130,7 @@ class LocalStore(ObjectStore):
             raise NotFound(f"{key} not found in {self.uri}") from exc
         except OSError as exc:
             raise StoreError(f"cannot read {key} from {self.uri}: {exc.strerror}") from exc
+        pull = pulls.current()
         with src:
             while True:
                 try:
@@ -137,6 +139,8 @@ class LocalStore(ObjectStore):
                     raise StoreError(f"cannot read {key} from {self.uri}: {exc.strerror}") from exc
                 if not chunk:
                     return
+                if pull is not None:
+                    pull.received(len(chunk))
                 sink.write(chunk)
                 if progress:
                     progress(len(chunk))

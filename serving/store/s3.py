@@ -7,9 +7,16 @@ or ``AWS_ENDPOINT_URL_S3`` for MinIO, env keys, profiles, web identity (IRSA).
 from __future__ import annotations
 
 import builtins
+import contextlib
+import functools
 import logging
+import queue
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 from serving.errors import (
@@ -23,6 +30,7 @@ from serving.errors import (
     StoreUnavailable,
 )
 from serving.settings import Settings
+from serving.store import pull as pulls
 from serving.store.base import ObjectInfo, ObjectStore, Progress, Sink, check_get_size
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
@@ -32,10 +40,13 @@ _THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
 class _OrderedSink:
     """Non-seekable file object: s3transfer then writes parts strictly in order."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: Sink, pull: pulls.Pull | None = None) -> None:
         self._sink = sink
+        self._pull = pull
 
     def write(self, data: bytes) -> int:
+        if self._pull is not None:
+            self._pull.raise_if_failed()
         self._sink.write(data)
         return len(data)
 
@@ -74,6 +85,13 @@ class S3Store(ObjectStore):
 
         self._write_args, self._read_args = _sse_args(settings)
         self.max_get_bytes = settings.max_metadata_bytes
+        # NOTE: s3transfer reads in its own threads, so a download's pull is found by key:
+        # each GetObject response of a key being pulled can be cut when its pull fails.
+        self._pulls: dict[str, list[pulls.Pull]] = {}
+        self._pulls_lock = threading.Lock()
+        events = self._client.meta.events
+        events.register("provide-client-params.s3.GetObject", _remember_key)
+        events.register("after-call.s3.GetObject", self._bind_body)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -185,16 +203,76 @@ class S3Store(ObjectStore):
         )
 
     def download(self, key: str, sink: Sink, progress: Progress | None = None) -> None:
-        self._call(
-            f"download {key}",
-            self._client.download_fileobj,
-            Bucket=self.bucket,
-            Key=self._key(key),
-            Fileobj=_OrderedSink(sink),
-            Config=self._transfer,
-            Callback=progress,
-            ExtraArgs=self._read_args or None,
-        )
+        pull = pulls.current()
+        callback = progress
+        if pull is not None:
+
+            def callback(n: int) -> None:
+                pull.received(n)
+                if progress is not None:
+                    progress(n)
+
+        with self._pulling(self._key(key), pull):
+            self._call(
+                f"download {key}",
+                self._download,
+                full_key=self._key(key),
+                sink=_OrderedSink(sink, pull),
+                callback=callback,
+            )
+
+    def _download(self, full_key: str, sink: _OrderedSink, callback: Progress | None) -> None:
+        """``download_fileobj``, but on daemon threads: a read that the store holds up (a
+        hang before the answer's first byte) then cannot hold up the process's exit."""
+        from boto3.s3.transfer import ProgressCallbackInvoker
+        from s3transfer.manager import TransferManager
+
+        subscribers = [ProgressCallbackInvoker(callback)] if callback is not None else None
+        # NOTE: the stubs name the stdlib's pool; s3transfer needs only submit and shutdown.
+        daemon_pool: Any = _DaemonThreads
+        with TransferManager(self._client, self._transfer, executor_cls=daemon_pool) as manager:
+            manager.download(
+                bucket=self.bucket,
+                key=full_key,
+                fileobj=cast(Any, sink),
+                extra_args=self._read_args or None,
+                subscribers=subscribers,
+            ).result()
+
+    @contextlib.contextmanager
+    def _pulling(self, full_key: str, pull: pulls.Pull | None) -> Iterator[None]:
+        if pull is None:
+            yield
+            return
+        with self._pulls_lock:
+            self._pulls.setdefault(full_key, []).append(pull)
+        try:
+            yield
+        finally:
+            with self._pulls_lock:
+                bound = self._pulls.get(full_key, [])
+                bound.remove(pull)
+                if not bound:
+                    self._pulls.pop(full_key, None)
+
+    def _bind_body(self, parsed: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        """After a GetObject of a key being pulled: let its pull cut this response's socket."""
+        with self._pulls_lock:
+            bound = list(self._pulls.get(context.get(_KEY_CONTEXT) or "", ()))
+        if not bound:
+            return
+        body = parsed.get("Body")
+        live = [p for p in bound if p.failure is None]
+        if not live:
+            # NOTE: a retry after the pull failed: refuse it before reading a byte.
+            if body is not None:
+                body.close()
+            raise StoreUnavailable(bound[0].failure or "pull abandoned")
+        if body is not None:
+            for pull in live:
+                # NOTE: one per reading thread: its next response replaces this one. A finished
+                # response has released its socket, so a late interrupt finds none to shut.
+                pull.on_abort(functools.partial(_shut_down, body), slot=threading.get_ident())
 
     def exists(self, key: str) -> bool:
         try:
@@ -239,6 +317,74 @@ class S3Store(ObjectStore):
             for cp in page.get("CommonPrefixes", []):
                 out.append(cp["Prefix"][len(full) :].rstrip("/"))
         return sorted(out)
+
+
+class _DaemonThreads:
+    """``ThreadPoolExecutor``'s interface on daemon threads, for s3transfer.
+
+    A ``ThreadPoolExecutor``'s threads are joined when the interpreter exits, so one
+    read stuck on a store that never answers kept a stopped server alive.
+    """
+
+    def __init__(self, max_workers: int) -> None:
+        self._max = max_workers
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], Any, Any] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._queue.put((future, fn, args, kwargs))
+        with self._lock:
+            if len(self._threads) < self._max:
+                thread = threading.Thread(target=self._work, name="s3-transfer", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 -- NOTE: handed to the future, as the stdlib's pool does
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True) -> None:
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
+_KEY_CONTEXT = "serving_key"
+
+
+def _remember_key(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+    """Keep the request's key in botocore's request context, for ``after-call``."""
+    context[_KEY_CONTEXT] = params.get("Key")
+
+
+def _shut_down(body: Any) -> None:
+    """Shut a streaming response's socket down, so a read blocked on it returns now.
+
+    ``close()`` from another thread does not wake a blocked ``recv``; ``shutdown`` does.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    if sock is None:
+        buffered = getattr(getattr(raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(buffered, "raw", None), "_sock", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 _REDACTED: set[str] = set()

@@ -98,6 +98,8 @@ class _Recorder:
         self._lock = threading.Lock()
         self._entries: list[_Entry] = []
         self.stalls: dict[str, tuple[int, threading.Event]] = {}
+        self.hangs: dict[str, threading.Event] = {}
+        self.trickles: dict[str, tuple[int, threading.Event]] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         bucket, key = _split_path(environ.get("PATH_INFO", "/"))
@@ -111,6 +113,10 @@ class _Recorder:
         )
         with self._lock:
             self._entries.append(entry)
+        hang = self.hangs.get(entry.key or "") if entry.method == "GET" else None
+        if hang is not None:
+            # NOTE: no status line, no byte: the client waits for the answer until it gives up.
+            hang.wait()
 
         def recording_start_response(status_line: str, headers: Any, exc_info: Any = None) -> Any:
             entry.status = int(status_line.split(" ", 1)[0])
@@ -124,8 +130,15 @@ class _Recorder:
 
     def _count(self, entry: _Entry, body: Iterable[bytes]) -> Iterator[bytes]:
         stall = self.stalls.get(entry.key or "") if entry.method == "GET" else None
+        trickle = self.trickles.get(entry.key or "") if entry.method == "GET" else None
         try:
             for chunk in body:
+                while trickle is not None and chunk and not trickle[1].is_set():
+                    # NOTE: bytes keep coming, so a read timeout (which covers silence) never fires.
+                    head, chunk = chunk[: trickle[0]], chunk[trickle[0] :]
+                    entry.bytes_out += len(head)
+                    yield head
+                    trickle[1].wait(1.0)
                 if stall is not None and entry.bytes_out + len(chunk) > stall[0]:
                     cut = stall[0] - entry.bytes_out
                     head, chunk = chunk[:cut], chunk[cut:]
@@ -338,6 +351,33 @@ class MotoS3:
             yield
         finally:
             del self._recorder.stalls[key]
+            gate.set()
+
+    @contextlib.contextmanager
+    def hang(self, *keys: str) -> Iterator[None]:
+        """GETs of ``keys`` (without the bucket) get no answer at all until the block exits."""
+        gate = threading.Event()
+        for key in keys:
+            self._recorder.hangs[key] = gate
+        try:
+            yield
+        finally:
+            for key in keys:
+                self._recorder.hangs.pop(key, None)
+            gate.set()
+
+    @contextlib.contextmanager
+    def trickle(self, *keys: str, bytes_per_s: int = 1) -> Iterator[None]:
+        """GETs of ``keys`` answer at once, then send the body ``bytes_per_s`` bytes a second
+        until the block exits (then the rest at full speed)."""
+        gate = threading.Event()
+        for key in keys:
+            self._recorder.trickles[key] = (bytes_per_s, gate)
+        try:
+            yield
+        finally:
+            for key in keys:
+                self._recorder.trickles.pop(key, None)
             gate.set()
 
     # -- authentication ------------------------------------------------------------

@@ -165,6 +165,7 @@ def _add_sibling(s3: S3Repo, key: str) -> None:
     [(_flip_byte, "b.bin"), (_truncate, "b.bin"), (_delete, "b.bin"), (_add_sibling, "extra.bin")],
     ids=["byte-flipped", "truncated", "file-missing", "file-added"],
 )
+@pytest.mark.faults
 def test_tampered_version_is_refused_and_nothing_enters_the_cache(
     s3repo: S3Repo, cache: LoaderCache, tamper: Callable[[S3Repo, str], None], named: str
 ) -> None:
@@ -272,6 +273,7 @@ def test_two_processes_pulling_one_version_download_it_once(
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_process_killed_mid_download_leaves_nothing_loadable(
     s3repo: S3Repo, tmp_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
@@ -304,6 +306,7 @@ def test_a_process_killed_mid_download_leaves_nothing_loadable(
     survivor.verify(again)
 
 
+@pytest.mark.faults
 def test_partial_files_of_a_live_process_are_never_swept(s3repo: S3Repo, tmp_path: Path) -> None:
     first = LoaderCache(tmp_path / "cache")
     mine = first._tmp(".part")
@@ -334,6 +337,7 @@ def _corrupt_count(model: str) -> float:
     return value or 0.0
 
 
+@pytest.mark.faults
 def test_a_flipped_cached_byte_is_never_served_and_is_pulled_again(
     s3repo: S3Repo, cache: LoaderCache
 ) -> None:
@@ -352,11 +356,38 @@ def test_a_flipped_cached_byte_is_never_served_and_is_pulled_again(
     assert cache.fetch(s3repo.repo, resolved).hit  # repaired: the next load is a plain hit
 
 
+@pytest.mark.faults
+def test_a_flip_that_restores_the_mtime_never_reaches_a_load_on_reload_or_restart(
+    s3repo: S3Repo, tmp_path: Path
+) -> None:
+    """Bit rot, or a careful write that puts size, mtime and inode back: every load re-hashes."""
+    cache = LoaderCache(tmp_path / "cache")
+    original = os.urandom(50 * KiB)
+    s3repo.publish("flip", "1", {"w.bin": original})
+    resolved = s3repo.repo.resolve("flip:1")
+    first = cache.fetch(s3repo.repo, resolved)
+    _flip_byte(first.path / "w.bin", keep_mtime=True)
+    # A prefetch (serving pull) trusts the stat stamp ...
+    assert cache.fetch(s3repo.repo, resolved, prefetch=True).hit
+    # ... a load does not: the same process (a reload) ...
+    before = _corrupt_count("flip")
+    again = cache.fetch(s3repo.repo, resolved)
+    assert not again.hit
+    assert (again.path / "w.bin").read_bytes() == original
+    assert _corrupt_count("flip") == before + 1
+    # ... and a restarted one, with a new cache object over the same folder.
+    _flip_byte(again.path / "w.bin", keep_mtime=True)
+    restarted = LoaderCache(tmp_path / "cache").fetch(s3repo.repo, resolved)
+    assert not restarted.hit
+    assert (restarted.path / "w.bin").read_bytes() == original
+
+
+@pytest.mark.faults
 def test_a_flip_that_restores_the_mtime_is_caught_by_the_scheduled_rehash(
     s3repo: S3Repo, tmp_path: Path
 ) -> None:
     now = [1000.0]
-    cache = LoaderCache(tmp_path / "cache", reverify_s=3600, clock=lambda: now[0])
+    cache = LoaderCache(tmp_path / "cache", reverify_s=3600, hash_on_load=False, clock=lambda: now[0])
     original = os.urandom(50 * KiB)
     s3repo.publish("flip", "1", {"w.bin": original})
     resolved = s3repo.repo.resolve("flip:1")
@@ -369,6 +400,7 @@ def test_a_flip_that_restores_the_mtime_is_caught_by_the_scheduled_rehash(
     assert (again.path / "w.bin").read_bytes() == original
 
 
+@pytest.mark.faults
 def test_a_shared_blob_corrupted_in_one_version_is_repaired_for_both(
     s3repo: S3Repo, cache: LoaderCache
 ) -> None:
@@ -384,6 +416,7 @@ def test_a_shared_blob_corrupted_in_one_version_is_repaired_for_both(
         assert (got.path / "w.bin").read_bytes() == shared
 
 
+@pytest.mark.faults
 def test_repair_evicts_and_pulls_a_changed_version_again(s3repo: S3Repo, cache: LoaderCache) -> None:
     original = os.urandom(30 * KiB)
     s3repo.publish("flip", "1", {"w.bin": original})
@@ -398,6 +431,7 @@ def test_repair_evicts_and_pulls_a_changed_version_again(s3repo: S3Repo, cache: 
     assert cache.repair(s3repo.repo, resolved) is False
 
 
+@pytest.mark.faults
 def test_a_cache_that_cannot_be_written_is_a_cache_error_not_a_traceback(
     s3repo: S3Repo, tmp_path: Path
 ) -> None:
@@ -530,6 +564,7 @@ def test_cache_files_are_0600_and_directories_0700(s3repo: S3Repo, cache: Loader
 
 
 # -- cache damage that is not a digest mismatch (issue 22) ------------------------------------------
+@pytest.mark.faults
 def test_a_blob_linked_into_a_new_version_is_hashed_first(s3repo: S3Repo, cache: LoaderCache) -> None:
     """Version 1's file was corrupted by an ordinary write (mtime changed, no re-check yet):
     version 2, which shares the blob, must not be stamped verified over it."""
@@ -547,6 +582,7 @@ def test_a_blob_linked_into_a_new_version_is_hashed_first(s3repo: S3Repo, cache:
 @pytest.mark.parametrize(
     "damage", ["symlink to /dev/zero", "symlink to another file", "a fifo", "a directory"]
 )
+@pytest.mark.faults
 def test_a_cached_file_replaced_by_something_else_is_pulled_again_not_read(
     damage: str, s3repo: S3Repo, cache: LoaderCache, tmp_path: Path
 ) -> None:
@@ -582,6 +618,7 @@ def test_a_cached_file_replaced_by_something_else_is_pulled_again_not_read(
 
 
 @pytest.mark.parametrize("damage", ["a byte appended", "deleted", "a directory in its place"])
+@pytest.mark.faults
 def test_a_changed_cached_manifest_is_pulled_again_not_unloadable_for_good(
     damage: str, s3repo: S3Repo, cache: LoaderCache
 ) -> None:

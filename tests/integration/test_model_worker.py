@@ -170,6 +170,7 @@ def _restarts() -> float:
     return REGISTRY.get_sample_value("serving_worker_restarts_total", {"model": "m"}) or 0.0
 
 
+@pytest.mark.faults
 def test_a_killed_worker_is_back_and_serving_within_5_s(iris: CachedVersion) -> None:
     restarts = _restarts()
     worker = start(iris)
@@ -225,6 +226,7 @@ def test_after_probation_a_crashing_request_only_restarts_the_worker(versions: V
         worker.close()
 
 
+@pytest.mark.faults
 def test_memory_past_the_limit_costs_the_worker_not_this_process(versions: Versions) -> None:
     worker = start(versions.module(Hog()), WorkerLimits(memory_bytes=512 * 1024**2, restart_backoff_s=0.1))
     name = worker.inputs[0].name

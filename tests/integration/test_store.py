@@ -159,6 +159,7 @@ def test_not_found_is_not_a_store_failure(store: ObjectStore) -> None:
 
 
 @pytest.mark.s3
+@pytest.mark.faults
 def test_unreachable_endpoint_is_store_unavailable(
     s3_env: MotoS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, make_settings: Any
 ) -> None:
@@ -365,6 +366,7 @@ class _FullDisk:
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.faults
 def test_a_full_sink_is_not_reported_as_the_store_failing(store: ObjectStore) -> None:
     """A full cache disk under a local (or S3) store used to read 'cannot read from store', exit 9."""
     store.put("m/full.bin", b"x" * 1024)

@@ -289,3 +289,57 @@ def test_a_forced_tick_does_not_skip_the_failure_backoff(repo, cache, tmp_path) 
     assert len(attempts) == 2
     assert gaps[0] >= 2.0
     assert slot.version == "1"
+
+
+def test_a_load_that_hangs_does_not_hold_up_a_rollback_and_is_discarded_when_it_ends(
+    repo, cache, tmp_path
+) -> None:
+    """Version 3's load blocks (a pull the store holds up); the alias goes back to 1, which
+    this node has: the tick follows it within one interval, and when 3's load ends at last
+    it is closed, never made live."""
+    import threading
+    import time
+
+    publish(repo, tmp_path, "1", factor=1)
+    publish(repo, tmp_path, "2", factor=2)
+    publish(repo, tmp_path, "3", factor=3)
+    repo.move_alias("m", "production", SetTarget("1"))
+    gate, entered, loaded = threading.Event(), threading.Event(), []
+
+    def loader(cached: CachedVersion, policy: LoadPolicy) -> Predictor:
+        predictor = scale_loader(cached, policy)
+        if cached.version == "3":
+            entered.set()
+            gate.wait(30)
+        loaded.append(predictor)
+        return predictor
+
+    slot = ModelSlot("m", repo, cache, loader=loader)
+    watcher = AliasWatcher(slot, "production", interval_s=0.2, load_wait_s=1.0, clock=Clock())
+    watcher.start()
+    repo.move_alias("m", "production", SetTarget("2"))
+    watcher.tick()
+    assert predict(slot) == ("2", 2.0)
+    repo.move_alias("m", "production", SetTarget("3"))
+    started = time.monotonic()
+    watcher.tick()  # waits for 3 at most load_wait_s, checking the alias every interval
+    assert entered.is_set()
+    assert time.monotonic() - started < 5
+    assert predict(slot) == ("2", 2.0)
+    repo.move_alias("m", "production", Rollback())
+    repo.move_alias("m", "production", SetTarget("1"))
+    started = time.monotonic()
+    watcher.tick()
+    assert time.monotonic() - started < 1.0
+    assert predict(slot) == ("1", 1.0)
+    gate.set()
+    from serving.testing.poll import wait_for
+
+    late = wait_for(
+        lambda: next((p for p in loaded if p.factor == 3 and p.closed), None),
+        timeout=10,
+        what="3's late load closed",
+    )
+    assert late.closed
+    watcher.tick()
+    assert predict(slot) == ("1", 1.0)
