@@ -490,21 +490,24 @@ class LoaderCache:
                 self._stamp_path(cached.name, cached.version, cached.manifest_sha256).read_text()
             )
             recorded: dict[str, list[int]] = stamp["files"]
-            fresh = not rehash and self._clock() - float(stamp["verified_at"]) < self.reverify_s
+            fresh = self._clock() - float(stamp["verified_at"]) < self.reverify_s
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             recorded, fresh = {}, False
         doubtful = []
+        stats: dict[str, list[int]] = {}
         for entry in cached.manifest.files:
             try:
-                now = self._file_stat(cached.path / entry.path)
+                now = stats[entry.path] = self._file_stat(cached.path / entry.path)
             except FileNotFoundError:
                 return report and self._corrupt(cached, entry, "is missing")
             except OSError as exc:
                 return report and self._corrupt(cached, entry, f"cannot be read ({exc.strerror})")
-            if not fresh or recorded.get(entry.path) != now or now[0] != entry.size:
+            if rehash or not fresh or recorded.get(entry.path) != now or now[0] != entry.size:
                 doubtful.append(entry)
         if not doubtful:
             return True
+        # NOTE: a stamp that held is left as it is when the re-hash was only the load's own.
+        stamp_held = fresh and all(recorded.get(path) == stat for path, stat in stats.items())
         for entry in doubtful:
             # NOTE: any damage, not only a digest mismatch, is evicted and pulled again: an
             # unreadable file, a symlink (to /dev/zero, read for ever), a special file.
@@ -514,7 +517,8 @@ class LoaderCache:
                 return report and self._corrupt(cached, entry, f"cannot be read ({exc.strerror})")
             if size != entry.size or digest != entry.sha256:
                 return report and self._corrupt(cached, entry, "changed on disk")
-        self._write_stamp(cached.path, cached.name, cached.version, cached.manifest_sha256, cached.manifest)
+        if not stamp_held:
+            self._write_stamp(cached.path, cached.name, cached.version, cached.manifest_sha256, cached.manifest)
         return True
 
     @staticmethod
