@@ -518,7 +518,9 @@ class LoaderCache:
             if size != entry.size or digest != entry.sha256:
                 return report and self._corrupt(cached, entry, "changed on disk")
         if not stamp_held:
-            self._write_stamp(cached.path, cached.name, cached.version, cached.manifest_sha256, cached.manifest)
+            self._write_stamp(
+                cached.path, cached.name, cached.version, cached.manifest_sha256, cached.manifest
+            )
         return True
 
     @staticmethod
