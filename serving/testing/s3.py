@@ -100,6 +100,7 @@ class _Recorder:
         self.stalls: dict[str, tuple[int, threading.Event]] = {}
         self.hangs: dict[str, threading.Event] = {}
         self.trickles: dict[str, tuple[int, threading.Event]] = {}
+        self.spoils: dict[str, str] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         bucket, key = _split_path(environ.get("PATH_INFO", "/"))
@@ -131,7 +132,10 @@ class _Recorder:
     def _count(self, entry: _Entry, body: Iterable[bytes]) -> Iterator[bytes]:
         stall = self.stalls.get(entry.key or "") if entry.method == "GET" else None
         trickle = self.trickles.get(entry.key or "") if entry.method == "GET" else None
+        spoil = self.spoils.get(entry.key or "") if entry.method == "GET" else None
         try:
+            if spoil is not None:
+                body = _spoiled(b"".join(body), spoil)
             for chunk in body:
                 while trickle is not None and chunk and not trickle[1].is_set():
                     # NOTE: bytes keep coming, so a read timeout (which covers silence) never fires.
@@ -160,6 +164,21 @@ class _Recorder:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+class _CutShort(Exception):
+    """Raised mid-body: the server drops the connection with the answer half sent."""
+
+
+def _spoiled(data: bytes, how: str) -> Iterator[bytes]:
+    """``garbage``: as many random bytes instead; ``truncated``: the first half, then the connection drops."""
+    import os
+
+    if how == "garbage":
+        yield os.urandom(len(data))
+        return
+    yield data[: len(data) // 2]
+    raise _CutShort(f"cut after {len(data) // 2} of {len(data)} bytes")
 
 
 def _request_header_bytes(environ: dict[str, Any]) -> int:
@@ -379,6 +398,20 @@ class MotoS3:
             for key in keys:
                 self._recorder.trickles.pop(key, None)
             gate.set()
+
+    @contextlib.contextmanager
+    def spoil(self, how: str, *keys: str) -> Iterator[None]:
+        """GETs of ``keys`` answer 200 with a bad body until the block exits: ``garbage`` (random
+        bytes of the right length) or ``truncated`` (half of it, then the connection drops)."""
+        if how not in ("garbage", "truncated"):
+            raise ValueError(f"unknown spoil {how!r}: garbage or truncated")
+        for key in keys:
+            self._recorder.spoils[key] = how
+        try:
+            yield
+        finally:
+            for key in keys:
+                self._recorder.spoils.pop(key, None)
 
     # -- authentication ------------------------------------------------------------
     @contextlib.contextmanager
