@@ -209,6 +209,35 @@ class AliasEntry(BaseModel):
         return _plain(v, "version")
 
 
+MAX_ALIAS_EVENTS = 50
+"""Rollout events an alias object keeps (the newest)."""
+
+MAX_EVENT_DETAIL = 1000
+"""Characters of one event's detail."""
+
+ALIAS_EVENT_KINDS = ("shadow", "canary", "promoted", "aborted")
+
+
+class AliasEvent(BaseModel):
+    """One rollout step, promotion or abort, recorded in the alias object that it wrote.
+
+    ``sequence`` is that object's: the event and the traffic change are one write.
+    ``detail`` is what was judged (the step's figures) or why it stopped.
+    """
+
+    sequence: int = Field(ge=0, le=MAX_SEQUENCE)
+    at: str
+    by: str
+    event: str = Field(pattern="^(" + "|".join(ALIAS_EVENT_KINDS) + ")$")
+    version: str
+    detail: str = Field(default="", max_length=MAX_EVENT_DETAIL)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        return _plain(v, "version")
+
+
 class CanaryTarget(BaseModel):
     """A second version taking ``weight`` percent of the alias's requests."""
 
@@ -269,6 +298,11 @@ class Alias(BaseModel):
     """A version taking ``weight`` percent of requests beside ``version`` (``serving alias set --canary``)."""
     shadow: ShadowTarget | None = Field(default=None, exclude_if=lambda v: v is None)
     """A version mirrored ``fraction`` of requests, its answers compared and discarded."""
+    events: list[AliasEvent] | None = Field(
+        default=None, max_length=MAX_ALIAS_EVENTS, exclude_if=lambda v: v is None
+    )
+    """Rollout steps, promotions and aborts, each with what was judged (the newest
+    ``MAX_ALIAS_EVENTS``); ``serving alias get --json`` shows them."""
 
     @field_validator("name")
     @classmethod
@@ -315,6 +349,7 @@ class Alias(BaseModel):
             history=[*self.history, previous][-100:],
             sequence=self.seq + 1,
             expires_at=expires_at,
+            events=self.events,
         )
 
     def with_split(
@@ -365,7 +400,21 @@ class Alias(BaseModel):
             history=self.history[:-1],
             sequence=self.seq + 1,
             expires_at=expires_at,
+            events=self.events,
         )
+
+    def noted(self, event: str, version: str, detail: str, by: str) -> Alias:
+        """This object with one more event, recorded under its own sequence (the newest kept)."""
+        entry = AliasEvent(
+            sequence=self.seq,
+            at=now(),
+            by=by,
+            event=event,
+            version=version,
+            detail=detail[:MAX_EVENT_DETAIL],
+        )
+        events = [*(self.events or []), entry][-MAX_ALIAS_EVENTS:]
+        return self.model_copy(update={"events": events, "signatures": None})
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode()

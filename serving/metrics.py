@@ -263,6 +263,12 @@ ALIAS_CHECK_AGE = _gauge(
     "Seconds since the last successful alias check.",
     "model",
 )
+ALIAS_EVENTS = _counter(
+    "serving_alias_events_total",
+    "Rollout events (shadow and canary steps, promotions, aborts) each replica saw in its alias.",
+    "model",
+    "event",
+)
 
 ALL = [
     REQUESTS,
@@ -288,6 +294,7 @@ ALL = [
     TRUST_CHECKS,
     ALIAS_CHECKS,
     ALIAS_CHECK_AGE,
+    ALIAS_EVENTS,
 ]
 """Every metric this project exports; the dashboard and alert tests check against it."""
 

@@ -666,6 +666,23 @@ class Withdraw(AliasMove):
 
 
 @dataclass(frozen=True)
+class Noted(AliasMove):
+    """``move``, with an event recorded in the object it writes: a rollout's step, its
+    promotion or its abort, with what was judged (:class:`serving.manifest.AliasEvent`)."""
+
+    move: AliasMove
+    event: str
+    version: str
+    detail: str = ""
+
+    def check(self, change: AliasChange) -> None:
+        self.move.check(change)
+
+    def apply(self, current: Alias | None, change: AliasChange) -> Alias:
+        return self.move.apply(current, change).noted(self.event, self.version, self.detail, change.by)
+
+
+@dataclass(frozen=True)
 class Expecting(AliasMove):
     """``move``, only if the alias is still the object of ``sequence`` (what the caller last
     wrote or read): any other writer's change in between, of any kind, is refused

@@ -37,6 +37,7 @@ from serving.repository import (
     AliasMove,
     AliasWriter,
     Expecting,
+    Noted,
     Promote,
     Repository,
     SetCanary,
@@ -448,26 +449,48 @@ class Rollout:
         self._sequence = current.seq
         started = self._clock()
         done: list[Step] = []
+        # NOTE: each write records what it does and what was judged before it (an AliasEvent).
+        judged = ""
         try:
             if shadow_seconds > 0:
-                self._move(SetShadow(self.version, shadow_fraction, live=live_version))
+                self._move(
+                    Noted(
+                        SetShadow(self.version, shadow_fraction, live=live_version),
+                        "shadow",
+                        self.version,
+                        f"shadow {shadow_fraction:.0%} of requests for {shadow_seconds:g}s",
+                    )
+                )
                 step = self._measure("shadow", shadow_fraction, shadow_seconds, live_version)
                 done.append(step)
                 if not step.ok:
                     raise RolloutAborted(step.reason)
-                self._drop_shadow()
+                judged = step.line(self.version, live_version)
+                self._drop_shadow(f"shadow passed: {judged}")
             for weight in steps:
-                self._move(SetCanary(self.version, weight, live=live_version))
+                after = f"; after {judged}" if judged else ""
+                self._move(
+                    Noted(
+                        SetCanary(self.version, weight, live=live_version),
+                        "canary",
+                        self.version,
+                        f"canary {weight:g}% for {step_seconds:g}s{after}",
+                    )
+                )
                 step = self._measure("canary", weight, step_seconds, live_version)
                 done.append(step)
                 if not step.ok:
                     raise RolloutAborted(step.reason)
+                judged = step.line(self.version, live_version)
             # NOTE: only the canary this rollout judged; another writer's is refused (AliasChanged).
-            self._move(Promote(expected=self.version, live=live_version))
+            self._move(
+                Noted(Promote(expected=self.version, live=live_version), "promoted", self.version, judged)
+            )
         except BaseException as exc:
             # NOTE: whatever stopped us (a threshold, Ctrl-C, a lost server), the alias must
             # not be left half-way: back to the old target, no canary, no shadow.
-            self._abort_quietly()
+            reason = exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
+            self._abort_quietly(reason)
             if isinstance(exc, RolloutAborted) and exc.result is None:
                 took = round(self._clock() - started, 3)
                 exc.result = Result(
@@ -507,12 +530,12 @@ class Rollout:
         )
         self._sequence = moved.seq
 
-    def _drop_shadow(self) -> None:
+    def _drop_shadow(self, detail: str) -> None:
         current = self.repo.get_alias(self.name, self.alias)
         if current.shadow is not None:
-            self._move(Abort(expected=self.version))
+            self._move(Noted(Abort(expected=self.version), "shadow", self.version, detail))
 
-    def _abort_quietly(self) -> None:
+    def _abort_quietly(self, reason: str) -> None:
         # NOTE: the original error is what the caller must see, not a failure to clean up.
         # NOTE: whatever else changed (another writer, a write whose answer was lost), this
         # rollout's own version stops taking traffic; another writer's canary or shadow stays.
@@ -525,7 +548,7 @@ class Rollout:
                 self.repo.move_alias(
                     self.name,
                     self.alias,
-                    Withdraw(self.version),
+                    Noted(Withdraw(self.version), "aborted", self.version, reason),
                     writer=self._writer,
                     expires_at=self._expires_at,
                 )

@@ -132,6 +132,7 @@ class AliasWatcher:
         a tick waits for; one superseded by a newer target runs out in the background."""
         self._pending_checks = 0
         self._pending_lock = threading.Lock()
+        self._events_seen: int | None = None
         self.stopping = threading.Event()
         """Set when the server stops: a tick waiting for the store or a load returns at once."""
 
@@ -294,6 +295,7 @@ class AliasWatcher:
             metrics.ALIAS_CHECKS.inc(model=name, outcome="unchanged")
             return
         metrics.ALIAS_CHECKS.inc(model=name, outcome="changed")
+        self._count_events(check_result.alias)
         self._remember_same_target(check_result.alias, check_result.raw)
         self._target = _Target(check_result.alias.version, check_result.alias.manifest_sha256)
         self._canary, self._shadow = check_result.alias.canary, check_result.alias.shadow
@@ -381,6 +383,26 @@ class AliasWatcher:
         delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (self._failures - 1))
         self._retry_at = now + delay
         self._last_error = f"{job.target.version}: {job.error}"
+
+    def _count_events(self, alias: Alias) -> None:
+        """Count the rollout events written since the last object this replica saw (not
+        those already there when it first looked: every replica start would count them)."""
+        events = alias.events or []
+        newest = max((e.sequence for e in events), default=0)
+        if self._events_seen is not None:
+            for event in events:
+                if event.sequence > self._events_seen:
+                    metrics.ALIAS_EVENTS.inc(model=self.slot.name, event=event.event)
+                    log.info(
+                        "%s@%s: %s %s (%s)",
+                        self.slot.name,
+                        self.alias,
+                        event.event,
+                        event.version,
+                        event.detail,
+                        extra={"event": f"rollout_{event.event}", "model": self.slot.name},
+                    )
+        self._events_seen = max(newest, self._events_seen or 0)
 
     def _remember_same_target(self, alias: Alias, raw: bytes | None) -> None:
         """A new object for the target this node already remembers (a canary step, an abort, a

@@ -179,3 +179,55 @@ def test_a_rollout_whose_write_answer_was_lost_still_withdraws_its_canary(repo: 
     repo.store.put = real_put  # type: ignore[method-assign]
     final = repo.get_alias("m", "production")
     assert (final.version, final.canary, final.shadow) == ("1", None, None)
+
+
+class FailsCanaryAt(Healthy):
+    """Healthy, except that the candidate fails every request once its canary reaches ``weight``."""
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.canary = 0.0
+
+    def applied(self, role: str, version: str, share: float) -> tuple[bool, str]:
+        if role == "canary":
+            self.canary = share
+        return True, ""
+
+    def figures(self) -> dict[str, dict[str, Any]]:
+        out = super().figures()
+        if self.canary >= self.weight:
+            out["2"]["errors"] = out["2"]["requests"]
+        return out
+
+
+def test_each_step_promotion_and_abort_is_recorded_in_the_alias_with_what_was_judged(
+    repo: Repository,
+) -> None:
+    repo.move_alias("m", "production", SetTarget("1"), by="operator")
+    Rollout(repo, "m", "production", "2", Healthy(), sleep=lambda _: None, poll_s=0).run(
+        [25, 100], step_seconds=1, shadow_seconds=1
+    )
+    promoted = repo.get_alias("m", "production")
+    events = [(e.event, e.version) for e in promoted.events or []]
+    # The shadow set, the shadow dropped once it passed, two canary steps, the promotion.
+    assert events == [("shadow", "2"), ("shadow", "2"), ("canary", "2"), ("canary", "2"), ("promoted", "2")]
+    details = [e.detail for e in promoted.events or []]
+    assert details[1].startswith("shadow passed: shadow 2 at 100% of requests")
+    assert "canary 100%" in details[3] and "after canary 2 at 25%" in details[3]
+    assert "canary 2 at 100%" in details[4] and details[4].endswith("-> ok")
+    # Each event carries the sequence of the write it came with: one write, one event.
+    assert promoted.events is not None and promoted.events[-1].sequence == promoted.seq
+
+    # An abort keeps the history of the promotion before it, and says why.
+    repo.move_alias("m", "production", SetTarget("1"), by="operator")
+    with pytest.raises(RolloutAborted):
+        Rollout(repo, "m", "production", "2", FailsCanaryAt(50), sleep=lambda _: None, poll_s=0).run(
+            [25, 50, 100], step_seconds=1
+        )
+    aborted = repo.get_alias("m", "production")
+    assert aborted.version == "1" and aborted.canary is None
+    last = (aborted.events or [])[-1]
+    assert (last.event, last.version) == ("aborted", "2")
+    assert "error" in last.detail
+    assert [e.event for e in aborted.events or []].count("promoted") == 1

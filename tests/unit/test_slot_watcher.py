@@ -343,3 +343,29 @@ def test_a_load_that_hangs_does_not_hold_up_a_rollback_and_is_discarded_when_it_
     assert late.closed
     watcher.tick()
     assert predict(slot) == ("1", 1.0)
+
+
+def test_rollout_events_written_after_the_first_look_are_counted_once(repo, cache, tmp_path) -> None:
+    import prometheus_client
+
+    from serving.repository import Noted, SetCanary
+
+    def counted(event: str) -> float:
+        value = prometheus_client.REGISTRY.get_sample_value(
+            "serving_alias_events_total", {"model": "m", "event": event}
+        )
+        return value or 0.0
+
+    publish(repo, tmp_path, "1", factor=1)
+    publish(repo, tmp_path, "2", factor=2)
+    repo.move_alias("m", "production", SetTarget("1"))
+    repo.move_alias("m", "production", Noted(SetCanary("2", 10), "canary", "2", "canary 10%"))
+    slot, watcher = make(repo, cache, Clock())
+    watcher.start()
+    before = counted("canary")
+    watcher.tick()  # the first look: events already there are history, not news
+    assert counted("canary") == before
+    repo.move_alias("m", "production", Noted(SetCanary("2", 50), "canary", "2", "canary 50% after ..."))
+    watcher.tick()
+    watcher.tick()  # unchanged: nothing counted twice
+    assert counted("canary") == before + 1
