@@ -214,10 +214,13 @@ def test_each_step_promotion_and_abort_is_recorded_in_the_alias_with_what_was_ju
     assert events == [("shadow", "2"), ("shadow", "2"), ("canary", "2"), ("canary", "2"), ("promoted", "2")]
     details = [e.detail for e in promoted.events or []]
     assert details[1].startswith("shadow passed: shadow 2 at 100% of requests")
-    assert "canary 100%" in details[3] and "after canary 2 at 25%" in details[3]
-    assert "canary 2 at 100%" in details[4] and details[4].endswith("-> ok")
+    assert "canary 100%" in details[3]
+    assert "after canary 2 at 25%" in details[3]
+    assert "canary 2 at 100%" in details[4]
+    assert details[4].endswith("-> ok")
     # Each event carries the sequence of the write it came with: one write, one event.
-    assert promoted.events is not None and promoted.events[-1].sequence == promoted.seq
+    assert promoted.events is not None
+    assert promoted.events[-1].sequence == promoted.seq
 
     # An abort keeps the history of the promotion before it, and says why.
     repo.move_alias("m", "production", SetTarget("1"), by="operator")
@@ -226,7 +229,8 @@ def test_each_step_promotion_and_abort_is_recorded_in_the_alias_with_what_was_ju
             [25, 50, 100], step_seconds=1
         )
     aborted = repo.get_alias("m", "production")
-    assert aborted.version == "1" and aborted.canary is None
+    assert aborted.version == "1"
+    assert aborted.canary is None
     last = (aborted.events or [])[-1]
     assert (last.event, last.version) == ("aborted", "2")
     assert "error" in last.detail

@@ -360,7 +360,7 @@ def test_rollout_events_written_after_the_first_look_are_counted_once(repo, cach
     publish(repo, tmp_path, "2", factor=2)
     repo.move_alias("m", "production", SetTarget("1"))
     repo.move_alias("m", "production", Noted(SetCanary("2", 10), "canary", "2", "canary 10%"))
-    slot, watcher = make(repo, cache, Clock())
+    _slot, watcher = make(repo, cache, Clock())
     watcher.start()
     before = counted("canary")
     watcher.tick()  # the first look: events already there are history, not news
