@@ -226,8 +226,8 @@ class AliasEvent(BaseModel):
     """
 
     sequence: int = Field(ge=0, le=MAX_SEQUENCE)
-    at: str
-    by: str
+    at: str = Field(max_length=64)
+    by: str = Field(max_length=256)
     event: str = Field(pattern="^(" + "|".join(ALIAS_EVENT_KINDS) + ")$")
     version: str
     detail: str = Field(default="", max_length=MAX_EVENT_DETAIL)
@@ -298,11 +298,24 @@ class Alias(BaseModel):
     """A version taking ``weight`` percent of requests beside ``version`` (``serving alias set --canary``)."""
     shadow: ShadowTarget | None = Field(default=None, exclude_if=lambda v: v is None)
     """A version mirrored ``fraction`` of requests, its answers compared and discarded."""
-    events: list[AliasEvent] | None = Field(
-        default=None, max_length=MAX_ALIAS_EVENTS, exclude_if=lambda v: v is None
-    )
+    events: list[AliasEvent] | None = Field(default=None, exclude_if=lambda v: v is None)
     """Rollout steps, promotions and aborts, each with what was judged (the newest
-    ``MAX_ALIAS_EVENTS``); ``serving alias get --json`` shows them."""
+    ``MAX_ALIAS_EVENTS``); ``serving alias get --json`` shows them. A record only: an entry
+    this reader cannot use (another kind, too long) is dropped, never a reason to refuse
+    the alias."""
+
+    @field_validator("events", mode="before")
+    @classmethod
+    def _usable_events(cls, v: object) -> object:
+        if not isinstance(v, list):
+            return None
+        kept = []
+        for item in v[-MAX_ALIAS_EVENTS:]:
+            try:
+                kept.append(AliasEvent.model_validate(item))
+            except ValidationError:
+                continue
+        return kept
 
     @field_validator("name")
     @classmethod

@@ -220,7 +220,8 @@ class ModelSlot:
                     raise NotReady(f"model {self.name!r}: nothing is live to roll back from")
                 return old
             # NOTE: a promoted canary is already loaded and warm: it becomes live as is.
-            new = self._adopt(resolved)
+            adopted = self._adopt(resolved)
+        new = adopted[1] if adopted is not None else None
         if new is None:
             try:
                 new = self.load(resolved, source=source)
@@ -242,11 +243,26 @@ class ModelSlot:
                 raise
         with self._swap_lock:
             old = self._live
-            moot = (
-                expect_live is not None and (old is None or (old.version, old.manifest_sha256) != expect_live)
-            ) or (still_wanted is not None and not still_wanted())
-            if moot or self._closed:
+            key = (new.version, new.manifest_sha256)
+            if key in self._failed:
+                # NOTE: it failed its probation on this replica while this load ran.
                 new.retire()
+                raise LoadError(f"{self.name}:{new.version} failed on this replica: {self._failed[key]}")
+            moot = (
+                (
+                    expect_live is not None
+                    and (old is None or (old.version, old.manifest_sha256) != expect_live)
+                )
+                or (still_wanted is not None and not still_wanted())
+                or (old is not None and (old.version, old.manifest_sha256) == key)
+            )
+            if moot or self._closed:
+                if adopted is not None and not self._closed and adopted[0] not in self._companions:
+                    # NOTE: a promoted canary that is not swapped in goes back to its role, warm.
+                    self._companions[adopted[0]] = new
+                    metrics.ROLE_VERSION.set(1, model=self.name, version=new.version, role=adopted[0])
+                else:
+                    new.retire()
                 if old is None or self._closed:
                     raise NotReady(f"model {self.name!r}: {resolved.version} is no longer wanted here")
                 log.info(
@@ -305,8 +321,9 @@ class ModelSlot:
         """Versions that failed their probation here, with why."""
         return {version: note for (version, _), note in dict(self._failed).items()}
 
-    def _adopt(self, resolved: Resolved) -> Live | None:
-        """Take a loaded companion of exactly this version out of its role (caller holds the lock)."""
+    def _adopt(self, resolved: Resolved) -> tuple[str, Live] | None:
+        """Take a loaded companion of exactly this version out of its role (caller holds the lock);
+        returns the role it had, and it."""
         for role, companion in list(self._companions.items()):
             if (
                 companion.manifest_sha256 == resolved.manifest_sha256
@@ -314,7 +331,7 @@ class ModelSlot:
             ):
                 del self._companions[role]
                 metrics.ROLE_VERSION.set(0, model=self.name, version=companion.version, role=role)
-                return companion
+                return role, companion
         return None
 
     def companion(self, role: str) -> Live | None:
@@ -357,6 +374,10 @@ class ModelSlot:
             )
             raise
         with self._swap_lock:
+            key = (new.version, new.manifest_sha256)
+            if key in self._failed:
+                new.retire()
+                raise LoadError(f"{self.name}:{new.version} failed on this replica: {self._failed[key]}")
             if self._closed or (still_wanted is not None and not still_wanted()):
                 new.retire()
                 raise NotReady(f"model {self.name!r}: {resolved.version} is no longer wanted as {role}")

@@ -97,7 +97,7 @@ class AliasWatcher:
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
         check_timeout_s: float = 10.0,
-        load_wait_s: float = 30.0,
+        load_wait_s: float = 60.0,
     ) -> None:
         """``check_timeout_s``: an alias check that has not answered by then is abandoned.
         ``load_wait_s``: how long one tick waits for the loads it started, checking the
@@ -127,6 +127,9 @@ class AliasWatcher:
         self._split = Split()
         self.check_timeout_s = check_timeout_s
         self.load_wait_s = load_wait_s
+        self._superseded: list[_Job] = []
+        """Loads replaced by a newer target that still run; one is needed again if the alias
+        comes back to its target before it ends."""
         self._jobs: dict[str, _Job] = {}
         """The load in flight per role (``live``, ``canary``, ``shadow``): at most one each that
         a tick waits for; one superseded by a newer target runs out in the background."""
@@ -311,6 +314,16 @@ class AliasWatcher:
         running = self._jobs.get(role)
         if running is not None and running.target == target and not running.done.is_set():
             return
+        if running is not None and not running.done.is_set():
+            self._superseded.append(running)
+        self._superseded = [j for j in self._superseded if not j.done.is_set()]
+        again = next((j for j in self._superseded if (j.role, j.target) == (role, target)), None)
+        if again is not None:
+            # NOTE: the alias came back to a target whose load is still running: that load is
+            # needed again, rather than a second one of the same version.
+            self._superseded.remove(again)
+            self._jobs[role] = again
+            return
         job = _Job(role, target, threading.Event())
         self._jobs[role] = job
 
@@ -328,8 +341,20 @@ class AliasWatcher:
         threading.Thread(target=run, name=f"load-{self.slot.name}-{role}", daemon=True).start()
 
     def _settle(self, until: float) -> bool:
-        """Wait until ``until`` (monotonic) for the loads the alias needs; True if all ended."""
-        return all(self._wait(job.done, until) for job in list(self._jobs.values()))
+        """Wait until ``until`` (monotonic) for the loads the alias needs; True if all ended.
+
+        A load the alias no longer needs (it went back to the live version, or dropped the
+        canary) runs out in the background and is not waited for.
+        """
+        return all(self._wait(job.done, until) for job in list(self._jobs.values()) if self._needed(job))
+
+    def _needed(self, job: _Job) -> bool:
+        """Whether ``job`` is still the load the alias needs for its role."""
+        if self._jobs.get(job.role) is not job:
+            return False
+        if job.role == "live":
+            return job.target == self._target and not self._is_live(job.target)
+        return self._wanted(job.role) == job.target
 
     def _wait(self, event: threading.Event, until: float) -> bool:
         """``event.wait`` until ``until`` (monotonic), cut short when the server stops."""
@@ -360,9 +385,7 @@ class AliasWatcher:
                 self._verify_target(resolved, job.target)
             # NOTE: the alias moved again since the check; the next tick follows the newest.
             return
-        live = self.slot.swap_to(
-            resolved, reason=self._reason, still_wanted=lambda: self._target == job.target
-        )
+        live = self.slot.swap_to(resolved, reason=self._reason, still_wanted=lambda: self._needed(job))
         if live.manifest_sha256 == resolved.manifest_sha256 and live.version == resolved.version:
             job.loaded = True
             self.slot.cache.remember_alias(
@@ -387,7 +410,9 @@ class AliasWatcher:
     def _count_events(self, alias: Alias) -> None:
         """Count the rollout events written since the last object this replica saw (not
         those already there when it first looked: every replica start would count them)."""
-        events = alias.events or []
+        # NOTE: an event is never newer than the object that carries it; one that claims to be
+        # (a hand-written alias) would otherwise stop every later event from being counted.
+        events = [e for e in alias.events or [] if e.sequence <= alias.seq]
         newest = max((e.sequence for e in events), default=0)
         if self._events_seen is not None:
             for event in events:
@@ -453,7 +478,7 @@ class AliasWatcher:
         self.slot.set_companion(
             job.role,
             self._resolve_companion(job.target),
-            still_wanted=lambda: self._wanted(job.role) == job.target,
+            still_wanted=lambda: self._needed(job),
         )
         job.loaded = True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import fcntl
 import os
 import time
@@ -131,7 +132,7 @@ class LocalStore(ObjectStore):
         except OSError as exc:
             raise StoreError(f"cannot read {key} from {self.uri}: {exc.strerror}") from exc
         pull = pulls.current()
-        with src:
+        with src, pull.reading() if pull else contextlib.nullcontext():
             while True:
                 try:
                     chunk = src.read(_CHUNK)

@@ -71,6 +71,8 @@ class Pull:
         self._interrupters: dict[object, Callable[[], None]] = {}
         self._next_id = 0
         self.failure: str | None = None
+        self._reading = 0
+        self._window_start = self.started
 
     # -- fed by the stores -----------------------------------------------------------
     def received(self, n: int) -> None:
@@ -82,6 +84,25 @@ class Pull:
         with self._lock:
             self.bytes += n
         self.raise_if_failed()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """A store read in progress: only then does the minimum rate apply.
+
+        Work between reads (listing the version, hashing a blob another version shares)
+        sends no bytes and must not count as a slow store; each read starts a fresh window.
+        """
+        with self._lock:
+            if self._reading == 0:
+                now = self._clock()
+                self._window_start = now
+                self._marks = deque([(now, self.bytes)])
+            self._reading += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reading -= 1
 
     def raise_if_failed(self) -> None:
         failure = self.check()
@@ -119,7 +140,8 @@ class Pull:
             if self.failure is not None:
                 return self.failure
             elapsed = now - self.started
-            self._marks.append((now, self.bytes))
+            if self._reading:
+                self._marks.append((now, self.bytes))
             # NOTE: keep the newest mark at least one window old, so the rate is over a full window.
             while len(self._marks) > 1 and self._marks[1][0] <= now - self.window_s:
                 self._marks.popleft()
@@ -128,7 +150,7 @@ class Pull:
                     f"pull of {self.label} took over {self.timeout_s:g} s "
                     f"({self.bytes} bytes received; SERVING_PULL_TIMEOUT_S); abandoned"
                 )
-            elif self.min_bytes_per_s > 0 and elapsed >= self.window_s:
+            elif self.min_bytes_per_s > 0 and self._reading and now - self._window_start >= self.window_s:
                 since, then = self._marks[0]
                 got = self.bytes - then
                 if now - since >= self.window_s and got < self.min_bytes_per_s * self.window_s:

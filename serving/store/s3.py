@@ -212,7 +212,7 @@ class S3Store(ObjectStore):
                 if progress is not None:
                     progress(n)
 
-        with self._pulling(self._key(key), pull):
+        with self._pulling(self._key(key), pull), pull.reading() if pull else contextlib.nullcontext():
             self._call(
                 f"download {key}",
                 self._download,

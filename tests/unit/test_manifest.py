@@ -191,3 +191,33 @@ def test_a_path_that_is_both_a_file_and_a_folder_is_refused() -> None:
         Manifest.from_json(
             json.dumps({"name": "m", "version": "1", "format": "raw", "files": entries}).encode()
         )
+
+
+def test_an_alias_with_events_this_reader_cannot_use_is_still_read() -> None:
+    """Events are a record: an unknown kind, an overlong detail or too many of them are dropped,
+    never a reason to refuse the alias (every replica would stop following it)."""
+    import json
+
+    from serving.manifest import MAX_ALIAS_EVENTS, Alias
+
+    good = {"sequence": 3, "at": "2026-12-05T00:00:00Z", "by": "ci", "event": "canary", "version": "2"}
+    body = {
+        "name": "m",
+        "alias": "production",
+        "version": "1",
+        "manifest_sha256": "a" * 64,
+        "sequence": 9,
+        "events": [
+            {**good, "event": "rebalanced"},
+            {**good, "detail": "x" * 100_000},
+            {**good, "by": "y" * 10_000},
+            "not an object",
+            *([good] * (MAX_ALIAS_EVENTS + 10)),
+        ],
+    }
+    alias = Alias.from_json(json.dumps(body).encode())
+    assert alias.version == "1"
+    assert alias.events is not None
+    assert len(alias.events) == MAX_ALIAS_EVENTS
+    assert {e.event for e in alias.events} == {"canary"}
+    assert Alias.from_json(json.dumps({**body, "events": "nonsense"}).encode()).events is None

@@ -369,3 +369,40 @@ def test_rollout_events_written_after_the_first_look_are_counted_once(repo, cach
     watcher.tick()
     watcher.tick()  # unchanged: nothing counted twice
     assert counted("canary") == before + 1
+
+
+def test_a_hung_load_the_alias_left_for_the_live_version_is_not_waited_for(repo, cache, tmp_path) -> None:
+    """2 is live, 3's load hangs, the alias goes back to 2: later ticks return at once (they
+    waited the whole load_wait_s on the hung load), and 3 is closed when it ends."""
+    import threading
+    import time
+
+    from serving.testing.poll import wait_for
+
+    for v in ("1", "2", "3"):
+        publish(repo, tmp_path, v, factor=int(v))
+    repo.move_alias("m", "production", SetTarget("2"))
+    gate, loaded = threading.Event(), []
+
+    def loader(cached: CachedVersion, policy: LoadPolicy) -> Predictor:
+        predictor = scale_loader(cached, policy)
+        if cached.version == "3":
+            gate.wait(30)
+        loaded.append(predictor)
+        return predictor
+
+    slot = ModelSlot("m", repo, cache, loader=loader)
+    watcher = AliasWatcher(slot, "production", interval_s=0.2, load_wait_s=5.0, clock=Clock())
+    watcher.start()
+    repo.move_alias("m", "production", SetTarget("3"))
+    threading.Thread(target=watcher.tick, daemon=True).start()
+    wait_for(lambda: watcher._jobs.get("live") is not None, timeout=5, what="3's load started")
+    repo.move_alias("m", "production", Rollback())
+    wait_for(lambda: not watcher._lock.locked(), timeout=10, what="the first tick to end")
+    started = time.monotonic()
+    watcher.tick()
+    assert time.monotonic() - started < 1.0
+    assert predict(slot) == ("2", 2.0)
+    gate.set()
+    wait_for(lambda: any(p.factor == 3 and p.closed for p in loaded), timeout=10, what="3 closed")
+    assert predict(slot) == ("2", 2.0)
