@@ -102,9 +102,10 @@ class Settings(BaseSettings):
     abandoned, its partial files removed, and retried with backoff."""
 
     pull_min_bytes_per_s: float = Field(default=64 * 1024, ge=0)
-    """Over every ``pull_rate_window_s`` of a pull, at least this many bytes per second must
-    arrive, or the pull is abandoned even inside a blocked read (a store that trickles);
-    0 turns the rate check off."""
+    """Over every ``pull_rate_window_s`` of a store read, at least this many bytes per second
+    must arrive, or the pull is abandoned even inside a blocked read (a store that trickles);
+    time between reads (hashing a blob another version shares) does not count. 0 turns the
+    rate check off."""
 
     pull_rate_window_s: float = Field(default=30.0, gt=0)
     """The window the minimum pull rate is measured over."""
