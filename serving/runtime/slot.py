@@ -227,27 +227,12 @@ class ModelSlot:
                 new = self.load(resolved, source=source)
             except ServingError as exc:
                 current = self._live
-                label = exc.reason if isinstance(exc, IsolationFailed) else type(exc).__name__
-                metrics.SWAP_FAILURES.inc(model=self.name, reason=label)
-                log.warning(
-                    "swap failed",
-                    extra=_event(
-                        "swap_failed",
-                        self.name,
-                        current.version if current else None,
-                        resolved.version,
-                        started,
-                        str(exc),
-                    ),
-                )
+                self._load_failed(exc, current.version if current else None, resolved, started)
                 raise
         with self._swap_lock:
             old = self._live
             key = (new.version, new.manifest_sha256)
-            if key in self._failed:
-                # NOTE: it failed its probation on this replica while this load ran.
-                new.retire()
-                raise LoadError(f"{self.name}:{new.version} failed on this replica: {self._failed[key]}")
+            self._refuse_if_failed(new)
             moot = (
                 (
                     expect_live is not None
@@ -294,6 +279,26 @@ class ModelSlot:
                 ),
             )
             return new
+
+    def _load_failed(
+        self, exc: ServingError, from_version: str | None, resolved: Resolved, started: float, role: str = ""
+    ) -> None:
+        """Count and log a load that failed, for the live version or (``role``) a canary or shadow."""
+        label = exc.reason if isinstance(exc, IsolationFailed) else type(exc).__name__
+        metrics.SWAP_FAILURES.inc(model=self.name, reason=label)
+        extra = _event("swap_failed", self.name, from_version, resolved.version, started, str(exc))
+        if role:
+            log.warning("%s load failed", role, extra=extra | {"role": role})
+        else:
+            log.warning("swap failed", extra=extra)
+
+    def _refuse_if_failed(self, new: Live) -> None:
+        """Under the swap lock: a version that failed its probation on this replica while it
+        loaded is closed, never swapped in or given a role."""
+        note = self._failed.get((new.version, new.manifest_sha256))
+        if note is not None:
+            new.retire()
+            raise LoadError(f"{self.name}:{new.version} failed on this replica: {note}")
 
     def _probation_failed(self, resolved: Resolved, note: str) -> None:
         """``resolved``'s worker failed within its first requests: never serve it again on
@@ -357,27 +362,10 @@ class ModelSlot:
             new = self.load(resolved)
         except ServingError as exc:
             old = self._companions.get(role)
-            label = exc.reason if isinstance(exc, IsolationFailed) else type(exc).__name__
-            metrics.SWAP_FAILURES.inc(model=self.name, reason=label)
-            log.warning(
-                "%s load failed",
-                role,
-                extra=_event(
-                    "swap_failed",
-                    self.name,
-                    old.version if old else None,
-                    resolved.version,
-                    started,
-                    str(exc),
-                )
-                | {"role": role},
-            )
+            self._load_failed(exc, old.version if old else None, resolved, started, role=role)
             raise
         with self._swap_lock:
-            key = (new.version, new.manifest_sha256)
-            if key in self._failed:
-                new.retire()
-                raise LoadError(f"{self.name}:{new.version} failed on this replica: {self._failed[key]}")
+            self._refuse_if_failed(new)
             if self._closed or (still_wanted is not None and not still_wanted()):
                 new.retire()
                 raise NotReady(f"model {self.name!r}: {resolved.version} is no longer wanted as {role}")
