@@ -6,11 +6,14 @@ so a config that validates here deploys the same everywhere.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.manifest import check_name
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}$")
 
 
 class BatchingConfig(BaseModel):
@@ -28,7 +31,13 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: str = ""
+    """The model's name in the store. Leave it out and set ``prefix`` for a model set."""
+    prefix: str | None = None
+    """A model set instead of one model: every model in the store whose name starts with this
+    (``""``: every model) and that has ``alias``, loaded on its first request and evicted
+    under ``pool.memory_bytes``. A model published after start is served without a redeploy.
+    The other fields are each member's settings."""
     alias: str | None = "production"
     """Follow this alias; moving it in the store swaps the served version."""
     version: str | None = None
@@ -75,7 +84,15 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_pointer(self) -> ModelConfig:
-        check_name(self.name, "model name")
+        if self.prefix is not None:
+            if self.name:
+                raise ValueError(f"model set {self.prefix!r}: set a name or a prefix, not both")
+            if self.version is not None:
+                raise ValueError(f"model set {self.prefix!r} follows an alias; it cannot pin a version")
+            if self.prefix and not _PREFIX_RE.fullmatch(self.prefix):
+                raise ValueError(f"invalid prefix {self.prefix!r}: use letters, digits, '.', '_' or '-'")
+        else:
+            check_name(self.name, "model name")
         if self.version is not None:
             check_name(self.version, "version")
             self.alias = None
@@ -89,7 +106,44 @@ class ModelConfig(BaseModel):
 
     @property
     def ref(self) -> str:
+        if self.prefix is not None:
+            return f"{self.prefix}*@{self.alias}"
         return f"{self.name}@{self.alias}" if self.alias else f"{self.name}:{self.version}"
+
+    def admits(self, name: str) -> bool:
+        """Whether this model set serves the model ``name`` (a plain entry: only its own)."""
+        if self.prefix is None:
+            return name == self.name
+        return name.startswith(self.prefix)
+
+    def member(self, name: str) -> ModelConfig:
+        """The config of ``name`` as a member of this set."""
+        return self.model_copy(update={"name": name, "prefix": None})
+
+
+class PoolConfig(BaseModel):
+    """Models loaded on demand (the members of model sets) share one memory budget per replica.
+
+    The budget counts memory measured after each load: a model worker's proportional set
+    size (its private pages and its share of the ones it shares), or, for a model that
+    loads in the serving process, its growth of the process's RSS during the load (never
+    less than its files' size). The least recently used idle model is unloaded to make
+    room; a request that cannot fit gets 503 with ``Retry-After``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    memory_bytes: int | None = Field(default=None, ge=1)
+    """The budget; None: unbounded (models still load on demand)."""
+    max_concurrent_loads: int = Field(default=4, ge=1)
+    """Loads of different models at once; more wait. One model's loads are single-flight."""
+    pinned: list[str] = Field(default_factory=list)
+    """Members loaded at start and never evicted."""
+    prefetch: list[str] = Field(default_factory=list)
+    """Members loaded at start, evicted like any other."""
+    retry_after_s: int = Field(default=5, ge=1)
+    """``Retry-After`` of a 503 when a model cannot fit the budget now."""
+    load_wait_s: float = Field(default=60.0, gt=0)
+    """How long a request waits for its model to load (and for a free load) before a 503."""
 
 
 class IngressConfig(BaseModel):
@@ -124,6 +178,9 @@ class AppConfig(BaseModel):
     store: str | None = None
     """Store URI; defaults to ``SERVING_STORE`` (``./model-store``)."""
     models: list[ModelConfig] = Field(min_length=1)
+    """Named models, loaded at start and never evicted, and model sets (``prefix``), whose
+    members load on their first request under ``pool``."""
+    pool: PoolConfig = Field(default_factory=PoolConfig)
     poll_interval_s: float = Field(default=5.0, gt=0)
     """Seconds between alias checks (with jitter)."""
     poll_jitter: float = Field(default=0.2, ge=0, le=1)
@@ -155,8 +212,37 @@ class AppConfig(BaseModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:
-        names = [m.name for m in self.models]
+        names = [m.name for m in self.named]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"model names must be unique: {sorted(dupes)}")
+        prefixes = [m.prefix or "" for m in self.model_sets]
+        dupes = {p for p in prefixes if prefixes.count(p) > 1}
+        if dupes:
+            raise ValueError(f"model set prefixes must be unique: {sorted(dupes)}")
+        for name in [*self.pool.pinned, *self.pool.prefetch]:
+            check_name(name, "model name")
+            if self.set_for(name) is None:
+                raise ValueError(f"pool: {name!r} is not a member of any model set")
+        if self.model_sets and self.layout == "two-hop":
+            raise ValueError("model sets (prefix) need layout: single-hop")
         return self
+
+    @property
+    def named(self) -> list[ModelConfig]:
+        """The models named one by one: loaded at start, never evicted."""
+        return [m for m in self.models if m.prefix is None]
+
+    @property
+    def model_sets(self) -> list[ModelConfig]:
+        """The model sets (``prefix``): members load on demand."""
+        return [m for m in self.models if m.prefix is not None]
+
+    def set_for(self, name: str) -> ModelConfig | None:
+        """The model set that serves ``name`` (the longest matching prefix), if any.
+
+        A named model is never a member of a set, whatever its name."""
+        if any(m.name == name for m in self.named):
+            return None
+        matches = [m for m in self.model_sets if m.admits(name)]
+        return max(matches, key=lambda m: len(m.prefix or "")) if matches else None

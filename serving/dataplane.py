@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from serving.config import AppConfig
-from serving.errors import Forbidden, ModelNotFound, ServingError, Unauthorized
+from serving.errors import Forbidden, InvalidRequest, ModelNotFound, ServingError, Unauthorized
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata, check_model
 from serving.runtime.service import index_entry
 
@@ -67,6 +67,26 @@ class LoadPort(Protocol):
         ...
 
 
+class ModelSets(Protocol):
+    """The members of model sets (``prefix``): models loaded on demand under a memory budget."""
+
+    def port(self, name: str) -> ModelPort | None:
+        """The port of ``name`` if a model set serves it (loaded or not); None otherwise."""
+        ...
+
+    async def load(self, name: str, timeout: float) -> bool:
+        """Load ``name`` if it is not loaded and check its alias now; whether the check finished."""
+        ...
+
+    async def unload(self, name: str) -> bool:
+        """Unload ``name``; whether it was loaded."""
+        ...
+
+    async def snapshot(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per loaded member, per replica id: its status."""
+        ...
+
+
 class DataPlane:
     """Every protocol operation over model ports and a load port.
 
@@ -80,6 +100,7 @@ class DataPlane:
         models: a port per served model name.
         loads: load requests and replica snapshots.
         admin_token: when set, :meth:`load` requires it as a bearer token.
+        sets: the members of the config's model sets, if it has any.
     """
 
     def __init__(
@@ -90,8 +111,10 @@ class DataPlane:
         *,
         admin_token: str | None = None,
         load_timeout_s: float = LOAD_TIMEOUT_S,
+        sets: ModelSets | None = None,
     ) -> None:
         self.config = config
+        self.sets = sets
         self.models = dict(models)
         self.loads = loads
         self._admin_token = admin_token.encode() if admin_token else None
@@ -107,10 +130,11 @@ class DataPlane:
         """
         check_model(name, version)
         port = self.models.get(name)
+        if port is None and self.sets is not None:
+            port = self.sets.port(name)
         if port is None:
-            raise ModelNotFound(
-                f"model {name!r} is not served here; served: {', '.join(sorted(self.models))}"
-            )
+            served = [*sorted(self.models), *(m.ref for m in self.config.model_sets)]
+            raise ModelNotFound(f"model {name!r} is not served here; served: {', '.join(served)}")
         return port
 
     # -- health and metadata ---------------------------------------------------------
@@ -118,7 +142,7 @@ class DataPlane:
         return True
 
     async def ready(self) -> bool:
-        """Whether every model has a version to answer with."""
+        """Whether every named model has a version to answer with (model sets load on demand)."""
         return all(await asyncio.gather(*(port.ready(None) for port in self.models.values())))
 
     def server_metadata(self) -> ServerMetadata:
@@ -157,7 +181,13 @@ class DataPlane:
     async def index(self) -> list[dict[str, Any]]:
         """One row per configured model: target, live versions per replica, convergence."""
         snap = await self.loads.snapshot()
-        return [index_entry(cfg, snap.get(cfg.name, {})) for cfg in self.config.models]
+        rows = [index_entry(cfg, snap.get(cfg.name, {})) for cfg in self.config.named]
+        if self.sets is not None:
+            for name, replicas in sorted((await self.sets.snapshot()).items()):
+                model_set = self.config.set_for(name)
+                if model_set is not None:
+                    rows.append({**index_entry(model_set.member(name), replicas), "set": model_set.prefix})
+        return rows
 
     def authorize(self, authorization: str | None) -> None:
         """Check an ``Authorization: Bearer <token>`` value against the admin token, if one is set.
@@ -182,6 +212,9 @@ class DataPlane:
         """
         self.authorize(authorization)
         self.model(model)
+        if model not in self.models and self.sets is not None:
+            done = await self.sets.load(model, self._load_timeout_s)
+            return await self._row(model), done
         generation = await self.loads.request(model)
         key = (model, generation)
         wait = self._waits.get(key)
@@ -190,5 +223,21 @@ class DataPlane:
             self._waits[key] = wait
             wait.add_done_callback(lambda _: self._waits.pop(key, None))
         done = await asyncio.shield(wait)
-        entry = next(e for e in await self.index() if e["name"] == model)
-        return entry, done
+        return await self._row(model), done
+
+    async def _row(self, model: str) -> dict[str, Any]:
+        return next((e for e in await self.index() if e["name"] == model), {"name": model, "loaded": False})
+
+    async def unload(self, model: str, authorization: str | None) -> dict[str, Any]:
+        """Unload a model-set member from this process (its next request loads it again).
+
+        Raises:
+            InvalidRequest: ``model`` is a named model, loaded for as long as the server runs.
+        """
+        self.authorize(authorization)
+        self.model(model)
+        if model in self.models or self.sets is None:
+            raise InvalidRequest(
+                f"model {model!r} is named in the config and stays loaded; only members of model sets unload"
+            )
+        return {"name": model, "unloaded": await self.sets.unload(model)}

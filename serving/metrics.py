@@ -12,6 +12,7 @@ Labels are bounded: model, version, outcome, status code, and the version's role
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -270,6 +271,26 @@ ALIAS_EVENTS = _counter(
     "event",
 )
 
+# -- the pool of models loaded on demand (model sets) ----------------------------------
+POOL_MODELS = _gauge("serving_pool_models", "Models of model sets loaded in this replica now.")
+POOL_BYTES = _gauge("serving_pool_bytes", "Memory those models hold, measured after each load.")
+POOL_BUDGET_BYTES = _gauge("serving_pool_budget_bytes", "The replica's memory budget for them (0: none).")
+POOL_LOOKUPS = _counter(
+    "serving_pool_lookups_total",
+    "Requests for members of model sets: found loaded (warm), loaded for them (cold), or refused.",
+    "result",
+)
+POOL_LOAD_SECONDS = _histogram(
+    "serving_pool_load_duration_seconds",
+    "Time from a cold request to its model being loaded (pull, isolation, load, warm-up).",
+    DURATION_BUCKETS,
+)
+POOL_EVICTIONS = _counter(
+    "serving_pool_evictions_total",
+    "Models unloaded from the pool: to make room (budget), on an unload request, or at stop.",
+    "reason",
+)
+
 ALL = [
     REQUESTS,
     REQUEST_SECONDS,
@@ -295,8 +316,35 @@ ALL = [
     ALIAS_CHECKS,
     ALIAS_CHECK_AGE,
     ALIAS_EVENTS,
+    POOL_MODELS,
+    POOL_BYTES,
+    POOL_BUDGET_BYTES,
+    POOL_LOOKUPS,
+    POOL_LOAD_SECONDS,
+    POOL_EVICTIONS,
 ]
 """Every metric this project exports; the dashboard and alert tests check against it."""
+
+
+def forget_model(name: str) -> None:
+    """Drop every series labelled ``model=name`` (a model unloaded from the pool).
+
+    So the ``model`` label holds the models loaded now, not every model a replica ever
+    loaded. NOTE: Ray's exporter keeps counters it was given; there, the series of
+    unloaded models stop changing and gauges vanish (they are no longer re-set).
+    """
+    with _lock:
+        for key in [k for k in _gauges if ("model", name) in k[1]]:
+            del _gauges[key]
+    for metric in ALL:
+        if "model" not in metric.labels or metric._impl is None or metric._impl_backend != "prometheus":
+            continue
+        impl, at = metric._impl, metric.labels.index("model")
+        with impl._lock:
+            keys = [k for k in impl._metrics if k[at] == name]
+        for key in keys:
+            with contextlib.suppress(KeyError):
+                impl.remove(*key)
 
 
 RAY_PREFIX = "ray_"

@@ -30,6 +30,7 @@ from serving.isolation.worker import DEADLINE, WorkerLimits, WorkerPredictor
 from serving.protocol.tensors import check_reply_size, conform, select_outputs
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, status_of
 from serving.repository import Repository, Resolved
+from serving.runtime.memory import pss_bytes
 from serving.runtime.slot import Live, Loader, ModelSlot, ResidentVersions, default_loader
 from serving.runtime.traffic import Figures, Router, disagrees, merge
 from serving.runtime.watcher import AliasWatcher, Split
@@ -93,11 +94,20 @@ def policy_from(settings: Settings) -> LoadPolicy:
 class ModelService:
     """Serves one model: the live version (following an alias or pinned) plus explicit versions."""
 
-    def __init__(self, model: ModelConfig, app: AppConfig, settings: Settings) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        app: AppConfig,
+        settings: Settings,
+        *,
+        repo: Repository | None = None,
+        cache: LoaderCache | None = None,
+    ) -> None:
+        """``repo`` and ``cache``: shared with other models (model-set members); by default its own."""
         self.config = model
         self.app = app
-        repo = Repository(open_store(app.store or settings.store, settings))
-        cache = build_cache(app, settings)
+        repo = repo or Repository(open_store(app.store or settings.store, settings))
+        cache = cache or build_cache(app, settings)
 
         def trust_check(repo: Repository, resolved: Resolved) -> LoadPolicy:
             # NOTE: signature and load policy, checked before any artifact byte is read.
@@ -245,6 +255,18 @@ class ModelService:
         check_reply_size(selected, self.app.reply_limit)
         return InferResponse(self.config.name, live.version, request.id, selected)
 
+    def memory_bytes(self) -> int:
+        """What this model's loaded versions hold now (:mod:`serving.runtime.memory`)."""
+        total = 0
+        seen: set[int] = set()
+        for live in [*self.slot.loaded(), *self.resident.loaded()]:
+            if id(live) in seen:
+                continue
+            seen.add(id(live))
+            pid = live.predictor.pid if isinstance(live.predictor, WorkerPredictor) else None
+            total += pss_bytes(pid) if pid else live.memory_bytes
+        return total
+
     def close(self) -> None:
         """Stop the shadow mirror's thread and release every loaded version."""
         self.mirror.close()
@@ -314,7 +336,11 @@ class ModelService:
 
     def status(self) -> dict[str, Any]:
         """What this replica serves (the index's per-replica row), with its per-version figures."""
-        status = {**self._watch_status(), "figures": self.figures.snapshot()}
+        status = {
+            **self._watch_status(),
+            "figures": self.figures.snapshot(),
+            "memory_bytes": self.memory_bytes(),
+        }
         live = self.slot.live
         if live is not None and isinstance(live.predictor, WorkerPredictor):
             status["worker"] = live.predictor.status()

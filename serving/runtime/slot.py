@@ -28,6 +28,7 @@ from serving.isolation.prober import Prober
 from serving.isolation.worker import WorkerPredictor
 from serving.manifest import Manifest
 from serving.repository import Repository, Resolved
+from serving.runtime.memory import rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class Live:
     loaded_at: float = field(default_factory=time.time)
     resolved: Resolved | None = None
     """What was loaded, so a failed successor can put this version back."""
+    memory_bytes: int = 0
+    """In-process models: what the load added to this process (:mod:`serving.runtime.memory`)."""
     source: str = "store"
     """``store`` normally; ``cache`` when resolved from the cache's memory (store down);
     ``last_good`` when the alias's target failed to load at start and this node's
@@ -145,6 +148,7 @@ class ModelSlot:
     def load(self, resolved: Resolved, source: str = "store") -> Live:
         """Fetch, verify trust, load and warm up a version without making it live."""
         started = time.perf_counter()
+        rss_before = rss_bytes()
         try:
             failed = self._failed.get((resolved.version, resolved.manifest_sha256))
             if failed is not None:
@@ -184,6 +188,9 @@ class ModelSlot:
             cached.manifest_sha256,
             predictor,
             pin,
+            memory_bytes=0
+            if isinstance(predictor, WorkerPredictor)
+            else max(cached.manifest.total_bytes, rss_bytes() - rss_before),
             resolved=resolved,
             source=source,
         )
@@ -338,6 +345,11 @@ class ModelSlot:
                 metrics.ROLE_VERSION.set(0, model=self.name, version=companion.version, role=role)
                 return role, companion
         return None
+
+    def loaded(self) -> list[Live]:
+        """The live version and its companions (canary, shadow)."""
+        live = self._live
+        return ([live] if live is not None else []) + list(self._companions.values())
 
     def companion(self, role: str) -> Live | None:
         """The version loaded for ``role`` (``canary`` or ``shadow``), if any."""
@@ -545,6 +557,10 @@ class ResidentVersions:
     def versions(self) -> list[str]:
         with self._lock:
             return list(self._loaded)
+
+    def loaded(self) -> list[Live]:
+        with self._lock:
+            return list(self._loaded.values())
 
     def pending(self) -> int:
         """Single-flight entries of loads in progress (0 when idle)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -100,14 +101,43 @@ def app_args_from(args: argparse.Namespace) -> dict[str, Any]:
     if args.model:
         models = []
         for ref_text in args.model:
+            head, _, alias = ref_text.partition("@")
+            if head.endswith("*"):
+                # NOTE: "fraud-*@production" is a model set: every model named fraud-... with that alias.
+                if "*" in head[:-1] or ":" in head:
+                    raise InvalidRequest(
+                        f"invalid model set {ref_text!r}: use PREFIX*@ALIAS, e.g. 'fraud-*@production'"
+                    )
+                models.append({"prefix": head[:-1], "alias": alias or "production"})
+                continue
             ref = ModelRef.parse(ref_text)
             models.append({"name": ref.name, "alias": ref.alias, "version": ref.version})
         app_args["models"] = models
+    budget = getattr(args, "memory_budget", None)
+    if budget:
+        app_args.setdefault("pool", {})["memory_bytes"] = parse_bytes(budget)
     app_args.setdefault("models", [{"name": "iris", "alias": "production"}])
     if args.poll_interval:
         app_args["poll_interval_s"] = args.poll_interval
     AppConfig.model_validate(app_args)  # fail fast, before Ray starts
     return app_args
+
+
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2, "MIB": 1024**2}
+_UNITS |= {"G": 1000**3, "GB": 1000**3, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4, "TIB": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """``1GiB``, ``512MiB``, ``2G`` or a plain number of bytes.
+
+    Raises:
+        InvalidRequest: anything else, or zero.
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise InvalidRequest(f"invalid size {text!r}: use a number of bytes or e.g. 512MiB, 1GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -210,7 +240,18 @@ def grpc_options(port: int) -> dict[str, Any] | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="Serve config file (deploy/serve.yaml) or app args YAML")
-    parser.add_argument("--model", action="append", help="REF to serve, e.g. iris@production (repeatable)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        help="REF to serve, e.g. iris@production, or a model set PREFIX*@ALIAS, e.g. 'fraud-*@production' "
+        "(every model named fraud-... with that alias, loaded on demand; repeatable)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        default=None,
+        help="--standalone: memory for the members of model sets, e.g. 1GiB; the least recently used "
+        "idle ones are unloaded to fit",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8080)

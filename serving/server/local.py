@@ -22,16 +22,25 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from serving.config import AppConfig, PoolConfig
+from serving.errors import ModelNotFound
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
-from serving.runtime.service import ModelService
+from serving.repository import Repository
+from serving.runtime.pool import Entry, ModelPool
+from serving.runtime.service import ModelService, build_cache
+from serving.settings import Settings
+from serving.store import open_store
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -172,21 +181,182 @@ def replica_id() -> str:
 
 
 class LocalLoads:
-    """The load port of one process that serves every model itself."""
+    """The load port of one process that serves every model itself.
 
-    def __init__(self, models: Mapping[str, tuple[ModelService, Waker]]) -> None:
+    ``members``: the model-set members loaded now, each with its service and waker
+    (they come and go with the pool)."""
+
+    def __init__(
+        self,
+        models: Mapping[str, tuple[ModelService, Waker]],
+        members: Callable[[], Mapping[str, tuple[ModelService, Waker]]] | None = None,
+    ) -> None:
         self._models = dict(models)
+        self._members = members
         self.replica = replica_id()
 
+    def _all(self) -> dict[str, tuple[ModelService, Waker]]:
+        return {**(self._members() if self._members else {}), **self._models}
+
     async def request(self, model: str) -> int:
-        return self._models[model][1].request()
+        found = self._all().get(model)
+        return found[1].request() if found else 0
 
     async def wait_done(self, model: str, generation: int, timeout: float) -> bool:
-        return await asyncio.to_thread(self._models[model][1].wait_done, generation, timeout)
+        found = self._all().get(model)
+        return await asyncio.to_thread(found[1].wait_done, generation, timeout) if found else True
 
     async def snapshot(self) -> dict[str, dict[str, dict[str, Any]]]:
         now = time.time()
         return {
             name: {self.replica: {**service.status(), "generation": waker.generation, "reported_at": now}}
-            for name, (service, waker) in self._models.items()
+            for name, (service, waker) in self._all().items()
         }
+
+
+class LocalMember(Protocol):
+    """A model-set member served in this process: a ModelService, its port, and a forced check."""
+
+    name: str
+    service: ModelService
+    port: LocalModel
+
+    def load(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def memory_bytes(self) -> int: ...
+
+
+class PooledModel:
+    """The model port of a model-set member: takes a use of it in the pool, loading it if needed.
+
+    A member already loaded is used at once, on the loop; a cold one is loaded by a
+    thread (:meth:`ModelPool.enter` blocks on the pull and the load) while the loop
+    serves other requests.
+    """
+
+    def __init__(self, pool: ModelPool[LocalMember], name: str) -> None:
+        self._pool = pool
+        self.name = name
+
+    async def _use(self) -> Entry[LocalMember]:
+        entry = self._pool.get_loaded(self.name)
+        if entry is None:
+            entry = await asyncio.to_thread(self._pool.enter, self.name)
+        return entry
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        entry = await self._use()
+        try:
+            return await entry.member.port.infer(request)
+        finally:
+            self._pool.leave(entry)
+
+    async def metadata(self, version: str | None) -> ModelMetadata:
+        entry = await self._use()
+        try:
+            return await entry.member.port.metadata(version)
+        finally:
+            self._pool.leave(entry)
+
+    async def refused(self, version: str | None, status: int) -> None:
+        # NOTE: a member that is not loaded has no series; its refusals count nowhere rather
+        # than grow the model label.
+        entry = self._pool.get_loaded(self.name, touch=False)
+        if entry is not None:
+            try:
+                await entry.member.port.refused(version, status)
+            finally:
+                self._pool.leave(entry)
+
+    async def ready(self, version: str | None) -> bool:
+        """Whether it could answer now: loaded, or loadable on its first request (True)."""
+        entry = self._pool.get_loaded(self.name, touch=False)
+        if entry is None:
+            return version is None
+        try:
+            ready: bool = await entry.member.port.ready(version)
+            return ready
+        finally:
+            self._pool.leave(entry)
+
+    async def status(self) -> dict[str, Any]:
+        entry = self._pool.get_loaded(self.name, touch=False)
+        if entry is None:
+            return {"model": self.name, "loaded": False}
+        try:
+            status: dict[str, Any] = await entry.member.port.status()
+            return status
+        finally:
+            self._pool.leave(entry)
+
+
+class PooledModels:
+    """The members of this process's model sets, over one :class:`ModelPool`.
+
+    Args:
+        pool: the members loaded here.
+        admits: whether a model set serves a name.
+        loads: the load port that reaches every replica of a member (alias checks and
+            reports): :class:`LocalLoads` over the pool here, the board on Ray.
+    """
+
+    def __init__(self, pool: ModelPool[LocalMember], admits: Callable[[str], bool], loads: Any) -> None:
+        self.pool = pool
+        self._admits = admits
+        self._loads = loads
+
+    def port(self, name: str) -> PooledModel | None:
+        return PooledModel(self.pool, name) if self._admits(name) else None
+
+    async def load(self, name: str, timeout: float) -> bool:
+        """Load ``name`` here if it is not loaded, then have every replica holding it check its alias."""
+        entry = await asyncio.to_thread(self.pool.enter, name)
+        try:
+            generation = await self._loads.request(name)
+            done: bool = await self._loads.wait_done(name, generation, timeout)
+            return done
+        finally:
+            self.pool.leave(entry)
+
+    async def unload(self, name: str) -> bool:
+        return await asyncio.to_thread(self.pool.unload, name)
+
+    async def snapshot(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per member some replica holds, per replica: its status."""
+        snap: dict[str, dict[str, dict[str, Any]]] = await self._loads.snapshot()
+        return {name: replicas for name, replicas in snap.items() if self._admits(name)}
+
+
+def open_pool(
+    app: AppConfig, settings: Settings, make_member: Callable[[ModelService], LocalMember]
+) -> ModelPool[LocalMember]:
+    """The pool of a process's model-set members; they share one store client and one cache."""
+    repo = Repository(open_store(app.store or settings.store, settings))
+    cache = build_cache(app, settings)
+
+    def open_member(name: str) -> LocalMember:
+        model_set = app.set_for(name)
+        if model_set is None:
+            raise ModelNotFound(f"model {name!r} is not served here")
+        return make_member(ModelService(model_set.member(name), app, settings, repo=repo, cache=cache))
+
+    return ModelPool(
+        open_member,
+        memory_bytes=app.pool.memory_bytes,
+        max_concurrent_loads=app.pool.max_concurrent_loads,
+        retry_after_s=app.pool.retry_after_s,
+        load_wait_s=app.pool.load_wait_s,
+    )
+
+
+def prefetch(pool: ModelPool[LocalMember], config: PoolConfig, stop: threading.Event) -> None:
+    """Load the pool's pinned and prefetched members, each once; a failure is logged."""
+    for name, pin in [*((n, True) for n in config.pinned), *((n, False) for n in config.prefetch)]:
+        if stop.is_set():
+            return
+        try:
+            pool.load(name, pin=pin)
+        except Exception as exc:  # noqa: BLE001 -- NOTE: it loads on its first request instead
+            log.warning("could not prefetch %s: %s", name, exc)

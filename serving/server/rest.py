@@ -66,6 +66,7 @@ ROUTES = [
     _route("GET", "/v2/repository/index", "repository_index"),
     _route("POST", "/v2/repository/index", "repository_index"),
     _route("POST", "/v2/repository/models/{model}/load", "load"),
+    _route("POST", "/v2/repository/models/{model}/unload", "unload"),
     _route("GET", "/v2/models/{model}", "model_metadata"),
     _route("GET", "/v2/models/{model}/versions/{version}", "model_metadata"),
     _route("GET", "/v2/models/{model}/ready", "model_ready"),
@@ -113,6 +114,7 @@ class RestApi:
             "server_metadata": self._server_metadata,
             "repository_index": self._repository_index,
             "load": self._load,
+            "unload": self._unload,
             "model_metadata": self._model_metadata,
             "model_ready": self._model_ready,
             "infer": self._infer,
@@ -204,3 +206,6 @@ class RestApi:
     async def _load(self, request: HttpRequest, model: str) -> rest.Reply:
         entry, done = await self.plane.load(model, request.headers.get("authorization"))
         return rest.ok(entry, status=200 if done else 202)
+
+    async def _unload(self, request: HttpRequest, model: str) -> rest.Reply:
+        return rest.ok(await self.plane.unload(model, request.headers.get("authorization")))

@@ -50,10 +50,11 @@ import orjson
 
 from serving.config import AppConfig
 from serving.dataplane import DataPlane
+from serving.runtime.pool import ModelPool
 from serving.runtime.service import ModelService
 from serving.runtime.watcher import run_forever
 from serving.server.asgi import Receive, Scope, Send, request_from_asgi, send_reply
-from serving.server.local import LocalLoads, LocalModel, Waker
+from serving.server.local import LocalLoads, LocalMember, LocalModel, PooledModels, Waker, open_pool, prefetch
 from serving.server.rest import RestApi
 from serving.settings import Settings, get_settings
 
@@ -68,13 +69,20 @@ _START_RETRY_MAX_S = 30.0
 
 
 class _Model:
-    """A ModelService, its watcher thread and its load requests."""
+    """A ModelService, its watcher thread and its load requests.
 
-    def __init__(self, service: ModelService, stop: threading.Event) -> None:
+    A named model's thread loads it, retrying until it does, then follows its alias.
+    A model-set member is a :class:`serving.runtime.pool.Member`: the pool calls
+    :meth:`load` (the first version, in the caller's thread; a failure is the
+    caller's error) and :meth:`close` (stop following, unload).
+    """
+
+    def __init__(self, service: ModelService, stop: threading.Event, offload: float | None = None) -> None:
         self.service = service
         self.name = service.config.name
         self.stop = stop
         self.waker = Waker(stop)
+        self.port = LocalModel(service, offload)
         self.thread = threading.Thread(target=self._run, name=f"watch-{self.name}", daemon=True)
 
     def _run(self) -> None:
@@ -89,6 +97,9 @@ class _Model:
                 log.warning("model %s did not load: %s; retrying in %.0f s", self.name, exc, delay)
                 self.waker.wait(delay)
                 delay = min(_START_RETRY_MAX_S, delay * 2)
+        self._follow()
+
+    def _follow(self) -> None:
         watcher = self.service.watcher
         if watcher is not None and not self.stop.is_set():
             run_forever(watcher, self.waker.wait, self.stop)
@@ -96,6 +107,22 @@ class _Model:
             # NOTE: a pinned version has nothing to follow; a load request is done at once.
             while not self.stop.is_set():
                 self.waker.wait(60.0)
+
+    # -- as a pool member --------------------------------------------------------------
+    def load(self) -> None:
+        self.service.start()
+        self.thread = threading.Thread(target=self._follow, name=f"watch-{self.name}", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.waker.wake_all()
+        if self.thread.is_alive():
+            self.thread.join(5.0)
+        self.service.close()
+
+    def memory_bytes(self) -> int:
+        return self.service.memory_bytes()
 
 
 @dataclass(frozen=True)
@@ -146,15 +173,36 @@ class StandaloneApp:
         self._grpc_server: Any = None
         self._stop = threading.Event()
         self._started = False
-        self.models = {m.name: _Model(ModelService(m, config, settings), self._stop) for m in config.models}
         offload = _OFFLOAD.get(predict)
+        self.models = {
+            m.name: _Model(ModelService(m, config, settings), self._stop, offload) for m in config.named
+        }
+        self.pool: ModelPool[LocalMember] | None = None
+        sets: PooledModels | None = None
+        loads = LocalLoads({name: (m.service, m.waker) for name, m in self.models.items()}, self._members)
+        if config.model_sets:
+            self.pool = open_pool(
+                config, settings, lambda service: _Model(service, threading.Event(), offload)
+            )
+            sets = PooledModels(self.pool, lambda name: config.set_for(name) is not None, loads)
         self.plane = DataPlane(
             config,
-            {name: LocalModel(m.service, offload) for name, m in self.models.items()},
-            LocalLoads({name: (m.service, m.waker) for name, m in self.models.items()}),
+            {name: m.port for name, m in self.models.items()},
+            loads,
             admin_token=settings.admin_token_value(),
+            sets=sets,
         )
         self.rest = RestApi(self.plane)
+
+    def _members(self) -> dict[str, tuple[ModelService, Waker]]:
+        """The model-set members loaded now, with their wakers."""
+        out: dict[str, tuple[ModelService, Waker]] = {}
+        if self.pool is None:
+            return out
+        for name, member in self.pool.members().items():
+            if isinstance(member, _Model):
+                out[name] = (member.service, member.waker)
+        return out
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -164,6 +212,10 @@ class StandaloneApp:
         self._started = True
         for model in self.models.values():
             model.thread.start()
+        if self.pool is not None:
+            threading.Thread(
+                target=prefetch, args=(self.pool, self.config.pool, self._stop), name="prefetch", daemon=True
+            ).start()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the watcher threads and release the loaded versions."""
@@ -175,6 +227,8 @@ class StandaloneApp:
             if model.thread.is_alive():
                 model.thread.join(max(0.0, deadline - time.monotonic()))
             model.service.close()
+        if self.pool is not None:
+            self.pool.close()
 
     async def _start_grpc(self) -> None:
         """Serve OIP over gRPC beside HTTP, on this loop and over the same data plane."""
@@ -292,7 +346,7 @@ def main(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
     grpc = GrpcListen(args.host, grpc_port, reuse_port=workers > 1) if grpc_port else None
     log.info(
         "serving %s on http://%s:%d (standalone, %d worker(s), predict %s), metrics on :%d/metrics",
-        ", ".join(m.name for m in config.models),
+        ", ".join(m.ref if m.prefix is not None else m.name for m in config.models),
         args.host,
         args.port,
         workers,

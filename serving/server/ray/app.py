@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -42,13 +43,14 @@ from serving.errors import InternalError, ServingError
 from serving.logs import configure_logging
 from serving.protocol.rest import Reply
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, describe_error
+from serving.runtime.pool import ModelPool
 from serving.runtime.service import ModelService
 from serving.server.asgi import request_from_asgi
 
 # NOTE: imported here, not lazily: a request the Serve proxy pickles to this replica
 # needs the codec module's alias of the generated classes before any method runs.
 from serving.server.grpc import InferenceServicer
-from serving.server.local import LocalModel
+from serving.server.local import LocalMember, LocalModel, PooledModels, open_pool, prefetch
 from serving.server.ray.batching import BatchedModel
 from serving.server.ray.board import BoardLoads, Follower, get_board, replica_context
 from serving.server.rest import RestApi
@@ -126,15 +128,25 @@ class Server(GrpcMethods):
         settings = get_settings()
         app_name, replica = replica_context()
         board = get_board(app_name)
-        services = [ModelService(m, self.app, settings) for m in self.app.models]
+        services = [ModelService(m, self.app, settings) for m in self.app.named]
         self._followers = [Follower(s, board, replica) for s in services]
         for follower in self._followers:
             follower.start()
+        loads = BoardLoads(board, self.app)
+        self.pool: ModelPool[LocalMember] | None = None
+        sets = None
+        if self.app.model_sets:
+            self.pool = open_pool(self.app, settings, lambda service: _Member(service, board, replica))
+            sets = PooledModels(self.pool, lambda name: self.app.set_for(name) is not None, loads)
+            threading.Thread(
+                target=prefetch, args=(self.pool, self.app.pool, threading.Event()), daemon=True
+            ).start()
         self.plane = DataPlane(
             self.app,
             {s.config.name: _model_port(s) for s in services},
-            BoardLoads(board, self.app),
+            loads,
             admin_token=settings.admin_token_value(),
+            sets=sets,
         )
         self.rest = RestApi(self.plane)
 
@@ -144,6 +156,29 @@ class Server(GrpcMethods):
     def __del__(self) -> None:
         for follower in getattr(self, "_followers", []):
             follower.stop()
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.close()
+
+
+class _Member:
+    """A model-set member in a single-hop replica: its service, port and board follower."""
+
+    def __init__(self, service: ModelService, board: Any, replica: str) -> None:
+        self.name = service.config.name
+        self.service = service
+        self.port = _model_port(service)
+        self._follower = Follower(service, board, replica)
+
+    def load(self) -> None:
+        self._follower.start()
+
+    def close(self) -> None:
+        self._follower.stop()
+        self.service.close()
+
+    def memory_bytes(self) -> int:
+        return self.service.memory_bytes()
 
 
 @serve.deployment
@@ -284,7 +319,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         single: serve.Application = cast(Any, Server).options(name="server", **options).bind(app_dict)
         return single
     handles: dict[str, Any] = {}
-    for model in config.models:
+    for model in config.named:
         handles[model.name] = (
             cast(Any, ModelDeployment)
             .options(**_deployment_options(model, config))

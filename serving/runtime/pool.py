@@ -1,0 +1,428 @@
+"""Models loaded on demand under one memory budget: the members of model sets.
+
+A replica that serves a model set (``models: [{prefix: "fraud-"}]``) does not load
+its members at start. :class:`ModelPool` loads a member on its first request, keeps
+it while it is used, and unloads the least recently used idle members when a load
+needs room under ``memory_bytes``::
+
+    request for m ── loaded? ── yes ─────────────────────────────────> use m
+                        │ no
+                        └─ m loading? ── yes: wait for that load (single-flight)
+                                │ no
+                                └─ take a load slot (at most max_concurrent_loads)
+                                   make room for m's expected size (evict LRU idle)
+                                   load m, measure it, make room again ──> use m
+
+- Memory is measured after each load (:mod:`serving.runtime.memory`), not taken from
+  the manifest; a member's size is measured again before each eviction decision, so
+  a swap to a bigger version counts.
+- Nothing is evicted while a request uses it, and pinned members never are.
+- A load that cannot fit (everything else is busy or pinned, or the model alone is
+  larger than the budget) is refused with :class:`serving.errors.Overloaded`, a 503
+  with ``Retry-After``: the replica never loads past its budget.
+- Loads of different members run at once up to the bound; there is no pool-wide lock
+  held during a load.
+
+The pool is plain Python over a :class:`Member` factory, so the server decides what a
+member is (a ModelService with its watcher thread) and tests drive it with fakes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from serving import metrics
+from serving.errors import NotFound, Overloaded
+
+log = logging.getLogger(__name__)
+
+SIZE_MEMORY = 4096
+"""Members whose last measured size is remembered after they were unloaded (LRU)."""
+MAX_MISSES = 1024
+"""Names remembered as not in the store (LRU), so a repeated miss costs no store request."""
+TOO_BIG_TTL_S = 60.0
+"""How long a member measured larger than the whole budget is refused without a new load."""
+
+
+class Member(Protocol):
+    """One model the pool can load and unload."""
+
+    name: str
+
+    def load(self) -> None:
+        """Load the model's first version (blocking); raise a ServingError if it cannot be."""
+        ...
+
+    def close(self) -> None:
+        """Unload it and free what it holds (stop its watcher, its workers)."""
+        ...
+
+    def memory_bytes(self) -> int:
+        """What it holds now."""
+        ...
+
+
+M = TypeVar("M", bound=Member)
+
+
+@dataclass
+class Entry(Generic[M]):
+    member: M
+    bytes: int
+    pinned: bool = False
+    users: int = 0
+    evicted: bool = False
+    """Out of the pool; closed when its last user leaves."""
+
+
+class ModelPool(Generic[M]):
+    """Members loaded on demand, LRU by measured bytes, within ``memory_bytes``.
+
+    Args:
+        opener: builds the member for a name (not loaded yet); raises for a name
+            that is not served (ModelNotFound).
+        memory_bytes: the budget; None for none (load on demand, never evict).
+        max_concurrent_loads: loads of different members at once.
+        retry_after_s: ``Retry-After`` of the 503 when a member cannot fit now.
+        load_wait_s: how long a request waits for a load (its own or another's).
+    """
+
+    def __init__(
+        self,
+        opener: Callable[[str], M],
+        *,
+        memory_bytes: int | None = None,
+        max_concurrent_loads: int = 4,
+        retry_after_s: int = 5,
+        load_wait_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._opener = opener
+        self.memory_bytes = memory_bytes
+        self.retry_after_s = retry_after_s
+        self.load_wait_s = load_wait_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, Entry[M]] = OrderedDict()
+        """Loaded members, least recently used first."""
+        self._loading: dict[str, Future[None]] = {}
+        self._reserved: dict[str, int] = {}
+        """Bytes set aside for each load in progress."""
+        self._sizes: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        """Last measured size per member and when, kept after it is unloaded."""
+        self._load_slots = threading.BoundedSemaphore(max_concurrent_loads)
+        self._misses: OrderedDict[str, tuple[float, NotFound]] = OrderedDict()
+        self.miss_ttl_s = 10.0
+        self._closed = False
+        metrics.POOL_BUDGET_BYTES.set(memory_bytes or 0)
+
+    # -- use ------------------------------------------------------------------------
+    @contextmanager
+    def use(self, name: str) -> Iterator[M]:
+        """The loaded member ``name``, loading it first if needed; not evicted while held.
+
+        Raises:
+            Overloaded: it cannot fit the budget now, or no load slot or load finished
+                within ``load_wait_s``.
+            ServingError: the opener or the load refused it (not found, untrusted, ...).
+        """
+        entry = self._enter(name)
+        try:
+            yield entry.member
+        finally:
+            self._leave(entry)
+
+    def get_loaded(self, name: str, *, touch: bool = True) -> Entry[M] | None:
+        """Take a use of ``name`` if it is loaded now (no wait); release with :meth:`leave`.
+
+        ``touch=False`` (a status or readiness check) neither counts a lookup nor makes it
+        recently used."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                return None
+            entry.users += 1
+            if touch:
+                self._entries.move_to_end(name)
+        if touch:
+            metrics.POOL_LOOKUPS.inc(result="warm")
+        return entry
+
+    def leave(self, entry: Entry[M]) -> None:
+        self._leave(entry)
+
+    def enter(self, name: str) -> Entry[M]:
+        """Take a use of ``name``, loading it first if needed (blocking); release with :meth:`leave`."""
+        return self._enter(name)
+
+    def _enter(self, name: str) -> Entry[M]:
+        entry = self.get_loaded(name)
+        if entry is not None:
+            return entry
+        with self._lock:
+            miss = self._misses.get(name)
+            if miss is not None and self._clock() - miss[0] < self.miss_ttl_s:
+                metrics.POOL_LOOKUPS.inc(result="refused")
+                raise miss[1]
+        deadline = self._clock() + self.load_wait_s
+        started = time.perf_counter()
+        tries = 0
+        while True:
+            with self._lock:
+                entry = self._entries.get(name)
+                if entry is not None:
+                    entry.users += 1
+                    self._entries.move_to_end(name)
+                    break
+                late = tries > 0 and self._clock() >= deadline
+                future = self._loading.get(name)
+                mine = future is None and not late
+                if mine:
+                    future = Future()
+                    self._loading[name] = future
+            if late or future is None:
+                # NOTE: loaded, then evicted by other loads before this request could use it.
+                metrics.POOL_LOOKUPS.inc(result="refused")
+                raise Overloaded(
+                    f"model {name!r} was unloaded again before it could be used", self.retry_after_s
+                )
+            tries += 1
+            if mine:
+                self._load(name, future, deadline)
+            try:
+                future.result(timeout=max(0.0, deadline - self._clock()))
+            except TimeoutError:
+                metrics.POOL_LOOKUPS.inc(result="refused")
+                raise Overloaded(
+                    f"model {name!r} is still loading after {self.load_wait_s:g} s", self.retry_after_s
+                ) from None
+            except Exception:
+                metrics.POOL_LOOKUPS.inc(result="refused")
+                raise
+        metrics.POOL_LOOKUPS.inc(result="cold")
+        metrics.POOL_LOAD_SECONDS.observe(time.perf_counter() - started)
+        return entry
+
+    def _leave(self, entry: Entry[M]) -> None:
+        with self._lock:
+            entry.users -= 1
+            close = entry.evicted and entry.users == 0
+        if close:
+            self._close(entry)
+
+    # -- load and unload ------------------------------------------------------------
+    def load(self, name: str, *, pin: bool = False) -> None:
+        """Load ``name`` now if it is not loaded (prefetch), and pin it if asked."""
+        with self.use(name):
+            if pin:
+                with self._lock:
+                    entry = self._entries.get(name)
+                    if entry is not None:
+                        entry.pinned = True
+
+    def unload(self, name: str, reason: str = "unload") -> bool:
+        """Take ``name`` out of the pool (even if pinned); it closes once its requests end."""
+        with self._lock:
+            entry = self._entries.pop(name, None)
+            if entry is None:
+                return False
+            entry.evicted = True
+            close = entry.users == 0
+        metrics.POOL_EVICTIONS.inc(reason=reason)
+        self._publish()
+        if close:
+            self._close(entry)
+        return True
+
+    def _load(self, name: str, future: Future[None], deadline: float) -> None:
+        """Load ``name`` for every request waiting on ``future``; settles it either way."""
+        try:
+            if not self._load_slots.acquire(timeout=max(0.0, deadline - self._clock())):
+                raise Overloaded(
+                    f"model {name!r} waited {self.load_wait_s:g} s for a free load", self.retry_after_s
+                )
+            try:
+                self._load_now(name)
+            finally:
+                self._load_slots.release()
+            future.set_result(None)
+        except BaseException as exc:  # noqa: BLE001 -- NOTE: every waiter gets the load's error
+            if isinstance(exc, NotFound):
+                with self._lock:
+                    self._misses[name] = (self._clock(), exc)
+                    self._misses.move_to_end(name)
+                    while len(self._misses) > MAX_MISSES:
+                        self._misses.popitem(last=False)
+            future.set_exception(exc)
+        finally:
+            with self._lock:
+                self._loading.pop(name, None)
+                self._reserved.pop(name, None)
+
+    def _load_now(self, name: str) -> None:
+        expected = self._expected_size(name)
+        self._make_room(name, expected)
+        member = self._opener(name)
+        try:
+            member.load()
+            size = member.memory_bytes()
+            self._remember(name, size)
+            self._make_room(name, size)
+        except BaseException:
+            member.close()
+            raise
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._entries[name] = Entry(member, size)
+        if closed:
+            member.close()
+            raise Overloaded("the server is stopping", self.retry_after_s)
+        log.info(
+            "loaded %s into the pool (%.1f MiB)",
+            name,
+            size / 2**20,
+            extra={"event": "pool_load", "model": name, "bytes": size},
+        )
+        self._publish()
+
+    def _expected_size(self, name: str) -> int:
+        with self._lock:
+            known = self._sizes.get(name)
+            if known is not None:
+                return known[0]
+            sizes = [e.bytes for e in self._entries.values()]
+        # NOTE: never measured: as big as a typical loaded member (0 in an empty pool).
+        return sum(sizes) // len(sizes) if sizes else 0
+
+    def _remember(self, name: str, size: int) -> None:
+        with self._lock:
+            self._sizes[name] = (size, self._clock())
+            self._sizes.move_to_end(name)
+            while len(self._sizes) > SIZE_MEMORY:
+                self._sizes.popitem(last=False)
+
+    def _make_room(self, name: str, size: int) -> None:
+        """Set ``size`` bytes aside for ``name``, evicting idle members as needed.
+
+        Raises:
+            Overloaded: the budget cannot hold ``size`` more bytes now.
+        """
+        budget = self.memory_bytes
+        if budget is None:
+            return
+        if size > budget:
+            known = self._sizes.get(name)
+            if known is not None and self._clock() - known[1] > TOO_BIG_TTL_S:
+                # NOTE: measured too big a while ago: its alias may point to a smaller version now.
+                with self._lock:
+                    self._sizes.pop(name, None)
+            raise Overloaded(
+                f"model {name!r} needs {size / 2**20:.1f} MiB, more than this replica's whole "
+                f"memory budget ({budget / 2**20:.1f} MiB)",
+                self.retry_after_s,
+            )
+        self._measure()
+        victims: list[Entry[M]] = []
+        with self._lock:
+            self._reserved.pop(name, None)
+            used = sum(e.bytes for e in self._entries.values()) + sum(self._reserved.values())
+            for key, entry in list(self._entries.items()):
+                if used + size <= budget:
+                    break
+                if entry.pinned or entry.users or key == name:
+                    continue
+                del self._entries[key]
+                entry.evicted = True
+                used -= entry.bytes
+                victims.append(entry)
+            fits = used + size <= budget
+            if fits:
+                self._reserved[name] = size
+        for entry in victims:
+            metrics.POOL_EVICTIONS.inc(reason="budget")
+            self._close(entry)
+        if victims:
+            self._publish()
+        if not fits:
+            raise Overloaded(
+                f"model {name!r} needs {size / 2**20:.1f} MiB and the models using this replica's "
+                f"memory budget ({budget / 2**20:.1f} MiB) are busy or pinned",
+                self.retry_after_s,
+            )
+
+    def _measure(self) -> None:
+        """Measure every loaded member again (a swap may have changed its size)."""
+        with self._lock:
+            entries = list(self._entries.values())
+        for entry in entries:
+            try:
+                entry.bytes = entry.member.memory_bytes()
+            except Exception:
+                log.exception("measuring %s failed", entry.member.name)
+
+    def _close(self, entry: Entry[M]) -> None:
+        name = entry.member.name
+        try:
+            entry.member.close()
+        except Exception:
+            log.exception("unloading %s failed", name)
+        metrics.forget_model(name)
+        log.info("unloaded %s from the pool", name, extra={"event": "pool_unload", "model": name})
+
+    def _publish(self) -> None:
+        with self._lock:
+            count = len(self._entries)
+            used = sum(e.bytes for e in self._entries.values())
+        metrics.POOL_MODELS.set(count)
+        metrics.POOL_BYTES.set(used)
+
+    # -- state ----------------------------------------------------------------------
+    def members(self) -> dict[str, M]:
+        """The loaded members by name (a member may be unloaded the moment after)."""
+        with self._lock:
+            return {name: e.member for name, e in self._entries.items()}
+
+    def loaded(self) -> list[str]:
+        """Loaded members, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the pool holds: per member its bytes, users and pin; totals and the budget."""
+        with self._lock:
+            members = {
+                name: {"bytes": e.bytes, "users": e.users, "pinned": e.pinned}
+                for name, e in self._entries.items()
+            }
+            loading = sorted(self._loading)
+        return {
+            "budget_bytes": self.memory_bytes,
+            "used_bytes": sum(m["bytes"] for m in members.values()),
+            "members": members,
+            "loading": loading,
+        }
+
+    def close(self) -> None:
+        """Unload every member (the server stops); one still in use closes when its request ends."""
+        with self._lock:
+            self._closed = True
+            entries = list(self._entries.values())
+            self._entries.clear()
+            idle = []
+            for entry in entries:
+                entry.evicted = True
+                if entry.users == 0:
+                    idle.append(entry)
+        metrics.POOL_EVICTIONS.inc(len(entries), reason="stop")
+        for entry in idle:
+            self._close(entry)
+        self._publish()

@@ -1,0 +1,65 @@
+"""Model sets on the chart's path (Ray Serve, single-hop): members load on demand under a budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from serving.repository import SetTarget
+from serving.testing.poll import wait_for
+
+from .conftest import app_args, infer, publish_iris, s3_env
+from .test_serve import s3_repo
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
+
+
+def test_members_load_on_demand_within_the_budget_and_a_late_one_is_served(
+    deploy, s3_bucket, tmp_path: Path, monkeypatch
+) -> None:
+    server, bucket = s3_bucket
+    repo, store = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "1")
+    repo.move_alias("iris", "production", SetTarget("1"))
+    for name in ("fraud-a", "fraud-b"):
+        publish_iris(repo, tmp_path, "1", name=name)
+        repo.move_alias(name, "production", SetTarget("1"))
+    args: dict[str, Any] = app_args(store, tmp_path / "cache", s3_env(server), model={"isolation": "none"})
+    args["models"].append({"prefix": "fraud-", "isolation": "none"})
+    base = deploy(args)
+    with httpx.Client(timeout=60) as client:
+        # NOTE: ready with no member loaded: members load on their first request.
+        index = client.get(base + "/v2/repository/index").json()
+        assert [row["name"] for row in index] == ["iris"]
+        assert infer(client, base, name="fraud-a").status_code == 200
+        publish_iris(repo, tmp_path, "1", name="fraud-late")
+        repo.move_alias("fraud-late", "production", SetTarget("1"))
+        late = infer(client, base, name="fraud-late")
+        assert late.status_code == 200, late.text
+        assert late.json()["model_name"] == "fraud-late"
+        assert infer(client, base, name="nobody").status_code == 404
+        # NOTE: the index shows which replica holds which member, with its measured bytes.
+        rows = wait_for(
+            lambda: {r["name"]: r for r in client.get(base + "/v2/repository/index").json()}.get(
+                "fraud-late"
+            ),
+            timeout=30,
+            what="fraud-late in the index",
+        )
+        assert rows["set"] == "fraud-"
+        # NOTE: a load request acts on the member (loads it, checks its alias); unload frees it.
+        loaded = client.post(base + "/v2/repository/models/fraud-b/load")
+        assert loaded.status_code == 200, loaded.text
+        unloaded = client.post(base + "/v2/repository/models/fraud-b/unload")
+        assert unloaded.json() == {"name": "fraud-b", "unloaded": True}
+        # NOTE: a member follows its alias while it is loaded.
+        publish_iris(repo, tmp_path, "2", c=0.01, name="fraud-a")
+        repo.move_alias("fraud-a", "production", SetTarget("2"))
+        wait_for(
+            lambda: infer(client, base, name="fraud-a").json()["model_version"] == "2",
+            timeout=60,
+            what="fraud-a to swap to version 2",
+        )

@@ -1,0 +1,205 @@
+"""The pool of model-set members: LRU by measured bytes, single-flight, bounded concurrent loads."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pytest
+
+from serving.errors import LoadError, ModelNotFound, Overloaded
+from serving.runtime.pool import ModelPool
+
+
+@dataclass
+class FakeMember:
+    name: str
+    size: int
+    gate: threading.Event | None = None
+    fail: Exception | None = None
+    loads: int = 0
+    closed: bool = False
+    started: threading.Event = field(default_factory=threading.Event)
+
+    def load(self) -> None:
+        self.loads += 1
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(10), "the test never opened the gate"
+        if self.fail is not None:
+            raise self.fail
+
+    def close(self) -> None:
+        self.closed = True
+
+    def memory_bytes(self) -> int:
+        return self.size
+
+
+class Opener:
+    """Builds fake members by name; records every member it built."""
+
+    def __init__(self, sizes: dict[str, int] | None = None, default: int = 40) -> None:
+        self.sizes = sizes or {}
+        self.default = default
+        self.built: list[FakeMember] = []
+        self.gate: threading.Event | None = None
+        self.fail: dict[str, Exception] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, name: str) -> FakeMember:
+        if name.startswith("missing"):
+            raise ModelNotFound(f"{name} is not in the store")
+        member = FakeMember(name, self.sizes.get(name, self.default), self.gate, self.fail.get(name))
+        with self.lock:
+            self.built.append(member)
+        return member
+
+    def members(self, name: str) -> list[FakeMember]:
+        return [m for m in self.built if m.name == name]
+
+
+def _use(pool: ModelPool[FakeMember], *names: str) -> None:
+    for name in names:
+        with pool.use(name):
+            pass
+
+
+def test_the_least_recently_used_idle_member_is_evicted_to_fit_the_budget() -> None:
+    opener = Opener(default=40)
+    pool = ModelPool(opener, memory_bytes=100)
+    _use(pool, "a", "b", "a")  # a is now more recent than b
+    _use(pool, "c")
+    assert sorted(pool.loaded()) == ["a", "c"]
+    assert opener.members("b")[0].closed
+    assert not opener.members("a")[0].closed
+    assert pool.snapshot()["used_bytes"] == 80
+
+
+def test_a_member_in_use_or_pinned_is_never_evicted_and_a_load_that_cannot_fit_gets_503() -> None:
+    opener = Opener(default=40)
+    pool = ModelPool(opener, memory_bytes=100, retry_after_s=7)
+    pool.load("pinned", pin=True)
+    with pool.use("busy"), pytest.raises(Overloaded) as refused:
+        _use(pool, "third")
+    assert refused.value.status_code == 503
+    assert refused.value.retry_after_s == 7
+    assert "busy or pinned" in str(refused.value)
+    assert sorted(pool.loaded()) == ["busy", "pinned"]
+    # NOTE: once busy is idle it makes room; pinned still stays.
+    _use(pool, "third")
+    assert sorted(pool.loaded()) == ["pinned", "third"]
+
+
+def test_a_member_larger_than_the_whole_budget_is_refused_and_unloaded() -> None:
+    opener = Opener(sizes={"huge": 500}, default=10)
+    pool = ModelPool(opener, memory_bytes=100)
+    with pytest.raises(Overloaded, match="more than this replica's whole memory budget"):
+        _use(pool, "huge")
+    assert opener.members("huge")[0].closed
+    assert pool.loaded() == []
+    # NOTE: its measured size is remembered: the next request is refused without a load.
+    with pytest.raises(Overloaded):
+        _use(pool, "huge")
+    assert len(opener.members("huge")) == 1
+
+
+def test_loads_of_one_member_are_single_flight() -> None:
+    opener = Opener()
+    opener.gate = threading.Event()
+    pool = ModelPool(opener, memory_bytes=1000)
+    with ThreadPoolExecutor(8) as threads:
+        futures = [threads.submit(_use, pool, "m") for _ in range(8)]
+        assert opener.built == [] or opener.built[0].started.wait(5)
+        opener.gate.set()
+        for f in futures:
+            f.result(timeout=10)
+    assert len(opener.members("m")) == 1
+    assert opener.members("m")[0].loads == 1
+
+
+def test_loads_of_different_members_run_at_once_up_to_the_bound() -> None:
+    opener = Opener()
+    opener.gate = threading.Event()
+    pool = ModelPool(opener, memory_bytes=1000, max_concurrent_loads=2, load_wait_s=0.5)
+    with ThreadPoolExecutor(3) as threads:
+        first = [threads.submit(_use, pool, n) for n in ("a", "b")]
+        # NOTE: both loads are inside member.load() at the same time: no pool-wide lock.
+        for name in ("a", "b"):
+            deadline = threading.Event()
+            for _ in range(100):
+                if opener.members(name) and opener.members(name)[0].started.is_set():
+                    break
+                deadline.wait(0.05)
+            assert opener.members(name)[0].started.is_set(), f"{name} did not start loading"
+        # NOTE: a third waits for a free load slot and, past load_wait_s, gets a 503.
+        third = threads.submit(_use, pool, "c")
+        with pytest.raises(Overloaded, match=r"waited 0\.5 s for a free load"):
+            third.result(timeout=10)
+        opener.gate.set()
+        for f in first:
+            f.result(timeout=10)
+    assert sorted(pool.loaded()) == ["a", "b"]
+
+
+def test_a_failed_load_is_closed_reaches_every_waiter_and_is_not_kept() -> None:
+    opener = Opener()
+    opener.fail["bad"] = LoadError("bad:1: refused")
+    pool = ModelPool(opener, memory_bytes=1000)
+    with pytest.raises(LoadError, match="refused"):
+        _use(pool, "bad")
+    assert opener.members("bad")[0].closed
+    assert pool.loaded() == []
+
+
+def test_a_name_not_in_the_store_is_remembered_for_a_while() -> None:
+    now = [0.0]
+    opener = Opener()
+    calls = []
+    pool = ModelPool(lambda n: calls.append(n) or opener(n), memory_bytes=1000, clock=lambda: now[0])
+    for _ in range(3):
+        with pytest.raises(ModelNotFound):
+            _use(pool, "missing-1")
+    assert calls == ["missing-1"]
+    now[0] += pool.miss_ttl_s + 1
+    with pytest.raises(ModelNotFound):
+        _use(pool, "missing-1")
+    assert calls == ["missing-1", "missing-1"]
+
+
+def test_unload_closes_an_idle_member_now_and_a_busy_one_when_its_request_ends() -> None:
+    opener = Opener()
+    pool = ModelPool(opener, memory_bytes=1000)
+    _use(pool, "idle")
+    assert pool.unload("idle")
+    assert opener.members("idle")[0].closed
+    with pool.use("busy") as member:
+        assert pool.unload("busy")
+        assert not member.closed
+        assert "busy" not in pool.loaded()
+    assert member.closed
+    assert not pool.unload("never-loaded")
+    # NOTE: the next request loads it again.
+    _use(pool, "idle")
+    assert len(opener.members("idle")) == 2
+
+
+def test_sizes_are_measured_again_before_eviction() -> None:
+    opener = Opener(default=30)
+    pool = ModelPool(opener, memory_bytes=100)
+    _use(pool, "a", "b")
+    # NOTE: a swapped to a bigger version since it loaded.
+    opener.members("a")[0].size = 60
+    _use(pool, "b", "c")
+    assert "a" not in pool.loaded()
+    assert sorted(pool.loaded()) == ["b", "c"]
+
+
+def test_close_unloads_every_member() -> None:
+    opener = Opener()
+    pool = ModelPool(opener, memory_bytes=None)
+    _use(pool, "a", "b", "c")
+    pool.close()
+    assert all(m.closed for m in opener.built)
+    assert pool.loaded() == []
