@@ -147,6 +147,8 @@ ingress:
   {{- toYaml .Values.serve.ingress | nindent 2 }}
 models:
   {{- toYaml .Values.serve.models | nindent 2 }}
+pool:
+  {{- toYaml .Values.serve.pool | nindent 2 }}
 {{- end }}
 
 {{/*
