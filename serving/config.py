@@ -144,6 +144,11 @@ class PoolConfig(BaseModel):
     """``Retry-After`` of a 503 when a model cannot fit the budget now."""
     load_wait_s: float = Field(default=60.0, gt=0)
     """How long a request waits for its model to load (and for a free load) before a 503."""
+    full_check_interval_s: float = Field(default=300.0, gt=0)
+    """Seconds between each member's own alias reads. Moves are seen within
+    ``poll_interval_s`` through the alias feed (one list request per interval for every
+    member, :mod:`serving.runtime.feed`); this is the safety net for a move whose feed
+    marker was not written."""
 
 
 class IngressConfig(BaseModel):

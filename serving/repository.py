@@ -29,6 +29,7 @@ from serving.errors import (
     InvalidRequest,
     ModelNotFound,
     NotFound,
+    ServingError,
     StoreConflict,
     VersionExists,
     VersionNotFound,
@@ -47,6 +48,7 @@ from serving.manifest import (
     check_name,
     check_relative_path,
     is_plain_name,
+    now,
     sha256_bytes,
     version_sort_key,
 )
@@ -56,6 +58,9 @@ log = logging.getLogger(__name__)
 
 AliasWriter = Callable[[Alias], bytes]
 """Turns the alias object to write into its bytes: ``Alias.to_json`` or a signer's."""
+
+FEED_PREFIX = "_feed/"
+"""Where the alias feed's markers live (``_feed/<alias>/<model>``); no model name starts with ``_``."""
 
 CAS_ATTEMPTS = 50
 """Fresh read-modify-write attempts before an alias move gives up with StoreConflict."""
@@ -136,8 +141,29 @@ class Repository:
         return f"{name}/aliases/{alias}.json"
 
     # -- reading ------------------------------------------------------------
+    @staticmethod
+    def feed_key(name: str, alias: str) -> str:
+        return f"{FEED_PREFIX}{alias}/{name}"
+
     def list_models(self) -> list[str]:
-        return self.store.list_dirs("")
+        # NOTE: the alias feed's folder (and anything else not a plain name) is not a model.
+        return [name for name in self.store.list_dirs("") if is_plain_name(name)]
+
+    def alias_feed(self, alias: str) -> dict[str, str]:
+        """Per model with ``alias``, its feed marker's ETag: one list request per 1,000 models.
+
+        Every alias move also rewrites the model's marker under ``_feed/<alias>/``, so a
+        replica that follows many models learns which aliases moved from one listing,
+        and reads only those (:mod:`serving.runtime.feed`).
+        """
+        check_name(alias, "alias")
+        prefix = f"{FEED_PREFIX}{alias}/"
+        out = {}
+        for obj in self.store.list(prefix):
+            name = obj.key[len(prefix) :]
+            if is_plain_name(name):
+                out[name] = obj.etag
+        return out
 
     def list_versions(self, name: str) -> list[str]:
         """Published versions (those with a manifest), oldest first."""
@@ -330,10 +356,21 @@ class Repository:
                     self.store.put(key, encode(new), if_match=etag)
             except (FileExistsError, StoreConflict):
                 continue  # NOTE: someone else moved it first; redo the move on what they wrote
+            self._mark_feed(name, alias, new)
             return new
         raise StoreConflict(
             f"{name}@{alias}: gave up after {CAS_ATTEMPTS} attempts, other writers kept moving it"
         )
+
+    def _mark_feed(self, name: str, alias: str, new: Alias) -> None:
+        """Rewrite the alias feed's marker of ``name@alias`` (best effort: the move has happened).
+
+        A replica that misses a marker still sees the move at its next full check."""
+        marker = json.dumps({"version": new.version, "sequence": new.sequence, "at": now()}).encode()
+        try:
+            self.store.put(self.feed_key(name, alias), marker)
+        except ServingError as exc:
+            log.warning("%s@%s moved, but its alias feed marker was not written: %s", name, alias, exc)
 
     def repair_alias(
         self,

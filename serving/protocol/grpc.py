@@ -178,6 +178,8 @@ def encode_infer(response: InferResponse) -> Any:
         datatype = datatype_of(array)
         message.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
         message.raw_output_contents.append(to_binary(array, datatype))
+    for key, value in response.parameters.items():
+        message.parameters[key].double_param = float(value)
     return message
 
 

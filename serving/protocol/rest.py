@@ -287,12 +287,14 @@ def encode_v2(response: InferResponse, request: InferRequest) -> Reply:
             data = array.reshape(-1)
             entry["data"] = data.astype(str) if datatype == "BYTES" else data
         described.append(entry)
-    payload = {
+    payload: dict[str, Any] = {
         "model_name": response.model,
         "model_version": response.version,
         "id": response.id,
         "outputs": described,
     }
+    if response.parameters:
+        payload["parameters"] = response.parameters
     head = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return Reply(200, head)

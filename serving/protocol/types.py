@@ -104,6 +104,9 @@ class InferResponse:
     version: str
     id: str
     outputs: dict[str, np.ndarray]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    """OIP's response ``parameters``: ``load_wait_ms`` when the request waited for its
+    model-set member to load (a cold request)."""
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,10 @@ def policy_from(settings: Settings) -> LoadPolicy:
     )
 
 
+STATUS_MEMORY_AGE_S = 30.0
+"""How old the memory figure in a status report may be."""
+
+
 class ModelService:
     """Serves one model: the live version (following an alias or pinned) plus explicit versions."""
 
@@ -102,8 +106,11 @@ class ModelService:
         *,
         repo: Repository | None = None,
         cache: LoaderCache | None = None,
+        poll_interval_s: float | None = None,
     ) -> None:
-        """``repo`` and ``cache``: shared with other models (model-set members); by default its own."""
+        """``repo`` and ``cache``: shared with other models (model-set members); by default its own.
+        ``poll_interval_s``: between alias reads, instead of the app's (members, whom the alias
+        feed nudges)."""
         self.config = model
         self.app = app
         repo = repo or Repository(open_store(app.store or settings.store, settings))
@@ -128,7 +135,7 @@ class ModelService:
             AliasWatcher(
                 self.slot,
                 model.alias,
-                interval_s=app.poll_interval_s,
+                interval_s=poll_interval_s or app.poll_interval_s,
                 jitter=app.poll_jitter,
                 backoff_max_s=app.retry_backoff_max_s,
                 check_timeout_s=settings.alias_check_timeout_s,
@@ -145,6 +152,7 @@ class ModelService:
         self.router = Router()
         self.figures = Figures()
         self.mirror = ShadowMirror(self, queue_size=model.shadow_queue)
+        self._memory: tuple[int, float] | None = None
 
     def start(self) -> None:
         """Load the first version. Raises if nothing can be loaded (the replica is not ready)."""
@@ -255,8 +263,18 @@ class ModelService:
         check_reply_size(selected, self.app.reply_limit)
         return InferResponse(self.config.name, live.version, request.id, selected)
 
-    def memory_bytes(self) -> int:
-        """What this model's loaded versions hold now (:mod:`serving.runtime.memory`)."""
+    def memory_bytes(self, max_age_s: float = 0.0) -> int:
+        """What this model's loaded versions hold (:mod:`serving.runtime.memory`), measured at most
+        ``max_age_s`` ago: reading a worker's PSS walks its memory map (about 1 ms)."""
+        measured = self._memory
+        now = time.monotonic()
+        if measured is not None and now - measured[1] <= max_age_s:
+            return measured[0]
+        total = self._measure_memory()
+        self._memory = (total, now)
+        return total
+
+    def _measure_memory(self) -> int:
         total = 0
         seen: set[int] = set()
         for live in [*self.slot.loaded(), *self.resident.loaded()]:
@@ -339,7 +357,7 @@ class ModelService:
         status = {
             **self._watch_status(),
             "figures": self.figures.snapshot(),
-            "memory_bytes": self.memory_bytes(),
+            "memory_bytes": self.memory_bytes(max_age_s=STATUS_MEMORY_AGE_S),
         }
         live = self.slot.live
         if live is not None and isinstance(live.predictor, WorkerPredictor):

@@ -21,6 +21,7 @@ its waker between ticks, and a load request cuts that wait short.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -35,6 +36,7 @@ from serving.config import AppConfig, PoolConfig
 from serving.errors import ModelNotFound
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
 from serving.repository import Repository
+from serving.runtime.feed import AliasFeed, run_feed
 from serving.runtime.pool import Entry, ModelPool
 from serving.runtime.service import ModelService, build_cache
 from serving.settings import Settings
@@ -43,6 +45,10 @@ from serving.store import open_store
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+MEMBER_MEMORY_AGE_S = 5.0
+"""How old a pool member's memory figure may be when a load decides what to evict (a fresh
+one is taken right after its own load)."""
 
 _WORKER_THREADS = 4
 """Threads per model served by model workers (a worker answers one request at a time)."""
@@ -227,6 +233,10 @@ class LocalMember(Protocol):
 
     def memory_bytes(self) -> int: ...
 
+    def nudge(self) -> None:
+        """Have its watcher read its alias now (the alias feed saw it move)."""
+        ...
+
 
 class PooledModel:
     """The model port of a model-set member: takes a use of it in the pool, loading it if needed.
@@ -240,21 +250,30 @@ class PooledModel:
         self._pool = pool
         self.name = name
 
-    async def _use(self) -> Entry[LocalMember]:
+    async def _use(self) -> tuple[Entry[LocalMember], float]:
+        """A use of the member, and how long it took to load for this request (0 when warm)."""
         entry = self._pool.get_loaded(self.name)
-        if entry is None:
-            entry = await asyncio.to_thread(self._pool.enter, self.name)
-        return entry
+        if entry is not None:
+            return entry, 0.0
+        started = time.perf_counter()
+        entry = await asyncio.to_thread(self._pool.enter, self.name)
+        return entry, time.perf_counter() - started
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        entry = await self._use()
+        entry, waited_s = await self._use()
         try:
-            return await entry.member.port.infer(request)
+            response = await entry.member.port.infer(request)
         finally:
             self._pool.leave(entry)
+        if waited_s:
+            # NOTE: a cold request says so in OIP's response parameters: a client (or a bench)
+            # can tell a slow model from one that was loaded for it.
+            parameters = {**response.parameters, "load_wait_ms": round(waited_s * 1000, 3)}
+            response = dataclasses.replace(response, parameters=parameters)
+        return response
 
     async def metadata(self, version: str | None) -> ModelMetadata:
-        entry = await self._use()
+        entry, _ = await self._use()
         try:
             return await entry.member.port.metadata(version)
         finally:
@@ -331,8 +350,12 @@ class PooledModels:
 
 def open_pool(
     app: AppConfig, settings: Settings, make_member: Callable[[ModelService], LocalMember]
-) -> ModelPool[LocalMember]:
-    """The pool of a process's model-set members; they share one store client and one cache."""
+) -> tuple[ModelPool[LocalMember], AliasFeed]:
+    """The pool of a process's model-set members, and the alias feed that nudges them.
+
+    The members share one store client and one cache; each reads its own alias only every
+    ``pool.full_check_interval_s``, and the feed's one listing per poll interval tells
+    which of them moved before that."""
     repo = Repository(open_store(app.store or settings.store, settings))
     cache = build_cache(app, settings)
 
@@ -340,15 +363,43 @@ def open_pool(
         model_set = app.set_for(name)
         if model_set is None:
             raise ModelNotFound(f"model {name!r} is not served here")
-        return make_member(ModelService(model_set.member(name), app, settings, repo=repo, cache=cache))
+        service = ModelService(
+            model_set.member(name),
+            app,
+            settings,
+            repo=repo,
+            cache=cache,
+            poll_interval_s=app.pool.full_check_interval_s,
+        )
+        return make_member(service)
 
-    return ModelPool(
+    pool: ModelPool[LocalMember] = ModelPool(
         open_member,
         memory_bytes=app.pool.memory_bytes,
         max_concurrent_loads=app.pool.max_concurrent_loads,
         retry_after_s=app.pool.retry_after_s,
         load_wait_s=app.pool.load_wait_s,
     )
+
+    def following() -> dict[str, str]:
+        return {name: m.service.config.alias or "" for name, m in pool.members().items()}
+
+    def nudge(name: str) -> None:
+        member = pool.members().get(name)
+        if member is not None:
+            member.nudge()
+
+    return pool, AliasFeed(repo, following, nudge)
+
+
+def start_feed(feed: AliasFeed, app: AppConfig, stop: threading.Event) -> None:
+    """Run the alias feed in a daemon thread until ``stop``."""
+    threading.Thread(
+        target=run_feed,
+        args=(feed, app.poll_interval_s, app.poll_jitter, stop),
+        name="alias-feed",
+        daemon=True,
+    ).start()
 
 
 def prefetch(pool: ModelPool[LocalMember], config: PoolConfig, stop: threading.Event) -> None:

@@ -50,11 +50,22 @@ import orjson
 
 from serving.config import AppConfig
 from serving.dataplane import DataPlane
+from serving.runtime.feed import AliasFeed
 from serving.runtime.pool import ModelPool
 from serving.runtime.service import ModelService
 from serving.runtime.watcher import run_forever
 from serving.server.asgi import Receive, Scope, Send, request_from_asgi, send_reply
-from serving.server.local import LocalLoads, LocalMember, LocalModel, PooledModels, Waker, open_pool, prefetch
+from serving.server.local import (
+    MEMBER_MEMORY_AGE_S,
+    LocalLoads,
+    LocalMember,
+    LocalModel,
+    PooledModels,
+    Waker,
+    open_pool,
+    prefetch,
+    start_feed,
+)
 from serving.server.rest import RestApi
 from serving.settings import Settings, get_settings
 
@@ -122,7 +133,10 @@ class _Model:
         self.service.close()
 
     def memory_bytes(self) -> int:
-        return self.service.memory_bytes()
+        return self.service.memory_bytes(max_age_s=MEMBER_MEMORY_AGE_S)
+
+    def nudge(self) -> None:
+        self.waker.request()
 
 
 @dataclass(frozen=True)
@@ -178,13 +192,15 @@ class StandaloneApp:
             m.name: _Model(ModelService(m, config, settings), self._stop, offload) for m in config.named
         }
         self.pool: ModelPool[LocalMember] | None = None
+        self._feed: AliasFeed | None = None
         sets: PooledModels | None = None
         loads = LocalLoads({name: (m.service, m.waker) for name, m in self.models.items()}, self._members)
         if config.model_sets:
-            self.pool = open_pool(
-                config, settings, lambda service: _Model(service, threading.Event(), offload)
+            pool, self._feed = open_pool(
+                config, settings, lambda svc: _Model(svc, threading.Event(), offload)
             )
-            sets = PooledModels(self.pool, lambda name: config.set_for(name) is not None, loads)
+            sets = PooledModels(pool, lambda name: config.set_for(name) is not None, loads)
+            self.pool = pool
         self.plane = DataPlane(
             config,
             {name: m.port for name, m in self.models.items()},
@@ -216,6 +232,8 @@ class StandaloneApp:
             threading.Thread(
                 target=prefetch, args=(self.pool, self.config.pool, self._stop), name="prefetch", daemon=True
             ).start()
+        if self._feed is not None:
+            start_feed(self._feed, self.config, self._stop)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the watcher threads and release the loaded versions."""

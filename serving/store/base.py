@@ -26,6 +26,8 @@ class Sink(Protocol):
 class ObjectInfo:
     key: str
     size: int
+    etag: str = ""
+    """Changes whenever the object is written (as :meth:`ObjectStore.get` reports it)."""
 
 
 def check_get_size(key: str, size: int, limit: int) -> None:

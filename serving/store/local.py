@@ -159,7 +159,8 @@ class LocalStore(ObjectStore):
                 full = Path(dirpath) / name
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix) and not name.startswith(TMP_PREFIX):
-                    out.append(ObjectInfo(key, full.lstat().st_size))
+                    st = full.lstat()
+                    out.append(ObjectInfo(key, st.st_size, self._etag_of(st)))
         return sorted(out, key=lambda o: o.key)
 
     def list_dirs(self, prefix: str) -> builtins.list[str]:

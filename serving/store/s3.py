@@ -307,7 +307,7 @@ class S3Store(ObjectStore):
         out = []
         for page in self._paginate(f"list {prefix}", Prefix=self._key(prefix)):
             for obj in page.get("Contents", []):
-                out.append(ObjectInfo(obj["Key"][strip:], int(obj["Size"])))
+                out.append(ObjectInfo(obj["Key"][strip:], int(obj["Size"]), str(obj.get("ETag", ""))))
         return sorted(out, key=lambda o: o.key)
 
     def list_dirs(self, prefix: str) -> builtins.list[str]:

@@ -139,6 +139,11 @@ def test_members_load_on_their_first_request_and_a_model_published_later_is_serv
     app = make_app()
     assert app.pool is not None
     assert app.pool.loaded() == []
+    # NOTE: the cold request says how long it waited for the load; a warm one says nothing.
+    status, cold, _ = _infer(app, "fraud-1")
+    assert status == 200
+    assert cold["parameters"]["load_wait_ms"] > 0
+    assert "parameters" not in _infer(app, "fraud-1")[1]
     assert _ok(app, "fraud-1") == [0, 2]
     assert app.pool.loaded() == ["fraud-1"]
     # NOTE: published after the server started: no restart, no config change.

@@ -50,7 +50,15 @@ from serving.server.asgi import request_from_asgi
 # NOTE: imported here, not lazily: a request the Serve proxy pickles to this replica
 # needs the codec module's alias of the generated classes before any method runs.
 from serving.server.grpc import InferenceServicer
-from serving.server.local import LocalMember, LocalModel, PooledModels, open_pool, prefetch
+from serving.server.local import (
+    MEMBER_MEMORY_AGE_S,
+    LocalMember,
+    LocalModel,
+    PooledModels,
+    open_pool,
+    prefetch,
+    start_feed,
+)
 from serving.server.ray.batching import BatchedModel
 from serving.server.ray.board import BoardLoads, Follower, get_board, replica_context
 from serving.server.rest import RestApi
@@ -133,14 +141,16 @@ class Server(GrpcMethods):
         for follower in self._followers:
             follower.start()
         loads = BoardLoads(board, self.app)
+        self._stop = threading.Event()
         self.pool: ModelPool[LocalMember] | None = None
         sets = None
         if self.app.model_sets:
-            self.pool = open_pool(self.app, settings, lambda service: _Member(service, board, replica))
+            self.pool, feed = open_pool(self.app, settings, lambda service: _Member(service, board, replica))
             sets = PooledModels(self.pool, lambda name: self.app.set_for(name) is not None, loads)
             threading.Thread(
-                target=prefetch, args=(self.pool, self.app.pool, threading.Event()), daemon=True
+                target=prefetch, args=(self.pool, self.app.pool, self._stop), daemon=True
             ).start()
+            start_feed(feed, self.app, self._stop)
         self.plane = DataPlane(
             self.app,
             {s.config.name: _model_port(s) for s in services},
@@ -156,6 +166,9 @@ class Server(GrpcMethods):
     def __del__(self) -> None:
         for follower in getattr(self, "_followers", []):
             follower.stop()
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.close()
@@ -178,7 +191,10 @@ class _Member:
         self.service.close()
 
     def memory_bytes(self) -> int:
-        return self.service.memory_bytes()
+        return self.service.memory_bytes(max_age_s=MEMBER_MEMORY_AGE_S)
+
+    def nudge(self) -> None:
+        self._follower.nudge()
 
 
 @serve.deployment

@@ -176,6 +176,11 @@ class Follower:
                 daemon=True,
             ).start()
 
+    def nudge(self) -> None:
+        """Have every replica of this model read its alias now (the alias feed saw it move)."""
+        with contextlib.suppress(Exception):
+            self._board.request_load.remote(self.name)
+
     def stop(self) -> None:
         """Stop following and take this replica off the board (a graceful replica shutdown)."""
         self._stop.set()

@@ -1,0 +1,327 @@
+"""Many models, one memory budget: a model set on a real standalone server, under Zipf traffic.
+
+Setup: ``--small`` small scikit-learn models (LogisticRegression on iris, each with its own
+bytes) and ``--large`` models of about ``--large-mb`` MB (a KNeighborsClassifier over that
+many bytes of training rows), published to a local store, all with alias ``production``.
+A real ``serving serve --standalone`` serves them as one model set (``m-*@production``)
+with ``--budget`` of memory for the members, at the isolation given (``worker``, the
+default, or ``auto``/``none``: in the serving process).
+
+Traffic: ``--clients`` keep-alive clients send 1-row requests, each for a model drawn
+from a Zipf(``--zipf``) law over the models (rank 1 is the hottest; the large models are
+spread over the ranks), until ``--requests`` replies. A cold request says so in the
+response (``parameters.load_wait_ms``), so warm and cold latencies are split exactly.
+
+A sampler reads, twice a second, the proportional set size (PSS) of the server and
+every process under it (the model workers). Reported: hit ratio, p50 and p99 of warm and
+cold requests, loads per second, failed requests, and the peak PSS of the tree over its
+idle PSS (the members' memory) against the budget.
+
+Then the hot set: the ``--hot`` hottest models, alone, for ``--seconds`` (their
+throughput without churn), and again while two more clients request cold models from
+the tail (with churn). Reported: the ratio (the issue's bar: at least 0.8).
+
+Run on a quiet machine (nothing else running)::
+
+    .venv/bin/python -m bench.density                          # 1,000 + 50 models, 1 GiB, workers
+    .venv/bin/python -m bench.density --isolation auto --out bench/results/density-auto.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import joblib
+import numpy as np
+import yaml
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+
+from bench.soak import tree
+from serving.manifest import TensorSpec
+from serving.publish import publish_path
+from serving.repository import Repository, SetTarget
+from serving.runtime.memory import pss_bytes
+from serving.server.launch import parse_bytes
+from serving.store.local import LocalStore
+from serving.testing import free_port
+
+ROW = [5.1, 3.5, 1.4, 0.2]
+INPUTS = [TensorSpec(name="input-0", datatype="FP64", shape=[-1, 4])]
+
+
+def publish(store: Path, work: Path, small: int, large: int, large_mb: float, seed: int) -> list[str]:
+    """Publish the models; returns their names, hottest rank first (large ones spread out)."""
+    repo = Repository(LocalStore(str(store)))
+    rng = np.random.default_rng(seed)
+    x, y = load_iris(return_X_y=True)
+    base = LogisticRegression(max_iter=300).fit(x, y)
+    names: list[str] = []
+    for i in range(small):
+        model = copy.deepcopy(base)
+        model.coef_ = model.coef_ + rng.normal(0, 1e-3, model.coef_.shape)  # NOTE: own bytes each
+        names.append(_publish(repo, work, f"m-s{i}", model))
+    rows = max(1, int(large_mb * 1e6 / 40))  # NOTE: 4 float64 features + an int64 label per row
+    for i in range(large):
+        data = rng.normal(size=(rows, 4))
+        model = KNeighborsClassifier(n_neighbors=3).fit(data, rng.integers(0, 3, rows))
+        names.append(_publish(repo, work, f"m-l{i}", model))
+    order = rng.permutation(len(names))
+    return [names[i] for i in order]
+
+
+def _publish(repo: Repository, work: Path, name: str, model: Any) -> str:
+    path = work / f"{name}.joblib"
+    joblib.dump(model, path)
+    publish_path(repo, path, name, version="1", format="sklearn", inputs=INPUTS, example=[ROW])
+    repo.move_alias(name, "production", SetTarget("1"))
+    path.unlink()
+    return name
+
+
+def zipf_draws(count: int, models: int, exponent: float, seed: int) -> list[int]:
+    weights = 1.0 / np.arange(1, models + 1) ** exponent
+    return list(np.random.default_rng(seed + 1).choice(models, size=count, p=weights / weights.sum()))
+
+
+def tree_pss(pid: int) -> int:
+    return sum(pss_bytes(p) for p in tree(pid))
+
+
+class Sampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.samples = pid, 0, 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            self.peak = max(self.peak, tree_pss(self.pid))
+            self.samples += 1
+
+
+def send(client: httpx.Client, url: str, name: str) -> tuple[int, float, float | None]:
+    body = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [ROW]}]}
+    body["outputs"] = [{"name": "predict"}]  # type: ignore[list-item]
+    started = time.perf_counter()
+    try:
+        reply = client.post(f"{url}/v2/models/{name}/infer", json=body)
+    except httpx.HTTPError:
+        return 0, time.perf_counter() - started, None
+    elapsed = time.perf_counter() - started
+    if reply.status_code != 200:
+        return reply.status_code, elapsed, None
+    return 200, elapsed, reply.json().get("parameters", {}).get("load_wait_ms")
+
+
+def zipf_phase(url: str, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    draws = zipf_draws(args.requests, len(names), args.zipf, args.seed)
+    lock = threading.Lock()
+    results: list[tuple[int, float, float | None]] = []
+    position = [0]
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as http:
+            while True:
+                with lock:
+                    if position[0] >= len(draws):
+                        return
+                    rank = draws[position[0]]
+                    position[0] += 1
+                outcome = send(http, url, names[rank])
+                with lock:
+                    results.append(outcome)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    ok = [r for r in results if r[0] == 200]
+    warm = sorted(r[1] for r in ok if r[2] is None)
+    cold = sorted(r[1] for r in ok if r[2] is not None)
+    statuses: dict[str, int] = {}
+    for r in results:
+        statuses[str(r[0])] = statuses.get(str(r[0]), 0) + 1
+    return {
+        "requests": len(results),
+        "statuses": statuses,
+        "failed": len(results) - len(ok),
+        "hit_ratio": len(warm) / len(ok) if ok else 0.0,
+        "warm_p50_ms": _pct(warm, 50),
+        "warm_p99_ms": _pct(warm, 99),
+        "cold_p50_ms": _pct(cold, 50),
+        "cold_p99_ms": _pct(cold, 99),
+        "loads_per_s": len(cold) / elapsed,
+        "seconds": elapsed,
+        "distinct_models_requested": len(set(draws)),
+    }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return round(1000 * values[min(len(values) - 1, int(len(values) * q / 100))], 2)
+
+
+def hot_phase(url: str, names: list[str], args: argparse.Namespace, churn: bool) -> dict[str, Any]:
+    hot, tail = names[: args.hot], names[len(names) // 2 :]
+    stop = threading.Event()
+    counts = {"hot": 0, "hot_failed": 0, "churn": 0, "churn_cold": 0}
+    lock = threading.Lock()
+
+    def hot_client(i: int) -> None:
+        rng = np.random.default_rng(args.seed + 10 + i)
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                status, _, _ = send(http, url, hot[int(rng.integers(len(hot)))])
+                with lock:
+                    counts["hot" if status == 200 else "hot_failed"] += 1
+
+    def churn_client(i: int) -> None:
+        rng = np.random.default_rng(args.seed + 100 + i)
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                _, _, waited = send(http, url, tail[int(rng.integers(len(tail)))])
+                with lock:
+                    counts["churn"] += 1
+                    counts["churn_cold"] += waited is not None
+
+    # NOTE: the hot set loaded before the clock starts, in both phases.
+    with httpx.Client(timeout=120) as http:
+        for name in hot:
+            send(http, url, name)
+    threads = [threading.Thread(target=hot_client, args=(i,)) for i in range(args.clients)]
+    if churn:
+        threads += [threading.Thread(target=churn_client, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(args.seconds)  # NOTE: the measurement window itself, not a wait for a condition
+    stop.set()
+    for t in threads:
+        t.join()
+    return {**counts, "hot_per_s": counts["hot"] / args.seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", type=int, default=1000)
+    parser.add_argument("--large", type=int, default=50)
+    parser.add_argument("--large-mb", type=float, default=20.0)
+    parser.add_argument("--budget", default="1GiB")
+    parser.add_argument("--isolation", default="worker", choices=("worker", "auto", "none"))
+    parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--hot", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--max-concurrent-loads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results/density.json")
+    args = parser.parse_args()
+    budget = parse_bytes(args.budget)
+    with tempfile.TemporaryDirectory(prefix="bench-density-") as tmp:
+        work = Path(tmp)
+        started = time.perf_counter()
+        names = publish(work / "store", work, args.small, args.large, args.large_mb, args.seed)
+        print(f"published {len(names)} models in {time.perf_counter() - started:.0f} s", flush=True)
+        config = {
+            "models": [{"prefix": "m-", "alias": "production", "isolation": args.isolation}],
+            "pool": {"memory_bytes": budget, "max_concurrent_loads": args.max_concurrent_loads},
+        }
+        (work / "config.yaml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "RAY_"))}
+        env["SERVING_CACHE_DIR"] = str(work / "cache")
+        cmd = [sys.executable, "-m", "serving.cli", "--store", str(work / "store"), "serve", "--standalone"]
+        cmd += ["--config", str(work / "config.yaml"), "--port", str(port), "--metrics-port", "0"]
+        cmd += ["--grpc-port", "0"]
+        log = (work / "server.log").open("wb")
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            result = run(server, port, names, budget, args)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        result["server_log_tail"] = (work / "server.log").read_text(errors="replace").splitlines()[-5:]
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "server_log_tail"}, indent=2))
+
+
+def run(
+    server: subprocess.Popen[bytes], port: int, names: list[str], budget: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, "the server exited"
+        assert time.monotonic() < deadline, "the server never became ready"
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    idle = tree_pss(server.pid)
+    sampler = Sampler(server.pid)
+    sampler.start()
+    zipf = zipf_phase(url, names, args)
+    sampler.stop.set()
+    sampler.join()
+    quiet = hot_phase(url, names, args, churn=False)
+    churned = hot_phase(url, names, args, churn=True)
+    members = httpx.get(f"{url}/v2/repository/index", timeout=30).json()
+    sizes = sorted(
+        r["replicas"][0].get("memory_bytes", 0) for r in members if r.get("set") and r.get("replicas")
+    )
+    return {
+        "setup": {
+            "small": args.small,
+            "large": args.large,
+            "large_mb": args.large_mb,
+            "budget_bytes": budget,
+            "isolation": args.isolation,
+            "zipf": args.zipf,
+            "clients": args.clients,
+            "cpus": os.cpu_count(),
+        },
+        "zipf": zipf,
+        "memory": {
+            "idle_tree_pss_bytes": idle,
+            "peak_tree_pss_bytes": sampler.peak,
+            "peak_members_bytes": sampler.peak - idle,
+            "peak_over_budget": (sampler.peak - idle) / budget,
+            "samples": sampler.samples,
+            "member_bytes_median": statistics.median(sizes) if sizes else None,
+            "members_loaded_at_end": len(sizes),
+        },
+        "hot_set": {
+            "models": args.hot,
+            "without_churn": quiet,
+            "with_churn": churned,
+            "ratio": churned["hot_per_s"] / quiet["hot_per_s"] if quiet["hot_per_s"] else None,
+        },
+    }
+
+
+if __name__ == "__main__":
+    main()
