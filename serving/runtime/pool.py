@@ -119,6 +119,8 @@ class ModelPool(Generic[M]):
         self._sizes: OrderedDict[str, tuple[int, float]] = OrderedDict()
         """Last measured size per member and when, kept after it is unloaded."""
         self._load_slots = threading.BoundedSemaphore(max_concurrent_loads)
+        self._idle = threading.Condition(self._lock)
+        """Notified when a member goes idle, leaves the pool, or a load's reservation ends."""
         self._misses: OrderedDict[str, tuple[float, NotFound]] = OrderedDict()
         self.miss_ttl_s = 10.0
         self._closed = False
@@ -196,7 +198,12 @@ class ModelPool(Generic[M]):
                 )
             tries += 1
             if mine:
-                self._load(name, future, deadline)
+                loaded = self._load(name, future, deadline)
+                if loaded is not None:
+                    # NOTE: the loader's own use was taken as the member went in, so no other
+                    # load can evict it before this request runs.
+                    entry = loaded
+                    break
             try:
                 future.result(timeout=max(0.0, deadline - self._clock()))
             except TimeoutError:
@@ -215,6 +222,8 @@ class ModelPool(Generic[M]):
         with self._lock:
             entry.users -= 1
             close = entry.evicted and entry.users == 0
+            if entry.users == 0:
+                self._idle.notify_all()
         if close:
             self._close(entry)
 
@@ -236,21 +245,25 @@ class ModelPool(Generic[M]):
                 return False
             entry.evicted = True
             close = entry.users == 0
+            self._idle.notify_all()
         metrics.POOL_EVICTIONS.inc(reason=reason)
         self._publish()
         if close:
             self._close(entry)
         return True
 
-    def _load(self, name: str, future: Future[None], deadline: float) -> None:
-        """Load ``name`` for every request waiting on ``future``; settles it either way."""
+    def _load(self, name: str, future: Future[None], deadline: float) -> Entry[M] | None:
+        """Load ``name`` for every request waiting on ``future``; settles it either way.
+
+        Returns the new entry with one use taken for the caller, or None if it failed."""
+        entry = None
         try:
             if not self._load_slots.acquire(timeout=max(0.0, deadline - self._clock())):
                 raise Overloaded(
                     f"model {name!r} waited {self.load_wait_s:g} s for a free load", self.retry_after_s
                 )
             try:
-                self._load_now(name)
+                entry = self._load_now(name, deadline)
             finally:
                 self._load_slots.release()
             future.set_result(None)
@@ -266,23 +279,26 @@ class ModelPool(Generic[M]):
             with self._lock:
                 self._loading.pop(name, None)
                 self._reserved.pop(name, None)
+                self._idle.notify_all()
+        return entry
 
-    def _load_now(self, name: str) -> None:
+    def _load_now(self, name: str, deadline: float) -> Entry[M]:
         expected = self._expected_size(name)
-        self._make_room(name, expected)
+        self._make_room(name, expected, deadline)
         member = self._opener(name)
         try:
             member.load()
             size = member.memory_bytes()
             self._remember(name, size)
-            self._make_room(name, size)
+            self._make_room(name, size, deadline)
         except BaseException:
             member.close()
             raise
+        entry = Entry(member, size, users=1)
         with self._lock:
             closed = self._closed
             if not closed:
-                self._entries[name] = Entry(member, size)
+                self._entries[name] = entry
         if closed:
             member.close()
             raise Overloaded("the server is stopping", self.retry_after_s)
@@ -293,6 +309,7 @@ class ModelPool(Generic[M]):
             extra={"event": "pool_load", "model": name, "bytes": size},
         )
         self._publish()
+        return entry
 
     def _expected_size(self, name: str) -> int:
         with self._lock:
@@ -310,11 +327,14 @@ class ModelPool(Generic[M]):
             while len(self._sizes) > SIZE_MEMORY:
                 self._sizes.popitem(last=False)
 
-    def _make_room(self, name: str, size: int) -> None:
+    def _make_room(self, name: str, size: int, deadline: float) -> None:
         """Set ``size`` bytes aside for ``name``, evicting idle members as needed.
 
+        Members in use are not evicted; when only they stand in the way, this waits (until
+        ``deadline``) for their requests to end, which for a loaded model takes milliseconds.
+
         Raises:
-            Overloaded: the budget cannot hold ``size`` more bytes now.
+            Overloaded: the budget cannot hold ``size`` more bytes by ``deadline``.
         """
         budget = self.memory_bytes
         if budget is None:
@@ -334,17 +354,26 @@ class ModelPool(Generic[M]):
         victims: list[Entry[M]] = []
         with self._lock:
             self._reserved.pop(name, None)
-            used = sum(e.bytes for e in self._entries.values()) + sum(self._reserved.values())
-            for key, entry in list(self._entries.items()):
-                if used + size <= budget:
+            while True:
+                used = sum(e.bytes for e in self._entries.values()) + sum(self._reserved.values())
+                for key, entry in list(self._entries.items()):
+                    if used + size <= budget:
+                        break
+                    if entry.pinned or entry.users or key == name:
+                        continue
+                    del self._entries[key]
+                    entry.evicted = True
+                    used -= entry.bytes
+                    victims.append(entry)
+                fits = used + size <= budget
+                busy = sum(
+                    e.bytes for k, e in self._entries.items() if e.users and not e.pinned and k != name
+                )
+                remaining = deadline - self._clock()
+                if fits or used - busy + size > budget or remaining <= 0:
                     break
-                if entry.pinned or entry.users or key == name:
-                    continue
-                del self._entries[key]
-                entry.evicted = True
-                used -= entry.bytes
-                victims.append(entry)
-            fits = used + size <= budget
+                # NOTE: only members in use stand in the way: wait for one to go idle.
+                self._idle.wait(remaining)
             if fits:
                 self._reserved[name] = size
         for entry in victims:

@@ -79,7 +79,7 @@ def test_the_least_recently_used_idle_member_is_evicted_to_fit_the_budget() -> N
 
 def test_a_member_in_use_or_pinned_is_never_evicted_and_a_load_that_cannot_fit_gets_503() -> None:
     opener = Opener(default=40)
-    pool = ModelPool(opener, memory_bytes=100, retry_after_s=7)
+    pool = ModelPool(opener, memory_bytes=100, retry_after_s=7, load_wait_s=0.3)
     pool.load("pinned", pin=True)
     with pool.use("busy"), pytest.raises(Overloaded) as refused:
         _use(pool, "third")
@@ -90,6 +90,25 @@ def test_a_member_in_use_or_pinned_is_never_evicted_and_a_load_that_cannot_fit_g
     # NOTE: once busy is idle it makes room; pinned still stays.
     _use(pool, "third")
     assert sorted(pool.loaded()) == ["pinned", "third"]
+
+
+def test_a_load_waits_for_a_busy_member_to_go_idle_then_evicts_it() -> None:
+    opener = Opener(default=60)
+    pool = ModelPool(opener, memory_bytes=100, load_wait_s=10)
+    busy = pool.enter("busy")
+    with ThreadPoolExecutor(1) as threads:
+        other = threads.submit(_use, pool, "other")
+        # NOTE: the other load waits: "busy" is the only member in the way and its request runs.
+        assert not other.done()
+        for _ in range(100):
+            if other.done():
+                break
+            threading.Event().wait(0.01)
+        assert not other.done()
+        pool.leave(busy)
+        other.result(timeout=10)
+    assert pool.loaded() == ["other"]
+    assert opener.members("busy")[0].closed
 
 
 def test_a_member_larger_than_the_whole_budget_is_refused_and_unloaded() -> None:
