@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 from serving.config import AppConfig, PoolConfig
-from serving.errors import ModelNotFound
+from serving.errors import ModelNotFound, Overloaded
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
 from serving.repository import Repository
 from serving.runtime.feed import AliasFeed, run_feed
@@ -49,6 +49,9 @@ T = TypeVar("T")
 MEMBER_MEMORY_AGE_S = 5.0
 """How old a pool member's memory figure may be when a load decides what to evict (a fresh
 one is taken right after its own load)."""
+
+LOAD_THREADS = 64
+"""Cold requests that may wait for their model-set member to load at once, per process."""
 
 _WORKER_THREADS = 4
 """Threads per model served by model workers (a worker answers one request at a time)."""
@@ -238,6 +241,52 @@ class LocalMember(Protocol):
         ...
 
 
+class ColdLoads:
+    """Runs cold requests' loads on daemon threads, at most LOAD_THREADS at once.
+
+    Daemon threads: a load still running never holds up the process at exit. Past the
+    bound, a cold request gets 503 at once instead of a thread.
+
+    NOTE: tried and dropped: a lower CPU priority for these threads. Against in-process
+    loads it did not help (the loop waits for the GIL, not a core: the hot set's share
+    under churn went from 0.65 to 0.50, bench/density.py), and a model worker started
+    from such a thread inherits its nice value for good.
+    """
+
+    def __init__(self, retry_after_s: int) -> None:
+        self._slots = threading.BoundedSemaphore(LOAD_THREADS)
+        self._retry_after_s = retry_after_s
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self._slots.acquire(blocking=False):
+            raise Overloaded(
+                f"{LOAD_THREADS} requests already wait for models to load here", self._retry_after_s
+            )
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if done.cancelled():
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
+
+        def work() -> None:
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 -- NOTE: handed to the awaiting request
+                loop.call_soon_threadsafe(settle, None, exc)
+            else:
+                loop.call_soon_threadsafe(settle, result, None)
+            finally:
+                self._slots.release()
+
+        threading.Thread(target=work, name="pool-load", daemon=True).start()
+        return await done
+
+
 class PooledModel:
     """The model port of a model-set member: takes a use of it in the pool, loading it if needed.
 
@@ -246,9 +295,10 @@ class PooledModel:
     serves other requests.
     """
 
-    def __init__(self, pool: ModelPool[LocalMember], name: str) -> None:
+    def __init__(self, pool: ModelPool[LocalMember], name: str, cold: ColdLoads) -> None:
         self._pool = pool
         self.name = name
+        self._cold = cold
 
     async def _use(self) -> tuple[Entry[LocalMember], float]:
         """A use of the member, and how long it took to load for this request (0 when warm)."""
@@ -256,7 +306,7 @@ class PooledModel:
         if entry is not None:
             return entry, 0.0
         started = time.perf_counter()
-        entry = await asyncio.to_thread(self._pool.enter, self.name)
+        entry = await self._cold.run(self._pool.enter, self.name)
         return entry, time.perf_counter() - started
 
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -325,13 +375,14 @@ class PooledModels:
         self.pool = pool
         self._admits = admits
         self._loads = loads
+        self._cold = ColdLoads(pool.retry_after_s)
 
     def port(self, name: str) -> PooledModel | None:
-        return PooledModel(self.pool, name) if self._admits(name) else None
+        return PooledModel(self.pool, name, self._cold) if self._admits(name) else None
 
     async def load(self, name: str, timeout: float) -> bool:
         """Load ``name`` here if it is not loaded, then have every replica holding it check its alias."""
-        entry = await asyncio.to_thread(self.pool.enter, name)
+        entry = await self._cold.run(self.pool.enter, name)
         try:
             generation = await self._loads.request(name)
             done: bool = await self._loads.wait_done(name, generation, timeout)

@@ -242,3 +242,37 @@ def test_pinned_and_prefetched_members_load_at_start(make_app: Any) -> None:
     assert app.pool.snapshot()["members"]["fraud-0"]["pinned"]
     assert not app.pool.snapshot()["members"]["fraud-1"]["pinned"]
     assert np.array_equal(_ok(app, "fraud-1"), [0, 2])
+
+
+def test_with_signatures_required_an_unsigned_member_is_refused_and_a_signed_one_served(
+    tmp_path: Path,
+) -> None:
+    from serving.signing import alias_signer, generate_keypair, load_signing_key
+
+    trusted = generate_keypair(tmp_path / "keys" / "release")
+    key = load_signing_key(trusted.key_path)
+    repo = Repository(LocalStore(str(tmp_path / "store")))
+    x, y = load_iris(return_X_y=True)
+    for name, signed in (("fraud-signed", True), ("fraud-planted", False)):
+        path = tmp_path / f"{name}.joblib"
+        joblib.dump(LogisticRegression(max_iter=300).fit(x, y), path)
+        publish_path(repo, path, name, version="1", example=ROWS[:1], signing_key=key if signed else None)
+        repo.move_alias(name, "production", SetTarget("1"), writer=alias_signer(key))
+    settings = Settings(
+        store=str(tmp_path / "store"),
+        cache_dir=tmp_path / "cache",
+        require_signature=True,
+        trusted_keys=[trusted.pub_path],
+    )
+    config = AppConfig.model_validate({"models": [{"prefix": "fraud-", "isolation": "none"}]})
+    app = StandaloneApp(config, settings)
+    app.start()
+    try:
+        assert _ok(app, "fraud-signed") == [0, 2]
+        status, body, _ = _infer(app, "fraud-planted")
+        assert status == 403, body
+        assert "signature" in body["error"]
+        assert app.pool is not None
+        assert app.pool.loaded() == ["fraud-signed"]
+    finally:
+        app.close()

@@ -222,3 +222,34 @@ def test_close_unloads_every_member() -> None:
     pool.close()
     assert all(m.closed for m in opener.built)
     assert pool.loaded() == []
+
+
+def test_cold_loads_run_off_the_loop_and_past_the_bound_a_request_gets_503(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from serving.server import local
+
+    monkeypatch.setattr(local, "LOAD_THREADS", 2)
+    gate = threading.Event()
+
+    def slow(value: int) -> int:
+        assert gate.wait(10)
+        return value
+
+    async def scenario() -> list[int]:
+        cold = local.ColdLoads(retry_after_s=3)
+        first = asyncio.ensure_future(cold.run(slow, 1))
+        second = asyncio.ensure_future(cold.run(slow, 2))
+        await asyncio.sleep(0)  # NOTE: lets both start their threads; the loop is never blocked
+        with pytest.raises(Overloaded) as refused:
+            await cold.run(slow, 3)
+        assert refused.value.retry_after_s == 3
+        gate.set()
+        done = [await first, await second]
+        # NOTE: the slots are free again once the loads are done.
+        done.append(await cold.run(slow, 4))
+        return done
+
+    assert asyncio.run(scenario()) == [1, 2, 4]
