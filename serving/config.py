@@ -91,6 +91,9 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"model set {self.prefix!r} follows an alias; it cannot pin a version")
             if self.prefix and not _PREFIX_RE.fullmatch(self.prefix):
                 raise ValueError(f"invalid prefix {self.prefix!r}: use letters, digits, '.', '_' or '-'")
+            if self.alias is None:
+                raise ValueError(f"model set {self.prefix!r}: set the alias its members follow")
+            check_name(self.alias, "alias")
         else:
             check_name(self.name, "model name")
         if self.version is not None:

@@ -57,18 +57,21 @@ class AliasFeed:
         between its load and this listing, which then already shows the new marker."""
         loaded = dict(self._members())
         nudged: list[str] = []
+        listed: set[str] = set()
         for alias in sorted(set(loaded.values())):
             try:
                 markers = self._repo.alias_feed(alias)
             except ServingError as exc:
                 log.warning("could not list the alias feed of %r: %s", alias, exc)
                 continue
+            listed.add(alias)
             seen = self._seen.get(alias, {})
             self._seen[alias] = markers
             for name, follows in loaded.items():
                 if follows == alias and (name not in self._known or markers.get(name) != seen.get(name)):
                     nudged.append(name)
-        self._known = set(loaded)
+        # NOTE: a member whose alias could not be listed stays new, so it is nudged next time.
+        self._known = {name for name, alias in loaded.items() if alias in listed}
         for name in nudged:
             try:
                 self._nudge(name)

@@ -29,6 +29,7 @@ member is (a ModelService with its watcher thread) and tests drive it with fakes
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -173,7 +174,10 @@ class ModelPool(Generic[M]):
             miss = self._misses.get(name)
             if miss is not None and self._clock() - miss[0] < self.miss_ttl_s:
                 metrics.POOL_LOOKUPS.inc(result="refused")
-                raise miss[1]
+                # NOTE: a fresh copy: re-raising one object from many threads grows its traceback.
+                raise copy.copy(miss[1]).with_traceback(None)
+            if self._closed:
+                raise Overloaded("the server is stopping", self.retry_after_s)
         deadline = self._clock() + self.load_wait_s
         started = time.perf_counter()
         tries = 0
@@ -225,7 +229,9 @@ class ModelPool(Generic[M]):
             if entry.users == 0:
                 self._idle.notify_all()
         if close:
-            self._close(entry)
+            # NOTE: the last request of an unloaded member may end on the event loop: closing a
+            # member joins its watcher and stops its worker, which must not stall the loop.
+            self._close_later(entry)
 
     # -- load and unload ------------------------------------------------------------
     def load(self, name: str, *, pin: bool = False) -> None:
@@ -249,7 +255,7 @@ class ModelPool(Generic[M]):
         metrics.POOL_EVICTIONS.inc(reason=reason)
         self._publish()
         if close:
-            self._close(entry)
+            self._close_later(entry)
         return True
 
     def _load(self, name: str, future: Future[None], deadline: float) -> Entry[M] | None:
@@ -283,10 +289,11 @@ class ModelPool(Generic[M]):
         return entry
 
     def _load_now(self, name: str, deadline: float) -> Entry[M]:
-        expected = self._expected_size(name)
-        self._make_room(name, expected, deadline)
+        # NOTE: opened first: the opener refuses a name that is not in the store before any
+        # loaded member is evicted to make room for it.
         member = self._opener(name)
         try:
+            self._make_room(name, self._expected_size(name), deadline)
             member.load()
             size = member.memory_bytes()
             self._remember(name, size)
@@ -353,9 +360,11 @@ class ModelPool(Generic[M]):
         self._measure()
         victims: list[Entry[M]] = []
         with self._lock:
-            self._reserved.pop(name, None)
             while True:
-                used = sum(e.bytes for e in self._entries.values()) + sum(self._reserved.values())
+                # NOTE: this load's earlier reservation stays counted for other loads while it
+                # waits; it is replaced, not added to, when the new size fits.
+                reserved = sum(v for k, v in self._reserved.items() if k != name)
+                used = sum(e.bytes for e in self._entries.values()) + reserved
                 for key, entry in list(self._entries.items()):
                     if used + size <= budget:
                         break
@@ -370,7 +379,7 @@ class ModelPool(Generic[M]):
                     e.bytes for k, e in self._entries.items() if e.users and not e.pinned and k != name
                 )
                 remaining = deadline - self._clock()
-                if fits or used - busy + size > budget or remaining <= 0:
+                if fits or used - busy + size > budget or remaining <= 0 or self._closed:
                     break
                 # NOTE: only members in use stand in the way: wait for one to go idle.
                 self._idle.wait(remaining)
@@ -397,6 +406,9 @@ class ModelPool(Generic[M]):
                 entry.bytes = entry.member.memory_bytes()
             except Exception:
                 log.exception("measuring %s failed", entry.member.name)
+
+    def _close_later(self, entry: Entry[M]) -> None:
+        threading.Thread(target=self._close, args=(entry,), name="pool-unload", daemon=True).start()
 
     def _close(self, entry: Entry[M]) -> None:
         name = entry.member.name
@@ -444,6 +456,7 @@ class ModelPool(Generic[M]):
         """Unload every member (the server stops); one still in use closes when its request ends."""
         with self._lock:
             self._closed = True
+            self._idle.notify_all()
             entries = list(self._entries.values())
             self._entries.clear()
             idle = []

@@ -21,6 +21,7 @@ its waker between ticks, and a load request cuts that wait short.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -33,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 from serving.config import AppConfig, PoolConfig
-from serving.errors import ModelNotFound, Overloaded
+from serving.errors import ModelNotFound, NotFound, Overloaded, StoreError
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
 from serving.repository import Repository
 from serving.runtime.feed import AliasFeed, run_feed
@@ -86,6 +87,11 @@ class LocalModel:
         self.offload_after_s = offload_after_s
         self._recent_s = 0.0
         self._offloaded = offload_after_s <= 0
+
+    def close(self) -> None:
+        """Stop this model's own threads (a model-set member is unloaded)."""
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
 
     def on_loop(self, version: str | None) -> bool:
         """Whether a request for ``version`` may run on the event loop."""
@@ -257,7 +263,9 @@ class ColdLoads:
         self._slots = threading.BoundedSemaphore(LOAD_THREADS)
         self._retry_after_s = retry_after_s
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, release: Callable[[T], None] | None = None) -> T:
+        """``fn(*args)`` on a daemon thread. ``release`` gives back what it returned if the
+        awaiting request was cancelled meanwhile (a client gone, a gRPC deadline)."""
         if not self._slots.acquire(blocking=False):
             raise Overloaded(
                 f"{LOAD_THREADS} requests already wait for models to load here", self._retry_after_s
@@ -265,8 +273,14 @@ class ColdLoads:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
 
+        def give_back(result: Any) -> None:
+            if release is not None:
+                threading.Thread(target=release, args=(result,), name="pool-release", daemon=True).start()
+
         def settle(result: Any, error: BaseException | None) -> None:
             if done.cancelled():
+                if error is None:
+                    give_back(result)
                 return
             if error is not None:
                 done.set_exception(error)
@@ -277,14 +291,24 @@ class ColdLoads:
             try:
                 result = fn(*args)
             except BaseException as exc:  # noqa: BLE001 -- NOTE: handed to the awaiting request
-                loop.call_soon_threadsafe(settle, None, exc)
+                with contextlib.suppress(RuntimeError):  # NOTE: the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(settle, None, exc)
             else:
-                loop.call_soon_threadsafe(settle, result, None)
+                try:
+                    loop.call_soon_threadsafe(settle, result, None)
+                except RuntimeError:
+                    give_back(result)  # NOTE: the loop is closed (the server stopped meanwhile)
             finally:
                 self._slots.release()
 
         threading.Thread(target=work, name="pool-load", daemon=True).start()
-        return await done
+        try:
+            return await done
+        except asyncio.CancelledError:
+            # NOTE: cancelled after the result arrived but before this task resumed.
+            if done.done() and not done.cancelled() and done.exception() is None:
+                give_back(done.result())
+            raise
 
 
 class PooledModel:
@@ -306,7 +330,7 @@ class PooledModel:
         if entry is not None:
             return entry, 0.0
         started = time.perf_counter()
-        entry = await self._cold.run(self._pool.enter, self.name)
+        entry = await self._cold.run(self._pool.enter, self.name, release=self._pool.leave)
         return entry, time.perf_counter() - started
 
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -382,7 +406,7 @@ class PooledModels:
 
     async def load(self, name: str, timeout: float) -> bool:
         """Load ``name`` here if it is not loaded, then have every replica holding it check its alias."""
-        entry = await self._cold.run(self.pool.enter, name)
+        entry = await self._cold.run(self.pool.enter, name, release=self.pool.leave)
         try:
             generation = await self._loads.request(name)
             done: bool = await self._loads.wait_done(name, generation, timeout)
@@ -414,6 +438,13 @@ def open_pool(
         model_set = app.set_for(name)
         if model_set is None:
             raise ModelNotFound(f"model {name!r} is not served here")
+        try:
+            # NOTE: one small read, before the pool evicts anything for a name that is not there.
+            repo.get_alias(name, model_set.alias or "production")
+        except NotFound as exc:
+            raise ModelNotFound(f"model {name!r} has no alias {model_set.alias!r} in the store") from exc
+        except StoreError:
+            pass  # NOTE: the store is down: the member may still load from this node's cache
         service = ModelService(
             model_set.member(name),
             app,

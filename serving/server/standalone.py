@@ -131,6 +131,7 @@ class _Model:
         if self.thread.is_alive():
             self.thread.join(5.0)
         self.service.close()
+        self.port.close()
 
     def memory_bytes(self) -> int:
         return self.service.memory_bytes(max_age_s=MEMBER_MEMORY_AGE_S)

@@ -230,7 +230,8 @@ def test_the_model_label_holds_loaded_members_only(make_app: Any) -> None:
     _ok(app, "fraud-2")
     assert labelled("fraud-2")
     assert _call(app, "POST", "/v2/repository/models/fraud-2/unload")[0] == 200
-    assert not labelled("fraud-2")
+    # NOTE: the member is closed off the request's thread, then its series are dropped.
+    wait_for(lambda: not labelled("fraud-2"), timeout=10, what="fraud-2's series to be dropped")
     assert app.pool is not None
     assert prometheus_client.REGISTRY.get_sample_value("serving_pool_models") == len(app.pool.loaded())
 

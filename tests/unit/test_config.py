@@ -75,3 +75,27 @@ def test_max_replicas_per_node_reaches_the_serve_deployment() -> None:
     # NOTE: private attributes; Ray Serve exposes a bound deployment's options nowhere public.
     assert spread._bound_deployment._replica_config.max_replicas_per_node == 1
     assert default._bound_deployment._replica_config.max_replicas_per_node is None
+
+
+def test_a_model_set_needs_a_prefix_or_a_name_and_an_alias() -> None:
+    from serving.config import AppConfig
+
+    config = AppConfig.model_validate({"models": [{"name": "iris"}, {"prefix": "tenant-"}, {"prefix": ""}]})
+    assert [m.name for m in config.named] == ["iris"]
+    assert config.set_for("tenant-3") is not None
+    assert config.set_for("tenant-3").prefix == "tenant-"  # type: ignore[union-attr]
+    assert config.set_for("other").prefix == ""  # type: ignore[union-attr]
+    assert config.set_for("iris") is None  # NOTE: a named model is never a member
+    assert config.set_for("tenant-3").member("tenant-3").name == "tenant-3"  # type: ignore[union-attr]
+    for bad, why in (
+        ({"name": "x", "prefix": "x-"}, "not both"),
+        ({"prefix": "x-", "version": "1"}, "cannot pin a version"),
+        ({"prefix": "x-", "alias": None}, "set the alias"),
+        ({"prefix": "../"}, "invalid prefix"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            AppConfig.model_validate({"models": [bad]})
+    with pytest.raises(ValueError, match="not a member"):
+        AppConfig.model_validate({"models": [{"prefix": "x-"}], "pool": {"pinned": ["y"]}})
+    with pytest.raises(ValueError, match="single-hop"):
+        AppConfig.model_validate({"models": [{"prefix": "x-"}], "layout": "two-hop"})

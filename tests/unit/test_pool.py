@@ -118,10 +118,11 @@ def test_a_member_larger_than_the_whole_budget_is_refused_and_unloaded() -> None
         _use(pool, "huge")
     assert opener.members("huge")[0].closed
     assert pool.loaded() == []
-    # NOTE: its measured size is remembered: the next request is refused without a load.
+    # NOTE: its measured size is remembered: the next request is refused without a new load.
     with pytest.raises(Overloaded):
         _use(pool, "huge")
-    assert len(opener.members("huge")) == 1
+    assert sum(m.loads for m in opener.members("huge")) == 1
+    assert all(m.closed for m in opener.members("huge"))
 
 
 def test_loads_of_one_member_are_single_flight() -> None:
@@ -253,3 +254,55 @@ def test_cold_loads_run_off_the_loop_and_past_the_bound_a_request_gets_503(
         return done
 
     assert asyncio.run(scenario()) == [1, 2, 4]
+
+
+def test_a_name_that_is_not_in_the_store_evicts_nothing() -> None:
+    opener = Opener(default=50)
+    pool = ModelPool(opener, memory_bytes=100)
+    _use(pool, "a", "b")
+    for i in range(5):
+        with pytest.raises(ModelNotFound):
+            _use(pool, f"missing-{i}")
+    assert sorted(pool.loaded()) == ["a", "b"]
+    assert not any(m.closed for m in opener.built)
+
+
+def test_a_closed_pool_refuses_new_loads() -> None:
+    opener = Opener()
+    pool = ModelPool(opener, memory_bytes=1000)
+    pool.close()
+    with pytest.raises(Overloaded, match="stopping"):
+        _use(pool, "late")
+    assert opener.built == []
+
+
+def test_a_cancelled_cold_request_gives_its_use_back() -> None:
+    import asyncio
+
+    from serving.server import local
+
+    opener = Opener(default=60)
+    opener.gate = threading.Event()
+    pool = ModelPool(opener, memory_bytes=100, load_wait_s=5)
+
+    async def scenario() -> None:
+        cold = local.ColdLoads(retry_after_s=1)
+        request = asyncio.ensure_future(cold.run(pool.enter, "a", release=pool.leave))
+        for _ in range(200):
+            if opener.built and opener.built[0].started.is_set():
+                break
+            await asyncio.sleep(0.01)
+        request.cancel()  # NOTE: the client went away while its model loaded
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        opener.gate.set()
+        # NOTE: the use the load took for the cancelled request is given back, so "a" can be evicted.
+        for _ in range(500):
+            if pool.snapshot()["members"].get("a", {}).get("users") == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert pool.snapshot()["members"]["a"]["users"] == 0
+    _use(pool, "b")
+    assert pool.loaded() == ["b"]

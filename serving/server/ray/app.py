@@ -189,6 +189,7 @@ class _Member:
     def close(self) -> None:
         self._follower.stop()
         self.service.close()
+        self.port.close()
 
     def memory_bytes(self) -> int:
         return self.service.memory_bytes(max_age_s=MEMBER_MEMORY_AGE_S)

@@ -59,6 +59,8 @@ class Board:
         self._seen: dict[str, dict[str, int]] = defaultdict(dict)
         self._replicas: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
         self._changed = asyncio.Condition()
+        self._poked: set[tuple[str, str]] = set()
+        """(model, replica) pairs whose current wait should end: that replica's alias feed saw a move."""
 
     async def report(self, model: str, replica: str, status: dict[str, Any]) -> None:
         self._replicas[model][replica] = {**status, "reported_at": time.time()}
@@ -79,8 +81,19 @@ class Board:
                 self._changed.notify_all()
             return self._generation[model]
 
+    async def poke(self, model: str, replica: str) -> None:
+        """End one replica's wait for ``model`` (its own alias feed saw the alias move), and no other's.
+
+        NOTE: not a load request: a generation is shared by every replica, and each replica's
+        feed sees the same move, so N replicas bumping it would cost N forced reads each."""
+        async with self._changed:
+            self._poked.add((model, replica))
+            self._changed.notify_all()
+
     async def wait(self, model: str, replica: str, seen: int, timeout: float) -> int:
-        """Return the model's load generation as soon as it exceeds ``seen``, or at timeout."""
+        """Return the model's load generation as soon as it exceeds ``seen``, or at timeout;
+        ``-1`` if this replica was poked (:meth:`poke`) before either."""
+        key = (model, replica)
         async with self._changed:
             if seen > self._generation[model]:
                 # NOTE: a restarted board counts from 0 while its replicas kept their count:
@@ -88,10 +101,15 @@ class Board:
                 self._generation[model] = seen
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self._generation[model] > seen), timeout
+                    self._changed.wait_for(lambda: self._generation[model] > seen or key in self._poked),
+                    timeout,
                 )
             generation = self._generation[model]
             self._seen[model][replica] = generation
+            if generation <= seen and key in self._poked:
+                self._poked.discard(key)
+                return -1
+            self._poked.discard(key)
             return generation
 
     async def snapshot(self, max_age_s: float) -> dict[str, Any]:
@@ -177,9 +195,9 @@ class Follower:
             ).start()
 
     def nudge(self) -> None:
-        """Have every replica of this model read its alias now (the alias feed saw it move)."""
+        """Have this replica read its alias now (its alias feed saw it move)."""
         with contextlib.suppress(Exception):
-            self._board.request_load.remote(self.name)
+            self._board.poke.remote(self.name, self._replica)
 
     def stop(self) -> None:
         """Stop following and take this replica off the board (a graceful replica shutdown)."""
@@ -202,6 +220,8 @@ class Follower:
             except Exception:  # noqa: BLE001 -- NOTE: board gone (cluster shutting down): plain wait
                 self._stop.wait(chunk)
                 gen = self._generation
+            if gen < 0:
+                return True  # NOTE: poked: this replica's alias feed saw the alias move
             if gen > self._generation:
                 self._generation = gen
                 return True
