@@ -41,10 +41,13 @@ class AliasFeed:
         repo: Repository,
         members: Callable[[], Mapping[str, str]],
         nudge: Callable[[str], None],
+        after: Callable[[], object] | None = None,
     ) -> None:
+        """``after``: run at the end of every tick (the pool trims itself to its budget)."""
         self._repo = repo
         self._members = members
         self._nudge = nudge
+        self._after = after
         self._seen: dict[str, dict[str, str]] = {}
         """Per alias, per model: the marker's ETag at the last listing."""
         self._known: set[str] = set()
@@ -77,6 +80,8 @@ class AliasFeed:
                 self._nudge(name)
             except Exception:  # NOTE: one member unloaded meanwhile must not stop the rest
                 log.exception("nudging %s failed", name)
+        if self._after is not None:
+            self._after()
         return nudged
 
 

@@ -397,6 +397,35 @@ class ModelPool(Generic[M]):
                 self.retry_after_s,
             )
 
+    def trim(self) -> int:
+        """Measure every member again and unload idle ones, least recently used first, until the
+        pool fits its budget; returns how many were unloaded.
+
+        Loads make room for themselves; this catches members that grew after their load (a
+        canary or shadow beside the live version, explicit versions), which no load may follow
+        in steady warm traffic. The server calls it once per poll interval."""
+        budget = self.memory_bytes
+        if budget is None:
+            return 0
+        self._measure()
+        victims: list[Entry[M]] = []
+        with self._lock:
+            used = sum(e.bytes for e in self._entries.values()) + sum(self._reserved.values())
+            for key, entry in list(self._entries.items()):
+                if used <= budget:
+                    break
+                if entry.pinned or entry.users:
+                    continue
+                del self._entries[key]
+                entry.evicted = True
+                used -= entry.bytes
+                victims.append(entry)
+        for entry in victims:
+            metrics.POOL_EVICTIONS.inc(reason="budget")
+            self._close(entry)
+        self._publish()
+        return len(victims)
+
     def _measure(self) -> None:
         """Measure every loaded member again (a swap may have changed its size)."""
         with self._lock:

@@ -471,7 +471,7 @@ def open_pool(
         if member is not None:
             member.nudge()
 
-    return pool, AliasFeed(repo, following, nudge)
+    return pool, AliasFeed(repo, following, nudge, after=pool.trim)
 
 
 def start_feed(feed: AliasFeed, app: AppConfig, stop: threading.Event) -> None:

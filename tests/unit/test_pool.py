@@ -306,3 +306,17 @@ def test_a_cancelled_cold_request_gives_its_use_back() -> None:
     assert pool.snapshot()["members"]["a"]["users"] == 0
     _use(pool, "b")
     assert pool.loaded() == ["b"]
+
+
+def test_trim_unloads_idle_members_that_grew_past_the_budget_after_their_load() -> None:
+    opener = Opener(default=30)
+    pool = ModelPool(opener, memory_bytes=100)
+    _use(pool, "a", "b", "c")
+    assert pool.trim() == 0
+    # NOTE: "a" took a canary beside its live version; nothing loads, so only trim sees it.
+    opener.members("a")[0].size = 70
+    with pool.use("b"):
+        assert pool.trim() == 1  # "a" is the least recently used idle member
+    assert sorted(pool.loaded()) == ["b", "c"]
+    assert opener.members("a")[0].closed
+    assert pool.snapshot()["used_bytes"] <= 100
