@@ -365,15 +365,7 @@ class ModelPool(Generic[M]):
                 # waits; it is replaced, not added to, when the new size fits.
                 reserved = sum(v for k, v in self._reserved.items() if k != name)
                 used = sum(e.bytes for e in self._entries.values()) + reserved
-                for key, entry in list(self._entries.items()):
-                    if used + size <= budget:
-                        break
-                    if entry.pinned or entry.users or key == name:
-                        continue
-                    del self._entries[key]
-                    entry.evicted = True
-                    used -= entry.bytes
-                    victims.append(entry)
+                used = self._take_idle(used, budget - size, victims, keep=name)
                 fits = used + size <= budget
                 busy = sum(
                     e.bytes for k, e in self._entries.items() if e.users and not e.pinned and k != name
@@ -385,11 +377,7 @@ class ModelPool(Generic[M]):
                 self._idle.wait(remaining)
             if fits:
                 self._reserved[name] = size
-        for entry in victims:
-            metrics.POOL_EVICTIONS.inc(reason="budget")
-            self._close(entry)
-        if victims:
-            self._publish()
+        self._evict(victims)
         if not fits:
             raise Overloaded(
                 f"model {name!r} needs {size / 2**20:.1f} MiB and the models using this replica's "
@@ -411,20 +399,32 @@ class ModelPool(Generic[M]):
         victims: list[Entry[M]] = []
         with self._lock:
             used = sum(e.bytes for e in self._entries.values()) + sum(self._reserved.values())
-            for key, entry in list(self._entries.items()):
-                if used <= budget:
-                    break
-                if entry.pinned or entry.users:
-                    continue
-                del self._entries[key]
-                entry.evicted = True
-                used -= entry.bytes
-                victims.append(entry)
+            self._take_idle(used, budget, victims)
+        self._evict(victims)
+        self._publish()
+        return len(victims)
+
+    def _take_idle(self, used: int, limit: int, victims: list[Entry[M]], keep: str | None = None) -> int:
+        """Take idle, unpinned members out, least recently used first, until ``used`` is at most
+        ``limit``; appends them to ``victims`` and returns what is used then. Hold the lock."""
+        for key, entry in list(self._entries.items()):
+            if used <= limit:
+                break
+            if entry.pinned or entry.users or key == keep:
+                continue
+            del self._entries[key]
+            entry.evicted = True
+            used -= entry.bytes
+            victims.append(entry)
+        return used
+
+    def _evict(self, victims: list[Entry[M]]) -> None:
+        """Close members taken out to fit the budget (outside the lock)."""
         for entry in victims:
             metrics.POOL_EVICTIONS.inc(reason="budget")
             self._close(entry)
-        self._publish()
-        return len(victims)
+        if victims:
+            self._publish()
 
     def _measure(self) -> None:
         """Measure every loaded member again (a swap may have changed its size)."""
