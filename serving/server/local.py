@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
-from serving.config import AppConfig, PoolConfig
+from serving.config import AppConfig
 from serving.errors import ModelNotFound, NotFound, Overloaded, StoreError
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
 from serving.repository import Repository
@@ -386,20 +386,44 @@ class PooledModel:
 
 
 class PooledModels:
-    """The members of this process's model sets, over one :class:`ModelPool`.
+    """The members of this process's model sets: their pool, the alias feed that nudges them,
+    and prefetch (built by :func:`open_pool`).
 
     Args:
         pool: the members loaded here.
-        admits: whether a model set serves a name.
+        app: the app config (which names the model sets admit; pinned and prefetched members).
         loads: the load port that reaches every replica of a member (alias checks and
             reports): :class:`LocalLoads` over the pool here, the board on Ray.
+        feed: the alias feed over the pool's members.
     """
 
-    def __init__(self, pool: ModelPool[LocalMember], admits: Callable[[str], bool], loads: Any) -> None:
+    def __init__(self, pool: ModelPool[LocalMember], app: AppConfig, loads: Any, feed: AliasFeed) -> None:
         self.pool = pool
-        self._admits = admits
+        self._app = app
         self._loads = loads
+        self._feed = feed
         self._cold = ColdLoads(pool.retry_after_s)
+
+    def _admits(self, name: str) -> bool:
+        return self._app.set_for(name) is not None
+
+    def start(self, stop: threading.Event) -> None:
+        """Load the pinned and prefetched members, and run the alias feed, each in a daemon
+        thread until ``stop``."""
+        threading.Thread(target=self._prefetch, args=(stop,), name="prefetch", daemon=True).start()
+        args = (self._feed, self._app.poll_interval_s, self._app.poll_jitter, stop)
+        threading.Thread(target=run_feed, args=args, name="alias-feed", daemon=True).start()
+
+    def _prefetch(self, stop: threading.Event) -> None:
+        """Load the pinned and prefetched members, each once; a failure is logged."""
+        config = self._app.pool
+        for name, pin in [*((n, True) for n in config.pinned), *((n, False) for n in config.prefetch)]:
+            if stop.is_set():
+                return
+            try:
+                self.pool.load(name, pin=pin)
+            except Exception as exc:  # noqa: BLE001 -- NOTE: it loads on its first request instead
+                log.warning("could not prefetch %s: %s", name, exc)
 
     def port(self, name: str) -> PooledModel | None:
         return PooledModel(self.pool, name, self._cold) if self._admits(name) else None
@@ -424,9 +448,9 @@ class PooledModels:
 
 
 def open_pool(
-    app: AppConfig, settings: Settings, make_member: Callable[[ModelService], LocalMember]
-) -> tuple[ModelPool[LocalMember], AliasFeed]:
-    """The pool of a process's model-set members, and the alias feed that nudges them.
+    app: AppConfig, settings: Settings, make_member: Callable[[ModelService], LocalMember], loads: Any
+) -> PooledModels:
+    """The model-set members of a process: their pool, and the alias feed that nudges them.
 
     The members share one store client and one cache; each reads its own alias only every
     ``pool.full_check_interval_s``, and the feed's one listing per poll interval tells
@@ -471,25 +495,4 @@ def open_pool(
         if member is not None:
             member.nudge()
 
-    return pool, AliasFeed(repo, following, nudge, after=pool.trim)
-
-
-def start_feed(feed: AliasFeed, app: AppConfig, stop: threading.Event) -> None:
-    """Run the alias feed in a daemon thread until ``stop``."""
-    threading.Thread(
-        target=run_feed,
-        args=(feed, app.poll_interval_s, app.poll_jitter, stop),
-        name="alias-feed",
-        daemon=True,
-    ).start()
-
-
-def prefetch(pool: ModelPool[LocalMember], config: PoolConfig, stop: threading.Event) -> None:
-    """Load the pool's pinned and prefetched members, each once; a failure is logged."""
-    for name, pin in [*((n, True) for n in config.pinned), *((n, False) for n in config.prefetch)]:
-        if stop.is_set():
-            return
-        try:
-            pool.load(name, pin=pin)
-        except Exception as exc:  # noqa: BLE001 -- NOTE: it loads on its first request instead
-            log.warning("could not prefetch %s: %s", name, exc)
+    return PooledModels(pool, app, loads, AliasFeed(repo, following, nudge, after=pool.trim))

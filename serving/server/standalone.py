@@ -50,7 +50,6 @@ import orjson
 
 from serving.config import AppConfig
 from serving.dataplane import DataPlane
-from serving.runtime.feed import AliasFeed
 from serving.runtime.pool import ModelPool
 from serving.runtime.service import ModelService
 from serving.runtime.watcher import run_forever
@@ -63,8 +62,6 @@ from serving.server.local import (
     PooledModels,
     Waker,
     open_pool,
-    prefetch,
-    start_feed,
 )
 from serving.server.rest import RestApi
 from serving.settings import Settings, get_settings
@@ -193,15 +190,12 @@ class StandaloneApp:
             m.name: _Model(ModelService(m, config, settings), self._stop, offload) for m in config.named
         }
         self.pool: ModelPool[LocalMember] | None = None
-        self._feed: AliasFeed | None = None
         sets: PooledModels | None = None
         loads = LocalLoads({name: (m.service, m.waker) for name, m in self.models.items()}, self._members)
         if config.model_sets:
-            pool, self._feed = open_pool(
-                config, settings, lambda svc: _Model(svc, threading.Event(), offload)
-            )
-            sets = PooledModels(pool, lambda name: config.set_for(name) is not None, loads)
-            self.pool = pool
+            sets = open_pool(config, settings, lambda svc: _Model(svc, threading.Event(), offload), loads)
+            self.pool = sets.pool
+        self._sets = sets
         self.plane = DataPlane(
             config,
             {name: m.port for name, m in self.models.items()},
@@ -229,12 +223,8 @@ class StandaloneApp:
         self._started = True
         for model in self.models.values():
             model.thread.start()
-        if self.pool is not None:
-            threading.Thread(
-                target=prefetch, args=(self.pool, self.config.pool, self._stop), name="prefetch", daemon=True
-            ).start()
-        if self._feed is not None:
-            start_feed(self._feed, self.config, self._stop)
+        if self._sets is not None:
+            self._sets.start(self._stop)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the watcher threads and release the loaded versions."""

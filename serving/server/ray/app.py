@@ -54,10 +54,7 @@ from serving.server.local import (
     MEMBER_MEMORY_AGE_S,
     LocalMember,
     LocalModel,
-    PooledModels,
     open_pool,
-    prefetch,
-    start_feed,
 )
 from serving.server.ray.batching import BatchedModel
 from serving.server.ray.board import BoardLoads, Follower, get_board, replica_context
@@ -145,12 +142,9 @@ class Server(GrpcMethods):
         self.pool: ModelPool[LocalMember] | None = None
         sets = None
         if self.app.model_sets:
-            self.pool, feed = open_pool(self.app, settings, lambda service: _Member(service, board, replica))
-            sets = PooledModels(self.pool, lambda name: self.app.set_for(name) is not None, loads)
-            threading.Thread(
-                target=prefetch, args=(self.pool, self.app.pool, self._stop), daemon=True
-            ).start()
-            start_feed(feed, self.app, self._stop)
+            sets = open_pool(self.app, settings, lambda service: _Member(service, board, replica), loads)
+            self.pool = sets.pool
+            sets.start(self._stop)
         self.plane = DataPlane(
             self.app,
             {s.config.name: _model_port(s) for s in services},
