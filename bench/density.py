@@ -33,10 +33,8 @@ import argparse
 import copy
 import json
 import os
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -51,14 +49,13 @@ from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
-from bench.soak import tree
+from bench.soak import standalone_server, tree
 from serving.manifest import TensorSpec
 from serving.publish import publish_path
 from serving.repository import Repository, SetTarget
 from serving.runtime.memory import pss_bytes
 from serving.server.launch import parse_bytes
 from serving.store.local import LocalStore
-from serving.testing import free_port
 
 ROW = [5.1, 3.5, 1.4, 0.2]
 INPUTS = [TensorSpec(name="input-0", datatype="FP64", shape=[-1, 4])]
@@ -116,7 +113,7 @@ class Sampler(threading.Thread):
 
 def send(client: httpx.Client, url: str, name: str) -> tuple[int, float, float | None]:
     body = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [ROW]}]}
-    body["outputs"] = [{"name": "predict"}]  # type: ignore[list-item]
+    body["outputs"] = [{"name": "predict"}]
     started = time.perf_counter()
     try:
         reply = client.post(f"{url}/v2/models/{name}/infer", json=body)
@@ -246,22 +243,8 @@ def main() -> None:
             "pool": {"memory_bytes": budget, "max_concurrent_loads": args.max_concurrent_loads},
         }
         (work / "config.yaml").write_text(yaml.safe_dump(config))
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "RAY_"))}
-        env["SERVING_CACHE_DIR"] = str(work / "cache")
-        cmd = [sys.executable, "-m", "serving.cli", "--store", str(work / "store"), "serve", "--standalone"]
-        cmd += ["--config", str(work / "config.yaml"), "--port", str(port), "--metrics-port", "0"]
-        cmd += ["--grpc-port", "0"]
-        log = (work / "server.log").open("wb")
-        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            result = run(server, port, names, budget, args)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        with standalone_server(work, ["--config", str(work / "config.yaml")], work / "server.log") as running:
+            result = run(*running, names, budget, args)
         result["server_log_tail"] = (work / "server.log").read_text(errors="replace").splitlines()[-5:]
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "server_log_tail"}, indent=2))
@@ -271,16 +254,6 @@ def run(
     server: subprocess.Popen[bytes], port: int, names: list[str], budget: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert server.poll() is None, "the server exited"
-        assert time.monotonic() < deadline, "the server never became ready"
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
     idle = tree_pss(server.pid)
     sampler = Sampler(server.pid)
     sampler.start()

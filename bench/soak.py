@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from serving.publish import publish_path
 from serving.repository import Repository, SetTarget
 from serving.store.local import LocalStore
 from serving.testing import free_port
+from serving.testing.process import stop_process
 
 ROW = [5.1, 3.5, 1.4, 0.2]
 ANSWERS = {"1": 0, "2": 2}
@@ -72,6 +74,37 @@ def publish(store: Path, work: Path) -> Repository:
         )
     repo.move_alias("iris", "production", SetTarget("1"))
     return repo
+
+
+@contextlib.contextmanager
+def standalone_server(
+    work: Path, serve_args: list[str], log: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A real ``serving serve --standalone`` over ``work/store`` with ``serve_args``, ready; stopped after.
+
+    Its environment is this one without ``SERVING_*`` and ``RAY_*``, its cache ``work/cache``
+    and its stderr ``log``."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "RAY_"))}
+    env["SERVING_CACHE_DIR"] = str(work / "cache")
+    cmd = [sys.executable, "-m", "serving.cli", "--store", str(work / "store"), "serve", "--standalone"]
+    cmd += ["--port", str(port), "--metrics-port", "0", "--grpc-port", "0", *serve_args]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "the server never became ready"
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield server, port
+    finally:
+        stop_process(server)
 
 
 def tree(pid: int) -> list[int]:
@@ -157,21 +190,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         work = Path(tmp)
         repo = publish(work / "store", work)
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVING_", "RAY_"))}
-        env["SERVING_CACHE_DIR"] = str(work / "cache")
-        cmd = [sys.executable, "-m", "serving.cli", "--store", str(work / "store"), "serve"]
-        cmd += ["--model", "iris@production", "--standalone", "--port", str(port)]
-        cmd += ["--metrics-port", "0", "--grpc-port", "0", "--poll-interval", "0.2"]
-        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=(work / "log").open("wb"))
-        try:
+        serve = ["--model", "iris@production", "--poll-interval", "0.2"]
+        with standalone_server(work, serve, work / "log") as (server, port):
             result = soak(server, port, repo, args)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     plot(result, Path(args.out).with_suffix(".png"))
     summary = {k: v for k, v in result.items() if k != "samples"}
@@ -182,16 +203,6 @@ def soak(
     server: subprocess.Popen[bytes], port: int, repo: Repository, args: argparse.Namespace
 ) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert server.poll() is None, "the server exited"
-        assert time.monotonic() < deadline, "the server never became ready"
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
     stop = threading.Event()
     samples: list[dict[str, float]] = []
     swaps = [0]
