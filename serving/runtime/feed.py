@@ -10,8 +10,8 @@ the usual checks. The members' own watchers poll only every ``full_check_interva
 the safety net for a move whose marker was not written (a writer that crashed between
 the two writes, or an older writer).
 
-Plain Python: the clock is injected, and the server runs :meth:`AliasFeed.tick` in
-one thread.
+Plain Python: the store, the members and the nudge are passed in, so tests call
+:meth:`AliasFeed.tick` directly; the server runs :func:`run_feed` in one thread.
 """
 
 from __future__ import annotations
