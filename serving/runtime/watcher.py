@@ -191,8 +191,10 @@ class AliasWatcher:
             )
 
     # -- one tick --------------------------------------------------------------
-    def tick(self, force: bool = False) -> None:
+    def tick(self, force: bool = False) -> bool:
         """Check the alias once (one small request when unchanged); start loads if it moved.
+
+        Returns whether the store answered a check in this tick.
 
         Nothing the store does can hold the alias unwatched: the check is abandoned
         after ``check_timeout_s``, and each load runs in its own thread. While the tick
@@ -206,8 +208,9 @@ class AliasWatcher:
         """
         with self._lock:
             deadline = time.monotonic() + self.load_wait_s
+            read = False
             while True:
-                self._step()
+                read = self._step() or read
                 # NOTE: a load still running past one interval does not hold up the alias:
                 # it is checked again, and a newer target's load starts beside the old one.
                 slice_end = min(deadline, time.monotonic() + self.interval_s)
@@ -216,14 +219,17 @@ class AliasWatcher:
             self._reap()
             self._split = self._current_split()
             metrics.CANARY_WEIGHT.set(self._split.canary_weight, model=self.slot.name)
+        return read
 
-    def _step(self) -> None:
-        """Check the alias, judge the loads that ended, and start the ones the alias now needs."""
-        self._check_alias()
+    def _step(self) -> bool:
+        """Check the alias, judge the loads that ended, and start the ones the alias now needs.
+
+        Returns whether the store answered the check."""
+        read = self._check_alias()
         self._reap()
         target = self._target
         if target is None:
-            return
+            return read
         now = self._clock()
         if self._is_live(target):
             # NOTE: the alias came back to what is live (e.g. a rollback off a
@@ -234,6 +240,7 @@ class AliasWatcher:
             self._start("live", target, self._swap_job)
         # NOTE: after the live swap is started, so a promoted canary is adopted as live, not dropped.
         self._sync_companions(now)
+        return read
 
     def _is_live(self, target: _Target) -> bool:
         live = self.slot.live
@@ -242,7 +249,8 @@ class AliasWatcher:
             target.manifest_sha256,
         )
 
-    def _check_alias(self) -> None:
+    def _check_alias(self) -> bool:
+        """Read the alias (conditionally); whether the store answered."""
         name = self.slot.name
         outcome: list[object] = []
         done = threading.Event()
@@ -251,7 +259,7 @@ class AliasWatcher:
                 metrics.ALIAS_CHECKS.inc(model=name, outcome="error")
                 self._last_error = f"{self._pending_checks} alias checks are still waiting for the store"
                 self._update_age()
-                return
+                return False
             self._pending_checks += 1
         etag = self._etag
 
@@ -276,19 +284,21 @@ class AliasWatcher:
             )
             log.warning("%s", self._last_error)
             self._update_age()
-            return
+            return False
         result = outcome[0]
         if isinstance(result, StoreError | AliasNotFound):
             metrics.ALIAS_CHECKS.inc(model=name, outcome="error")
             self._last_error = str(result)
             log.warning("alias check failed for %s@%s: %s", name, self.alias, result)
             self._update_age()
-            return
+            # NOTE: a missing alias is an answer; a store that failed gave none.
+            return isinstance(result, AliasNotFound)
         if isinstance(result, ServingError):
+            # NOTE: the store answered with an alias this node refuses (e.g. a bad signature).
             metrics.ALIAS_CHECKS.inc(model=name, outcome="error")
             self._last_error = str(result)
             self._update_age()
-            return
+            return True
         if isinstance(result, BaseException):
             raise result
         check_result: AliasCheck = result  # type: ignore[assignment]
@@ -296,7 +306,7 @@ class AliasWatcher:
         self._mark_ok()
         if check_result.alias is None:
             metrics.ALIAS_CHECKS.inc(model=name, outcome="unchanged")
-            return
+            return True
         metrics.ALIAS_CHECKS.inc(model=name, outcome="changed")
         self._count_events(check_result.alias)
         self._remember_same_target(check_result.alias, check_result.raw)
@@ -307,6 +317,7 @@ class AliasWatcher:
         shrank = self._history_len is not None and history < self._history_len
         self._reason = "rollback" if shrank else "alias moved"
         self._history_len = history
+        return True
 
     # -- loads in their own threads ---------------------------------------------------
     def _start(self, role: str, target: _Target, body: Callable[[_Job], None]) -> None:
@@ -581,17 +592,22 @@ class AliasWatcher:
         )
 
 
-def run_forever(watcher: AliasWatcher, wait: Callable[[float], bool], stop: threading.Event) -> None:
-    """Tick until ``stop`` is set. ``wait(timeout)`` returns True when a load was requested."""
+def run_forever(watcher: AliasWatcher, wait: Callable[[float, bool], bool], stop: threading.Event) -> None:
+    """Tick until ``stop`` is set.
+
+    ``wait(timeout, read)`` is told whether the tick read the alias (a load request is
+    done only then: a check the store failed has not looked), and returns True when a
+    load was requested."""
     watcher.stopping = stop
     forced = False
     while not stop.is_set():
         started = time.monotonic()
+        read = False
         try:
-            watcher.tick(force=forced)
+            read = watcher.tick(force=forced)
         except Exception:
             log.exception("alias watcher tick failed for %s", watcher.slot.name)
         # NOTE: a tick that waited for a load counts against the interval: the next check
         # is due one interval after the last one started, not after the load.
         spent = time.monotonic() - started
-        forced = wait(max(0.05, watcher.next_delay() - spent))
+        forced = wait(max(0.05, watcher.next_delay() - spent), read)

@@ -160,10 +160,13 @@ class Waker:
         self._seen = 0
         self._done = 0
 
-    def wait(self, timeout: float) -> bool:
-        """Mark the last tick done, then sleep until ``timeout`` or a load request (True then)."""
+    def wait(self, timeout: float, read: bool = True) -> bool:
+        """Mark the last tick done if it ``read`` the alias, then sleep until ``timeout`` or a
+        load request (True then). A tick the store failed leaves the requests it started on
+        waiting for a later tick that reads it."""
         with self._cond:
-            self._done = self._seen
+            if read:
+                self._done = self._seen
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._requested > self._seen or self._stop.is_set(), timeout)
             forced = self._requested > self._seen

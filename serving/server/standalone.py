@@ -103,7 +103,8 @@ class _Model:
                 break
             except Exception as exc:  # noqa: BLE001 -- NOTE: keep retrying whatever failed
                 log.warning("model %s did not load: %s; retrying in %.0f s", self.name, exc, delay)
-                self.waker.wait(delay)
+                # NOTE: nothing loaded: a load request waits for a start that does.
+                self.waker.wait(delay, read=False)
                 delay = min(_START_RETRY_MAX_S, delay * 2)
         self._follow()
 

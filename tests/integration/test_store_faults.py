@@ -117,7 +117,8 @@ def served(
         stop = threading.Event()
         watcher = service.watcher
         assert watcher is not None
-        thread = threading.Thread(target=run_forever, args=(watcher, stop.wait, stop), daemon=True)
+        wait = lambda timeout, _read: stop.wait(timeout)  # noqa: E731 -- NOTE: no load requests here
+        thread = threading.Thread(target=run_forever, args=(watcher, wait, stop), daemon=True)
         thread.start()
         try:
             yield Served(service, s3_env, writer)

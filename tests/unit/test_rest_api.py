@@ -180,6 +180,17 @@ def test_a_load_request_joins_one_that_has_not_started() -> None:
     assert waker.wait_done(first, 0)
 
 
+def test_a_load_request_is_done_only_by_a_tick_that_read_the_alias() -> None:
+    """A tick whose alias check the store failed has not looked: the request waits for one that has."""
+    waker = Waker(threading.Event())
+    generation = waker.request()
+    assert waker.wait(0) is True  # the forced tick starts
+    assert waker.wait(0, read=False) is False  # ... and the store fails it
+    assert not waker.wait_done(generation, 0)
+    waker.wait(0, read=True)  # the next tick reads the alias
+    assert waker.wait_done(generation, 0)
+
+
 def test_the_routing_header_reaches_the_model_as_a_typed_key() -> None:
     """The canary's sticky header becomes the request's routing key; no other header crosses."""
     port = Port()

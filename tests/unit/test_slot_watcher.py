@@ -108,7 +108,7 @@ def test_watcher_follows_the_alias_when_it_moves(repo, cache, tmp_path) -> None:
     slot, watcher = make(repo, cache, clock)
     watcher.start()
     assert predict(slot) == ("1", 1.0)
-    watcher.tick()
+    assert watcher.tick() is True  # the store answered
     assert predict(slot) == ("1", 1.0)
     repo.move_alias("m", "production", SetTarget("2"))
     watcher.tick()
@@ -209,7 +209,7 @@ def test_store_outage_keeps_serving_and_a_cold_start_uses_the_remembered_alias(r
     watcher.start()
     root = Path(repo.store.root)  # type: ignore[attr-defined]
     root.rename(tmp_path / "gone")
-    watcher.tick()
+    assert watcher.tick() is False  # the store gave no answer: a load request is not done
     assert predict(slot) == ("1", 1.0)
     assert watcher.status().last_error
     # A new replica, store still down: ready on the version the cache remembers.

@@ -179,6 +179,9 @@ class Follower:
         self._board = board
         self._replica = replica
         self._generation = 0
+        """The newest load request a tick started on."""
+        self._done = 0
+        """The newest load request a tick that read the alias finished."""
         self._stop = threading.Event()
         self._node_id = ray.get_runtime_context().get_node_id()
 
@@ -206,11 +209,16 @@ class Follower:
             self._board.forget.remote(self.name, self._replica)
 
     def _report(self) -> None:
-        status = {**self.service.status(), "generation": self._generation, "node_id": self._node_id}
+        status = {**self.service.status(), "generation": self._done, "node_id": self._node_id}
         self._board.report.remote(self.name, self._replica, status)
 
-    def _wait(self, timeout: float) -> bool:
-        """Sleep until the next tick or a load request (True then), reporting every REPORT_EVERY_S."""
+    def _wait(self, timeout: float, read: bool) -> bool:
+        """Sleep until the next tick or a load request (True then), reporting every REPORT_EVERY_S.
+
+        The load requests the last tick started on are reported done only if it ``read``
+        the alias."""
+        if read:
+            self._done = self._generation
         deadline = time.monotonic() + timeout
         while True:
             self._report()
