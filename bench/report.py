@@ -82,6 +82,47 @@ def ratios(records: Iterable[dict[str, Any]], ours: str = OURS) -> list[dict[str
     return out
 
 
+ANCHORS = ("mlserver", "kserve", "pytriton")
+"""The peers the per-core target names: the Ray path must match the best of them."""
+
+
+def equal_cpu(records: Iterable[dict[str, Any]], peers: Iterable[str]) -> list[dict[str, Any]]:
+    """N of our Ray replicas (``ours-xN``) against N of each peer's processes, per workload.
+
+    A peer at N = 1 is its plain name; at N > 1 it is ``NAME-xN`` (its own scaling knob).
+    Each row carries ours / the peer on req/s and on p99, and whether the peer is an anchor.
+    """
+    names = list(peers)
+    by_workload: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in records:
+        by_workload.setdefault(r["workload"], {})[r["system"]] = r
+    out = []
+    for workload, systems in by_workload.items():
+        for n in (1, 2):
+            mine = systems.get(f"ours-x{n}")
+            if mine is None:
+                continue
+            for peer in names:
+                other = systems.get(peer if n == 1 else f"{peer}-x{n}")
+                if other is None:
+                    continue
+                out.append(
+                    {
+                        "workload": workload,
+                        "n": n,
+                        "peer": peer,
+                        "ours_requests_per_s": mine["requests_per_s"],
+                        "peer_requests_per_s": other["requests_per_s"],
+                        "ours_p99_ms": mine["p99_ms"],
+                        "peer_p99_ms": other["p99_ms"],
+                        "ratio": _div(mine["requests_per_s"], other["requests_per_s"]),
+                        "p99_ratio": _div(mine["p99_ms"], other["p99_ms"]),
+                        "anchor": peer in ANCHORS,
+                    }
+                )
+    return out
+
+
 def _div(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
         return None
@@ -151,6 +192,23 @@ def markdown(result: dict[str, Any]) -> str:
             )
         lines.append("")
     lines.pop()
+    rows = result.get("equal_cpu") or []
+    if rows:
+        lines += [
+            "",
+            "## Equal CPU: N Ray replicas (ours-xN) against N processes of each peer",
+            "",
+            "| workload | N | peer | ours req/s | peer req/s | ratio "
+            "| ours p99 ms | peer p99 ms | p99 ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            peer = f"**{r['peer']}**" if r["anchor"] else r["peer"]
+            lines.append(
+                f"| {r['workload']} | {r['n']} | {peer} | {_fmt(r['ours_requests_per_s'], 0)} "
+                f"| {_fmt(r['peer_requests_per_s'], 0)} | {_fmt(r['ratio'], 2)} "
+                f"| {_fmt(r['ours_p99_ms'], 1)} | {_fmt(r['peer_p99_ms'], 1)} | {_fmt(r['p99_ratio'], 2)} |"
+            )
     lines += [
         "",
         "## Targets",

@@ -6,6 +6,7 @@ the path it serves; a missing kind means the system has no such route.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,7 +22,8 @@ import httpx
 from serving.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-MLSERVER_VENV = ROOT / "bench" / ".venvs" / "mlserver"
+VENVS = ROOT / "bench" / ".venvs"
+MLSERVER_VENV = VENVS / "mlserver"
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Processes:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; see {log.name}")
             try:
                 r = (
-                    httpx.post(url, content=body, timeout=5)
+                    httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=5)
                     if body is not None
                     else httpx.get(url, timeout=5)
                 )
@@ -96,6 +98,10 @@ class Processes:
                     proc.wait(timeout=10)
                 except OSError:
                     pass
+            # NOTE: what the server left in its session (PyTriton's tritonserver outlives its
+            # Python parent) goes too.
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
         self.procs.clear()
 
 
@@ -189,26 +195,40 @@ def start_serve(
     )
 
 
-def install_mlserver() -> str | None:
-    """Create bench/.venvs/mlserver with mlserver + mlserver-sklearn; None, or why it failed."""
-    py = MLSERVER_VENV / "bin" / "python"
-    if (MLSERVER_VENV / "bin" / "mlserver").exists():
+def install_venv(name: str, packages: list[str], ready: str) -> str | None:
+    """Create ``bench/.venvs/NAME`` with ``packages`` unless ``ready`` (a path in it) exists.
+
+    Each peer has its own venv, set up as its docs say; returns None, or why it failed."""
+    venv = VENVS / name
+    if (venv / ready).exists():
         return None
+    py = venv / "bin" / "python"
     try:
         if not py.exists():
-            subprocess.run(
-                [sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True, capture_output=True
-            )
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
         subprocess.run(
-            [str(py), "-m", "pip", "install", "-q", "mlserver", "mlserver-sklearn"],
-            check=True,
-            capture_output=True,
-            timeout=900,
+            [str(py), "-m", "pip", "install", "-q", *packages], check=True, capture_output=True, timeout=1200
         )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
         tail = getattr(exc, "stderr", b"") or b""
-        return f"pip install mlserver mlserver-sklearn failed: {exc}; {tail.decode(errors='replace')[-300:]}"
+        return f"pip install {' '.join(packages)} failed: {exc}; {tail.decode(errors='replace')[-300:]}"
     return None
+
+
+def venv_version(name: str, module: str) -> str:
+    """``module.__version__`` as the peer's own venv has it (empty if it cannot say)."""
+    py = VENVS / name / "bin" / "python"
+    return subprocess.run(
+        [str(py), "-c", f"import {module}; print({module}.__version__)"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+
+
+def install_mlserver() -> str | None:
+    """Create bench/.venvs/mlserver with mlserver + mlserver-sklearn; None, or why it failed."""
+    return install_venv("mlserver", ["mlserver", "mlserver-sklearn"], "bin/mlserver")
 
 
 def start_mlserver(procs: Processes, work: Path, ready_body: bytes) -> System:
@@ -253,16 +273,11 @@ def start_mlserver(procs: Processes, work: Path, ready_body: bytes) -> System:
         [str(MLSERVER_VENV / "bin" / "mlserver"), "start", str(folder)],
         (base + "/v2/models/iris/infer", ready_body),
     )
-    version = subprocess.run(
-        [py, "-c", "import mlserver; print(mlserver.__version__)"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    version = venv_version("mlserver", "mlserver")
     return System(
         "mlserver",
         base,
-        {"v2": "/v2/models/iris/infer"},
+        {"v2": "/v2/models/iris/infer", "v2all": "/v2/models/iris/infer"},
         f"MLServer {version} sklearn runtime, parallel_workers=0 (no v1 'instances' route)",
         grpc=f"127.0.0.1:{grpc_port}",
     )

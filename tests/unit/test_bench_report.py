@@ -63,3 +63,24 @@ def test_results_are_written_as_json_markdown_and_plots(tmp_path: Path) -> None:
     assert "| a | mlserver | requests_per_s | 1.50 | 0.50 |" in md
     assert sorted(Path(p).name for p in result["plots"]) == ["swap_latency.png", "throughput_latency.png"]
     assert all(Path(p).stat().st_size > 1000 for p in result["plots"])
+
+
+def test_equal_cpu_pairs_n_of_ours_with_n_of_each_peer() -> None:
+    """ours-x1 against each peer's plain name, ours-x2 against its -x2 name; anchors marked."""
+    rec = report.record
+    records = [
+        rec("a", "ours-x1", requests_per_s=100.0, rows_per_s=None, p50_ms=1.0, p99_ms=10.0),
+        rec("a", "ours-x2", requests_per_s=180.0, rows_per_s=None, p50_ms=1.0, p99_ms=12.0),
+        rec("a", "kserve", requests_per_s=50.0, rows_per_s=None, p50_ms=1.0, p99_ms=20.0),
+        rec("a", "kserve-x2", requests_per_s=200.0, rows_per_s=None, p50_ms=1.0, p99_ms=6.0),
+        rec("a", "litserve", requests_per_s=25.0, rows_per_s=None, p50_ms=1.0, p99_ms=5.0),
+        rec("b", "kserve", requests_per_s=9.0, rows_per_s=None, p50_ms=1.0, p99_ms=5.0),
+    ]
+    rows = {(r["n"], r["peer"]): r for r in report.equal_cpu(records, ["kserve", "litserve", "bentoml"])}
+    assert set(rows) == {(1, "kserve"), (2, "kserve"), (1, "litserve")}
+    assert rows[(1, "kserve")]["ratio"] == pytest.approx(2.0)
+    assert rows[(2, "kserve")]["ratio"] == pytest.approx(0.9)
+    assert rows[(2, "kserve")]["p99_ratio"] == pytest.approx(2.0)
+    assert (rows[(1, "kserve")]["anchor"], rows[(1, "litserve")]["anchor"]) == (True, False)
+    text = report.markdown({"equal_cpu": list(rows.values())})
+    assert "| a | 2 | **kserve** | 180 | 200 | 0.90 |" in text
