@@ -16,6 +16,8 @@ needs room under ``memory_bytes``::
 - Memory is measured after each load (:mod:`serving.runtime.memory`), not taken from
   the manifest; a member's size is measured again before each eviction decision, so
   a swap to a bigger version counts.
+- A member never measured is expected to be as big as a typical one; until the pool
+  has measured any, loads take turns, so a burst of first requests cannot overshoot.
 - Nothing is evicted while a request uses it, and pinned members never are.
 - A load that cannot fit (everything else is busy or pinned, or the model alone is
   larger than the budget) is refused with :class:`serving.errors.Overloaded`, a 503
@@ -120,6 +122,8 @@ class ModelPool(Generic[M]):
         self._sizes: OrderedDict[str, tuple[int, float]] = OrderedDict()
         """Last measured size per member and when, kept after it is unloaded."""
         self._load_slots = threading.BoundedSemaphore(max_concurrent_loads)
+        self._probe = threading.Lock()
+        """Held by a load while the pool has measured nothing to expect its size from."""
         self._idle = threading.Condition(self._lock)
         """Notified when a member goes idle, leaves the pool, or a load's reservation ends."""
         self._misses: OrderedDict[str, tuple[float, NotFound]] = OrderedDict()
@@ -292,8 +296,20 @@ class ModelPool(Generic[M]):
         # NOTE: opened first: the opener refuses a name that is not in the store before any
         # loaded member is evicted to make room for it.
         member = self._opener(name)
+        probe = False
         try:
-            self._make_room(name, self._expected_size(name), deadline)
+            expected = self._expected_size(name)
+            if expected is None and self.memory_bytes is not None:
+                # NOTE: nothing to expect a size from (an empty pool): loads take turns until
+                # one is measured, so a burst of first requests cannot load past the budget.
+                probe = self._probe.acquire(timeout=max(0.0, deadline - self._clock()))
+                if not probe:
+                    raise Overloaded(
+                        f"model {name!r} waited {self.load_wait_s:g} s for the pool's first load",
+                        self.retry_after_s,
+                    )
+                expected = self._expected_size(name)
+            self._make_room(name, expected or 0, deadline)
             member.load()
             size = member.memory_bytes()
             self._remember(name, size)
@@ -301,6 +317,9 @@ class ModelPool(Generic[M]):
         except BaseException:
             member.close()
             raise
+        finally:
+            if probe:
+                self._probe.release()
         entry = Entry(member, size, users=1)
         with self._lock:
             closed = self._closed
@@ -318,14 +337,14 @@ class ModelPool(Generic[M]):
         self._publish()
         return entry
 
-    def _expected_size(self, name: str) -> int:
+    def _expected_size(self, name: str) -> int | None:
         with self._lock:
             known = self._sizes.get(name)
             if known is not None:
                 return known[0]
-            sizes = [e.bytes for e in self._entries.values()]
-        # NOTE: never measured: as big as a typical loaded member (0 in an empty pool).
-        return sum(sizes) // len(sizes) if sizes else 0
+            sizes = [e.bytes for e in self._entries.values()] or [v for v, _ in self._sizes.values()]
+        # NOTE: never measured: as big as a typical member; None when none was ever measured.
+        return sum(sizes) // len(sizes) if sizes else None
 
     def _remember(self, name: str, size: int) -> None:
         with self._lock:
@@ -445,7 +464,11 @@ class ModelPool(Generic[M]):
             entry.member.close()
         except Exception:
             log.exception("unloading %s failed", name)
-        metrics.forget_model(name)
+        with self._lock:
+            # NOTE: a member closes after it left the pool; if the name was loaded again
+            # meanwhile, the series are the new member's and stay.
+            if name not in self._entries and name not in self._loading:
+                metrics.forget_model(name)
         log.info("unloaded %s from the pool", name, extra={"event": "pool_unload", "model": name})
 
     def _publish(self) -> None:

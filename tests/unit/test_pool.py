@@ -143,6 +143,9 @@ def test_loads_of_different_members_run_at_once_up_to_the_bound() -> None:
     opener = Opener()
     opener.gate = threading.Event()
     pool = ModelPool(opener, memory_bytes=1000, max_concurrent_loads=2, load_wait_s=0.5)
+    opener.gate.set()
+    _use(pool, "warm")  # NOTE: one measured member: later loads know what to expect
+    opener.gate = threading.Event()
     with ThreadPoolExecutor(3) as threads:
         first = [threads.submit(_use, pool, n) for n in ("a", "b")]
         # NOTE: both loads are inside member.load() at the same time: no pool-wide lock.
@@ -160,7 +163,67 @@ def test_loads_of_different_members_run_at_once_up_to_the_bound() -> None:
         opener.gate.set()
         for f in first:
             f.result(timeout=10)
-    assert sorted(pool.loaded()) == ["a", "b"]
+    assert sorted(pool.loaded()) == ["a", "b", "warm"]
+
+
+def _started(member: FakeMember | None, within_s: float = 5.0) -> bool:
+    """Whether ``member`` entered its load within ``within_s`` (polled)."""
+    deadline = threading.Event()
+    for _ in range(int(within_s / 0.05)):
+        if member is not None and member.started.is_set():
+            return True
+        deadline.wait(0.05)
+    return False
+
+
+def test_first_loads_into_an_empty_pool_take_turns_until_one_is_measured() -> None:
+    """Nothing says how big a member is until one is measured: a burst of first requests
+    must not load them all at once past the budget (each is 80 of a budget of 100)."""
+    opener = Opener(default=80)
+    opener.gate = threading.Event()
+    pool = ModelPool(opener, memory_bytes=100, max_concurrent_loads=4, load_wait_s=10)
+    with ThreadPoolExecutor(2) as threads:
+        first = threads.submit(_use, pool, "a")
+        assert _started(next(iter(opener.members("a")), None))
+        second = threads.submit(_use, pool, "b")
+        # NOTE: b waits for a's measurement, not inside its own load.
+        assert not _started(next(iter(opener.members("b")), None), within_s=0.5)
+        opener.gate.set()
+        first.result(timeout=10)
+        second.result(timeout=10)
+    # a was measured at 80, so b's load made room first: never both at once.
+    assert pool.loaded() == ["b"]
+    assert opener.members("a")[0].closed
+
+
+def test_a_member_closed_after_its_name_loaded_again_leaves_the_new_series() -> None:
+    """Unloading closes off-thread: a reload that beat the close keeps its metrics."""
+    from prometheus_client import REGISTRY
+
+    from serving import metrics
+
+    opener = Opener(default=10)
+    pool = ModelPool(opener, memory_bytes=100)
+    _use(pool, "pool-m")
+    old = pool.get_loaded("pool-m")
+    assert old is not None
+    pool.unload("pool-m")  # in use: it closes when its request ends
+    _use(pool, "pool-m")  # loaded again meanwhile
+    metrics.SWAPS.inc(model="pool-m")
+    pool.leave(old)  # the old member's last request ends; it closes now
+    deadline = threading.Event()
+    for _ in range(100):
+        if opener.members("pool-m")[0].closed:
+            break
+        deadline.wait(0.05)
+    assert opener.members("pool-m")[0].closed
+    assert REGISTRY.get_sample_value("serving_swaps_total", {"model": "pool-m"}) == 1.0
+    pool.unload("pool-m")  # the last member with that name: its series go
+    for _ in range(100):
+        if REGISTRY.get_sample_value("serving_swaps_total", {"model": "pool-m"}) is None:
+            break
+        deadline.wait(0.05)
+    assert REGISTRY.get_sample_value("serving_swaps_total", {"model": "pool-m"}) is None
 
 
 def test_a_failed_load_is_closed_reaches_every_waiter_and_is_not_kept() -> None:
