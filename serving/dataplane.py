@@ -185,7 +185,9 @@ class DataPlane:
         if self.sets is not None:
             for name, replicas in sorted((await self.sets.snapshot()).items()):
                 model_set = self.config.set_for(name)
-                if model_set is not None:
+                # NOTE: a member is listed while some replica holds it; the board keeps an
+                # empty entry for one every replica unloaded.
+                if model_set is not None and replicas:
                     rows.append({**index_entry(model_set.member(name), replicas), "set": model_set.prefix})
         return rows
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import uuid
 from collections import defaultdict
 from typing import Any
 
@@ -42,6 +43,10 @@ BOARD_OPTIONS: dict[str, Any] = {
 """How the board actor is placed and restarted (see :func:`get_board`)."""
 
 
+MAX_FORGOTTEN = 4096
+"""Stopped followers the board remembers, to drop their late reports."""
+
+
 @ray.remote(num_cpus=0)
 class Board:
     """What each replica serves, and per-model load requests (a generation counter).
@@ -59,15 +64,25 @@ class Board:
         self._seen: dict[str, dict[str, int]] = defaultdict(dict)
         self._replicas: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
         self._changed = asyncio.Condition()
+        self._forgotten: dict[str, None] = {}
+        """Followers that stopped, oldest first (a bounded ordered set)."""
         self._poked: set[tuple[str, str]] = set()
         """(model, replica) pairs whose current wait should end: that replica's alias feed saw a move."""
 
-    async def report(self, model: str, replica: str, status: dict[str, Any]) -> None:
+    async def report(self, model: str, replica: str, status: dict[str, Any], follower: str = "") -> None:
+        if follower and follower in self._forgotten:
+            return  # NOTE: sent before its follower stopped, arrived after: not a row any more
         self._replicas[model][replica] = {**status, "reported_at": time.time()}
 
-    async def forget(self, model: str, replica: str) -> None:
+    async def forget(self, model: str, replica: str, follower: str = "") -> None:
+        """Take a replica's row off (it stopped serving ``model``); reports ``follower`` sent
+        before it stopped and that arrive later are dropped, so the row does not come back."""
         self._replicas[model].pop(replica, None)
         self._seen[model].pop(replica, None)
+        if follower:
+            self._forgotten[follower] = None
+            while len(self._forgotten) > MAX_FORGOTTEN:
+                self._forgotten.pop(next(iter(self._forgotten)))
 
     async def request_load(self, model: str) -> int:
         async with self._changed:
@@ -183,6 +198,8 @@ class Follower:
         self._done = 0
         """The newest load request a tick that read the alias finished."""
         self._stop = threading.Event()
+        self._id = uuid.uuid4().hex
+        """This follower, so the board can drop its reports that arrive after it stopped."""
         self._node_id = ray.get_runtime_context().get_node_id()
 
     def start(self) -> None:
@@ -206,11 +223,13 @@ class Follower:
         """Stop following and take this replica off the board (a graceful replica shutdown)."""
         self._stop.set()
         with contextlib.suppress(Exception):
-            self._board.forget.remote(self.name, self._replica)
+            self._board.forget.remote(self.name, self._replica, self._id)
 
     def _report(self) -> None:
+        if self._stop.is_set():
+            return  # NOTE: stopped (unloaded from the pool): the board forgot this row
         status = {**self.service.status(), "generation": self._done, "node_id": self._node_id}
-        self._board.report.remote(self.name, self._replica, status)
+        self._board.report.remote(self.name, self._replica, status, self._id)
 
     def _wait(self, timeout: float, read: bool) -> bool:
         """Sleep until the next tick or a load request (True then), reporting every REPORT_EVERY_S.
