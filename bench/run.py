@@ -16,7 +16,11 @@ Systems (all on 127.0.0.1; one group of them up at a time, see ``GROUPS``):
 - ``ours-standalone``: this project's models in one uvicorn process without Ray
   (``serving serve --standalone``, serving.server.standalone);
 - ``ours-inproc`` and ``ours-standalone-inproc``: the same two with model workers off
-  (``isolation: none``), so the report shows what predicting in a worker costs.
+  (``isolation: none``), so the report shows what predicting in a worker costs;
+- ``ours-x1`` and ``ours-x2``: the chart's Ray path at a fixed 1 and 2 replicas, against
+  ``kserve``, ``litserve``, ``bentoml``, ``pytriton`` (bench/peers.py, each in its own venv)
+  and ``mlserver`` at 1 process and ``NAME-x2`` at 2 (each peer's own scaling knob): the
+  equal-CPU table of the report.
 
 Each round starts one group of systems, runs every workload on it and stops it
 before the next group starts, so nothing idle (a second Ray instance, MLServer's
