@@ -1,0 +1,151 @@
+"""A Ray replica killed (``kill -9``) or frozen (``SIGSTOP``) in the middle of a swap.
+
+Two replicas behind HAProxy, a client stream on each, and the alias moved from v1 to
+v2; one replica is then killed or stopped while the swap runs. After each fault:
+
+- no answer is wrong: every 200 carries exactly the outputs of the version it names;
+- the server answers again within 10 s of the fault ending, and ends on v2 alone;
+- the node's cache holds no unverified bytes (each cached version re-hashes clean).
+
+Requests that were inside the killed replica may fail (their connection is cut); the
+count is printed, not asserted. Part of ``make test-faults`` and ``make test``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from ray import serve
+
+from serving.cache import LoaderCache
+from serving.manifest import sha256_bytes
+from serving.repository import Repository, SetTarget
+
+from .conftest import IRIS_ROW, app_args, infer, iris_model, publish_iris, s3_env, wait_for
+from .test_serve import s3_repo
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow, pytest.mark.faults]
+
+C = {"1": 1.0, "2": 0.01}
+"""Each version's regularisation: v1 and v2 answer with different probabilities."""
+RECOVER_S = 10.0
+FREEZE_S = 3.0
+"""How long the frozen replica stays stopped: the fault's length, not a wait for anything."""
+
+
+@dataclass
+class Stream:
+    """Clients sending the same 1-row request until stopped; every answer is kept."""
+
+    base: str
+    expected: dict[str, list[float]]
+    results: list[tuple[float, int, str | None]] = field(default_factory=list)
+    wrong: list[tuple[str | None, Any]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self.stop.is_set():
+                try:
+                    resp = infer(client, self.base)
+                except httpx.HTTPError:
+                    self.results.append((time.monotonic(), 0, None))
+                    continue
+                version = resp.json().get("model_version") if resp.status_code == 200 else None
+                if resp.status_code == 200:
+                    proba = next(o["data"] for o in resp.json()["outputs"] if o["name"] == "predict_proba")
+                    if version not in self.expected or not np.allclose(proba, self.expected[version]):
+                        self.wrong.append((version, proba))
+                self.results.append((time.monotonic(), resp.status_code, version))
+
+    def since(self, t: float) -> list[tuple[float, int, str | None]]:
+        return [r for r in self.results if r[0] >= t]
+
+
+def _replica_pids(app: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"ServeReplica:{app}:server"], capture_output=True, text=True)
+    return sorted(int(p) for p in out.stdout.split())
+
+
+@contextmanager
+def streaming(base: str) -> Iterator[Stream]:
+    """Two clients on ``base`` while the block runs."""
+    expected = {v: iris_model(c).predict_proba(np.array(IRIS_ROW)).reshape(-1).tolist() for v, c in C.items()}
+    stream = Stream(base, expected)
+    threads = [threading.Thread(target=stream.run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        yield stream
+    finally:
+        stream.stop.set()
+        for t in threads:
+            t.join()
+
+
+def _cache_is_clean(repo: Repository, cache_dir: Path) -> None:
+    cache = LoaderCache(cache_dir, max_bytes=10**10)
+    found = 0
+    for version in C:
+        _, raw = repo.manifest("iris", version)
+        cached = cache.get("iris", version, sha256_bytes(raw))
+        if cached is not None:
+            cache.verify(cached)  # NOTE: raises IntegrityError on any byte that differs
+            found += 1
+    assert found >= 1, "nothing cached: the replicas did not pull through this cache"
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_a_replica_killed_or_frozen_mid_swap_costs_no_wrong_answer(
+    fault: str, deploy, s3_bucket, tmp_path, monkeypatch
+) -> None:
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    for version, c in C.items():
+        publish_iris(repo, tmp_path, version, c=c)
+    repo.move_alias("iris", "production", SetTarget("1"))
+    cache_dir = tmp_path / "cache"
+    base = deploy(app_args(uri, cache_dir, s3_env(server), replicas=2))
+    app = next(iter(serve.status().applications))
+    pids = wait_for(lambda: (p := _replica_pids(app)) and len(p) == 2 and p, what="two replica processes")
+    victim = pids[0]
+    with streaming(base) as stream:
+        wait_for(lambda: len(stream.results) > 20, what="traffic on v1")
+        repo.move_alias("iris", "production", SetTarget("2"))
+        # NOTE: mid-swap: the replicas poll every 0.3 s and load v2 beside v1.
+        os.kill(victim, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        faulted = time.monotonic()
+        if fault == "stop":
+            time.sleep(FREEZE_S)
+            os.kill(victim, signal.SIGCONT)
+        ended = time.monotonic()
+        # NOTE: answering again: 20 answers in a row, every one 200 on v2.
+        wait_for(
+            lambda: (
+                len(stream.since(ended)) >= 20
+                and all(s == 200 and v == "2" for _, s, v in stream.results[-20:])
+            ),
+            timeout=60,
+            what=f"20 answers in a row on v2 after the {fault}",
+        )
+        first_ok = next(t for t, s, _ in stream.since(ended) if s == 200)
+        count = len(stream.results)
+        wait_for(lambda: len(stream.results) > count + 20, what="traffic after recovery")
+    failed = [r for r in stream.since(faulted) if r[1] != 200]
+    print(f"\n{fault}: {len(stream.results)} requests, {len(failed)} failed after the fault")
+    assert stream.wrong == []
+    assert first_ok - ended <= RECOVER_S
+    assert {v for _, s, v in stream.results[-20:]} == {"2"}
+    _cache_is_clean(repo, cache_dir)
