@@ -309,6 +309,10 @@ class ModelPool(Generic[M]):
                         self.retry_after_s,
                     )
                 expected = self._expected_size(name)
+                if expected is not None:
+                    # NOTE: the load before this one was measured: the rest run at once again.
+                    self._probe.release()
+                    probe = False
             self._make_room(name, expected or 0, deadline)
             member.load()
             size = member.memory_bytes()
@@ -342,7 +346,10 @@ class ModelPool(Generic[M]):
             known = self._sizes.get(name)
             if known is not None:
                 return known[0]
-            sizes = [e.bytes for e in self._entries.values()] or [v for v, _ in self._sizes.values()]
+            budget = self.memory_bytes
+            # NOTE: a member measured larger than the whole budget is no typical member.
+            remembered = [v for v, _ in self._sizes.values() if budget is None or v <= budget]
+            sizes = [e.bytes for e in self._entries.values()] or remembered
         # NOTE: never measured: as big as a typical member; None when none was ever measured.
         return sum(sizes) // len(sizes) if sizes else None
 

@@ -123,6 +123,9 @@ def test_a_member_larger_than_the_whole_budget_is_refused_and_unloaded() -> None
         _use(pool, "huge")
     assert sum(m.loads for m in opener.members("huge")) == 1
     assert all(m.closed for m in opener.members("huge"))
+    # NOTE: nor is it what a member never measured is expected to need.
+    _use(pool, "small")
+    assert pool.loaded() == ["small"]
 
 
 def test_loads_of_one_member_are_single_flight() -> None:

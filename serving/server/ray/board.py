@@ -72,13 +72,17 @@ class Board:
     async def report(self, model: str, replica: str, status: dict[str, Any], follower: str = "") -> None:
         if follower and follower in self._forgotten:
             return  # NOTE: sent before its follower stopped, arrived after: not a row any more
-        self._replicas[model][replica] = {**status, "reported_at": time.time()}
+        self._replicas[model][replica] = {**status, "reported_at": time.time(), "follower": follower}
 
     async def forget(self, model: str, replica: str, follower: str = "") -> None:
         """Take a replica's row off (it stopped serving ``model``); reports ``follower`` sent
         before it stopped and that arrive later are dropped, so the row does not come back."""
-        self._replicas[model].pop(replica, None)
-        self._seen[model].pop(replica, None)
+        row = self._replicas[model].get(replica)
+        # NOTE: a follower that stopped after the same replica loaded the model again (a member
+        # unloaded while a request still used it) leaves its successor's row alone.
+        if row is None or not follower or row.get("follower") in (follower, ""):
+            self._replicas[model].pop(replica, None)
+            self._seen[model].pop(replica, None)
         if follower:
             self._forgotten[follower] = None
             while len(self._forgotten) > MAX_FORGOTTEN:
@@ -131,7 +135,11 @@ class Board:
         now = time.time()
         out: dict[str, Any] = {}
         for model, replicas in self._replicas.items():
-            fresh = {r: s for r, s in replicas.items() if now - s["reported_at"] <= max_age_s}
+            fresh = {
+                r: {k: v for k, v in s.items() if k != "follower"}
+                for r, s in replicas.items()
+                if now - s["reported_at"] <= max_age_s
+            }
             out[model] = {"generation": self._generation[model], "replicas": fresh}
         return out
 
@@ -206,13 +214,17 @@ class Follower:
         """Load the first version (raises if none loads: the replica is not healthy) and follow."""
         self.service.start()
         self._report()
-        if self.service.watcher is not None:
-            threading.Thread(
-                target=run_forever,
-                args=(self.service.watcher, self._wait, self._stop),
-                name=f"watch-{self.name}",
-                daemon=True,
-            ).start()
+        threading.Thread(target=self._follow, name=f"watch-{self.name}", daemon=True).start()
+
+    def _follow(self) -> None:
+        watcher = self.service.watcher
+        if watcher is not None:
+            run_forever(watcher, self._wait, self._stop)
+            return
+        # NOTE: a pinned version has nothing to follow; it still reports, and a load request
+        # is done at once.
+        while not self._stop.is_set():
+            self._wait(REPORT_EVERY_S, True)
 
     def nudge(self) -> None:
         """Have this replica read its alias now (its alias feed saw it move)."""

@@ -415,6 +415,23 @@ def test_cold_start_with_the_store_down_uses_the_warm_cache(deploy, s3_bucket, t
             server.start()
 
 
+def test_a_pinned_version_answers_a_load_request_at_once_and_stays_in_the_index(
+    deploy, s3_bucket, tmp_path, monkeypatch
+) -> None:
+    """A pinned model has no alias to follow, yet its replica reports like any other."""
+    server, bucket = s3_bucket
+    repo, uri = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "1", name="iris-pin")
+    args = app_args(uri, tmp_path / "cache", s3_env(server), name="iris-pin", model={"version": "1"})
+    args["models"][0].pop("alias")
+    base = deploy(args)
+    with httpx.Client(timeout=40) as client:
+        loaded = client.post(base + "/v2/repository/models/iris-pin/load")
+        # NOTE: before, nothing ever reported the request done: 202 after the 30 s wait.
+        assert loaded.status_code == 200, loaded.text
+        assert [r["live_version"] for r in _index(client, base, "iris-pin")["replicas"]] == ["1"]
+
+
 def test_the_autoscaler_adds_a_replica_and_both_converge_downloading_once(
     deploy, s3_bucket, tmp_path, monkeypatch
 ) -> None:
