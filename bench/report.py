@@ -90,7 +90,8 @@ def equal_cpu(records: Iterable[dict[str, Any]], peers: Iterable[str]) -> list[d
     """N of our Ray replicas (``ours-xN``) against N of each peer's processes, per workload.
 
     A peer at N = 1 is its plain name; at N > 1 it is ``NAME-xN`` (its own scaling knob).
-    Each row carries ours / the peer on req/s and on p99, and whether the peer is an anchor.
+    Each row carries ours / the peer on req/s and on p99, whether the peer is an anchor, and
+    the errors of both (a server that fails fast is not fast: the targets skip such rows).
     """
     names = list(peers)
     by_workload: dict[str, dict[str, dict[str, Any]]] = {}
@@ -118,6 +119,7 @@ def equal_cpu(records: Iterable[dict[str, Any]], peers: Iterable[str]) -> list[d
                         "ratio": _div(mine["requests_per_s"], other["requests_per_s"]),
                         "p99_ratio": _div(mine["p99_ms"], other["p99_ms"]),
                         "anchor": peer in ANCHORS,
+                        "errors": int(mine.get("errors") or 0) + int(other.get("errors") or 0),
                     }
                 )
     return out

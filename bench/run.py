@@ -780,7 +780,11 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             rows = [
                 r
                 for r in result.get("equal_cpu", [])
-                if r["n"] == n and r["workload"] == workload and r["anchor"] and r["ratio"] is not None
+                if r["n"] == n
+                and r["workload"] == workload
+                and r["anchor"]
+                and r["ratio"] is not None
+                and not r["errors"]
             ]
             worst = min(rows, key=lambda r: r["ratio"], default=None)
             slowest = max(rows, key=lambda r: r["p99_ratio"] or 0.0, default=None)
