@@ -47,6 +47,7 @@ class Processes:
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._shm_before = _shared_memory()
 
     def start(
         self,
@@ -103,6 +104,21 @@ class Processes:
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
         self.procs.clear()
+        # NOTE: PyTriton's shared-memory regions and LitServe's queues outlive a stopped server.
+        for leftover in _shared_memory() - self._shm_before:
+            with contextlib.suppress(OSError):
+                (SHM / leftover).unlink()
+
+
+SHM = Path("/dev/shm")
+PEER_SHM_PREFIXES = ("pytrtion", "psm_")
+"""Shared-memory files the peers create (PyTriton's, Python's multiprocessing's) and leave."""
+
+
+def _shared_memory() -> set[str]:
+    if not SHM.is_dir():
+        return set()
+    return {p.name for p in SHM.iterdir() if p.name.startswith(PEER_SHM_PREFIXES) and p.is_file()}
 
 
 def start_ray_host(

@@ -71,7 +71,12 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cmd += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
     cmd += ["--artifacts-destination", str(root / "artifacts")]
     # NOTE: its own session, so stopping it reaches the uvicorn and job workers it starts.
-    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # NOTE: no job execution (GenAI evaluation jobs): it starts a job runner and a huey store
+    # that MLflow puts in a /dev/shm folder it never removes.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
