@@ -289,7 +289,7 @@ def test_a_crash_a_hang_and_a_memory_blow_up_cost_only_their_own_model_on_ray(
             for name in ("crashy", "sleepy", "hoggy"):
                 wait_for(
                     lambda name=name: ask(client, name, 0.0).status_code == 200,
-                    timeout=10,
+                    timeout=30,
                     what=f"{name}'s worker back",
                 )
             seen = len(results)
