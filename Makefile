@@ -78,7 +78,7 @@ test-faults: $(TEST_STAMP)
 unit: $(TEST_STAMP)
 	$(PY) -m pytest tests/unit
 
-## bench: every workload against every peer (about 13 min; BENCH_ARGS=--quick for about 4)
+## bench: every workload against every peer, 1 and 2 of each (about 30 min, plus the peers' venvs the first time; BENCH_ARGS=--quick for about 10)
 bench: $(TEST_STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
 
