@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -77,11 +78,48 @@ def _zombie(pid: int) -> bool:
         return False
 
 
-def free_port(host: str) -> int:
+PORTS_FROM = 20000
+"""The lowest port :func:`free_port` hands out."""
+_given: set[int] = set()
+_given_lock = threading.Lock()
+
+
+def _ephemeral_floor() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now, below the kernel's ephemeral range.
+
+    NOTE: a port from ``bind(0)`` is an ephemeral one, from the range the kernel also takes
+    the local port of every outgoing connection from: before the server binds it, any
+    process's client socket (a Ray worker's, a test's) may hold it, and the bind fails (CI saw
+    HAProxy refuse to start on such a port). Below that range only explicit binds compete,
+    and this process never hands out the same port twice.
+    """
+    floor = _ephemeral_floor()
+    for _ in range(200 if floor - PORTS_FROM >= 1000 else 0):
+        port = random.randrange(PORTS_FROM, floor)  # noqa: S311 -- NOTE: a port, not a secret
+        with _given_lock:
+            if port in _given:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            if len(_given) >= 4096:
+                _given.clear()
+            _given.add(port)
+            return port
     with socket.socket() as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        bound: int = sock.getsockname()[1]
+        return bound
 
 
 @contextlib.contextmanager

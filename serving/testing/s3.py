@@ -29,15 +29,15 @@ from urllib.parse import unquote
 
 from werkzeug.serving import ThreadedWSGIServer
 
+from serving.server.process import free_port as _free_port
+
 HOST = "127.0.0.1"
 
 
 def free_port(host: str = HOST) -> int:
-    """A TCP port nothing listens on right now (also: a closed port for outage tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A TCP port nothing listens on right now (also: a closed port for outage tests); see
+    :func:`serving.server.process.free_port`."""
+    return _free_port(host)
 
 
 @dataclass(frozen=True)
