@@ -48,9 +48,15 @@ def numpy_dtype(name: str, datatype: Any) -> np.dtype[Any]:
     return np.dtype(OIP_TO_NUMPY[datatype])
 
 
+_BY_DTYPE: dict[np.dtype[Any], str] = {np.dtype(k): v for k, v in NUMPY_TO_OIP.items()}
+"""NUMPY_TO_OIP keyed by the dtype itself: ``str(dtype)`` runs numpy's Python code (a few
+microseconds, three times a request)."""
+
+
 def datatype_of(array: np.ndarray) -> str:
     """The OIP datatype of an output array (strings and objects are BYTES)."""
-    return NUMPY_TO_OIP.get(str(array.dtype), "BYTES")
+    found = _BY_DTYPE.get(array.dtype)
+    return found if found is not None else NUMPY_TO_OIP.get(str(array.dtype), "BYTES")
 
 
 def from_binary(name: str, chunk: memoryview | bytes, datatype: str, shape: list[int]) -> np.ndarray:

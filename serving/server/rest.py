@@ -19,6 +19,7 @@ names the model ``iris/versions/7`` (refused, 400), not version 7 of ``iris``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -80,8 +81,25 @@ ROUTES = [
 def match(method: str, path: str) -> tuple[str, dict[str, str]]:
     """Find the route for a request, or raise NotFound / MethodNotAllowed.
 
-    Returns the route's name and its path parameters, percent-decoded.
+    Returns the route's name and its path parameters, percent-decoded (a fresh dict).
     """
+    if len(path) <= _CACHED_PATH_CHARS:
+        name, params = _match_cached(method, path)
+        return name, dict(params)
+    return _match(method, path)
+
+
+_CACHED_PATH_CHARS = 256
+"""Paths up to this long are matched once (a bounded cache): the same few paths come again
+and again, and matching one tries every route's pattern in turn."""
+
+
+@functools.lru_cache(maxsize=256)
+def _match_cached(method: str, path: str) -> tuple[str, dict[str, str]]:
+    return _match(method, path)
+
+
+def _match(method: str, path: str) -> tuple[str, dict[str, str]]:
     path = path.rstrip("/") or "/"
     allowed = False
     for route in ROUTES:

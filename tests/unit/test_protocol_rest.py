@@ -15,8 +15,10 @@ from serving.errors import (
     PayloadTooLarge,
     VersionNotFound,
 )
+from serving.formats.base import OIP_TO_NUMPY
 from serving.manifest import TensorSpec
 from serving.protocol import rest
+from serving.protocol.tensors import datatype_of
 from serving.server.rest import match
 
 IRIS = [TensorSpec(name="input-0", datatype="FP32", shape=[-1, 4])]
@@ -235,3 +237,26 @@ def test_a_request_without_an_id_gets_a_fresh_uuid4_and_one_with_an_id_keeps_it(
     assert len(ids) == 1000
     assert all(uuid.UUID(i).version == 4 for i in ids)
     assert parse_v2({**body, "id": "r-7"}, specs).id == "r-7"
+
+
+@pytest.mark.parametrize("datatype", sorted(OIP_TO_NUMPY))
+def test_every_datatype_is_named_by_its_dtype_in_any_spelling(datatype: str) -> None:
+    native = np.zeros(2, dtype=OIP_TO_NUMPY[datatype])
+    assert datatype_of(native) == datatype
+    # NOTE: the same dtype reached another way (a view, an explicit byte order) is the same type.
+    assert datatype_of(native.view(native.dtype.newbyteorder("="))) == datatype
+    assert datatype_of(np.array(["a"], dtype=object)) == "BYTES"
+    assert datatype_of(np.array(["a"])) == "BYTES"
+
+
+def test_a_route_match_is_the_callers_to_change() -> None:
+    name, params = match("POST", "/v2/models/iris/versions/7/infer")
+    assert (name, params) == ("infer", {"model": "iris", "version": "7"})
+    params["model"] = "changed"
+    assert match("POST", "/v2/models/iris/versions/7/infer")[1] == {"model": "iris", "version": "7"}
+    long = "/v2/models/" + "a" * 300 + "/infer"
+    assert match("POST", long) == ("infer", {"model": "a" * 300})
+    with pytest.raises(MethodNotAllowed):
+        match("GET", "/v2/models/iris/infer")
+    with pytest.raises(NotFound):
+        match("GET", "/v3/nothing")
