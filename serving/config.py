@@ -79,8 +79,12 @@ class ModelConfig(BaseModel):
     """A shadow's floating-point prediction disagrees with the live one beyond this relative
     error (regressors); integer and string predictions (classifiers' labels) must be equal."""
     shadow_queue: int = Field(default=64, ge=1)
-    """Mirrored requests waiting for the shadow version; more are dropped and counted, so a slow
-    shadow never holds memory or delays a reply."""
+    """Mirrored requests waiting for the shadow version (or for the canary check); more are
+    dropped and counted, so a slow shadow never holds memory or delays a reply."""
+    canary_check_fraction: float = Field(default=1.0, ge=0, le=1)
+    """Share of the canary's requests also predicted by the live version, off the request path,
+    to compare their answers (``serving rollout`` judges a canary step's output agreement on
+    it, as ``shadow_tolerance`` says). 0: no check, and no extra load on the live version."""
 
     @model_validator(mode="after")
     def _one_pointer(self) -> ModelConfig:

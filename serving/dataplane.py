@@ -128,8 +128,10 @@ class DataPlane:
             InvalidReference: ``name`` or ``version`` is not a plain name (``iris/versions/7``).
             ModelNotFound: no such model is served here.
         """
-        check_model(name, version)
         port = self.models.get(name)
+        # NOTE: a configured name was checked once, at start; anything else is checked here.
+        if port is None or version is not None:
+            check_model(name, version)
         if port is None and self.sets is not None:
             port = self.sets.port(name)
         if port is None:

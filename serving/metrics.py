@@ -193,6 +193,13 @@ SHADOW_COMPARISONS = _counter(
     "version",
     "outcome",
 )
+CANARY_COMPARISONS = _counter(
+    "serving_canary_comparisons_total",
+    "Canary answers compared with the live version's on the same inputs (agree, disagree, error).",
+    "model",
+    "version",
+    "outcome",
+)
 SHADOW_DROPPED = _counter(
     "serving_shadow_dropped_total",
     "Mirrors dropped because the shadow queue was full (the client is never delayed).",
@@ -297,6 +304,7 @@ ALL = [
     ROLE_VERSION,
     CANARY_WEIGHT,
     SHADOW_COMPARISONS,
+    CANARY_COMPARISONS,
     SHADOW_DROPPED,
     LOADS,
     LOAD_SECONDS,

@@ -71,7 +71,8 @@ class Thresholds:
     max_p99_ratio: float | None = None
     """The canary's p99 latency over the live version's (None: not checked)."""
     max_disagreement: float = 0.05
-    """Shadow phase: share of compared requests whose answer differed from the live one."""
+    """Share of compared requests whose answer differed from the live version's: the shadow's
+    mirrored requests, and the canary's requests checked against the live version."""
     min_requests: int = 20
     """Fewer canary (or compared shadow) requests than this in a step cannot show it is healthy."""
 
@@ -226,12 +227,13 @@ class PrometheusSource:
             le = float(s["metric"]["le"])
             if le in bounds:
                 row(s["metric"]["version"])["buckets"][bounds.index(le)] = round(float(s["value"][1]))
-        for s in self.query(f"sum by (version, outcome) ({p}serving_shadow_comparisons_total{{{m}}})"):
-            f, n = row(s["metric"]["version"]), round(float(s["value"][1]))
-            if s["metric"].get("outcome") in ("agree", "disagree"):
-                f["compared"] += n
-            if s["metric"].get("outcome") == "disagree":
-                f["disagreed"] += n
+        for counter in ("shadow", "canary"):
+            for s in self.query(f"sum by (version, outcome) ({p}serving_{counter}_comparisons_total{{{m}}})"):
+                f, n = row(s["metric"]["version"]), round(float(s["value"][1]))
+                if s["metric"].get("outcome") in ("agree", "disagree"):
+                    f["compared"] += n
+                if s["metric"].get("outcome") == "disagree":
+                    f["disagreed"] += n
         return out
 
     def applied(self, role: str, version: str, share: float) -> tuple[bool, str]:
@@ -274,7 +276,7 @@ class Step:
             f"{self.phase} {version} at {share} for {self.seconds:.0f}s: "
             f"{c['requests']} req, {c['error_ratio']:.1%} errors, p99 {ms(c['p99_s'])}"
         )
-        if self.phase == "shadow":
+        if self.phase == "shadow" or c.get("compared"):
             ratio = c["disagreed"] / c["compared"] if c["compared"] else 0.0
             text += f", {c['disagreed']}/{c['compared']} disagree ({ratio:.1%})"
         text += (
@@ -324,9 +326,14 @@ def schema_change(live: Sequence[TensorSpec], candidate: Sequence[TensorSpec]) -
 def judge_canary(candidate: Window, live: Window, t: Thresholds) -> str:
     """Why a canary step fails ('' when it passes).
 
-    Errors are judged on whatever the step saw, so a canary that fails every request
-    is stopped at once; passing needs at least ``min_requests`` canary requests.
+    Errors and output agreement are judged on whatever the step saw, so a canary that
+    fails every request, or answers them differently, is stopped at once; passing needs
+    at least ``min_requests`` canary requests. Agreement is judged where the replicas
+    checked the canary against the live version (``canary_check_fraction``, on by default).
     """
+    why = _disagreement(candidate, t, "canary")
+    if why:
+        return why
     excess = candidate.error_ratio - live.error_ratio
     if candidate.requests and excess > t.max_error_ratio:
         return (
@@ -348,14 +355,21 @@ def judge_canary(candidate: Window, live: Window, t: Thresholds) -> str:
     return ""
 
 
+def _disagreement(candidate: Window, t: Thresholds, phase: str) -> str:
+    ratio = candidate.disagreed / candidate.compared if candidate.compared else 0.0
+    if candidate.compared and ratio > t.max_disagreement:
+        return (
+            f"{phase} disagreement {ratio:.1%} ({candidate.disagreed}/{candidate.compared}) "
+            f"with the live version is over --max-disagreement {t.max_disagreement:g}"
+        )
+    return ""
+
+
 def judge_shadow(shadow: Window, live: Window, t: Thresholds) -> str:
     """Why a shadow phase fails ('' when it passes); like :func:`judge_canary`, on disagreement."""
-    ratio = shadow.disagreed / shadow.compared if shadow.compared else 0.0
-    if shadow.compared and ratio > t.max_disagreement:
-        return (
-            f"shadow disagreement {ratio:.1%} ({shadow.disagreed}/{shadow.compared}) is over "
-            f"--max-disagreement {t.max_disagreement:g}"
-        )
+    why = _disagreement(shadow, t, "shadow")
+    if why:
+        return why
     excess = shadow.error_ratio - live.error_ratio
     if shadow.requests and excess > t.max_error_ratio:
         return (

@@ -49,7 +49,8 @@ class InferRequest:
         inputs: decoded input tensors by name, in request order. Their names and
             shapes are checked against the serving version's specs under its lease.
         outputs: the outputs asked for, or None for every output.
-        id: the request id echoed in the response.
+        id: the request id echoed in the response (a new UUID when the request brings
+            none, except for ``primary_only`` requests: the v1 reply has no id).
         parameters: the request's parameters.
         routing_key: the value that keeps a caller on one side of a canary split
             (a header or gRPC metadata, read by the transport), or None.
@@ -88,7 +89,8 @@ class InferRequest:
                 if out.name in seen:
                     raise InvalidInput(f"output {out.name!r} is asked for more than once")
                 seen.add(out.name)
-        if not self.id:
+        if not self.id and not self.primary_only:
+            # NOTE: a v1 reply carries no id: a UUID a request is a few microseconds for nothing.
             self.id = request_id()
 
     @property

@@ -23,7 +23,7 @@ import numpy as np
 from serving import metrics
 from serving.cache import CachedVersion, LoaderCache
 from serving.config import AppConfig, ModelConfig
-from serving.errors import InvalidInput, ServingError
+from serving.errors import InvalidInput, NotReady, ServingError
 from serving.formats.base import LoadPolicy
 from serving.isolation.prober import IsolationLimits, IsolationMode, Prober
 from serving.isolation.worker import DEADLINE, WorkerLimits, WorkerPredictor
@@ -152,6 +152,7 @@ class ModelService:
         self.router = Router()
         self.figures = Figures()
         self.mirror = ShadowMirror(self, queue_size=model.shadow_queue)
+        self.canary_check = CanaryCheck(self, queue_size=model.shadow_queue)
         self._memory: tuple[int, float] | None = None
 
     def start(self) -> None:
@@ -187,6 +188,7 @@ class ModelService:
         answered = "pinned" if pinned else "live"
         status = 200
         mirrored: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+        checked: tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         deadline = DEADLINE.set(time.monotonic() + request.timeout_s if request.timeout_s else None)
         try:
             with self._lease_for(request, role) as (live, answered):
@@ -195,6 +197,8 @@ class ModelService:
                 response, outputs = self.predict(live, request, inputs)
                 if answered == "live":
                     mirrored = (inputs, outputs)
+                elif answered == "canary":
+                    checked = (live.version, inputs, outputs)
         except BaseException as exc:
             status = status_of(exc)
             raise
@@ -204,6 +208,8 @@ class ModelService:
         if mirrored is not None:
             # NOTE: a non-blocking hand-off; the shadow predicts on its own thread later.
             self.mirror.offer(*mirrored)
+        elif checked is not None:
+            self.canary_check.offer(*checked)
         return response
 
     def refused(self, version: str | None, status: int) -> None:
@@ -286,8 +292,9 @@ class ModelService:
         return total
 
     def close(self) -> None:
-        """Stop the shadow mirror's thread and release every loaded version."""
+        """Stop the mirrors' threads and release every loaded version."""
         self.mirror.close()
+        self.canary_check.close()
         self.slot.close()
 
     def _lease(self, version: str | None) -> Any:
@@ -421,7 +428,64 @@ def index_entry(config: ModelConfig, replicas: dict[str, dict[str, Any]]) -> dic
     return entry
 
 
-class ShadowMirror:
+class _Mirror:
+    """A bounded queue of answered requests and one thread that predicts them again.
+
+    Never blocks a reply: an item that finds the queue full is dropped and counted.
+    Subclasses say what to queue (``offer``) and what to do with each item (``_one``).
+    """
+
+    role = "mirror"
+
+    def __init__(self, service: ModelService, queue_size: int = 64) -> None:
+        self._service = service
+        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(queue_size)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _put(self, item: tuple[Any, ...], version: str) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._service.figures.dropped(version)
+            metrics.SHADOW_DROPPED.inc(model=self._service.config.name)
+            return
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None and not self._closed:
+                    self._thread = threading.Thread(
+                        target=self._run, name=f"{self.role}-{self._service.config.name}", daemon=True
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                self._one(*item)
+            except Exception:
+                log.exception("%s mirror failed for %s", self.role, self._service.config.name)
+
+    def _one(self, *item: Any) -> None:
+        raise NotImplementedError
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is None:
+            return
+        while True:
+            try:
+                self._queue.put_nowait(None)
+                break
+            except queue.Full:
+                with suppress(queue.Empty):
+                    self._queue.get_nowait()
+        thread.join(timeout)
+
+
+class ShadowMirror(_Mirror):
     """Predicts a copy of live requests with the shadow version, on its own thread.
 
     :meth:`offer` never blocks: it picks ``fraction`` of the requests and queues
@@ -431,14 +495,7 @@ class ShadowMirror:
     ``shadow`` role. Nothing it does reaches the client.
     """
 
-    def __init__(self, service: ModelService, queue_size: int = 64) -> None:
-        self._service = service
-        self._queue: queue.Queue[tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None] = queue.Queue(
-            queue_size
-        )
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._closed = False
+    role = "shadow"
 
     def offer(self, inputs: dict[str, np.ndarray], live_outputs: dict[str, np.ndarray]) -> None:
         service = self._service
@@ -448,26 +505,7 @@ class ShadowMirror:
         shadow = service.slot.companion("shadow")
         if shadow is None:
             return
-        try:
-            self._queue.put_nowait((inputs, live_outputs))
-        except queue.Full:
-            service.figures.dropped(shadow.version)
-            metrics.SHADOW_DROPPED.inc(model=service.config.name)
-            return
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None and not self._closed:
-                    self._thread = threading.Thread(
-                        target=self._run, name=f"shadow-{service.config.name}", daemon=True
-                    )
-                    self._thread.start()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            try:
-                self._one(*item)
-            except Exception:
-                log.exception("shadow mirror failed for %s", self._service.config.name)
+        self._put((inputs, live_outputs), shadow.version)
 
     def _one(self, inputs: dict[str, np.ndarray], live_outputs: dict[str, np.ndarray]) -> None:
         service = self._service
@@ -494,17 +532,45 @@ class ShadowMirror:
             outcome = "disagree" if differs else "agree"
             metrics.SHADOW_COMPARISONS.inc(model=name, version=shadow.version, outcome=outcome)
 
-    def close(self, timeout: float = 5.0) -> None:
-        with self._lock:
-            self._closed = True
-            thread = self._thread
-        if thread is None:
+
+class CanaryCheck(_Mirror):
+    """Checks the canary's answers against the live version's, on its own thread.
+
+    The live version is the canary's reference: :meth:`offer` queues
+    ``canary_check_fraction`` of the requests the canary answered, with its outputs;
+    the thread predicts the same inputs with the live version and compares
+    (:func:`serving.runtime.traffic.disagrees`), counting under the canary's version
+    (``compared`` and ``disagreed``: what ``serving rollout`` judges a canary step's
+    output agreement on). The reference predictions are not requests: they count in
+    no request figure, and nothing reaches the client.
+    """
+
+    role = "canary-check"
+
+    def offer(self, version: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        service = self._service
+        fraction = service.config.canary_check_fraction
+        if fraction <= 0 or self._closed or not service.router.mirror(fraction):
             return
-        while True:
+        self._put((version, inputs, outputs), version)
+
+    def _one(self, version: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        service = self._service
+        name = service.config.name
+        reference: dict[str, np.ndarray] | None = None
+        with suppress(NotReady), service.slot.lease() as live:
+            if live.version == version:
+                return  # NOTE: promoted in the meantime: there is no other version to compare with
             try:
-                self._queue.put_nowait(None)
-                break
-            except queue.Full:
-                with suppress(queue.Empty):
-                    self._queue.get_nowait()
-        thread.join(timeout)
+                reference = service.run(live, inputs, list(outputs))
+            except ServingError:
+                pass  # NOTE: e.g. an input schema the rollout was allowed to change
+            except Exception:
+                log.exception("%s:%s failed on a canary's reference request", name, live.version)
+        if reference is None:
+            metrics.CANARY_COMPARISONS.inc(model=name, version=version, outcome="error")
+            return
+        differs = disagrees(reference, outputs, service.config.shadow_tolerance)
+        service.figures.compared(version, differs)
+        outcome = "disagree" if differs else "agree"
+        metrics.CANARY_COMPARISONS.inc(model=name, version=version, outcome=outcome)

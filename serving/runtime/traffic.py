@@ -101,10 +101,10 @@ class VersionFigures:
     """Cumulative latency histogram of answered (< 400) requests: at or under each of
     ``LATENCY_BUCKETS``, then +Inf."""
     compared: int = 0
-    """Shadow only: requests whose live answer was compared with this version's."""
+    """Shadow or canary: requests whose live answer was compared with this version's."""
     disagreed: int = 0
     dropped: int = 0
-    """Shadow only: mirrors dropped because the mirror queue was full."""
+    """Shadow or canary: comparisons dropped because the mirror queue was full."""
 
     def __post_init__(self) -> None:
         if self.buckets is None:

@@ -286,3 +286,15 @@ def test_judge_shadow_on_disagreement() -> None:
         Window(requests=100, compared=100, disagreed=20), live, t
     )
     assert "fewer than --min-requests 10" in judge_shadow(Window(requests=3, compared=3), live, t)
+
+
+def test_judge_canary_on_its_agreement_with_the_live_version() -> None:
+    t = Thresholds(max_disagreement=0.1, min_requests=10)
+    live = Window(requests=100)
+    assert judge_canary(Window(requests=40, compared=40, disagreed=4), live, t) == ""
+    why = judge_canary(Window(requests=40, compared=40, disagreed=8), live, t)
+    assert "canary disagreement 20.0% (8/40) with the live version" in why
+    # NOTE: a few comparisons are enough to stop a canary that answers differently ...
+    assert "canary disagreement" in judge_canary(Window(requests=3, compared=3, disagreed=3), live, t)
+    # ... and with the check off (no comparisons) the step is judged on the rest.
+    assert judge_canary(Window(requests=40), live, t) == ""

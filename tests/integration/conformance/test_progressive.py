@@ -11,6 +11,7 @@ callers' 4-feature requests fail on it and not on v1).
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import subprocess
 import sys
@@ -152,8 +153,9 @@ def dropped(client: httpx.Client, d: Delivery, name: str) -> bool:
 class Traffic:
     """Requests in a loop on a thread until stopped: every reply's status, version and time."""
 
-    def __init__(self, base: str, name: str) -> None:
+    def __init__(self, base: str, name: str, rows: Any = None) -> None:
         self.base, self.name = base, name
+        self.rows = [ROW] if rows is None else [[list(r)] for r in np.asarray(rows, dtype=float)]
         self.replies: list[tuple[float, int, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -168,8 +170,10 @@ class Traffic:
 
     def _run(self) -> None:
         with httpx.Client(timeout=20) as client:
-            while not self._stop.is_set():
-                r = infer(client, self.base, self.name)
+            for i in itertools.count():
+                if self._stop.is_set():
+                    break
+                r = infer(client, self.base, self.name, rows=self.rows[i % len(self.rows)])
                 version = r.json().get("model_version", "") if r.status_code == 200 else ""
                 self.replies.append((time.monotonic(), r.status_code, version))
 
@@ -272,6 +276,43 @@ def test_a_shadow_never_changes_a_reply_and_its_disagreement_is_counted(delivery
     d.repo.move_alias("split", "production", Abort())
 
 
+def test_the_canarys_answers_are_checked_against_the_live_version_off_the_request_path(
+    delivery: Delivery,
+) -> None:
+    """Each request the canary answers is predicted again by the live version, after the reply,
+    and counted under the canary's version where the answers differ; those reference
+    predictions are not requests of the live version."""
+    d = delivery
+    alias = d.repo.get_alias("split", "production")
+    if alias.canary is not None or alias.shadow is not None:
+        d.repo.move_alias("split", "production", Abort())
+    rows = X[::3]  # NOTE: 50 distinct flowers, some where v1 and v2 disagree
+    expected_disagreements = int(
+        np.sum(d.models["split", "1"].predict(rows) != d.models["split", "2"].predict(rows))
+    )
+    assert expected_disagreements > 0
+    with httpx.Client(timeout=20) as client:
+        wait_for(lambda: dropped(client, d, "split"), what="the shadow or canary to be dropped")
+        d.repo.move_alias("split", "production", SetCanary("2", 100))
+        wait_for(lambda: applied(client, d, "split", "canary", "2", 100), what="the canary to load")
+        figures = entry(client, d.base, "split")["figures"]
+        before = figures.get("2", {"compared": 0, "disagreed": 0})
+        live_before = figures.get("1", {}).get("requests", 0)
+        replies = [infer(client, d.base, "split", rows=[row]) for row in rows]
+        assert [r.status_code for r in replies] == [200] * len(rows)
+        assert {r.json()["model_version"] for r in replies} == {"2"}
+
+        def counted() -> dict[str, Any] | None:
+            f = entry(client, d.base, "split")["figures"].get("2", {})
+            return f if f.get("compared", 0) - before["compared"] >= len(rows) else None
+
+        f = wait_for(counted, what="the canary's comparisons in the index")
+        assert f["compared"] - before["compared"] == len(rows)
+        assert f["disagreed"] - before["disagreed"] == expected_disagreements
+        assert entry(client, d.base, "split")["figures"].get("1", {}).get("requests", 0) == live_before
+    d.repo.move_alias("split", "production", Abort())
+
+
 def test_promote_and_abort_take_effect_within_one_poll_interval_with_no_failed_request(
     delivery: Delivery,
 ) -> None:
@@ -368,3 +409,25 @@ def test_a_schema_change_let_through_is_caught_in_shadow_with_no_failed_request(
     assert traffic.failures() == []
     assert {v for _, s, v in traffic.replies if s == 200} == {"1"}
     print(f"[{d.transport}] schema change aborted in shadow in {took:.1f}s, 0 failed requests")
+
+
+def test_a_canary_that_answers_differently_is_aborted_without_a_shadow_phase(delivery: Delivery) -> None:
+    """No shadow phase: the first canary step sees the candidate's answers differ from the live
+    version's on the same requests (checked off the request path) and aborts."""
+    d = delivery
+    v1, v2 = d.models["split", "1"], d.models["split", "2"]
+    rows = X[v1.predict(X) != v2.predict(X)]  # NOTE: flowers the two versions label differently
+    assert len(rows) > 0
+    with httpx.Client(timeout=20) as client:
+        d.repo.move_alias("split", "production", SetTarget("1"))
+        wait_for(lambda: dropped(client, d, "split"), what="the shadow or canary to be dropped")
+    with Traffic(d.base, "split", rows=rows) as traffic:
+        moved = time.monotonic()
+        wait_for(lambda: traffic.all_since(moved, "1"), what="every reply from 1")
+        done = rollout(d, "split", "--shadow-seconds", "0", "--max-disagreement", "0.01")
+    assert done.returncode == 12, (done.stdout, done.stderr)
+    assert "canary disagreement" in done.stderr
+    assert "with the live version is over --max-disagreement 0.01" in done.stderr
+    assert "split@production stays on 1" in done.stderr
+    assert d.repo.get_alias("split", "production").version == "1"
+    assert traffic.failures() == []
