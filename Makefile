@@ -65,7 +65,7 @@ typecheck: $(TEST_STAMP)
 ## test: lint, type-check and run every test (unit, integration, helm, security, adversarial) but the cluster suite
 test: lint typecheck $(MLFLOW_SERVER) $(KSERVE_PY)
 	SERVING_TEST_MLFLOW_SERVER=$(abspath $(MLFLOW_SERVER)) SERVING_TEST_KSERVE_PYTHON=$(abspath $(KSERVE_PY)) \
-		$(PY) -m pytest
+		$(PY) -m pytest --durations=30
 
 ## test-cluster: a three-node Ray cluster (token auth on) under faults: alias moves, metrics, a node killed (about 4 min)
 test-cluster: $(TEST_STAMP)

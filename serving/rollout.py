@@ -356,8 +356,12 @@ def judge_canary(candidate: Window, live: Window, t: Thresholds) -> str:
 
 
 def _disagreement(candidate: Window, t: Thresholds, phase: str) -> str:
+    """Past ``max_disagreement`` once ``min_requests`` were compared; before that, only when the
+    disagreements already seen are more than ``min_requests`` comparisons would allow (so one
+    disagreement in the first three does not stop a step, and one that disagrees on every
+    request is stopped at once)."""
     ratio = candidate.disagreed / candidate.compared if candidate.compared else 0.0
-    if candidate.compared and ratio > t.max_disagreement:
+    if candidate.disagreed > t.max_disagreement * max(candidate.compared, t.min_requests):
         return (
             f"{phase} disagreement {ratio:.1%} ({candidate.disagreed}/{candidate.compared}) "
             f"with the live version is over --max-disagreement {t.max_disagreement:g}"

@@ -198,7 +198,9 @@ class ModelService:
                 if answered == "live":
                     mirrored = (inputs, outputs)
                 elif answered == "canary":
-                    checked = (live.version, inputs, outputs)
+                    # NOTE: the inputs as the client sent them: the live version conforms them
+                    # to its own specs (the canary's may cast or rename them differently).
+                    checked = (live.version, request.inputs, outputs)
         except BaseException as exc:
             status = status_of(exc)
             raise
@@ -293,8 +295,11 @@ class ModelService:
 
     def close(self) -> None:
         """Stop the mirrors' threads and release every loaded version."""
-        self.mirror.close()
-        self.canary_check.close()
+        mirrors = (self.mirror, self.canary_check)
+        for mirror in mirrors:
+            mirror.stop()
+        for mirror in mirrors:
+            mirror.join()
         self.slot.close()
 
     def _lease(self, version: str | None) -> Any:
@@ -469,12 +474,12 @@ class _Mirror:
     def _one(self, *item: Any) -> None:
         raise NotImplementedError
 
-    def close(self, timeout: float = 5.0) -> None:
+    def stop(self) -> None:
+        """Take no more items, drop the queued ones, and tell the thread to end."""
         with self._lock:
             self._closed = True
-            thread = self._thread
-        if thread is None:
-            return
+            if self._thread is None:
+                return
         while True:
             try:
                 self._queue.put_nowait(None)
@@ -482,7 +487,15 @@ class _Mirror:
             except queue.Full:
                 with suppress(queue.Empty):
                     self._queue.get_nowait()
-        thread.join(timeout)
+
+    def join(self, timeout: float = 5.0) -> None:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.stop()
+        self.join(timeout)
 
 
 class ShadowMirror(_Mirror):
@@ -542,7 +555,9 @@ class CanaryCheck(_Mirror):
     (:func:`serving.runtime.traffic.disagrees`), counting under the canary's version
     (``compared`` and ``disagreed``: what ``serving rollout`` judges a canary step's
     output agreement on). The reference predictions are not requests: they count in
-    no request figure, and nothing reaches the client.
+    no request figure, and nothing reaches the client. They do cost the live version
+    one predict per checked request (its worker answers one call at a time), which
+    ``canary_check_fraction`` bounds.
     """
 
     role = "canary-check"
@@ -562,7 +577,9 @@ class CanaryCheck(_Mirror):
             if live.version == version:
                 return  # NOTE: promoted in the meantime: there is no other version to compare with
             try:
-                reference = service.run(live, inputs, list(outputs))
+                answer = service.run(live, conform(inputs, live.predictor.inputs), list(outputs))
+                # NOTE: only what both answered: a predictor may compute more than was asked for.
+                reference = {k: v for k, v in answer.items() if k in outputs} or None
             except ServingError:
                 pass  # NOTE: e.g. an input schema the rollout was allowed to change
             except Exception:

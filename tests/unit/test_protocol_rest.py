@@ -240,11 +240,9 @@ def test_a_request_without_an_id_gets_a_fresh_uuid4_and_one_with_an_id_keeps_it(
 
 
 @pytest.mark.parametrize("datatype", sorted(OIP_TO_NUMPY))
-def test_every_datatype_is_named_by_its_dtype_in_any_spelling(datatype: str) -> None:
-    native = np.zeros(2, dtype=OIP_TO_NUMPY[datatype])
-    assert datatype_of(native) == datatype
-    # NOTE: the same dtype reached another way (a view, an explicit byte order) is the same type.
-    assert datatype_of(native.view(native.dtype.newbyteorder("="))) == datatype
+def test_every_datatype_is_named_by_its_dtype(datatype: str) -> None:
+    assert datatype_of(np.zeros(2, dtype=OIP_TO_NUMPY[datatype])) == datatype
+    assert datatype_of(np.zeros(2, dtype=np.dtype(OIP_TO_NUMPY[datatype]).str)) == datatype
     assert datatype_of(np.array(["a"], dtype=object)) == "BYTES"
     assert datatype_of(np.array(["a"])) == "BYTES"
 
