@@ -158,3 +158,6 @@ def test_the_helper_does_not_outlive_a_terminated_parent(tmp_path: Path) -> None
     finally:
         if parent.poll() is None:
             parent.kill()
+            parent.wait(timeout=10)
+        assert parent.stdout is not None
+        parent.stdout.close()
