@@ -1,4 +1,5 @@
-"""``serving import mlflow``: import a model from another registry as a new version."""
+"""``serving import mlflow`` and ``serving import git``: a model from another registry or a Git
+repository, published as a new version."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from serving.cli.context import PROG, Context, alias_text, version_text
 from serving.cli.options import (
     Commands,
     add_encode_options,
+    add_publish_options,
     add_signing_key,
     encode_options,
     positive_float,
     positive_int,
+    publish_options,
     signing_key,
 )
 from serving.errors import InvalidRequest
@@ -69,6 +72,17 @@ def add_import(commands: Commands) -> None:
         encrypt="encrypt files with the configured key",
         encrypt_key="encrypt files with this key file",
     )
+
+    g = group.add(
+        "git",
+        import_git,
+        "publish a file or folder of a Git repository at a tag, branch or commit (Git LFS resolved)",
+    )
+    g.add_argument("repo", metavar="REPO", help="a local path or a URL git can fetch (https, ssh, file)")
+    g.add_argument("--rev", required=True, help="a tag, branch or commit")
+    g.add_argument("--path", required=True, help="the model file or folder in the repository")
+    g.add_argument("--name", required=True, help="model name")
+    add_publish_options(g)
 
 
 @contextlib.contextmanager
@@ -164,4 +178,24 @@ def _import_mlflow(ctx: Context, args: argparse.Namespace, ref: MlflowRef) -> No
         max_polls=args.max_polls,
         on_poll=on_poll,
         **kwargs,
+    )
+
+
+def import_git(ctx: Context, args: argparse.Namespace) -> None:
+    from serving.git_import import import_git as run
+
+    manifest, source = run(
+        ctx.repo, args.repo, args.rev, args.path, name=args.name, **publish_options(ctx, args)
+    )
+    ctx.emit(
+        f"imported {source.repo}@{source.rev}:{source.path} (commit {source.commit[:12]}"
+        f"{', Git LFS' if source.lfs else ''}) as {version_text(manifest)}"
+        + alias_text(manifest, args.alias),
+        {
+            "name": manifest.name,
+            "version": manifest.version,
+            "format": manifest.format,
+            "alias": args.alias,
+            "source": source.as_metadata(),
+        },
     )

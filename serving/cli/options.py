@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serving.cli.context import load_json
 from serving.errors import InvalidRequest
+from serving.manifest import TensorSpec
 
 if TYPE_CHECKING:
     from serving.cli.context import Context
@@ -218,3 +220,64 @@ def steps(text: str) -> list[float]:
     if not valid_steps(weights):
         raise argparse.ArgumentTypeError(f"{text!r}: give increasing weights above 0, e.g. 5,25,50,100")
     return weights
+
+
+def add_publish_options(parser: argparse.ArgumentParser) -> None:
+    """What a new version is published with (``serving publish``, ``serving import git``)."""
+    parser.add_argument("--version", help="version to publish (default: the next integer)")
+    parser.add_argument("--format", help="artifact format (default: detected from content and extension)")
+    parser.add_argument("--alias", help="move this alias to the new version once it is published")
+    parser.add_argument("--example", metavar="JSON", help="example input rows (JSON, @file or -)")
+    parser.add_argument(
+        "--inputs", metavar="JSON", help="input schema: [{name, datatype, shape}] (JSON or @file)"
+    )
+    parser.add_argument(
+        "--outputs", metavar="JSON", help="output schema: [{name, datatype, shape}] (JSON or @file)"
+    )
+    add_signing_key(
+        parser, "Ed25519 private key (PEM): write manifest.sig before the manifest (see SECURITY.md)"
+    )
+    add_encode_options(parser)
+    parser.add_argument(
+        "--metadata", metavar="KEY=VALUE", action="append", default=[], help="free-form metadata (repeatable)"
+    )
+
+
+def publish_options(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`serving.publish.publish_path`'s keywords from :func:`add_publish_options`' flags."""
+    return {
+        "version": args.version,
+        "format": args.format,
+        "alias": args.alias,
+        "inputs": _tensor_specs(args.inputs, "--inputs"),
+        "outputs": _tensor_specs(args.outputs, "--outputs"),
+        "example": load_json(args.example, "--example") if args.example is not None else None,
+        "metadata": _key_values(args.metadata, "--metadata"),
+        "progress": ctx.progress,
+        "signing_key": signing_key(args.signing_key),
+        "encode": encode_options(ctx, args),
+    }
+
+
+def _tensor_specs(text: str | None, what: str) -> list[TensorSpec] | None:
+    if text is None:
+        return None
+    from pydantic import ValidationError
+
+    raw = load_json(text, what)
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"{what} must be a JSON list of {{name, datatype, shape}} objects")
+    try:
+        return [TensorSpec.model_validate(item) for item in raw]
+    except ValidationError as exc:
+        raise InvalidRequest(f"{what}: {exc.errors()[0]['msg']}") from exc
+
+
+def _key_values(pairs: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"{what} {pair!r} is not KEY=VALUE")
+        out[key] = value
+    return out

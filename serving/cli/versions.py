@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from serving.cli.context import Context, alias_text, human_bytes, load_json, version_text
-from serving.cli.options import Commands, add_encode_options, add_signing_key, encode_options, signing_key
-from serving.errors import InvalidRequest, ModelNotFound, ServingError
-from serving.manifest import TensorSpec, sha256_bytes
+from serving.cli.context import Context, alias_text, human_bytes, version_text
+from serving.cli.options import Commands, add_publish_options, publish_options
+from serving.errors import ModelNotFound, ServingError
+from serving.manifest import sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -20,39 +19,13 @@ def add_publish(commands: Commands) -> None:
     p = commands.add("publish", publish, "publish a saved artifact (file or directory) as a new version")
     p.add_argument("path", metavar="PATH", help="the artifact: a file or a directory")
     p.add_argument("--name", required=True, help="model name")
-    p.add_argument("--version", help="version to publish (default: the next integer)")
-    p.add_argument("--format", help="artifact format (default: detected from content and extension)")
-    p.add_argument("--alias", help="move this alias to the new version once it is published")
-    p.add_argument("--example", metavar="JSON", help="example input rows (JSON, @file or -)")
-    p.add_argument("--inputs", metavar="JSON", help="input schema: [{name, datatype, shape}] (JSON or @file)")
-    p.add_argument(
-        "--outputs", metavar="JSON", help="output schema: [{name, datatype, shape}] (JSON or @file)"
-    )
-    add_signing_key(p, "Ed25519 private key (PEM): write manifest.sig before the manifest (see SECURITY.md)")
-    add_encode_options(p)
-    p.add_argument(
-        "--metadata", metavar="KEY=VALUE", action="append", default=[], help="free-form metadata (repeatable)"
-    )
+    add_publish_options(p)
 
 
 def publish(ctx: Context, args: argparse.Namespace) -> None:
     from serving.publish import publish_path
 
-    manifest = publish_path(
-        ctx.repo,
-        Path(args.path),
-        args.name,
-        version=args.version,
-        format=args.format,
-        alias=args.alias,
-        inputs=_tensor_specs(args.inputs, "--inputs"),
-        outputs=_tensor_specs(args.outputs, "--outputs"),
-        example=load_json(args.example, "--example") if args.example is not None else None,
-        metadata=_key_values(args.metadata, "--metadata"),
-        progress=ctx.progress,
-        signing_key=signing_key(args.signing_key),
-        encode=encode_options(ctx, args),
-    )
+    manifest = publish_path(ctx.repo, Path(args.path), args.name, **publish_options(ctx, args))
     ctx.emit(
         f"published {version_text(manifest)} to {ctx.repo.store.uri}{alias_text(manifest, args.alias)}",
         {
@@ -66,30 +39,6 @@ def publish(ctx: Context, args: argparse.Namespace) -> None:
             "store": ctx.repo.store.uri,
         },
     )
-
-
-def _tensor_specs(text: str | None, what: str) -> list[TensorSpec] | None:
-    if text is None:
-        return None
-    from pydantic import ValidationError
-
-    raw = load_json(text, what)
-    if not isinstance(raw, list):
-        raise InvalidRequest(f"{what} must be a JSON list of {{name, datatype, shape}} objects")
-    try:
-        return [TensorSpec.model_validate(item) for item in raw]
-    except ValidationError as exc:
-        raise InvalidRequest(f"{what}: {exc.errors()[0]['msg']}") from exc
-
-
-def _key_values(pairs: Sequence[str], what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidRequest(f"{what} {pair!r} is not KEY=VALUE")
-        out[key] = value
-    return out
 
 
 def add_versions(commands: Commands) -> None:
@@ -128,6 +77,7 @@ def versions(ctx: Context, args: argparse.Namespace) -> None:
                 "created_at": manifest.created_at,
                 "total_bytes": manifest.total_bytes,
                 "aliases": aliases,
+                "source": manifest.metadata.get("source"),
             }
         )
         size = human_bytes(manifest.total_bytes)
