@@ -20,9 +20,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -30,7 +34,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from serving.errors import InvalidRequest, StoreUnavailable
 from serving.manifest import Manifest
@@ -67,65 +70,78 @@ class GitSource:
         return {"type": "git", **asdict(self)}
 
 
+_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
+"""``scheme://user:password@`` in a URL or a message (a password may hold ``#`` or ``?``)."""
+_KEEP_GIT_ENV = frozenset(
+    {"GIT_SSH", "GIT_SSH_COMMAND", "GIT_SSL_CAINFO", "GIT_SSL_CAPATH", "GIT_PROXY_COMMAND", "GIT_TRACE"}
+)
+"""The caller's GIT_* variables that only say how to reach a server; every other one (GIT_DIR,
+GIT_WORK_TREE, GIT_INDEX_FILE, ...) would point git at another repository than the scratch one."""
+_REV = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
+
+
 def public_url(repo: str) -> str:
     """``repo`` without user name or password (``https://u:token@host/x`` -> ``https://host/x``).
 
     A local path and an scp-like address (``git@host:org/repo.git``, which carries no secret)
     are returned as they are.
     """
-    parts = urlsplit(repo)
-    if not parts.scheme or not parts.netloc or "@" not in parts.netloc:
-        return repo
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return _CREDENTIALS.sub(r"\1", repo, count=1)
 
 
-def _git(args: list[str], cwd: Path, what: str, env: dict[str, str]) -> str:
+def _redact(text: str) -> str:
+    return _CREDENTIALS.sub(r"\1", text)
+
+
+def _git(args: list[str], cwd: Path, what: str, env: dict[str, str], *, binary: bool = False) -> Any:
+    """Run git in ``cwd``; its output (bytes with ``binary``), or InvalidRequest with git's reason."""
     try:
-        done = subprocess.run(
+        proc = subprocess.Popen(
             # NOTE: no transport that runs a command (ext::), whatever a user config allows.
-            ["git", "-c", "protocol.ext.allow=never", *args],
+            ["git", "-c", "protocol.ext.allow=never", "-c", "core.autocrlf=false", *args],
             cwd=cwd,
             env=env,
-            capture_output=True,
-            text=True,
-            timeout=GIT_TIMEOUT_S,
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            # NOTE: its own group, so a timeout also ends what it started (ssh, a credential helper).
+            start_new_session=True,
         )
     except FileNotFoundError as exc:
         raise InvalidRequest("git is not installed (the 'git' command was not found)") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise StoreUnavailable(f"{what}: git took more than {GIT_TIMEOUT_S:g} s") from exc
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines() or ["(no message)"]
+    try:
+        out, err = proc.communicate(timeout=GIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        raise StoreUnavailable(f"{what}: git took more than {GIT_TIMEOUT_S:g} s") from None
+    except BaseException:
+        _kill(proc)  # NOTE: Ctrl-C or SIGTERM: git and what it started end with us
+        raise
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines() or ["(no message)"]
         # NOTE: git's first "fatal:" line says what went wrong; the lines after it are advice.
         reason = next((line for line in lines if line.startswith(("fatal:", "error:"))), lines[-1])
-        raise InvalidRequest(f"{what}: {reason}")
-    return done.stdout
+        raise InvalidRequest(_redact(f"{what}: {reason}"))
+    return out if binary else out.decode(errors="replace")
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
 
 
 def _env() -> dict[str, str]:
-    # NOTE: never ask on a terminal for credentials (a CLI in CI would hang); no system or user
-    # config may point the fetch elsewhere (url.*.insteadOf) than what was asked for.
-    return {
-        **os.environ,
+    # NOTE: never ask on a terminal for credentials (a CLI in CI would hang), and no system
+    # config; the user's own (credential helpers, url.*.insteadOf) still applies.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_") or k in _KEEP_GIT_ENV}
+    return env | {
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_ASKPASS": "true",
         "GIT_CONFIG_NOSYSTEM": "1",
         "GIT_LFS_SKIP_SMUDGE": "1",
+        "GIT_LITERAL_PATHSPECS": "1",
     }
-
-
-def _pointers(root: Path) -> list[Path]:
-    """The Git LFS pointer files under ``root`` (a file or a folder)."""
-    files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
-    found = []
-    for f in files:
-        if f.stat().st_size < _POINTER_MAX:
-            with f.open("rb") as fh:
-                if fh.read(len(_LFS_POINTER)) == _LFS_POINTER:
-                    found.append(f)
-    return found
 
 
 def _fetch(repo: str, rev: str, work: Path, where: str, env: dict[str, str]) -> str:
@@ -133,7 +149,7 @@ def _fetch(repo: str, rev: str, work: Path, where: str, env: dict[str, str]) -> 
     try:
         # NOTE: a tag, a branch or a full commit id: fetch exactly it, with no history or other refs.
         _git(["fetch", "--quiet", "--depth=1", "--no-tags", "--", repo, rev], work, "fetch", env)
-        return _git(["rev-parse", "--verify", "FETCH_HEAD^{commit}"], work, "rev-parse", env).strip()
+        return str(_git(["rev-parse", "--verify", "FETCH_HEAD^{commit}"], work, "rev-parse", env)).strip()
     except InvalidRequest as exc:
         first = exc
     # NOTE: an abbreviated commit id cannot be fetched by name: fetch every branch and tag.
@@ -142,10 +158,80 @@ def _fetch(repo: str, rev: str, work: Path, where: str, env: dict[str, str]) -> 
         _git(["fetch", "--quiet", "--", repo, *refspecs], work, "fetch", env)
     except InvalidRequest as exc:
         raise InvalidRequest(f"cannot fetch {rev!r} from {where}: {exc.message}") from None
-    try:
-        return _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], work, "rev-parse", env).strip()
-    except InvalidRequest:
-        raise InvalidRequest(f"cannot fetch {rev!r} from {where}: {first.message}") from None
+    for candidate in (f"{rev}^{{commit}}", f"refs/remotes/origin/{rev}^{{commit}}"):
+        try:
+            return str(_git(["rev-parse", "--verify", "--quiet", candidate], work, "rev-parse", env)).strip()
+        except InvalidRequest:
+            continue
+    raise InvalidRequest(f"cannot fetch {rev!r} from {where}: {first.message} (nor a commit it abbreviates)")
+
+
+def _extract(work: Path, commit: str, path: str, where: str, rev: str, env: dict[str, str]) -> Path:
+    """The blobs of ``path`` at ``commit``, written byte for byte under ``work/out``.
+
+    Not ``git checkout``: the repository's ``.gitattributes`` (line endings, filters) and the
+    user's ``core.autocrlf`` would change the bytes, and the manifest says they are the commit's.
+    """
+    listed = _git(["ls-tree", "-r", "-z", "--full-tree", commit, "--", path], work, "ls-tree", env)
+    entries = [e for e in str(listed).split("\0") if e]
+    if not entries:
+        raise InvalidRequest(f"{where} has no {path!r} at {rev} ({commit[:12]})")
+    out = work / "out"
+    for entry in entries:
+        meta, _, name = entry.partition("\t")
+        mode, kind, blob = meta.split()
+        if kind == "commit":
+            raise InvalidRequest(f"{name!r} at {rev} is a submodule: import from its own repository")
+        if mode == "120000":
+            raise InvalidRequest(f"{name!r} at {rev} is a symbolic link: publish the file it points to")
+        parts = PurePosixPath(name).parts
+        if kind != "blob" or ".." in parts or not (name == path or name.startswith(path + "/")):
+            raise InvalidRequest(f"unexpected entry {name!r} in {path!r} at {rev}")
+        target = out.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(_git(["cat-file", "blob", blob], work, "cat-file", env, binary=True))
+    return out.joinpath(*PurePosixPath(path).parts)
+
+
+def _pointer(file: Path) -> tuple[str, int] | None:
+    """The (sha256, size) a Git LFS pointer file names, or None for any other file."""
+    if file.stat().st_size >= _POINTER_MAX:
+        return None
+    text = file.read_bytes()
+    if not text.startswith(_LFS_POINTER):
+        return None
+    fields = dict(line.split(" ", 1) for line in text.decode(errors="replace").splitlines() if " " in line)
+    oid, size = fields.get("oid", ""), fields.get("size", "")
+    if not oid.startswith("sha256:") or len(oid) != 71 or not size.isdigit():
+        raise InvalidRequest(f"{file.name} is a malformed Git LFS pointer")
+    return oid.removeprefix("sha256:"), int(size)
+
+
+def _resolve_lfs(
+    work: Path, target: Path, repo: str, commit: str, path: str, rev: str, env: dict[str, str]
+) -> bool:
+    """Replace Git LFS pointers under ``target`` with their objects, checked by digest; whether any."""
+    files = [target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file())
+    pointers = {f: ptr for f in files if (ptr := _pointer(f)) is not None}
+    if not pointers:
+        return False
+    if shutil.which("git-lfs") is None:
+        raise InvalidRequest(f"{path!r} at {rev} is stored in Git LFS, and git-lfs is not installed here")
+    what = f"cannot fetch the Git LFS files of {path!r}"
+    _git(["remote", "add", "origin", repo], work, what, env)
+    _git(["lfs", "fetch", "--include", path, "origin", commit], work, what, env)
+    for file, (oid, size) in pointers.items():
+        stored = work / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+        if not stored.is_file():
+            raise InvalidRequest(f"{what}: the LFS server did not send {oid[:12]}")
+        digest = hashlib.sha256()
+        with stored.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != oid or stored.stat().st_size != size:
+            raise InvalidRequest(f"{what}: the LFS object {oid[:12]} does not match its pointer")
+        shutil.copyfile(stored, file)
+    return True
 
 
 @contextmanager
@@ -154,7 +240,8 @@ def checkout(repo: str, rev: str, path: str) -> Iterator[tuple[Path, GitSource]]
 
     Raises:
         InvalidRequest: git failed (no such repository, revision or path; a refused login), a
-            path that leaves the repository, or an LFS file with no ``git lfs`` to fetch it.
+            path that leaves the repository, a symlink or submodule, or an LFS file with no
+            ``git lfs`` to fetch it or whose object does not match.
         StoreUnavailable: git ran past :data:`GIT_TIMEOUT_S`.
     """
     parts = PurePosixPath(path).parts
@@ -163,8 +250,10 @@ def checkout(repo: str, rev: str, path: str) -> Iterator[tuple[Path, GitSource]]
             f"invalid path {path!r}: give a file or folder relative to the repository's root"
         )
     path = str(PurePosixPath(*parts))
-    if not rev or rev.startswith("-"):
-        raise InvalidRequest(f"invalid revision {rev!r}")
+    if not _REV.fullmatch(rev) or ".." in rev or rev.endswith((".lock", "/", ".")):
+        raise InvalidRequest(f"invalid revision {rev!r}: give a tag, a branch or a commit")
+    if "://" not in repo and Path(repo).exists():
+        repo = str(Path(repo).resolve())  # NOTE: git runs in the scratch folder
     env = _env()
     where = public_url(repo)
     scratch = Path(tempfile.mkdtemp(prefix="serving-git-"))
@@ -173,32 +262,8 @@ def checkout(repo: str, rev: str, path: str) -> Iterator[tuple[Path, GitSource]]
         work.mkdir()
         _git(["init", "--quiet"], work, "git init", env)
         commit = _fetch(repo, rev, work, where, env)
-        listed = _git(["ls-tree", "--name-only", commit, "--", path], work, "ls-tree", env)
-        if not listed.strip():
-            raise InvalidRequest(f"{where} has no {path!r} at {rev} ({commit[:12]})")
-        _git(["checkout", "--quiet", commit, "--", path], work, f"cannot check out {path!r}", env)
-        target = work / path
-        lfs = False
-        if _pointers(target):
-            if shutil.which("git-lfs") is None:
-                raise InvalidRequest(
-                    f"{path!r} at {rev} is stored in Git LFS, and git-lfs is not installed here"
-                )
-            _git(["remote", "add", "origin", repo], work, "git remote", env)
-            # NOTE: git lfs checks out against HEAD; point it at the commit (no other file moves),
-            # with LFS's filters configured in this scratch repository only.
-            _git(["update-ref", "--no-deref", "HEAD", commit], work, "update-ref", env)
-            _git(["lfs", "install", "--local"], work, "git lfs install", env)
-            what = f"cannot fetch the Git LFS files of {path!r}"
-            _git(["lfs", "fetch", "--include", path, "origin", commit], work, what, env)
-            _git(["lfs", "checkout", path], work, what, env)
-            left = _pointers(target)
-            if left:
-                raise InvalidRequest(
-                    f"{left[0].relative_to(work)} is still a Git LFS pointer after 'git lfs fetch' "
-                    f"(is the object on the LFS server?)"
-                )
-            lfs = True
+        target = _extract(work, commit, path, where, rev, env)
+        lfs = _resolve_lfs(work, target, repo, commit, path, rev, env)
         yield target, GitSource(where, rev, commit, path, lfs)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

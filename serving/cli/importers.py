@@ -182,8 +182,23 @@ def _import_mlflow(ctx: Context, args: argparse.Namespace, ref: MlflowRef) -> No
 
 
 def import_git(ctx: Context, args: argparse.Namespace) -> None:
+    import signal
+
     from serving.git_import import import_git as run
 
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # NOTE: SIGTERM unwinds like Ctrl-C, so the scratch clone (its config may hold the URL's
+    # credentials) is removed and git's process group is ended.
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        _import_git(ctx, args, run)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _import_git(ctx: Context, args: argparse.Namespace, run: Any) -> None:
     manifest, source = run(
         ctx.repo, args.repo, args.rev, args.path, name=args.name, **publish_options(ctx, args)
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -218,3 +219,86 @@ def test_a_git_lfs_file_is_resolved_to_its_bytes(
     assert reply["source"]["lfs"] is True
     assert reply["source"]["commit"] == commit
     _predicts_like(store, tmp_path, "1", model)
+
+
+def test_the_callers_git_environment_never_points_the_import_at_its_own_repository(
+    source: dict[str, object],
+    store: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GIT_DIR and GIT_WORK_TREE, as a git hook or a CI step sets them, would have made every
+    git command of the import run in the caller's checkout (a reviewer's case)."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    git(victim, "init", "-q", "-b", "main")
+    (victim / "models").mkdir()
+    (victim / "models" / "iris.joblib").write_bytes(b"mine")
+    head = _commit(victim, "mine")
+    monkeypatch.setenv("GIT_DIR", str(victim / ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", str(victim))
+    monkeypatch.setenv("GIT_INDEX_FILE", str(victim / ".git" / "index"))
+    code, _, err = run(
+        capsys,
+        "import",
+        "git",
+        str(source["repo"]),
+        "--rev",
+        "v1",
+        "--path",
+        "models/iris.joblib",
+        "--name",
+        "iris",
+    )
+    assert code == 0, err
+    for name in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(name)
+    assert (victim / "models" / "iris.joblib").read_bytes() == b"mine"
+    assert git(victim, "rev-parse", "HEAD") == head
+    assert git(victim, "status", "--porcelain") == ""
+    assert git(victim, "remote") == ""
+    assert not (victim / ".git" / "FETCH_HEAD").exists()  # NOTE: nothing was fetched into it
+
+
+def test_the_published_bytes_are_the_commits_whatever_gitattributes_say(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "crlf-repo"
+    (repo / "m").mkdir(parents=True)
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "m" / ".gitattributes").write_text("* text eol=crlf\n")
+    model = LogisticRegression(max_iter=500).fit(X, Y)
+    joblib.dump(model, repo / "m" / "iris.joblib")
+    _commit(repo, "model with line-ending rules")
+    blob = subprocess.run(
+        ["git", "show", "HEAD:m/iris.joblib"], cwd=repo, capture_output=True, check=True
+    ).stdout
+    code, _, err = run(
+        capsys, "import", "git", str(repo), "--rev", "main", "--path", "m/iris.joblib", "--name", "iris"
+    )
+    assert code == 0, err
+    manifest, _ = Repository(LocalStore(str(store))).manifest("iris", "1")
+    assert [f.sha256 for f in manifest.files] == [hashlib.sha256(blob).hexdigest()]
+
+
+@pytest.mark.parametrize("path", ["link.joblib", "m"])
+def test_a_symbolic_link_is_refused_not_followed(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], path: str
+) -> None:
+    repo = tmp_path / "link-repo"
+    (repo / "m").mkdir(parents=True)
+    git(repo, "init", "-q", "-b", "main")
+    joblib.dump(LogisticRegression(max_iter=500).fit(X, Y), repo / "m" / "iris.joblib")
+    (repo / "link.joblib").symlink_to("/etc/passwd")
+    (repo / "m" / "escape").symlink_to("../..")
+    _commit(repo, "links")
+    code, _, err = run(capsys, "import", "git", str(repo), "--rev", "main", "--path", path, "--name", "iris")
+    assert code != 0
+    assert "is a symbolic link" in err
+    assert Repository(LocalStore(str(store))).list_versions("iris") == []
+
+
+def test_no_token_survives_in_a_recorded_url() -> None:
+    assert public_url("https://u:p#q?r@git.example.com/x.git") == "https://git.example.com/x.git"
+    assert public_url("https://u:t@[::1]:8443/x.git") == "https://[::1]:8443/x.git"
