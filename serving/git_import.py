@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -36,6 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from serving.errors import InvalidRequest, StoreUnavailable
+from serving.fileio import hash_file
 from serving.manifest import Manifest
 from serving.publish import publish_path
 from serving.repository import Repository
@@ -224,11 +224,8 @@ def _resolve_lfs(
         stored = work / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
         if not stored.is_file():
             raise InvalidRequest(f"{what}: the LFS server did not send {oid[:12]}")
-        digest = hashlib.sha256()
-        with stored.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != oid or stored.stat().st_size != size:
+        got_size, digest = hash_file(stored, size)
+        if digest != oid or got_size != size:
             raise InvalidRequest(f"{what}: the LFS object {oid[:12]} does not match its pointer")
         shutil.copyfile(stored, file)
     return True

@@ -184,8 +184,6 @@ def _import_mlflow(ctx: Context, args: argparse.Namespace, ref: MlflowRef) -> No
 def import_git(ctx: Context, args: argparse.Namespace) -> None:
     import signal
 
-    from serving.git_import import import_git as run
-
     def stop(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
@@ -193,12 +191,14 @@ def import_git(ctx: Context, args: argparse.Namespace) -> None:
     # credentials) is removed and git's process group is ended.
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        _import_git(ctx, args, run)
+        _import_git(ctx, args)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _import_git(ctx: Context, args: argparse.Namespace, run: Any) -> None:
+def _import_git(ctx: Context, args: argparse.Namespace) -> None:
+    from serving.git_import import import_git as run
+
     manifest, source = run(
         ctx.repo, args.repo, args.rev, args.path, name=args.name, **publish_options(ctx, args)
     )
