@@ -150,6 +150,14 @@ def dropped(client: httpx.Client, d: Delivery, name: str) -> bool:
     return all(not r.get("canary") and not r.get("shadow") for r in e["replicas"])
 
 
+def split_rows(d: Delivery) -> tuple[Any, int]:
+    """50 distinct flowers, and on how many of them split's v1 and v2 disagree (some)."""
+    rows = X[::3]
+    disagreements = int(np.sum(d.models["split", "1"].predict(rows) != d.models["split", "2"].predict(rows)))
+    assert disagreements > 0
+    return rows, disagreements
+
+
 class Traffic:
     """Requests in a loop on a thread until stopped: every reply's status, version and time."""
 
@@ -233,11 +241,7 @@ def test_sticky_routing_keeps_a_header_value_on_one_version(delivery: Delivery) 
 def test_a_shadow_never_changes_a_reply_and_its_disagreement_is_counted(delivery: Delivery) -> None:
     d = delivery
     d.repo.move_alias("split", "production", Abort())
-    rows = X[::3]  # NOTE: 50 distinct flowers, some where v1 and v2 disagree
-    expected_disagreements = int(
-        np.sum(d.models["split", "1"].predict(rows) != d.models["split", "2"].predict(rows))
-    )
-    assert expected_disagreements > 0
+    rows, expected_disagreements = split_rows(d)
     with httpx.Client(timeout=20) as client:
         wait_for(lambda: dropped(client, d, "split"), what="the canary to be dropped")
 
@@ -286,11 +290,7 @@ def test_the_canarys_answers_are_checked_against_the_live_version_off_the_reques
     alias = d.repo.get_alias("split", "production")
     if alias.canary is not None or alias.shadow is not None:
         d.repo.move_alias("split", "production", Abort())
-    rows = X[::3]  # NOTE: 50 distinct flowers, some where v1 and v2 disagree
-    expected_disagreements = int(
-        np.sum(d.models["split", "1"].predict(rows) != d.models["split", "2"].predict(rows))
-    )
-    assert expected_disagreements > 0
+    rows, expected_disagreements = split_rows(d)
     with httpx.Client(timeout=20) as client:
         wait_for(lambda: dropped(client, d, "split"), what="the shadow or canary to be dropped")
         d.repo.move_alias("split", "production", SetCanary("2", 100))
