@@ -23,6 +23,7 @@ within its first :attr:`WorkerLimits.probation_requests` requests is reported to
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import importlib
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -246,6 +248,44 @@ class _Process:
         self.close_view()
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """A request the worker has been sent, and when its answer is due."""
+
+    proc: _Process
+    model_deadline: float
+    """Past this the worker is killed (the model's own limit, from the send)."""
+    client_first: bool
+    """The request's own deadline comes before the model's."""
+    wait_until: float
+    """The sooner of the two."""
+    budget_s: float
+    """What was left of the deadline at the send, for messages."""
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, proc: _Process, until: float) -> None:
+    """Wait on ``loop``, until ``until`` (``time.monotonic``), for the worker's answer or hang-up.
+
+    Raises:
+        TimeoutError: nothing came in time.
+    """
+    if proc.readable(0):
+        return
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    fd = proc.sock.fileno()
+    loop.add_reader(fd, wake)
+    try:
+        async with asyncio.timeout(max(0.0, until - time.monotonic())):
+            await ready
+    finally:
+        loop.remove_reader(fd)
+
+
 def _wait_status(returncode: int | None) -> int | None:
     """Popen's returncode back as a wait status, for :func:`confine.classify`."""
     if returncode is None:
@@ -299,6 +339,11 @@ class WorkerPredictor(Predictor):
             "cpu_seconds": limits.load_cpu_seconds,
         }
         self._call_lock = threading.Lock()
+        """Held by the request the worker is computing (one at a time)."""
+        self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Per event loop, the queue its requests wait in for the call lock."""
         self._state = threading.Lock()
         self._closed = threading.Event()
         self._arena = Arena(f"serving-{model}-in")
@@ -348,76 +393,178 @@ class WorkerPredictor(Predictor):
         return {"pid": self.pid, "restarts": self.restarts, "last_failure": self.last_failure}
 
     # -- one request ---------------------------------------------------------------
-    def _call(self, inputs: dict[str, np.ndarray], names: list[str] | None) -> dict[str, np.ndarray]:
-        timeout = self.limits.predict_timeout_s
+    def _deadline(self) -> tuple[float, float | None]:
+        """When this request must be answered (the model's limit, or the request's own deadline if
+        sooner), and the request's own deadline."""
         own = DEADLINE.get()
-        now = time.monotonic()
-        deadline = min(now + timeout, own) if own is not None else now + timeout
-        if not self._call_lock.acquire(timeout=max(0.0, deadline - now)):
+        deadline = time.monotonic() + self.limits.predict_timeout_s
+        return (min(deadline, own) if own is not None else deadline), own
+
+    def _call(self, inputs: dict[str, np.ndarray], names: list[str] | None) -> dict[str, np.ndarray]:
+        deadline, own = self._deadline()
+        if not self._call_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise DeadlineExceeded(f"{self.where}: waited for the model worker past the request's deadline")
         handed_off = False
         try:
-            proc = self._proc
-            if proc is None:
-                raise WorkerFailed(
-                    f"{self.where}: the model worker is restarting after: {self.last_failure or 'closed'}",
-                    reason="restarting",
-                )
-            sent_at = time.monotonic()
-            if deadline - sent_at < _MIN_SEND_S:
-                raise DeadlineExceeded(
-                    f"{self.where}: the request's deadline passed before the model could run"
-                )
-            # NOTE: the worker is killed only past the model's own limit, counted from the send; a
-            # request's shorter deadline answers 504 but lets the worker finish, so a client
-            # cannot make a healthy worker look failed.
-            model_deadline = sent_at + timeout
-            client_first = False
-            asked = None
-            if names is not None and all(n in self._output_names for n in names):
-                asked = list(names)  # NOTE: unknown names: compute everything, the codec refuses them
-            headers, replaced = pack(inputs, self._arena)
-            fds = [self._arena.fd] if replaced or not proc.arena_sent else []
-            message = {
-                "op": "predict",
-                "inputs": headers,
-                "names": asked,
-                "seconds": timeout,
-                "limit": self.limits.max_reply_bytes,
-            }
+            sent = self._send(inputs, names, deadline, own)
             try:
-                proc.send(message, fds)
-                proc.arena_sent = True
-                client_first = own is not None and own < model_deadline
-                reply = proc.receive(own if client_first and own is not None else model_deadline)
-                outputs = self._outputs(proc, reply)
+                outputs = self._outputs(sent.proc, sent.proc.receive(sent.wait_until))
             except TimeoutError:
-                if client_first:
-                    handed_off = True
-                    threading.Thread(
-                        target=self._drain,
-                        args=(proc, model_deadline),
-                        name=f"drain-{self.where}",
-                        daemon=True,
-                    ).start()
-                    raise DeadlineExceeded(
-                        f"{self.where}: predict ran past the request's deadline of {deadline - now:.3g} s"
-                    ) from None
-                self._fail(proc, "timeout", f"predict ran past its deadline of {timeout:.3g} s", kill=True)
-                raise DeadlineExceeded(
-                    f"{self.where}: predict ran past its deadline of {timeout:.3g} s; the worker was stopped"
-                ) from None
+                handed_off = sent.client_first
+                raise self._timed_out(sent) from None
             except _Failure as failure:
-                reason, message_ = self._fail(proc, failure.reason, failure.message, kill=True)
-                raise WorkerFailed(
-                    f"{self.where}: the model worker failed ({message_}); it is restarting", reason=reason
-                ) from None
+                raise self._failed(sent.proc, failure) from None
             self._served += 1
             self._failures = 0
             return outputs
         finally:
             if not handed_off:
                 self._call_lock.release()
+
+    async def predict_async(
+        self, inputs: dict[str, np.ndarray], names: Collection[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """:meth:`predict` (or :meth:`predict_only` with ``names``) awaited on the running loop.
+
+        No thread waits for the worker: the request is sent from the loop, and the loop
+        wakes when the worker's answer is readable. Requests from one loop queue on an
+        ``asyncio.Lock`` in arrival order; while the worker is busy with a request from a
+        thread (a drain, a canary check), the one waiting for it waits in a thread.
+        A request cancelled while the worker computes it (its client left) is drained
+        in a thread, so the next request gets its own answer.
+        """
+        loop = asyncio.get_running_loop()
+        deadline, own = self._deadline()
+        gate = self._gates.get(loop)
+        if gate is None:
+            gate = self._gates.setdefault(loop, asyncio.Lock())
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await gate.acquire()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{self.where}: waited for the model worker past the request's deadline"
+            ) from None
+        try:
+            await self._acquire_call_lock(loop, deadline)
+            handed_off = False
+            try:
+                sent = self._send(inputs, None if names is None else list(names), deadline, own)
+                try:
+                    await _readable(loop, sent.proc, sent.wait_until)
+                    outputs = self._outputs(sent.proc, sent.proc.receive(sent.wait_until))
+                except TimeoutError:
+                    handed_off = sent.client_first
+                    if handed_off:
+                        raise self._timed_out(sent) from None
+                    # NOTE: the kill and reap wait for the process: not on the loop.
+                    raise await asyncio.to_thread(self._timed_out, sent) from None
+                except _Failure as failure:
+                    raise await asyncio.to_thread(self._failed, sent.proc, failure) from None
+                except asyncio.CancelledError:
+                    handed_off = True
+                    self._hand_off(sent.proc, sent.model_deadline)
+                    raise
+                self._served += 1
+                self._failures = 0
+                return outputs
+            finally:
+                if not handed_off:
+                    self._call_lock.release()
+        finally:
+            gate.release()
+
+    async def _acquire_call_lock(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Take the call lock from the loop: at once when it is free, else in a thread (a thread
+        holds it), giving it back if this request is cancelled in the meantime."""
+        if self._call_lock.acquire(blocking=False):
+            return
+        waiting = loop.run_in_executor(
+            None, self._call_lock.acquire, True, max(0.0, deadline - time.monotonic())
+        )
+        try:
+            acquired = await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+
+            def give_back(done: asyncio.Future[bool]) -> None:
+                if not done.cancelled() and done.exception() is None and done.result():
+                    self._call_lock.release()
+
+            waiting.add_done_callback(give_back)
+            raise
+        if not acquired:
+            raise DeadlineExceeded(f"{self.where}: waited for the model worker past the request's deadline")
+
+    def _send(
+        self, inputs: dict[str, np.ndarray], names: list[str] | None, deadline: float, own: float | None
+    ) -> _Sent:
+        """Send one request to the worker (the caller holds the call lock)."""
+        proc = self._proc
+        if proc is None:
+            raise WorkerFailed(
+                f"{self.where}: the model worker is restarting after: {self.last_failure or 'closed'}",
+                reason="restarting",
+            )
+        sent_at = time.monotonic()
+        if deadline - sent_at < _MIN_SEND_S:
+            raise DeadlineExceeded(f"{self.where}: the request's deadline passed before the model could run")
+        # NOTE: the worker is killed only past the model's own limit, counted from the send; a
+        # request's shorter deadline answers 504 but lets the worker finish, so a client
+        # cannot make a healthy worker look failed.
+        timeout = self.limits.predict_timeout_s
+        model_deadline = sent_at + timeout
+        asked = None
+        if names is not None and all(n in self._output_names for n in names):
+            asked = list(names)  # NOTE: unknown names: compute everything, the codec refuses them
+        headers, replaced = pack(inputs, self._arena)
+        fds = [self._arena.fd] if replaced or not proc.arena_sent else []
+        message = {
+            "op": "predict",
+            "inputs": headers,
+            "names": asked,
+            "seconds": timeout,
+            "limit": self.limits.max_reply_bytes,
+        }
+        try:
+            proc.send(message, fds)
+        except _Failure as failure:
+            raise self._failed(proc, failure) from None
+        proc.arena_sent = True
+        client_first = own is not None and own < model_deadline
+        return _Sent(
+            proc,
+            model_deadline,
+            client_first,
+            own if client_first and own is not None else model_deadline,
+            deadline - sent_at,
+        )
+
+    def _timed_out(self, sent: _Sent) -> DeadlineExceeded:
+        """The error for a request whose answer did not come in time. Past the request's own
+        deadline, the worker finishes it in the background (a drain thread then holds the call
+        lock); past the model's limit, the worker is killed."""
+        if sent.client_first:
+            self._hand_off(sent.proc, sent.model_deadline)
+            return DeadlineExceeded(
+                f"{self.where}: predict ran past the request's deadline of {sent.budget_s:.3g} s"
+            )
+        timeout = self.limits.predict_timeout_s
+        self._fail(sent.proc, "timeout", f"predict ran past its deadline of {timeout:.3g} s", kill=True)
+        return DeadlineExceeded(
+            f"{self.where}: predict ran past its deadline of {timeout:.3g} s; the worker was stopped"
+        )
+
+    def _failed(self, proc: _Process, failure: _Failure) -> WorkerFailed:
+        reason, message = self._fail(proc, failure.reason, failure.message, kill=True)
+        return WorkerFailed(
+            f"{self.where}: the model worker failed ({message}); it is restarting", reason=reason
+        )
+
+    def _hand_off(self, proc: _Process, model_deadline: float) -> None:
+        """Let a drain thread wait out the request in flight; it releases the call lock."""
+        threading.Thread(
+            target=self._drain, args=(proc, model_deadline), name=f"drain-{self.where}", daemon=True
+        ).start()
 
     def _drain(self, proc: _Process, model_deadline: float) -> None:
         """Wait out a request its client gave up on (holding the call lock), so the next request

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -93,6 +93,23 @@ def policy_from(settings: Settings) -> LoadPolicy:
 
 STATUS_MEMORY_AGE_S = 30.0
 """How old the memory figure in a status report may be."""
+
+
+@dataclass
+class _Answer:
+    """What :meth:`ModelService._answering` records of one request while it is answered."""
+
+    served: str
+    """The version that answered (a label for metrics)."""
+    role: str
+    """``live``, ``canary`` or ``pinned``."""
+    client_inputs: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def done(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """It was answered from ``inputs`` (conformed) with ``outputs`` (every one computed)."""
+        self.inputs, self.outputs = inputs, outputs
 
 
 class ModelService:
@@ -180,39 +197,56 @@ class ModelService:
         Raises:
             ServingError: a client's mistake (4xx) or a serving fault (5xx).
         """
+        with self._answering(request) as answer, self._lease_for(request, role) as (live, answered):
+            answer.served, answer.role = live.version, answered
+            inputs = conform(request.inputs, live.predictor.inputs)
+            outputs = self.run(live, inputs, self._names(live, request))
+            response = self.respond(live, request, outputs)
+            answer.done(inputs, outputs)
+        return response
+
+    async def infer_async(self, request: InferRequest, role: str | None = None) -> InferResponse:
+        """:meth:`infer` on the running loop, for versions served by model workers: the loop
+        awaits the worker's answer (:meth:`WorkerPredictor.predict_async`), no thread waits
+        for it. The caller makes sure the version is loaded (a lease never loads then)."""
+        with self._answering(request) as answer, self._lease_for(request, role) as (live, answered):
+            answer.served, answer.role = live.version, answered
+            inputs = conform(request.inputs, live.predictor.inputs)
+            outputs = await self.run_async(live, inputs, self._names(live, request))
+            response = self.respond(live, request, outputs)
+            answer.done(inputs, outputs)
+        return response
+
+    @contextmanager
+    def _answering(self, request: InferRequest) -> Iterator[_Answer]:
+        """One request's bookkeeping around its lease: its deadline, its count and latency under
+        the version and role that answered, then the shadow's or the canary check's copy."""
         started = time.perf_counter()
         pinned = request.version is not None
         # NOTE: a client-chosen version becomes a label only once it has loaded (then it
         # exists and is one of a bounded set); misses and refusals count as "other".
-        served = "other" if pinned else self.slot.version or "none"
-        answered = "pinned" if pinned else "live"
+        answer = _Answer(
+            served="other" if pinned else self.slot.version or "none",
+            role="pinned" if pinned else "live",
+            client_inputs=request.inputs,
+        )
         status = 200
-        mirrored: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
-        checked: tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         deadline = DEADLINE.set(time.monotonic() + request.timeout_s if request.timeout_s else None)
         try:
-            with self._lease_for(request, role) as (live, answered):
-                served = live.version
-                inputs = conform(request.inputs, live.predictor.inputs)
-                response, outputs = self.predict(live, request, inputs)
-                if answered == "live":
-                    mirrored = (inputs, outputs)
-                elif answered == "canary":
-                    # NOTE: the inputs as the client sent them: the live version conforms them
-                    # to its own specs (the canary's may cast or rename them differently).
-                    checked = (live.version, request.inputs, outputs)
+            yield answer
         except BaseException as exc:
             status = status_of(exc)
             raise
         finally:
             DEADLINE.reset(deadline)
-            self.observe(served, status, started, role=answered)
-        if mirrored is not None:
+            self.observe(answer.served, status, started, role=answer.role)
+        if answer.role == "live":
             # NOTE: a non-blocking hand-off; the shadow predicts on its own thread later.
-            self.mirror.offer(*mirrored)
-        elif checked is not None:
-            self.canary_check.offer(*checked)
-        return response
+            self.mirror.offer(answer.inputs, answer.outputs)
+        elif answer.role == "canary":
+            # NOTE: the inputs as the client sent them: the live version conforms them
+            # to its own specs (the canary's may cast or rename them differently).
+            self.canary_check.offer(answer.served, answer.client_inputs, answer.outputs)
 
     def refused(self, version: str | None, status: int) -> None:
         """Count a request its transport refused before it reached a version (it did not decode).
@@ -251,13 +285,10 @@ class ModelService:
         with self.slot.lease() as live:
             yield live, "live"
 
-    def predict(
-        self, live: Live, request: InferRequest, inputs: dict[str, np.ndarray]
-    ) -> tuple[InferResponse, dict[str, np.ndarray]]:
-        """Predict conformed ``inputs`` with a leased version: the response, and every output computed."""
-        names = [live.predictor.primary_output] if request.primary_only else request.output_names
-        outputs = self.run(live, inputs, names)
-        return self.respond(live, request, outputs), outputs
+    @staticmethod
+    def _names(live: Live, request: InferRequest) -> list[str] | None:
+        """The outputs ``request`` needs computed (None: every one)."""
+        return [live.predictor.primary_output] if request.primary_only else request.output_names
 
     def respond(self, live: Live, request: InferRequest, outputs: dict[str, np.ndarray]) -> InferResponse:
         """The response to ``request`` from the outputs ``live`` computed."""
@@ -326,6 +357,18 @@ class ModelService:
             if exc.errno not in _CLIENT_ERRNOS:
                 raise
             raise InvalidInput(f"the model could not use the input: {exc.strerror or exc}") from exc
+
+    @classmethod
+    async def run_async(
+        cls, live: Live, inputs: dict[str, np.ndarray], names: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """:meth:`run`, awaited: a model worker's answer is awaited on the loop; a predictor in this
+        process runs in place."""
+        predictor = live.predictor
+        if not isinstance(predictor, WorkerPredictor):
+            return cls.run(live, inputs, names)
+        # NOTE: a worker answers only ServingErrors (the model's own ValueErrors come back as 400s).
+        return await predictor.predict_async(inputs, names)
 
     def observe(self, version: str, status: int, started: float, role: str = "live") -> None:
         """Count one answered request and, when it succeeded, its latency.

@@ -4,7 +4,9 @@
 :class:`~serving.runtime.service.ModelService`. It decides what may run on the event
 loop: a request that would load an explicit version never does; predict does
 while the model's recent requests are fast (under ``offload_predict_after_ms``),
-because for small models a thread hop costs more than the model.
+because for small models a thread hop costs more than the model. A model served
+by model workers is awaited on the loop (the loop sends the request and wakes
+when the worker answers), so no thread waits for a worker.
 
 A request is timed by the CPU time of the thread that ran it, not the wall clock:
 a threaded request's wall time also counts its waits for the GIL, and any
@@ -55,7 +57,7 @@ LOAD_THREADS = 64
 """Cold requests that may wait for their model-set member to load at once, per process."""
 
 _WORKER_THREADS = 4
-"""Threads per model served by model workers (a worker answers one request at a time)."""
+"""Threads per model served by model workers, for requests that load a version first."""
 _EWMA = 0.2
 """Weight of the newest request in a model's recent request time."""
 
@@ -67,8 +69,8 @@ class LocalModel:
         service: the model.
         offload_after_s: requests run in a worker thread once the model's recent
             request time reaches this (0: always; ``math.inf``: only version loads).
-            A model served by model workers always runs in a thread: the loop never
-            waits for a worker.
+            A model served by model workers never blocks the loop: the loop awaits
+            the worker's answer, and only requests that load a version run in a thread.
     """
 
     def __init__(self, service: ModelService, offload_after_s: float | None = None) -> None:
@@ -77,9 +79,9 @@ class LocalModel:
             offload_after_s = service.config.offload_predict_after_ms / 1000
         self._threads: ThreadPoolExecutor | None = None
         if service.config.isolation == "worker":
-            # NOTE: predict waits for a model worker, up to its deadline: never on the loop, and
-            # on threads of its own, so requests queued for one slow or hung model cannot take
-            # every thread of the shared pool from the other models.
+            # NOTE: the loop awaits a worker's answer (infer); what must block (a load, a request
+            # from a thread) runs on threads of the model's own, so requests queued for one slow
+            # or hung model cannot take every thread of the shared pool from the other models.
             offload_after_s = 0.0
             self._threads = ThreadPoolExecutor(
                 _WORKER_THREADS, thread_name_prefix=f"model-{service.config.name}"
@@ -95,9 +97,8 @@ class LocalModel:
 
     def on_loop(self, version: str | None) -> bool:
         """Whether a request for ``version`` may run on the event loop."""
-        slot, resident = self.service.slot, self.service.resident
         # NOTE: an explicit version not loaded yet means a download and a load.
-        if version is not None and version != slot.version and version not in resident.versions():
+        if not self.loaded(version):
             return False
         # NOTE: hysteresis: off the loop at the bound, back on below half of it, so a
         # model whose requests take about the bound does not flap between the two.
@@ -127,7 +128,15 @@ class LocalModel:
             self._recent_s += _EWMA * (elapsed - self._recent_s)
 
     async def infer(self, request: InferRequest) -> InferResponse:
+        if self._threads is not None and self.loaded(request.version):
+            # NOTE: the loop sends the request and awaits the worker's answer: no thread hop.
+            return await self.service.infer_async(request)
         return await self._run(request.version, self.service.infer, request)
+
+    def loaded(self, version: str | None) -> bool:
+        """Whether a request for ``version`` is answered without loading one."""
+        slot, resident = self.service.slot, self.service.resident
+        return version is None or version == slot.version or version in resident.versions()
 
     async def metadata(self, version: str | None) -> ModelMetadata:
         if self.on_loop(version):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -305,3 +307,132 @@ def test_a_version_that_crashes_its_worker_in_probation_is_failed_and_the_previo
         assert status["worker"]["pid"] not in (None, os.getpid())
     finally:
         service.close()
+
+
+# -- awaited on the loop (predict_async): what the standalone server and Ray replicas use --------
+def _rows(worker: WorkerPredictor, first: float, second: float = 1.0) -> dict[str, np.ndarray]:
+    return {worker.inputs[0].name: np.array([[first, second]], dtype=np.float32)}
+
+
+def test_concurrent_requests_on_one_loop_each_get_their_own_answer(versions: Versions) -> None:
+    """Fifty requests at once from one loop queue for the worker; none gets another's answer,
+    and the loop keeps running while they wait (a timer on it keeps ticking)."""
+    worker = start(versions.module(Sleepy()))
+
+    async def run() -> tuple[list[dict[str, np.ndarray]], int]:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        timer = asyncio.create_task(ticker())
+        # NOTE: the first request holds the worker 0.5 s: the loop must not wait with it.
+        slow = worker.predict_async(_rows(worker, 0.5, -1.0))
+        quick = [worker.predict_async(_rows(worker, 0.0, float(i))) for i in range(50)]
+        answers = await asyncio.gather(slow, *quick)
+        stop.set()
+        await timer
+        return answers, ticks
+
+    try:
+        answers, ticks = asyncio.run(run())
+        out = worker.primary_output
+        np.testing.assert_array_equal(answers[0][out], [[1.0, -2.0]])
+        for i, answer in enumerate(answers[1:]):
+            np.testing.assert_array_equal(answer[out], [[0.0, 2.0 * i]])
+        assert ticks >= 20, f"the loop ran {ticks} timer ticks in 0.5 s of waiting"
+        assert (worker.restarts, worker.last_failure) == (0, None)
+    finally:
+        worker.close()
+
+
+def test_awaited_past_its_own_deadline_504_and_the_next_request_gets_its_own_answer(
+    sleepy: WorkerPredictor,
+) -> None:
+    async def run() -> dict[str, np.ndarray]:
+        token = DEADLINE.set(time.monotonic() + 0.3)
+        try:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match="request's deadline"):
+                await sleepy.predict_async(_rows(sleepy, 1.5, 7.0))
+            assert time.monotonic() - started < 1.2
+        finally:
+            DEADLINE.reset(token)
+        return await sleepy.predict_async(_rows(sleepy, 0.0, 3.0))
+
+    first = sleepy.pid
+    out = asyncio.run(run())
+    np.testing.assert_array_equal(out[sleepy.primary_output], [[0.0, 6.0]])
+    assert (sleepy.pid, sleepy.restarts, sleepy.last_failure) == (first, 0, None)
+
+
+def test_a_request_cancelled_while_the_worker_computes_is_drained(sleepy: WorkerPredictor) -> None:
+    """A client that leaves (its task cancelled) does not leave its answer for the next request,
+    and does not make the worker look failed."""
+
+    async def run() -> dict[str, np.ndarray]:
+        task = asyncio.create_task(sleepy.predict_async(_rows(sleepy, 0.8, 5.0)))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await sleepy.predict_async(_rows(sleepy, 0.0, 4.0))
+
+    first = sleepy.pid
+    out = asyncio.run(run())
+    np.testing.assert_array_equal(out[sleepy.primary_output], [[0.0, 8.0]])
+    assert (sleepy.pid, sleepy.restarts, sleepy.last_failure) == (first, 0, None)
+
+
+def test_awaited_while_a_thread_holds_the_worker_and_cancelled_while_waiting(sleepy: WorkerPredictor) -> None:
+    """A request from the loop waits (in a thread) for one from a thread; one cancelled while it
+    waits gives the worker back, so the requests after it are answered."""
+    held = threading.Thread(target=sleepy.predict, args=(_rows(sleepy, 0.6, 1.0),))
+
+    async def run() -> list[dict[str, np.ndarray]]:
+        held.start()
+        wait_for(lambda: sleepy._call_lock.locked(), timeout=5, what="the thread's request in the worker")
+        gone = asyncio.create_task(sleepy.predict_async(_rows(sleepy, 0.0, 9.0)))
+        await asyncio.sleep(0.1)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return list(
+            await asyncio.gather(*(sleepy.predict_async(_rows(sleepy, 0.0, float(i))) for i in range(3)))
+        )
+
+    answers = asyncio.run(run())
+    held.join(10)
+    for i, answer in enumerate(answers):
+        np.testing.assert_array_equal(answer[sleepy.primary_output], [[0.0, 2.0 * i]])
+    assert not sleepy._call_lock.locked()
+
+
+def test_awaited_past_the_model_deadline_the_worker_is_stopped_and_comes_back(versions: Versions) -> None:
+    worker = start(versions.module(Sleepy()), WorkerLimits(predict_timeout_s=0.5, restart_backoff_s=0.1))
+    first = worker.pid
+    try:
+        with pytest.raises(DeadlineExceeded, match="the worker was stopped"):
+            asyncio.run(worker.predict_async(_rows(worker, 60.0, 0.0)))
+        assert "timeout" in (worker.last_failure or "")
+        wait_for(lambda: worker.pid not in (None, first), timeout=30, what="a new worker")
+        out = asyncio.run(worker.predict_async(_rows(worker, 0.0, 1.0)))
+        np.testing.assert_array_equal(out[worker.primary_output], [[0.0, 2.0]])
+    finally:
+        worker.close()
+
+
+def test_awaited_a_crash_is_a_503_with_the_reason(versions: Versions) -> None:
+    failed: list[str] = []
+    worker = start(versions.module(CrashOnNegative()), on_probation_failure=failed.append)
+    try:
+        with pytest.raises(WorkerFailed, match="SIGSEGV") as info:
+            asyncio.run(worker.predict_async(_rows(worker, -1.0, 0.0), [worker.primary_output]))
+        assert info.value.reason == "crash"
+        wait_for(lambda: failed, timeout=5, what="the probation callback")
+    finally:
+        worker.close()
