@@ -40,6 +40,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,9 @@ _RETURNED_ERRORS = {
     )
 }
 """The errors a worker may answer with, as themselves; anything else is an internal error."""
+_WAITS = ThreadPoolExecutor(32, thread_name_prefix="model-worker-wait")
+"""Threads for what a request awaited on the loop cannot do there: wait for a worker a thread
+holds, kill and reap a failed one (not the loop's default executor, which others share)."""
 
 
 @dataclass(frozen=True)
@@ -376,13 +380,24 @@ class WorkerPredictor(Predictor):
         return self._call(inputs, list(names))
 
     def close(self) -> None:
+        """Stop the worker. Called on an event loop (the last lease of a retired version given
+        back by a request awaited there), the waiting for it happens in a thread."""
         self._closed.set()
         with self._state:
             proc, self._proc = self._proc, None
-        if proc is not None:
-            proc.stop()
-        with self._call_lock:
-            self._arena.close()
+
+        def stop() -> None:
+            if proc is not None:
+                proc.stop()
+            with self._call_lock:
+                self._arena.close()
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            stop()
+        else:
+            threading.Thread(target=stop, name=f"close-{self.where}", daemon=True).start()
 
     @property
     def pid(self) -> int | None:
@@ -406,14 +421,15 @@ class WorkerPredictor(Predictor):
             raise DeadlineExceeded(f"{self.where}: waited for the model worker past the request's deadline")
         handed_off = False
         try:
-            sent = self._send(inputs, names, deadline, own)
+            proc = self._current(deadline)
             try:
-                outputs = self._outputs(sent.proc, sent.proc.receive(sent.wait_until))
+                sent = self._send(proc, inputs, names, deadline, own)
+                outputs = self._outputs(proc, proc.receive(sent.wait_until))
             except TimeoutError:
                 handed_off = sent.client_first
                 raise self._timed_out(sent) from None
             except _Failure as failure:
-                raise self._failed(sent.proc, failure) from None
+                raise self._failed(proc, failure) from None
             self._served += 1
             self._failures = 0
             return outputs
@@ -431,7 +447,8 @@ class WorkerPredictor(Predictor):
         ``asyncio.Lock`` in arrival order; while the worker is busy with a request from a
         thread (a drain, a canary check), the one waiting for it waits in a thread.
         A request cancelled while the worker computes it (its client left) is drained
-        in a thread, so the next request gets its own answer.
+        in a thread, so the next request gets its own answer. Killing and reaping a
+        failed worker happen in a thread too.
         """
         loop = asyncio.get_running_loop()
         deadline, own = self._deadline()
@@ -449,21 +466,22 @@ class WorkerPredictor(Predictor):
             await self._acquire_call_lock(loop, deadline)
             handed_off = False
             try:
-                sent = self._send(inputs, None if names is None else list(names), deadline, own)
+                proc = self._current(deadline)
                 try:
-                    await _readable(loop, sent.proc, sent.wait_until)
-                    outputs = self._outputs(sent.proc, sent.proc.receive(sent.wait_until))
+                    sent = self._send(proc, inputs, None if names is None else list(names), deadline, own)
+                    await _readable(loop, proc, sent.wait_until)
+                    outputs = self._outputs(proc, proc.receive(sent.wait_until))
                 except TimeoutError:
-                    handed_off = sent.client_first
-                    if handed_off:
-                        raise self._timed_out(sent) from None
-                    # NOTE: the kill and reap wait for the process: not on the loop.
-                    raise await asyncio.to_thread(self._timed_out, sent) from None
+                    handed_off = True
+                    if sent.client_first:
+                        raise self._timed_out(sent) from None  # NOTE: a drain thread releases the lock
+                    raise await self._then_release(self._timed_out, sent) from None
                 except _Failure as failure:
-                    raise await asyncio.to_thread(self._failed, sent.proc, failure) from None
+                    handed_off = True
+                    raise await self._then_release(self._failed, proc, failure) from None
                 except asyncio.CancelledError:
                     handed_off = True
-                    self._hand_off(sent.proc, sent.model_deadline)
+                    self._hand_off(proc, sent.model_deadline)
                     raise
                 self._served += 1
                 self._failures = 0
@@ -480,7 +498,7 @@ class WorkerPredictor(Predictor):
         if self._call_lock.acquire(blocking=False):
             return
         waiting = loop.run_in_executor(
-            None, self._call_lock.acquire, True, max(0.0, deadline - time.monotonic())
+            _WAITS, self._call_lock.acquire, True, max(0.0, deadline - time.monotonic())
         )
         try:
             acquired = await asyncio.shield(waiting)
@@ -495,19 +513,44 @@ class WorkerPredictor(Predictor):
         if not acquired:
             raise DeadlineExceeded(f"{self.where}: waited for the model worker past the request's deadline")
 
-    def _send(
-        self, inputs: dict[str, np.ndarray], names: list[str] | None, deadline: float, own: float | None
-    ) -> _Sent:
-        """Send one request to the worker (the caller holds the call lock)."""
+    async def _then_release(self, fn: Callable[..., ServingError], *args: Any) -> ServingError:
+        """``fn(*args)`` (a kill and a reap) in a thread, then the call lock released there, even
+        when the request is cancelled meanwhile: the next request waits for the kill."""
+
+        def run() -> ServingError:
+            try:
+                return fn(*args)
+            finally:
+                self._call_lock.release()
+
+        return await asyncio.shield(asyncio.get_running_loop().run_in_executor(_WAITS, run))
+
+    def _current(self, deadline: float) -> _Process:
+        """The worker to send to (the caller holds the call lock)."""
         proc = self._proc
         if proc is None:
             raise WorkerFailed(
                 f"{self.where}: the model worker is restarting after: {self.last_failure or 'closed'}",
                 reason="restarting",
             )
-        sent_at = time.monotonic()
-        if deadline - sent_at < _MIN_SEND_S:
+        if deadline - time.monotonic() < _MIN_SEND_S:
             raise DeadlineExceeded(f"{self.where}: the request's deadline passed before the model could run")
+        return proc
+
+    def _send(
+        self,
+        proc: _Process,
+        inputs: dict[str, np.ndarray],
+        names: list[str] | None,
+        deadline: float,
+        own: float | None,
+    ) -> _Sent:
+        """Send one request to ``proc`` (the caller holds the call lock).
+
+        Raises:
+            _Failure: the worker is gone.
+        """
+        sent_at = time.monotonic()
         # NOTE: the worker is killed only past the model's own limit, counted from the send; a
         # request's shorter deadline answers 504 but lets the worker finish, so a client
         # cannot make a healthy worker look failed.
@@ -525,19 +568,11 @@ class WorkerPredictor(Predictor):
             "seconds": timeout,
             "limit": self.limits.max_reply_bytes,
         }
-        try:
-            proc.send(message, fds)
-        except _Failure as failure:
-            raise self._failed(proc, failure) from None
+        proc.send(message, fds)
         proc.arena_sent = True
         client_first = own is not None and own < model_deadline
-        return _Sent(
-            proc,
-            model_deadline,
-            client_first,
-            own if client_first and own is not None else model_deadline,
-            deadline - sent_at,
-        )
+        wait_until = own if client_first and own is not None else model_deadline
+        return _Sent(proc, model_deadline, client_first, wait_until, deadline - sent_at)
 
     def _timed_out(self, sent: _Sent) -> DeadlineExceeded:
         """The error for a request whose answer did not come in time. Past the request's own

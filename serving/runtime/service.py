@@ -8,6 +8,7 @@ server and each Ray replica hold one ModelService per model.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import queue
@@ -39,6 +40,10 @@ from serving.store import open_store
 from serving.trust import check_trust
 
 log = logging.getLogger(__name__)
+
+CLIENT_GONE = 499
+"""The status a request awaited on the loop is counted with when its client left (its task was
+cancelled), as nginx counts it."""
 
 _CLIENT_ERRNOS = frozenset(
     {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.EACCES, errno.ELOOP}
@@ -234,12 +239,21 @@ class ModelService:
         deadline = DEADLINE.set(time.monotonic() + request.timeout_s if request.timeout_s else None)
         try:
             yield answer
+        except asyncio.CancelledError:
+            status = CLIENT_GONE
+            raise
         except BaseException as exc:
             status = status_of(exc)
             raise
         finally:
             DEADLINE.reset(deadline)
-            self.observe(answer.served, status, started, role=answer.role)
+            if status == CLIENT_GONE:
+                # NOTE: not the version's doing: counted, but left out of the figures rollouts judge.
+                metrics.REQUESTS.inc(
+                    model=self.config.name, version=answer.served, status=str(status), role=answer.role
+                )
+            else:
+                self.observe(answer.served, status, started, role=answer.role)
         if answer.role == "live":
             # NOTE: a non-blocking hand-off; the shadow predicts on its own thread later.
             self.mirror.offer(answer.inputs, answer.outputs)

@@ -58,6 +58,9 @@ LOAD_THREADS = 64
 
 _WORKER_THREADS = 4
 """Threads per model served by model workers, for requests that load a version first."""
+LOOP_MAX_BYTES = 4 << 20
+"""A model worker's request with more input bytes than this goes through a thread: conforming it
+and copying it into the worker's memory file would hold the loop (10,000 iris rows are 320 KB)."""
 _EWMA = 0.2
 """Weight of the newest request in a model's recent request time."""
 
@@ -128,7 +131,7 @@ class LocalModel:
             self._recent_s += _EWMA * (elapsed - self._recent_s)
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        if self._threads is not None and self.loaded(request.version):
+        if self._threads is not None and self.loaded(request.version) and _nbytes(request) <= LOOP_MAX_BYTES:
             # NOTE: the loop sends the request and awaits the worker's answer: no thread hop.
             return await self.service.infer_async(request)
         return await self._run(request.version, self.service.infer, request)
@@ -151,6 +154,10 @@ class LocalModel:
 
     async def status(self) -> dict[str, Any]:
         return self.service.status()
+
+
+def _nbytes(request: InferRequest) -> int:
+    return sum(array.nbytes for array in request.inputs.values())
 
 
 class Waker:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -12,17 +13,25 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import prometheus_client
 import pytest
-from hostile_modules import good_iris, segfault_version
+from hostile_modules import Sleepy, good_iris, segfault_version
 from rest_client import infer_v2
 
+from serving.cache import LoaderCache
 from serving.config import AppConfig
+from serving.errors import DeadlineExceeded
+from serving.formats.base import LoadPolicy
+from serving.isolation.worker import DEADLINE, WorkerLimits, WorkerPredictor
+from serving.protocol.types import InferRequest
 from serving.publish import publish_path
 from serving.repository import Repository, SetTarget
 from serving.runtime.service import ModelService
+from serving.save import save
 from serving.settings import Settings
 from serving.store.local import LocalStore
+from serving.testing.poll import wait_for
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
 
@@ -126,6 +135,7 @@ def test_the_helper_does_not_outlive_a_terminated_parent(tmp_path: Path) -> None
         from serving.repository import Repository
         from serving.store.local import LocalStore
         from serving.cache import LoaderCache
+    from serving.errors import DeadlineExceeded
         from serving.formats.base import LoadPolicy
         from serving.isolation.prober import Prober
         repo = Repository(LocalStore({str(tmp_path / "store")!r}))
@@ -161,3 +171,78 @@ def test_the_helper_does_not_outlive_a_terminated_parent(tmp_path: Path) -> None
             parent.wait(timeout=10)
         assert parent.stdout is not None
         parent.stdout.close()
+
+
+def test_a_request_whose_client_left_counts_499_and_not_against_its_version(tmp_path: Path) -> None:
+    """A request awaited on the loop whose task is cancelled (its client disconnected) is counted
+    with status 499; the figures a rollout judges the version by leave it out, and the worker
+    answers the next request, not the abandoned one."""
+    repo = Repository(LocalStore(str(tmp_path / "store")))
+    save(Sleepy(), "slow", version="1", store=repo, example=[[0.0, 1.0]])
+    repo.move_alias("slow", "production", SetTarget("1"))
+    service = make_service(tmp_path, "slow")
+    labels = {"model": "slow", "version": "1", "status": "499", "role": "live"}
+    before = prometheus_client.REGISTRY.get_sample_value("serving_requests_total", labels) or 0.0
+
+    async def run() -> dict[str, np.ndarray]:
+        name = service.slot.live.predictor.inputs[0].name  # type: ignore[union-attr]
+        slow = InferRequest("slow", {name: np.array([[0.8, 1.0]], dtype=np.float32)})
+        task = asyncio.create_task(service.infer_async(slow))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        quick = InferRequest("slow", {name: np.array([[0.0, 3.0]], dtype=np.float32)})
+        return (await service.infer_async(quick)).outputs
+
+    try:
+        service.start()
+        outputs = asyncio.run(run())
+        np.testing.assert_array_equal(next(iter(outputs.values())), [[0.0, 6.0]])
+        assert prometheus_client.REGISTRY.get_sample_value("serving_requests_total", labels) == before + 1
+        figures = service.figures.snapshot()["1"]
+        assert (figures["requests"], figures["errors"]) == (1, 0)
+    finally:
+        service.close()
+
+
+def test_a_worker_closed_on_the_loop_is_stopped_in_a_thread(tmp_path: Path) -> None:
+    """``close()`` called on the loop (as the last lease of a retired version, given back by a
+    request awaited there, does) returns while a drain still holds the worker, and the worker
+    is stopped in a thread."""
+    repo = Repository(LocalStore(str(tmp_path / "store")))
+    save(Sleepy(), "slow", version="1", store=repo, example=[[0.0, 1.0]])
+    cache = LoaderCache(tmp_path / "cache", max_bytes=10**9)
+    worker = WorkerPredictor(
+        cache.fetch(repo, repo.resolve("slow:1")),
+        LoadPolicy(),
+        WorkerLimits(predict_timeout_s=20),
+        model="slow",
+    )
+    pid = worker.pid
+    assert pid is not None
+
+    async def run() -> bool:
+        name = worker.inputs[0].name
+        token = DEADLINE.set(time.monotonic() + 0.2)
+        try:
+            # NOTE: 504 at 0.2 s; a drain thread then holds the worker for about 1.3 s more.
+            with pytest.raises(DeadlineExceeded, match="deadline"):
+                await worker.predict_async({name: np.array([[1.5, 0.0]], dtype=np.float32)})
+        finally:
+            DEADLINE.reset(token)
+        worker.close()
+        # NOTE: a close that waited for the worker would have waited for the drain to let go.
+        return worker._call_lock.locked()
+
+    assert asyncio.run(run()), "close() on the loop waited for the drained request"
+    wait_for(
+        lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), timeout=30, what="the worker stopped"
+    )
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except OSError:
+        return True
