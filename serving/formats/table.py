@@ -39,6 +39,9 @@ class FormatFacts:
         preload: modules the isolation helper imports once, before its first fork.
         warm_packages: after a pass, the helper also imports what the probe child
             imported under these packages, so the next probe does not pay for it.
+        worker_preload: modules a model worker (a fresh process, never forked) imports
+            before it confines itself, besides ``preload``: TensorFlow maps more address
+            space when imported than a version's budget leaves.
     """
 
     name: str
@@ -49,6 +52,7 @@ class FormatFacts:
     checked_packages: tuple[str, ...] = ()
     preload: tuple[str, ...] = ()
     warm_packages: tuple[str, ...] = ()
+    worker_preload: tuple[str, ...] = ()
 
     @property
     def framework(self) -> str:
@@ -144,6 +148,7 @@ FORMAT_FACTS: dict[str, FormatFacts] = {
             "safe",  # .keras archive, safe_mode=True
             checked_packages=("keras",),
             preload=("numpy", "h5py"),  # NOTE: h5py's import runs `uname -p`, refused once confined
+            worker_preload=("keras",),
         ),
         FormatFacts(
             "keras-h5",
@@ -152,6 +157,7 @@ FORMAT_FACTS: dict[str, FormatFacts] = {
             (".h5", ".hdf5"),
             "unrestricted",  # no safe mode: Lambda layers run
             checked_packages=("keras",),
+            worker_preload=("keras",),
         ),
         FormatFacts(
             "savedmodel",
@@ -159,6 +165,7 @@ FORMAT_FACTS: dict[str, FormatFacts] = {
             "tensorflow",
             (),
             "unrestricted",  # a TensorFlow graph can call file and process ops
+            worker_preload=("tensorflow",),
         ),
         FormatFacts(
             "onnx",

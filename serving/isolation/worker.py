@@ -823,7 +823,7 @@ def _receive(sock: socket.socket, keep_fd: bool = False) -> dict[str, Any] | Non
 def _load(request: dict[str, Any]) -> tuple[Predictor | None, dict[str, Any]]:  # pragma: no cover -- worker
     def prepare() -> None:
         facts = FORMAT_FACTS.get(str(request["manifest"].get("format", "")))
-        for module in facts.preload if facts is not None else ():
+        for module in (*facts.preload, *facts.worker_preload) if facts is not None else ():
             # NOTE: the framework's own import is not the version's to pay for.
             with contextlib.suppress(Exception):
                 importlib.import_module(module)

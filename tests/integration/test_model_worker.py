@@ -436,3 +436,23 @@ def test_awaited_a_crash_is_a_503_with_the_reason(versions: Versions) -> None:
         wait_for(lambda: failed, timeout=5, what="the probation callback")
     finally:
         worker.close()
+
+
+def test_a_keras_version_loads_and_predicts_in_a_worker_within_the_default_limits(versions: Versions) -> None:
+    """TensorFlow maps more address space when imported than a version's budget leaves: the
+    worker imports it before it confines itself (before, every Keras version failed its load
+    with MemoryError under the default isolation)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    name = f"k{uuid.uuid4().hex[:8]}"
+    save(model, name, version="1", store=versions.repo, example=ROWS[:1].astype(np.float32).tolist())
+    worker = start(versions.fetch(name), WorkerLimits())
+    try:
+        got = worker.predict({worker.inputs[0].name: ROWS.astype(np.float32)})
+        np.testing.assert_allclose(
+            next(iter(got.values())), model(ROWS.astype(np.float32), training=False).numpy(), rtol=1e-6
+        )
+    finally:
+        worker.close()
