@@ -68,6 +68,8 @@ from bench.systems import (
 RESULTS = Path(__file__).parent / "results"
 ROW = [5.1, 3.5, 1.4, 0.2]
 MLP_IN = 64
+WARMUP_S = 1.0
+"""Seconds of unmeasured load before each measured run (every system and workload alike)."""
 
 
 def v2_body(
@@ -392,6 +394,17 @@ def throughput(
                             continue
                         # NOTE: the binary extension's body is not JSON; KServe refuses it as JSON.
                         kind_of_body = "application/octet-stream" if headers else "application/json"
+                        # NOTE: a second of the same load first, not measured, for every system alike:
+                        # a fresh server's first requests (connections opened, first-use costs of
+                        # a request shape) are not its steady state.
+                        load.run_load(
+                            url,
+                            body,
+                            connections=conns,
+                            seconds=WARMUP_S,
+                            headers=headers,
+                            content_type=kind_of_body,
+                        )
                         res = load.run_load(
                             url,
                             body,
