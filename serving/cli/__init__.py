@@ -33,7 +33,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from serving.cli import alias, cache, importers, predict, serve, versions
+from serving.cli import alias, cache, convert, importers, predict, serve, versions
 from serving.cli.context import PROG, Context
 from serving.cli.options import Commands, add_common_options
 from serving.errors import ServingError
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     versions.add_keygen(commands)
     predict.add_predict(commands)
     importers.add_import(commands)
+    convert.add_convert(commands)
     serve.add_serve(commands)
     return parser
 

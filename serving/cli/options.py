@@ -252,7 +252,7 @@ def publish_options(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         "inputs": _tensor_specs(args.inputs, "--inputs"),
         "outputs": _tensor_specs(args.outputs, "--outputs"),
         "example": load_json(args.example, "--example") if args.example is not None else None,
-        "metadata": _key_values(args.metadata, "--metadata"),
+        "metadata": key_values(args.metadata, "--metadata"),
         "progress": ctx.progress,
         "signing_key": signing_key(args.signing_key),
         "encode": encode_options(ctx, args),
@@ -273,7 +273,7 @@ def _tensor_specs(text: str | None, what: str) -> list[TensorSpec] | None:
         raise InvalidRequest(f"{what}: {exc.errors()[0]['msg']}") from exc
 
 
-def _key_values(pairs: Sequence[str], what: str) -> dict[str, str]:
+def key_values(pairs: Sequence[str], what: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

@@ -78,6 +78,7 @@ def versions(ctx: Context, args: argparse.Namespace) -> None:
                 "total_bytes": manifest.total_bytes,
                 "aliases": aliases,
                 "source": manifest.metadata.get("source"),
+                "derived_from": manifest.metadata.get("derived_from"),
             }
         )
         size = human_bytes(manifest.total_bytes)

@@ -81,6 +81,7 @@ _RETURNED_ERRORS = {
         errors.IntegrityError,
         errors.UnknownFormat,
         errors.InvalidManifest,
+        errors.InvalidRequest,
     )
 }
 """The errors a worker may answer with, as themselves; anything else is an internal error."""
@@ -398,6 +399,53 @@ class WorkerPredictor(Predictor):
             stop()
         else:
             threading.Thread(target=stop, name=f"close-{self.where}", daemon=True).start()
+
+    def convert(self, directory: str, example: list[Any]) -> dict[str, Any]:
+        """Have the worker convert its version to ONNX (:mod:`serving.formats.onnx_convert`) and
+        write ``model.onnx`` into ``directory``, within the load's time and CPU limits: the
+        converter runs on the version's objects, so it runs where they were loaded.
+
+        Returns:
+            ``converter``, ``converter_version``, ``outputs`` (the source's outputs the ONNX model
+            computes) and ``left_out``.
+
+        Raises:
+            InvalidRequest: no converter for this version, or the converter refused it.
+            IsolationFailed: the worker crashed, ran out of memory or time while converting.
+        """
+        seconds = self.limits.load_timeout_s
+        with self._call_lock:
+            deadline = time.monotonic() + seconds
+            proc = self._current(deadline)
+            message = {
+                "op": "convert",
+                "dir": directory,
+                "example": example,
+                "cpu_seconds": self.limits.load_cpu_seconds,
+            }
+            try:
+                proc.send(message, [])
+                reply = proc.receive(deadline)
+            except TimeoutError:
+                self._fail(proc, "timeout", f"still converting after {seconds} s", kill=True)
+                raise self._isolation_failed("timeout", f"still converting after {seconds} s") from None
+            except _Failure as failure:
+                reason, told = self._fail(proc, failure.reason, failure.message, kill=True)
+                raise self._isolation_failed(reason, told) from None
+        if reply.get("ok") is True:
+            return reply
+        text = str(reply.get("message", ""))[:4000]
+        if reply.get("reason") == "oom":
+            raise self._isolation_failed("oom", text)
+        cls = _RETURNED_ERRORS.get(str(reply.get("class")))
+        if cls is not None:
+            raise cls(text)
+        log.error(
+            "%s: unexpected error converting in the model worker:\n%s",
+            self.where,
+            str(reply.get("traceback", ""))[:20000],
+        )
+        raise InternalError(f"internal error: {str(reply.get('class', 'Exception'))[:80]}")
 
     @property
     def pid(self) -> int | None:
@@ -788,6 +836,9 @@ def _worker_main(parent_pid: int, fd: int, nice: int) -> int:  # pragma: no cove
         if fd_in is not None:
             inputs_view = map_peer(fd_in)
             os.close(fd_in)
+        if request.get("op") == "convert":
+            sock.send(json.dumps(_convert(predictor, request)).encode())
+            continue
         reply, replaced = _predict(predictor, request, inputs_view, outputs)
         data = json.dumps(reply).encode()
         if replaced:
@@ -893,6 +944,37 @@ def _predict(
             return {"ok": False, "reason": "oom", "message": describe(exc)}, False
         return _unexpected(exc), False
     return {"ok": True, "outputs": headers}, replaced
+
+
+def _convert(predictor: Predictor, request: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover -- worker
+    """Convert the loaded version (op ``convert``) and write it as ``model.onnx`` into ``dir``."""
+    try:
+        from serving.formats.onnx_convert import to_onnx
+
+        _cpu_budget(float(request["cpu_seconds"]))
+        example = np.asarray(request["example"])
+        converted = to_onnx(predictor, example)
+        target = os.path.join(str(request["dir"]), "model.onnx")
+        with open(target, "xb") as f:
+            f.write(converted.model)
+    except MemoryError as exc:
+        return {"ok": False, "reason": "oom", "message": describe(exc)}
+    except ServingError as exc:
+        known = next(
+            (c.__name__ for c in type(exc).__mro__ if c.__name__ in _RETURNED_ERRORS), "InvalidRequest"
+        )
+        return {"ok": False, "class": known, "message": exc.message}
+    except Exception as exc:  # noqa: BLE001 -- NOTE: the serving process logs it once
+        if out_of_memory(exc):
+            return {"ok": False, "reason": "oom", "message": describe(exc)}
+        return _unexpected(exc)
+    return {
+        "ok": True,
+        "converter": converted.converter,
+        "converter_version": converted.converter_version,
+        "outputs": converted.outputs,
+        "left_out": converted.left_out,
+    }
 
 
 def _unexpected(exc: BaseException) -> dict[str, Any]:  # pragma: no cover -- worker

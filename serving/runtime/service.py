@@ -41,6 +41,9 @@ from serving.trust import check_trust
 
 log = logging.getLogger(__name__)
 
+LINEAGE = ("source", "derived_from")
+"""Manifest metadata that OIP model metadata shows (REST ``parameters``)."""
+
 CLIENT_GONE = 499
 """The status a request awaited on the loop is counted with when its client left (its task was
 cancelled), as nginx counts it."""
@@ -402,6 +405,8 @@ class ModelService:
     def metadata(self, version: str | None = None) -> ModelMetadata:
         """OIP model metadata of the live version, or of ``version``."""
         with self._lease(version) as live:
+            # NOTE: where the version came from (an import's source, a conversion's derived_from).
+            lineage = {k: live.manifest.metadata[k] for k in LINEAGE if k in live.manifest.metadata}
             return ModelMetadata(
                 name=self.config.name,
                 versions=[live.version],
@@ -413,6 +418,7 @@ class ModelService:
                     "framework_version": live.manifest.framework_version,
                     "alias": self.config.alias,
                     "created_at": live.manifest.created_at,
+                    **lineage,
                 },
             )
 

@@ -1,0 +1,94 @@
+"""``serving convert REF --to onnx``: a version converted to ONNX, checked against its source, and
+published as a new version (:mod:`serving.convert`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from serving.cli.context import Context, alias_text, version_text
+from serving.cli.options import (
+    Commands,
+    add_encode_options,
+    add_signing_key,
+    encode_options,
+    key_values,
+    signing_key,
+)
+from serving.errors import InvalidRequest
+
+
+def add_convert(commands: Commands) -> None:
+    c = commands.add(
+        "convert",
+        convert,
+        "convert a version to ONNX, check it against the source, and publish it as a new version",
+    )
+    c.add_argument("ref", metavar="REF", help="the source: NAME:VERSION or NAME@ALIAS")
+    c.add_argument("--to", required=True, choices=["onnx"], help="the target format")
+    c.add_argument(
+        "--validation-data",
+        metavar="FILE",
+        help="rows (.npy or .csv) both must answer alike, besides the manifest's example",
+    )
+    c.add_argument(
+        "--tolerance",
+        type=_tolerance,
+        default=1e-4,
+        help="the largest score difference allowed (default 1e-4); labels must agree on every row",
+    )
+    c.add_argument("--version", help="version to publish (default: the next integer)")
+    c.add_argument("--alias", help="move this alias to the new version once it is published")
+    add_signing_key(c, "Ed25519 private key (PEM): sign the new version")
+    add_encode_options(c)
+    c.add_argument(
+        "--metadata", metavar="KEY=VALUE", action="append", default=[], help="free-form metadata (repeatable)"
+    )
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number >= 0")
+    return value
+
+
+def convert(ctx: Context, args: argparse.Namespace) -> None:
+    from serving.convert import convert as run
+    from serving.convert import read_validation_data
+
+    validation = read_validation_data(Path(args.validation_data)) if args.validation_data else None
+    if "@" not in args.ref and ":" not in args.ref:
+        raise InvalidRequest(f"{args.ref!r}: name the source as NAME:VERSION or NAME@ALIAS")
+    manifest, derived = run(
+        ctx.repo,
+        ctx.cache,
+        ctx.settings,
+        args.ref,
+        to=args.to,
+        validation=validation,
+        tolerance=args.tolerance,
+        version=args.version,
+        alias=args.alias,
+        metadata=key_values(args.metadata, "--metadata"),
+        signing_key=signing_key(args.signing_key),
+        encode=encode_options(ctx, args),
+        progress=ctx.progress,
+    )
+    ctx.emit(
+        f"converted {manifest.name}:{derived.version} with {derived.converter} {derived.converter_version} "
+        f"to {version_text(manifest)}: {derived.rows_checked} rows checked, largest score difference "
+        f"{derived.max_error:.3g} (tolerance {derived.tolerance:g})"
+        + (f"; not converted: {', '.join(derived.left_out)}" if derived.left_out else "")
+        + alias_text(manifest, args.alias),
+        {
+            "name": manifest.name,
+            "version": manifest.version,
+            "format": manifest.format,
+            "alias": args.alias,
+            "derived_from": derived.as_metadata(),
+        },
+    )

@@ -1,0 +1,223 @@
+"""``serving convert NAME:VERSION --to onnx``: real estimators and a torch module, converted in a
+model worker, checked against the source, published with their lineage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sklearn.compose import ColumnTransformer
+from sklearn.datasets import load_iris
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.neighbors import NearestCentroid
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tiny_models import TinyMLP
+
+from serving import cli
+from serving.cache import LoaderCache
+from serving.convert import ConversionRefused, convert
+from serving.errors import InvalidRequest
+from serving.formats import load_predictor
+from serving.formats.base import LoadPolicy
+from serving.manifest import ModelRef
+from serving.repository import Repository
+from serving.save import save
+from serving.settings import Settings
+from serving.store.local import LocalStore
+
+X, Y = load_iris(return_X_y=True)
+ROWS = np.random.default_rng(0).normal(X.mean(0), X.std(0), size=(500, 4))
+
+
+class Env:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.repo = Repository(LocalStore(str(root / "store")))
+        self.cache = LoaderCache(root / "cache", max_bytes=1 << 30)
+        self.settings = Settings(store=str(root / "store"), cache_dir=root / "cache")
+
+    def convert(self, ref: str, **kwargs: Any) -> Any:
+        return convert(self.repo, self.cache, self.settings, ref, **kwargs)
+
+    def predict(self, name: str, version: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+        resolved = self.repo.resolve(ModelRef.parse(f"{name}:{version}"))
+        cached = self.cache.fetch(self.repo, resolved)
+        predictor = load_predictor(cached.path, cached.manifest, LoadPolicy())
+        try:
+            return predictor.predict({predictor.inputs[0].name: rows})
+        finally:
+            predictor.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path)
+
+
+SKLEARN = {
+    "logistic": lambda: LogisticRegression(max_iter=1000).fit(X, Y),
+    "forest": lambda: RandomForestClassifier(n_estimators=15, random_state=0).fit(X, Y),
+    "scaled-pipeline": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(X, Y),
+    "column-transformer": lambda: make_pipeline(
+        ColumnTransformer([("scaled", StandardScaler(), [0, 1]), ("kept", "passthrough", [2, 3])]),
+        LogisticRegression(max_iter=1000),
+    ).fit(X, Y),
+    "regression": lambda: LinearRegression().fit(X[:, :3], X[:, 3]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SKLEARN))
+def test_a_scikit_learn_version_converts_and_answers_as_the_source(env: Env, kind: str) -> None:
+    model = SKLEARN[kind]()
+    width = 3 if kind == "regression" else 4
+    source = save(model, "m", store=env.repo, example=X[:2, :width].tolist())
+    published, derived = env.convert("m:1", validation=ROWS[:, :width])
+    assert (published.version, published.format) == ("2", "onnx")
+    lineage = published.metadata["derived_from"]
+    assert lineage["version"] == source.version == "1"
+    assert lineage["converter"] == derived.converter == "skl2onnx"
+    assert lineage["rows_checked"] == 502
+    assert 0 <= lineage["max_error"] <= lineage["tolerance"] == 1e-4
+    # NOTE: the same input and output names as the source, so a client sees no difference
+    assert [s.name for s in published.inputs or []] == [s.name for s in source.inputs or []]
+    converted = env.predict("m", "2", ROWS[:, :width])
+    np.testing.assert_array_equal(converted["predict"].shape, model.predict(ROWS[:, :width]).shape)
+    if kind == "regression":
+        np.testing.assert_allclose(converted["predict"], model.predict(ROWS[:, :3]), atol=1e-4)
+        return
+    np.testing.assert_array_equal(converted["predict"], model.predict(ROWS))
+    np.testing.assert_allclose(converted["predict_proba"], model.predict_proba(ROWS), atol=1e-4)
+
+
+def test_a_torch_module_converts_and_answers_within_the_tolerance(env: Env) -> None:
+    torch.manual_seed(0)
+    module = TinyMLP(4, 3, hidden=16).eval()
+    save(
+        module,
+        "mlp",
+        store=env.repo,
+        example=X[:2].astype(np.float32).tolist(),
+        init_kwargs={"n_in": 4, "n_out": 3, "hidden": 16},
+    )
+    published, derived = env.convert("mlp:1", validation=ROWS.astype(np.float32), tolerance=1e-5)
+    assert derived.converter == "torch.onnx.export"
+    assert published.metadata["derived_from"]["max_error"] <= 1e-5
+    got = env.predict("mlp", "2", ROWS.astype(np.float32))
+    with torch.no_grad():
+        want = module(torch.from_numpy(ROWS.astype(np.float32))).numpy()
+    np.testing.assert_allclose(next(iter(got.values())), want, atol=1e-5)
+
+
+def test_a_model_with_no_converter_is_refused_and_nothing_is_published(env: Env) -> None:
+    save(NearestCentroid().fit(X, Y), "centroid", store=env.repo, example=X[:2].tolist())
+    with pytest.raises(InvalidRequest, match="skl2onnx cannot convert NearestCentroid"):
+        env.convert("centroid:1")
+    assert env.repo.list_versions("centroid") == ["1"]
+
+
+def test_scores_past_the_tolerance_are_refused_and_nothing_is_published(env: Env) -> None:
+    """A random forest's ONNX probabilities are float32: about 5e-8 off, over a tolerance of 0."""
+    save(SKLEARN["forest"](), "forest", store=env.repo, example=X[:2].tolist())
+    with pytest.raises(
+        ConversionRefused, match=r"'predict_proba' differs by up to .* over the tolerance of 0"
+    ):
+        env.convert("forest:1", validation=ROWS, tolerance=0.0)
+    assert env.repo.list_versions("forest") == ["1"]
+
+
+def test_an_onnx_version_or_one_without_an_example_is_refused(env: Env, tmp_path: Path) -> None:
+    save(LogisticRegression(max_iter=1000).fit(X, Y), "bare", store=env.repo)
+    with pytest.raises(InvalidRequest, match="no example input"):
+        env.convert("bare:1")
+    save(LogisticRegression(max_iter=1000).fit(X, Y), "iris", store=env.repo, example=X[:2].tolist())
+    env.convert("iris:1")
+    with pytest.raises(InvalidRequest, match="already ONNX"):
+        env.convert("iris:2")
+
+
+def test_the_cli_converts_with_validation_data_and_shows_the_lineage(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SERVING_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("SERVING_CACHE_DIR", str(tmp_path / "cli-cache"))
+    monkeypatch.setenv("SERVING_PROGRESS", "false")
+    save(SKLEARN["scaled-pipeline"](), "iris", store=env.repo, example=X[:2].tolist())
+    rows = tmp_path / "rows.csv"
+    rows.write_text("a,b,c,d\n" + "\n".join(",".join(str(v) for v in row) for row in ROWS[:50]) + "\n")
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = run(
+        "--json", "convert", "iris:1", "--to", "onnx", "--validation-data", str(rows), "--alias", "onnx"
+    )
+    assert code == 0, err
+    reply = json.loads(out)
+    assert (reply["version"], reply["format"], reply["alias"]) == ("2", "onnx", "onnx")
+    assert reply["derived_from"]["rows_checked"] == 52
+    assert env.repo.get_alias("iris", "onnx").version == "2"
+
+    code, out, _ = run("--json", "versions", "iris")
+    assert code == 0
+    listed = {v["version"]: v for v in json.loads(out)["versions"]}
+    assert listed["2"]["derived_from"]["version"] == "1"
+
+    code, _, err = run("convert", "iris:1", "--to", "onnx", "--validation-data", str(tmp_path / "none.csv"))
+    assert code != 0
+    assert err.count("\n") == 1
+    assert "validation data" in err
+
+
+def test_a_derived_version_is_served_as_any_version_and_shows_its_lineage(env: Env) -> None:
+    """Served through the alias in a model worker, with ``derived_from`` in its OIP metadata."""
+    from serving.config import AppConfig
+    from serving.protocol.types import InferRequest
+    from serving.repository import SetTarget
+    from serving.runtime.service import ModelService
+
+    model = SKLEARN["scaled-pipeline"]()
+    save(model, "iris", store=env.repo, example=X[:2].tolist())
+    env.convert("iris:1")
+    env.repo.move_alias("iris", "production", SetTarget("2"))
+    app = AppConfig.model_validate(
+        {"store": str(env.root / "store"), "models": [{"name": "iris"}], "cache_dir": str(env.root / "cache")}
+    )
+    service = ModelService(app.models[0], app, env.settings)
+    try:
+        service.start()
+        reply = service.infer(InferRequest("iris", {"input-0": ROWS[:20]}))
+        assert reply.version == "2"
+        np.testing.assert_array_equal(reply.outputs["predict"], model.predict(ROWS[:20]))
+        meta = service.metadata()
+        assert meta.platform == "onnx"
+        assert meta.parameters["derived_from"]["version"] == "1"
+        assert meta.parameters["derived_from"]["converter"] == "skl2onnx"
+    finally:
+        service.close()
+
+
+def test_a_keras_model_converts_through_tf2onnx_and_answers_within_the_tolerance(env: Env) -> None:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)]
+    )
+    save(model, "dense", store=env.repo, example=X[:2].astype(np.float32).tolist())
+    published, derived = env.convert("dense:1", validation=ROWS.astype(np.float32), tolerance=1e-5)
+    assert derived.converter == "tf2onnx"
+    assert published.metadata["derived_from"]["rows_checked"] == 502
+    got = env.predict("dense", "2", ROWS.astype(np.float32))
+    want = model(ROWS.astype(np.float32), training=False).numpy()
+    np.testing.assert_allclose(next(iter(got.values())), want, atol=1e-5)
