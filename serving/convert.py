@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ from serving.trust import check_trust
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConversionRefused", "Derived", "convert", "read_validation_data"]
+__all__ = ["ConversionRefused", "Derived", "convert", "quantize", "read_validation_data"]
 
 MAX_VALIDATION_ROWS = 100_000
 
@@ -52,16 +55,17 @@ class ConversionRefused(InvalidRequest):
 
 @dataclass(frozen=True)
 class Derived:
-    """What a conversion measured, as recorded in the derived version's manifest."""
+    """What a conversion measured, as recorded in the derived version's manifest
+    (``metadata.derived_from``)."""
 
     version: str
     manifest_sha256: str
     converter: str
     converter_version: str
-    tolerance: float
-    max_error: float
-    rows_checked: int
-    left_out: list[str]
+    measured: dict[str, Any]
+    """A conversion: ``tolerance``, ``max_error``, ``rows_checked``, ``left_out``. A quantization:
+    ``quantization``, ``max_accuracy_drop``, ``accuracy_drop``, ``max_score_change``,
+    ``size_ratio``, ``latency_ratio``, ``rows_checked``."""
 
     def as_metadata(self) -> dict[str, Any]:
         return {
@@ -69,10 +73,7 @@ class Derived:
             "manifest_sha256": self.manifest_sha256,
             "converter": self.converter,
             "converter_version": self.converter_version,
-            "tolerance": self.tolerance,
-            "max_error": self.max_error,
-            "rows_checked": self.rows_checked,
-            "left_out": self.left_out,
+            **self.measured,
         }
 
 
@@ -128,20 +129,108 @@ def convert(
     """
     if to != "onnx":
         raise InvalidRequest(f"cannot convert to {to!r}: only onnx")
-    if not tolerance >= 0:
-        raise InvalidRequest("the tolerance must be a number >= 0")
-    parsed = ModelRef.parse(ref)
-    resolved = repo.resolve(parsed)
+    if not 0 <= tolerance < math.inf:
+        raise InvalidRequest("the tolerance must be a finite number >= 0")
+
+    def judge(
+        source: WorkerPredictor, candidate: WorkerPredictor, batches: list[np.ndarray], done: Any, _: Any
+    ) -> Any:
+        names = list(done["outputs"])
+        max_error, rows = _compare(source, candidate, batches, tolerance, names)
+        left_out = [str(n) for n in done.get("left_out", [])]
+        return {"tolerance": tolerance, "max_error": max_error, "rows_checked": rows, "left_out": left_out}
+
+    return _derive(repo, cache, settings, ref, "onnx", validation, limits, judge, publish)
+
+
+def quantize(
+    repo: Repository,
+    cache: LoaderCache,
+    settings: Settings,
+    ref: str,
+    how: str,
+    *,
+    validation: np.ndarray | None = None,
+    max_accuracy_drop: float = 0.01,
+    limits: WorkerLimits | None = None,
+    **publish: Any,
+) -> tuple[Manifest, Derived]:
+    """Quantize ONNX version ``ref`` (``how``: ``int8`` or ``fp16``) and publish the result.
+
+    Measured on the example and ``validation`` rows, and recorded: the accuracy drop (the
+    share of rows whose label changed: an output that is not floating point, or the argmax
+    of a float output with several columns; a model with neither is judged by its largest
+    score change relative to the largest score), the largest score change, the size ratio
+    and the latency ratio (the largest batch through both workers; below 1 is faster).
+
+    Raises:
+        InvalidRequest: not an ONNX version, an unknown quantization, or the quantizer refuses.
+        ConversionRefused: the accuracy drop is over ``max_accuracy_drop``.
+    """
+    from serving.formats.onnx_convert import QUANTIZATIONS
+
+    if how not in QUANTIZATIONS:
+        raise InvalidRequest(f"unknown quantization {how!r}: {', '.join(QUANTIZATIONS)}")
+    if not 0 <= max_accuracy_drop <= 1:
+        raise InvalidRequest("the largest accuracy drop must be between 0 and 1")
+
+    def judge(
+        source: WorkerPredictor,
+        candidate: WorkerPredictor,
+        batches: list[np.ndarray],
+        _: Any,
+        sizes: tuple[int, int],
+    ) -> Any:
+        size_ratio = sizes[1] / sizes[0]
+        if not size_ratio < 1:
+            raise ConversionRefused(
+                f"quantizing to {how} made the model no smaller (x{size_ratio:.2f}): it holds no "
+                "weights the quantizer reduces (int8 quantizes MatMul and Gemm weights)"
+            )
+        return {
+            "quantization": how,
+            "max_accuracy_drop": max_accuracy_drop,
+            **_judge_quantized(source, candidate, batches, max_accuracy_drop),
+            "size_ratio": size_ratio,
+        }
+
+    return _derive(repo, cache, settings, ref, how, validation, limits, judge, publish)
+
+
+Judge = Callable[[WorkerPredictor, WorkerPredictor, list[np.ndarray], Any, tuple[int, int]], dict[str, Any]]
+"""Compares the source and the derived model (raising ConversionRefused) and says what to record;
+its arguments: both workers, the batches, the worker's answer to the conversion, both sizes."""
+
+
+def _derive(
+    repo: Repository,
+    cache: LoaderCache,
+    settings: Settings,
+    ref: str,
+    to: str,
+    validation: np.ndarray | None,
+    limits: WorkerLimits | None,
+    judge: Judge,
+    publish: dict[str, Any],
+) -> tuple[Manifest, Derived]:
+    """The one path of a conversion and a quantization: the source loaded in a worker, which
+    writes the derived ONNX model; that loaded in a worker of its own; ``judge`` compares them
+    (raising ConversionRefused) and says what to record; then the new version is published."""
+    resolved = repo.resolve(ModelRef.parse(ref))
     manifest = resolved.manifest
-    if manifest.format == "onnx":
-        raise InvalidRequest(f"{manifest.name}:{manifest.version} is already ONNX")
+    where = f"{manifest.name}:{manifest.version}"
+    if to == "onnx" and manifest.format == "onnx":
+        raise InvalidRequest(f"{where} is already ONNX")
+    if to != "onnx" and manifest.format != "onnx":
+        raise InvalidRequest(f"{where} is {manifest.format}: only ONNX versions quantize (convert it first)")
     if manifest.example is None:
+        raise InvalidRequest(f"{where} has no example input to convert and check with")
+    example = _rows(manifest.example, "the manifest's example")
+    if validation is not None and validation.shape[1:] != example.shape[1:]:
         raise InvalidRequest(
-            f"{manifest.name}:{manifest.version} has no example input to convert and check with"
+            f"the validation rows have shape {list(validation.shape[1:])} each, the example "
+            f"{list(example.shape[1:])}"
         )
-    example = np.asarray(manifest.example)
-    if example.dtype.kind not in "iuf":
-        raise InvalidRequest("only numeric examples convert")
     cached = cache.fetch(repo, resolved)
     policy = check_trust(repo, resolved, settings, cache_root=cache.root).policy
     limits = limits or WorkerLimits()
@@ -150,13 +239,14 @@ def convert(
         out.mkdir()
         source = WorkerPredictor(cached, policy, limits, model=manifest.name, warmup=False)
         try:
-            done = source.convert(str(out), example.tolist())
+            done = source.convert(str(out), example.tolist(), to=to, source=_onnx_file(cached.path, manifest))
             candidate_manifest, candidate = _load_candidate(
                 out / "model.onnx", manifest, example, scratch, limits
             )
             try:
-                checked = [example] if validation is None else [example, validation]
-                max_error, rows = _compare(source, candidate, checked, tolerance, list(done["outputs"]))
+                batches = [example] if validation is None else [example, validation.astype(example.dtype)]
+                sizes = (manifest.total_bytes, candidate_manifest.total_bytes)
+                measured = judge(source, candidate, batches, done, sizes)
             finally:
                 candidate.close()
         finally:
@@ -166,10 +256,7 @@ def convert(
             manifest_sha256=cached.manifest_sha256,
             converter=str(done["converter"]),
             converter_version=str(done["converter_version"]),
-            tolerance=tolerance,
-            max_error=max_error,
-            rows_checked=rows,
-            left_out=[str(n) for n in done.get("left_out", [])],
+            measured=measured,
         )
         metadata = dict(publish.pop("metadata", None) or {})
         metadata["derived_from"] = derived.as_metadata()
@@ -186,6 +273,26 @@ def convert(
             **publish,
         )
     return published, derived
+
+
+def _rows(value: Any, what: str) -> np.ndarray:
+    try:
+        rows = np.asarray(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"{what} is not a table of numbers: {exc}") from exc
+    if rows.dtype.kind not in "iuf" or rows.ndim < 2 or not len(rows):
+        raise InvalidRequest(f"{what} must be rows of numbers (a 2-D or higher table)")
+    return rows
+
+
+def _onnx_file(root: Path, manifest: Manifest) -> str | None:
+    """The version's one ``.onnx`` file, for a quantizer (None for other formats)."""
+    if manifest.format != "onnx":
+        return None
+    files = [f.path for f in manifest.files if f.path.endswith(".onnx")]
+    if len(files) != 1 or len(manifest.files) != 1:
+        raise InvalidRequest("only a version of one .onnx file (no external data) quantizes")
+    return str(root / files[0])
 
 
 def _load_candidate(
@@ -254,3 +361,66 @@ def _compare(
             worst = max(worst, error)
         rows += len(batch)
     return worst, rows
+
+
+def _judge_quantized(
+    source: WorkerPredictor, candidate: WorkerPredictor, batches: list[np.ndarray], max_drop: float
+) -> dict[str, Any]:
+    """The accuracy drop, largest score change, size and latency ratios of a quantized model.
+
+    Raises:
+        ConversionRefused: the accuracy drop is over ``max_drop``.
+    """
+    names = [o.name for o in source.outputs]
+    source_input, candidate_input = source.inputs[0].name, candidate.inputs[0].name
+    rows = changed = 0
+    max_change = largest = 0.0
+    has_labels = False
+    for batch in batches:
+        want = source.predict({source_input: batch})
+        got = candidate.predict({candidate_input: batch})
+        flipped = np.zeros(len(batch), dtype=bool)
+        for name in names:
+            a, b = np.asarray(want[name]), np.asarray(got.get(name))
+            if b is None or a.shape != b.shape:
+                raise ConversionRefused(f"output {name!r}: the quantized model answers another shape")
+            if a.dtype.kind not in "fc":
+                has_labels = True
+                flipped |= (a.reshape(len(a), -1).astype(str) != b.reshape(len(b), -1).astype(str)).any(
+                    axis=1
+                )
+                continue
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            if a.size:
+                max_change = max(max_change, float(np.max(np.abs(a64 - b64))))
+                largest = max(largest, float(np.max(np.abs(a64))))
+            if a.ndim == 2 and a.shape[1] > 1:
+                has_labels = True
+                flipped |= a64.argmax(axis=1) != b64.argmax(axis=1)
+        rows += len(batch)
+        changed += int(flipped.sum())
+    drop = changed / rows if has_labels else (max_change / largest if largest else 0.0)
+    if not drop <= max_drop:
+        what = f"labels changed on {changed} of {rows} rows" if has_labels else "scores changed"
+        raise ConversionRefused(
+            f"{what}: an accuracy drop of {drop:.3g}, over the largest allowed ({max_drop:g})"
+        )
+    bulk = max(batches, key=len)
+    return {
+        "accuracy_drop": drop,
+        "max_score_change": max_change,
+        "latency_ratio": _latency(candidate, bulk) / _latency(source, bulk),
+        "rows_checked": rows,
+    }
+
+
+def _latency(worker: WorkerPredictor, batch: np.ndarray, calls: int = 5) -> float:
+    """Median seconds per predict of ``batch`` through ``worker``."""
+    name = worker.inputs[0].name
+    worker.predict({name: batch})
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        worker.predict({name: batch})
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]

@@ -28,7 +28,11 @@ import numpy as np
 from serving.errors import InvalidRequest
 from serving.formats.base import Predictor
 
-__all__ = ["Converted", "NoConverter", "to_onnx"]
+__all__ = ["QUANTIZATIONS", "Converted", "NoConverter", "quantize", "to_onnx"]
+
+QUANTIZATIONS = ("int8", "fp16")
+"""``int8``: onnxruntime's dynamic quantization (weights of MatMul and Gemm to int8, activations
+quantized at run time); ``fp16``: every float tensor to float16, inputs and outputs kept float32."""
 
 OPSET = 17
 """The ONNX opset the converters target (onnxruntime 1.20 and later run it)."""
@@ -230,4 +234,58 @@ def _keras(predictor: Any, example: np.ndarray) -> Converted:
         converter="tf2onnx",
         converter_version=tf2onnx.__version__,
         outputs=outputs,
+    )
+
+
+def quantize(source: str, how: str) -> Converted:
+    """The ONNX model in file ``source``, quantized (``int8`` or ``fp16``, :data:`QUANTIZATIONS`).
+
+    Raises:
+        NoConverter: an unknown quantization, or the quantizer refuses the model.
+    """
+    import onnx
+
+    if how not in QUANTIZATIONS:
+        raise NoConverter(f"unknown quantization {how!r}: {', '.join(QUANTIZATIONS)}")
+    import contextlib
+    import logging
+    import tempfile
+
+    quiet = io.StringIO()
+    try:
+        # NOTE: the quantizers print and log what they skip (whole graphs); the caller says
+        # what matters, in one line.
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(quiet),
+            contextlib.redirect_stderr(quiet),
+            tempfile.TemporaryDirectory(prefix="serving-quantize-") as scratch,
+        ):
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)
+            if how == "int8":
+                import onnxruntime
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                target = f"{scratch}/model.onnx"
+                quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+                model = onnx.load(target)
+                tool, version = "onnxruntime.quantization.quantize_dynamic", onnxruntime.__version__
+            else:
+                import onnxconverter_common
+                from onnxconverter_common import float16
+
+                model = float16.convert_float_to_float16(onnx.load(source), keep_io_types=True)
+                tool, version = "onnxconverter_common.float16", onnxconverter_common.__version__
+    except NoConverter:
+        raise
+    except Exception as exc:  # NOTE: every quantizer failure is a refusal
+        raise NoConverter(f"cannot quantize to {how}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    finally:
+        logging.disable(logging.NOTSET)
+    return Converted(
+        model=model.SerializeToString(),
+        converter=tool,
+        converter_version=version,
+        outputs=[o.name for o in model.graph.output],
     )

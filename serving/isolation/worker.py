@@ -400,10 +400,13 @@ class WorkerPredictor(Predictor):
         else:
             threading.Thread(target=stop, name=f"close-{self.where}", daemon=True).start()
 
-    def convert(self, directory: str, example: list[Any]) -> dict[str, Any]:
-        """Have the worker convert its version to ONNX (:mod:`serving.formats.onnx_convert`) and
-        write ``model.onnx`` into ``directory``, within the load's time and CPU limits: the
-        converter runs on the version's objects, so it runs where they were loaded.
+    def convert(
+        self, directory: str, example: list[Any], *, to: str = "onnx", source: str | None = None
+    ) -> dict[str, Any]:
+        """Have the worker convert its version to ONNX (:mod:`serving.formats.onnx_convert`), or
+        quantize its ONNX file ``source`` (``to``: ``int8`` or ``fp16``), and write ``model.onnx``
+        into ``directory``, within the load's time and CPU limits: the converter runs on the
+        version's objects (or bytes), so it runs where they were loaded.
 
         Returns:
             ``converter``, ``converter_version``, ``outputs`` (the source's outputs the ONNX model
@@ -419,6 +422,8 @@ class WorkerPredictor(Predictor):
             proc = self._current(deadline)
             message = {
                 "op": "convert",
+                "to": to,
+                "source": source,
                 "dir": directory,
                 "example": example,
                 "cpu_seconds": self.limits.load_cpu_seconds,
@@ -949,11 +954,13 @@ def _predict(
 def _convert(predictor: Predictor, request: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover -- worker
     """Convert the loaded version (op ``convert``) and write it as ``model.onnx`` into ``dir``."""
     try:
-        from serving.formats.onnx_convert import to_onnx
+        from serving.formats.onnx_convert import quantize, to_onnx
 
         _cpu_budget(float(request["cpu_seconds"]))
-        example = np.asarray(request["example"])
-        converted = to_onnx(predictor, example)
+        if request.get("to", "onnx") == "onnx":
+            converted = to_onnx(predictor, np.asarray(request["example"]))
+        else:
+            converted = quantize(str(request["source"]), str(request["to"]))
         target = os.path.join(str(request["dir"]), "model.onnx")
         with open(target, "xb") as f:
             f.write(converted.model)

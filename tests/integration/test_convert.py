@@ -21,7 +21,7 @@ from tiny_models import TinyMLP
 
 from serving import cli
 from serving.cache import LoaderCache
-from serving.convert import ConversionRefused, convert
+from serving.convert import ConversionRefused, convert, quantize
 from serving.errors import InvalidRequest
 from serving.formats import load_predictor
 from serving.formats.base import LoadPolicy
@@ -221,3 +221,67 @@ def test_a_keras_model_converts_through_tf2onnx_and_answers_within_the_tolerance
     got = env.predict("dense", "2", ROWS.astype(np.float32))
     want = model(ROWS.astype(np.float32), training=False).numpy()
     np.testing.assert_allclose(next(iter(got.values())), want, atol=1e-5)
+
+
+# -- quantization ---------------------------------------------------------------------------
+def _onnx_mlp(env: Env, name: str, *, trained: bool) -> None:
+    """A torch MLP 4-256-3 published and converted to ONNX (version 2)."""
+    torch.manual_seed(0)
+    module = TinyMLP(4, 3, hidden=256)
+    if trained:
+        optimizer = torch.optim.Adam(module.parameters(), lr=0.01)
+        features, labels = torch.tensor(X, dtype=torch.float32), torch.tensor(Y)
+        for _ in range(200):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(module(features), labels).backward()
+            optimizer.step()
+    save(
+        module.eval(),
+        name,
+        store=env.repo,
+        example=X[:2].astype(np.float32).tolist(),
+        init_kwargs={"n_in": 4, "n_out": 3, "hidden": 256},
+    )
+    env.convert(f"{name}:1", tolerance=1e-4)
+
+
+@pytest.mark.parametrize("how", ["int8", "fp16"])
+def test_a_quantized_onnx_mlp_within_its_accuracy_drop_is_published_with_its_figures(
+    env: Env, how: str
+) -> None:
+    _onnx_mlp(env, "mlp", trained=True)
+    published, _ = quantize(
+        env.repo,
+        env.cache,
+        env.settings,
+        "mlp:2",
+        how,
+        validation=X.astype(np.float32),
+        max_accuracy_drop=0.02,
+    )
+    figures = published.metadata["derived_from"]
+    assert (published.version, figures["version"], figures["quantization"]) == ("3", "2", how)
+    assert figures["accuracy_drop"] <= 0.02
+    assert figures["rows_checked"] == 152
+    # NOTE: int8 stores a quarter of each weight's bytes, fp16 half, plus the graph's own
+    assert 0 < figures["size_ratio"] < (0.7 if how == "int8" else 0.75)
+    assert figures["latency_ratio"] > 0
+    got = env.predict("mlp", "3", X.astype(np.float32))
+    want = env.predict("mlp", "2", X.astype(np.float32))
+    agree = (next(iter(got.values())).argmax(1) == next(iter(want.values())).argmax(1)).mean()
+    assert agree >= 0.98
+
+
+def test_a_quantization_that_changes_labels_past_the_limit_is_refused(env: Env) -> None:
+    """An untrained MLP's classes are nearly tied: int8 weights flip several percent of its labels."""
+    _onnx_mlp(env, "tied", trained=False)
+    rows = np.random.default_rng(1).normal(size=(2000, 4)).astype(np.float32)
+    with pytest.raises(ConversionRefused, match=r"labels changed on \d+ of 2002 rows"):
+        quantize(env.repo, env.cache, env.settings, "tied:2", "int8", validation=rows, max_accuracy_drop=0.0)
+    assert env.repo.list_versions("tied") == ["1", "2"]
+
+
+def test_only_onnx_versions_quantize(env: Env) -> None:
+    save(LogisticRegression(max_iter=1000).fit(X, Y), "iris", store=env.repo, example=X[:2].tolist())
+    with pytest.raises(InvalidRequest, match="only ONNX versions quantize"):
+        quantize(env.repo, env.cache, env.settings, "iris:1", "int8")
