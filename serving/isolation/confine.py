@@ -84,6 +84,18 @@ def prctl(option: int, arg: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
 
 
+def settle_caches() -> None:
+    """Fill what frameworks fill by starting a process the first time, before this process is
+    confined (where starting one kills it): joblib's (loky's) count of physical cores runs
+    ``lscpu`` the first time a scikit-learn model reduces pairwise distances (NearestCentroid,
+    brute-force neighbours, KMeans), so every such model died in a model worker at its first
+    predict."""
+    joblib = sys.modules.get("joblib")
+    if joblib is not None:
+        with contextlib.suppress(Exception):
+            joblib.cpu_count(only_physical_cores=True)
+
+
 def confine(memory_bytes: int, cpu_seconds: int | None) -> None:
     """Limit this process: ``memory_bytes`` more address space than it maps now, CPU time,
     no core, no new privileges, no new processes (the audit hook exits with :data:`EXIT_EXEC`).

@@ -67,7 +67,16 @@ from serving.formats.base import LoadPolicy
 from serving.formats.table import FORMAT_FACTS
 from serving.manifest import Manifest
 
-from .confine import PR_SET_PDEATHSIG, REASONS, child_env, classify, confine, load_in_child, prctl
+from .confine import (
+    PR_SET_PDEATHSIG,
+    REASONS,
+    child_env,
+    classify,
+    confine,
+    load_in_child,
+    prctl,
+    settle_caches,
+)
 
 __all__ = ["REASONS", "IsolationLimits", "IsolationMode", "Prober", "needs_isolation"]
 
@@ -404,6 +413,7 @@ def _helper_main(parent_pid: int, idle_s: float, nice: int = 0) -> int:
             preloaded.add(fmt)
             facts = FORMAT_FACTS.get(fmt)
             _import_quietly(facts.preload if facts is not None else ())
+            settle_caches()  # NOTE: before the fork: the probe child is confined
         # NOTE: a collection in the child would walk (and so copy-on-write) every
         # object the helper holds; frozen objects are never walked.
         gc.freeze()

@@ -53,7 +53,7 @@ from serving.formats.base import LoadPolicy, Predictor
 from serving.formats.table import FORMAT_FACTS
 from serving.manifest import Manifest, TensorSpec
 
-from .confine import child_env, classify, confine, describe, load_in_child, out_of_memory
+from .confine import child_env, classify, confine, describe, load_in_child, out_of_memory, settle_caches
 from .shm import Arena, ProtocolViolation, map_peer, pack, unpack
 
 __all__ = ["DEADLINE", "WorkerLimits", "WorkerPredictor"]
@@ -883,6 +883,7 @@ def _load(request: dict[str, Any]) -> tuple[Predictor | None, dict[str, Any]]:  
             # NOTE: the framework's own import is not the version's to pay for.
             with contextlib.suppress(Exception):
                 importlib.import_module(module)
+        settle_caches()
         confine(int(request["memory_bytes"]), None)
         _cpu_budget(float(request["cpu_seconds"]))
 
@@ -960,7 +961,7 @@ def _convert(predictor: Predictor, request: dict[str, Any]) -> dict[str, Any]:  
         if request.get("to", "onnx") == "onnx":
             converted = to_onnx(predictor, np.asarray(request["example"]))
         else:
-            converted = quantize(str(request["source"]), str(request["to"]))
+            converted = quantize(str(request["source"]), str(request["to"]), workdir=str(request["dir"]))
         target = os.path.join(str(request["dir"]), "model.onnx")
         with open(target, "xb") as f:
             f.write(converted.model)

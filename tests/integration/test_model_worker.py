@@ -456,3 +456,24 @@ def test_a_keras_version_loads_and_predicts_in_a_worker_within_the_default_limit
         )
     finally:
         worker.close()
+
+
+def test_a_model_that_counts_cores_predicts_in_a_worker(versions: Versions, tmp_path: Path) -> None:
+    """scikit-learn's pairwise-distance reductions (NearestCentroid here) ask joblib for the
+    physical core count, which runs ``lscpu`` the first time; a confined worker may not start a
+    process, so the count is taken before it confines itself (before, the first predict killed
+    the worker: "tried to start a process")."""
+    import joblib
+    from sklearn.datasets import load_iris
+    from sklearn.neighbors import NearestCentroid
+
+    x, y = load_iris(return_X_y=True)
+    model = NearestCentroid().fit(x, y)
+    joblib.dump(model, tmp_path / "centroid.joblib")
+    worker = start(versions.add(tmp_path / "centroid.joblib", "sklearn", example=x[:2].tolist()))
+    try:
+        got = worker.predict({worker.inputs[0].name: x})
+        np.testing.assert_array_equal(got["predict"], model.predict(x))
+        assert (worker.restarts, worker.last_failure) == (0, None)
+    finally:
+        worker.close()
