@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from serving.cache import LoaderCache
-from serving.errors import InvalidRequest
+from serving.errors import InvalidInput, InvalidRequest
 from serving.formats.base import LoadPolicy
 from serving.isolation.worker import WorkerLimits, WorkerPredictor
 from serving.manifest import Manifest, ModelRef
@@ -100,6 +100,8 @@ def read_validation_data(path: Path) -> np.ndarray:
         raise InvalidRequest(f"{path}: cannot read validation data: {exc}") from exc
     if data.ndim != 2 or data.dtype.kind not in "iuf" or not len(data):
         raise InvalidRequest(f"{path}: validation data must be a non-empty 2-D table of numbers")
+    if not np.isfinite(data).all():
+        raise InvalidRequest(f"{path}: validation data holds NaN or infinite values")
     if len(data) > MAX_VALIDATION_ROWS:
         raise InvalidRequest(f"{path}: more than {MAX_VALIDATION_ROWS} validation rows")
     return data
@@ -136,9 +138,17 @@ def convert(
         source: WorkerPredictor, candidate: WorkerPredictor, batches: list[np.ndarray], done: Any, _: Any
     ) -> Any:
         names = list(done["outputs"])
-        max_error, rows = _compare(source, candidate, batches, tolerance, names)
-        left_out = [str(n) for n in done.get("left_out", [])]
-        return {"tolerance": tolerance, "max_error": max_error, "rows_checked": rows, "left_out": left_out}
+        max_error = _compare(source, candidate, batches, tolerance, names)
+        probes = _probes_the_source_takes(source, probe_rows(batches[0]))
+        max_error = max(max_error, _compare(source, candidate, probes, tolerance, names))
+        return {
+            "tolerance": tolerance,
+            "max_error": max_error,
+            "rows_checked": sum(len(b) for b in batches),
+            "validation_rows": sum(len(b) for b in batches[1:]),
+            "probe_rows": sum(len(b) for b in probes),
+            "left_out": [str(n) for n in done.get("left_out", [])],
+        }
 
     return _derive(repo, cache, settings, ref, "onnx", validation, limits, judge, publish)
 
@@ -239,12 +249,16 @@ def _derive(
         out.mkdir()
         source = WorkerPredictor(cached, policy, limits, model=manifest.name, warmup=False)
         try:
+            try:
+                source.predict({source.inputs[0].name if source.inputs else "input-0": example})
+            except InvalidInput as exc:
+                raise InvalidRequest(f"the manifest's example does not fit {where}: {exc.message}") from exc
             done = source.convert(str(out), example.tolist(), to=to, source=_onnx_file(cached.path, manifest))
             candidate_manifest, candidate = _load_candidate(
                 out / "model.onnx", manifest, example, scratch, limits
             )
             try:
-                batches = [example] if validation is None else [example, validation.astype(example.dtype)]
+                batches = [example] if validation is None else [example, validation]
                 sizes = (manifest.total_bytes, candidate_manifest.total_bytes)
                 measured = judge(source, candidate, batches, done, sizes)
             finally:
@@ -319,8 +333,8 @@ def _compare(
     batches: list[np.ndarray],
     tolerance: float,
     names: list[str],
-) -> tuple[float, int]:
-    """The largest score difference over every row of ``batches``, and the rows checked.
+) -> float:
+    """The largest score difference over every row of ``batches``.
 
     Raises:
         ConversionRefused: a label differs, a score differs by more than ``tolerance``, or an
@@ -329,38 +343,81 @@ def _compare(
     if not names:
         raise ConversionRefused("the converted model computes none of the source's outputs")
     worst = 0.0
-    rows = 0
     source_input = source.inputs[0].name if source.inputs else "input-0"
     candidate_input = candidate.inputs[0].name
     for batch in batches:
         want = source.predict_only({source_input: batch}, names)
         got = candidate.predict_only({candidate_input: batch}, names)
         for name in names:
-            a, b = np.asarray(want[name]), np.asarray(got.get(name))
-            if b is None or a.shape != b.shape:
-                raise ConversionRefused(
-                    f"output {name!r}: shape {None if b is None else list(b.shape)} after conversion, "
-                    f"{list(a.shape)} before"
-                )
-            if a.dtype.kind not in "fc" or b.dtype.kind not in "fc":
-                differ = np.flatnonzero(
-                    a.reshape(len(a), -1).astype(str) != b.reshape(len(b), -1).astype(str)
-                )
-                if differ.size:
-                    row = int(differ[0]) // max(1, int(np.prod(a.shape[1:])))
-                    raise ConversionRefused(
-                        f"labels differ on {differ.size} of {a.size} values of output {name!r} "
-                        f"(first at row {row}): labels must agree on every row"
-                    )
-                continue
-            error = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
-            if not error <= tolerance:
-                raise ConversionRefused(
-                    f"output {name!r} differs by up to {error:.3g}, over the tolerance of {tolerance:g}"
-                )
-            worst = max(worst, error)
-        rows += len(batch)
-    return worst, rows
+            if name not in want or name not in got:
+                raise ConversionRefused(f"output {name!r} is missing from one side's answer")
+            worst = max(worst, _difference(name, np.asarray(want[name]), np.asarray(got[name]), tolerance))
+    return worst
+
+
+def _difference(name: str, a: np.ndarray, b: np.ndarray, tolerance: float) -> float:
+    """The largest score difference of one output; labels (either side not floating point) must
+    be equal, numbers compared as numbers, strings as strings; NaN where both have NaN is equal."""
+    if a.shape != b.shape:
+        raise ConversionRefused(
+            f"output {name!r}: shape {list(b.shape)} after conversion, {list(a.shape)} before"
+        )
+    if not a.size:
+        return 0.0
+    numeric = a.dtype.kind in "biuf" and b.dtype.kind in "biuf"
+    if a.dtype.kind in "fc" and b.dtype.kind in "fc":
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        both_nan = np.isnan(a64) & np.isnan(b64)
+        gap = np.where(both_nan, 0.0, np.abs(a64 - b64))
+        error = float(np.max(gap))
+        if not error <= tolerance:
+            raise ConversionRefused(
+                f"output {name!r} differs by up to {error:.3g}, over the tolerance of {tolerance:g}"
+            )
+        return error
+    if numeric:
+        differ = np.flatnonzero(a.astype(np.float64).ravel() != b.astype(np.float64).ravel())
+    else:
+        differ = np.flatnonzero(a.astype(str).ravel() != b.astype(str).ravel())
+    if differ.size:
+        row = int(differ[0]) // max(1, int(np.prod(a.shape[1:]))) if a.ndim else 0
+        raise ConversionRefused(
+            f"labels differ on {differ.size} of {a.size} values of output {name!r} "
+            f"(first at row {row}): labels must agree on every row"
+        )
+    return 0.0
+
+
+def _probes_the_source_takes(source: WorkerPredictor, batches: list[np.ndarray]) -> list[np.ndarray]:
+    """The probe batches the source answers (a model may refuse negative or zero rows)."""
+    name = source.inputs[0].name if source.inputs else "input-0"
+    taken = []
+    for batch in batches:
+        try:
+            source.predict({name: batch})
+        except InvalidInput:
+            continue
+        taken.append(batch)
+    return taken
+
+
+def probe_rows(example: np.ndarray) -> list[np.ndarray]:
+    """Batches made from the example, checked besides it: a model traced on one input can have
+    kept that input's branch or batch size (the negated, scaled and shifted example, and
+    batches of 1, 2 and 3 rows)."""
+    rows = example.astype(np.float64)
+    first = rows[:1]
+    return [
+        first,
+        np.concatenate([first, first]),
+        np.concatenate([rows, rows, rows])[:3],
+        -rows,
+        rows * 1.1,
+        rows * 0.9,
+        rows * 10,
+        rows + 1,
+        np.zeros_like(rows),
+    ]
 
 
 def _judge_quantized(

@@ -273,11 +273,20 @@ def _tensor_specs(text: str | None, what: str) -> list[TensorSpec] | None:
         raise InvalidRequest(f"{what}: {exc.errors()[0]['msg']}") from exc
 
 
+LINEAGE_KEYS = ("source", "derived_from")
+"""Metadata that ``serving import`` and ``serving convert`` write; ``--metadata`` cannot set it."""
+
+
 def key_values(pairs: Sequence[str], what: str) -> dict[str, str]:
+    """``--metadata KEY=VALUE`` pairs; the lineage keys are refused (only the tools write them)."""
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InvalidRequest(f"{what} {pair!r} is not KEY=VALUE")
+        if key in LINEAGE_KEYS:
+            raise InvalidRequest(
+                f"{what}: {key!r} is written by serving import and serving convert, not by hand"
+            )
         out[key] = value
     return out

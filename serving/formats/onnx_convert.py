@@ -37,7 +37,12 @@ quantized at run time); ``fp16``: every float tensor to float16, inputs and outp
 OPSET = 17
 """The ONNX opset the converters target (onnxruntime 1.20 and later run it)."""
 
-_SKLEARN_NAMES = {"label": "predict", "probabilities": "predict_proba", "variable": "predict"}
+_SKLEARN_NAMES = {
+    "label": "predict",
+    "output_label": "predict",
+    "probabilities": "predict_proba",
+    "variable": "predict",
+}
 
 
 class NoConverter(InvalidRequest):
@@ -98,11 +103,14 @@ def _sklearn(predictor: Any, example: np.ndarray) -> Converted:
     if example.ndim != 2:
         raise NoConverter("a scikit-learn version converts from a 2-D example (rows of features)")
     final = _final(model)
-    options = {id(final): {"zipmap": False}} if is_classifier(final) else None
-    types = [DoubleTensorType, FloatTensorType] if example.dtype == np.float64 else [FloatTensorType]
+    # NOTE: probabilities as a tensor, not ZipMap's list of maps; classifiers whose converter
+    # has no such option (LinearSVC) refuse it, and are converted without.
+    tries: list[Any] = [{id(final): {"zipmap": False}}, None] if is_classifier(final) else [None]
+    double = spec.datatype == "FP64" if spec is not None else example.dtype == np.float64
+    types = [DoubleTensorType, FloatTensorType] if double else [FloatTensorType]
     last: Exception | None = None
     onx = None
-    for tensor_type in types:
+    for tensor_type, options in [(t, o) for t in types for o in tries]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -122,12 +130,18 @@ def _sklearn(predictor: Any, example: np.ndarray) -> Converted:
     input_name = spec.name if spec is not None else "input-0"
     renames = {"X": input_name}
     produced: list[str] = []
-    for out in onx.graph.output:
+    declared = {s.name for s in predictor.outputs}
+    for out in list(onx.graph.output):
         target = _SKLEARN_NAMES.get(out.name)
-        if target is None or target in produced:
-            raise NoConverter(f"skl2onnx produced an output {out.name!r} with no counterpart in the source")
+        if target is None or target in produced or target not in declared:
+            # NOTE: an output the source does not answer (an SVC without probabilities still
+            # gets skl2onnx's `probabilities`, which are scores): not part of the schema.
+            onx.graph.output.remove(out)
+            continue
         renames[out.name] = target
         produced.append(target)
+    if not produced:
+        raise NoConverter(f"skl2onnx's outputs for {type(model).__name__} match none of the source's")
     _rename(onx.graph, renames)
     source_ranks = {s.name: len(s.shape) for s in predictor.outputs}
     for out in list(onx.graph.output):
@@ -169,6 +183,7 @@ def _flatten_output(onx: Any, name: str) -> None:
 
 def _torch(predictor: Any, example: np.ndarray) -> Converted:
     import torch
+    from torch.jit._trace import TracerWarning
 
     module = predictor.module
     inputs = [s.name for s in predictor.inputs] or ["input-0"]
@@ -181,6 +196,9 @@ def _torch(predictor: Any, example: np.ndarray) -> Converted:
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
+            # NOTE: a trace keeps the branch and the sizes of the example it ran on; torch warns
+            # when it had to (a tensor read as a Python number or bool): that is a refusal.
+            warnings.simplefilter("error", TracerWarning)
             # NOTE: the TorchScript-based exporter: the torch.export-based one needs onnxscript,
             # which no extra of this project carries.
             torch.onnx.export(
@@ -237,8 +255,9 @@ def _keras(predictor: Any, example: np.ndarray) -> Converted:
     )
 
 
-def quantize(source: str, how: str) -> Converted:
-    """The ONNX model in file ``source``, quantized (``int8`` or ``fp16``, :data:`QUANTIZATIONS`).
+def quantize(source: str, how: str, workdir: str | None = None) -> Converted:
+    """The ONNX model in file ``source``, quantized (``int8`` or ``fp16``, :data:`QUANTIZATIONS`);
+    the quantizer's own files go under ``workdir``.
 
     Raises:
         NoConverter: an unknown quantization, or the quantizer refuses the model.
@@ -259,7 +278,7 @@ def quantize(source: str, how: str) -> Converted:
             warnings.catch_warnings(),
             contextlib.redirect_stdout(quiet),
             contextlib.redirect_stderr(quiet),
-            tempfile.TemporaryDirectory(prefix="serving-quantize-") as scratch,
+            tempfile.TemporaryDirectory(prefix="serving-quantize-", dir=workdir) as scratch,
         ):
             warnings.simplefilter("ignore")
             logging.disable(logging.WARNING)

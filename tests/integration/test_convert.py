@@ -285,3 +285,74 @@ def test_only_onnx_versions_quantize(env: Env) -> None:
     save(LogisticRegression(max_iter=1000).fit(X, Y), "iris", store=env.repo, example=X[:2].tolist())
     with pytest.raises(InvalidRequest, match="only ONNX versions quantize"):
         quantize(env.repo, env.cache, env.settings, "iris:1", "int8")
+
+
+# -- cases an attacker found: each was published wrong, crashed, or was refused wrongly ------
+@pytest.mark.parametrize("module", ["Gate", "RowLoop"])
+def test_a_trace_that_kept_the_examples_branch_or_batch_size_is_refused(env: Env, module: str) -> None:
+    import tiny_models
+
+    save(
+        getattr(tiny_models, module)(),
+        module.lower(),
+        store=env.repo,
+        example=X[:2].astype(np.float32).tolist(),
+    )
+    with pytest.raises(InvalidRequest):
+        env.convert(f"{module.lower()}:1")
+    assert env.repo.list_versions(module.lower()) == ["1"]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["svc-without-probabilities", "linear-svc", "float-labels"],
+)
+def test_classifiers_without_probabilities_or_with_float_labels_convert(env: Env, kind: str) -> None:
+    from sklearn.svm import SVC, LinearSVC
+
+    model = {
+        "svc-without-probabilities": lambda: SVC().fit(X, Y),
+        "linear-svc": lambda: LinearSVC().fit(X, Y),
+        "float-labels": lambda: LogisticRegression(max_iter=1000).fit(X, Y.astype(np.float64)),
+    }[kind]()
+    save(model, "m", store=env.repo, example=X[:2].tolist())
+    published, _ = env.convert("m:1", validation=ROWS)
+    assert "predict_proba" not in {o.name for o in published.outputs or []} or hasattr(model, "predict_proba")
+    np.testing.assert_array_equal(env.predict("m", "2", ROWS)["predict"], model.predict(ROWS))
+
+
+def test_validation_rows_with_nan_and_an_example_that_does_not_fit_are_refused(
+    env: Env, tmp_path: Path
+) -> None:
+    from serving.convert import read_validation_data
+
+    rows = tmp_path / "rows.csv"
+    rows.write_text("nan,3,1,0\n5.9,3,1,0\n")
+    with pytest.raises(InvalidRequest, match="NaN or infinite"):
+        read_validation_data(rows)
+    import joblib
+
+    from serving.publish import publish_path
+
+    joblib.dump(LogisticRegression(max_iter=1000).fit(X, Y), tmp_path / "lr.joblib")
+    publish_path(env.repo, tmp_path / "lr.joblib", "narrow", format="sklearn", example=X[:2, :3].tolist())
+    with pytest.raises(InvalidRequest, match="the manifest's example does not fit narrow:1"):
+        env.convert("narrow:1")
+
+
+def test_lineage_cannot_be_set_by_hand(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SERVING_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("SERVING_PROGRESS", "false")
+    path = tmp_path / "lr.joblib"
+    import joblib
+
+    joblib.dump(LogisticRegression(max_iter=1000).fit(X, Y), path)
+    try:
+        code = cli.main(["publish", str(path), "--name", "lr", "--metadata", "derived_from=forged:99"])
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    assert code == 2
+    assert "derived_from" in capsys.readouterr().err
+    assert env.repo.list_versions("lr") == []

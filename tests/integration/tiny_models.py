@@ -21,3 +21,27 @@ class TinyMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class Gate(torch.nn.Module):
+    """Answers ``x`` or ``-x`` by the sign of the batch's mean: a branch a trace keeps."""
+
+    def __init__(self, n_in: int = 4) -> None:
+        super().__init__()
+        self.n_in = n_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:
+            return x
+        return -x
+
+
+class RowLoop(torch.nn.Module):
+    """Doubles each row in a Python loop: a trace keeps the example's batch size."""
+
+    def __init__(self, n_in: int = 4) -> None:
+        super().__init__()
+        self.n_in = n_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x[i] * 2 for i in range(len(x))])
