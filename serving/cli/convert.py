@@ -104,6 +104,11 @@ def convert(ctx: Context, args: argparse.Namespace) -> None:
             f"{derived.converter_version} to {version_text(manifest)}: {m['rows_checked']} rows checked, "
             f"largest score difference {m['max_error']:.3g} (tolerance {m['tolerance']:g})"
             + (f"; not converted: {', '.join(m['left_out'])}" if m["left_out"] else "")
+            + (
+                ""
+                if m["validation_rows"]
+                else "; no --validation-data: checked on the example and rows made from it"
+            )
         )
     ctx.emit(
         told + alias_text(manifest, args.alias),
