@@ -10,6 +10,10 @@ versions are timed side by side, in alternating rounds, on 1 row and on 10,000 r
 - ``served``: ``ModelService.infer`` of a request that names the version, through the
   default path (conform, a model worker, the reply), as every transport reaches it.
 
+The torch MLP's ONNX version is also quantized (``int8``, ``fp16``, with
+:func:`serving.convert.quantize`): the accuracy drop, score change, size and latency
+ratios it records, and its in-process predict time against the float32 version.
+
 Each figure is the median over rounds of the mean time per call in a round. Ratios are
 ONNX over source (below 1: the ONNX version is faster). Also recorded: both artifacts'
 stored bytes, and the conversion's measured score difference.
@@ -69,6 +73,57 @@ def per_call(fn: Callable[[], Any]) -> float:
         elapsed = time.perf_counter() - started
         if elapsed >= BUDGET_S:
             return elapsed / calls
+
+
+def quantized(
+    repo: Any,
+    cache: Any,
+    settings: Any,
+    name: str,
+    version: str,
+    validation: np.ndarray,
+    rows: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """int8 and fp16 copies of ONNX version ``version``: what ``serving convert --quantize``
+    measured (accuracy drop, largest score change, size and latency ratios through the
+    workers), and the in-process predict time of each against the float32 version."""
+    from serving.convert import quantize
+    from serving.formats import load_predictor
+    from serving.formats.base import LoadPolicy
+    from serving.manifest import ModelRef
+
+    out: dict[str, Any] = {}
+    for how in ("int8", "fp16"):
+        # NOTE: max_accuracy_drop=1: the bench measures what a gate would decide on.
+        manifest, derived = quantize(
+            repo, cache, settings, f"{name}:{version}", how, validation=validation, max_accuracy_drop=1.0
+        )
+        loaded = {}
+        for role, v in (("fp32", version), (how, manifest.version)):
+            cached = cache.fetch(repo, repo.resolve(ModelRef.parse(f"{name}:{v}")))
+            loaded[role] = load_predictor(cached.path, cached.manifest, LoadPolicy())
+        timing: dict[str, list[float]] = {}
+        for _ in range(ROUNDS):
+            for label, batch in rows.items():
+                for role, predictor in loaded.items():
+                    inputs = {predictor.inputs[0].name: batch.astype(np.float32)}
+                    timing.setdefault(f"{label} {role}", []).append(
+                        per_call(lambda p=predictor, i=inputs: p.predict(i))
+                    )
+        for predictor in loaded.values():
+            predictor.close()
+        medians = {k: statistics.median(v) for k, v in timing.items()}
+        out[how] = {
+            **{
+                k: derived.measured[k]
+                for k in ("accuracy_drop", "max_score_change", "size_ratio", "latency_ratio")
+            },
+            **{
+                f"inproc {label} / fp32": medians[f"{label} {how}"] / medians[f"{label} fp32"]
+                for label in rows
+            },
+        }
+    return out
 
 
 def main() -> None:
@@ -143,11 +198,16 @@ def main() -> None:
                 "seconds_per_call": medians,
                 "onnx_over_source": ratios,
                 "bytes": {role: manifest.total_bytes for role, (_, manifest) in loaded.items()},
-                "max_error": derived.max_error,
+                "max_error": derived.measured["max_error"],
                 "converter": f"{derived.converter} {derived.converter_version}",
-                "left_out": derived.left_out,
+                "left_out": derived.measured["left_out"],
             }
             print(name, json.dumps({k: round(v, 3) for k, v in ratios.items()}), flush=True)
+            if is_torch:
+                results[name]["quantized"] = quantized(
+                    repo, cache, settings, name, onnx_manifest.version, validation, rows
+                )
+                print(name, "quantized", json.dumps(results[name]["quantized"]), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
