@@ -439,18 +439,9 @@ class WorkerPredictor(Predictor):
                 raise self._isolation_failed(reason, told) from None
         if reply.get("ok") is True:
             return reply
-        text = str(reply.get("message", ""))[:4000]
         if reply.get("reason") == "oom":
-            raise self._isolation_failed("oom", text)
-        cls = _RETURNED_ERRORS.get(str(reply.get("class")))
-        if cls is not None:
-            raise cls(text)
-        log.error(
-            "%s: unexpected error converting in the model worker:\n%s",
-            self.where,
-            str(reply.get("traceback", ""))[:20000],
-        )
-        raise InternalError(f"internal error: {str(reply.get('class', 'Exception'))[:80]}")
+            raise self._isolation_failed("oom", str(reply.get("message", ""))[:4000])
+        raise self._error_from(reply, "converting")
 
     @property
     def pid(self) -> int | None:
@@ -679,18 +670,23 @@ class WorkerPredictor(Predictor):
                 raise _Failure(
                     "protocol", f"the worker broke the protocol: {type(exc).__name__}: {exc}"
                 ) from exc
-        message = str(reply.get("message", ""))[:4000]
         if reply.get("reason") == "oom":
-            raise _Failure("oom", f"out of memory: {message}")
+            raise _Failure("oom", f"out of memory: {str(reply.get('message', ''))[:4000]}")
+        raise self._error_from(reply, "predicting")
+
+    def _error_from(self, reply: dict[str, Any], doing: str) -> ServingError:
+        """The error a worker's failed answer names: one it may return, as itself; anything else
+        is logged once, with the worker's traceback, and is an internal error."""
         cls = _RETURNED_ERRORS.get(str(reply.get("class")))
         if cls is not None:
-            raise cls(message)
+            return cls(str(reply.get("message", ""))[:4000])
         log.error(
-            "%s: unexpected error in the model worker:\n%s",
+            "%s: unexpected error %s in the model worker:\n%s",
             self.where,
+            doing,
             str(reply.get("traceback", ""))[:20000],
         )
-        raise InternalError(f"internal error: {str(reply.get('class', 'Exception'))[:80]}")
+        return InternalError(f"internal error: {str(reply.get('class', 'Exception'))[:80]}")
 
     # -- failures and restarts -----------------------------------------------------
     def _fail(self, proc: _Process, reason: str, message: str, *, kill: bool) -> tuple[str, str]:

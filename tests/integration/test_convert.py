@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
@@ -19,7 +20,6 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tiny_models import TinyMLP
 
-from serving import cli
 from serving.cache import LoaderCache
 from serving.convert import ConversionRefused, convert, quantize
 from serving.errors import InvalidRequest
@@ -152,12 +152,7 @@ def test_the_cli_converts_with_validation_data_and_shows_the_lineage(
     rows.write_text("a,b,c,d\n" + "\n".join(",".join(str(v) for v in row) for row in ROWS[:50]) + "\n")
 
     def run(*argv: str) -> tuple[int, str, str]:
-        try:
-            code = cli.main(list(argv))
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return code, out, err
+        return run_cli(capsys, *argv)
 
     code, out, err = run(
         "--json", "convert", "iris:1", "--to", "onnx", "--validation-data", str(rows), "--alias", "onnx"
@@ -349,10 +344,9 @@ def test_lineage_cannot_be_set_by_hand(
     import joblib
 
     joblib.dump(LogisticRegression(max_iter=1000).fit(X, Y), path)
-    try:
-        code = cli.main(["publish", str(path), "--name", "lr", "--metadata", "derived_from=forged:99"])
-    except SystemExit as exc:
-        code = int(exc.code or 0)
+    code, _, err = run_cli(
+        capsys, "publish", str(path), "--name", "lr", "--metadata", "derived_from=forged:99"
+    )
     assert code == 2
-    assert "derived_from" in capsys.readouterr().err
+    assert "derived_from" in err
     assert env.repo.list_versions("lr") == []

@@ -11,10 +11,10 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from serving import cli
 from serving.cache import LoaderCache
 from serving.formats import load_predictor
 from serving.git_import import public_url
@@ -70,15 +70,6 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _predicts_like(store: Path, tmp_path: Path, version: str, model: LogisticRegression) -> None:
     repo = Repository(LocalStore(str(store)))
     cache = LoaderCache(tmp_path / "check-cache", 1 << 30)
@@ -97,7 +88,7 @@ def test_a_tag_a_branch_or_a_commit_is_published_with_its_source(
     which = "exp" if rev == "exp" else "v1"
     commit = str(source[which])
     asked = {"full-commit": commit, "short-commit": commit[:10]}.get(rev, rev)
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys,
         "--json",
         "import",
@@ -122,7 +113,7 @@ def test_a_tag_a_branch_or_a_commit_is_published_with_its_source(
     manifest, _ = repo.manifest("iris", "1")
     assert manifest.metadata["source"] == reply["source"]
     _predicts_like(store, tmp_path, "1", source["models"][which])  # type: ignore[index]
-    code, out, _ = run(capsys, "--json", "versions", "iris")
+    code, out, _ = run_cli(capsys, "--json", "versions", "iris")
     assert code == 0
     assert json.loads(out)["versions"][0]["source"]["commit"] == commit
 
@@ -145,7 +136,7 @@ def test_a_bad_revision_or_path_is_one_line_and_publishes_nothing(
     path: str,
     needle: str,
 ) -> None:
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys, "import", "git", str(source["repo"]), f"--rev={rev}", "--path", path, "--name", "iris"
     )
     assert code != 0
@@ -158,7 +149,7 @@ def test_a_bad_revision_or_path_is_one_line_and_publishes_nothing(
 def test_a_missing_repository_is_a_clear_error(
     store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys,
         "import",
         "git",
@@ -201,7 +192,7 @@ def test_a_git_lfs_file_is_resolved_to_its_bytes(
     commit = _commit(repo, "iris in LFS")
     stored = subprocess.run(["git", "show", "HEAD:iris.joblib"], cwd=repo, capture_output=True, check=True)
     assert stored.stdout.startswith(b"version https://git-lfs.github.com/spec/v1")  # NOTE: a pointer in Git
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys,
         "--json",
         "import",
@@ -239,7 +230,7 @@ def test_the_callers_git_environment_never_points_the_import_at_its_own_reposito
     monkeypatch.setenv("GIT_DIR", str(victim / ".git"))
     monkeypatch.setenv("GIT_WORK_TREE", str(victim))
     monkeypatch.setenv("GIT_INDEX_FILE", str(victim / ".git" / "index"))
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys,
         "import",
         "git",
@@ -274,7 +265,7 @@ def test_the_published_bytes_are_the_commits_whatever_gitattributes_say(
     blob = subprocess.run(
         ["git", "show", "HEAD:m/iris.joblib"], cwd=repo, capture_output=True, check=True
     ).stdout
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys, "import", "git", str(repo), "--rev", "main", "--path", "m/iris.joblib", "--name", "iris"
     )
     assert code == 0, err
@@ -293,7 +284,9 @@ def test_a_symbolic_link_is_refused_not_followed(
     (repo / "link.joblib").symlink_to("/etc/passwd")
     (repo / "m" / "escape").symlink_to("../..")
     _commit(repo, "links")
-    code, _, err = run(capsys, "import", "git", str(repo), "--rev", "main", "--path", path, "--name", "iris")
+    code, _, err = run_cli(
+        capsys, "import", "git", str(repo), "--rev", "main", "--path", path, "--name", "iris"
+    )
     assert code != 0
     assert "is a symbolic link" in err
     assert Repository(LocalStore(str(store))).list_versions("iris") == []

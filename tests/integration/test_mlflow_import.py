@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
@@ -147,15 +148,6 @@ def log_sklearn(name: str, *, c: float = 1.0, serialization: str = "pickle") -> 
             pip_requirements=["scikit-learn"],
         )
     return model, run.info.run_id, info.registered_model_version
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:  # NOTE: argparse's usage errors
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _error_lines(err: str) -> list[str]:
