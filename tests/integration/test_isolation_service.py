@@ -135,7 +135,6 @@ def test_the_helper_does_not_outlive_a_terminated_parent(tmp_path: Path) -> None
         from serving.repository import Repository
         from serving.store.local import LocalStore
         from serving.cache import LoaderCache
-    from serving.errors import DeadlineExceeded
         from serving.formats.base import LoadPolicy
         from serving.isolation.prober import Prober
         repo = Repository(LocalStore({str(tmp_path / "store")!r}))
