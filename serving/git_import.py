@@ -40,7 +40,7 @@ from serving.manifest import Manifest
 from serving.publish import publish_path
 from serving.repository import Repository
 
-__all__ = ["GitSource", "checkout", "import_git", "public_url"]
+__all__ = ["GitSource", "check_rev", "checkout", "import_git", "public_url", "repo_path"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,22 @@ _KEEP_GIT_ENV = frozenset(
 """The caller's GIT_* variables that only say how to reach a server; every other one (GIT_DIR,
 GIT_WORK_TREE, GIT_INDEX_FILE, ...) would point git at another repository than the scratch one."""
 _REV = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
+
+
+def repo_path(path: str) -> str:
+    """``path`` normalized (``a//b/`` -> ``a/b``); InvalidRequest unless it stays inside a repository."""
+    parts = PurePosixPath(path).parts
+    if not parts or path.startswith("/") or ".." in parts or "\x00" in path or parts[0] in (".git", ".dvc"):
+        raise InvalidRequest(
+            f"invalid path {path!r}: give a file or folder relative to the repository's root"
+        )
+    return str(PurePosixPath(*parts))
+
+
+def check_rev(rev: str) -> None:
+    """InvalidRequest unless ``rev`` reads as a tag, branch or commit (never an option or a range)."""
+    if not _REV.fullmatch(rev) or ".." in rev or rev.endswith((".lock", "/", ".")):
+        raise InvalidRequest(f"invalid revision {rev!r}: give a tag, a branch or a commit")
 
 
 def public_url(repo: str) -> str:
@@ -241,14 +257,8 @@ def checkout(repo: str, rev: str, path: str) -> Iterator[tuple[Path, GitSource]]
             ``git lfs`` to fetch it or whose object does not match.
         StoreUnavailable: git ran past :data:`GIT_TIMEOUT_S`.
     """
-    parts = PurePosixPath(path).parts
-    if not parts or path.startswith("/") or ".." in parts or "\x00" in path or parts[0] == ".git":
-        raise InvalidRequest(
-            f"invalid path {path!r}: give a file or folder relative to the repository's root"
-        )
-    path = str(PurePosixPath(*parts))
-    if not _REV.fullmatch(rev) or ".." in rev or rev.endswith((".lock", "/", ".")):
-        raise InvalidRequest(f"invalid revision {rev!r}: give a tag, a branch or a commit")
+    path = repo_path(path)
+    check_rev(rev)
     if "://" not in repo and Path(repo).exists():
         repo = str(Path(repo).resolve())  # NOTE: git runs in the scratch folder
     env = _env()

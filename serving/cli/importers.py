@@ -1,5 +1,5 @@
-"""``serving import mlflow`` and ``serving import git``: a model from another registry or a Git
-repository, published as a new version."""
+"""``serving import mlflow``, ``serving import git`` and ``serving import dvc``: a model from
+another registry, a Git repository or a DVC remote, published as a new version."""
 
 from __future__ import annotations
 
@@ -83,6 +83,22 @@ def add_import(commands: Commands) -> None:
     g.add_argument("--path", required=True, help="the model file or folder in the repository")
     g.add_argument("--name", required=True, help="model name")
     add_publish_options(g)
+
+    d = group.add(
+        "dvc",
+        import_dvc,
+        "publish a DVC-tracked file or folder at a revision, read from its DVC remote, checked by md5",
+    )
+    d.add_argument(
+        "repo", metavar="REPO", help="the Git repository: a local path or a URL (https, ssh, file)"
+    )
+    d.add_argument(
+        "path", metavar="PATH", help="the DVC-tracked file or folder (or a path inside a tracked folder)"
+    )
+    d.add_argument("--rev", required=True, help="a tag, branch or commit")
+    d.add_argument("--remote", help="the DVC remote to read from (default: the repository's default remote)")
+    d.add_argument("--name", required=True, help="model name")
+    add_publish_options(d)
 
 
 @contextlib.contextmanager
@@ -181,19 +197,54 @@ def _import_mlflow(ctx: Context, args: argparse.Namespace, ref: MlflowRef) -> No
     )
 
 
-def import_git(ctx: Context, args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def unwind_on_sigterm() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C while the block runs, so scratch clones are removed.
+
+    A scratch clone's config may hold the URL's credentials; git's process group is ended too.
+    """
     import signal
 
     def stop(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    # NOTE: SIGTERM unwinds like Ctrl-C, so the scratch clone (its config may hold the URL's
-    # credentials) is removed and git's process group is ended.
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        _import_git(ctx, args)
+        yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def import_git(ctx: Context, args: argparse.Namespace) -> None:
+    with unwind_on_sigterm():
+        _import_git(ctx, args)
+
+
+def import_dvc(ctx: Context, args: argparse.Namespace) -> None:
+    from serving.dvc_import import import_dvc as run
+
+    with unwind_on_sigterm():
+        manifest, source = run(
+            ctx.repo,
+            args.repo,
+            args.path,
+            rev=args.rev,
+            remote=args.remote,
+            name=args.name,
+            **publish_options(ctx, args),
+        )
+    ctx.emit(
+        f"imported {source.repo}@{source.rev}:{source.path} (commit {source.commit[:12]}, "
+        f"DVC {source.hash} {source.md5}, checked) as {version_text(manifest)}"
+        + alias_text(manifest, args.alias),
+        {
+            "name": manifest.name,
+            "version": manifest.version,
+            "format": manifest.format,
+            "alias": args.alias,
+            "source": source.as_metadata(),
+        },
+    )
 
 
 def _import_git(ctx: Context, args: argparse.Namespace) -> None:
