@@ -59,6 +59,7 @@ from serving.errors import (
 from serving.fileio import HashingWriter, atomic_write, hash_file
 from serving.manifest import (
     MANIFEST_NAME,
+    OMS_SIGNATURE_NAME,
     SIGNATURE_NAME,
     FileEntry,
     Manifest,
@@ -641,6 +642,7 @@ class LoaderCache:
         stored = repo.version_files(name, version)
         stored.pop(MANIFEST_NAME, None)
         stored.pop(SIGNATURE_NAME, None)  # checked by serving.trust, not an artifact file
+        stored.pop(OMS_SIGNATURE_NAME, None)  # the same
         declared = {f.path: f for f in manifest.files}
         extra = sorted(set(stored) - set(declared))
         missing = sorted(set(declared) - set(stored))

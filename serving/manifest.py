@@ -22,6 +22,8 @@ from serving.errors import InvalidManifest, InvalidReference
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
+OMS_SIGNATURE_NAME = "oms.sig"
+"""An OpenSSF model signature beside the manifest (serving.oms)."""
 """Signatures over manifest.json (serving.signing), next to it in the version prefix."""
 SCHEMA_VERSION = 1
 
@@ -64,7 +66,7 @@ def check_relative_path(path: str) -> str:
     p = PurePosixPath(path)
     if p.is_absolute() or any(part in {"..", "."} for part in p.parts) or str(p) != path:
         raise InvalidManifest(f"unsafe path in manifest: {path!r}")
-    if path in {MANIFEST_NAME, SIGNATURE_NAME}:
+    if path in {MANIFEST_NAME, SIGNATURE_NAME, OMS_SIGNATURE_NAME}:
         raise InvalidManifest(f"{path} cannot be listed as an artifact file")
     return path
 

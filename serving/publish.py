@@ -35,12 +35,14 @@ def publish_path(
     progress: Any = None,
     signing_key: SigningKey | None = None,
     encode: EncodeOptions | None = None,
+    oms_signature: bytes | None = None,
 ) -> Manifest:
     """Hash and upload ``path`` (a file or a directory), then write the manifest last.
 
     The format is detected from content and extension unless ``format`` is given.
     With ``signing_key``, ``manifest.sig`` is written just before the manifest
-    (:mod:`serving.signing`), so the version is never visible unsigned.
+    (:mod:`serving.signing`), so the version is never visible unsigned; so is
+    ``oms_signature``, an OpenSSF model signature over the files (:mod:`serving.oms`).
     With ``encode``, files are stored compressed and/or encrypted
     (:mod:`serving.encoding`); the manifest keeps both digests of each.
     The version defaults to the next integer. With ``alias``, the alias is moved to
@@ -101,7 +103,7 @@ def publish_path(
             def signer(raw: bytes) -> bytes:
                 return sign_manifest(raw, key)
 
-        repo.publish(manifest, files, progress_for, signer=signer)
+        repo.publish(manifest, files, progress_for, signer=signer, oms_signature=oms_signature)
     if alias:
         writer = None
         if signing_key is not None:

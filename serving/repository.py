@@ -38,6 +38,7 @@ from serving.fileio import hash_file
 from serving.manifest import (
     MANIFEST_NAME,
     MAX_SEQUENCE,
+    OMS_SIGNATURE_NAME,
     SIGNATURE_NAME,
     Alias,
     CanaryTarget,
@@ -266,12 +267,14 @@ class Repository:
         files: Iterable[tuple[str, Path]],
         progress: Callable[[int], Progress | None] | None = None,
         signer: Callable[[bytes], bytes] | None = None,
+        oms_signature: bytes | None = None,
     ) -> str:
         """Upload the files, then the manifest last; returns the manifest's sha256.
 
         ``signer`` maps the manifest's bytes to ``manifest.sig``'s (see
         :mod:`serving.signing`); the signature is written just before the manifest,
-        so a version is never visible unsigned.
+        so a version is never visible unsigned. ``oms_signature`` (an OpenSSF model
+        signature over the files, :mod:`serving.oms`) is written before it too.
 
         Raises:
             VersionExists: the version is already published (versions are immutable).
@@ -289,6 +292,8 @@ class Repository:
             )
         for rel, path in files:
             self.store.upload(prefix + rel, path, progress(path.stat().st_size) if progress else None)
+        if oms_signature is not None:
+            self.store.put(prefix + OMS_SIGNATURE_NAME, oms_signature)
         if signer is not None:
             self.store.put(prefix + SIGNATURE_NAME, signer(raw))
         try:

@@ -141,6 +141,27 @@ class Settings(BaseSettings):
     A directory is read whole, so a mounted Kubernetes Secret works:
     ``SERVING_TRUSTED_KEYS=/etc/serving/trusted-keys``."""
 
+    require_oms_signature: bool = False
+    """Refuse versions without an OpenSSF model signature (OMS) by one of the ``oms_*`` signers.
+
+    Checked on the manifest before any file is downloaded: the signed statement must list
+    exactly the manifest's files and SHA-256s (serving.oms)."""
+
+    oms_public_keys: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """OMS signers by EC public key (PEM): files or directories, comma-separated in the env."""
+
+    oms_certificate_chains: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """OMS signers by certificate: CA certificates (PEM) the signing certificate must chain to."""
+
+    oms_sigstore_identity: str | None = None
+    """An OMS signer by Sigstore identity (an email or a workload URI), with ``oms_sigstore_issuer``."""
+
+    oms_sigstore_issuer: str | None = None
+    """The OIDC issuer of ``oms_sigstore_identity`` (``https://accounts.google.com``, ...)."""
+
+    oms_sigstore_trust_config: Path | None = None
+    """The Sigstore trust root (ClientTrustConfig JSON), mounted: nothing is fetched at load."""
+
     unrestricted_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Models allowed to use formats that run code on load (arbitrary pickle, Keras
     ``.h5``, SavedModel), comma-separated. Applies to signed versions only."""
@@ -231,7 +252,9 @@ class Settings(BaseSettings):
             return token
         return None
 
-    @field_validator("trusted_keys", "unrestricted_models", mode="before")
+    @field_validator(
+        "trusted_keys", "unrestricted_models", "oms_public_keys", "oms_certificate_chains", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -12,7 +12,10 @@ It checks, on the manifest alone (which lists every file's sha256):
 
 1. the signature, when ``require_signature`` is on (unsigned, untrusted,
    altered or swapped-in manifests are refused);
-2. the format's load class (SECURITY.md, "Load policy"):
+2. the OpenSSF model signature (``oms.sig``, :mod:`serving.oms`), when
+   ``require_oms_signature`` is on or OMS signers are configured: a trusted
+   signer, over exactly the manifest's files and SHA-256s;
+3. the format's load class (SECURITY.md, "Load policy"):
 
    ``safe``          cannot carry code when loaded as we load it: ONNX with
                      confined external data, safetensors, skops with trusted
@@ -43,7 +46,8 @@ from serving.fileio import atomic_write
 from serving.formats.base import LoadPolicy
 from serving.formats.table import FORMAT_FACTS, LoadClass
 from serving.hardening import check_framework_versions, harden_process
-from serving.manifest import SIGNATURE_NAME, Alias, Manifest
+from serving.manifest import OMS_SIGNATURE_NAME, SIGNATURE_NAME, Alias, Manifest
+from serving.oms import OmsPolicy, verify_oms
 from serving.repository import Repository, Resolved
 from serving.settings import Settings
 from serving.signing import load_trusted_keys, verify_alias, verify_manifest
@@ -54,7 +58,10 @@ __all__ = [
     "check_alias",
     "check_trust",
     "load_class",
+    "oms_policy",
+    "read_oms_signature",
     "read_signature",
+    "write_oms_signature",
     "write_signature",
 ]
 
@@ -92,19 +99,26 @@ class Trust:
     key_id: str | None
     load_class: LoadClass
     policy: LoadPolicy
+    oms_signer: str | None = None
+    """Who signed the version's OpenSSF model signature, when a trusted one verified."""
 
 
-def _signature_key(repo: Repository, name: str, version: str) -> str:
-    return repo.version_prefix(name, version) + SIGNATURE_NAME
+def _signature_key(repo: Repository, name: str, version: str, which: str = SIGNATURE_NAME) -> str:
+    return repo.version_prefix(name, version) + which
 
 
-def read_signature(repo: Repository, name: str, version: str) -> bytes | None:
-    """The raw ``manifest.sig`` of a version, or None when it is unsigned."""
+def read_signature(repo: Repository, name: str, version: str, which: str = SIGNATURE_NAME) -> bytes | None:
+    """The raw ``manifest.sig`` (or ``which``: ``oms.sig``) of a version, or None when there is none."""
     try:
-        raw, _ = repo.store.get(_signature_key(repo, name, version))
+        raw, _ = repo.store.get(_signature_key(repo, name, version, which))
     except NotFound:
         return None
     return raw
+
+
+def read_oms_signature(repo: Repository, name: str, version: str) -> bytes | None:
+    """The raw ``oms.sig`` of a version (an OpenSSF model signature), or None."""
+    return read_signature(repo, name, version, OMS_SIGNATURE_NAME)
 
 
 def write_signature(repo: Repository, name: str, version: str, sig_raw: bytes) -> None:
@@ -112,34 +126,53 @@ def write_signature(repo: Repository, name: str, version: str, sig_raw: bytes) -
     repo.store.put(_signature_key(repo, name, version), sig_raw)
 
 
-def _remembered_path(cache_root: Path, resolved: Resolved) -> Path:
+def write_oms_signature(repo: Repository, name: str, version: str, bundle: bytes) -> None:
+    """Store a version's ``oms.sig`` (replacing any: an OMS signature is checked, never trusted as stored)."""
+    repo.store.put(_signature_key(repo, name, version, OMS_SIGNATURE_NAME), bundle)
+
+
+def oms_policy(settings: Settings) -> OmsPolicy:
+    """The OMS signers ``settings`` trust."""
+    return OmsPolicy(
+        public_keys=tuple(settings.oms_public_keys),
+        certificate_chains=tuple(settings.oms_certificate_chains),
+        sigstore_identity=settings.oms_sigstore_identity,
+        sigstore_issuer=settings.oms_sigstore_issuer,
+        sigstore_trust_config=settings.oms_sigstore_trust_config,
+    )
+
+
+def _remembered_path(cache_root: Path, resolved: Resolved, which: str = SIGNATURE_NAME) -> Path:
     msha = resolved.manifest_sha256[:16]
-    return cache_root / "signatures" / resolved.name / f"{resolved.version}-{msha}.sig"
+    suffix = ".sig" if which == SIGNATURE_NAME else ".oms.sig"
+    return cache_root / "signatures" / resolved.name / f"{resolved.version}-{msha}{suffix}"
 
 
-def _remember(cache_root: Path, resolved: Resolved, sig_raw: bytes) -> None:
-    path = _remembered_path(cache_root, resolved)
+def _remember(cache_root: Path, resolved: Resolved, sig_raw: bytes, which: str = SIGNATURE_NAME) -> None:
+    path = _remembered_path(cache_root, resolved, which)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write(path, sig_raw)
 
 
-def _signature_for(repo: Repository, resolved: Resolved, cache_root: Path | None) -> bytes | None:
+def _signature_for(
+    repo: Repository, resolved: Resolved, cache_root: Path | None, which: str = SIGNATURE_NAME
+) -> bytes | None:
     try:
-        sig = read_signature(repo, resolved.name, resolved.version)
+        sig = read_signature(repo, resolved.name, resolved.version, which)
     except StoreError:
         # NOTE: offline fallback. The remembered copy is re-verified like any other,
         # so a local edit cannot make an unsigned version look signed.
         if cache_root is None:
             raise
         try:
-            return _remembered_path(cache_root, resolved).read_bytes()
+            return _remembered_path(cache_root, resolved, which).read_bytes()
         except FileNotFoundError:
             raise UntrustedArtifact(
                 f"{resolved.name}:{resolved.version}: the store is unreachable and no "
-                "verified signature is remembered on this node"
+                f"verified {which} is remembered on this node"
             ) from None
     if sig is not None and cache_root is not None:
-        _remember(cache_root, resolved, sig)
+        _remember(cache_root, resolved, sig, which)
     return sig
 
 
@@ -251,7 +284,7 @@ def check_trust(
         repo: where the version's ``manifest.sig`` is read from.
         resolved: the version, with its manifest's exact bytes.
         settings: ``require_signature``, ``trusted_keys``, ``unrestricted_models``,
-            ``trusted_globals``.
+            ``trusted_globals``, ``require_oms_signature`` and the ``oms_*`` signers.
         cache_root: the loader cache's root; verified signatures are remembered
             there so a node can restart while the store is unreachable.
 
@@ -259,7 +292,8 @@ def check_trust(
         The decision, with the :class:`LoadPolicy` to hand to the format loader.
 
     Raises:
-        UntrustedArtifact: unsigned or wrongly signed with ``require_signature``,
+        UntrustedArtifact: unsigned or wrongly signed with ``require_signature`` (or
+            without a trusted OMS signature with ``require_oms_signature``),
             or an unrestricted format without a signature and the operator's opt-in.
         LoadError: the format's framework is older than the safe minimum.
 
@@ -286,6 +320,7 @@ def check_trust(
                 raise _refuse(name, exc.message) from exc
             if sig is not None:
                 log.warning("%s: signature present but not trusted, treating as unsigned: %s", where, exc)
+    oms_signer = _check_oms(repo, resolved, settings, cache_root)
     if cls == "unrestricted":
         if name not in settings.unrestricted_models:
             raise _refuse(
@@ -311,5 +346,31 @@ def check_trust(
         max_artifact_bytes=settings.max_artifact_bytes,
         max_expansion_ratio=settings.max_expansion_ratio,
     )
-    metrics.TRUST_CHECKS.inc(model=name, outcome="signed" if signed else "unsigned")
-    return Trust(name, version, signed, kid, cls, policy)
+    metrics.TRUST_CHECKS.inc(model=name, outcome="signed" if signed or oms_signer else "unsigned")
+    return Trust(name, version, signed, kid, cls, policy, oms_signer)
+
+
+def _check_oms(
+    repo: Repository, resolved: Resolved, settings: Settings, cache_root: Path | None
+) -> str | None:
+    """Who signed the version's OMS signature, None when it has none the policy asks for; or refuse.
+
+    NOTE: an OMS signature covers the files, not the manifest's format, options or schema, so it
+    never stands in for this project's own signature (unrestricted formats still need that).
+    """
+    policy = oms_policy(settings)
+    if not settings.require_oms_signature and not policy.configured:
+        return None
+    name, where = resolved.name, f"{resolved.name}:{resolved.version}"
+    bundle = _signature_for(repo, resolved, cache_root, OMS_SIGNATURE_NAME)
+    if bundle is None:
+        if settings.require_oms_signature:
+            raise _refuse(name, f"{where} has no OpenSSF model signature (oms.sig) and one is required")
+        return None
+    try:
+        return verify_oms(bundle, policy, resolved.manifest)
+    except UntrustedArtifact as exc:
+        if settings.require_oms_signature:
+            raise _refuse(name, exc.message) from exc
+        log.warning("%s: OMS signature present but not trusted, treating as unsigned: %s", where, exc)
+        return None

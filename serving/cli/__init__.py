@@ -8,10 +8,13 @@ Verbs::
     serving alias promote NAME ALIAS | serving alias abort NAME ALIAS
     serving rollback NAME ALIAS
     serving rollout NAME ALIAS VERSION --url URL [--steps 5,25,50,100] [--step-seconds 60] ...
-    serving pull REF | serving verify REF [--trusted-key PUB]
-    serving keygen PREFIX [--kek]
+    serving pull REF | serving verify REF [--trusted-key PUB] [--oms-public-key PUB]
+    serving sign REF (--signing-key KEY | --oms-key KEY [--oms-certificate CERT --oms-certificate-chain CA])
+    serving keygen PREFIX [--kek | --oms]
     serving predict REF --input JSON
     serving import mlflow URI [--name N] [--alias A] [--sync [--interval S] [--max-polls N]]
+    serving import git REPO --rev REV --path PATH --name N | serving import dvc REPO PATH --rev REV --name N
+    serving convert REF (--to onnx | --quantize int8|fp16)
     serving serve [--port 8000] [--grpc-port 8001] ...   (HTTP and gRPC serving, see serving.server)
 
 Every verb takes ``--store URI`` (overrides ``SERVING_STORE``) and ``--json``.
@@ -20,9 +23,9 @@ A :class:`~serving.errors.ServingError` ends the process with the error's
 errors exit 2 (argparse). A traceback means a bug, never a user mistake.
 
 One module per command group, each declaring its parsers beside what they run:
-:mod:`.versions` (publish, versions, keygen), :mod:`.alias` (alias, rollback,
+:mod:`.versions` (publish, versions, sign, keygen), :mod:`.alias` (alias, rollback,
 rollout), :mod:`.cache` (pull, verify), :mod:`.predict`, :mod:`.importers`
-(import mlflow) and :mod:`.serve`; :mod:`.options` declares every option that
+(import mlflow, git, dvc), :mod:`.convert` and :mod:`.serve`; :mod:`.options` declares every option that
 more than one command takes, and :mod:`.context` is what each command gets.
 """
 
@@ -64,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     alias.add_rollback(commands)
     cache.add_pull(commands)
     cache.add_verify(commands)
+    versions.add_sign(commands)
     versions.add_keygen(commands)
     predict.add_predict(commands)
     importers.add_import(commands)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from serving.cli.context import Context, human_bytes, plural
@@ -62,6 +63,14 @@ def add_verify(commands: Commands) -> None:
         default=[],
         help="trusted Ed25519 public key file or directory (repeatable; default SERVING_TRUSTED_KEYS)",
     )
+    p.add_argument(
+        "--oms-public-key",
+        metavar="PUB",
+        action="append",
+        default=[],
+        help="check the OpenSSF model signature against this EC public key (repeatable; default: "
+        "the SERVING_OMS_* signers)",
+    )
 
 
 def verify(ctx: Context, args: argparse.Namespace) -> None:
@@ -76,6 +85,7 @@ def verify(ctx: Context, args: argparse.Namespace) -> None:
         sig = read_signature(ctx.repo, resolved.name, resolved.version)
         trusted = load_trusted_keys(trusted_paths)
         key_id = verify_manifest(resolved.manifest_raw, sig, trusted, resolved.name, resolved.version)
+    oms_signer = _verify_oms(ctx, args)
     resolved, offline = ctx.cache.resolve(ctx.repo, ModelRef.parse(args.ref))
     repaired = False
     held = ctx.cache.get(resolved.name, resolved.version, resolved.manifest_sha256)
@@ -90,9 +100,42 @@ def verify(ctx: Context, args: argparse.Namespace) -> None:
     if repaired or held is None:
         ctx.cache.verify(cached)
     signed = f", signed by trusted key {key_id[:16]}" if key_id else ""
+    signed += f", OpenSSF model signature by {oms_signer}" if oms_signer else ""
     fixed = " (repaired: the cached copy had changed and was pulled again)" if repaired else ""
     ctx.emit(
         f"{cached.name}:{cached.version} OK: {plural(len(cached.manifest.files), 'file')} "
         f"({human_bytes(cached.manifest.total_bytes)}) match the manifest{signed}{fixed}",
-        {**_cached_summary(cached, offline), "ok": True, "signed_by": key_id, "repaired": repaired},
+        {
+            **_cached_summary(cached, offline),
+            "ok": True,
+            "signed_by": key_id,
+            "oms_signed_by": oms_signer,
+            "repaired": repaired,
+        },
     )
+
+
+def _verify_oms(ctx: Context, args: argparse.Namespace) -> str | None:
+    """Who signed the version's OMS signature, when signers are given or configured; else None.
+
+    Raises:
+        UntrustedArtifact: signers are given (or a signature is required) and none verifies.
+    """
+    from dataclasses import replace
+
+    from serving.errors import UntrustedArtifact
+    from serving.oms import verify_oms
+    from serving.trust import oms_policy, read_oms_signature
+
+    policy = oms_policy(ctx.settings)
+    if args.oms_public_key:
+        policy = replace(policy, public_keys=tuple(Path(p) for p in args.oms_public_key))
+    if not policy.configured and not ctx.settings.require_oms_signature:
+        return None
+    resolved, _ = ctx.cache.resolve(ctx.repo, ModelRef.parse(args.ref))
+    bundle = read_oms_signature(ctx.repo, resolved.name, resolved.version)
+    if bundle is None:
+        raise UntrustedArtifact(
+            f"{resolved.name}:{resolved.version} has no OpenSSF model signature (oms.sig)"
+        )
+    return verify_oms(bundle, policy, resolved.manifest)

@@ -239,6 +239,11 @@ def add_publish_options(parser: argparse.ArgumentParser) -> None:
     )
     add_encode_options(parser)
     parser.add_argument(
+        "--oms-signature",
+        metavar="FILE",
+        help="an OpenSSF model signature of these files (model_signing sign ...), stored with the version",
+    )
+    parser.add_argument(
         "--metadata", metavar="KEY=VALUE", action="append", default=[], help="free-form metadata (repeatable)"
     )
 
@@ -256,7 +261,24 @@ def publish_options(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         "progress": ctx.progress,
         "signing_key": signing_key(args.signing_key),
         "encode": encode_options(ctx, args),
+        "oms_signature": oms_signature(args.oms_signature),
     }
+
+
+def oms_signature(path: str | None) -> bytes | None:
+    """The bytes of ``--oms-signature FILE`` (checked at load against the trust policy, not here)."""
+    if path is None:
+        return None
+    from serving.oms import OMS_MAX_BYTES
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(OMS_MAX_BYTES + 1)
+    except OSError as exc:
+        raise InvalidRequest(f"--oms-signature: cannot read {path}: {exc.strerror}") from None
+    if len(raw) > OMS_MAX_BYTES:
+        raise InvalidRequest(f"--oms-signature: {path} is over {OMS_MAX_BYTES} bytes; not an OMS signature")
+    return raw
 
 
 def _tensor_specs(text: str | None, what: str) -> list[TensorSpec] | None:

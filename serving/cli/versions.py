@@ -1,4 +1,5 @@
-"""``serving publish``, ``serving versions`` and ``serving keygen``: versions and the keys that sign them."""
+"""``serving publish``, ``serving versions``, ``serving sign`` and ``serving keygen``: versions and the
+keys that sign them."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from serving.cli.context import Context, alias_text, human_bytes, version_text
-from serving.cli.options import Commands, add_publish_options, publish_options
-from serving.errors import ModelNotFound, ServingError
+from serving.cli.options import Commands, add_publish_options, add_ref, publish_options
+from serving.errors import InvalidRequest, ModelNotFound, ServingError
 from serving.manifest import sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -90,15 +91,94 @@ def versions(ctx: Context, args: argparse.Namespace) -> None:
     ctx.emit(text, {"name": args.name, "versions": rows})
 
 
+def add_sign(commands: Commands) -> None:
+    p = commands.add(
+        "sign",
+        sign,
+        "sign an existing version: its manifest (Ed25519) or its files (an OpenSSF model signature)",
+    )
+    add_ref(p)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--signing-key", metavar="KEY.pem", help="Ed25519 private key: add a signature to manifest.sig"
+    )
+    how.add_argument(
+        "--oms-key",
+        metavar="KEY.pem",
+        help="EC private key (P-256/384/521): write an OpenSSF model signature (oms.sig) over the files",
+    )
+    p.add_argument("--oms-certificate", metavar="CERT.pem", help="with --oms-key: the signing certificate")
+    p.add_argument(
+        "--oms-certificate-chain",
+        metavar="CA.pem",
+        action="append",
+        default=[],
+        help="with --oms-certificate: the certificates up to the root (repeatable)",
+    )
+
+
+def sign(ctx: Context, args: argparse.Namespace) -> None:
+    from serving.manifest import ModelRef
+
+    if (args.oms_certificate or args.oms_certificate_chain) and not args.oms_key:
+        raise InvalidRequest("--oms-certificate and --oms-certificate-chain go with --oms-key")
+    resolved, _ = ctx.cache.resolve(ctx.repo, ModelRef.parse(args.ref))
+    name, version = resolved.name, resolved.version
+    summary: dict[str, Any] = {"name": name, "version": version}
+    if args.signing_key:
+        from serving.signing import load_signing_key, sign_manifest
+        from serving.trust import read_signature, write_signature
+
+        key = load_signing_key(args.signing_key)
+        existing = read_signature(ctx.repo, name, version)
+        write_signature(ctx.repo, name, version, sign_manifest(resolved.manifest_raw, key, existing))
+        ctx.emit(
+            f"signed {name}:{version}'s manifest (key id {key.key_id[:16]})",
+            {**summary, "key_id": key.key_id},
+        )
+        return
+    from serving.manifest import MANIFEST_NAME
+    from serving.oms import sign_directory
+    from serving.trust import write_oms_signature
+
+    # NOTE: the files as the cache verified them against the manifest, so the OMS statement signs
+    # exactly the bytes the manifest lists (the cached copy's manifest.json is no model file).
+    cached = ctx.cache.fetch(ctx.repo, resolved, ctx.progress, prefetch=True)
+    bundle = sign_directory(
+        cached.path,
+        Path(args.oms_key),
+        certificate=Path(args.oms_certificate) if args.oms_certificate else None,
+        certificate_chain=[Path(p) for p in args.oms_certificate_chain],
+        ignore=[MANIFEST_NAME],
+    )
+    write_oms_signature(ctx.repo, name, version, bundle)
+    ctx.emit(
+        f"wrote {name}:{version}'s OpenSSF model signature over {len(resolved.manifest.files)} file(s)",
+        {**summary, "oms": True, "files": len(resolved.manifest.files)},
+    )
+
+
 def add_keygen(commands: Commands) -> None:
     p = commands.add("keygen", keygen, "write an Ed25519 signing key pair PREFIX.key (0600) and PREFIX.pub")
     p.add_argument("prefix", metavar="PREFIX", help="path prefix of the key files")
-    p.add_argument(
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument(
         "--kek", action="store_true", help="write an AES-256 encryption key PREFIX.kek (0600) instead"
+    )
+    kind.add_argument(
+        "--oms", action="store_true", help="write an EC P-256 pair for OpenSSF model signatures instead"
     )
 
 
 def keygen(ctx: Context, args: argparse.Namespace) -> None:
+    if args.oms:
+        from serving.oms import generate_ec_keypair
+
+        key, pub = generate_ec_keypair(args.prefix)
+        ctx.emit(
+            f"wrote {key} (0600, keep it secret) and {pub} (EC P-256)", {"key": str(key), "pub": str(pub)}
+        )
+        return
     if args.kek:
         from serving.crypto import LocalKek, generate_kek
 
