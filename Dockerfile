@@ -14,7 +14,8 @@ ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 # --- build: a virtualenv with the package and the chosen frameworks ------------
 FROM ${PYTHON_IMAGE} AS build
 
-# Framework extras to install besides `serve`: any of torch, tensorflow, onnx
+# Framework extras to install besides `serve`, `oci` (registry stores) and `oms` (OpenSSF model
+# signatures): any of torch, tensorflow, onnx
 # (comma separated, may be empty). sklearn/joblib/pickle models need none.
 ARG FRAMEWORKS=onnx
 ARG TORCH_VERSION=2.13.0
@@ -36,7 +37,7 @@ RUN case ",${FRAMEWORKS}," in \
 
 COPY pyproject.toml README.md ./
 COPY serving ./serving
-RUN extras="serve${FRAMEWORKS:+,${FRAMEWORKS}}" \
+RUN extras="serve,oci,oms${FRAMEWORKS:+,${FRAMEWORKS}}" \
     && pip install --no-cache-dir --constraint /tmp/constraints.txt ".[${extras}]" \
     && pip check \
     && python -c "import ray, serving; print('ray', ray.__version__)"

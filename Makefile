@@ -37,7 +37,7 @@ $(SERVE_STAMP): pyproject.toml | $(PY)
 
 $(TEST_STAMP): pyproject.toml | $(PY)
 	$(PIP) install $(TORCH)
-	$(PIP) install -e '.[torch,tensorflow,onnx,skops,serve,mlflow,dvc,oms,dev]'
+	$(PIP) install -e '.[torch,tensorflow,onnx,skops,serve,mlflow,dvc,oms,oci,dev]'
 	touch $@ $(SERVE_STAMP)
 
 $(MLFLOW_SERVER):

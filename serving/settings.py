@@ -50,6 +50,25 @@ class Settings(BaseSettings):
     s3_multipart_threshold: int = Field(default=64 * 1024**2, ge=5 * 1024**2)
     """Files larger than this are transferred in parts."""
 
+    # -- OCI registry store (SERVING_STORE=oci://registry/namespace; serving.store.oci) ---------------
+    oci_username: str | None = None
+    """Registry user, with ``oci_password_file``; unset: the Docker config's entry, else anonymous."""
+
+    oci_password_file: Path | None = None
+    """A file holding the registry password or token (a mounted Secret)."""
+
+    oci_docker_config: Path | None = None
+    """A Docker ``config.json`` (``auths`` entries); default: ``$DOCKER_CONFIG`` or ``~/.docker``'s."""
+
+    oci_ca_file: Path | None = None
+    """CA certificates (PEM) that the registry's TLS certificate must chain to; unset: the system roots."""
+
+    oci_plain_http: bool = False
+    """Talk plain HTTP to the registry (a loopback or in-cluster registry without TLS)."""
+
+    oci_timeout_s: float = Field(default=30.0, gt=0)
+    """Seconds a registry read may stall before the request fails (connect: ``s3_connect_timeout``)."""
+
     trusted_globals: list[str] = Field(default_factory=list)
     """Extra ``module.qualname`` globals the restricted unpickler may load, and
     extra types a ``skops`` file may use beyond skops's default trusted types.

@@ -6,7 +6,8 @@ dependency.
 
 from __future__ import annotations
 
+from serving.testing.registry import Registry, find_registry, run_registry
 from serving.testing.repo import publish_files
 from serving.testing.s3 import MotoS3, S3Request, free_port
 
-__all__ = ["MotoS3", "S3Request", "free_port", "publish_files"]
+__all__ = ["MotoS3", "Registry", "S3Request", "find_registry", "free_port", "publish_files", "run_registry"]

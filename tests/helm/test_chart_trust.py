@@ -227,3 +227,46 @@ def test_trust_changes_the_cluster_spec_but_not_the_serve_config(renderer: Rende
         "s3://models/serving", "s3://ml-models/signed"
     )
     assert "alias: production" in trusted["serveConfigV2"]
+
+
+OCI_OMS = CHART / "ci" / "oci-oms-values.yaml"
+
+
+def test_registry_secrets_and_oms_signers_are_mounted_and_named_by_the_env(
+    render: Callable[..., Docs], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OCI store's pull secret and CA, and the OMS signers' keys, reach every Ray pod as
+    read-only files; the env the chart renders parses into settings that point at them."""
+    for where, pod in ray_pods(render(values=[OCI_OMS])).items():
+        env = _env(pod)
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["oci-docker-config"]["secret"]["items"] == [
+            {"key": ".dockerconfigjson", "path": "config.json"}
+        ], where
+        assert volumes["oci-ca"]["secret"]["secretName"] == "registry-ca", where
+        assert volumes["oms-keys"]["secret"]["secretName"] == "oms-signers", where
+        for name in ("oci-docker-config", "oci-ca", "oms-keys"):
+            assert mounts[name]["readOnly"] is True, (where, name)
+            assert volumes[name]["secret"]["defaultMode"] == 0o440, (where, name)
+        assert (
+            env["SERVING_OCI_DOCKER_CONFIG"]["value"]
+            == f"{mounts['oci-docker-config']['mountPath']}/config.json"
+        )
+        assert env["SERVING_OCI_CA_FILE"]["value"] == f"{mounts['oci-ca']['mountPath']}/ca.crt"
+        assert env["SERVING_OMS_PUBLIC_KEYS"]["value"] == mounts["oms-keys"]["mountPath"]
+    (pod, *_) = ray_pods(render(values=[OCI_OMS])).values()
+    for name, entry in _env(pod).items():
+        if name.startswith("SERVING_") and "value" in entry:
+            monkeypatch.setenv(name, entry["value"])
+    settings = get_settings()
+    assert settings.store == "oci://registry.ml.svc:5000/models"
+    assert settings.require_oms_signature is True
+    assert settings.oms_public_keys == [Path("/etc/serving/oms-keys")]
+    assert settings.oci_ca_file == Path("/etc/serving/oci/ca/ca.crt")
+
+
+def test_requiring_oms_signatures_without_a_signer_fails_the_render(helm: Path) -> None:
+    done = _helm_template(helm, sets=["trust.oms.requireSignature=true"])
+    assert done.returncode != 0
+    assert "trust.oms.requireSignature needs trust.oms.publicKeys.existingSecret" in done.stderr

@@ -103,7 +103,7 @@ def test_every_runtime_dependency_is_pinned() -> None:
     """Each dependency of the package and its framework/serve extras has an exact pin."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
-    for extra in ("serve", "torch", "tensorflow", "onnx"):
+    for extra in ("serve", "oci", "oms", "torch", "tensorflow", "onnx"):
         reqs += project["optional-dependencies"][extra]
     pins = _pins()
     names = {re.sub(r"[-_.]+", "-", re.split(r"[\[<>=!~ ;]", r, maxsplit=1)[0]).lower() for r in reqs}

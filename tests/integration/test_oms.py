@@ -307,7 +307,7 @@ def test_certificate_signing_chains_to_the_configured_ca_and_no_other(
     )
     assert code == 0, err
     _require(monkeypatch, node=tmp_path, certificate_chains=ca)
-    code, out, err = _predict(capsys, "iris:1")
+    code, _, err = _predict(capsys, "iris:1")
     assert code == 0, err
     _require(monkeypatch, node=tmp_path, certificate_chains=rogue)
     code, _, err = _predict(capsys, "iris:1")

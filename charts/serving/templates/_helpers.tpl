@@ -230,6 +230,28 @@ secretKeyRef, never from plain values.
 - name: RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S
   value: {{ .Values.serve.connections.clientTimeoutSeconds | quote }}
 {{- end }}
+{{- with .Values.store.oci }}
+{{- if .plainHttp }}
+- name: SERVING_OCI_PLAIN_HTTP
+  value: "true"
+{{- end }}
+{{- if .username }}
+- name: SERVING_OCI_USERNAME
+  value: {{ .username | quote }}
+{{- end }}
+{{- if .passwordSecret.existingSecret }}
+- name: SERVING_OCI_PASSWORD_FILE
+  value: {{ printf "%s/password/password" (trimSuffix "/" .mountPath) | quote }}
+{{- end }}
+{{- if .dockerConfigSecret }}
+- name: SERVING_OCI_DOCKER_CONFIG
+  value: {{ printf "%s/docker/config.json" (trimSuffix "/" .mountPath) | quote }}
+{{- end }}
+{{- if .caSecret.existingSecret }}
+- name: SERVING_OCI_CA_FILE
+  value: {{ printf "%s/ca/ca.crt" (trimSuffix "/" .mountPath) | quote }}
+{{- end }}
+{{- end }}
 {{- with .Values.admin.existingSecret }}
 - name: SERVING_ADMIN_TOKEN
   valueFrom:
@@ -256,6 +278,18 @@ secretKeyRef. Nothing is rendered for a setting left at its default.
 {{- if $trust.trustedKeys.existingSecret }}
 - name: SERVING_TRUSTED_KEYS
   value: {{ $trust.trustedKeys.mountPath | quote }}
+{{- end }}
+{{- if $trust.oms.requireSignature }}
+- name: SERVING_REQUIRE_OMS_SIGNATURE
+  value: "true"
+{{- end }}
+{{- if $trust.oms.publicKeys.existingSecret }}
+- name: SERVING_OMS_PUBLIC_KEYS
+  value: {{ $trust.oms.publicKeys.mountPath | quote }}
+{{- end }}
+{{- if $trust.oms.certificateChains.existingSecret }}
+- name: SERVING_OMS_CERTIFICATE_CHAINS
+  value: {{ $trust.oms.certificateChains.mountPath | quote }}
 {{- end }}
 {{- with $trust.unrestrictedModels }}
 - name: SERVING_UNRESTRICTED_MODELS
@@ -307,6 +341,11 @@ Refuse combinations that would render but never work. Renders nothing.
 {{- $keysFromEnv := false }}
 {{- range .Values.extraEnv }}
 {{- if eq .name "SERVING_TRUSTED_KEYS" }}{{ $keysFromEnv = true }}{{ end }}
+{{- end }}
+{{- with .Values.trust.oms }}
+{{- if and .requireSignature (not .publicKeys.existingSecret) (not .certificateChains.existingSecret) }}
+{{- fail "trust.oms.requireSignature needs trust.oms.publicKeys.existingSecret or trust.oms.certificateChains.existingSecret: without a trusted signer every version is refused" }}
+{{- end }}
 {{- end }}
 {{- if and .Values.trust.requireSignature (not .Values.trust.trustedKeys.existingSecret) (not $keysFromEnv) }}
 {{- fail "trust.requireSignature needs trust.trustedKeys.existingSecret (a Secret of PEM public keys): without trusted keys every version is refused" }}
@@ -369,6 +408,47 @@ uid cannot read them.
     secretName: {{ . }}
     defaultMode: 288  # 0440: owner and fsGroup read, nothing else
 {{- end }}
+{{- with .Values.trust.oms.publicKeys.existingSecret }}
+- name: oms-keys
+  secret:
+    secretName: {{ . }}
+    defaultMode: 288  # 0440: owner and fsGroup read, nothing else
+{{- end }}
+{{- with .Values.trust.oms.certificateChains.existingSecret }}
+- name: oms-cas
+  secret:
+    secretName: {{ . }}
+    defaultMode: 288  # 0440: owner and fsGroup read, nothing else
+{{- end }}
+{{- with .Values.store.oci }}
+{{- if .passwordSecret.existingSecret }}
+- name: oci-password
+  secret:
+    secretName: {{ .passwordSecret.existingSecret }}
+    defaultMode: 288  # 0440: owner and fsGroup read, nothing else
+    items:
+      - key: {{ .passwordSecret.key }}
+        path: password
+{{- end }}
+{{- if .dockerConfigSecret }}
+- name: oci-docker-config
+  secret:
+    secretName: {{ .dockerConfigSecret }}
+    defaultMode: 288  # 0440: owner and fsGroup read, nothing else
+    items:
+      - key: .dockerconfigjson
+        path: config.json
+{{- end }}
+{{- if .caSecret.existingSecret }}
+- name: oci-ca
+  secret:
+    secretName: {{ .caSecret.existingSecret }}
+    defaultMode: 288  # 0440: owner and fsGroup read, nothing else
+    items:
+      - key: {{ .caSecret.key }}
+        path: ca.crt
+{{- end }}
+{{- end }}
 {{- with .Values.encryption.keySecret }}
 {{- if .existingSecret }}
 - name: encryption-key
@@ -398,6 +478,36 @@ uid cannot read them.
 - name: encryption-key
   mountPath: {{ .Values.encryption.keySecret.mountPath }}
   readOnly: true
+{{- end }}
+{{- with .Values.trust.oms }}
+{{- if .publicKeys.existingSecret }}
+- name: oms-keys
+  mountPath: {{ .publicKeys.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if .certificateChains.existingSecret }}
+- name: oms-cas
+  mountPath: {{ .certificateChains.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- with .Values.store.oci }}
+{{- $base := trimSuffix "/" .mountPath }}
+{{- if .passwordSecret.existingSecret }}
+- name: oci-password
+  mountPath: {{ $base }}/password
+  readOnly: true
+{{- end }}
+{{- if .dockerConfigSecret }}
+- name: oci-docker-config
+  mountPath: {{ $base }}/docker
+  readOnly: true
+{{- end }}
+{{- if .caSecret.existingSecret }}
+- name: oci-ca
+  mountPath: {{ $base }}/ca
+  readOnly: true
+{{- end }}
 {{- end }}
 {{- end }}
 

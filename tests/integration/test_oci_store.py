@@ -1,0 +1,240 @@
+"""The OCI registry store against a real registry (the CNCF Distribution registry, ``docker-registry``):
+publish, aliases, pulls checked byte by byte, auth by password file and by Docker config, and TLS with
+a private CA."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import joblib
+import pytest
+from cli_runner import run_cli
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+
+from serving.errors import StoreConflict
+from serving.repository import Repository
+from serving.settings import Settings
+from serving.store.factory import open_store
+from serving.testing.registry import Registry, find_registry, run_registry
+
+pytest.importorskip("oras", reason="the oci extra is not installed")
+BINARY = find_registry()
+if BINARY is None:
+    pytest.skip("docker-registry is not installed (apt-get install docker-registry)", allow_module_level=True)
+
+X, Y = load_iris(return_X_y=True)
+ROW = "[[5.1, 3.5, 1.4, 0.2]]"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    assert BINARY is not None
+    with run_registry(BINARY, tmp_path_factory.mktemp("registry")) as running:
+        yield running
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "iris.joblib"
+    joblib.dump(LogisticRegression(max_iter=500).fit(X, Y), path)
+    return path
+
+
+def _use(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, registry: Registry, namespace: str) -> None:
+    for name in ("SERVING_OCI_USERNAME", "SERVING_OCI_PASSWORD_FILE", "SERVING_OCI_CA_FILE", "DOCKER_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SERVING_STORE", f"oci://{registry.host}/{namespace}")
+    monkeypatch.setenv("SERVING_OCI_PLAIN_HTTP", "true" if registry.scheme == "http" else "false")
+    monkeypatch.setenv("SERVING_OCI_DOCKER_CONFIG", str(tmp_path / "no-docker-config.json"))
+    monkeypatch.setenv("SERVING_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SERVING_PROGRESS", "false")
+
+
+def _manifest(registry: Registry, repo: str, tag: str) -> tuple[dict[str, object], str]:
+    with registry.client() as client:
+        response = client.get(f"/v2/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST})
+    response.raise_for_status()
+    return response.json(), response.headers["Docker-Content-Digest"]
+
+
+def test_publish_alias_and_predict_through_the_registry(
+    registry: Registry,
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _use(monkeypatch, tmp_path, registry, "team-a")
+    for _ in range(2):
+        code, _, err = run_cli(capsys, "publish", str(model), "--name", "iris", "--alias", "production")
+        assert code == 0, err
+    code, out, err = run_cli(capsys, "--json", "versions", "iris")
+    assert code == 0, err
+    assert [v["version"] for v in json.loads(out)["versions"]] == ["1", "2"]
+    code, _, err = run_cli(capsys, "rollback", "iris", "production")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "--json", "predict", "iris@production", "--input", ROW)
+    assert code == 0, err
+    assert json.loads(out)["model_version"] == "1"
+
+    # NOTE: what any OCI tool sees: the version is tag "1", its file a ModelPack layer
+    artifact, _ = _manifest(registry, "team-a/iris", "1")
+    assert artifact["artifactType"] == "application/vnd.serving.model.v1"
+    config = artifact["config"]
+    assert isinstance(config, dict)
+    assert config["mediaType"] == "application/vnd.serving.manifest.v1+json"
+    [layer] = artifact["layers"]  # type: ignore[misc]
+    assert layer["mediaType"] == "application/vnd.cncf.model.weight.v1.raw"
+    assert layer["annotations"]["org.opencontainers.image.title"] == "iris.joblib"
+    assert layer["digest"] == "sha256:" + hashlib.sha256(model.read_bytes()).hexdigest()
+    with registry.client() as client:
+        tags = client.get("/v2/team-a/iris/tags/list").json()["tags"]
+    assert {"1", "2", "_alias.production"} <= set(tags)
+
+
+def test_a_replica_follows_the_alias_tag_by_digest(
+    registry: Registry,
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _use(monkeypatch, tmp_path, registry, "team-b")
+    for _ in range(2):
+        assert run_cli(capsys, "publish", str(model), "--name", "iris")[0] == 0
+    assert run_cli(capsys, "alias", "set", "iris", "production", "1")[0] == 0
+    repo = Repository(open_store())
+    first = repo.check_alias("iris", "production", None)
+    assert first.alias is not None
+    assert first.alias.version == "1"
+    assert first.etag == _manifest(registry, "team-b/iris", "_alias.production")[1]
+    assert repo.check_alias("iris", "production", first.etag).alias is None  # NOTE: unchanged: no body
+    assert run_cli(capsys, "alias", "set", "iris", "production", "2")[0] == 0
+    moved = repo.check_alias("iris", "production", first.etag)
+    assert moved.alias is not None
+    assert moved.alias.version == "2"
+
+
+def test_a_stale_conditional_write_is_refused(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use(monkeypatch, tmp_path, registry, "team-c")
+    store = open_store()
+    store.put("iris/aliases/production.json", b'{"v": 1}', if_absent=True)
+    _, etag = store.get("iris/aliases/production.json")
+    store.put("iris/aliases/production.json", b'{"v": 2}', if_match=etag)
+    with pytest.raises(StoreConflict):
+        store.put("iris/aliases/production.json", b'{"v": 3}', if_match=etag)
+    with pytest.raises(FileExistsError):
+        store.put("iris/aliases/production.json", b'{"v": 4}', if_absent=True)
+    assert store.get("iris/aliases/production.json")[0] == b'{"v": 2}'
+
+
+def test_bytes_a_registry_swapped_in_are_refused_before_any_load(
+    registry: Registry,
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whoever can push to the registry re-tags version 1 with other weights under the same name."""
+    _use(monkeypatch, tmp_path, registry, "team-d")
+    assert run_cli(capsys, "publish", str(model), "--name", "iris")[0] == 0
+    artifact, _ = _manifest(registry, "team-d/iris", "1")
+    evil = pickle_of(LogisticRegression(max_iter=500, C=0.001).fit(X, Y), tmp_path)
+    digest = "sha256:" + hashlib.sha256(evil).hexdigest()
+    with registry.client() as client:
+        start = client.post("/v2/team-d/iris/blobs/uploads/")
+        location = start.headers["Location"]
+        joiner = "&" if "?" in location else "?"  # NOTE: keep the upload session's own query
+        client.put(f"{location}{joiner}digest={digest}", content=evil).raise_for_status()
+        artifact["layers"][0].update(digest=digest, size=len(evil))  # type: ignore[index]
+        client.put(
+            "/v2/team-d/iris/manifests/1",
+            content=json.dumps(artifact),
+            headers={"Content-Type": OCI_MANIFEST},
+        ).raise_for_status()
+    code, _, err = run_cli(capsys, "predict", "iris:1", "--input", ROW)
+    assert code != 0
+    assert "iris.joblib" in err, err
+    assert "sha256" in err or "bytes" in err, err
+
+
+def pickle_of(estimator: LogisticRegression, tmp_path: Path) -> bytes:
+    path = tmp_path / "evil.joblib"
+    joblib.dump(estimator, path)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    assert BINARY is not None
+    with run_registry(
+        BINARY, tmp_path_factory.mktemp("locked"), auth=("ci", "s3cret-token"), tls=True
+    ) as running:
+        yield running
+
+
+def test_auth_and_tls_from_a_password_file_a_docker_config_and_a_private_ca(
+    locked: Registry,
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _use(monkeypatch, tmp_path, locked, "secure")
+    assert locked.ca_path is not None
+    # NOTE: the private CA is not trusted yet: a TLS failure, said once
+    code, _, err = run_cli(capsys, "publish", str(model), "--name", "iris")
+    assert code != 0
+    assert "TLS verification failed" in err, err
+    monkeypatch.setenv("SERVING_OCI_CA_FILE", str(locked.ca_path))
+    code, _, err = run_cli(capsys, "publish", str(model), "--name", "iris")
+    assert code != 0
+    assert "asks for a login: set SERVING_OCI_USERNAME" in err, err
+    password = tmp_path / "password"
+    password.write_text("not-the-token\n")
+    monkeypatch.setenv("SERVING_OCI_USERNAME", "ci")
+    monkeypatch.setenv("SERVING_OCI_PASSWORD_FILE", str(password))
+    code, _, err = run_cli(capsys, "publish", str(model), "--name", "iris")
+    assert code != 0
+    assert "refused the credentials" in err, err
+    password.write_text("s3cret-token\n")
+    code, _, err = run_cli(capsys, "publish", str(model), "--name", "iris", "--alias", "production")
+    assert code == 0, err
+    monkeypatch.delenv("SERVING_OCI_USERNAME")
+    monkeypatch.delenv("SERVING_OCI_PASSWORD_FILE")
+    config = tmp_path / "docker" / "config.json"
+    config.parent.mkdir()
+    token = base64.b64encode(b"ci:s3cret-token").decode()
+    config.write_text(json.dumps({"auths": {locked.host: {"auth": token}}}))
+    monkeypatch.setenv("SERVING_OCI_DOCKER_CONFIG", str(config))
+    code, out, err = run_cli(capsys, "--json", "predict", "iris@production", "--input", ROW)
+    assert code == 0, err
+    assert json.loads(out)["outputs"]["predict"] == [0]
+
+
+def test_a_model_name_a_registry_cannot_hold_is_refused_clearly(
+    registry: Registry,
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _use(monkeypatch, tmp_path, registry, "team-e")
+    code, _, err = run_cli(capsys, "publish", str(model), "--name", "Iris")
+    assert code != 0
+    assert "cannot be an OCI repository" in err, err
+
+
+def test_settings_reach_the_store(registry: Registry, tmp_path: Path) -> None:
+    store = open_store(f"oci://{registry.host}/ns", Settings(oci_plain_http=True, cache_dir=tmp_path))
+    assert store.uri == f"oci://{registry.host}/ns"
+    assert httpx.get(f"{registry.url}/v2/").status_code == 200
