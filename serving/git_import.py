@@ -40,7 +40,17 @@ from serving.manifest import Manifest
 from serving.publish import publish_path
 from serving.repository import Repository
 
-__all__ = ["GitSource", "check_rev", "checkout", "import_git", "public_url", "repo_path"]
+__all__ = [
+    "GitSource",
+    "check_rev",
+    "checkout",
+    "fetch_revision",
+    "git_env",
+    "import_git",
+    "public_url",
+    "redact",
+    "repo_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +115,8 @@ def public_url(repo: str) -> str:
     return _CREDENTIALS.sub(r"\1", repo, count=1)
 
 
-def _redact(text: str) -> str:
+def redact(text: str) -> str:
+    """``text`` with any ``scheme://user:password@`` reduced to ``scheme://``."""
     return _CREDENTIALS.sub(r"\1", text)
 
 
@@ -137,7 +148,7 @@ def _git(args: list[str], cwd: Path, what: str, env: dict[str, str], *, binary: 
         lines = err.decode(errors="replace").strip().splitlines() or ["(no message)"]
         # NOTE: git's first "fatal:" line says what went wrong; the lines after it are advice.
         reason = next((line for line in lines if line.startswith(("fatal:", "error:"))), lines[-1])
-        raise InvalidRequest(_redact(f"{what}: {reason}"))
+        raise InvalidRequest(redact(f"{what}: {reason}"))
     return out if binary else out.decode(errors="replace")
 
 
@@ -147,7 +158,8 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.communicate()
 
 
-def _env() -> dict[str, str]:
+def git_env() -> dict[str, str]:
+    """The environment git runs in: no prompt, no system config, none of the caller's GIT_DIR and the like."""
     # NOTE: never ask on a terminal for credentials (a CLI in CI would hang), and no system
     # config; the user's own (credential helpers, url.*.insteadOf) still applies.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_") or k in _KEEP_GIT_ENV}
@@ -160,8 +172,8 @@ def _env() -> dict[str, str]:
     }
 
 
-def _fetch(repo: str, rev: str, work: Path, where: str, env: dict[str, str]) -> str:
-    """Fetch ``rev`` of ``repo`` into ``work``; the commit it names."""
+def fetch_revision(repo: str, rev: str, work: Path, where: str, env: dict[str, str]) -> str:
+    """Fetch ``rev`` of ``repo`` into the git repository ``work``; the commit it names."""
     try:
         # NOTE: a tag, a branch or a full commit id: fetch exactly it, with no history or other refs.
         _git(["fetch", "--quiet", "--depth=1", "--no-tags", "--", repo, rev], work, "fetch", env)
@@ -261,14 +273,14 @@ def checkout(repo: str, rev: str, path: str) -> Iterator[tuple[Path, GitSource]]
     check_rev(rev)
     if "://" not in repo and Path(repo).exists():
         repo = str(Path(repo).resolve())  # NOTE: git runs in the scratch folder
-    env = _env()
+    env = git_env()
     where = public_url(repo)
     scratch = Path(tempfile.mkdtemp(prefix="serving-git-"))
     try:
         work = scratch / "repo"
         work.mkdir()
         _git(["init", "--quiet"], work, "git init", env)
-        commit = _fetch(repo, rev, work, where, env)
+        commit = fetch_revision(repo, rev, work, where, env)
         target = _extract(work, commit, path, where, rev, env)
         lfs = _resolve_lfs(work, target, repo, commit, path, rev, env)
         yield target, GitSource(where, rev, commit, path, lfs)

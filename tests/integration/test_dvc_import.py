@@ -153,7 +153,7 @@ def test_a_tag_or_a_branch_is_read_from_the_local_remote_with_its_md5(
         "output": "models/iris.joblib",
         "md5": md5,
         "hash": "md5",
-        "remote": None,
+        "remote": "local",
     }
     repo = Repository(LocalStore(str(store)))
     assert repo.get_alias("iris", "production").version == "1"
@@ -190,6 +190,87 @@ def test_a_corrupt_remote_is_refused_and_publishes_nothing(
     assert "refusing a corrupt remote" in err, err
     assert local["md5"]["v1"] in err  # type: ignore[operator, index]
     assert Repository(LocalStore(str(store))).list_versions("iris") == []
+
+
+def _tamper_listing(local: dict[str, object], tmp_path: Path) -> tuple[Path, str]:
+    """Rewrite models/bundle's listing on the remote to name another file; the listing and its old text."""
+    repo = local["repo"]
+    assert isinstance(repo, Path)
+    recorded = next(
+        line for line in (repo / "models" / "bundle.dvc").read_text().splitlines() if "md5:" in line
+    )
+    listing_file = _object(local["remote"], recorded.split("md5:")[1].strip())  # type: ignore[arg-type]
+    original = listing_file.read_text()
+    listing = json.loads(original)
+    listing.append({"md5": listing[0]["md5"], "relpath": "../../escape.joblib"})
+    listing_file.chmod(0o644)
+    listing_file.write_text(json.dumps(listing))
+    return listing_file, original
+
+
+def test_a_listing_that_leaves_its_folder_is_one_line_and_not_remembered_once_repaired(
+    local: dict[str, object], store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    listing_file, original = _tamper_listing(local, tmp_path)
+    code, _, err = _import(capsys, local["repo"], "models/bundle/model.joblib", "--rev", "v1")
+    assert code != 0
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err  # NOTE: no traceback
+    assert "Traceback" not in err
+    listing_file.write_text(original)  # NOTE: the remote is repaired; nothing of the bad listing stays
+    code, _, err = _import(capsys, local["repo"], "models/bundle/model.joblib", "--rev", "v1")
+    assert code == 0, err
+
+
+def test_a_remote_object_larger_than_git_records_is_cut_off(
+    local: dict[str, object], store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stored = _object(local["remote"], local["md5"]["v1"])  # type: ignore[arg-type, index]
+    stored.chmod(0o644)
+    with stored.open("ab") as f:
+        f.write(b"\0" * (4 << 20))
+    code, _, err = _import(capsys, local["repo"], "models/iris.joblib", "--rev", "v1")
+    assert code != 0
+    assert "sent more than the" in err, err
+    assert Repository(LocalStore(str(store))).list_versions("iris") == []
+
+
+def test_a_path_two_dvc_files_claim_is_refused(
+    local: dict[str, object], store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = local["repo"]
+    assert isinstance(repo, Path)
+    claim = (repo / "models" / "iris.joblib.dvc").read_text()
+    (repo / "models" / "other.dvc").write_text(claim.replace("path: iris.joblib", "path: iris.joblib"))
+    _commit(repo, "a second claim")
+    git(repo, "tag", "v2")
+    code, _, err = _import(capsys, repo, "models/iris.joblib", "--rev", "v2")
+    assert code != 0
+    assert "claimed by more than one DVC file" in err, err
+
+
+def test_a_url_import_leaves_no_clone_and_no_credential_behind(
+    local: dict[str, object],
+    store: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scratch = tmp_path / "scratch-tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    repo = local["repo"]
+    assert isinstance(repo, Path)
+    # NOTE: a repository fetched from a URL resolves a relative remote from the clone: make it absolute
+    dvc(repo, "remote", "modify", "local", "url", str(local["remote"]))
+    _commit(repo, "absolute remote")
+    git(repo, "tag", "v1-abs")
+    url = f"file://alice:TOKEN123@localhost{repo}"
+    code, out, err = _import(capsys, url, "models/iris.joblib", "--rev", "v1-abs")
+    assert code == 0, err
+    assert json.loads(out)["source"]["repo"] == f"file://localhost{local['repo']}"
+    assert list(scratch.iterdir()) == []  # NOTE: no clone, no DVC cache left in the temporary folder
+    assert "TOKEN123" not in out + err
 
 
 def test_a_tampered_folder_listing_is_refused(
