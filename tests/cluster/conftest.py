@@ -28,7 +28,20 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"{key}: {value}")
 
 
-@pytest.fixture(scope="session")
-def figures() -> dict[str, Any]:
-    """Where a test records a figure it measured (printed at the end of the run)."""
-    return FIGURES
+class _Prefixed(dict[str, Any]):
+    """Figures written under a prefix that names the test's store."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self._prefix = prefix
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        FIGURES[f"{self._prefix}{key}"] = value
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Where a test records a figure it measured (printed at the end of the run), by store."""
+    callspec = getattr(request.node, "callspec", None)
+    store = callspec.params.get("deployed") if callspec is not None else None
+    return _Prefixed(f"[{store}] " if store else "")

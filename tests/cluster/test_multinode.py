@@ -1,14 +1,15 @@
 """The serving app on a real Ray cluster of three nodes (head, ``a``, ``b``) with token auth on.
 
-One cluster (:func:`serving.testing.multinode.multi_node_cluster`) and one app for
-the module: two single-hop replicas, at most one per node, against a moto S3
-bucket, in the fast path the chart runs (HAProxy on the head, direct ingress to
+One cluster (:func:`serving.testing.multinode.multi_node_cluster`) and one app per
+store: two single-hop replicas, at most one per node, against a moto S3 bucket, then
+again against an OCI registry (the Distribution registry), in the fast path the chart runs (HAProxy on the head, direct ingress to
 each replica). Each node has its own cache folder and metrics export port. The
 tests run in order; the last kills a worker node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -42,6 +43,7 @@ from serving.testing.prometheus import (
     grafana_instantiate,
     run_prometheus,
 )
+from serving.testing.registry import find_registry, run_registry
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -129,26 +131,41 @@ def _publish(repo: Repository, tmp: Path, version: str, c: float) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def deployed(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
+@pytest.fixture(scope="module", params=["s3", "oci"])
+def deployed(
+    request: pytest.FixtureRequest, moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployed]:
+    """The app on three nodes, its store S3 (moto) or an OCI registry (the Distribution registry):
+    every test of the module runs against each."""
     if ray.is_initialized():
         pytest.fail("the cluster suite needs its own pytest process (make test-cluster)")
-    if not moto_s3.running:
-        moto_s3.start()
-    bucket = f"cluster-{uuid.uuid4().hex[:10]}"
-    moto_s3.client().create_bucket(Bucket=bucket)
-    s3 = {
-        **moto_s3.env(),
-        "SERVING_S3_ADDRESSING_STYLE": "path",
-        "SERVING_S3_CONNECT_TIMEOUT": "0.5",
-        "SERVING_S3_READ_TIMEOUT": "2",
-        "SERVING_S3_MAX_ATTEMPTS": "1",
-    }
-    uri = f"s3://{bucket}/models"
-    previous = {key: os.environ.get(key) for key in s3}
-    os.environ.update(s3)
-    try:
-        repo = Repository(open_store(uri, Settings(s3_addressing_style="path")))
+    with contextlib.ExitStack() as stack:
+        if request.param == "oci":
+            binary = find_registry()
+            if binary is None:
+                pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
+            registry = stack.enter_context(run_registry(binary, tmp_path_factory.mktemp("registry")))
+            uri = f"oci://{registry.host}/cluster"
+            env = {
+                "SERVING_OCI_PLAIN_HTTP": "true",
+                "SERVING_OCI_TIMEOUT_S": "2",
+                "SERVING_S3_CONNECT_TIMEOUT": "0.5",
+            }
+        else:
+            if not moto_s3.running:
+                moto_s3.start()
+            bucket = f"cluster-{uuid.uuid4().hex[:10]}"
+            moto_s3.client().create_bucket(Bucket=bucket)
+            uri = f"s3://{bucket}/models"
+            env = {
+                **moto_s3.env(),
+                "SERVING_S3_ADDRESSING_STYLE": "path",
+                "SERVING_S3_CONNECT_TIMEOUT": "0.5",
+                "SERVING_S3_READ_TIMEOUT": "2",
+                "SERVING_S3_MAX_ATTEMPTS": "1",
+            }
+        stack.enter_context(_environ(env))
+        repo = Repository(open_store(uri, Settings(store=uri, s3_addressing_style="path")))
         tmp = tmp_path_factory.mktemp("cluster-models")
         versions = ["1", "2", "3", "4"]
         for i, version in enumerate(versions):
@@ -166,7 +183,7 @@ def deployed(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "ingress": {
                 "num_replicas": REPLICAS,
                 "max_replicas_per_node": 1,
-                "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": s3}},
+                "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": env}},
             },
         }
         with multi_node_cluster() as cluster, httpx.Client(timeout=10) as client:
@@ -174,6 +191,14 @@ def deployed(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> Itera
             done = Deployed(cluster, repo, client, versions)
             wait_for(lambda: done.converged_on("1"), timeout=180, what="both replicas to serve version 1")
             yield done
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
         for key, value in previous.items():
             if value is None:

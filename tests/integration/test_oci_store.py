@@ -238,3 +238,93 @@ def test_settings_reach_the_store(registry: Registry, tmp_path: Path) -> None:
     store = open_store(f"oci://{registry.host}/ns", Settings(oci_plain_http=True, cache_dir=tmp_path))
     assert store.uri == f"oci://{registry.host}/ns"
     assert httpx.get(f"{registry.url}/v2/").status_code == 200
+
+
+def _swap_layer(registry: Registry, repo: str, tag: str, data: bytes) -> None:
+    """As whoever can push to the registry: tag ``tag`` again, its one layer replaced by ``data``."""
+    artifact, _ = _manifest(registry, repo, tag)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with registry.client() as client:
+        location = client.post(f"/v2/{repo}/blobs/uploads/").headers["Location"]
+        joiner = "&" if "?" in location else "?"  # NOTE: keep the upload session's own query
+        client.put(f"{location}{joiner}digest={digest}", content=data).raise_for_status()
+        artifact["layers"][0].update(digest=digest, size=len(data))  # type: ignore[index]
+        client.put(
+            f"/v2/{repo}/manifests/{tag}",
+            content=json.dumps(artifact),
+            headers={"Content-Type": OCI_MANIFEST},
+        ).raise_for_status()
+
+
+def test_a_server_swaps_on_a_tag_move_with_no_failed_request_and_refuses_a_swapped_layer(
+    registry: Registry,
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``serving serve`` on the registry: moving the alias swaps under load with every request
+    answered; a version whose layer was replaced in the registry is refused and the old one serves."""
+    import threading
+
+    from test_standalone_process import index_entry, infer, start_server
+
+    from serving.testing.poll import wait_for
+
+    _use(monkeypatch, tmp_path, registry, "team-f")
+    for c in (1.0, 0.01, 0.5):
+        joblib.dump(LogisticRegression(max_iter=500, C=c).fit(X, Y), model)
+        assert run_cli(capsys, "publish", str(model), "--name", "iris", "--example", ROW)[0] == 0
+    assert run_cli(capsys, "alias", "set", "iris", "production", "1")[0] == 0
+    _swap_layer(
+        registry, "team-f/iris", "3", pickle_of(LogisticRegression(max_iter=500, C=9.0).fit(X, Y), tmp_path)
+    )
+    server = start_server(
+        tmp_path,
+        f"oci://{registry.host}/team-f",
+        ["iris"],
+        poll_s=0.5,
+        env_extra={"SERVING_OCI_PLAIN_HTTP": "true"},
+    )
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    r = infer(client, server.base, "iris")
+                except httpx.HTTPError as exc:
+                    results.append((0, repr(exc)))
+                    continue
+                results.append(
+                    (r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text)
+                )
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        with httpx.Client(timeout=10) as client:
+            wait_for(lambda: len(results) > 20, what="traffic on version 1")
+            assert run_cli(capsys, "alias", "set", "iris", "production", "2")[0] == 0
+            wait_for(lambda: results[-1] == (200, "2"), what="the swap to version 2")
+            assert run_cli(capsys, "alias", "set", "iris", "production", "3")[0] == 0
+            replica = wait_for(
+                lambda: (
+                    (r := index_entry(client, server.base, "iris")["replicas"][0])["failed_version"] == "3"
+                    and r
+                ),
+                what="version 3 to be refused",
+            )
+            seen = len(results)
+            wait_for(lambda: len(results) > seen + 20, what="traffic after the refusal")
+    finally:
+        stop.set()
+        thread.join()
+        server.stop()
+    assert replica["live_version"] == "2"
+    assert "iris.joblib" in replica["last_error"], replica["last_error"]
+    assert [r for r in results if r[0] != 200] == []
+    versions = [v for _, v in results]
+    assert versions == sorted(versions), "a request went back to version 1"  # NOTE: 1s, then 2s, never 3
+    assert set(versions) == {"1", "2"}

@@ -73,10 +73,11 @@ def fast_switching() -> Iterator[None]:
     sys.setswitchinterval(old)
 
 
-SWAPS = 10_000
+SWAPS = 2_000
+"""Swaps under two leasing threads; the deterministic race is the next test. (10,000 took 40 s on 2 cores.)"""
 
 
-def test_ten_thousand_swaps_under_concurrent_leases_give_no_failure(
+def test_thousands_of_swaps_under_concurrent_leases_give_no_failure(
     slot: ModelSlot, repo: Repository, fast_switching: None
 ) -> None:
     targets: list[Resolved] = [repo.resolve("m:1"), repo.resolve("m:2")]
