@@ -3,8 +3,9 @@
 One cluster (:func:`serving.testing.multinode.multi_node_cluster`) and one app per
 store: two single-hop replicas, at most one per node, against a moto S3 bucket, then
 again against an OCI registry (the Distribution registry), in the fast path the chart
-runs (HAProxy on the head, direct ingress to each replica). Each node has its own cache folder and metrics export port. The
-tests run in order; the last kills a worker node.
+runs (HAProxy on the head, direct ingress to each replica). Each node has its own
+cache folder and metrics export port. The tests run in order; the last kills a worker
+node.
 """
 
 from __future__ import annotations
