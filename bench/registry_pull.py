@@ -66,9 +66,8 @@ def main() -> None:
             for name, value in s3.env().items():
                 os.environ[name] = value
             s3.client().create_bucket(Bucket="bench")
-            s3_repo = Repository(
-                open_store("s3://bench/models", Settings(store="s3://bench/models", s3_addressing_style="path"))
-            )
+            s3_uri = "s3://bench/models"
+            s3_repo = Repository(open_store(s3_uri, Settings(store=s3_uri, s3_addressing_style="path")))
             with run_registry(binary, work / "registry") as registry:
                 uri = f"oci://{registry.host}/bench"
                 oci_repo = Repository(open_store(uri, Settings(store=uri, oci_plain_http=True)))
