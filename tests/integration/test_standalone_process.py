@@ -287,27 +287,29 @@ def test_every_crafted_version_fails_while_v1_answers_every_request(
     _, repo, _ = store
     version = "99" if case == "oversized manifest" else str(HOSTILE_CASES.index(case) + 2)
     results: list[tuple[int, str | None]] = []
+    answered = [0]
     stop = threading.Event()
 
     def hammer() -> None:
         with httpx.Client(timeout=10) as client:
-            while not stop.is_set() and len(results) < 5000:
+            while not stop.is_set():
                 try:
                     r = infer(client, server.base, "hostile")
+                    got = (r.status_code, r.json().get("model_version") if r.status_code == 200 else None)
                 except httpx.HTTPError as exc:
                     # NOTE: recorded, so the test fails saying why instead of losing its traffic
-                    results.append((0, repr(exc)))
-                    continue
-                results.append(
-                    (r.status_code, r.json().get("model_version") if r.status_code == 200 else None)
-                )
+                    got = (0, repr(exc))
+                answered[0] += 1
+                # NOTE: every failure is kept; successes up to a bound (a slow failure must not stop traffic)
+                if got != (200, "1") or len(results) < 5000:
+                    results.append(got)
 
     threads = [threading.Thread(target=hammer) for _ in range(2)]
     for t in threads:
         t.start()
     try:
         with httpx.Client(timeout=10) as client:
-            wait_for(lambda: len(results) > 20, what="traffic on v1")
+            wait_for(lambda: answered[0] > 20, what="traffic on v1")
             if case == "oversized manifest":
                 point_alias_at_oversized_manifest(repo, "hostile", version)
             else:
@@ -321,8 +323,8 @@ def test_every_crafted_version_fails_while_v1_answers_every_request(
                 timeout=120,
                 what=f"{case} to fail",
             )
-            seen = len(results)
-            wait_for(lambda: len(results) > seen + 20, what="traffic after the failure")
+            seen = answered[0]
+            wait_for(lambda: answered[0] > seen + 20, what="traffic after the failure")
     finally:
         stop.set()
         for t in threads:
@@ -331,7 +333,7 @@ def test_every_crafted_version_fails_while_v1_answers_every_request(
     assert server.proc.poll() is None
     assert replica["live_version"] == "1"
     assert replica["last_error"]
-    print(f"\n{case}: {len(results)} requests, all 200 from v1; refused with: {replica['last_error'][:160]}")
+    print(f"\n{case}: {answered[0]} requests, all 200 from v1; refused with: {replica['last_error'][:160]}")
     failed = [r for r in results if r != (200, "1")]
     assert not failed, failed[:5]
     reason = {"native crash": "crash", "allocation bomb": "oom", "ONNX constant-fold bomb": "oom"}.get(case)
@@ -518,7 +520,11 @@ def test_a_connection_that_never_finishes_its_headers_is_closed_at_the_deadline(
             lambda: all(_closed_by_server(s) for s in idle), timeout=10, what="the idle connections closed"
         )
         with httpx.Client(timeout=5) as client:
-            assert infer(client, srv.base, "counted").status_code == 200
+            # NOTE: the model may still be loading (start_server waits for liveness only): 503 until it is
+            wait_for(
+                lambda: infer(client, srv.base, "counted").status_code == 200,
+                what="a real request answered beside the closed connections",
+            )
     finally:
         for sock in [*idle, slow]:
             sock.close()
