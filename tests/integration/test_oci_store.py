@@ -301,6 +301,11 @@ def test_a_server_swaps_on_a_tag_move_with_no_failed_request_and_refuses_a_swapp
                     (r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text)
                 )
 
+    with httpx.Client(timeout=10) as client:
+        wait_for(
+            lambda: infer(client, server.base, "iris").status_code == 200,
+            what="version 1 loaded from the registry",
+        )
     thread = threading.Thread(target=hammer)
     thread.start()
     try:
