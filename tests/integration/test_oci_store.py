@@ -301,15 +301,14 @@ def test_a_server_swaps_on_a_tag_move_with_no_failed_request_and_refuses_a_swapp
                     (r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text)
                 )
 
-    with httpx.Client(timeout=10) as client:
-        wait_for(
-            lambda: infer(client, server.base, "iris").status_code == 200,
-            what="version 1 loaded from the registry",
-        )
     thread = threading.Thread(target=hammer)
-    thread.start()
     try:
         with httpx.Client(timeout=10) as client:
+            wait_for(
+                lambda: infer(client, server.base, "iris").status_code == 200,
+                what="version 1 loaded from the registry",
+            )
+            thread.start()
             wait_for(lambda: len(results) > 20, what="traffic on version 1")
             assert run_cli(capsys, "alias", "set", "iris", "production", "2")[0] == 0
             wait_for(lambda: results[-1] == (200, "2"), what="the swap to version 2")
@@ -325,7 +324,8 @@ def test_a_server_swaps_on_a_tag_move_with_no_failed_request_and_refuses_a_swapp
             wait_for(lambda: len(results) > seen + 20, what="traffic after the refusal")
     finally:
         stop.set()
-        thread.join()
+        if thread.is_alive():
+            thread.join()
         server.stop()
     assert replica["live_version"] == "2"
     assert "iris.joblib" in replica["last_error"], replica["last_error"]
