@@ -22,11 +22,15 @@ here nothing has been downloaded yet. The ``oms`` extra pins the minor version f
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import json
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from serving.errors import InvalidRequest, UntrustedArtifact
@@ -81,15 +85,19 @@ class OmsPolicy:
     def configured(self) -> bool:
         return bool(self.public_keys or self.certificate_chains or self.sigstore_identity)
 
-    def _verifiers(self) -> Iterator[tuple[str, bool, Any]]:
-        """(label, whether it reads a Sigstore bundle, verifier) for each trusted signer."""
+    def _verifiers(self) -> Iterator[tuple[str, bool, Callable[[], Any]]]:
+        """(label, whether it reads a Sigstore bundle, a function that builds its verifier) per signer.
+
+        NOTE: built lazily, inside the caller's handling: a key file that is not an EC public key
+        (an Ed25519 key in the same Secret, a private key, a missing file) is that signer's failure.
+        """
         from model_signing._signing import sign_certificate, sign_ec_key
 
         for key in _pem_files(self.public_keys):
-            yield f"key {key.name}", False, sign_ec_key.Verifier(key)
+            yield f"key {key.name}", False, functools.partial(sign_ec_key.Verifier, key)
         chains = _pem_files(self.certificate_chains)
         if chains:
-            yield "certificate chain", False, sign_certificate.Verifier(chains)
+            yield "certificate chain", False, functools.partial(sign_certificate.Verifier, chains)
         if self.sigstore_identity:
             if not self.sigstore_issuer or self.sigstore_trust_config is None:
                 raise UntrustedArtifact(
@@ -102,7 +110,8 @@ class OmsPolicy:
             yield (
                 f"Sigstore identity {self.sigstore_identity}",
                 True,
-                sign_sigstore.Verifier(
+                functools.partial(
+                    sign_sigstore.Verifier,
                     identity=self.sigstore_identity,
                     oidc_issuer=self.sigstore_issuer,
                     trust_config=self.sigstore_trust_config,
@@ -110,8 +119,12 @@ class OmsPolicy:
             )
 
 
-def _statement(bundle: bytes, policy: OmsPolicy, where: str) -> tuple[str, Any]:
-    """The signer's label and the verified statement (a model_signing Manifest)."""
+def _statement(bundle: bytes, policy: OmsPolicy, where: str) -> tuple[str, Any, dict[str, Any]]:
+    """The signer's label, the verified statement (a model_signing Manifest) and its raw payload.
+
+    NOTE: the raw payload is read again (after the library verified it) because the library's
+    Manifest keeps one entry per name: duplicates and odd spellings are only visible there.
+    """
     _library()
     from model_signing._signing import sign_sigstore_pb
 
@@ -121,15 +134,25 @@ def _statement(bundle: bytes, policy: OmsPolicy, where: str) -> tuple[str, Any]:
     with tempfile.TemporaryDirectory(prefix="serving-oms-") as scratch:
         path = Path(scratch) / "oms.sig"
         path.write_bytes(bundle)  # NOTE: the library reads signatures from files only
-        for label, sigstore, verifier in policy._verifiers():
+        for label, sigstore, build in policy._verifiers():
             try:
-                if sigstore:
-                    from model_signing._signing import sign_sigstore
+                # NOTE: the library print()s warnings (an old bundle format): never onto our stdout
+                with contextlib.redirect_stdout(io.StringIO()) as said:
+                    verifier = build()
+                    if sigstore:
+                        from model_signing._signing import sign_sigstore
 
-                    signature: Any = sign_sigstore.Signature.read(path)
-                else:
-                    signature = sign_sigstore_pb.Signature.read(path)
-                return label, verifier.verify(signature)
+                        signature: Any = sign_sigstore.Signature.read(path)
+                    else:
+                        signature = sign_sigstore_pb.Signature.read(path)
+                    statement = verifier.verify(signature)
+                    _, payload = verifier._verify_signed_content(signature)
+                if said.getvalue().strip():
+                    log.warning("%s: model-signing says: %s", where, " ".join(said.getvalue().split()))
+                raw = json.loads(payload)
+                if not isinstance(raw, dict):
+                    raise ValueError("the statement is not an object")
+                return label, statement, raw
             except Exception as exc:  # noqa: BLE001 -- NOTE: every verifier's refusal is a reason, not a crash
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 failures.append(f"{label}: {reason[:200]}")
@@ -148,7 +171,7 @@ def verify_oms(bundle: bytes, policy: OmsPolicy, manifest: Manifest) -> str:
             not list exactly the manifest's files with their SHA-256 (the reason names the file).
     """
     where = f"{manifest.name}:{manifest.version}"
-    label, statement = _statement(bundle, policy, where)
+    label, statement, raw = _statement(bundle, policy, where)
     method = statement.serialization_type.get("method")
     hash_type = statement.serialization_type.get("hash_type")
     if method != "files" or hash_type != "sha256":
@@ -156,9 +179,7 @@ def verify_oms(bundle: bytes, policy: OmsPolicy, manifest: Manifest) -> str:
             f"{where}: the OMS signature hashes with {method}/{hash_type}; serving checks bytes by "
             "per-file SHA-256: sign with the default file serialization and sha256"
         )
-    signed: dict[str, str] = {}
-    for item in statement.resource_descriptors():
-        signed[str(item.identifier)] = item.digest.digest_value.hex()
+    signed = _resources(raw, where, label)
     files = {entry.path: entry.sha256 for entry in manifest.files}
     for path, sha in sorted(files.items()):
         if path not in signed:
@@ -175,6 +196,32 @@ def verify_oms(bundle: bytes, policy: OmsPolicy, manifest: Manifest) -> str:
             + ", ".join(extra[:5])
         )
     return label
+
+
+def _resources(raw: dict[str, Any], where: str, label: str) -> dict[str, str]:
+    """Each signed file's name and SHA-256, from the verified statement; every name once, spelled plainly."""
+    predicate = raw.get("predicate")
+    resources = predicate.get("resources") if isinstance(predicate, dict) else None
+    if not isinstance(resources, list):
+        raise UntrustedArtifact(f"{where}: the OMS statement ({label}) lists no resources")
+    signed: dict[str, str] = {}
+    for resource in resources:
+        name = resource.get("name") if isinstance(resource, dict) else None
+        if (
+            not isinstance(name, str)
+            or str(PurePosixPath(name)) != name
+            or name.startswith("/")
+            or (".." in PurePosixPath(name).parts)
+        ):
+            raise UntrustedArtifact(f"{where}: the OMS statement ({label}) names a file {name!r} not plainly")
+        if name in signed:
+            raise UntrustedArtifact(f"{where}: the OMS statement ({label}) lists {name} twice")
+        if resource.get("algorithm") != "sha256" or not isinstance(resource.get("digest"), str):
+            raise UntrustedArtifact(
+                f"{where}: the OMS statement ({label}) hashes {name} with other than sha256"
+            )
+        signed[name] = resource["digest"].lower()
+    return signed
 
 
 def sign_directory(

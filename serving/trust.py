@@ -41,7 +41,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 from serving import metrics
-from serving.errors import NotFound, StoreError, UntrustedArtifact
+from serving.errors import InvalidManifest, NotFound, StoreError, UntrustedArtifact
 from serving.fileio import atomic_write
 from serving.formats.base import LoadPolicy
 from serving.formats.table import FORMAT_FACTS, LoadClass
@@ -362,7 +362,13 @@ def _check_oms(
     if not settings.require_oms_signature and not policy.configured:
         return None
     name, where = resolved.name, f"{resolved.name}:{resolved.version}"
-    bundle = _signature_for(repo, resolved, cache_root, OMS_SIGNATURE_NAME)
+    try:
+        bundle = _signature_for(repo, resolved, cache_root, OMS_SIGNATURE_NAME)
+    except InvalidManifest as exc:  # NOTE: an oms.sig over the metadata limit, refused unread
+        if settings.require_oms_signature:
+            raise _refuse(name, f"{where}: {exc.message}") from exc
+        log.warning("%s: unreadable OMS signature, treating as unsigned: %s", where, exc)
+        return None
     if bundle is None:
         if settings.require_oms_signature:
             raise _refuse(name, f"{where} has no OpenSSF model signature (oms.sig) and one is required")

@@ -133,7 +133,12 @@ class OciStore(ObjectStore):
         parsed = urlparse(uri)
         namespace = parsed.path.strip("/")
         if parsed.scheme != "oci" or not parsed.netloc:
-            raise InvalidReference(f"invalid OCI store {uri!r}: use oci://registry[:port]/namespace")
+            raise InvalidReference("invalid OCI store: use oci://registry[:port]/namespace")
+        if "@" in parsed.netloc:
+            raise InvalidReference(
+                "an OCI store address takes no login: use SERVING_OCI_USERNAME and "
+                "SERVING_OCI_PASSWORD_FILE, or a Docker config"
+            )
         if namespace and not all(_REPO_COMPONENT.fullmatch(p) for p in namespace.split("/")):
             raise InvalidReference(
                 f"invalid OCI namespace {namespace!r}: lowercase letters, digits, '.', '_', '-'"
@@ -173,6 +178,16 @@ class OciStore(ObjectStore):
         return f"{self.namespace}/{model}" if self.namespace else model
 
     def _where(self, key: str) -> _Where:
+        where = self._place(key)
+        if len(where.tag) > 128:
+            raise InvalidReference(
+                f"{key!r} would be the tag {where.tag[:40]}..., over a registry's 128 characters: "
+                "use a shorter version or alias name"
+            )
+        return where
+
+    @staticmethod
+    def _place(key: str) -> _Where:
         parts = key.split("/")
         if parts[0] == "_feed" and len(parts) == 3:
             return _Where(parts[2], "_feed." + parts[1])
@@ -266,6 +281,9 @@ class OciStore(ObjectStore):
         )
         if response.status_code == 404:
             raise NotFound(f"{what}: not found in {self.uri}")
+        if response.status_code in (400, 406):
+            # NOTE: a tag that holds no OCI image manifest (a Docker image, an index): no version of ours
+            raise NotFound(f"{what}: {ref} is not an OCI image manifest in {self.uri}")
         if response.status_code != 200:
             raise StoreError(f"{what}: the registry answered {response.status_code}")
         digest = response.headers.get("Docker-Content-Digest", "")
@@ -279,8 +297,11 @@ class OciStore(ObjectStore):
             manifest = json.loads(body)
         except ValueError as exc:
             raise StoreError(f"{what}: the manifest is not JSON") from exc
-        if not isinstance(manifest, dict):
-            raise StoreError(f"{what}: the manifest is not an object")
+        if not isinstance(manifest, dict) or not _descriptor(manifest.get("config")):
+            raise StoreError(f"{what}: {ref} is not an OCI image manifest with a config")
+        layers = manifest.get("layers")
+        if not isinstance(layers, list) or not all(_descriptor(layer) for layer in layers):
+            raise StoreError(f"{what}: {ref} has malformed layers")
         return manifest, computed
 
     def _blob(self, model: str, descriptor: dict[str, Any], what: str, limit: int | None = None) -> bytes:
@@ -342,34 +363,48 @@ class OciStore(ObjectStore):
     def _tags(self, model: str) -> list[str]:
         """Every tag of the model's repository; [] when the repository does not exist."""
         tags: list[str] = []
-        url = self._url(model, "tags/list?n=1000")
+        url: str | None = self._url(model, "tags/list?n=1000")
         while url:
             response = self._request("GET", url, f"list {model}")
             if response.status_code == 404:
                 return []
             if response.status_code != 200:
                 raise StoreError(f"list {model}: the registry answered {response.status_code}")
-            tags.extend(response.json().get("tags") or [])
-            link = response.links.get("next", {}).get("url")
-            url = f"{self._scheme}://{self.host}{link}" if link and link.startswith("/") else link
+            tags.extend(t for t in _json_list(response, "tags", f"list {model}") if isinstance(t, str))
+            url = self._next(response)
         return tags
 
     def _models(self) -> list[str]:
         """The models under the namespace, from the registry's catalog."""
         names: list[str] = []
-        url = f"{self._scheme}://{self.host}/v2/_catalog?n=1000"
+        url: str | None = f"{self._scheme}://{self.host}/v2/_catalog?n=1000"
         prefix = f"{self.namespace}/" if self.namespace else ""
         while url:
             response = self._request("GET", url, "list models")
             if response.status_code != 200:
                 raise StoreError(f"list models: the registry's catalog answered {response.status_code}")
-            for repo in response.json().get("repositories") or []:
+            for repo in _json_list(response, "repositories", "list models"):
+                if not isinstance(repo, str):
+                    continue
                 rest = repo[len(prefix) :] if repo.startswith(prefix) else None
                 if rest and "/" not in rest:
                     names.append(rest)
-            link = response.links.get("next", {}).get("url")
-            url = f"{self._scheme}://{self.host}{link}" if link and link.startswith("/") else link
+            url = self._next(response)
         return sorted(names)
+
+    def _next(self, response: Any) -> str | None:
+        """The next page's URL: on this registry only (credentials never follow a link elsewhere)."""
+        link = response.links.get("next", {}).get("url")
+        if not link:
+            return None
+        if link.startswith("/") and not link.startswith("//"):
+            return f"{self._scheme}://{self.host}{link}"
+        parsed = urlparse(link)
+        if parsed.scheme != self._scheme or parsed.netloc != self.host:
+            raise StoreError(
+                f"the registry {self.host} sent a next-page link to another place: {parsed.netloc}"
+            )
+        return str(link)
 
     # -- ObjectStore --------------------------------------------------------
     def get(self, key: str) -> tuple[bytes, str]:
@@ -555,11 +590,32 @@ class OciStore(ObjectStore):
         return []
 
 
+def _descriptor(value: object) -> bool:
+    """Whether ``value`` is a content descriptor this store can use: a sha256 digest and a size."""
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("digest"), str)
+        and value["digest"].startswith("sha256:")
+        and isinstance(value.get("size"), int)
+        and value["size"] >= 0
+        and isinstance(value.get("annotations", {}), dict)
+    )
+
+
 def _layer(manifest: dict[str, Any], file: str) -> dict[str, Any] | None:
     for layer in manifest.get("layers") or []:
         if (layer.get("annotations") or {}).get(TITLE) == file:
             return dict(layer)
     return None
+
+
+def _json_list(response: Any, field: str, what: str) -> builtins.list[Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        raise StoreError(f"{what}: the registry's answer is not JSON") from None
+    value = body.get(field) if isinstance(body, dict) else None
+    return value if isinstance(value, list) else []
 
 
 def _digest_file(path: Path) -> tuple[str, int]:

@@ -333,3 +333,22 @@ def test_a_server_swaps_on_a_tag_move_with_no_failed_request_and_refuses_a_swapp
     versions = [v for _, v in results]
     assert versions == sorted(versions), "a request went back to version 1"  # NOTE: 1s, then 2s, never 3
     assert set(versions) == {"1", "2"}
+
+
+def test_a_login_in_the_store_address_and_a_tag_past_128_characters_are_refused(
+    registry: Registry,
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from serving.errors import InvalidReference
+
+    with pytest.raises(InvalidReference, match="takes no login") as refused:
+        open_store(f"oci://alice:s3cret@{registry.host}/ns", Settings(oci_plain_http=True))
+    assert "s3cret" not in str(refused.value)
+    _use(monkeypatch, tmp_path, registry, "team-g")
+    assert run_cli(capsys, "publish", str(model), "--name", "iris")[0] == 0
+    code, _, err = run_cli(capsys, "alias", "set", "iris", "a" * 124, "1")
+    assert code != 0
+    assert "over a registry's 128 characters" in err, err

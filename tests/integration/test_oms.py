@@ -351,3 +351,50 @@ def test_a_sigstore_identity_without_a_mounted_trust_root_is_refused_not_fetched
     resolved, _ = cache.resolve(repo, ModelRef.parse("iris:1"))
     with pytest.raises(UntrustedArtifact, match="needs its OIDC issuer and a mounted trust root"):
         check_trust(repo, resolved, settings, cache_root=cache.root)
+
+
+def test_a_key_that_is_not_an_ec_public_key_is_that_signers_failure_not_a_crash(
+    store: Path,
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An Ed25519 key (serving's own kind) in the same mounted folder as the EC key: the EC key still
+    verifies, and a folder of only that key refuses with its reason, in one line."""
+    key, pub = _keys(capsys, tmp_path / "signer")
+    assert run_cli(capsys, "keygen", str(tmp_path / "release"))[0] == 0  # NOTE: Ed25519
+    both = tmp_path / "keys"
+    both.mkdir()
+    for source in (pub, tmp_path / "release.pub"):
+        (both / source.name).write_bytes(source.read_bytes())
+    assert run_cli(capsys, "publish", str(model), "--name", "iris", "--format", "sklearn")[0] == 0
+    assert run_cli(capsys, "sign", "iris:1", "--oms-key", str(key))[0] == 0
+    _require(monkeypatch, node=tmp_path, public_keys=both)
+    code, _, err = _predict(capsys, "iris:1")
+    assert code == 0, err
+    _require(monkeypatch, node=tmp_path, public_keys=tmp_path / "release.pub")
+    code, _, err = _predict(capsys, "iris:1")
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1, err
+    assert "key release.pub:" in err
+
+
+@pytest.mark.parametrize(
+    ("resources", "needle"),
+    [
+        ([{"name": "m.joblib", "algorithm": "sha256", "digest": "aa"}] * 2, "lists m.joblib twice"),
+        ([{"name": "./m.joblib", "algorithm": "sha256", "digest": "aa"}], "not plainly"),
+        ([{"name": "a/../m.joblib", "algorithm": "sha256", "digest": "aa"}], "not plainly"),
+        ([{"name": "m.joblib", "algorithm": "blake2b", "digest": "aa"}], "other than sha256"),
+    ],
+)
+def test_a_signed_statement_must_name_each_file_once_plainly_with_sha256(
+    resources: list[dict[str, str]], needle: str
+) -> None:
+    """The library keeps one entry per name (the last): duplicates and odd spellings are checked
+    on the statement itself, after the library verified its signature."""
+    from serving.oms import _resources
+
+    with pytest.raises(UntrustedArtifact, match=needle):
+        _resources({"predicate": {"resources": resources}}, "iris:1", "key k.pub")
