@@ -67,7 +67,7 @@ test: lint typecheck $(MLFLOW_SERVER) $(KSERVE_PY)
 	SERVING_TEST_MLFLOW_SERVER=$(abspath $(MLFLOW_SERVER)) SERVING_TEST_KSERVE_PYTHON=$(abspath $(KSERVE_PY)) \
 		$(PY) -m pytest --durations=30
 
-## test-cluster: a three-node Ray cluster (token auth on) under faults: alias moves, metrics, a node killed (about 4 min)
+## test-cluster: a three-node Ray cluster (token auth on) under faults: alias moves, metrics, a node killed; once on S3, once on an OCI registry (about 4 min)
 test-cluster: $(TEST_STAMP)
 	$(PY) -m pytest tests/cluster -m cluster --durations=10
 
