@@ -398,3 +398,55 @@ def test_a_signed_statement_must_name_each_file_once_plainly_with_sha256(
 
     with pytest.raises(UntrustedArtifact, match=needle):
         _resources({"predicate": {"resources": resources}}, "iris:1", "key k.pub")
+
+
+SIGSTORE_BUNDLE = Path(__file__).resolve().parents[1] / "data" / "oms" / "sigstore-model.sig"
+SIGSTORE_IDENTITY = ("stefanb@us.ibm.com", "https://sigstore.verify.ibm.com/oauth2")
+
+
+def _public_trust_config(tmp_path: Path) -> Path:
+    """A ClientTrustConfig of Sigstore's public instance, from the trust root the sigstore package
+    ships: what an operator mounts so that nothing is fetched at load."""
+    import sigstore
+
+    root = Path(sigstore.__file__).parent / "_store" / "https%3A%2F%2Ftuf-repo-cdn.sigstore.dev"
+    config = {
+        "mediaType": "application/vnd.dev.sigstore.clienttrustconfig.v0.1+json",
+        "trustedRoot": json.loads((root / "trusted_root.json").read_text()),
+        "signingConfig": json.loads((root / "signing_config.v0.2.json").read_text()),
+    }
+    path = tmp_path / "trust-config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("identity", "allowed"),
+    [(SIGSTORE_IDENTITY, True), (("someone@example.com", SIGSTORE_IDENTITY[1]), False)],
+)
+def test_a_sigstore_signed_model_verifies_offline_against_a_mounted_trust_root(
+    store: Path, tmp_path: Path, identity: tuple[str, str], allowed: bool
+) -> None:
+    """A bundle Sigstore's public instance issued (tests/data/oms), checked with no network: the
+    identity and issuer the policy names, or refused."""
+    from serving.testing import publish_files
+
+    repo = Repository(LocalStore(str(store)))
+    files = {"signme-1": b"signme-1", "signme-2": b"signme-2"}
+    publish_files(repo, tmp_path, "signed", "1", files, fmt="safetensors")  # NOTE: a safe class: no opt-in
+    (store / "signed" / "versions" / "1" / "oms.sig").write_bytes(SIGSTORE_BUNDLE.read_bytes())
+    settings = Settings(
+        store=str(store),
+        require_oms_signature=True,
+        oms_sigstore_identity=identity[0],
+        oms_sigstore_issuer=identity[1],
+        oms_sigstore_trust_config=_public_trust_config(tmp_path),
+    )
+    cache = LoaderCache(tmp_path / "check-cache", 1 << 30)
+    resolved, _ = cache.resolve(repo, ModelRef.parse("signed:1"))
+    if allowed:
+        trust = check_trust(repo, resolved, settings, cache_root=cache.root)
+        assert trust.oms_signer == f"Sigstore identity {identity[0]}"
+    else:
+        with pytest.raises(UntrustedArtifact, match="no trusted signer"):
+            check_trust(repo, resolved, settings, cache_root=cache.root)
