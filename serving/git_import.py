@@ -47,6 +47,7 @@ __all__ = [
     "fetch_revision",
     "git_env",
     "import_git",
+    "init_repository",
     "public_url",
     "redact",
     "repo_path",
@@ -172,6 +173,11 @@ def git_env() -> dict[str, str]:
     }
 
 
+def init_repository(work: Path, env: dict[str, str]) -> None:
+    """``git init`` in ``work``: InvalidRequest when git is missing or fails, StoreUnavailable on a hang."""
+    _git(["init", "--quiet"], work, "git init", env)
+
+
 def fetch_revision(repo: str, rev: str, work: Path, where: str, env: dict[str, str]) -> str:
     """Fetch ``rev`` of ``repo`` into the git repository ``work``; the commit it names."""
     try:
@@ -279,7 +285,7 @@ def checkout(repo: str, rev: str, path: str) -> Iterator[tuple[Path, GitSource]]
     try:
         work = scratch / "repo"
         work.mkdir()
-        _git(["init", "--quiet"], work, "git init", env)
+        init_repository(work, env)
         commit = fetch_revision(repo, rev, work, where, env)
         target = _extract(work, commit, path, where, rev, env)
         lfs = _resolve_lfs(work, target, repo, commit, path, rev, env)

@@ -22,9 +22,7 @@ here nothing has been downloaded yet. The ``oms`` extra pins the minor version f
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import logging
 import tempfile
@@ -48,11 +46,19 @@ def _library() -> Any:
     try:
         import model_signing.hashing
         import model_signing.signing
+        from model_signing._signing import sign_ec_key
     except ImportError as exc:
         raise UntrustedArtifact(
             "OpenSSF model signatures need the model-signing library: pip install 'serving[oms]'"
         ) from exc
+    # NOTE: the library print()s a warning (an older bundle format) onto stdout, which would break
+    # --json output; its module's print becomes a log line instead (process-wide, thread-safe).
+    sign_ec_key.print = _library_says  # type: ignore[attr-defined]
     return model_signing
+
+
+def _library_says(*args: object, **_: object) -> None:
+    log.warning("model-signing: %s", " ".join(" ".join(str(a) for a in args).split()))
 
 
 def _pem_files(paths: Iterable[Path]) -> list[Path]:
@@ -136,19 +142,15 @@ def _statement(bundle: bytes, policy: OmsPolicy, where: str) -> tuple[str, Any, 
         path.write_bytes(bundle)  # NOTE: the library reads signatures from files only
         for label, sigstore, build in policy._verifiers():
             try:
-                # NOTE: the library print()s warnings (an old bundle format): never onto our stdout
-                with contextlib.redirect_stdout(io.StringIO()) as said:
-                    verifier = build()
-                    if sigstore:
-                        from model_signing._signing import sign_sigstore
+                verifier = build()
+                if sigstore:
+                    from model_signing._signing import sign_sigstore
 
-                        signature: Any = sign_sigstore.Signature.read(path)
-                    else:
-                        signature = sign_sigstore_pb.Signature.read(path)
-                    statement = verifier.verify(signature)
-                    _, payload = verifier._verify_signed_content(signature)
-                if said.getvalue().strip():
-                    log.warning("%s: model-signing says: %s", where, " ".join(said.getvalue().split()))
+                    signature: Any = sign_sigstore.Signature.read(path)
+                else:
+                    signature = sign_sigstore_pb.Signature.read(path)
+                statement = verifier.verify(signature)
+                _, payload = verifier._verify_signed_content(signature)
                 raw = json.loads(payload)
                 if not isinstance(raw, dict):
                     raise ValueError("the statement is not an object")
@@ -242,6 +244,9 @@ def sign_directory(
         InvalidRequest: the key or certificate cannot be read or is not supported.
     """
     model_signing = _library()
+    _check_ec_private_key(private_key)
+    if certificate is None and list(certificate_chain):
+        raise InvalidRequest("--oms-certificate-chain goes with --oms-certificate")
     skipped = [Path(path) / p for p in ignore]
     hashing = model_signing.hashing.Config().use_file_serialization(hashing_algorithm="sha256")
     hashing.set_ignored_paths(paths=skipped, ignore_git_paths=False)
@@ -255,13 +260,13 @@ def sign_directory(
             )
         else:
             config.use_elliptic_key_signer(private_key=private_key)
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise InvalidRequest(f"cannot sign with {private_key}: {exc}") from None
     with tempfile.TemporaryDirectory(prefix="serving-oms-") as scratch:
         out = Path(scratch) / "oms.sig"
         try:
             config.sign(path, out)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             raise InvalidRequest(f"cannot sign {path}: {exc}") from None
         return out.read_bytes()
 
@@ -294,3 +299,20 @@ def generate_ec_keypair(prefix: Path | str) -> tuple[Path, Path]:
         )
     )
     return key_path, pub_path
+
+
+def _check_ec_private_key(path: Path) -> None:
+    """InvalidRequest unless ``path`` holds an unencrypted EC private key (what OMS key signing takes)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InvalidRequest(
+            f"--oms-key {path}: not a readable PEM private key ({type(exc).__name__})"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InvalidRequest(
+            f"--oms-key {path} is not an EC key (P-256/384/521): serving keygen PREFIX --oms writes one"
+        )

@@ -364,7 +364,8 @@ def _check_oms(
     name, where = resolved.name, f"{resolved.name}:{resolved.version}"
     try:
         bundle = _signature_for(repo, resolved, cache_root, OMS_SIGNATURE_NAME)
-    except InvalidManifest as exc:  # NOTE: an oms.sig over the metadata limit, refused unread
+    except (InvalidManifest, StoreError, UntrustedArtifact) as exc:
+        # NOTE: over the metadata limit (refused unread), or the store down with none remembered
         if settings.require_oms_signature:
             raise _refuse(name, f"{where}: {exc.message}") from exc
         log.warning("%s: unreadable OMS signature, treating as unsigned: %s", where, exc)

@@ -121,15 +121,14 @@ def _verify_oms(ctx: Context, args: argparse.Namespace) -> str | None:
     Raises:
         UntrustedArtifact: signers are given (or a signature is required) and none verifies.
     """
-    from dataclasses import replace
-
     from serving.errors import UntrustedArtifact
-    from serving.oms import verify_oms
+    from serving.oms import OmsPolicy, verify_oms
     from serving.trust import oms_policy, read_oms_signature
 
+    # NOTE: keys given on the command line are the only signers checked (not the configured ones too)
     policy = oms_policy(ctx.settings)
     if args.oms_public_key:
-        policy = replace(policy, public_keys=tuple(Path(p) for p in args.oms_public_key))
+        policy = OmsPolicy(public_keys=tuple(Path(p) for p in args.oms_public_key))
     if not policy.configured and not ctx.settings.require_oms_signature:
         return None
     resolved, _ = ctx.cache.resolve(ctx.repo, ModelRef.parse(args.ref))

@@ -62,6 +62,7 @@ from urllib.parse import urlparse
 
 from serving.errors import (
     InvalidReference,
+    MissingExtra,
     NotFound,
     StoreAccessDenied,
     StoreConflict,
@@ -89,6 +90,8 @@ EMPTY = {
 TITLE = "org.opencontainers.image.title"
 FILEPATH = "org.cncf.model.filepath"
 KEY = "dev.serving.key"
+MAX_PAGES = 1000
+"""Pages of a listing followed at most (1,000 entries each): a registry's links cannot loop us."""
 CHUNKED_ABOVE = 16 * 1024**2
 """Files above this go up in chunks (PATCH), so a large model is never read into memory whole."""
 
@@ -128,7 +131,10 @@ class OciStore(ObjectStore):
     """``oci://registry[:port]/namespace``: see the module docstring for the layout."""
 
     def __init__(self, uri: str, settings: Settings) -> None:
-        import oras.provider
+        try:
+            import oras.provider
+        except ImportError as exc:
+            raise MissingExtra("an oci:// store needs oras: pip install 'serving[oci]'") from exc
 
         parsed = urlparse(uri)
         namespace = parsed.path.strip("/")
@@ -156,14 +162,18 @@ class OciStore(ObjectStore):
         timeout = (settings.s3_connect_timeout, settings.oci_timeout_s)
         session = self._registry.session
         session.request = functools.partial(session.request, timeout=timeout)  # type: ignore[method-assign,unused-ignore]
-        unwrapped = getattr(oras.provider.Registry.do_request, "__wrapped__", None)
-        if unwrapped is not None:
-            self._registry.do_request = types.MethodType(unwrapped, self._registry)  # type: ignore[method-assign,unused-ignore]
+        unwrapped = getattr(
+            oras.provider.Registry.do_request, "__wrapped__", oras.provider.Registry.do_request
+        )
+        self._raw_request = types.MethodType(unwrapped, self._registry)
+        # NOTE: every request oras makes (uploads included) goes through _send
+        self._registry.do_request = self._send  # type: ignore[method-assign,assignment,unused-ignore]
         self._credentials = _credentials(self.host, settings)
         if self._credentials is not None:
             self._registry.auth.set_basic_auth(*self._credentials)
         self._verify = verify
         self._auth_checked = False
+        self._basic = False
         self._scheme = "http" if settings.oci_plain_http else "https"
         self._staged: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self._lock = threading.Lock()
@@ -239,6 +249,9 @@ class OciStore(ObjectStore):
             response = self._registry.session.get(
                 f"{self._scheme}://{self.host}/v2/", verify=self._verify, allow_redirects=False
             )
+        if response.status_code >= 500 or response.status_code == 429:
+            # NOTE: not decided yet: the next request asks again
+            raise StoreUnavailable(f"{what}: the registry {self.host} answered {response.status_code}")
         challenge = response.headers.get("Www-Authenticate", "")
         if response.status_code == 401 and challenge.lower().startswith("basic"):
             if self._credentials is None:
@@ -251,18 +264,51 @@ class OciStore(ObjectStore):
             )
             backend.set_basic_auth(*self._credentials)
             self._registry.auth = backend
+            self._basic = True
         self._auth_checked = True
+
+    def _send(
+        self,
+        url: str,
+        method: str = "GET",
+        data: Any = None,
+        headers: dict[str, str] | None = None,
+        json: Any = None,
+        stream: bool = False,
+    ) -> Any:
+        """oras's request with auth, and what oras leaves out of it.
+
+        NOTE: oras keeps one Bearer token and resends it on a 401; registries scope tokens per
+        repository and action (pull, push) and expire them, so a 401 asks for a fresh token for
+        the scope it names, once. With Basic auth the header goes on every request up front
+        (oras sends each one bare first, bodies included).
+        """
+        sent = dict(headers or {})
+        if self._basic:
+            sent.update(self._registry.auth.get_auth_header())
+        kwargs = {"data": data, "json": json, "stream": stream}
+        response = self._raw_request(url, method, headers=dict(sent), **kwargs)
+        if response.status_code == 401 and not self._basic and self._credentials_or_token():
+            response.close()
+            self._registry.auth.token = None
+            response = self._raw_request(url, method, headers=dict(sent), **kwargs)
+        return response
+
+    def _credentials_or_token(self) -> bool:
+        return getattr(self._registry.auth, "token", None) is not None
 
     def _request(self, method: str, url: str, what: str, **kwargs: Any) -> Any:
         self._check_auth(what)
         with self._errors(what):
             try:
-                response = self._registry.do_request(url, method, **kwargs)
+                response = self._send(url, method, **kwargs)
             except ValueError as exc:
                 if "authentication" in str(exc).lower():
                     raise StoreAccessDenied(f"{what}: the registry {self.host} refused the login") from None
                 raise
         status = response.status_code
+        if status in (401, 403) or status >= 500 or status == 429:
+            response.close()
         if status in (401, 403):
             raise StoreAccessDenied(f"{what}: the registry {self.host} refused the credentials ({status})")
         if status >= 500 or status == 429:
@@ -278,18 +324,24 @@ class OciStore(ObjectStore):
             self._url(model, f"manifests/{ref}"),
             what,
             headers={"Accept": OCI_MANIFEST},
+            stream=True,
         )
-        if response.status_code == 404:
-            raise NotFound(f"{what}: not found in {self.uri}")
-        if response.status_code in (400, 406):
-            # NOTE: a tag that holds no OCI image manifest (a Docker image, an index): no version of ours
-            raise NotFound(f"{what}: {ref} is not an OCI image manifest in {self.uri}")
-        if response.status_code != 200:
-            raise StoreError(f"{what}: the registry answered {response.status_code}")
-        digest = response.headers.get("Docker-Content-Digest", "")
-        if head:
-            return None, digest
-        body = response.content
+        with contextlib.closing(response):
+            if response.status_code == 404:
+                raise NotFound(f"{what}: not found in {self.uri}")
+            if response.status_code in (400, 406):
+                # NOTE: a tag that holds no OCI image manifest (a Docker image, an index): no version of ours
+                raise NotFound(f"{what}: {ref} is not an OCI image manifest in {self.uri}")
+            if response.status_code != 200:
+                raise StoreError(f"{what}: the registry answered {response.status_code}")
+            digest = response.headers.get("Docker-Content-Digest", "")
+            if head and digest:
+                return None, digest
+            if head:
+                response.close()
+                # NOTE: a registry that sends no digest on HEAD: the body's own digest is the tag's
+                return None, self._manifest(model, ref, what)[1]
+            body = _read_at_most(response, self.max_get_bytes, what)
         computed = "sha256:" + hashlib.sha256(body).hexdigest()
         if digest and digest != computed:
             raise StoreError(f"{what}: the registry sent a manifest that does not match its digest")
@@ -304,14 +356,27 @@ class OciStore(ObjectStore):
             raise StoreError(f"{what}: {ref} has malformed layers")
         return manifest, computed
 
+    def _version(self, model: str, tag: str, what: str) -> tuple[dict[str, Any], str]:
+        """A version's artifact; NotFound for any other image under the tag (``latest``, a mirror)."""
+        manifest, digest = self._manifest(model, tag, what)
+        assert manifest is not None
+        if manifest["config"].get("mediaType") != MANIFEST_MEDIA_TYPE:
+            raise NotFound(
+                f"{what}: {model}:{tag} is not a serving version (its config is not a manifest.json)"
+            )
+        return manifest, digest
+
     def _blob(self, model: str, descriptor: dict[str, Any], what: str, limit: int | None = None) -> bytes:
         size = int(descriptor.get("size", -1))
         if limit is not None:
             check_get_size(what, size, limit)
-        response = self._request("GET", self._url(model, f"blobs/{descriptor['digest']}"), what)
-        if response.status_code == 404:
-            raise NotFound(f"{what}: blob {descriptor['digest'][:19]} missing from {self.uri}")
-        data: bytes = response.content
+        response = self._request("GET", self._url(model, f"blobs/{descriptor['digest']}"), what, stream=True)
+        with contextlib.closing(response):
+            if response.status_code == 404:
+                raise NotFound(f"{what}: blob {descriptor['digest'][:19]} missing from {self.uri}")
+            if response.status_code != 200:
+                raise StoreError(f"{what}: the registry answered {response.status_code}")
+            data = _read_at_most(response, size, what)
         if "sha256:" + hashlib.sha256(data).hexdigest() != descriptor["digest"] or len(data) != size:
             raise StoreError(f"{what}: the registry sent a blob that does not match its digest")
         return data
@@ -355,16 +420,17 @@ class OciStore(ObjectStore):
             headers={"Content-Type": OCI_MANIFEST},
         )
         if response.status_code not in (200, 201):
-            raise StoreError(
-                f"{what}: the registry refused the manifest ({response.status_code}: {response.text[:200]})"
-            )
+            text = " ".join(response.text[:200].split())
+            raise StoreError(f"{what}: the registry refused the manifest ({response.status_code}: {text})")
         return "sha256:" + hashlib.sha256(body).hexdigest()
 
     def _tags(self, model: str) -> list[str]:
         """Every tag of the model's repository; [] when the repository does not exist."""
         tags: list[str] = []
         url: str | None = self._url(model, "tags/list?n=1000")
-        while url:
+        for _ in range(MAX_PAGES):
+            if not url:
+                break
             response = self._request("GET", url, f"list {model}")
             if response.status_code == 404:
                 return []
@@ -379,7 +445,9 @@ class OciStore(ObjectStore):
         names: list[str] = []
         url: str | None = f"{self._scheme}://{self.host}/v2/_catalog?n=1000"
         prefix = f"{self.namespace}/" if self.namespace else ""
-        while url:
+        for _ in range(MAX_PAGES):
+            if not url:
+                break
             response = self._request("GET", url, "list models")
             if response.status_code != 200:
                 raise StoreError(f"list models: the registry's catalog answered {response.status_code}")
@@ -409,10 +477,11 @@ class OciStore(ObjectStore):
     # -- ObjectStore --------------------------------------------------------
     def get(self, key: str) -> tuple[bytes, str]:
         where = self._where(key)
+        if where.version_manifest:
+            version, digest = self._version(where.model, where.tag, f"read {key}")
+            return self._blob(where.model, version["config"], f"read {key}", self.max_get_bytes), digest
         manifest, digest = self._manifest(where.model, where.tag, f"read {key}")
         assert manifest is not None
-        if where.version_manifest:
-            return self._blob(where.model, manifest["config"], f"read {key}", self.max_get_bytes), digest
         if where.file is not None:
             raise InvalidReference(f"{key}: read version files with download()")
         layers = manifest.get("layers") or []
@@ -468,10 +537,16 @@ class OciStore(ObjectStore):
         """The image manifest of a version: its staged files as layers, ``manifest.json`` as config."""
         with self._lock:
             staged = dict(self._staged.get((where.model, where.tag), {}))
-        declared = {entry["path"] for entry in json.loads(raw).get("files", [])}
-        missing = sorted(declared - set(staged))
-        if missing:
-            raise StoreError(f"{where.model}:{where.tag}: {missing[0]!r} was not uploaded by this process")
+        declared = {
+            entry["path"]: entry.get("stored_sha256") or entry["sha256"]
+            for entry in json.loads(raw).get("files", [])
+        }
+        for path, sha in sorted(declared.items()):
+            layer = staged.get(path)
+            if layer is None:
+                raise StoreError(f"{where.model}:{where.tag}: {path!r} was not uploaded by this process")
+            if layer["digest"] != f"sha256:{sha}":
+                raise StoreError(f"{where.model}:{where.tag}: {path!r} was uploaded with other bytes")
         config = self._push_bytes(where.model, raw, MANIFEST_MEDIA_TYPE, {})
         config.pop("annotations", None)
         return {
@@ -479,7 +554,7 @@ class OciStore(ObjectStore):
             "mediaType": OCI_MANIFEST,
             "artifactType": MODEL_ARTIFACT_TYPE,
             "config": config,
-            "layers": [staged[path] for path in sorted(staged)],
+            "layers": [staged[path] for path in sorted(declared)],  # NOTE: what the manifest lists, only
             "annotations": {"dev.serving.name": where.model, "dev.serving.version": where.tag},
         }
 
@@ -500,18 +575,17 @@ class OciStore(ObjectStore):
             data, _ = self.get(key)
             sink.write(data)
             return
-        manifest, _ = self._manifest(where.model, where.tag, f"read {key}")
-        assert manifest is not None
+        manifest, _ = self._version(where.model, where.tag, f"read {key}")
         layer = _layer(manifest, where.file)
         if layer is None:
             raise NotFound(f"{key}: no such file in {self.uri}")
         what = f"download {key}"
         response = self._request("GET", self._url(where.model, f"blobs/{layer['digest']}"), what, stream=True)
-        if response.status_code == 404:
-            raise NotFound(f"{what}: blob missing from {self.uri}")
-        if response.status_code != 200:
-            raise StoreError(f"{what}: the registry answered {response.status_code}")
         with self._errors(what), contextlib.closing(response):
+            if response.status_code == 404:
+                raise NotFound(f"{what}: blob missing from {self.uri}")
+            if response.status_code != 200:
+                raise StoreError(f"{what}: the registry answered {response.status_code}")
             for chunk in response.iter_content(chunk_size=1 << 20):
                 sink.write(chunk)
                 if progress is not None:
@@ -520,13 +594,13 @@ class OciStore(ObjectStore):
     def exists(self, key: str) -> bool:
         where = self._where(key)
         try:
-            if where.file is None:
+            if where.file is None and not where.version_manifest:
                 self._manifest(where.model, where.tag, f"check {key}", head=True)
                 return True
-            manifest, _ = self._manifest(where.model, where.tag, f"check {key}")
+            manifest, _ = self._version(where.model, where.tag, f"check {key}")
         except NotFound:
             return False
-        return manifest is not None and _layer(manifest, where.file) is not None
+        return where.file is None or _layer(manifest, where.file) is not None
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         parts = prefix.split("/")
@@ -541,8 +615,10 @@ class OciStore(ObjectStore):
             version = parts[2]
             if version not in tags:
                 return []
-            manifest, digest = self._manifest(model, version, f"list {prefix}")
-            assert manifest is not None
+            try:
+                manifest, digest = self._version(model, version, f"list {prefix}")
+            except NotFound:
+                return []
             base = f"{model}/versions/{version}/"
             out.append(ObjectInfo(base + "manifest.json", int(manifest["config"]["size"]), digest))
             for layer in manifest.get("layers") or []:
@@ -609,6 +685,16 @@ def _layer(manifest: dict[str, Any], file: str) -> dict[str, Any] | None:
     return None
 
 
+def _read_at_most(response: Any, limit: int, what: str) -> bytes:
+    """The body, refused once it passes ``limit`` bytes (a registry may declare one size and send more)."""
+    out = bytearray()
+    for chunk in response.iter_content(chunk_size=1 << 16):
+        out += chunk
+        if len(out) > limit:
+            raise StoreError(f"{what}: the registry sent more than the {limit} bytes expected")
+    return bytes(out)
+
+
 def _json_list(response: Any, field: str, what: str) -> builtins.list[Any]:
     try:
         body = response.json()
@@ -630,6 +716,8 @@ def _digest_file(path: Path) -> tuple[str, int]:
 
 def _credentials(host: str, settings: Settings) -> tuple[str, str] | None:
     """(user, password) from ``oci_username`` and ``oci_password_file``, else the Docker config."""
+    if settings.oci_password_file is not None and not settings.oci_username:
+        raise InvalidReference("SERVING_OCI_PASSWORD_FILE needs SERVING_OCI_USERNAME")
     if settings.oci_username:
         if settings.oci_password_file is None:
             raise InvalidReference("SERVING_OCI_USERNAME needs SERVING_OCI_PASSWORD_FILE (a mounted Secret)")
@@ -639,19 +727,23 @@ def _credentials(host: str, settings: Settings) -> tuple[str, str] | None:
             raise InvalidReference(f"cannot read SERVING_OCI_PASSWORD_FILE: {exc.strerror}") from None
         return settings.oci_username, password
     config = settings.oci_docker_config
+    explicit = config is not None
     if config is None:
         base = os.environ.get("DOCKER_CONFIG")
         config = Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
     try:
         auths = json.loads(Path(config).read_text()).get("auths", {})
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError) as exc:
+        if explicit and not isinstance(exc, FileNotFoundError):
+            # NOTE: a mounted config that cannot be read must not turn into an anonymous pull
+            raise InvalidReference(f"cannot read SERVING_OCI_DOCKER_CONFIG ({type(exc).__name__})") from None
         return None
     for name in (host, f"https://{host}", f"http://{host}"):
         entry = auths.get(name) if isinstance(auths, dict) else None
         if isinstance(entry, dict) and entry.get("auth"):
             try:
                 user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, TypeError, UnicodeDecodeError):
                 raise InvalidReference(
                     f"the Docker config's auth for {host} is not base64 user:password"
                 ) from None

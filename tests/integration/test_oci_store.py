@@ -352,3 +352,33 @@ def test_a_login_in_the_store_address_and_a_tag_past_128_characters_are_refused(
     code, _, err = run_cli(capsys, "alias", "set", "iris", "a" * 124, "1")
     assert code != 0
     assert "over a registry's 128 characters" in err, err
+
+
+def test_another_image_under_a_tag_is_not_a_version(
+    registry: Registry,
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``latest`` pushed by another tool into the model's repository (an empty-config artifact)."""
+    _use(monkeypatch, tmp_path, registry, "team-h")
+    assert run_cli(capsys, "publish", str(model), "--name", "iris")[0] == 0
+    artifact, _ = _manifest(registry, "team-h/iris", "1")
+    empty = "sha256:" + hashlib.sha256(b"{}").hexdigest()
+    artifact["config"] = {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2}
+    with registry.client() as client:
+        location = client.post("/v2/team-h/iris/blobs/uploads/").headers["Location"]
+        joiner = "&" if "?" in location else "?"
+        client.put(f"{location}{joiner}digest={empty}", content=b"{}").raise_for_status()
+        client.put(
+            "/v2/team-h/iris/manifests/latest",
+            content=json.dumps(artifact),
+            headers={"Content-Type": OCI_MANIFEST},
+        ).raise_for_status()
+    code, out, err = run_cli(capsys, "--json", "versions", "iris")
+    assert code == 0, err
+    assert [v["version"] for v in json.loads(out)["versions"]] == ["1"]
+    code, _, err = run_cli(capsys, "predict", "iris:latest", "--input", ROW)
+    assert code != 0
+    assert "not found" in err, err

@@ -450,3 +450,14 @@ def test_a_sigstore_signed_model_verifies_offline_against_a_mounted_trust_root(
     else:
         with pytest.raises(UntrustedArtifact, match="no trusted signer"):
             check_trust(repo, resolved, settings, cache_root=cache.root)
+
+
+def test_signing_with_a_key_that_is_not_ec_is_one_line(
+    store: Path, model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(capsys, "keygen", str(tmp_path / "release"))[0] == 0  # NOTE: Ed25519, serving's own kind
+    assert run_cli(capsys, "publish", str(model), "--name", "iris", "--format", "sklearn")[0] == 0
+    code, _, err = run_cli(capsys, "sign", "iris:1", "--oms-key", str(tmp_path / "release.key"))
+    assert code != 0
+    assert err.count("\n") == 1, err
+    assert "is not an EC key" in err

@@ -342,8 +342,12 @@ Refuse combinations that would render but never work. Renders nothing.
 {{- range .Values.extraEnv }}
 {{- if eq .name "SERVING_TRUSTED_KEYS" }}{{ $keysFromEnv = true }}{{ end }}
 {{- end }}
+{{- $omsFromEnv := false }}
+{{- range .Values.extraEnv }}
+{{- if hasPrefix "SERVING_OMS_" .name }}{{ $omsFromEnv = true }}{{ end }}
+{{- end }}
 {{- with .Values.trust.oms }}
-{{- if and .requireSignature (not .publicKeys.existingSecret) (not .certificateChains.existingSecret) }}
+{{- if and .requireSignature (not .publicKeys.existingSecret) (not .certificateChains.existingSecret) (not $omsFromEnv) }}
 {{- fail "trust.oms.requireSignature needs trust.oms.publicKeys.existingSecret or trust.oms.certificateChains.existingSecret: without a trusted signer every version is refused" }}
 {{- end }}
 {{- end }}
