@@ -382,3 +382,72 @@ def test_another_image_under_a_tag_is_not_a_version(
     code, _, err = run_cli(capsys, "predict", "iris:latest", "--input", ROW)
     assert code != 0
     assert "not found" in err, err
+
+
+def test_bearer_tokens_are_asked_for_each_repository_a_401_names(tmp_path: Path) -> None:
+    """A token registry (Harbor, GHCR, Docker Hub) scopes each token to one repository and action:
+    the Distribution registry needs a separate token server for that, so this one is a small
+    stand-in that answers like them. Two models in a row, each with its own token."""
+    import http.server
+    import re
+    import threading
+
+    from serving.testing import free_port
+
+    port = free_port()
+    issued: list[str] = []
+
+    class TokenRegistry(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            return
+
+        def _challenge(self, scope: str) -> None:
+            self.send_response(401)
+            realm = f'Bearer realm="http://127.0.0.1:{port}/token",service="reg",scope="{scope}"'
+            self.send_header("Www-Authenticate", realm)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/token"):
+                scope = re.search(r"scope=([^&]+)", self.path)
+                token = f"tok-{scope.group(1) if scope else 'none'}"
+                issued.append(token)
+                body = json.dumps({"token": token}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.do_HEAD()
+
+        def do_HEAD(self) -> None:
+            match = re.match(r"/v2/([^/]+/[^/]+)/manifests/", self.path)
+            if match is None:
+                self._challenge("registry:catalog:*")
+                return
+            scope = f"repository%3A{match.group(1).replace('/', '%2F')}%3Apull"
+            if self.headers.get("Authorization") not in (
+                f"Bearer tok-{scope}",
+                f"Bearer tok-{scope.replace('%3A', ':').replace('%2F', '/')}",
+            ):
+                self._challenge(f"repository:{match.group(1)}:pull")
+                return
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), TokenRegistry)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        store = open_store(f"oci://127.0.0.1:{port}/ns", Settings(oci_plain_http=True, cache_dir=tmp_path))
+        assert store.exists("a/versions/1/manifest.json") is False
+        assert store.exists("b/versions/1/manifest.json") is False  # NOTE: refused before the fix
+        assert store.exists("a/versions/2/manifest.json") is False
+        assert len(issued) == 3
+        assert len({token.replace("%3A", ":").replace("%2F", "/") for token in issued}) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
