@@ -25,6 +25,7 @@ from serving.cli.options import (
 from serving.errors import InvalidRequest
 
 if TYPE_CHECKING:
+    from serving.manifest import Manifest
     from serving.mlflow_import import MlflowRef
 
 log = logging.getLogger(__name__)
@@ -233,17 +234,13 @@ def import_dvc(ctx: Context, args: argparse.Namespace) -> None:
             name=args.name,
             **publish_options(ctx, args),
         )
-    ctx.emit(
-        f"imported {source.repo}@{source.rev}:{source.path} (commit {source.commit[:12]}, "
-        f"DVC {source.hash} {source.md5}, checked) as {version_text(manifest)}"
-        + alias_text(manifest, args.alias),
-        {
-            "name": manifest.name,
-            "version": manifest.version,
-            "format": manifest.format,
-            "alias": args.alias,
-            "source": source.as_metadata(),
-        },
+    _emit_import(
+        ctx,
+        manifest,
+        source.as_metadata(),
+        args.alias,
+        f"{source.repo}@{source.rev}:{source.path} (commit {source.commit[:12]}, "
+        f"DVC {source.hash} {source.md5}, checked)",
     )
 
 
@@ -253,15 +250,27 @@ def _import_git(ctx: Context, args: argparse.Namespace) -> None:
     manifest, source = run(
         ctx.repo, args.repo, args.rev, args.path, name=args.name, **publish_options(ctx, args)
     )
+    _emit_import(
+        ctx,
+        manifest,
+        source.as_metadata(),
+        args.alias,
+        f"{source.repo}@{source.rev}:{source.path} (commit {source.commit[:12]}"
+        f"{', Git LFS' if source.lfs else ''})",
+    )
+
+
+def _emit_import(
+    ctx: Context, manifest: Manifest, source: dict[str, Any], alias: str | None, origin: str
+) -> None:
+    """One line (and the JSON) for a version imported from ``origin``, as the Git and DVC imports say it."""
     ctx.emit(
-        f"imported {source.repo}@{source.rev}:{source.path} (commit {source.commit[:12]}"
-        f"{', Git LFS' if source.lfs else ''}) as {version_text(manifest)}"
-        + alias_text(manifest, args.alias),
+        f"imported {origin} as {version_text(manifest)}" + alias_text(manifest, alias),
         {
             "name": manifest.name,
             "version": manifest.version,
             "format": manifest.format,
-            "alias": args.alias,
-            "source": source.as_metadata(),
+            "alias": alias,
+            "source": source,
         },
     )
