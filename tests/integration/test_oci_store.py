@@ -147,20 +147,9 @@ def test_bytes_a_registry_swapped_in_are_refused_before_any_load(
     """Whoever can push to the registry re-tags version 1 with other weights under the same name."""
     _use(monkeypatch, tmp_path, registry, "team-d")
     assert run_cli(capsys, "publish", str(model), "--name", "iris")[0] == 0
-    artifact, _ = _manifest(registry, "team-d/iris", "1")
-    evil = pickle_of(LogisticRegression(max_iter=500, C=0.001).fit(X, Y), tmp_path)
-    digest = "sha256:" + hashlib.sha256(evil).hexdigest()
-    with registry.client() as client:
-        start = client.post("/v2/team-d/iris/blobs/uploads/")
-        location = start.headers["Location"]
-        joiner = "&" if "?" in location else "?"  # NOTE: keep the upload session's own query
-        client.put(f"{location}{joiner}digest={digest}", content=evil).raise_for_status()
-        artifact["layers"][0].update(digest=digest, size=len(evil))  # type: ignore[index]
-        client.put(
-            "/v2/team-d/iris/manifests/1",
-            content=json.dumps(artifact),
-            headers={"Content-Type": OCI_MANIFEST},
-        ).raise_for_status()
+    _swap_layer(
+        registry, "team-d/iris", "1", pickle_of(LogisticRegression(max_iter=500, C=0.001).fit(X, Y), tmp_path)
+    )
     code, _, err = run_cli(capsys, "predict", "iris:1", "--input", ROW)
     assert code != 0
     assert "iris.joblib" in err, err
@@ -243,12 +232,20 @@ def test_settings_reach_the_store(registry: Registry, tmp_path: Path) -> None:
 def _swap_layer(registry: Registry, repo: str, tag: str, data: bytes) -> None:
     """As whoever can push to the registry: tag ``tag`` again, its one layer replaced by ``data``."""
     artifact, _ = _manifest(registry, repo, tag)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    artifact["layers"][0].update(digest=_digest(data), size=len(data))  # type: ignore[index]
+    _push(registry, repo, tag, artifact, data)
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _push(registry: Registry, repo: str, tag: str, artifact: dict[str, object], blob: bytes) -> None:
+    """Upload ``blob`` and tag ``artifact`` as ``tag``, through the registry's API as any client would."""
     with registry.client() as client:
         location = client.post(f"/v2/{repo}/blobs/uploads/").headers["Location"]
         joiner = "&" if "?" in location else "?"  # NOTE: keep the upload session's own query
-        client.put(f"{location}{joiner}digest={digest}", content=data).raise_for_status()
-        artifact["layers"][0].update(digest=digest, size=len(data))  # type: ignore[index]
+        client.put(f"{location}{joiner}digest={_digest(blob)}", content=blob).raise_for_status()
         client.put(
             f"/v2/{repo}/manifests/{tag}",
             content=json.dumps(artifact),
@@ -365,17 +362,12 @@ def test_another_image_under_a_tag_is_not_a_version(
     _use(monkeypatch, tmp_path, registry, "team-h")
     assert run_cli(capsys, "publish", str(model), "--name", "iris")[0] == 0
     artifact, _ = _manifest(registry, "team-h/iris", "1")
-    empty = "sha256:" + hashlib.sha256(b"{}").hexdigest()
-    artifact["config"] = {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2}
-    with registry.client() as client:
-        location = client.post("/v2/team-h/iris/blobs/uploads/").headers["Location"]
-        joiner = "&" if "?" in location else "?"
-        client.put(f"{location}{joiner}digest={empty}", content=b"{}").raise_for_status()
-        client.put(
-            "/v2/team-h/iris/manifests/latest",
-            content=json.dumps(artifact),
-            headers={"Content-Type": OCI_MANIFEST},
-        ).raise_for_status()
+    artifact["config"] = {
+        "mediaType": "application/vnd.oci.empty.v1+json",
+        "digest": _digest(b"{}"),
+        "size": 2,
+    }
+    _push(registry, "team-h/iris", "latest", artifact, b"{}")
     code, out, err = run_cli(capsys, "--json", "versions", "iris")
     assert code == 0, err
     assert [v["version"] for v in json.loads(out)["versions"]] == ["1"]
