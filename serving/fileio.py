@@ -27,7 +27,7 @@ from serving.errors import IntegrityError
 if TYPE_CHECKING:
     from serving.store.base import Sink
 
-__all__ = ["TMP_PREFIX", "HashingWriter", "atomic_write", "hash_file"]
+__all__ = ["TMP_PREFIX", "HashingWriter", "atomic_write", "hash_file", "mounted_files"]
 
 TMP_PREFIX = ".tmp-"
 """Names of temporary files beside their target start with this (stores never list them)."""
@@ -157,3 +157,13 @@ def hash_file(path: Path, expected_size: int | None = None) -> tuple[int, str]:
             if left is not None:
                 left -= len(chunk)
     return writer.size, writer.hexdigest()
+
+
+def mounted_files(path: Path) -> list[Path]:
+    """``path`` itself, or for a directory (a mounted Kubernetes Secret) its regular files, sorted.
+
+    Hidden entries are skipped: a Secret's ``..data`` links are hidden, its per-key links followed.
+    """
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+    return [path]

@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from serving.errors import InvalidRequest, UntrustedArtifact
+from serving.fileio import mounted_files
 from serving.manifest import Manifest
 
 __all__ = ["OMS_MAX_BYTES", "OmsPolicy", "generate_ec_keypair", "sign_directory", "verify_oms"]
@@ -63,13 +64,7 @@ def _library_says(*args: object, **_: object) -> None:
 
 def _pem_files(paths: Iterable[Path]) -> list[Path]:
     """Files as given; a directory (a mounted Secret) gives its regular files, sorted."""
-    out: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            out.extend(sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")))
-        else:
-            out.append(path)
-    return out
+    return [file for path in paths for file in mounted_files(path)]
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from serving.errors import InvalidRequest, UntrustedArtifact
+from serving.fileio import mounted_files
 from serving.manifest import SIGNATURE_NAME, Alias, sha256_bytes
 
 __all__ = [
@@ -185,13 +186,9 @@ def load_trusted_keys(paths: Iterable[Path | str]) -> TrustedKeys:
     keys: TrustedKeys = {}
     for raw in paths:
         path = Path(raw).expanduser()
-        if path.is_dir():
-            entries = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
-        elif path.is_file():
-            entries = [path]
-        else:
+        if not path.is_dir() and not path.is_file():
             raise InvalidRequest(f"trusted key path {path} does not exist")
-        for entry in entries:
+        for entry in mounted_files(path):
             public = _load_public_key(entry)
             keys[key_id(public)] = public
     return keys
