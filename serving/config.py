@@ -62,6 +62,13 @@ class ModelConfig(BaseModel):
     objects), then the version loads and predicts in the serving process. ``none``
     (or ``never``): everything in the serving process; for trusted,
     latency-critical models only: a crash there takes every model down."""
+    workers: Literal["dedicated", "shared"] = "dedicated"
+    """Workers only: ``dedicated`` (the default): each version in a worker of its own, so a
+    crash, hang or memory blow-up costs this model alone. ``shared``: the version joins one of
+    the replica's ``shared_workers``, which each hold several models, for many small models
+    whose processes would otherwise cost more than the models. A failure then costs every
+    model in that worker a restart (never the serving process or the other workers), and a
+    version's first load on a node is probed in a throwaway child before it joins."""
     predict_timeout_s: float = Field(default=30.0, gt=0)
     """Workers only: the most one predict may take. Past it the worker is stopped and
     started again, and the request gets 504. A request may ask for less (the v2
@@ -158,6 +165,17 @@ class PoolConfig(BaseModel):
     marker was not written."""
 
 
+class SharedWorkersConfig(BaseModel):
+    """The shared model workers of a replica, for models with ``workers: shared``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    count: int = Field(default=2, ge=1)
+    """Worker processes; each version goes to the one that holds the fewest bytes."""
+    memory_bytes: int = Field(default=4 * 1024**3, ge=64 * 1024**2)
+    """Address space each may use on top of the interpreter's, for all its versions."""
+
+
 class IngressConfig(BaseModel):
     """The HTTP-facing replicas: with ``layout: single-hop`` these serve every model too."""
 
@@ -193,6 +211,7 @@ class AppConfig(BaseModel):
     """Named models, loaded at start and never evicted, and model sets (``prefix``), whose
     members load on their first request under ``pool``."""
     pool: PoolConfig = Field(default_factory=PoolConfig)
+    shared_workers: SharedWorkersConfig = Field(default_factory=SharedWorkersConfig)
     poll_interval_s: float = Field(default=5.0, gt=0)
     """Seconds between alias checks (with jitter)."""
     poll_jitter: float = Field(default=0.2, ge=0, le=1)

@@ -84,16 +84,25 @@ def prctl(option: int, arg: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
 
 
-def settle_caches() -> None:
+def settle_caches(*, confined: bool = False) -> None:
     """Fill what frameworks fill by starting a process the first time, before this process is
     confined (where starting one kills it): joblib's (loky's) count of physical cores runs
     ``lscpu`` the first time a scikit-learn model reduces pairwise distances (NearestCentroid,
     brute-force neighbours, KMeans), so every such model died in a model worker at its first
-    predict."""
+    predict. ``confined``: this process is confined already (a shared worker's later load):
+    the count is set to the logical cores instead, without ``lscpu``."""
     joblib = sys.modules.get("joblib")
-    if joblib is not None:
+    if joblib is None:
+        return
+    if confined:
         with contextlib.suppress(Exception):
-            joblib.cpu_count(only_physical_cores=True)
+            from joblib.externals.loky.backend import context
+
+            if context.physical_cores_cache is None:
+                context.physical_cores_cache = os.cpu_count() or 1
+        return
+    with contextlib.suppress(Exception):
+        joblib.cpu_count(only_physical_cores=True)
 
 
 def confine(memory_bytes: int, cpu_seconds: int | None) -> None:

@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import gc
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -56,7 +58,7 @@ from serving.manifest import Manifest, TensorSpec
 from .confine import child_env, classify, confine, describe, load_in_child, out_of_memory, settle_caches
 from .shm import Arena, ProtocolViolation, map_peer, pack, unpack
 
-__all__ = ["DEADLINE", "WorkerLimits", "WorkerPredictor"]
+__all__ = ["DEADLINE", "WorkerLimits", "WorkerPool", "WorkerPredictor"]
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +302,357 @@ def _wait_status(returncode: int | None) -> int | None:
     return (returncode & 0xFF) << 8
 
 
+class _Host:
+    """One model worker over its lifetimes: the process (started again after a failure), the
+    versions it holds (one; several in a :class:`WorkerPool`), and the lock that lets one
+    request in at a time.
+
+    Args:
+        name: for messages, threads and its memory file (``iris:3``, ``shared-0``).
+        limits: load time, restart backoff, niceness and the reply size it maps.
+        env: the worker's environment.
+        shared: several versions may live in it; it is confined at its first load, to
+            ``memory_bytes``, and stops when its last version leaves.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        limits: WorkerLimits,
+        env: dict[str, str],
+        *,
+        shared: bool = False,
+        memory_bytes: int | None = None,
+    ) -> None:
+        self.name = name
+        self.limits = limits
+        self.env = env
+        self.shared = shared
+        self.memory_bytes = memory_bytes
+        self.call_lock = threading.Lock()
+        """Held by the request the worker is computing (one at a time), and by loads into it."""
+        self.gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Per event loop, the queue its requests wait in for the call lock."""
+        self.state = threading.Lock()
+        self.closed = threading.Event()
+        """A dedicated worker's version left: it is never started again."""
+        self.arena = Arena(f"serving-{name}-in")
+        self.proc: _Process | None = None
+        self.restarting = False
+        self.failures = 0
+        """Failures since the last answered request (sets the backoff)."""
+        self.restarts = 0
+        self.last_failure: str | None = None
+        self.tenants: dict[int, WorkerPredictor] = {}
+        self._keys = itertools.count()
+
+    @property
+    def pid(self) -> int | None:
+        proc = self.proc
+        return proc.popen.pid if proc is not None else None
+
+    def resident_bytes(self) -> int:
+        with self.state:
+            return sum(t.load_bytes for t in self.tenants.values())
+
+    def status(self) -> dict[str, Any]:
+        with self.state:
+            models = sorted(t.where for t in self.tenants.values())
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "last_failure": self.last_failure,
+            "versions": models,
+            "bytes": self.resident_bytes(),
+        }
+
+    # -- versions in and out ---------------------------------------------------------
+    def add(self, tenant: WorkerPredictor) -> dict[str, Any]:
+        """Load ``tenant``'s version into the worker (starting one if none runs); its specs.
+
+        Raises:
+            WorkerFailed: a shared worker is restarting; try again.
+            IsolationFailed: the load crashed the worker, or ran out of memory or time (a shared
+                worker is then started again for the versions it held).
+            ServingError: the loader refused the version.
+        """
+        with self.call_lock:
+            with self.state:
+                proc = self.proc
+                if proc is None and self.restarting:
+                    raise WorkerFailed(
+                        f"{tenant.where}: its shared model worker is restarting after: {self.last_failure}",
+                        reason="restarting",
+                    )
+                tenant.key = next(self._keys)
+            fresh = proc is None
+            if proc is None:
+                proc = self.spawn()
+            try:
+                reply = self.load_into(proc, tenant)
+            except IsolationFailed as exc:
+                if not fresh:
+                    # NOTE: the worker died under the versions it held: they start again without this one.
+                    told = f"a version loading beside them failed: {exc}"
+                    self.fail(proc, exc.reason or "crash", told, kill=False)
+                raise
+            except BaseException:
+                if fresh:
+                    proc.kill()
+                raise
+            with self.state:
+                self.tenants[tenant.key] = tenant
+                if fresh:
+                    self.proc = proc
+            if fresh:
+                self.watch(proc)
+            return reply
+
+    def remove(self, tenant: WorkerPredictor) -> None:
+        """Unload ``tenant``'s version; the worker stops with its last version. Called on an event
+        loop (the last lease of a retired version given back by a request awaited there), the
+        waiting happens in a thread."""
+        with self.state:
+            held = self.tenants.pop(tenant.key, None) is not None
+            last = not self.tenants
+            proc = None
+            if last:
+                proc, self.proc = self.proc, None
+                if not self.shared:
+                    self.closed.set()
+
+        def stop() -> None:
+            if last:
+                if proc is not None:
+                    proc.stop()
+                with self.call_lock:
+                    self.arena.close()
+                return
+            if not held:
+                return
+            with self.call_lock:
+                current = self.proc
+                if current is None:
+                    return  # NOTE: restarting: the restart loads only the versions it still holds
+                try:
+                    current.send({"op": "unload", "key": tenant.key}, [])
+                    current.receive(time.monotonic() + self.limits.load_timeout_s)
+                except TimeoutError:
+                    self.fail(current, "timeout", "still unloading a version", kill=True)
+                except _Failure as failure:
+                    self.fail(current, failure.reason, failure.message, kill=True)
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            stop()
+        else:
+            threading.Thread(target=stop, name=f"unload-{tenant.where}", daemon=True).start()
+
+    def spawn(self) -> _Process:
+        return _Process(self.env, self.limits.nice, peer_limit=2 * self.limits.max_reply_bytes + (2 << 20))
+
+    def load_into(self, proc: _Process, tenant: WorkerPredictor) -> dict[str, Any]:
+        """Load ``tenant`` into ``proc``: its answer. ``proc`` is killed when it is not fit to go
+        on (it failed, or ran out of memory while loading).
+
+        Raises:
+            IsolationFailed: ``proc`` crashed, ran out of memory or time, or broke the protocol.
+            ServingError: the loader refused the version (``proc`` goes on).
+        """
+        deadline = time.monotonic() + self.limits.load_timeout_s
+        request = {**tenant.load_request, "key": tenant.key}
+        if self.memory_bytes is not None:
+            request["memory_bytes"] = self.memory_bytes
+        try:
+            proc.send(request, [])
+            reply = proc.receive(deadline)
+        except TimeoutError:
+            proc.kill()
+            seconds = self.limits.load_timeout_s
+            raise tenant.isolation_failed("timeout", f"still loading after {seconds} s") from None
+        except _Failure as failure:
+            status = proc.kill()
+            if failure.reason == "crash":
+                told = classify(status, "the model worker")
+                raise tenant.isolation_failed(told["reason"], told["message"]) from None
+            raise tenant.isolation_failed("crash", failure.message) from None
+        if reply.get("ok") is not True:
+            reason = reply.get("reason")
+            if reason in ("oom", "timeout", "exec"):
+                proc.kill()
+                raise tenant.isolation_failed(str(reason), str(reply.get("message"))[:4000])
+            cls = _RETURNED_ERRORS.get(str(reply.get("class")), errors.LoadError)
+            raise cls(str(reply.get("message", ""))[:4000])
+        try:
+            if not isinstance(reply.get("inputs"), list) or not isinstance(reply.get("outputs"), list):
+                raise ValueError("the specs are missing")
+            [TensorSpec.model_validate(s) for s in reply["inputs"] + reply["outputs"]]
+        except ValueError as exc:
+            proc.kill()
+            raise tenant.isolation_failed("crash", f"the model worker broke the protocol: {exc}") from exc
+        return reply
+
+    # -- one request ---------------------------------------------------------------
+    def current(self, tenant: WorkerPredictor, deadline: float) -> _Process:
+        """The worker to send ``tenant``'s request to (the caller holds the call lock)."""
+        if tenant.broken is not None:
+            raise WorkerFailed(f"{tenant.where}: {tenant.broken}", reason="failed")
+        proc = self.proc
+        if proc is None:
+            raise WorkerFailed(
+                f"{tenant.where}: the model worker is restarting after: {self.last_failure or 'closed'}",
+                reason="restarting",
+            )
+        if deadline - time.monotonic() < _MIN_SEND_S:
+            raise DeadlineExceeded(
+                f"{tenant.where}: the request's deadline passed before the model could run"
+            )
+        return proc
+
+    # -- failures and restarts -----------------------------------------------------
+    def fail(
+        self, proc: _Process, reason: str, message: str, *, kill: bool, blame: WorkerPredictor | None = None
+    ) -> tuple[str, str]:
+        """Take ``proc`` out of service (once) and schedule a restart; the reason and message told.
+        ``blame``: the version whose request or load it failed in (for its probation)."""
+        if kill:
+            # NOTE: a worker that hung up is usually dying: give it a moment so its own death,
+            # not our SIGKILL (read as "oom"), is what is reported.
+            status = proc.kill(grace_s=1.0 if reason == "crash" and not message else 0.0)
+        else:
+            proc.close()
+            status = _wait_status(proc.popen.returncode)
+        if reason == "crash" and not message:
+            told = classify(status, "the worker")
+            reason, message = told["reason"], told["message"]
+        with self.state:
+            if self.proc is not proc:
+                return reason, message
+            self.proc = None
+            self.restarting = True
+            models = {t.model for t in self.tenants.values()}
+        self.last_failure = f"{reason}: {message}"
+        for model in sorted(models):
+            metrics.WORKER_FAILURES.inc(model=model, reason=reason)
+        log.warning("%s: model worker failed (%s: %s)", self.name, reason, message)
+        if blame is not None:
+            blame.failed_in(reason, message)
+        self.failures += 1
+        threading.Thread(target=self.restart, name=f"restart-{self.name}", daemon=True).start()
+        return reason, message
+
+    def restart(self) -> None:
+        exponent = min(max(0, self.failures - 1), 20)
+        delay = min(self.limits.restart_backoff_max_s, self.limits.restart_backoff_s * 2**exponent)
+        while not self.closed.wait(delay):
+            with self.state:
+                tenants = list(self.tenants.values())
+                if not tenants:
+                    self.restarting = False
+                    return
+            try:
+                proc = self.revive(tenants)
+            except Exception as exc:  # NOTE: a restart thread must never die
+                if not isinstance(exc, ServingError):
+                    log.exception("%s: model worker restart failed", self.name)
+                self.last_failure = f"restart failed: {exc}"
+                log.warning("%s: model worker restart failed: %s", self.name, exc)
+                self.failures += 1
+                delay = min(self.limits.restart_backoff_max_s, delay * 2)
+                continue
+            with self.state:
+                unwanted = self.closed.is_set() or not self.tenants or self.proc is not None
+                if unwanted:
+                    self.restarting = False
+                else:
+                    self.proc = proc
+                    self.restarting = False
+                models = {t.model for t in self.tenants.values()}
+            if unwanted:
+                proc.stop()
+                return
+            self.restarts += 1
+            for model in sorted(models):
+                metrics.WORKER_RESTARTS.inc(model=model)
+            log.info("%s: model worker restarted (pid %s)", self.name, proc.popen.pid)
+            self.watch(proc)
+            return
+
+    def revive(self, tenants: list[WorkerPredictor]) -> _Process:
+        """A new worker that loaded ``tenants``' versions again. In a shared worker, a version that
+        no longer loads is failed on this replica and left out, and the others start over."""
+        while True:
+            proc = self.spawn()
+            loading: WorkerPredictor | None = None
+            try:
+                for loading in tenants:
+                    self.load_into(proc, loading)
+                return proc
+            except ServingError as exc:
+                proc.kill()
+                if not self.shared or loading is None:
+                    raise
+                with self.state:
+                    self.tenants.pop(loading.key, None)
+                loading.fail_for_good(f"it did not load again after its shared worker restarted: {exc}")
+                tenants = [t for t in tenants if t is not loading]
+                if not tenants:
+                    raise
+            except BaseException:
+                proc.kill()
+                raise
+
+    def watch(self, proc: _Process) -> None:
+        """Notice a worker that dies between requests, so it is back before the next one."""
+
+        def wait() -> None:
+            proc.popen.wait()
+            if self.closed.is_set() or self.proc is not proc:
+                return
+            with self.call_lock:
+                if self.proc is proc:
+                    with self.state:
+                        only = list(self.tenants.values()) if not self.shared else []
+                    self.fail(proc, "crash", "", kill=False, blame=only[0] if len(only) == 1 else None)
+
+        threading.Thread(target=wait, name=f"watch-{self.name}", daemon=True).start()
+
+
+class WorkerPool:
+    """Shared model workers: ``size`` processes that each hold several versions, for models with
+    ``workers: shared``. A version goes to the worker that holds the fewest bytes.
+
+    The trade-off: a crash, hang or memory blow-up in one version costs every version in its
+    worker a restart (they are loaded again, with backoff), never the serving process or the
+    other workers. Versions are probed in a throwaway child before they join, so a crash at
+    load costs nobody else.
+    """
+
+    def __init__(
+        self, size: int, limits: WorkerLimits, *, memory_bytes: int, env: dict[str, str] | None = None
+    ) -> None:
+        worker_env = child_env(env)
+        self.hosts = [
+            _Host(f"shared-{i}", limits, worker_env, shared=True, memory_bytes=memory_bytes)
+            for i in range(size)
+        ]
+        self._placing = threading.Lock()
+
+    def place(self) -> _Host:
+        """The worker for a new version: the one holding the fewest bytes."""
+        with self._placing:
+            return min(self.hosts, key=lambda h: (h.resident_bytes(), len(h.tenants)))
+
+    def status(self) -> list[dict[str, Any]]:
+        return [host.status() for host in self.hosts]
+
+
 class WorkerPredictor(Predictor):
-    """A version loaded in its own worker process; predicts there, within a deadline.
+    """A version loaded in a model worker process; predicts there, within a deadline.
 
     Args:
         cached: the verified version in the loader cache.
@@ -312,6 +663,7 @@ class WorkerPredictor(Predictor):
         env: the worker's environment (no secrets; the caller scrubs it).
         on_probation_failure: called (from a background thread) with a message when
             the worker fails within its first ``probation_requests`` requests.
+        pool: load into one of these shared workers; None: a worker of its own.
 
     Raises:
         IsolationFailed: the worker crashed, ran out of memory or time while loading.
@@ -328,13 +680,13 @@ class WorkerPredictor(Predictor):
         warmup: bool = True,
         env: dict[str, str] | None = None,
         on_probation_failure: Callable[[str], None] | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         self.where = f"{cached.name}:{cached.version}"
         self.model = model
         self.limits = limits
         self.on_probation_failure = on_probation_failure
-        self._env = child_env(env)
-        self._load_request = {
+        self.load_request = {
             "op": "load",
             "path": str(cached.path),
             "manifest": cached.manifest.model_dump(mode="json"),
@@ -343,23 +695,19 @@ class WorkerPredictor(Predictor):
             "memory_bytes": limits.memory_for(cached.manifest),
             "cpu_seconds": limits.load_cpu_seconds,
         }
-        self._call_lock = threading.Lock()
-        """Held by the request the worker is computing (one at a time)."""
-        self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-            weakref.WeakKeyDictionary()
-        )
-        """Per event loop, the queue its requests wait in for the call lock."""
-        self._state = threading.Lock()
-        self._closed = threading.Event()
-        self._arena = Arena(f"serving-{model}-in")
-        self._proc: _Process | None = None
+        self.key = 0
+        """Its name in the worker."""
+        self.broken: str | None = None
+        """Why it can no longer be served here (it did not load again after a restart)."""
+        self.load_bytes = cached.manifest.total_bytes
+        """What its load added to the worker's resident memory (its files' size until measured)."""
         self._served = 0
-        """Requests the current version answered (counts towards probation)."""
-        self._failures = 0
-        """Failures since the last answered request (sets the backoff)."""
-        self.restarts = 0
-        self.last_failure: str | None = None
-        self._proc, spec = self._start()
+        """Requests this version answered (counts towards probation)."""
+        self._host = pool.place() if pool is not None else _Host(self.where, limits, child_env(env))
+        spec = self._host.add(self)
+        measured = spec.get("bytes")
+        if isinstance(measured, int) and measured > 0:
+            self.load_bytes = max(measured, cached.manifest.total_bytes)
         self.inputs = [TensorSpec.model_validate(s) for s in spec["inputs"]]
         self.outputs = [TensorSpec.model_validate(s) for s in spec["outputs"]]
         self._output_names = frozenset(o.name for o in self.outputs)
@@ -367,7 +715,6 @@ class WorkerPredictor(Predictor):
         self._primary = (
             primary if isinstance(primary, str) and primary in {o.name for o in self.outputs} else None
         )
-        self._watch(self._proc)
 
     # -- Predictor ---------------------------------------------------------------
     @property
@@ -381,24 +728,8 @@ class WorkerPredictor(Predictor):
         return self._call(inputs, list(names))
 
     def close(self) -> None:
-        """Stop the worker. Called on an event loop (the last lease of a retired version given
-        back by a request awaited there), the waiting for it happens in a thread."""
-        self._closed.set()
-        with self._state:
-            proc, self._proc = self._proc, None
-
-        def stop() -> None:
-            if proc is not None:
-                proc.stop()
-            with self._call_lock:
-                self._arena.close()
-
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            stop()
-        else:
-            threading.Thread(target=stop, name=f"close-{self.where}", daemon=True).start()
+        """Unload the version; its own worker stops (a shared one, with its last version)."""
+        self._host.remove(self)
 
     def convert(
         self, directory: str, example: list[Any], *, to: str = "onnx", source: str | None = None
@@ -417,11 +748,13 @@ class WorkerPredictor(Predictor):
             IsolationFailed: the worker crashed, ran out of memory or time while converting.
         """
         seconds = self.limits.load_timeout_s
-        with self._call_lock:
+        host = self._host
+        with host.call_lock:
             deadline = time.monotonic() + seconds
-            proc = self._current(deadline)
+            proc = host.current(self, deadline)
             message = {
                 "op": "convert",
+                "key": self.key,
                 "to": to,
                 "source": source,
                 "dir": directory,
@@ -432,24 +765,46 @@ class WorkerPredictor(Predictor):
                 proc.send(message, [])
                 reply = proc.receive(deadline)
             except TimeoutError:
-                self._fail(proc, "timeout", f"still converting after {seconds} s", kill=True)
-                raise self._isolation_failed("timeout", f"still converting after {seconds} s") from None
+                host.fail(proc, "timeout", f"still converting after {seconds} s", kill=True)
+                raise self.isolation_failed("timeout", f"still converting after {seconds} s") from None
             except _Failure as failure:
-                reason, told = self._fail(proc, failure.reason, failure.message, kill=True)
-                raise self._isolation_failed(reason, told) from None
+                reason, told = host.fail(proc, failure.reason, failure.message, kill=True)
+                raise self.isolation_failed(reason, told) from None
         if reply.get("ok") is True:
             return reply
         if reply.get("reason") == "oom":
-            raise self._isolation_failed("oom", str(reply.get("message", ""))[:4000])
+            raise self.isolation_failed("oom", str(reply.get("message", ""))[:4000])
         raise self._error_from(reply, "converting")
 
     @property
     def pid(self) -> int | None:
-        proc = self._proc
-        return proc.popen.pid if proc is not None else None
+        """The worker's process id (None while it restarts)."""
+        return self._host.pid
+
+    @property
+    def shared(self) -> bool:
+        """Whether other versions share its worker."""
+        return self._host.shared
+
+    @property
+    def restarts(self) -> int:
+        return self._host.restarts
+
+    @property
+    def last_failure(self) -> str | None:
+        return self._host.last_failure
+
+    @property
+    def _call_lock(self) -> threading.Lock:
+        return self._host.call_lock
 
     def status(self) -> dict[str, Any]:
-        return {"pid": self.pid, "restarts": self.restarts, "last_failure": self.last_failure}
+        status = {"pid": self.pid, "restarts": self.restarts, "last_failure": self.last_failure}
+        if self.shared:
+            status.update(shared=self._host.name, bytes=self.load_bytes)
+        if self.broken is not None:
+            status["broken"] = self.broken
+        return status
 
     # -- one request ---------------------------------------------------------------
     def _deadline(self) -> tuple[float, float | None]:
@@ -461,11 +816,12 @@ class WorkerPredictor(Predictor):
 
     def _call(self, inputs: dict[str, np.ndarray], names: list[str] | None) -> dict[str, np.ndarray]:
         deadline, own = self._deadline()
-        if not self._call_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        lock = self._host.call_lock
+        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise DeadlineExceeded(f"{self.where}: waited for the model worker past the request's deadline")
         handed_off = False
         try:
-            proc = self._current(deadline)
+            proc = self._host.current(self, deadline)
             try:
                 sent = self._send(proc, inputs, names, deadline, own)
                 outputs = self._outputs(proc, proc.receive(sent.wait_until))
@@ -474,12 +830,11 @@ class WorkerPredictor(Predictor):
                 raise self._timed_out(sent) from None
             except _Failure as failure:
                 raise self._failed(proc, failure) from None
-            self._served += 1
-            self._failures = 0
+            self._answered()
             return outputs
         finally:
             if not handed_off:
-                self._call_lock.release()
+                lock.release()
 
     async def predict_async(
         self, inputs: dict[str, np.ndarray], names: Collection[str] | None = None
@@ -495,10 +850,11 @@ class WorkerPredictor(Predictor):
         failed worker happen in a thread too.
         """
         loop = asyncio.get_running_loop()
+        host = self._host
         deadline, own = self._deadline()
-        gate = self._gates.get(loop)
+        gate = host.gates.get(loop)
         if gate is None:
-            gate = self._gates.setdefault(loop, asyncio.Lock())
+            gate = host.gates.setdefault(loop, asyncio.Lock())
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 await gate.acquire()
@@ -510,7 +866,7 @@ class WorkerPredictor(Predictor):
             await self._acquire_call_lock(loop, deadline)
             handed_off = False
             try:
-                proc = self._current(deadline)
+                proc = host.current(self, deadline)
                 try:
                     sent = self._send(proc, inputs, None if names is None else list(names), deadline, own)
                     await _readable(loop, proc, sent.wait_until)
@@ -527,30 +883,28 @@ class WorkerPredictor(Predictor):
                     handed_off = True
                     self._hand_off(proc, sent.model_deadline)
                     raise
-                self._served += 1
-                self._failures = 0
+                self._answered()
                 return outputs
             finally:
                 if not handed_off:
-                    self._call_lock.release()
+                    host.call_lock.release()
         finally:
             gate.release()
 
     async def _acquire_call_lock(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         """Take the call lock from the loop: at once when it is free, else in a thread (a thread
         holds it), giving it back if this request is cancelled in the meantime."""
-        if self._call_lock.acquire(blocking=False):
+        lock = self._host.call_lock
+        if lock.acquire(blocking=False):
             return
-        waiting = loop.run_in_executor(
-            _WAITS, self._call_lock.acquire, True, max(0.0, deadline - time.monotonic())
-        )
+        waiting = loop.run_in_executor(_WAITS, lock.acquire, True, max(0.0, deadline - time.monotonic()))
         try:
             acquired = await asyncio.shield(waiting)
         except asyncio.CancelledError:
 
             def give_back(done: asyncio.Future[bool]) -> None:
                 if not done.cancelled() and done.exception() is None and done.result():
-                    self._call_lock.release()
+                    lock.release()
 
             waiting.add_done_callback(give_back)
             raise
@@ -560,26 +914,19 @@ class WorkerPredictor(Predictor):
     async def _then_release(self, fn: Callable[..., ServingError], *args: Any) -> ServingError:
         """``fn(*args)`` (a kill and a reap) in a thread, then the call lock released there, even
         when the request is cancelled meanwhile: the next request waits for the kill."""
+        lock = self._host.call_lock
 
         def run() -> ServingError:
             try:
                 return fn(*args)
             finally:
-                self._call_lock.release()
+                lock.release()
 
         return await asyncio.shield(asyncio.get_running_loop().run_in_executor(_WAITS, run))
 
-    def _current(self, deadline: float) -> _Process:
-        """The worker to send to (the caller holds the call lock)."""
-        proc = self._proc
-        if proc is None:
-            raise WorkerFailed(
-                f"{self.where}: the model worker is restarting after: {self.last_failure or 'closed'}",
-                reason="restarting",
-            )
-        if deadline - time.monotonic() < _MIN_SEND_S:
-            raise DeadlineExceeded(f"{self.where}: the request's deadline passed before the model could run")
-        return proc
+    def _answered(self) -> None:
+        self._served += 1
+        self._host.failures = 0
 
     def _send(
         self,
@@ -603,10 +950,12 @@ class WorkerPredictor(Predictor):
         asked = None
         if names is not None and all(n in self._output_names for n in names):
             asked = list(names)  # NOTE: unknown names: compute everything, the codec refuses them
-        headers, replaced = pack(inputs, self._arena)
-        fds = [self._arena.fd] if replaced or not proc.arena_sent else []
+        arena = self._host.arena
+        headers, replaced = pack(inputs, arena)
+        fds = [arena.fd] if replaced or not proc.arena_sent else []
         message = {
             "op": "predict",
+            "key": self.key,
             "inputs": headers,
             "names": asked,
             "seconds": timeout,
@@ -628,13 +977,12 @@ class WorkerPredictor(Predictor):
                 f"{self.where}: predict ran past the request's deadline of {sent.budget_s:.3g} s"
             )
         timeout = self.limits.predict_timeout_s
-        self._fail(sent.proc, "timeout", f"predict ran past its deadline of {timeout:.3g} s", kill=True)
-        return DeadlineExceeded(
-            f"{self.where}: predict ran past its deadline of {timeout:.3g} s; the worker was stopped"
-        )
+        message = f"predict ran past its deadline of {timeout:.3g} s"
+        self._host.fail(sent.proc, "timeout", f"{self.where}: {message}", kill=True, blame=self)
+        return DeadlineExceeded(f"{self.where}: {message}; the worker was stopped")
 
     def _failed(self, proc: _Process, failure: _Failure) -> WorkerFailed:
-        reason, message = self._fail(proc, failure.reason, failure.message, kill=True)
+        reason, message = self._host.fail(proc, failure.reason, failure.message, kill=True, blame=self)
         return WorkerFailed(
             f"{self.where}: the model worker failed ({message}); it is restarting", reason=reason
         )
@@ -652,13 +1000,14 @@ class WorkerPredictor(Predictor):
             self._outputs(proc, proc.receive(model_deadline))
         except TimeoutError:
             seconds = self.limits.predict_timeout_s
-            self._fail(proc, "timeout", f"predict ran past its deadline of {seconds:.3g} s", kill=True)
+            message = f"{self.where}: predict ran past its deadline of {seconds:.3g} s"
+            self._host.fail(proc, "timeout", message, kill=True, blame=self)
         except _Failure as failure:
-            self._fail(proc, failure.reason, failure.message, kill=True)
+            self._host.fail(proc, failure.reason, failure.message, kill=True, blame=self)
         except ServingError:
             pass  # NOTE: the model's own answer (a 4xx, an internal error, logged); nobody waits for it
         finally:
-            self._call_lock.release()
+            self._host.call_lock.release()
 
     def _outputs(self, proc: _Process, reply: dict[str, Any]) -> dict[str, np.ndarray]:
         if reply.get("ok") is True:
@@ -688,116 +1037,26 @@ class WorkerPredictor(Predictor):
         )
         return InternalError(f"internal error: {str(reply.get('class', 'Exception'))[:80]}")
 
-    # -- failures and restarts -----------------------------------------------------
-    def _fail(self, proc: _Process, reason: str, message: str, *, kill: bool) -> tuple[str, str]:
-        """Take ``proc`` out of service (once) and schedule a restart; the reason and message told."""
-        if kill:
-            # NOTE: a worker that hung up is usually dying: give it a moment so its own death,
-            # not our SIGKILL (read as "oom"), is what is reported.
-            status = proc.kill(grace_s=1.0 if reason == "crash" and not message else 0.0)
-        else:
-            proc.close()
-            status = _wait_status(proc.popen.returncode)
-        if reason == "crash" and not message:
-            told = classify(status, "the worker")
-            reason, message = told["reason"], told["message"]
-        with self._state:
-            if self._proc is not proc:
-                return reason, message
-            self._proc = None
-        self.last_failure = f"{reason}: {message}"
-        metrics.WORKER_FAILURES.inc(model=self.model, reason=reason)
-        log.warning("%s: model worker failed (%s: %s)", self.where, reason, message)
+    # -- failures ------------------------------------------------------------------
+    def failed_in(self, reason: str, message: str) -> None:
+        """Its worker failed in its request or load: within probation, report it."""
         if self._served < self.limits.probation_requests and self.on_probation_failure is not None:
-            callback = self.on_probation_failure
             first = self.limits.probation_requests
-            note = f"its worker failed within its first {first} requests ({reason}: {message})"
-            threading.Thread(
-                target=callback, args=(note,), name=f"probation-{self.where}", daemon=True
-            ).start()
-        self._failures += 1
-        threading.Thread(target=self._restart, name=f"restart-{self.where}", daemon=True).start()
-        return reason, message
+            self._report(f"its worker failed within its first {first} requests ({reason}: {message})")
 
-    def _restart(self) -> None:
-        exponent = min(max(0, self._failures - 1), 20)
-        delay = min(self.limits.restart_backoff_max_s, self.limits.restart_backoff_s * 2**exponent)
-        while not self._closed.wait(delay):
-            try:
-                proc, _ = self._start()
-            except Exception as exc:  # NOTE: a restart thread must never die
-                if not isinstance(exc, ServingError):
-                    log.exception("%s: model worker restart failed", self.where)
-                self.last_failure = f"restart failed: {exc}"
-                log.warning("%s: model worker restart failed: %s", self.where, exc)
-                self._failures += 1
-                delay = min(self.limits.restart_backoff_max_s, delay * 2)
-                continue
-            with self._state:
-                if self._closed.is_set():
-                    proc.stop()
-                    return
-                self._proc = proc
-            self.restarts += 1
-            metrics.WORKER_RESTARTS.inc(model=self.model)
-            log.info("%s: model worker restarted (pid %s)", self.where, proc.popen.pid)
-            self._watch(proc)
-            return
+    def fail_for_good(self, why: str) -> None:
+        """It can no longer be served here (a shared worker could not load it again): report it."""
+        self.broken = why
+        if self.on_probation_failure is not None:
+            self._report(why)
 
-    def _watch(self, proc: _Process) -> None:
-        """Notice a worker that dies between requests, so it is back before the next one."""
+    def _report(self, note: str) -> None:
+        callback = self.on_probation_failure
+        if callback is not None:
+            name = f"probation-{self.where}"
+            threading.Thread(target=callback, args=(note,), name=name, daemon=True).start()
 
-        def wait() -> None:
-            proc.popen.wait()
-            if self._closed.is_set() or self._proc is not proc:
-                return
-            with self._call_lock:
-                if self._proc is proc:
-                    self._fail(proc, "crash", "", kill=False)
-
-        threading.Thread(target=wait, name=f"watch-{self.where}", daemon=True).start()
-
-    def _start(self) -> tuple[_Process, dict[str, Any]]:
-        """A new worker that loaded (and warmed up) this version: it and its specs."""
-        proc = _Process(self._env, self.limits.nice, peer_limit=2 * self.limits.max_reply_bytes + (2 << 20))
-        try:
-            return self._load(proc)
-        except BaseException:
-            proc.kill()
-            raise
-
-    def _load(self, proc: _Process) -> tuple[_Process, dict[str, Any]]:
-        deadline = time.monotonic() + self.limits.load_timeout_s
-        try:
-            proc.send(self._load_request, [])
-            reply = proc.receive(deadline)
-        except TimeoutError:
-            proc.kill()
-            seconds = self.limits.load_timeout_s
-            raise self._isolation_failed("timeout", f"still loading after {seconds} s") from None
-        except _Failure as failure:
-            status = proc.kill()
-            if failure.reason == "crash":
-                told = classify(status, "the model worker")
-                raise self._isolation_failed(told["reason"], told["message"]) from None
-            raise self._isolation_failed("crash", failure.message) from None
-        if reply.get("ok") is not True:
-            proc.stop()
-            reason = reply.get("reason")
-            if reason in ("oom", "timeout", "exec"):
-                raise self._isolation_failed(str(reason), str(reply.get("message"))[:4000])
-            cls = _RETURNED_ERRORS.get(str(reply.get("class")), errors.LoadError)
-            raise cls(str(reply.get("message", ""))[:4000])
-        try:
-            if not isinstance(reply.get("inputs"), list) or not isinstance(reply.get("outputs"), list):
-                raise ValueError("the specs are missing")
-            [TensorSpec.model_validate(s) for s in reply["inputs"] + reply["outputs"]]
-        except ValueError as exc:
-            proc.kill()
-            raise self._isolation_failed("crash", f"the model worker broke the protocol: {exc}") from exc
-        return proc, reply
-
-    def _isolation_failed(self, reason: str, message: str) -> IsolationFailed:
+    def isolation_failed(self, reason: str, message: str) -> IsolationFailed:
         return IsolationFailed(
             f"{self.where}: failed isolation ({reason}) in its model worker: {message}", reason
         )
@@ -820,13 +1079,7 @@ def _worker_main(parent_pid: int, fd: int, nice: int) -> int:  # pragma: no cove
     import serving.formats.warmup  # noqa: F401 -- NOTE: the loaders, before the limits
 
     sock = socket.socket(fileno=fd)
-    request = _receive(sock)
-    if request is None or request.get("op") != "load":
-        return 0
-    predictor, reply = _load(request)
-    sock.send(json.dumps(reply).encode())
-    if predictor is None:
-        return 0
+    predictors: dict[int, Predictor] = {}
     inputs_view: Any = None
     outputs = Arena("serving-worker-out")
     while True:
@@ -837,7 +1090,23 @@ def _worker_main(parent_pid: int, fd: int, nice: int) -> int:  # pragma: no cove
         if fd_in is not None:
             inputs_view = map_peer(fd_in)
             os.close(fd_in)
-        if request.get("op") == "convert":
+        op, key = request.get("op"), request.get("key", 0)
+        if op == "load":
+            predictor, reply = _load(request)
+            if predictor is not None:
+                predictors[key] = predictor
+            sock.send(json.dumps(reply).encode())
+            continue
+        if op == "unload":
+            predictors.pop(key, None)
+            gc.collect()
+            sock.send(b'{"ok": true}')
+            continue
+        predictor = predictors.get(key)
+        if predictor is None:
+            sock.send(json.dumps({"ok": False, "class": "KeyError", "message": f"no version {key}"}).encode())
+            continue
+        if op == "convert":
             sock.send(json.dumps(_convert(predictor, request)).encode())
             continue
         reply, replaced = _predict(predictor, request, inputs_view, outputs)
@@ -872,17 +1141,26 @@ def _receive(sock: socket.socket, keep_fd: bool = False) -> dict[str, Any] | Non
     return message
 
 
+_CONFINED = False
+"""Whether this worker confined itself (at its first load)."""
+
+
 def _load(request: dict[str, Any]) -> tuple[Predictor | None, dict[str, Any]]:  # pragma: no cover -- worker
     def prepare() -> None:
+        global _CONFINED
         facts = FORMAT_FACTS.get(str(request["manifest"].get("format", "")))
         for module in (*facts.preload, *facts.worker_preload) if facts is not None else ():
             # NOTE: the framework's own import is not the version's to pay for.
             with contextlib.suppress(Exception):
                 importlib.import_module(module)
-        settle_caches()
-        confine(int(request["memory_bytes"]), None)
+        settle_caches(confined=_CONFINED)
+        if not _CONFINED:
+            # NOTE: once: a shared worker's limit is for all its versions (and cannot be raised).
+            confine(int(request["memory_bytes"]), None)
+            _CONFINED = True
         _cpu_budget(float(request["cpu_seconds"]))
 
+    before = _rss()
     predictor, answer = load_in_child(request, prepare)
     if predictor is None:
         return None, answer
@@ -891,7 +1169,16 @@ def _load(request: dict[str, Any]) -> tuple[Predictor | None, dict[str, Any]]:  
         "inputs": [s.model_dump(mode="json") for s in predictor.inputs],
         "outputs": [s.model_dump(mode="json") for s in predictor.outputs],
         "primary": predictor.primary_output if predictor.outputs else None,
+        "bytes": max(0, _rss() - before),
     }
+
+
+def _rss() -> int:  # pragma: no cover -- worker
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _cpu_budget(seconds: float) -> None:  # pragma: no cover -- worker

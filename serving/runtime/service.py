@@ -27,7 +27,7 @@ from serving.config import AppConfig, ModelConfig
 from serving.errors import InvalidInput, NotReady, ServingError
 from serving.formats.base import LoadPolicy
 from serving.isolation.prober import IsolationLimits, IsolationMode, Prober
-from serving.isolation.worker import DEADLINE, WorkerLimits, WorkerPredictor
+from serving.isolation.worker import DEADLINE, WorkerLimits, WorkerPool, WorkerPredictor
 from serving.protocol.tensors import check_reply_size, conform, select_outputs
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, status_of
 from serving.repository import Repository, Resolved
@@ -60,7 +60,7 @@ def build_cache(app: AppConfig, settings: Settings) -> LoaderCache:
 def build_prober(model: ModelConfig, settings: Settings, cache: LoaderCache) -> Prober | None:
     """The isolation of first loads for ``model``: None for ``none`` and for workers
     (a worker's load is already confined)."""
-    if model.isolation in ("never", "none", "worker"):
+    if model.isolation in ("never", "none") or (model.isolation == "worker" and model.workers == "dedicated"):
         return None
     limits = IsolationLimits(
         memory_bytes=settings.isolation_memory_bytes,
@@ -68,7 +68,8 @@ def build_prober(model: ModelConfig, settings: Settings, cache: LoaderCache) -> 
         timeout_s=settings.isolation_timeout_s,
         nice=settings.isolation_nice,
     )
-    mode: IsolationMode = "always" if model.isolation == "always" else "auto"
+    # NOTE: a version joining a shared worker is probed alone first: a crash at load costs nobody else.
+    mode: IsolationMode = "always" if model.isolation in ("always", "worker") else "auto"
     return Prober(limits, mode=mode, memo_dir=cache.root / "isolation")
 
 
@@ -85,10 +86,32 @@ def build_loader(model: ModelConfig, app: AppConfig, settings: Settings) -> Load
         max_reply_bytes=app.reply_limit,
     )
 
+    pool = shared_pool(app, settings) if model.workers == "shared" else None
+
     def load_in_worker(cached: CachedVersion, policy: LoadPolicy) -> WorkerPredictor:
-        return WorkerPredictor(cached, policy, limits, model=model.name, warmup=model.warmup)
+        return WorkerPredictor(cached, policy, limits, model=model.name, warmup=model.warmup, pool=pool)
 
     return load_in_worker
+
+
+_POOLS: dict[tuple[Any, ...], WorkerPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def shared_pool(app: AppConfig, settings: Settings) -> WorkerPool:
+    """This process's shared model workers (one pool per replica, whichever models use it)."""
+    config = app.shared_workers
+    limits = WorkerLimits(
+        load_timeout_s=settings.isolation_timeout_s,
+        load_cpu_seconds=settings.isolation_cpu_seconds,
+        max_reply_bytes=app.reply_limit,
+    )
+    key = (config.count, config.memory_bytes, limits)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = _POOLS[key] = WorkerPool(config.count, limits, memory_bytes=config.memory_bytes)
+        return pool
 
 
 def policy_from(settings: Settings) -> LoadPolicy:
@@ -337,7 +360,11 @@ class ModelService:
             if id(live) in seen:
                 continue
             seen.add(id(live))
-            pid = live.predictor.pid if isinstance(live.predictor, WorkerPredictor) else None
+            predictor = live.predictor
+            if isinstance(predictor, WorkerPredictor) and predictor.shared:
+                total += predictor.load_bytes  # NOTE: its share of a worker that holds others too
+                continue
+            pid = predictor.pid if isinstance(predictor, WorkerPredictor) else None
             total += pss_bytes(pid) if pid else live.memory_bytes
         return total
 

@@ -1,0 +1,255 @@
+"""Shared model workers (``workers: shared``): several versions in one worker process, real
+crashes, and what they cost the versions beside them."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hostile_modules import CrashOnNegative, good_iris, segfault_version
+
+from serving.cache import CachedVersion, LoaderCache
+from serving.errors import IsolationFailed, WorkerFailed
+from serving.formats import load_predictor
+from serving.formats.base import LoadPolicy
+from serving.isolation.worker import WorkerLimits, WorkerPool, WorkerPredictor
+from serving.publish import publish_path
+from serving.repository import Repository
+from serving.save import save
+from serving.store.local import LocalStore
+from serving.testing.poll import wait_for
+
+LIMITS = WorkerLimits(memory_bytes=1536 * 1024**2, predict_timeout_s=20.0, restart_backoff_s=0.1)
+ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
+GOOD = np.array([[1.0, 0.0]], dtype=np.float32)
+CRASH = np.array([[-1.0, 0.0]], dtype=np.float32)
+
+
+class Versions:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.repo = Repository(LocalStore(str(root / "store")))
+        self.cache = LoaderCache(root / "cache", max_bytes=10**10)
+
+    def fetch(self, name: str) -> CachedVersion:
+        return self.cache.fetch(self.repo, self.repo.resolve(f"{name}:1"))
+
+    def add(self, path: Path, fmt: str, **kwargs: Any) -> CachedVersion:
+        name = f"m{uuid.uuid4().hex[:8]}"
+        publish_path(self.repo, path, name, version="1", format=fmt, **kwargs)
+        return self.fetch(name)
+
+    def module(self, module: Any) -> CachedVersion:
+        name = f"m{uuid.uuid4().hex[:8]}"
+        save(module, name, version="1", store=self.repo, example=[[0.0, 1.0]])
+        return self.fetch(name)
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> Versions:
+    return Versions(tmp_path_factory.mktemp("shared"))
+
+
+@pytest.fixture(scope="module")
+def iris(versions: Versions, tmp_path_factory: pytest.TempPathFactory) -> CachedVersion:
+    path = good_iris(tmp_path_factory.mktemp("iris") / "iris.joblib")
+    return versions.add(path, "sklearn", example=ROWS[:1].tolist())
+
+
+class Tenants:
+    """Versions loaded into one pool; every one is closed at the end."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.loaded: list[WorkerPredictor] = []
+
+    def load(self, cached: CachedVersion, **kwargs: Any) -> WorkerPredictor:
+        predictor = WorkerPredictor(cached, LoadPolicy(), LIMITS, model="m", pool=self.pool, **kwargs)
+        self.loaded.append(predictor)
+        return predictor
+
+
+@pytest.fixture
+def one_worker() -> Iterator[Tenants]:
+    tenants = Tenants(WorkerPool(1, LIMITS, memory_bytes=3 * 1024**3))
+    yield tenants
+    for predictor in tenants.loaded:
+        predictor.close()
+
+
+def _answers(worker: WorkerPredictor, rows: np.ndarray) -> np.ndarray:
+    return worker.predict({worker.inputs[0].name: rows})[worker.primary_output]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # NOTE: a zombie until its parent reaps it (Popen.wait in stop()) still counts as gone.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[-1].startswith("Z")
+
+
+def test_versions_in_one_shared_worker_each_answer_as_themselves(
+    versions: Versions, iris: CachedVersion, one_worker: Tenants
+) -> None:
+    local = load_predictor(iris.path, iris.manifest, LoadPolicy())
+    first = one_worker.load(iris)
+    doubler = one_worker.load(versions.module(CrashOnNegative()))
+    pid = first.pid
+    assert pid is not None
+    assert pid != os.getpid()
+    assert doubler.pid == pid  # NOTE: one process holds both
+    assert first.shared
+    assert first.status()["shared"] == "shared-0"
+    assert first.load_bytes >= iris.manifest.total_bytes
+    want = local.predict({local.inputs[0].name: ROWS})["predict"]
+    np.testing.assert_array_equal(_answers(first, ROWS), want)
+    np.testing.assert_array_equal(_answers(doubler, GOOD), 2 * GOOD)
+    assert one_worker.pool.status()[0]["versions"] == sorted([first.where, doubler.where])
+
+    # One leaves: the other is still served by the same process.
+    doubler.close()
+    np.testing.assert_array_equal(_answers(first, ROWS), want)
+    assert first.pid == pid
+    # The last leaves: the worker stops.
+    first.close()
+    wait_for(lambda: _gone(pid), timeout=10, what="the shared worker stopped with its last version")
+
+
+def test_a_crash_costs_the_versions_beside_it_a_restart_and_only_the_crasher_its_probation(
+    versions: Versions, iris: CachedVersion, one_worker: Tenants
+) -> None:
+    failed: dict[str, list[str]] = {"iris": [], "crash": []}
+    good = one_worker.load(iris, on_probation_failure=failed["iris"].append)
+    crasher = one_worker.load(versions.module(CrashOnNegative()), on_probation_failure=failed["crash"].append)
+    before = good.pid
+    with pytest.raises(WorkerFailed, match="SIGSEGV") as info:
+        _answers(crasher, CRASH)
+    assert info.value.status_code == 503
+
+    def serving() -> bool:
+        try:
+            return len(_answers(good, ROWS)) == 2
+        except WorkerFailed:
+            return False
+
+    wait_for(serving, timeout=30, what="the version beside the crash back and serving")
+    assert good.pid != before
+    assert good.restarts == 1
+    np.testing.assert_array_equal(_answers(crasher, GOOD), 2 * GOOD)  # NOTE: loaded again too
+    wait_for(lambda: failed["crash"], timeout=5, what="the crasher's probation callback")
+    assert "within its first" in failed["crash"][0]
+    assert failed["iris"] == []  # NOTE: a neighbour's crash never fails a good version
+
+
+def test_a_crash_in_one_shared_worker_costs_the_other_workers_nothing(
+    versions: Versions, iris: CachedVersion
+) -> None:
+    tenants = Tenants(WorkerPool(2, LIMITS, memory_bytes=3 * 1024**3))
+    try:
+        crasher = tenants.load(versions.module(CrashOnNegative()))
+        good = tenants.load(iris)
+        assert good.pid != crasher.pid  # NOTE: the second version goes to the emptier worker
+        pid = good.pid
+        stop = threading.Event()
+        answered: list[int] = []
+        errors: list[BaseException] = []
+
+        def stream() -> None:
+            while not stop.is_set():
+                try:
+                    answered.append(len(_answers(good, ROWS)))
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        try:
+            for _ in range(3):
+                with pytest.raises(WorkerFailed):
+                    _answers(crasher, CRASH)
+                wait_for(lambda: crasher.pid is not None, timeout=30, what="the crasher's worker back")
+        finally:
+            stop.set()
+            thread.join(30)
+        assert errors == []
+        assert answered
+        assert set(answered) == {2}
+        assert (good.pid, good.restarts) == (pid, 0)
+    finally:
+        for predictor in tenants.loaded:
+            predictor.close()
+
+
+def test_a_version_that_crashes_a_shared_worker_at_load_is_refused_and_the_others_come_back(
+    versions: Versions, iris: CachedVersion, one_worker: Tenants, tmp_path: Path
+) -> None:
+    good = one_worker.load(iris)
+    path, kwargs = segfault_version(tmp_path / "crash.pt")
+    cached = versions.add(path, "torch-state-dict", **kwargs)
+    with pytest.raises(IsolationFailed) as info:
+        one_worker.load(cached)
+    assert info.value.reason == "crash"
+
+    def serving() -> bool:
+        try:
+            return len(_answers(good, ROWS)) == 2
+        except WorkerFailed:
+            return False
+
+    wait_for(serving, timeout=30, what="the version beside the failed load back and serving")
+    assert one_worker.pool.status()[0]["versions"] == [good.where]  # NOTE: the refused one is not reloaded
+
+
+def test_a_model_service_with_shared_workers_probes_first_and_counts_its_share(tmp_path: Path) -> None:
+    """Two models configured ``workers: shared`` share one worker; each version was probed in a
+    throwaway child before it joined, and each counts the bytes its own load added."""
+    from serving.config import AppConfig
+    from serving.protocol.types import InferRequest
+    from serving.runtime.service import ModelService
+    from serving.settings import Settings
+
+    store = str(tmp_path / "store")
+    repo = Repository(LocalStore(store))
+    iris_path = good_iris(tmp_path / "iris.joblib")
+    publish_path(
+        repo, iris_path, "iris", version="1", format="sklearn", example=ROWS[:1].tolist(), alias="production"
+    )
+    save(CrashOnNegative(), "twice", version="1", store=repo, example=[[0.0, 1.0]], alias="production")
+    app = AppConfig.model_validate(
+        {
+            "models": [{"name": "iris", "workers": "shared"}, {"name": "twice", "workers": "shared"}],
+            "shared_workers": {"count": 1, "memory_bytes": 3 * 1024**3},
+            "poll_interval_s": 60,
+        }
+    )
+    settings = Settings(store=store, cache_dir=tmp_path / "cache")
+    services = [ModelService(model, app, settings) for model in app.models]
+    try:
+        for service in services:
+            service.start()
+        iris, twice = services
+        assert iris.status()["worker"]["pid"] == twice.status()["worker"]["pid"]
+        assert iris.status()["worker"]["shared"] == "shared-0"
+        assert (tmp_path / "cache" / "isolation").is_dir()  # NOTE: the probe's record of each version
+        assert len(list((tmp_path / "cache" / "isolation").iterdir())) == 2
+        answer = twice.infer(InferRequest(model="twice", inputs={"input-0": GOOD}))
+        workers = [s.slot.live.predictor if s.slot.live else None for s in services]
+        assert all(isinstance(w, WorkerPredictor) and w.shared for w in workers)
+        np.testing.assert_array_equal(answer.outputs[workers[1].primary_output], 2 * GOOD)  # type: ignore[union-attr]
+        both = iris.memory_bytes() + twice.memory_bytes()
+        shares = [w.load_bytes for w in workers if isinstance(w, WorkerPredictor)]
+        assert both == sum(shares)
+        assert min(shares) > 0
+    finally:
+        for service in services:
+            service.close()
