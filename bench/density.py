@@ -5,7 +5,8 @@ bytes) and ``--large`` models of about ``--large-mb`` MB (a KNeighborsClassifier
 many bytes of training rows), published to a local store, all with alias ``production``.
 A real ``serving serve --standalone`` serves them as one model set (``m-*@production``)
 with ``--budget`` of memory for the members, at the isolation given (``worker``, the
-default, or ``auto``/``none``: in the serving process).
+default, or ``auto``/``none``: in the serving process) and, for workers, ``--workers``:
+``dedicated`` (a worker per member) or ``shared`` (``--shared-workers`` workers hold them all).
 
 Traffic: ``--clients`` keep-alive clients send 1-row requests, each for a model drawn
 from a Zipf(``--zipf``) law over the models (rank 1 is the hottest; the large models are
@@ -25,6 +26,7 @@ Run on a quiet machine (nothing else running)::
 
     .venv/bin/python -m bench.density                          # 1,000 + 50 models, 1 GiB, workers
     .venv/bin/python -m bench.density --isolation auto --out bench/results/density-auto.json
+    .venv/bin/python -m bench.density --workers shared --out bench/results/density-shared.json
 """
 
 from __future__ import annotations
@@ -223,6 +225,13 @@ def main() -> None:
     parser.add_argument("--large-mb", type=float, default=20.0)
     parser.add_argument("--budget", default="1GiB")
     parser.add_argument("--isolation", default="worker", choices=("worker", "auto", "none"))
+    parser.add_argument(
+        "--workers",
+        default="dedicated",
+        choices=("dedicated", "shared"),
+        help="with --isolation worker: a worker per member, or --shared-workers workers for all",
+    )
+    parser.add_argument("--shared-workers", type=int, default=2)
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--clients", type=int, default=4)
@@ -238,9 +247,11 @@ def main() -> None:
         started = time.perf_counter()
         names = publish(work / "store", work, args.small, args.large, args.large_mb, args.seed)
         print(f"published {len(names)} models in {time.perf_counter() - started:.0f} s", flush=True)
+        member = {"prefix": "m-", "alias": "production", "isolation": args.isolation, "workers": args.workers}
         config = {
-            "models": [{"prefix": "m-", "alias": "production", "isolation": args.isolation}],
+            "models": [member],
             "pool": {"memory_bytes": budget, "max_concurrent_loads": args.max_concurrent_loads},
+            "shared_workers": {"count": args.shared_workers},
         }
         (work / "config.yaml").write_text(yaml.safe_dump(config))
         with standalone_server(work, ["--config", str(work / "config.yaml")], work / "server.log") as running:
@@ -273,6 +284,8 @@ def run(
             "large_mb": args.large_mb,
             "budget_bytes": budget,
             "isolation": args.isolation,
+            "workers": args.workers,
+            "shared_workers": args.shared_workers if args.workers == "shared" else None,
             "zipf": args.zipf,
             "clients": args.clients,
             "cpus": os.cpu_count(),

@@ -781,6 +781,15 @@ class WorkerPredictor(Predictor):
         """The worker's process id (None while it restarts)."""
         return self._host.pid
 
+    def share(self) -> float:
+        """Its part of its worker's memory: 1 for a worker of its own; in a shared worker, what its
+        load added over what every version's load added there (the rest, the interpreter and the
+        frameworks, split the same way)."""
+        if not self._host.shared:
+            return 1.0
+        total = self._host.resident_bytes()
+        return self.load_bytes / total if total > 0 else 0.0
+
     @property
     def shared(self) -> bool:
         """Whether other versions share its worker."""
@@ -1146,21 +1155,24 @@ _CONFINED = False
 
 
 def _load(request: dict[str, Any]) -> tuple[Predictor | None, dict[str, Any]]:  # pragma: no cover -- worker
+    before = 0
+
     def prepare() -> None:
         global _CONFINED
+        nonlocal before
         facts = FORMAT_FACTS.get(str(request["manifest"].get("format", "")))
         for module in (*facts.preload, *facts.worker_preload) if facts is not None else ():
             # NOTE: the framework's own import is not the version's to pay for.
             with contextlib.suppress(Exception):
                 importlib.import_module(module)
         settle_caches(confined=_CONFINED)
+        before = _rss()  # NOTE: what the version's own load adds, without its framework
         if not _CONFINED:
             # NOTE: once: a shared worker's limit is for all its versions (and cannot be raised).
             confine(int(request["memory_bytes"]), None)
             _CONFINED = True
         _cpu_budget(float(request["cpu_seconds"]))
 
-    before = _rss()
     predictor, answer = load_in_child(request, prepare)
     if predictor is None:
         return None, answer

@@ -361,11 +361,12 @@ class ModelService:
                 continue
             seen.add(id(live))
             predictor = live.predictor
-            if isinstance(predictor, WorkerPredictor) and predictor.shared:
-                total += predictor.load_bytes  # NOTE: its share of a worker that holds others too
+            if not isinstance(predictor, WorkerPredictor):
+                total += live.memory_bytes
                 continue
-            pid = predictor.pid if isinstance(predictor, WorkerPredictor) else None
-            total += pss_bytes(pid) if pid else live.memory_bytes
+            pid = predictor.pid
+            # NOTE: a shared worker's memory is split over its versions by what each load added.
+            total += int(pss_bytes(pid) * predictor.share()) if pid else predictor.load_bytes
         return total
 
     def close(self) -> None:
