@@ -129,10 +129,12 @@ class WorkerLimits:
 class _Failure(Exception):
     """The worker is gone: ``reason`` is one of confine.REASONS or ``protocol``."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, before: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.before = before
+        """Found before the request was sent (the worker was gone already): not its request's doing."""
 
 
 class _Process:
@@ -170,19 +172,24 @@ class _Process:
         self.peer_view: Any = None
         self.peer_limit = peer_limit
         self.arena_sent = False
+        self.killed = False
+        """We sent it SIGKILL while it was alive (so a SIGKILL status is ours)."""
 
     def send(self, message: dict[str, Any], fds: list[int]) -> None:
         data = json.dumps(message).encode()
         if self.readable(0):
             # NOTE: an answer nobody asked for (or a hang-up): the next reply would be the wrong one.
-            raise _Failure("protocol", "the worker sent a message it was not asked for, or hung up")
+            raise _Failure(
+                "protocol", "the worker sent a message it was not asked for, or hung up", before=True
+            )
         try:
             if fds:
                 socket.send_fds(self.sock, [data], fds)
             else:
                 self.sock.send(data)
         except OSError as exc:
-            raise _Failure("crash", f"the worker stopped reading ({exc.strerror or exc})") from exc
+            why = f"the worker stopped reading ({exc.strerror or exc})"
+            raise _Failure("crash", why, before=True) from exc
 
     def readable(self, timeout: float) -> bool:
         """Whether the worker sent something within ``timeout`` seconds (poll: any fd number)."""
@@ -229,7 +236,8 @@ class _Process:
         if grace_s > 0:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(grace_s)
-        if self.popen.returncode is None:
+        if self.popen.poll() is None:
+            self.killed = True
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
@@ -293,6 +301,10 @@ async def _readable(loop: asyncio.AbstractEventLoop, proc: _Process, until: floa
         loop.remove_reader(fd)
 
 
+def _killed_by(status: int | None, sig: int) -> bool:
+    return status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == sig
+
+
 def _wait_status(returncode: int | None) -> int | None:
     """Popen's returncode back as a wait status, for :func:`confine.classify`."""
     if returncode is None:
@@ -319,14 +331,18 @@ class _Host:
         self,
         name: str,
         limits: WorkerLimits,
-        env: dict[str, str],
+        env: dict[str, str] | None,
         *,
         shared: bool = False,
         memory_bytes: int | None = None,
+        model: str | None = None,
     ) -> None:
         self.name = name
+        self.model = model
+        """A dedicated worker's model (its metrics label)."""
         self.limits = limits
         self.env = env
+        """The worker's environment; None: :func:`confine.child_env` at each start (run-time paths)."""
         self.shared = shared
         self.memory_bytes = memory_bytes
         self.call_lock = threading.Lock()
@@ -343,6 +359,9 @@ class _Host:
         self.restarting = False
         self.failures = 0
         """Failures since the last answered request (sets the backoff)."""
+        self.failed_at = 0.0
+        self.pending_bytes = 0
+        """Versions placed here that are still loading."""
         self.restarts = 0
         self.last_failure: str | None = None
         self.tenants: dict[int, WorkerPredictor] = {}
@@ -353,7 +372,13 @@ class _Host:
         proc = self.proc
         return proc.popen.pid if proc is not None else None
 
+    def placed(self, expected_bytes: int) -> None:
+        """A version placed here finished joining (or failed to)."""
+        with self.state:
+            self.pending_bytes = max(0, self.pending_bytes - expected_bytes)
+
     def resident_bytes(self) -> int:
+        """What its versions' loads added."""
         with self.state:
             return sum(t.load_bytes for t in self.tenants.values())
 
@@ -382,7 +407,7 @@ class _Host:
         with self.call_lock:
             with self.state:
                 proc = self.proc
-                if proc is None and self.restarting:
+                if proc is None and self.restarting and self.tenants:
                     raise WorkerFailed(
                         f"{tenant.where}: its shared model worker is restarting after: {self.last_failure}",
                         reason="restarting",
@@ -407,6 +432,7 @@ class _Host:
                 self.tenants[tenant.key] = tenant
                 if fresh:
                     self.proc = proc
+                    self.restarting = False
             if fresh:
                 self.watch(proc)
             return reply
@@ -417,26 +443,34 @@ class _Host:
         waiting happens in a thread."""
         with self.state:
             held = self.tenants.pop(tenant.key, None) is not None
-            last = not self.tenants
-            proc = None
-            if last:
+            if not self.shared:
+                # NOTE: its one version left: stop it now (a request it still computes fails).
                 proc, self.proc = self.proc, None
-                if not self.shared:
-                    self.closed.set()
+                self.closed.set()
 
-        def stop() -> None:
-            if last:
-                if proc is not None:
-                    proc.stop()
-                with self.call_lock:
-                    self.arena.close()
-                return
-            if not held:
-                return
+        def stop_dedicated() -> None:
+            if proc is not None:
+                proc.stop()
             with self.call_lock:
-                current = self.proc
+                self.arena.close()
+
+        def unload_shared() -> None:
+            # NOTE: under the call lock: a version joining meanwhile holds it, so "last" is decided
+            # after the join, never under it.
+            with self.call_lock:
+                with self.state:
+                    current = self.proc
+                    last = not self.tenants
+                    if last:
+                        self.proc = None
                 if current is None:
                     return  # NOTE: restarting: the restart loads only the versions it still holds
+                if last:
+                    current.stop()
+                    self.arena.close()
+                    return
+                if not held:
+                    return
                 try:
                     current.send({"op": "unload", "key": tenant.key}, [])
                     current.receive(time.monotonic() + self.limits.load_timeout_s)
@@ -445,15 +479,17 @@ class _Host:
                 except _Failure as failure:
                     self.fail(current, failure.reason, failure.message, kill=True)
 
+        work = unload_shared if self.shared else stop_dedicated
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            stop()
+            work()
         else:
-            threading.Thread(target=stop, name=f"unload-{tenant.where}", daemon=True).start()
+            threading.Thread(target=work, name=f"unload-{tenant.where}", daemon=True).start()
 
     def spawn(self) -> _Process:
-        return _Process(self.env, self.limits.nice, peer_limit=2 * self.limits.max_reply_bytes + (2 << 20))
+        env = self.env if self.env is not None else child_env()
+        return _Process(env, self.limits.nice, peer_limit=2 * self.limits.max_reply_bytes + (2 << 20))
 
     def load_into(self, proc: _Process, tenant: WorkerPredictor) -> dict[str, Any]:
         """Load ``tenant`` into ``proc``: its answer. ``proc`` is killed when it is not fit to go
@@ -501,6 +537,8 @@ class _Host:
         """The worker to send ``tenant``'s request to (the caller holds the call lock)."""
         if tenant.broken is not None:
             raise WorkerFailed(f"{tenant.where}: {tenant.broken}", reason="failed")
+        if tenant.key not in self.tenants:
+            raise WorkerFailed(f"{tenant.where}: unloaded", reason="closed")
         proc = self.proc
         if proc is None:
             raise WorkerFailed(
@@ -522,22 +560,26 @@ class _Host:
         if kill:
             # NOTE: a worker that hung up is usually dying: give it a moment so its own death,
             # not our SIGKILL (read as "oom"), is what is reported.
-            status = proc.kill(grace_s=1.0 if reason == "crash" and not message else 0.0)
+            dying = reason == "crash" and (not message or self.shared)
+            status = proc.kill(grace_s=1.0 if dying else 0.0)
         else:
             proc.close()
             status = _wait_status(proc.popen.returncode)
         if reason == "crash" and not message:
             told = classify(status, "the worker")
             reason, message = told["reason"], told["message"]
+        if self.shared and blame is not None and not proc.killed and _killed_by(status, signal.SIGKILL):
+            blame = (
+                None  # NOTE: killed from outside (the kernel's OOM killer, an operator), not by its request
+            )
         with self.state:
             if self.proc is not proc:
                 return reason, message
             self.proc = None
             self.restarting = True
-            models = {t.model for t in self.tenants.values()}
         self.last_failure = f"{reason}: {message}"
-        for model in sorted(models):
-            metrics.WORKER_FAILURES.inc(model=model, reason=reason)
+        self.failed_at = time.monotonic()
+        metrics.WORKER_FAILURES.inc(model=self.label(blame), reason=reason)
         log.warning("%s: model worker failed (%s: %s)", self.name, reason, message)
         if blame is not None:
             blame.failed_in(reason, message)
@@ -550,12 +592,11 @@ class _Host:
         delay = min(self.limits.restart_backoff_max_s, self.limits.restart_backoff_s * 2**exponent)
         while not self.closed.wait(delay):
             with self.state:
-                tenants = list(self.tenants.values())
-                if not tenants:
-                    self.restarting = False
+                if not self.tenants or self.proc is not None:
+                    self.restarting = self.proc is None and bool(self.tenants)
                     return
             try:
-                proc = self.revive(tenants)
+                proc, loaded = self.revive()
             except Exception as exc:  # NOTE: a restart thread must never die
                 if not isinstance(exc, ServingError):
                     log.exception("%s: model worker restart failed", self.name)
@@ -571,40 +612,68 @@ class _Host:
                 else:
                     self.proc = proc
                     self.restarting = False
-                models = {t.model for t in self.tenants.values()}
+                left = [t for t in loaded if t.key not in self.tenants]
             if unwanted:
                 proc.stop()
                 return
             self.restarts += 1
-            for model in sorted(models):
-                metrics.WORKER_RESTARTS.inc(model=model)
+            metrics.WORKER_RESTARTS.inc(model=self.label())
             log.info("%s: model worker restarted (pid %s)", self.name, proc.popen.pid)
             self.watch(proc)
+            if left:
+                # NOTE: versions that left while the others loaded again: unload them.
+                with self.call_lock:
+                    for tenant in left:
+                        if self.proc is not proc:
+                            break
+                        try:
+                            proc.send({"op": "unload", "key": tenant.key}, [])
+                            proc.receive(time.monotonic() + self.limits.load_timeout_s)
+                        except TimeoutError:
+                            self.fail(proc, "timeout", "still unloading a version", kill=True)
+                        except _Failure as failure:
+                            self.fail(proc, failure.reason, failure.message, kill=True)
             return
 
-    def revive(self, tenants: list[WorkerPredictor]) -> _Process:
-        """A new worker that loaded ``tenants``' versions again. In a shared worker, a version that
-        no longer loads is failed on this replica and left out, and the others start over."""
+    def revive(self) -> tuple[_Process, list[WorkerPredictor]]:
+        """A new worker that loaded its versions again, and the versions it loaded. In a shared
+        worker, a version that no longer loads is failed on this replica and left out, and the
+        others start over."""
         while True:
             proc = self.spawn()
+            loaded: list[WorkerPredictor] = []
             loading: WorkerPredictor | None = None
             try:
+                with self.state:
+                    tenants = list(self.tenants.values())
                 for loading in tenants:
+                    with self.state:
+                        if loading.key not in self.tenants:
+                            continue  # NOTE: it left meanwhile
                     self.load_into(proc, loading)
-                return proc
+                    loaded.append(loading)
+                return proc, loaded
             except ServingError as exc:
                 proc.kill()
                 if not self.shared or loading is None:
                     raise
                 with self.state:
-                    self.tenants.pop(loading.key, None)
-                loading.fail_for_good(f"it did not load again after its shared worker restarted: {exc}")
-                tenants = [t for t in tenants if t is not loading]
-                if not tenants:
+                    held = self.tenants.pop(loading.key, None) is not None
+                    rest = bool(self.tenants)
+                if held:
+                    loading.fail_for_good(f"it did not load again after its shared worker restarted: {exc}")
+                if not rest:
                     raise
             except BaseException:
                 proc.kill()
                 raise
+
+    def label(self, blame: WorkerPredictor | None = None) -> str:
+        """The ``model`` label of its failures and restarts: its model, or in a shared worker the
+        model whose request failed it, else the worker's name (once per failure, not per model)."""
+        if blame is not None:
+            return blame.model
+        return self.model or self.name
 
     def watch(self, proc: _Process) -> None:
         """Notice a worker that dies between requests, so it is back before the next one."""
@@ -635,17 +704,42 @@ class WorkerPool:
     def __init__(
         self, size: int, limits: WorkerLimits, *, memory_bytes: int, env: dict[str, str] | None = None
     ) -> None:
-        worker_env = child_env(env)
+        self.memory_bytes = memory_bytes
         self.hosts = [
-            _Host(f"shared-{i}", limits, worker_env, shared=True, memory_bytes=memory_bytes)
-            for i in range(size)
+            _Host(f"shared-{i}", limits, env, shared=True, memory_bytes=memory_bytes) for i in range(size)
         ]
         self._placing = threading.Lock()
+        self._refused: dict[str, str] = {}
 
-    def place(self) -> _Host:
-        """The worker for a new version: the one holding the fewest bytes."""
+    def place(self, expected_bytes: int) -> _Host:
+        """The worker for a new version of about ``expected_bytes``: among those not restarting,
+        one with room for it under ``memory_bytes``, the one holding the fewest bytes (a version
+        still loading counts as its expected bytes)."""
         with self._placing:
-            return min(self.hosts, key=lambda h: (h.resident_bytes(), len(h.tenants)))
+
+            def load(host: _Host) -> int:
+                return host.resident_bytes() + host.pending_bytes
+
+            def serving(host: _Host) -> bool:
+                return not (host.restarting and host.tenants)
+
+            candidates = [h for h in self.hosts if serving(h)] or self.hosts
+            roomy = [h for h in candidates if load(h) + expected_bytes <= self.memory_bytes] or candidates
+            host = min(roomy, key=lambda h: (load(h), len(h.tenants)))
+            host.pending_bytes += expected_bytes
+            return host
+
+    def refused(self, digest: str) -> str | None:
+        """Why the version with this manifest digest failed to join a shared worker (it then loads
+        in a worker of its own), or None."""
+        with self._placing:
+            return self._refused.get(digest)
+
+    def refuse(self, digest: str, why: str) -> None:
+        with self._placing:
+            if len(self._refused) >= 10_000:
+                self._refused.pop(next(iter(self._refused)))
+            self._refused[digest] = why
 
     def status(self) -> list[dict[str, Any]]:
         return [host.status() for host in self.hosts]
@@ -703,8 +797,20 @@ class WorkerPredictor(Predictor):
         """What its load added to the worker's resident memory (its files' size until measured)."""
         self._served = 0
         """Requests this version answered (counts towards probation)."""
-        self._host = pool.place() if pool is not None else _Host(self.where, limits, child_env(env))
-        spec = self._host.add(self)
+        if pool is not None and pool.refused(cached.manifest_sha256) is None:
+            self._host = pool.place(cached.manifest.total_bytes)
+            try:
+                spec = self._host.add(self)
+            except IsolationFailed as exc:
+                pool.refuse(cached.manifest_sha256, str(exc))
+                raise
+            finally:
+                self._host.placed(cached.manifest.total_bytes)
+        else:
+            if pool is not None:
+                log.warning("%s: it failed in a shared worker; it loads in a worker of its own", self.where)
+            self._host = _Host(self.where, limits, child_env(env), model=model)
+            spec = self._host.add(self)
         measured = spec.get("bytes")
         if isinstance(measured, int) and measured > 0:
             self.load_bytes = max(measured, cached.manifest.total_bytes)
@@ -749,6 +855,7 @@ class WorkerPredictor(Predictor):
         """
         seconds = self.limits.load_timeout_s
         host = self._host
+        blame = None if host.shared else self
         with host.call_lock:
             deadline = time.monotonic() + seconds
             proc = host.current(self, deadline)
@@ -765,10 +872,10 @@ class WorkerPredictor(Predictor):
                 proc.send(message, [])
                 reply = proc.receive(deadline)
             except TimeoutError:
-                host.fail(proc, "timeout", f"still converting after {seconds} s", kill=True)
+                host.fail(proc, "timeout", f"still converting after {seconds} s", kill=True, blame=blame)
                 raise self.isolation_failed("timeout", f"still converting after {seconds} s") from None
             except _Failure as failure:
-                reason, told = host.fail(proc, failure.reason, failure.message, kill=True)
+                reason, told = host.fail(proc, failure.reason, failure.message, kill=True, blame=blame)
                 raise self.isolation_failed(reason, told) from None
         if reply.get("ok") is True:
             return reply
@@ -935,7 +1042,11 @@ class WorkerPredictor(Predictor):
 
     def _answered(self) -> None:
         self._served += 1
-        self._host.failures = 0
+        host = self._host
+        # NOTE: in a shared worker, a neighbour's answers must not reset the backoff of a version
+        # that keeps crashing it: only a quiet spell does.
+        if not host.shared or time.monotonic() - host.failed_at > host.limits.restart_backoff_max_s:
+            host.failures = 0
 
     def _send(
         self,
@@ -991,7 +1102,8 @@ class WorkerPredictor(Predictor):
         return DeadlineExceeded(f"{self.where}: {message}; the worker was stopped")
 
     def _failed(self, proc: _Process, failure: _Failure) -> WorkerFailed:
-        reason, message = self._host.fail(proc, failure.reason, failure.message, kill=True, blame=self)
+        blame = self if not (failure.before and self._host.shared) else None  # NOTE: it was dead already
+        reason, message = self._host.fail(proc, failure.reason, failure.message, kill=True, blame=blame)
         return WorkerFailed(
             f"{self.where}: the model worker failed ({message}); it is restarting", reason=reason
         )

@@ -4,6 +4,7 @@ crashes, and what they cost the versions beside them."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import uuid
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hostile_modules import CrashOnNegative, good_iris, segfault_version
+from hostile_modules import CrashOnNegative, Sleepy, good_iris, segfault_version
 
 from serving.cache import CachedVersion, LoaderCache
 from serving.errors import IsolationFailed, WorkerFailed
@@ -45,9 +46,9 @@ class Versions:
         publish_path(self.repo, path, name, version="1", format=fmt, **kwargs)
         return self.fetch(name)
 
-    def module(self, module: Any) -> CachedVersion:
+    def module(self, module: Any, example: list[list[float]] | None = None) -> CachedVersion:
         name = f"m{uuid.uuid4().hex[:8]}"
-        save(module, name, version="1", store=self.repo, example=[[0.0, 1.0]])
+        save(module, name, version="1", store=self.repo, example=example or [[0.0, 1.0]])
         return self.fetch(name)
 
 
@@ -208,6 +209,63 @@ def test_a_version_that_crashes_a_shared_worker_at_load_is_refused_and_the_other
 
     wait_for(serving, timeout=30, what="the version beside the failed load back and serving")
     assert one_worker.pool.status()[0]["versions"] == [good.where]  # NOTE: the refused one is not reloaded
+
+
+def test_the_last_version_leaving_while_another_joins_does_not_stop_the_worker_under_it(
+    versions: Versions, one_worker: Tenants
+) -> None:
+    """A leaves while B's load (a 2 s warm-up) runs in their worker: B joins, and serves."""
+    leaving = one_worker.load(versions.module(CrashOnNegative()))
+    slow = versions.module(Sleepy(), example=[[2.0, 0.0]])  # NOTE: its warm-up sleeps 2 s
+    joined: list[WorkerPredictor] = []
+    thread = threading.Thread(target=lambda: joined.append(one_worker.load(slow)))
+    thread.start()
+    host = one_worker.pool.hosts[0]
+    wait_for(host.call_lock.locked, timeout=10, what="the join under way")
+    leaving.close()
+    thread.join(60)
+    assert len(joined) == 1
+    np.testing.assert_array_equal(_answers(joined[0], np.array([[0.0, 1.0]], dtype=np.float32)), [[0.0, 2.0]])
+    assert one_worker.pool.status()[0]["versions"] == [joined[0].where]
+
+
+@pytest.mark.faults
+def test_a_shared_worker_killed_from_outside_blames_no_version(
+    versions: Versions, one_worker: Tenants
+) -> None:
+    """SIGKILL from outside (the OOM killer, an operator) between requests: the next request fails
+    with 503, the worker comes back, and no version in probation is blamed for it."""
+    failed: list[str] = []
+    first = one_worker.load(versions.module(CrashOnNegative()), on_probation_failure=failed.append)
+    second = one_worker.load(versions.module(CrashOnNegative()), on_probation_failure=failed.append)
+    for _ in range(3):
+        wait_for(lambda: second.pid is not None, timeout=30, what="the worker back")
+        pid = second.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerFailed):
+            _answers(second, GOOD)
+    wait_for(lambda: second.pid is not None, timeout=30, what="the worker back")
+    np.testing.assert_array_equal(_answers(first, GOOD), 2 * GOOD)
+    assert failed == []
+
+
+def test_a_version_that_failed_to_join_loads_in_a_worker_of_its_own_next_time(
+    versions: Versions, iris: CachedVersion, one_worker: Tenants, tmp_path: Path
+) -> None:
+    good = one_worker.load(iris)
+    path, kwargs = segfault_version(tmp_path / "crash.pt")
+    cached = versions.add(path, "torch-state-dict", **kwargs)
+    with pytest.raises(IsolationFailed):
+        one_worker.load(cached)
+    assert one_worker.pool.refused(cached.manifest_sha256) is not None
+    # NOTE: the next try crashes a worker of its own, and nobody restarts for it.
+    wait_for(lambda: good.pid is not None, timeout=30, what="the neighbour back")
+    restarts = good.restarts
+    with pytest.raises(IsolationFailed):
+        one_worker.load(cached)
+    assert good.restarts == restarts
+    assert len(_answers(good, ROWS)) == 2
 
 
 def test_a_model_service_with_shared_workers_probes_first_and_counts_its_share(tmp_path: Path) -> None:
