@@ -80,6 +80,7 @@ def start_server(
     poll_s: float,
     extra: tuple[str, ...] = (),
     env_extra: dict[str, str] | None = None,
+    app_extra: dict[str, Any] | None = None,
 ) -> Server:
     port, metrics_port = free_port(), free_port()
     config = work / f"app-{port}.yaml"
@@ -93,6 +94,7 @@ def start_server(
                 "retry_backoff_max_s": 1.0,
                 "cache_dir": str(work / "cache"),
                 "max_body_bytes": MAX_BODY,
+                **(app_extra or {}),
             }
         )
     )
@@ -438,6 +440,68 @@ def test_a_crash_a_hang_and_a_memory_blow_up_cost_only_their_own_model(contained
     text = httpx.get(contained.metrics, timeout=10).text
     for model, reason in (("crashy", "crash"), ("sleepy", "timeout"), ("hoggy", "oom")):
         assert f'serving_worker_failures_total{{model="{model}",reason="{reason}"}}' in text
+
+
+def test_a_crash_in_a_shared_worker_costs_its_neighbour_a_restart_and_no_other_model_anything(
+    store: tuple[str, Repository, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``workers: shared``: ``crashy2`` and ``twice`` share one worker beside ``counted`` in its own.
+    A crashing request gets 503; ``twice`` is back within the restart wait; ``counted`` answers
+    every request of a concurrent stream; the failure is counted under the crasher's name."""
+    uri, repo, _ = store
+    save(CrashOnNegative(), "crashy2", version="1", store=repo, example=[[0.0, 1.0]], alias="production")
+    save(CrashOnNegative(), "twice", version="1", store=repo, example=[[0.0, 1.0]], alias="production")
+    models: list[str | dict[str, Any]] = [
+        "counted",
+        {"name": "crashy2", "workers": "shared"},
+        {"name": "twice", "workers": "shared"},
+    ]
+    srv = start_server(
+        tmp_path_factory.mktemp("shared"), uri, models, poll_s=1.0, app_extra={"shared_workers": {"count": 1}}
+    )
+    try:
+        wait_for(
+            lambda: httpx.get(srv.base + "/v2/health/ready", timeout=2).status_code == 200,
+            what="every model to load",
+        )
+        with httpx.Client(timeout=10) as client:
+            workers = {
+                n: index_entry(client, srv.base, n)["replicas"][0]["worker"] for n in ("crashy2", "twice")
+            }
+        assert workers["crashy2"]["pid"] == workers["twice"]["pid"]
+        assert workers["twice"]["shared"] == "shared-0"
+        results: list[int] = []
+        stop = threading.Event()
+
+        def stream() -> None:
+            with httpx.Client(timeout=10) as client:
+                while not stop.is_set():
+                    results.append(infer(client, srv.base, "counted").status_code)
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        try:
+            with httpx.Client(timeout=60) as client:
+                crash = _ask(client, srv.base, "crashy2", -1.0)
+                assert crash.status_code == 503, crash.text
+                assert "SIGSEGV" in crash.json()["error"]
+                wait_for(
+                    lambda: _ask(client, srv.base, "twice", 3.0).status_code == 200,
+                    timeout=RESTART_WAIT_S,
+                    what="twice back in its restarted worker",
+                )
+                assert _ask(client, srv.base, "twice", 3.0).json()["outputs"][0]["data"] == [6.0, 2.0]
+                seen = len(results)
+                wait_for(lambda: len(results) > seen + 20, what="traffic after the failure")
+        finally:
+            stop.set()
+            thread.join()
+        assert set(results) == {200}, {s: results.count(s) for s in set(results)}
+        text = httpx.get(srv.metrics, timeout=10).text
+        assert 'serving_worker_failures_total{model="crashy2",reason="crash"}' in text
+        assert 'serving_worker_restarts_total{model="shared-0"}' in text
+    finally:
+        srv.stop()
 
 
 # -- connections: idle ones never lock a real client out ------------------------------------------
