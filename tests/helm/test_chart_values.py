@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -252,6 +253,39 @@ def test_serve_config_carries_models_store_poll_and_cache(render: Callable[..., 
     assert parsed.store == "s3://models/serving"
     assert parsed.layout == "two-hop"
     assert parsed.body_timeout_s == 30
+
+
+def test_shared_workers_and_each_models_isolation_reach_the_app(
+    render: Callable[..., Docs], tmp_path: Path
+) -> None:
+    """serve.shared_workers and a model's isolation, workers and predict limits pass the schema and
+    reach the app's config."""
+    values = tmp_path / "shared-values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "serve": {
+                    "models": [
+                        {"name": "iris", "alias": "production"},
+                        {
+                            "prefix": "tenant-",
+                            "alias": "production",
+                            "isolation": "worker",
+                            "workers": "shared",
+                            "predict_timeout_s": 5,
+                            "probation_requests": 3,
+                        },
+                    ],
+                    "shared_workers": {"count": 3, "memory_bytes": 2147483648},
+                }
+            }
+        )
+    )
+    parsed = AppConfig.model_validate(serve_config(render(values=[values]))["applications"][0]["args"])
+    member = parsed.models[1]
+    assert (member.workers, member.predict_timeout_s, member.probation_requests) == ("shared", 5, 3)
+    assert parsed.models[0].workers == "dedicated"
+    assert (parsed.shared_workers.count, parsed.shared_workers.memory_bytes) == (3, 2147483648)
 
 
 def test_replica_access_logs_are_off_unless_asked_for(render: Callable[..., Docs]) -> None:

@@ -149,6 +149,8 @@ models:
   {{- toYaml .Values.serve.models | nindent 2 }}
 pool:
   {{- toYaml .Values.serve.pool | nindent 2 }}
+shared_workers:
+  {{- toYaml .Values.serve.shared_workers | nindent 2 }}
 {{- end }}
 
 {{/*
