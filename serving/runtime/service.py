@@ -9,6 +9,7 @@ server and each Ray replica hold one ModelService per model.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import errno
 import logging
 import queue
@@ -62,15 +63,52 @@ def build_prober(model: ModelConfig, settings: Settings, cache: LoaderCache) -> 
     (a worker's load is already confined)."""
     if model.isolation in ("never", "none") or (model.isolation == "worker" and model.workers == "dedicated"):
         return None
+    if model.isolation == "worker":
+        return _shared_prober(settings, cache)
     limits = IsolationLimits(
         memory_bytes=settings.isolation_memory_bytes,
         cpu_seconds=settings.isolation_cpu_seconds,
         timeout_s=settings.isolation_timeout_s,
         nice=settings.isolation_nice,
     )
-    # NOTE: a version joining a shared worker is probed alone first: a crash at load costs nobody else.
-    mode: IsolationMode = "always" if model.isolation in ("always", "worker") else "auto"
+    mode: IsolationMode = "always" if model.isolation == "always" else "auto"
     return Prober(limits, mode=mode, memo_dir=cache.root / "isolation")
+
+
+class _SharedProber(Prober):
+    """The one prober of the versions that join shared workers: one helper for all of them,
+    which forks each probe from its warm frameworks, instead of a helper per model. A model's
+    slot closing does not stop it; the process's exit does."""
+
+    def close(self) -> None:
+        pass
+
+
+_SHARED_PROBERS: dict[tuple[Any, ...], Prober] = {}
+
+
+@atexit.register
+def _stop_shared_probers() -> None:
+    for prober in list(_SHARED_PROBERS.values()):
+        Prober.close(prober)
+
+
+def _shared_prober(settings: Settings, cache: LoaderCache) -> Prober:
+    """A version joining a shared worker is probed alone first: a crash at load costs nobody else."""
+    limits = IsolationLimits(
+        memory_bytes=settings.isolation_memory_bytes,
+        cpu_seconds=settings.isolation_cpu_seconds,
+        timeout_s=settings.isolation_timeout_s,
+        nice=settings.isolation_nice,
+    )
+    key = (limits, str(cache.root))
+    with _POOLS_LOCK:
+        prober = _SHARED_PROBERS.get(key)
+        if prober is None:
+            prober = _SHARED_PROBERS[key] = _SharedProber(
+                limits, mode="always", memo_dir=cache.root / "isolation"
+            )
+        return prober
 
 
 def build_loader(model: ModelConfig, app: AppConfig, settings: Settings) -> Loader:
