@@ -21,8 +21,8 @@ How it is cheap enough to do on every swap::
         v
     IsolationFailed(reason) or a pass, remembered per node under the cache root
 
-The helper exits when its stdin closes, when its parent dies (``PR_SET_PDEATHSIG``)
-or after being idle for :attr:`Prober.idle_s`; the next probe starts a new one.
+The helper exits when its stdin closes, within a second of its parent's death (it
+watches its parent id), or after being idle for :attr:`Prober.idle_s`; the next probe starts a new one.
 A pass is remembered per node (keyed by the manifest's sha256 and a digest of
 the policy and limits), so each version is probed once per node, not per
 replica restart.
@@ -387,9 +387,11 @@ def _helper_main(parent_pid: int, idle_s: float, nice: int = 0) -> int:
     # NOTE: a terminal's Ctrl-C reaches the whole process group; stopping is the serving
     # process's call (it closes our stdin), so the helper ignores SIGINT (its children too).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # NOTE: not PR_SET_PDEATHSIG: it fires when the *thread* that started us ends, and a
+    # shared prober's helper is started by whichever load thread probes first; that killed
+    # it under the probes of every other thread. The loop below watches the parent instead.
     if os.getppid() != parent_pid:
-        return 0  # NOTE: the parent died before the death signal was armed
+        return 0
     if nice > 0:
         with contextlib.suppress(OSError):
             os.nice(nice)  # NOTE: inherited by every probe child it forks
@@ -401,9 +403,15 @@ def _helper_main(parent_pid: int, idle_s: float, nice: int = 0) -> int:
     preloaded: set[str] = set()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
-        ready, _, _ = select.select([stdin], [], [], idle_s)
-        if not ready:
-            return 0
+        idle_until = time.monotonic() + idle_s
+        ready: list[Any] = []
+        while not ready:
+            if os.getppid() != parent_pid:
+                return 0  # NOTE: orphaned: the serving process is gone
+            left = idle_until - time.monotonic()
+            if left <= 0:
+                return 0
+            ready, _, _ = select.select([stdin], [], [], min(1.0, left))
         line = stdin.readline()
         if not line:
             return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -205,6 +206,25 @@ def test_replicas_on_one_node_probe_a_new_version_once(versions: Versions, tmp_p
     finally:
         for p in probers:
             p.close()
+
+
+def test_the_helper_outlives_the_thread_that_started_it(versions: Versions, tmp_path: Path) -> None:
+    """Loads run on short-lived threads: the helper one of them started keeps serving the others
+    (PR_SET_PDEATHSIG killed it when that thread ended, under another thread's probe)."""
+    first = versions.add(good_iris(tmp_path / "a.joblib"), "sklearn", example=[[5.1, 3.5, 1.4, 0.2]])
+    second = versions.add(good_iris(tmp_path / "b.joblib"), "sklearn", example=[[5.1, 3.5, 1.4, 0.2]])
+    p = Prober(LIMITS, mode="always")
+    try:
+        starter = threading.Thread(target=p.probe, args=(first, LoadPolicy()))
+        starter.start()
+        starter.join(120)
+        helper = p._proc
+        assert helper is not None
+        assert p.probe(second, LoadPolicy())
+        assert p._proc is helper
+        assert helper.poll() is None
+    finally:
+        p.close()
 
 
 def test_the_helper_is_restarted_after_it_dies(versions: Versions, tmp_path: Path) -> None:
