@@ -697,8 +697,9 @@ class WorkerPool:
 
     The trade-off: a crash, hang or memory blow-up in one version costs every version in its
     worker a restart (they are loaded again, with backoff), never the serving process or the
-    other workers. Versions are probed in a throwaway child before they join, so a crash at
-    load costs nobody else.
+    other workers, a crash while a version joins included. A version that failed to join is
+    remembered (by its manifest digest) and loads in a worker of its own from then on, so it
+    costs its neighbours one restart at most.
     """
 
     def __init__(

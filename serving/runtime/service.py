@@ -9,7 +9,6 @@ server and each Ray replica hold one ModelService per model.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import errno
 import logging
 import queue
@@ -61,10 +60,8 @@ def build_cache(app: AppConfig, settings: Settings) -> LoaderCache:
 def build_prober(model: ModelConfig, settings: Settings, cache: LoaderCache) -> Prober | None:
     """The isolation of first loads for ``model``: None for ``none`` and for workers
     (a worker's load is already confined)."""
-    if model.isolation in ("never", "none") or (model.isolation == "worker" and model.workers == "dedicated"):
+    if model.isolation in ("never", "none", "worker"):
         return None
-    if model.isolation == "worker":
-        return _shared_prober(settings, cache)
     limits = IsolationLimits(
         memory_bytes=settings.isolation_memory_bytes,
         cpu_seconds=settings.isolation_cpu_seconds,
@@ -73,42 +70,6 @@ def build_prober(model: ModelConfig, settings: Settings, cache: LoaderCache) -> 
     )
     mode: IsolationMode = "always" if model.isolation == "always" else "auto"
     return Prober(limits, mode=mode, memo_dir=cache.root / "isolation")
-
-
-class _SharedProber(Prober):
-    """The one prober of the versions that join shared workers: one helper for all of them,
-    which forks each probe from its warm frameworks, instead of a helper per model. A model's
-    slot closing does not stop it; the process's exit does."""
-
-    def close(self) -> None:
-        pass
-
-
-_SHARED_PROBERS: dict[tuple[Any, ...], Prober] = {}
-
-
-@atexit.register
-def _stop_shared_probers() -> None:
-    for prober in list(_SHARED_PROBERS.values()):
-        Prober.close(prober)
-
-
-def _shared_prober(settings: Settings, cache: LoaderCache) -> Prober:
-    """A version joining a shared worker is probed alone first: a crash at load costs nobody else."""
-    limits = IsolationLimits(
-        memory_bytes=settings.isolation_memory_bytes,
-        cpu_seconds=settings.isolation_cpu_seconds,
-        timeout_s=settings.isolation_timeout_s,
-        nice=settings.isolation_nice,
-    )
-    key = (limits, str(cache.root))
-    with _POOLS_LOCK:
-        prober = _SHARED_PROBERS.get(key)
-        if prober is None:
-            prober = _SHARED_PROBERS[key] = _SharedProber(
-                limits, mode="always", memo_dir=cache.root / "isolation"
-            )
-        return prober
 
 
 def build_loader(model: ModelConfig, app: AppConfig, settings: Settings) -> Loader:

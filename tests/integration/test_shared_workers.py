@@ -268,9 +268,9 @@ def test_a_version_that_failed_to_join_loads_in_a_worker_of_its_own_next_time(
     assert len(_answers(good, ROWS)) == 2
 
 
-def test_a_model_service_with_shared_workers_probes_first_and_counts_its_share(tmp_path: Path) -> None:
-    """Two models configured ``workers: shared`` share one worker; each version was probed in a
-    throwaway child before it joined, and each counts the bytes its own load added."""
+def test_a_model_service_with_shared_workers_counts_its_share(tmp_path: Path) -> None:
+    """Two models configured ``workers: shared`` share one worker, and split its measured memory
+    by what each load added."""
     from serving.config import AppConfig
     from serving.protocol.types import InferRequest
     from serving.runtime.memory import pss_bytes
@@ -299,8 +299,6 @@ def test_a_model_service_with_shared_workers_probes_first_and_counts_its_share(t
         iris, twice = services
         assert iris.status()["worker"]["pid"] == twice.status()["worker"]["pid"]
         assert iris.status()["worker"]["shared"] == "shared-0"
-        assert (tmp_path / "cache" / "isolation").is_dir()  # NOTE: the probe's record of each version
-        assert len(list((tmp_path / "cache" / "isolation").iterdir())) == 2
         answer = twice.infer(InferRequest(model="twice", inputs={"input-0": GOOD}))
         workers = [s.slot.live.predictor if s.slot.live else None for s in services]
         assert all(isinstance(w, WorkerPredictor) and w.shared for w in workers)
