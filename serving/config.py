@@ -68,7 +68,8 @@ class ModelConfig(BaseModel):
     the replica's ``shared_workers``, which each hold several models, for many small models
     whose processes would otherwise cost more than the models. A failure then costs every
     model in that worker a restart (never the serving process or the other workers), a crash
-    while a version joins included; a version that failed to join loads alone from then on."""
+    while a version joins included; a version that failed its shared worker loads alone from
+    then on."""
     predict_timeout_s: float = Field(default=30.0, gt=0)
     """Workers only: the most one predict may take. Past it the worker is stopped and
     started again, and the request gets 504. A request may ask for less (the v2

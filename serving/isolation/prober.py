@@ -383,6 +383,10 @@ def _close_all() -> None:
 # ---------------------------------------------------------------------------------
 # The helper process (``python -m serving.isolation.prober PARENT_PID IDLE_S [NICE]``)
 # ---------------------------------------------------------------------------------
+_parent_pid: int | None = None
+"""The serving process, in the helper: it exits once that is gone (probes check it too)."""
+
+
 def _helper_main(parent_pid: int, idle_s: float, nice: int = 0) -> int:
     # NOTE: a terminal's Ctrl-C reaches the whole process group; stopping is the serving
     # process's call (it closes our stdin), so the helper ignores SIGINT (its children too).
@@ -392,6 +396,8 @@ def _helper_main(parent_pid: int, idle_s: float, nice: int = 0) -> int:
     # it under the probes of every other thread. The loop below watches the parent instead.
     if os.getppid() != parent_pid:
         return 0
+    global _parent_pid
+    _parent_pid = parent_pid
     if nice > 0:
         with contextlib.suppress(OSError):
             os.nice(nice)  # NOTE: inherited by every probe child it forks
@@ -474,6 +480,12 @@ def _run_probe(
         pidfd = None
     exited = False
     while not eof:
+        if _parent_pid is not None and os.getppid() != _parent_pid:
+            # NOTE: orphaned mid-probe: nobody waits for the answer; free the child's memory now.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _reap(pid, pidfd)
+            os._exit(0)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             timed_out = True

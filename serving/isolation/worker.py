@@ -236,8 +236,14 @@ class _Process:
         if grace_s > 0:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(grace_s)
-        if self.popen.poll() is None:
-            self.killed = True
+        if self.popen.returncode is None:
+            # NOTE: not reaped yet, so its process group id is still its own: signal the group even
+            # when the leader has exited (what it started natively may live on). WNOWAIT: whether
+            # it is alive, without reaping it.
+            with contextlib.suppress(ChildProcessError):
+                self.killed = (
+                    os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+                )
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
@@ -314,6 +320,11 @@ def _wait_status(returncode: int | None) -> int | None:
     return (returncode & 0xFF) << 8
 
 
+_KEYS = itertools.count()
+"""Version keys, unique in this process: a version that moves between workers never takes the key
+of another version in the worker it left."""
+
+
 class _Host:
     """One model worker over its lifetimes: the process (started again after a failure), the
     versions it holds (one; several in a :class:`WorkerPool`), and the lock that lets one
@@ -354,7 +365,7 @@ class _Host:
         self.state = threading.Lock()
         self.closed = threading.Event()
         """A dedicated worker's version left: it is never started again."""
-        self.arena = Arena(f"serving-{name}-in")
+        self.arena = Arena(f"serving-{name[:200]}-in")  # NOTE: memfd names stop at 249 bytes
         self.proc: _Process | None = None
         self.restarting = False
         self.failures = 0
@@ -365,7 +376,6 @@ class _Host:
         self.restarts = 0
         self.last_failure: str | None = None
         self.tenants: dict[int, WorkerPredictor] = {}
-        self._keys = itertools.count()
 
     @property
     def pid(self) -> int | None:
@@ -412,7 +422,7 @@ class _Host:
                         f"{tenant.where}: its shared model worker is restarting after: {self.last_failure}",
                         reason="restarting",
                     )
-                tenant.key = next(self._keys)
+                tenant.key = next(_KEYS)
             fresh = proc is None
             if proc is None:
                 proc = self.spawn()
@@ -422,7 +432,11 @@ class _Host:
                 if not fresh:
                     # NOTE: the worker died under the versions it held: they start again without this one.
                     told = f"a version loading beside them failed: {exc}"
-                    self.fail(proc, exc.reason or "crash", told, kill=False)
+                    self.fail(proc, exc.reason or "crash", told, kill=False, label=tenant.model)
+                raise
+            except WorkerFailed:
+                if not fresh:
+                    self.fail(proc, "crash", "", kill=False)
                 raise
             except BaseException:
                 if fresh:
@@ -512,6 +526,11 @@ class _Host:
             raise tenant.isolation_failed("timeout", f"still loading after {seconds} s") from None
         except _Failure as failure:
             status = proc.kill()
+            if failure.before:
+                # NOTE: it was gone before this version was sent: not this version's doing.
+                raise WorkerFailed(
+                    f"{tenant.where}: its model worker had stopped; it is restarting", reason="restarting"
+                ) from None
             if failure.reason == "crash":
                 told = classify(status, "the model worker")
                 raise tenant.isolation_failed(told["reason"], told["message"]) from None
@@ -553,10 +572,19 @@ class _Host:
 
     # -- failures and restarts -----------------------------------------------------
     def fail(
-        self, proc: _Process, reason: str, message: str, *, kill: bool, blame: WorkerPredictor | None = None
+        self,
+        proc: _Process,
+        reason: str,
+        message: str,
+        *,
+        kill: bool,
+        blame: WorkerPredictor | None = None,
+        label: str | None = None,
     ) -> tuple[str, str]:
         """Take ``proc`` out of service (once) and schedule a restart; the reason and message told.
-        ``blame``: the version whose request or load it failed in (for its probation)."""
+        ``blame``: the version whose request failed it (its probation; in a shared worker it also
+        leaves for a worker of its own, so it cannot fail its neighbours again). ``label``: the
+        model to count the failure under when none is blamed."""
         if kill:
             # NOTE: a worker that hung up is usually dying: give it a moment so its own death,
             # not our SIGKILL (read as "oom"), is what is reported.
@@ -577,12 +605,15 @@ class _Host:
                 return reason, message
             self.proc = None
             self.restarting = True
+            exiled = self.shared and blame is not None and self.tenants.pop(blame.key, None) is not None
         self.last_failure = f"{reason}: {message}"
         self.failed_at = time.monotonic()
-        metrics.WORKER_FAILURES.inc(model=self.label(blame), reason=reason)
+        metrics.WORKER_FAILURES.inc(model=label or self.label(blame), reason=reason)
         log.warning("%s: model worker failed (%s: %s)", self.name, reason, message)
         if blame is not None:
             blame.failed_in(reason, message)
+        if exiled and blame is not None:
+            blame.leave_shared(f"{reason}: {message}")
         self.failures += 1
         threading.Thread(target=self.restart, name=f"restart-{self.name}", daemon=True).start()
         return reason, message
@@ -610,13 +641,13 @@ class _Host:
                 if unwanted:
                     self.restarting = False
                 else:
+                    self.restarts += 1
                     self.proc = proc
                     self.restarting = False
                 left = [t for t in loaded if t.key not in self.tenants]
             if unwanted:
                 proc.stop()
                 return
-            self.restarts += 1
             metrics.WORKER_RESTARTS.inc(model=self.label())
             log.info("%s: model worker restarted (pid %s)", self.name, proc.popen.pid)
             self.watch(proc)
@@ -651,12 +682,16 @@ class _Host:
                         if loading.key not in self.tenants:
                             continue  # NOTE: it left meanwhile
                     self.load_into(proc, loading)
+                    loading.reload_failures = 0
                     loaded.append(loading)
                 return proc, loaded
             except ServingError as exc:
                 proc.kill()
                 if not self.shared or loading is None:
                     raise
+                loading.reload_failures += 1
+                if loading.reload_failures < 2:
+                    raise  # NOTE: maybe the node, not the version: back off and try again first
                 with self.state:
                     held = self.tenants.pop(loading.key, None) is not None
                     rest = bool(self.tenants)
@@ -727,7 +762,8 @@ class WorkerPool:
             candidates = [h for h in self.hosts if serving(h)] or self.hosts
             roomy = [h for h in candidates if load(h) + expected_bytes <= self.memory_bytes] or candidates
             host = min(roomy, key=lambda h: (load(h), len(h.tenants)))
-            host.pending_bytes += expected_bytes
+            with host.state:
+                host.pending_bytes += expected_bytes
             return host
 
     def refused(self, digest: str) -> str | None:
@@ -792,6 +828,12 @@ class WorkerPredictor(Predictor):
         }
         self.key = 0
         """Its name in the worker."""
+        self.reload_failures = 0
+        """Restarts of its shared worker in a row in which it failed to load again."""
+        self._pool = pool
+        self._digest = cached.manifest_sha256
+        self._env = env
+        self._closed = False
         self.broken: str | None = None
         """Why it can no longer be served here (it did not load again after a restart)."""
         self.load_bytes = cached.manifest.total_bytes
@@ -836,6 +878,7 @@ class WorkerPredictor(Predictor):
 
     def close(self) -> None:
         """Unload the version; its own worker stops (a shared one, with its last version)."""
+        self._closed = True
         self._host.remove(self)
 
     def convert(
@@ -1165,6 +1208,31 @@ class WorkerPredictor(Predictor):
         if self._served < self.limits.probation_requests and self.on_probation_failure is not None:
             first = self.limits.probation_requests
             self._report(f"its worker failed within its first {first} requests ({reason}: {message})")
+
+    def leave_shared(self, why: str) -> None:
+        """It failed its shared worker in a request: move it to a worker of its own (in a thread),
+        so a client that can crash it costs its neighbours one restart, not one per request."""
+        pool = self._pool
+        if pool is not None:
+            pool.refuse(self._digest, why)
+        log.warning("%s: failed its shared worker (%s); it moves to a worker of its own", self.where, why)
+
+        def move() -> None:
+            own = _Host(self.where, self.limits, child_env(self._env), model=self.model)
+            try:
+                own.add(self)
+            except Exception as exc:  # NOTE: a background thread must never die
+                if not isinstance(exc, ServingError):
+                    log.exception("%s: could not start a worker of its own", self.where)
+                self.fail_for_good(
+                    f"it failed its shared worker ({why}) and then could not load alone: {exc}"
+                )
+                return
+            self._host = own
+            if self._closed:
+                own.remove(self)
+
+        threading.Thread(target=move, name=f"own-worker-{self.where}", daemon=True).start()
 
     def fail_for_good(self, why: str) -> None:
         """It can no longer be served here (a shared worker could not load it again): report it."""

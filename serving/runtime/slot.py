@@ -160,6 +160,7 @@ class ModelSlot:
             if cached.hit:
                 log.debug("cache hit for %s:%s", resolved.name, resolved.version)
             pin = self.cache.pin(cached)
+            predictor = None
             try:
                 if self._prober is not None:
                     # NOTE: the same verified bytes, in a child first: a crash, memory
@@ -171,6 +172,8 @@ class ModelSlot:
                 if self._warmup:
                     warm_up(predictor, cached.manifest)
             except BaseException:
+                if predictor is not None:
+                    predictor.close()  # NOTE: a warm-up that failed must not leave its worker behind
                 pin.release()
                 raise
         except ServingError:
