@@ -483,15 +483,8 @@ class _Host:
                     current.stop()
                     self.arena.close()
                     return
-                if not held:
-                    return
-                try:
-                    current.send({"op": "unload", "key": tenant.key}, [])
-                    current.receive(time.monotonic() + self.limits.load_timeout_s)
-                except TimeoutError:
-                    self.fail(current, "timeout", "still unloading a version", kill=True)
-                except _Failure as failure:
-                    self.fail(current, failure.reason, failure.message, kill=True)
+                if held:
+                    self.unload(current, tenant)
 
         work = unload_shared if self.shared else stop_dedicated
         try:
@@ -500,6 +493,17 @@ class _Host:
             work()
         else:
             threading.Thread(target=work, name=f"unload-{tenant.where}", daemon=True).start()
+
+    def unload(self, proc: _Process, tenant: WorkerPredictor) -> None:
+        """Have ``proc`` drop ``tenant``'s version (the caller holds the call lock); a worker that
+        does not answer in time, or fails, is taken out of service."""
+        try:
+            proc.send({"op": "unload", "key": tenant.key}, [])
+            proc.receive(time.monotonic() + self.limits.load_timeout_s)
+        except TimeoutError:
+            self.fail(proc, "timeout", "still unloading a version", kill=True)
+        except _Failure as failure:
+            self.fail(proc, failure.reason, failure.message, kill=True)
 
     def spawn(self) -> _Process:
         env = self.env if self.env is not None else child_env()
@@ -657,13 +661,7 @@ class _Host:
                     for tenant in left:
                         if self.proc is not proc:
                             break
-                        try:
-                            proc.send({"op": "unload", "key": tenant.key}, [])
-                            proc.receive(time.monotonic() + self.limits.load_timeout_s)
-                        except TimeoutError:
-                            self.fail(proc, "timeout", "still unloading a version", kill=True)
-                        except _Failure as failure:
-                            self.fail(proc, failure.reason, failure.message, kill=True)
+                        self.unload(proc, tenant)
             return
 
     def revive(self) -> tuple[_Process, list[WorkerPredictor]]:
