@@ -12,34 +12,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import published
 import pytest
 import torch
 from hostile_modules import crafted_kd_tree, crafted_tree, good_iris
 
-from serving.cache import CachedVersion, LoaderCache
+from serving.cache import CachedVersion
 from serving.errors import IsolationFailed, LoadError, UntrustedArtifact
 from serving.formats.base import LoadPolicy
 from serving.isolation.prober import IsolationLimits, Prober
-from serving.publish import publish_path
-from serving.repository import Repository
-from serving.store.local import LocalStore
 
 HOSTILE = "hostile_modules"
 LIMITS = IsolationLimits(memory_bytes=768 * 1024**2, cpu_seconds=5, timeout_s=60)
 
 
-class Versions:
+class Versions(published.Versions):
     """Publishes artifacts into a local store and pulls them into a real cache."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.repo = Repository(LocalStore(str(root / "store")))
-        self.cache = LoaderCache(root / "cache", max_bytes=10**10)
-
-    def add(self, path: Path, fmt: str, **kwargs: Any) -> CachedVersion:
-        name = f"m{uuid.uuid4().hex[:8]}"
-        publish_path(self.repo, path, name, version="1", format=fmt, **kwargs)
-        return self.cache.fetch(self.repo, self.repo.resolve(f"{name}:1"))
 
     def torch_module(self, class_path: str, **init_kwargs: Any) -> CachedVersion:
         path = self.root / f"{uuid.uuid4().hex[:8]}.pt"

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from hostile_modules import CrashOnNegative, Hog, Sleepy, good_iris, segfault_version
 from prometheus_client import REGISTRY
+from published import Versions
 
-from serving.cache import CachedVersion, LoaderCache
+from serving.cache import CachedVersion
 from serving.errors import DeadlineExceeded, IsolationFailed, PayloadTooLarge, WorkerFailed
 from serving.formats import load_predictor
 from serving.formats.base import LoadPolicy
 from serving.isolation.worker import DEADLINE, WorkerLimits, WorkerPredictor
-from serving.publish import publish_path
 from serving.repository import Repository
 from serving.save import save
 from serving.store.local import LocalStore
@@ -30,27 +30,6 @@ from serving.testing.poll import wait_for
 
 LIMITS = WorkerLimits(memory_bytes=1536 * 1024**2, predict_timeout_s=20.0, restart_backoff_s=0.1)
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
-
-
-class Versions:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.store = LocalStore(str(root / "store"))
-        self.repo = Repository(self.store)
-        self.cache = LoaderCache(root / "cache", max_bytes=10**10)
-
-    def fetch(self, name: str) -> CachedVersion:
-        return self.cache.fetch(self.repo, self.repo.resolve(f"{name}:1"))
-
-    def add(self, path: Path, fmt: str, **kwargs: Any) -> CachedVersion:
-        name = f"m{uuid.uuid4().hex[:8]}"
-        publish_path(self.repo, path, name, version="1", format=fmt, **kwargs)
-        return self.fetch(name)
-
-    def module(self, module: Any) -> CachedVersion:
-        name = f"m{uuid.uuid4().hex[:8]}"
-        save(module, name, version="1", store=self.repo, example=[[0.0, 1.0]])
-        return self.fetch(name)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 from hostile_modules import CrashOnNegative, Sleepy, good_iris, segfault_version
+from published import Versions
 
-from serving.cache import CachedVersion, LoaderCache
+from serving.cache import CachedVersion
 from serving.errors import IsolationFailed, WorkerFailed
 from serving.formats import load_predictor
 from serving.formats.base import LoadPolicy
@@ -30,26 +30,6 @@ LIMITS = WorkerLimits(memory_bytes=1536 * 1024**2, predict_timeout_s=20.0, resta
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
 GOOD = np.array([[1.0, 0.0]], dtype=np.float32)
 CRASH = np.array([[-1.0, 0.0]], dtype=np.float32)
-
-
-class Versions:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.repo = Repository(LocalStore(str(root / "store")))
-        self.cache = LoaderCache(root / "cache", max_bytes=10**10)
-
-    def fetch(self, name: str) -> CachedVersion:
-        return self.cache.fetch(self.repo, self.repo.resolve(f"{name}:1"))
-
-    def add(self, path: Path, fmt: str, **kwargs: Any) -> CachedVersion:
-        name = f"m{uuid.uuid4().hex[:8]}"
-        publish_path(self.repo, path, name, version="1", format=fmt, **kwargs)
-        return self.fetch(name)
-
-    def module(self, module: Any, example: list[list[float]] | None = None) -> CachedVersion:
-        name = f"m{uuid.uuid4().hex[:8]}"
-        save(module, name, version="1", store=self.repo, example=example or [[0.0, 1.0]])
-        return self.fetch(name)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +66,14 @@ def one_worker() -> Iterator[Tenants]:
 
 def _answers(worker: WorkerPredictor, rows: np.ndarray) -> np.ndarray:
     return worker.predict({worker.inputs[0].name: rows})[worker.primary_output]
+
+
+def _serving(worker: WorkerPredictor) -> bool:
+    """Whether ``worker`` answers iris's two rows (not while its worker restarts)."""
+    try:
+        return len(_answers(worker, ROWS)) == 2
+    except WorkerFailed:
+        return False
 
 
 def _gone(pid: int) -> bool:
@@ -135,13 +123,7 @@ def test_a_crash_costs_the_versions_beside_it_a_restart_and_only_the_crasher_its
         _answers(crasher, CRASH)
     assert info.value.status_code == 503
 
-    def serving() -> bool:
-        try:
-            return len(_answers(good, ROWS)) == 2
-        except WorkerFailed:
-            return False
-
-    wait_for(serving, timeout=30, what="the version beside the crash back and serving")
+    wait_for(lambda: _serving(good), timeout=30, what="the version beside the crash back and serving")
     assert good.pid != before
     assert good.restarts == 1
     wait_for(lambda: failed["crash"], timeout=5, what="the crasher's probation callback")
@@ -214,13 +196,7 @@ def test_a_version_that_crashes_a_shared_worker_at_load_is_refused_and_the_other
         one_worker.load(cached)
     assert info.value.reason == "crash"
 
-    def serving() -> bool:
-        try:
-            return len(_answers(good, ROWS)) == 2
-        except WorkerFailed:
-            return False
-
-    wait_for(serving, timeout=30, what="the version beside the failed load back and serving")
+    wait_for(lambda: _serving(good), timeout=30, what="the version beside the failed load back and serving")
     assert one_worker.pool.status()[0]["versions"] == [good.where]  # NOTE: the refused one is not reloaded
 
 
