@@ -1284,9 +1284,11 @@ def _worker_main(parent_pid: int, fd: int, nice: int) -> int:  # pragma: no cove
             if predictor is not None:
                 predictors[key] = predictor
             sock.send(json.dumps(reply).encode())
+            _freeze_new_modules()
             continue
         if op == "unload":
             predictors.pop(key, None)
+            # NOTE: what the version held in reference cycles; frozen objects are not walked.
             gc.collect()
             sock.send(b'{"ok": true}')
             continue
@@ -1303,6 +1305,27 @@ def _worker_main(parent_pid: int, fd: int, nice: int) -> int:  # pragma: no cove
             socket.send_fds(sock, [data], [outputs.fd])
         else:
             sock.send(data)
+
+
+_FROZEN_MODULES = 0
+"""How many modules were imported when this worker last froze its objects."""
+
+
+def _freeze_new_modules() -> None:  # pragma: no cover -- worker
+    """After a load that imported modules (a framework, the first time): collect, then freeze
+    what is left, so that an unload's collection walks the versions' objects and not the
+    frameworks' (about 130,000 objects for scikit-learn: 65 ms each time, under the worker's
+    lock, which held back every other version in a shared worker).
+
+    The versions loaded at that moment are frozen too: what they hold in reference cycles
+    stays after they leave (what they hold without cycles is freed when they leave, as always).
+    """
+    global _FROZEN_MODULES
+    if len(sys.modules) == _FROZEN_MODULES:
+        return
+    gc.collect()
+    gc.freeze()
+    _FROZEN_MODULES = len(sys.modules)
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:  # pragma: no cover -- worker
