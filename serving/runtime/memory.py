@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
+import time
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+_READ: dict[int, tuple[int, float]] = {}
+"""The last PSS read of each process (for ``max_age_s``)."""
+_READ_LOCK = threading.Lock()
 
 
 def rss_bytes(pid: int | None = None) -> int:
@@ -27,8 +33,29 @@ def rss_bytes(pid: int | None = None) -> int:
         return 0
 
 
-def pss_bytes(pid: int) -> int:
-    """The proportional set size of a process; its RSS where the kernel has no smaps_rollup; 0 if gone."""
+def pss_bytes(pid: int, max_age_s: float = 0.0) -> int:
+    """The proportional set size of a process; its RSS where the kernel has no smaps_rollup; 0 if gone.
+
+    ``max_age_s``: a read of the same process at most that old will do. The kernel walks the
+    whole memory map for each read (milliseconds for a worker of a few hundred MB), and the
+    hundreds of versions of one shared worker would each read it.
+    """
+    now = time.monotonic()
+    if max_age_s > 0:
+        with _READ_LOCK:
+            last = _READ.get(pid)
+        if last is not None and now - last[1] <= max_age_s:
+            return last[0]
+    value = _read_pss(pid)
+    if max_age_s > 0:
+        with _READ_LOCK:
+            for old in [p for p, (_, at) in _READ.items() if now - at > max_age_s]:
+                del _READ[old]
+            _READ[pid] = (value, now)
+    return value
+
+
+def _read_pss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
             for line in f:

@@ -123,6 +123,8 @@ def policy_from(settings: Settings) -> LoadPolicy:
 
 STATUS_MEMORY_AGE_S = 30.0
 """How old the memory figure in a status report may be."""
+SHARED_PSS_AGE_S = 1.0
+"""A shared worker's PSS read is reused this long by the versions it holds: each would read it."""
 
 
 @dataclass
@@ -365,7 +367,12 @@ class ModelService:
                 continue
             pid = predictor.pid
             # NOTE: a shared worker's memory is split over its versions by what each load added.
-            total += int(pss_bytes(pid) * predictor.share()) if pid else predictor.load_bytes
+            if not pid:
+                total += predictor.load_bytes
+            elif predictor.shared:
+                total += int(pss_bytes(pid, max_age_s=SHARED_PSS_AGE_S) * predictor.share())
+            else:
+                total += pss_bytes(pid)
         return total
 
     def close(self) -> None:
