@@ -207,6 +207,8 @@ class LoaderCache:
         self._clock = clock
         self._thread_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._counted: tuple[int, float] | None = None
+        """The cache's bytes as last counted, plus what this process pulled since; and when it counted."""
         with _disk_errors(f"create the cache in {self.root}"):
             for sub in ("blobs", "versions", "locks", "aliases", "stamps", "tmp"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -458,7 +460,7 @@ class LoaderCache:
                 started = time.perf_counter()
                 path = self._download(repo, resolved, progress)
                 metrics.DOWNLOAD_SECONDS.observe(time.perf_counter() - started, model=name)
-            self.evict(keep=path)
+            self.evict(keep=path, pulled=resolved.manifest.total_bytes)
         return CachedVersion(name, version, path, resolved.manifest, msha, hit=False)
 
     # -- proving a hit unchanged -------------------------------------------------------
@@ -828,8 +830,27 @@ class LoaderCache:
                 total += blob.stat().st_size
         return total + _tree_bytes(self.root / "tmp")
 
-    def evict(self, keep: Path | None = None) -> list[Path]:
-        """Evict least recently used, unpinned versions until under the byte budget."""
+    RECOUNT_S = 5.0
+    """How long a pull may go by what was counted before, without counting every blob again."""
+
+    def evict(self, keep: Path | None = None, pulled: int | None = None) -> list[Path]:
+        """Evict least recently used, unpinned versions until under the byte budget.
+
+        ``pulled``: the bytes of the pull that asks. Counting the cache lists every blob (a
+        thousand models: a few milliseconds per pull), so a pull within :attr:`RECOUNT_S` of
+        the last count adds its bytes to that count instead, while the sum stays under the
+        budget. What other processes pulled meanwhile is counted by their own evictions, and by
+        this one's next full count.
+        """
+        if pulled is not None:
+            with self._guard:
+                counted = self._counted
+                if counted is not None:
+                    total, at = counted[0] + pulled, counted[1]
+                    if total <= self.max_bytes and time.monotonic() - at < self.RECOUNT_S:
+                        self._counted = (total, at)
+                        metrics.CACHE_BYTES.set(total)
+                        return []
         evicted: list[Path] = []
         with FileLock(str(self.root / "locks" / "evict.lock"), mode=0o600):
             self._sweep_tmp()
@@ -846,6 +867,8 @@ class LoaderCache:
                         evicted.append(path)
                         total = self.size_bytes()
             metrics.CACHE_BYTES.set(total)
+            with self._guard:
+                self._counted = (total, time.monotonic())
         return evicted
 
     def _evict_one(self, path: Path) -> bool:
