@@ -251,3 +251,40 @@ def test_an_answer_over_the_reply_limit_is_refused_before_it_is_encoded(tmp_path
         assert small["predict"].shape == (1,)
     finally:
         service.close()
+
+
+@pytest.mark.parametrize("isolation", ["never", "worker"])
+def test_a_model_answering_big_endian_arrays_is_served_as_numbers(tmp_path: Path, isolation: str) -> None:
+    # NOTE: labels read from a big-endian file (FITS, some HDF5) make scikit-learn answer '>i8',
+    # which the encoders took for BYTES and sent as strings.
+    x, y = load_iris(return_X_y=True)
+    model = LogisticRegression(max_iter=500).fit(x, y.astype(">i8"))
+    want = model.predict(ROWS).astype("<i8")
+    path = tmp_path / "big-endian.joblib"
+    joblib.dump(model, path)
+    root = str(tmp_path / "store")
+    repo = Repository(LocalStore(root))
+    publish_path(repo, path, "iris", version="1", example=ROWS[:1].tolist())
+    repo.move_alias("iris", "production", SetTarget("1"))
+    app = AppConfig(models=[ModelConfig(name="iris", alias="production", isolation=isolation)])
+    service = ModelService(app.models[0], app, Settings(store=root, cache_dir=tmp_path / "cache"))
+    service.start()
+    try:
+        plane = _plane(service)
+        tensor = {"name": "input-0", "shape": list(ROWS.shape), "datatype": "FP64", "data": ROWS.tolist()}
+
+        async def body() -> AsyncIterator[bytes]:
+            yield orjson.dumps({"inputs": [tensor], "outputs": [{"name": "predict"}]})
+
+        reply = asyncio.run(RestApi(plane).handle(HttpRequest("POST", "/v2/models/iris/infer", {}, body)))
+        assert reply.status == 200, reply.body
+        [output] = orjson.loads(reply.body)["outputs"]
+        assert output["datatype"] == "INT64"
+        assert output["data"] == want.tolist()
+        response, code, details = asyncio.run(_grpc_call(plane, _grpc_request()))
+        assert code == grpc.StatusCode.OK, details
+        predict = next(o for o in response.outputs if o.name == "predict")
+        assert predict.datatype == "INT64"
+        np.testing.assert_array_equal(_arrays(response)["predict"], want)
+    finally:
+        service.close()
