@@ -1280,14 +1280,15 @@ def _worker_main(parent_pid: int, fd: int, nice: int) -> int:  # pragma: no cove
             os.close(fd_in)
         op, key = request.get("op"), request.get("key", 0)
         if op == "load":
-            predictor, reply = _load(request)
+            predictor, reply = _load(request, empty=not predictors)
             if predictor is not None:
                 predictors[key] = predictor
             sock.send(json.dumps(reply).encode())
-            _freeze_new_modules()
             continue
         if op == "unload":
             predictors.pop(key, None)
+            # NOTE: this loop's own name for the last version it ran would keep it alive.
+            predictor = None
             # NOTE: what the version held in reference cycles; frozen objects are not walked.
             gc.collect()
             sock.send(b'{"ok": true}')
@@ -1307,25 +1308,18 @@ def _worker_main(parent_pid: int, fd: int, nice: int) -> int:  # pragma: no cove
             sock.send(data)
 
 
-_FROZEN_MODULES = 0
-"""How many modules were imported when this worker last froze its objects."""
+def _freeze() -> None:  # pragma: no cover -- worker
+    """Collect, then freeze what is left (the interpreter, serving, the frameworks imported), so
+    that an unload's collection walks the versions' objects and not the frameworks' (about
+    130,000 objects for scikit-learn: 65 ms each time, under the worker's lock, which held back
+    every other version in a shared worker).
 
-
-def _freeze_new_modules() -> None:  # pragma: no cover -- worker
-    """After a load that imported modules (a framework, the first time): collect, then freeze
-    what is left, so that an unload's collection walks the versions' objects and not the
-    frameworks' (about 130,000 objects for scikit-learn: 65 ms each time, under the worker's
-    lock, which held back every other version in a shared worker).
-
-    The versions loaded at that moment are frozen too: what they hold in reference cycles
-    stays after they leave (what they hold without cycles is freed when they leave, as always).
+    Only while the worker holds no version: a frozen version's reference cycles would outlive
+    it (a Keras model's layers hold their weights in cycles). A framework first imported beside
+    loaded versions stays unfrozen, and is walked by each unload.
     """
-    global _FROZEN_MODULES
-    if len(sys.modules) == _FROZEN_MODULES:
-        return
     gc.collect()
     gc.freeze()
-    _FROZEN_MODULES = len(sys.modules)
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:  # pragma: no cover -- worker
@@ -1356,7 +1350,10 @@ _CONFINED = False
 """Whether this worker confined itself (at its first load)."""
 
 
-def _load(request: dict[str, Any]) -> tuple[Predictor | None, dict[str, Any]]:  # pragma: no cover -- worker
+def _load(
+    request: dict[str, Any], empty: bool
+) -> tuple[Predictor | None, dict[str, Any]]:  # pragma: no cover
+    """Load the version ``request`` names; ``empty``: the worker holds no other version."""
     before = 0
 
     def prepare() -> None:
@@ -1368,6 +1365,8 @@ def _load(request: dict[str, Any]) -> tuple[Predictor | None, dict[str, Any]]:  
             with contextlib.suppress(Exception):
                 importlib.import_module(module)
         settle_caches(confined=_CONFINED)
+        if empty:
+            _freeze()
         before = _rss()  # NOTE: what the version's own load adds, without its framework
         if not _CONFINED:
             # NOTE: once: a shared worker's limit is for all its versions (and cannot be raised).

@@ -202,3 +202,16 @@ class Hog(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         held = bytearray(int(float(x.reshape(-1)[0]) * 1024**3))
         return x * 2 + len(held) * 0
+
+
+class Cyclic(torch.nn.Module):
+    """Answers ``2 * x``, holding 100 MB (touched) that only a garbage collection frees: the
+    module refers to itself, as a Keras model's layers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = torch.ones(25_000_000)  # NOTE: a plain attribute, not saved with the state
+        self.loop = {"me": self}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2

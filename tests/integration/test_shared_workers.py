@@ -13,7 +13,7 @@ from typing import Any
 import joblib
 import numpy as np
 import pytest
-from hostile_modules import CrashOnNegative, Sleepy, good_iris, segfault_version
+from hostile_modules import CrashOnNegative, Cyclic, Sleepy, good_iris, segfault_version
 from published import Versions
 from sklearn.neighbors import KNeighborsClassifier
 
@@ -138,6 +138,27 @@ def test_a_version_leaving_a_shared_worker_gives_its_memory_back(
         lambda: rss_bytes(pid) < held - 80 * 10**6,
         timeout=10,
         what="the worker's resident set to drop by the version's 96 MB of rows",
+    )
+    assert len(_answers(small, ROWS)) == 2
+
+
+def test_a_version_held_in_reference_cycles_frees_its_memory_when_it_leaves(
+    versions: Versions, iris: CachedVersion, one_worker: Tenants
+) -> None:
+    # NOTE: loaded first into an empty worker, where the worker freezes what it imported; a
+    # frozen version's cycles would never be collected.
+    cyclic = one_worker.load(versions.module(Cyclic()))
+    small = one_worker.load(iris)
+    pid = cyclic.pid
+    assert pid is not None
+    assert small.pid == pid
+    np.testing.assert_array_equal(_answers(cyclic, GOOD), 2 * GOOD)
+    held = rss_bytes(pid)
+    cyclic.close()
+    wait_for(
+        lambda: rss_bytes(pid) < held - 80 * 10**6,
+        timeout=10,
+        what="the worker's resident set to drop by the cyclic version's 100 MB",
     )
     assert len(_answers(small, ROWS)) == 2
 
