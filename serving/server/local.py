@@ -40,6 +40,7 @@ from serving.errors import ModelNotFound, NotFound, Overloaded, StoreError
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
 from serving.repository import Repository
 from serving.runtime.feed import AliasFeed, run_feed
+from serving.runtime.memory import pss_bytes
 from serving.runtime.pool import Entry, ModelPool
 from serving.runtime.service import ModelService, build_cache
 from serving.settings import Settings
@@ -52,6 +53,8 @@ T = TypeVar("T")
 MEMBER_MEMORY_AGE_S = 5.0
 """How old a pool member's memory figure may be when a load decides what to evict (a fresh
 one is taken right after its own load)."""
+SERVER_PSS_AGE_S = 1.0
+"""How old a read of the server's own PSS may be when the pool weighs a load."""
 
 LOAD_THREADS = 64
 """Cold requests that may wait for their model-set member to load at once, per process."""
@@ -504,6 +507,7 @@ def open_pool(
         max_concurrent_loads=app.pool.max_concurrent_loads,
         retry_after_s=app.pool.retry_after_s,
         load_wait_s=app.pool.load_wait_s,
+        process_bytes=lambda: pss_bytes(os.getpid(), max_age_s=SERVER_PSS_AGE_S),
     )
 
     def following() -> dict[str, str]:

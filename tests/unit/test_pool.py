@@ -77,6 +77,22 @@ def test_the_least_recently_used_idle_member_is_evicted_to_fit_the_budget() -> N
     assert pool.snapshot()["used_bytes"] == 80
 
 
+def test_what_the_server_grew_by_since_its_first_member_counts_against_the_budget() -> None:
+    opener = Opener(default=30)
+    process = [500]  # NOTE: what the server holds before any member; never counted
+    pool = ModelPool(opener, memory_bytes=100, process_bytes=lambda: process[0])
+    _use(pool, "a")
+    process[0] += 15  # NOTE: each member's bookkeeping in the server
+    _use(pool, "b")
+    process[0] += 15
+    assert pool.snapshot()["used_bytes"] == 60 + 30
+    # NOTE: three members of 30 fit 100 by their own bytes, not with the server's 30 of growth.
+    _use(pool, "c")
+    assert sorted(pool.loaded()) == ["b", "c"]
+    assert pool.snapshot()["server_growth_bytes"] == 30
+    assert pool.snapshot()["used_bytes"] <= 100
+
+
 def test_a_member_in_use_or_pinned_is_never_evicted_and_a_load_that_cannot_fit_gets_503() -> None:
     opener = Opener(default=40)
     pool = ModelPool(opener, memory_bytes=100, retry_after_s=7, load_wait_s=0.3)
