@@ -207,8 +207,6 @@ class LoaderCache:
         self._clock = clock
         self._thread_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-        self._counted: tuple[int, float] | None = None
-        """The cache's bytes as last counted, plus what this process pulled since; and when it counted."""
         with _disk_errors(f"create the cache in {self.root}"):
             for sub in ("blobs", "versions", "locks", "aliases", "stamps", "tmp"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -831,7 +829,7 @@ class LoaderCache:
         return total + _tree_bytes(self.root / "tmp")
 
     RECOUNT_S = 5.0
-    """How long a pull may go by what was counted before, without counting every blob again."""
+    """How long pulls may add to the last count of the cache's bytes before one counts again."""
 
     def evict(self, keep: Path | None = None, pulled: int | None = None) -> list[Path]:
         """Evict least recently used, unpinned versions until under the byte budget.
@@ -839,20 +837,20 @@ class LoaderCache:
         ``pulled``: the bytes of the pull that asks. Counting the cache lists every blob (a
         thousand models: a few milliseconds per pull), so a pull within :attr:`RECOUNT_S` of
         the last count adds its bytes to that count instead, while the sum stays under the
-        budget. What other processes pulled meanwhile is counted by their own evictions, and by
-        this one's next full count.
+        budget. The count is the node's (``locks/count``, under the eviction lock): every
+        process's pulls add to it, so none is missed. What it may count too much (a blob two
+        versions share, a version discarded since) only brings the next full count sooner.
         """
-        if pulled is not None:
-            with self._guard:
-                counted = self._counted
-                if counted is not None:
-                    total, at = counted[0] + pulled, counted[1]
-                    if total <= self.max_bytes and time.monotonic() - at < self.RECOUNT_S:
-                        self._counted = (total, at)
-                        metrics.CACHE_BYTES.set(total)
-                        return []
         evicted: list[Path] = []
         with FileLock(str(self.root / "locks" / "evict.lock"), mode=0o600):
+            if pulled is not None:
+                counted = self._read_count()
+                if counted is not None:
+                    total, at = counted[0] + pulled, counted[1]
+                    if total <= self.max_bytes and 0 <= time.monotonic() - at < self.RECOUNT_S:
+                        self._write_count(total, at)
+                        metrics.CACHE_BYTES.set(total)
+                        return evicted
             self._sweep_tmp()
             total = self.size_bytes()
             if total > self.max_bytes:
@@ -867,9 +865,21 @@ class LoaderCache:
                         evicted.append(path)
                         total = self.size_bytes()
             metrics.CACHE_BYTES.set(total)
-            with self._guard:
-                self._counted = (total, time.monotonic())
+            self._write_count(total, time.monotonic())
         return evicted
+
+    def _read_count(self) -> tuple[int, float] | None:
+        """The node's last count of the cache's bytes (plus pulls since) and when it was made
+        (``time.monotonic``, the same for every process on the node); None: count again."""
+        try:
+            total, at = (self.root / "locks" / "count").read_text().split()
+            return int(total), float(at)
+        except (OSError, ValueError):
+            return None
+
+    def _write_count(self, total: int, at: float) -> None:
+        with contextlib.suppress(OSError):
+            (self.root / "locks" / "count").write_text(f"{total} {at!r}")
 
     def _evict_one(self, path: Path) -> bool:
         name = path.parent.name

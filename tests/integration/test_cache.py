@@ -472,6 +472,18 @@ def test_eviction_drops_least_recently_used_versions_past_the_budget(s3repo: S3R
     assert cache.size_bytes() <= cache.max_bytes
 
 
+def test_processes_pulling_in_turn_keep_the_cache_under_its_budget(s3repo: S3Repo, tmp_path: Path) -> None:
+    # NOTE: two instances on one folder, as two processes on a node; each pull adds its bytes
+    # to the node's count instead of listing every blob, and none of the other's is missed.
+    _publish_versions(s3repo, 8, 1 * MiB)
+    caches = [LoaderCache(tmp_path / "node", max_bytes=int(5.5 * MiB)) for _ in range(2)]
+    repo = s3repo.repo
+    for v in range(1, 9):
+        caches[v % 2].fetch(repo, repo.resolve(f"iris:{v}"))
+        assert caches[0].size_bytes() <= caches[0].max_bytes, f"after pulling version {v}"
+    assert _cached_versions(caches[0]) == ["4", "5", "6", "7", "8"]
+
+
 def test_a_pinned_version_is_never_evicted(s3repo: S3Repo, tmp_path: Path) -> None:
     _publish_versions(s3repo, 3, 1 * MiB)
     cache = LoaderCache(tmp_path / "pins", max_bytes=int(1.5 * MiB))
