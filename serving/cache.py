@@ -879,7 +879,9 @@ class LoaderCache:
 
     def _write_count(self, total: int, at: float) -> None:
         with contextlib.suppress(OSError):
-            (self.root / "locks" / "count").write_text(f"{total} {at!r}")
+            fd = os.open(self.root / "locks" / "count", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{total} {at!r}")
 
     def _evict_one(self, path: Path) -> bool:
         name = path.parent.name
