@@ -370,7 +370,8 @@ class ModelService:
             if not pid:
                 total += predictor.load_bytes
             elif predictor.shared:
-                total += int(pss_bytes(pid, max_age_s=SHARED_PSS_AGE_S) * predictor.share())
+                read = pss_bytes(pid, max_age_s=SHARED_PSS_AGE_S, generation=predictor.worker_generation)
+                total += int(read * predictor.share())
             else:
                 total += pss_bytes(pid)
         return total

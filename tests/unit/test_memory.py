@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
-import os
+import pytest
 
-import numpy as np
-
+from serving.runtime import memory
 from serving.runtime.memory import pss_bytes
 
 
-def test_a_recent_pss_read_is_reused_and_a_fresh_one_sees_growth() -> None:
-    pid = os.getpid()
-    before = pss_bytes(pid, max_age_s=3600)
-    grown = np.ones(64 * 2**20, dtype=np.uint8)  # NOTE: 64 MiB, every page touched
-    assert pss_bytes(pid, max_age_s=3600) == before
-    assert pss_bytes(pid) >= before + 60 * 2**20
-    assert pss_bytes(pid, max_age_s=0.0) >= before + 60 * 2**20
-    del grown
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids the kernel was asked about; the PSS it answers grows by 1 MB with each read."""
+    asked: list[int] = []
+
+    def read(pid: int) -> int:
+        asked.append(pid)
+        return len(asked) * 10**6
+
+    monkeypatch.setattr(memory, "_read_pss", read)
+    monkeypatch.setattr(memory, "_READ", {})
+    return asked
+
+
+def test_a_recent_read_of_the_same_generation_is_reused(
+    reads: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(memory.time, "monotonic", lambda: clock[0])
+    assert pss_bytes(7, max_age_s=1.0, generation=3) == 10**6
+    clock[0] += 0.5
+    assert pss_bytes(7, max_age_s=1.0, generation=3) == 10**6  # NOTE: reused
+    assert pss_bytes(8, max_age_s=1.0, generation=3) == 2 * 10**6  # NOTE: another process
+    assert pss_bytes(7, max_age_s=1.0, generation=4) == 3 * 10**6  # NOTE: a version joined or left
+    clock[0] += 1.5
+    assert pss_bytes(7, max_age_s=1.0, generation=4) == 4 * 10**6  # NOTE: too old
+    assert pss_bytes(7) == 5 * 10**6  # NOTE: no max age: always read
+    assert reads == [7, 8, 7, 7, 7]
 
 
 def test_a_process_that_is_gone_reads_as_zero() -> None:
