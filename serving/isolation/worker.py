@@ -376,8 +376,6 @@ class _Host:
         self.restarts = 0
         self.last_failure: str | None = None
         self.tenants: dict[int, WorkerPredictor] = {}
-        self.generation = 0
-        """Counts the changes to the versions it holds (a memory reading of an older one is stale)."""
 
     @property
     def pid(self) -> int | None:
@@ -446,7 +444,6 @@ class _Host:
                 raise
             with self.state:
                 self.tenants[tenant.key] = tenant
-                self.generation += 1
                 if fresh:
                     self.proc = proc
                     self.restarting = False
@@ -460,7 +457,6 @@ class _Host:
         waiting happens in a thread."""
         with self.state:
             held = self.tenants.pop(tenant.key, None) is not None
-            self.generation += 1
             if not self.shared:
                 # NOTE: its one version left: stop it now (a request it still computes fails).
                 proc, self.proc = self.proc, None
@@ -614,7 +610,6 @@ class _Host:
             self.proc = None
             self.restarting = True
             exiled = self.shared and blame is not None and self.tenants.pop(blame.key, None) is not None
-            self.generation += 1
         self.last_failure = f"{reason}: {message}"
         self.failed_at = time.monotonic()
         metrics.WORKER_FAILURES.inc(model=label or self.label(blame), reason=reason)
@@ -697,7 +692,6 @@ class _Host:
                     raise  # NOTE: maybe the node, not the version: back off and try again first
                 with self.state:
                     held = self.tenants.pop(loading.key, None) is not None
-                    self.generation += 1
                     rest = bool(self.tenants)
                 if held:
                     loading.fail_for_good(f"it did not load again after its shared worker restarted: {exc}")
@@ -949,11 +943,6 @@ class WorkerPredictor(Predictor):
     def shared(self) -> bool:
         """Whether other versions share its worker."""
         return self._host.shared
-
-    @property
-    def worker_generation(self) -> int:
-        """Changes so far to the versions its worker holds (a version joined, left or failed)."""
-        return self._host.generation
 
     @property
     def restarts(self) -> int:

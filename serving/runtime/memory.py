@@ -19,8 +19,8 @@ import time
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
-_READ: dict[int, tuple[int, float, int]] = {}
-"""The last PSS read of each process: bytes, when, and the ``generation`` it was read for."""
+_READ: dict[int, tuple[int, float]] = {}
+"""The last PSS read of each process: bytes and when."""
 _READ_LOCK = threading.Lock()
 
 
@@ -33,27 +33,28 @@ def rss_bytes(pid: int | None = None) -> int:
         return 0
 
 
-def pss_bytes(pid: int, max_age_s: float = 0.0, generation: int = 0) -> int:
+def pss_bytes(pid: int, max_age_s: float = 0.0) -> int:
     """The proportional set size of a process; its RSS where the kernel has no smaps_rollup; 0 if gone.
 
-    ``max_age_s``: a read of the same process at most that old, for the same ``generation``
-    (the caller's count of what changed in it: a shared worker's versions joining and
-    leaving), will do. The kernel walks the whole memory map for each read (milliseconds for
-    a worker of a few hundred MB), and the hundreds of versions of one shared worker would
-    each read it.
+    ``max_age_s``: a read of the same process at most that old will do. The kernel walks the
+    whole memory map for each read (milliseconds for a worker of a few hundred MB), and the
+    hundreds of versions of one shared worker would each read it. (A read from before a
+    version joined undercounts that version by about its bytes squared over the worker's:
+    under a MB for a 20 MB version in a 500 MB worker. Keying reads on the worker's versions
+    made every read under churn a fresh one.)
     """
     now = time.monotonic()
     if max_age_s > 0:
         with _READ_LOCK:
             last = _READ.get(pid)
-        if last is not None and now - last[1] <= max_age_s and last[2] == generation:
+        if last is not None and now - last[1] <= max_age_s:
             return last[0]
     value = _read_pss(pid)
     if max_age_s > 0:
         with _READ_LOCK:
-            for old in [p for p, (_, at, _) in _READ.items() if now - at > max_age_s]:
+            for old in [p for p, (_, at) in _READ.items() if now - at > max_age_s]:
                 del _READ[old]
-            _READ[pid] = (value, now, generation)
+            _READ[pid] = (value, now)
     return value
 
 

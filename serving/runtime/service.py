@@ -370,8 +370,7 @@ class ModelService:
             if not pid:
                 total += predictor.load_bytes
             elif predictor.shared:
-                read = pss_bytes(pid, max_age_s=SHARED_PSS_AGE_S, generation=predictor.worker_generation)
-                total += int(read * predictor.share())
+                total += int(pss_bytes(pid, max_age_s=SHARED_PSS_AGE_S) * predictor.share())
             else:
                 total += pss_bytes(pid)
         return total

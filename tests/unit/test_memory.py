@@ -22,20 +22,17 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return asked
 
 
-def test_a_recent_read_of_the_same_generation_is_reused(
-    reads: list[int], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_recent_read_is_reused(reads: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [100.0]
     monkeypatch.setattr(memory.time, "monotonic", lambda: clock[0])
-    assert pss_bytes(7, max_age_s=1.0, generation=3) == 10**6
+    assert pss_bytes(7, max_age_s=1.0) == 10**6
     clock[0] += 0.5
-    assert pss_bytes(7, max_age_s=1.0, generation=3) == 10**6  # NOTE: reused
-    assert pss_bytes(8, max_age_s=1.0, generation=3) == 2 * 10**6  # NOTE: another process
-    assert pss_bytes(7, max_age_s=1.0, generation=4) == 3 * 10**6  # NOTE: a version joined or left
+    assert pss_bytes(7, max_age_s=1.0) == 10**6  # NOTE: reused
+    assert pss_bytes(8, max_age_s=1.0) == 2 * 10**6  # NOTE: another process
     clock[0] += 1.5
-    assert pss_bytes(7, max_age_s=1.0, generation=4) == 4 * 10**6  # NOTE: too old
-    assert pss_bytes(7) == 5 * 10**6  # NOTE: no max age: always read
-    assert reads == [7, 8, 7, 7, 7]
+    assert pss_bytes(7, max_age_s=1.0) == 3 * 10**6  # NOTE: too old
+    assert pss_bytes(7) == 4 * 10**6  # NOTE: no max age: always read
+    assert reads == [7, 8, 7, 7]
 
 
 def test_a_process_that_is_gone_reads_as_zero() -> None:
