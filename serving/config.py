@@ -142,8 +142,9 @@ class PoolConfig(BaseModel):
     The budget counts memory measured after each load: a model worker's proportional set
     size (its private pages and its share of the ones it shares), or, for a model that
     loads in the serving process, its growth of the process's RSS during the load (never
-    less than its files' size); and what the serving process grew by since its first
-    member started loading (each member's bookkeeping there). The least recently used
+    less than its files' size); and, when every model set uses model workers, what the
+    serving process grew by since its first member started loading (each member's
+    bookkeeping there). The least recently used
     idle model is unloaded to make room; a request that cannot fit gets 503 with
     ``Retry-After``."""
 

@@ -507,7 +507,13 @@ def open_pool(
         max_concurrent_loads=app.pool.max_concurrent_loads,
         retry_after_s=app.pool.retry_after_s,
         load_wait_s=app.pool.load_wait_s,
-        process_bytes=lambda: pss_bytes(os.getpid(), max_age_s=SERVER_PSS_AGE_S),
+        # NOTE: only when every member predicts in a model worker: a member that loads in this
+        # process is measured by its growth of it, which this would count a second time.
+        process_bytes=(
+            (lambda: pss_bytes(os.getpid(), max_age_s=SERVER_PSS_AGE_S))
+            if all(m.isolation == "worker" for m in app.model_sets)
+            else None
+        ),
     )
 
     def following() -> dict[str, str]:
