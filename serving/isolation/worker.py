@@ -518,7 +518,7 @@ class _Host:
             ServingError: the loader refused the version (``proc`` goes on).
         """
         deadline = time.monotonic() + self.limits.load_timeout_s
-        request = {**tenant.load_request, "key": tenant.key}
+        request = {**tenant.load_request, "key": tenant.key, "shared": self.shared}
         if self.memory_bytes is not None:
             request["memory_bytes"] = self.memory_bytes
         try:
@@ -1280,7 +1280,7 @@ def _worker_main(parent_pid: int, fd: int, nice: int) -> int:  # pragma: no cove
             os.close(fd_in)
         op, key = request.get("op"), request.get("key", 0)
         if op == "load":
-            predictor, reply = _load(request, empty=not predictors)
+            predictor, reply = _load(request, freeze=not predictors and request.get("shared") is True)
             if predictor is not None:
                 predictors[key] = predictor
             sock.send(json.dumps(reply).encode())
@@ -1316,7 +1316,8 @@ def _freeze() -> None:  # pragma: no cover -- worker
 
     Only while the worker holds no version: a frozen version's reference cycles would outlive
     it (a Keras model's layers hold their weights in cycles). A framework first imported beside
-    loaded versions stays unfrozen, and is walked by each unload.
+    loaded versions stays unfrozen, and is walked by each unload. Only in a shared worker: a
+    dedicated one never unloads (it stops), so the collection would only delay its first load.
     """
     gc.collect()
     gc.freeze()
@@ -1351,9 +1352,10 @@ _CONFINED = False
 
 
 def _load(
-    request: dict[str, Any], empty: bool
+    request: dict[str, Any], freeze: bool
 ) -> tuple[Predictor | None, dict[str, Any]]:  # pragma: no cover
-    """Load the version ``request`` names; ``empty``: the worker holds no other version."""
+    """Load the version ``request`` names; ``freeze``: :func:`_freeze` before it (a shared
+    worker that holds no other version)."""
     before = 0
 
     def prepare() -> None:
@@ -1365,7 +1367,7 @@ def _load(
             with contextlib.suppress(Exception):
                 importlib.import_module(module)
         settle_caches(confined=_CONFINED)
-        if empty:
+        if freeze:
             _freeze()
         before = _rss()  # NOTE: what the version's own load adds, without its framework
         if not _CONFINED:
