@@ -144,9 +144,8 @@ class PoolConfig(BaseModel):
     loads in the serving process, its growth of the process's RSS during the load (never
     less than its files' size); and, when every model set uses model workers, what the
     serving process grew by since its first member started loading (each member's
-    bookkeeping there). The least recently used
-    idle model is unloaded to make room; a request that cannot fit gets 503 with
-    ``Retry-After``."""
+    bookkeeping there). The least recently used idle model is unloaded to make room; a
+    request that cannot fit gets 503 with ``Retry-After``."""
 
     model_config = ConfigDict(extra="forbid")
 

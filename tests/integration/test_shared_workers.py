@@ -115,6 +115,23 @@ def test_versions_in_one_shared_worker_each_answer_as_themselves(
     wait_for(lambda: _gone(pid), timeout=10, what="the shared worker stopped with its last version")
 
 
+def _leaves_its_memory(leaving: WorkerPredictor, staying: WorkerPredictor, held: str) -> None:
+    """``leaving`` (over 80 MB, the last version its worker ran) leaves the worker it shares with
+    ``staying`` (an iris version): the worker's resident set drops by what it ``held``, and
+    ``staying`` still answers."""
+    pid = leaving.pid
+    assert pid is not None
+    assert staying.pid == pid
+    before = rss_bytes(pid)
+    leaving.close()
+    wait_for(
+        lambda: rss_bytes(pid) < before - 80 * 10**6,
+        timeout=10,
+        what=f"the worker's resident set to drop by {held}",
+    )
+    assert len(_answers(staying, ROWS)) == 2
+
+
 def test_a_version_leaving_a_shared_worker_gives_its_memory_back(
     versions: Versions, iris: CachedVersion, one_worker: Tenants, tmp_path: Path
 ) -> None:
@@ -128,18 +145,8 @@ def test_a_version_leaving_a_shared_worker_gives_its_memory_back(
     del knn
     big = one_worker.load(versions.add(tmp_path / "knn.joblib", "sklearn", example=ROWS[:1].tolist()))
     small = one_worker.load(iris)
-    pid = big.pid
-    assert pid is not None
-    assert small.pid == pid
     assert len(_answers(big, ROWS)) == 2
-    held = rss_bytes(pid)
-    big.close()
-    wait_for(
-        lambda: rss_bytes(pid) < held - 80 * 10**6,
-        timeout=10,
-        what="the worker's resident set to drop by the version's 96 MB of rows",
-    )
-    assert len(_answers(small, ROWS)) == 2
+    _leaves_its_memory(big, small, "the version's 96 MB of rows")
 
 
 def test_a_version_held_in_reference_cycles_frees_its_memory_when_it_leaves(
@@ -149,18 +156,8 @@ def test_a_version_held_in_reference_cycles_frees_its_memory_when_it_leaves(
     # frozen version's cycles would never be collected.
     cyclic = one_worker.load(versions.module(Cyclic()))
     small = one_worker.load(iris)
-    pid = cyclic.pid
-    assert pid is not None
-    assert small.pid == pid
     np.testing.assert_array_equal(_answers(cyclic, GOOD), 2 * GOOD)
-    held = rss_bytes(pid)
-    cyclic.close()
-    wait_for(
-        lambda: rss_bytes(pid) < held - 80 * 10**6,
-        timeout=10,
-        what="the worker's resident set to drop by the cyclic version's 100 MB",
-    )
-    assert len(_answers(small, ROWS)) == 2
+    _leaves_its_memory(cyclic, small, "the cyclic version's 100 MB")
 
 
 def test_a_crash_costs_the_versions_beside_it_a_restart_and_only_the_crasher_its_probation(
