@@ -9,7 +9,9 @@ every Ray process at import, so a variant is a separate host with its own env.
 Ray's Python proxy (no HAProxy): the peers, and ``ours`` with ``layout: two-hop``
 as it ran before the fast path (the "before" of the before/after).
 
-Spec: ``{"port": 8000, "num_cpus": 2, "apps": [{"kind": "ours"|"naive"|"noop",
+Ray Serve's own model multiplexing (``multiplexed``) for ``bench/multiplexed.py``.
+
+Spec: ``{"port": 8000, "num_cpus": 2, "apps": [{"kind": "ours"|"naive"|"noop"|"multiplexed",
 "route_prefix": "/", "args": {...}}]}``.
 """
 
@@ -36,6 +38,10 @@ def build(kind: str, args: dict[str, Any]) -> Any:
         from bench.baselines.noop_serve import build as noop
 
         return noop()
+    if kind == "multiplexed":
+        from bench.baselines.multiplexed_serve import build as multiplexed
+
+        return multiplexed(args)
     raise SystemExit(f"unknown app kind {kind!r}")
 
 
