@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -93,3 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # NOTE: the reader left (`serving predict ... | head`): quiet, as a tool killed by SIGPIPE,
+        # and stdout aimed at /dev/null so the interpreter's last flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return SIGPIPE_EXIT
+
+
+SIGPIPE_EXIT = 141
+"""The exit code when stdout's reader left early: 128 + SIGPIPE, as a shell reports such a tool."""

@@ -290,6 +290,30 @@ def test_predict_reads_input_from_stdin_and_named_inputs(published: Cli) -> None
         assert named["outputs"] == json.loads(rows.stdout)["outputs"]
 
 
+@pytest.mark.parametrize("store_uri", ["local"], indirect=True)
+def test_a_reader_that_leaves_early_ends_predict_quietly_with_141(
+    published: Cli, store_uri: str, tmp_path: Path
+) -> None:
+    """``serving predict ... | head -c 20``: the reader closes the pipe before the answer is
+    written. No traceback on stderr; exit 141, as a tool killed by SIGPIPE."""
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps(EXAMPLE * 50_000))  # NOTE: an answer well past a pipe's 64 KiB
+    env = {**_clean_env(), "SERVING_STORE": store_uri, "SERVING_CACHE_DIR": str(tmp_path / "cache")}
+    err = tmp_path / "err"
+    cmd = f"{sys.executable} -m serving.cli predict iris --input - < {rows} 2> {err} | head -c 20"
+    done = subprocess.run(
+        ["bash", "-c", f"{cmd}; status=${{PIPESTATUS[0]}}; echo; echo rc=$status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.startswith('{"model_name": "iris')
+    assert done.stdout.strip().endswith("rc=141"), done.stdout
+    assert err.read_text() == ""
+
+
 def test_signed_publish_satisfies_require_signature_and_unsigned_is_refused(
     cli: Cli, artifact: Path, tmp_path: Path
 ) -> None:
