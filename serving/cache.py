@@ -100,6 +100,7 @@ class Remembered:
     version: str
     manifest_sha256: str
     resolved_at: float
+    """When this target was first remembered (an unchanged one is not written again)."""
     alias_raw: bytes | None = None
     """The alias object's exact bytes as resolved (its signature and expiry are re-checked offline)."""
 
@@ -318,15 +319,28 @@ class LoaderCache:
     def remember_alias(
         self, name: str, alias: str, version: str, manifest_sha256: str, alias_raw: bytes | None = None
     ) -> None:
+        """Remember ``name@alias -> version`` for offline starts and the last-good fallback.
+
+        Nothing is written when the file already says the same (``resolved_at`` then stays the
+        time this target was first remembered): a model set reloads its members often, and
+        each write creates a file, which costs the filesystem more than the read."""
         path = self.root / "aliases" / name / f"{alias}.json"
+        raw = alias_raw.decode() if alias_raw is not None else None
+        same = self.remembered_alias(name, alias)
+        if same is not None and (same.version, same.manifest_sha256, same.alias_raw) == (
+            version,
+            manifest_sha256,
+            alias_raw,
+        ):
+            return
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         body: dict[str, Any] = {
             "version": version,
             "manifest_sha256": manifest_sha256,
             "resolved_at": time.time(),
         }
-        if alias_raw is not None:
-            body["alias_raw"] = alias_raw.decode()
+        if raw is not None:
+            body["alias_raw"] = raw
         atomic_write(path, json.dumps(body))
 
     def remembered_alias(self, name: str, alias: str) -> Remembered | None:

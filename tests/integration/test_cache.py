@@ -546,6 +546,32 @@ def test_resolve_falls_back_to_the_remembered_alias_while_the_store_is_down(
     assert (back.version, back.manifest_sha256, from_cache) == ("2", publish_and_move, False)
 
 
+def test_an_alias_remembered_again_unchanged_is_not_rewritten(cache: LoaderCache) -> None:
+    """A model set reloads its members often: the same target is not written again (each write
+    creates a file); a new version, digest or alias object is, and a damaged file is replaced."""
+    path = cache.root / "aliases" / "iris" / "production.json"
+
+    def remember(version: str, msha: str, raw: bytes | None) -> tuple[int, Any]:
+        cache.remember_alias("iris", "production", version, msha, raw)
+        return path.stat().st_ino, cache.remembered_alias("iris", "production")
+
+    first, remembered = remember("1", "a" * 64, b'{"version": "1"}')
+    assert remember("1", "a" * 64, b'{"version": "1"}') == (first, remembered)
+    for change in (
+        ("2", "a" * 64, b'{"version": "1"}'),
+        ("2", "b" * 64, b'{"version": "1"}'),
+        ("2", "b" * 64, b"{}"),
+    ):
+        inode, now = remember(*change)
+        assert inode != first
+        assert (now.version, now.manifest_sha256, now.alias_raw) == change
+        first = inode
+    path.write_text("{not json")
+    _, now = remember("2", "b" * 64, b"{}")
+    assert now is not None
+    assert now.alias_raw == b"{}"
+
+
 def test_resolve_with_the_store_down_and_nothing_remembered_raises(
     s3repo: S3Repo, cache: LoaderCache
 ) -> None:
