@@ -86,7 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format=f"{PROG}: %(levelname)s: %(message)s")
     ctx = Context(store=args.store, as_json=args.as_json)
     try:
-        return int(args.func(ctx, args) or 0)
+        code = int(args.func(ctx, args) or 0)
+        # NOTE: here, not at the interpreter's exit, so a reader that left is caught below.
+        sys.stdout.flush()
+        return code
     except ServingError as exc:
         message = " ".join(str(exc).split())
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -294,24 +294,28 @@ def test_predict_reads_input_from_stdin_and_named_inputs(published: Cli) -> None
 def test_a_reader_that_leaves_early_ends_predict_quietly_with_141(
     published: Cli, store_uri: str, tmp_path: Path
 ) -> None:
-    """``serving predict ... | head -c 20``: the reader closes the pipe before the answer is
-    written. No traceback on stderr; exit 141, as a tool killed by SIGPIPE."""
+    """``serving predict ... | head -c 20`` (the reader leaves while a big answer is written) and
+    ``... | true`` (it left before a small one, still in Python's buffer, is flushed): no
+    traceback on stderr; exit 141, as a tool killed by SIGPIPE."""
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps(EXAMPLE * 50_000))  # NOTE: an answer well past a pipe's 64 KiB
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(EXAMPLE))
     env = {**_clean_env(), "SERVING_STORE": store_uri, "SERVING_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("PYTHONUNBUFFERED", None)  # NOTE: buffered, as a user's shell runs it
     err = tmp_path / "err"
-    cmd = f"{sys.executable} -m serving.cli predict iris --input - < {rows} 2> {err} | head -c 20"
-    done = subprocess.run(
-        ["bash", "-c", f"{cmd}; status=${{PIPESTATUS[0]}}; echo; echo rc=$status"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    assert done.stdout.startswith('{"model_name": "iris')
-    assert done.stdout.strip().endswith("rc=141"), done.stdout
-    assert err.read_text() == ""
+    for source, reader, shown in ((rows, "head -c 20", '{"model_name": "iris'), (one, "true", "")):
+        cmd = f"{sys.executable} -m serving.cli predict iris --input - < {source} 2> {err} | {reader}"
+        done = subprocess.run(
+            ["bash", "-c", f"{cmd}; status=${{PIPESTATUS[0]}}; echo; echo rc=$status"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        assert done.stdout == f"{shown}\nrc=141\n", (reader, done.stdout)
+        assert err.read_text() == "", reader
 
 
 def test_signed_publish_satisfies_require_signature_and_unsigned_is_refused(
