@@ -289,12 +289,23 @@ def _unloads(log: Path) -> int:
     return log.read_text(errors="replace").count('"event": "pool_unload"')
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The models, budget and Zipf traffic: the same options and defaults here and in
+    ``bench/multiplexed.py``, which runs this workload on Ray Serve's multiplexing too."""
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--large", type=int, default=50)
     parser.add_argument("--large-mb", type=float, default=20.0)
     parser.add_argument("--budget", default="1GiB")
+    parser.add_argument("--shared-workers", type=int, default=2)
+    parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_arguments(parser)
     parser.add_argument("--isolation", default="worker", choices=("worker", "auto", "none"))
     parser.add_argument(
         "--workers",
@@ -302,10 +313,6 @@ def main() -> None:
         choices=("dedicated", "shared"),
         help="with --isolation worker: a worker per member, or --shared-workers workers for all",
     )
-    parser.add_argument("--shared-workers", type=int, default=2)
-    parser.add_argument("--zipf", type=float, default=1.1)
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--hot", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument(
@@ -314,7 +321,6 @@ def main() -> None:
         help="more rates of cold requests per second beside the hot set (after the Zipf phase's loads/s)",
     )
     parser.add_argument("--max-concurrent-loads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/density.json")
     args = parser.parse_args()
     budget = parse_bytes(args.budget)

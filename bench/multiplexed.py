@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from bench.density import Sampler, publish, tree_pss, zipf_phase
+from bench.density import Sampler, add_workload_arguments, publish, tree_pss, zipf_phase
 from bench.soak import standalone_server
 from bench.systems import Processes, start_ray_host
 from serving.server.launch import parse_bytes
@@ -49,19 +49,11 @@ from serving.server.launch import parse_bytes
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", type=int, default=1000)
-    parser.add_argument("--large", type=int, default=50)
-    parser.add_argument("--large-mb", type=float, default=20.0)
-    parser.add_argument("--budget", default="1GiB")
-    parser.add_argument("--shared-workers", type=int, default=2)
+    add_workload_arguments(parser)
     parser.add_argument(
         "--max-models", type=int, default=0, help="Ray's max_num_models_per_replica (0: sized)"
     )
-    parser.add_argument("--zipf", type=float, default=1.1)
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests first (other draws)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/multiplexed.json")
     args = parser.parse_args()
     budget = parse_bytes(args.budget)
