@@ -325,7 +325,6 @@ class LoaderCache:
         time this target was first remembered): a model set reloads its members often, and
         each write creates a file, which costs the filesystem more than the read."""
         path = self.root / "aliases" / name / f"{alias}.json"
-        raw = alias_raw.decode() if alias_raw is not None else None
         same = self.remembered_alias(name, alias)
         if same is not None and (same.version, same.manifest_sha256, same.alias_raw) == (
             version,
@@ -339,8 +338,8 @@ class LoaderCache:
             "manifest_sha256": manifest_sha256,
             "resolved_at": time.time(),
         }
-        if raw is not None:
-            body["alias_raw"] = raw
+        if alias_raw is not None:
+            body["alias_raw"] = alias_raw.decode()
         atomic_write(path, json.dumps(body))
 
     def remembered_alias(self, name: str, alias: str) -> Remembered | None:
