@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.formats.table import FORMAT_FACTS
 from serving.manifest import check_name
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}$")
@@ -177,6 +178,30 @@ class SharedWorkersConfig(BaseModel):
     """Worker processes; each version goes to the one that holds the fewest bytes."""
     memory_bytes: int = Field(default=4 * 1024**3, ge=64 * 1024**2)
     """Address space each may use on top of the interpreter's, for all its versions."""
+    keep_idle_s: float = Field(default=300.0, ge=0)
+    """How long a worker whose last version left keeps running, so the next load into it
+    does not pay a new interpreter and its frameworks' import (2 to 3 s for scikit-learn).
+    A memory budget (``pool.memory_bytes``) counts an idle worker. 0: it stops at once."""
+    prestart: list[str] = Field(default_factory=list)
+    """Formats (``sklearn``, ``joblib``, ``pickle``, ``skops``, ...) whose frameworks every
+    worker imports when the replica starts, before any request: a model set's first loads
+    then skip the worker's start. Empty (the default): workers start on their first load."""
+
+    @field_validator("prestart")
+    @classmethod
+    def _known_formats(cls, formats: list[str]) -> list[str]:
+        unknown = sorted(set(formats) - set(FORMAT_FACTS))
+        if unknown:
+            raise ValueError(f"unknown formats {unknown}: use {sorted(FORMAT_FACTS)}")
+        return formats
+
+    @model_validator(mode="after")
+    def _prestart_kept(self) -> SharedWorkersConfig:
+        if self.prestart and self.keep_idle_s <= 0:
+            raise ValueError(
+                "shared_workers.prestart needs keep_idle_s above 0: an idle worker stops at once"
+            )
+        return self
 
 
 class IngressConfig(BaseModel):

@@ -335,7 +335,7 @@ class _Host:
         limits: load time, restart backoff, niceness and the reply size it maps.
         env: the worker's environment.
         shared: several versions may live in it; it is confined at its first load, to
-            ``memory_bytes``, and stops when its last version leaves.
+            ``memory_bytes``, and stops ``keep_idle_s`` after its last version leaves.
     """
 
     def __init__(
@@ -347,6 +347,7 @@ class _Host:
         shared: bool = False,
         memory_bytes: int | None = None,
         model: str | None = None,
+        keep_idle_s: float = 0.0,
     ) -> None:
         self.name = name
         self.model = model
@@ -376,6 +377,9 @@ class _Host:
         self.restarts = 0
         self.last_failure: str | None = None
         self.tenants: dict[int, WorkerPredictor] = {}
+        self.keep_idle_s = keep_idle_s
+        self.idle_timer: threading.Timer | None = None
+        """Stops the running worker once it has held no version for ``keep_idle_s``."""
 
     @property
     def pid(self) -> int | None:
@@ -424,6 +428,7 @@ class _Host:
                     )
                 tenant.key = next(_KEYS)
             fresh = proc is None
+            self.keep_running()
             if proc is None:
                 proc = self.spawn()
             try:
@@ -475,16 +480,19 @@ class _Host:
                 with self.state:
                     current = self.proc
                     last = not self.tenants
-                    if last:
+                    stop = last and self.keep_idle_s <= 0
+                    if stop:
                         self.proc = None
                 if current is None:
                     return  # NOTE: restarting: the restart loads only the versions it still holds
-                if last:
+                if stop:
                     current.stop()
                     self.arena.close()
                     return
                 if held:
                     self.unload(current, tenant)
+                if last:
+                    self.stop_when_idle(current)
 
         work = unload_shared if self.shared else stop_dedicated
         try:
@@ -493,6 +501,65 @@ class _Host:
             work()
         else:
             threading.Thread(target=work, name=f"unload-{tenant.where}", daemon=True).start()
+
+    # -- an idle shared worker ----------------------------------------------------------
+    def prestart(self, formats: Collection[str]) -> None:
+        """Start the worker with no version, and have it import ``formats``' frameworks, so the
+        first load into it skips both; it stops after ``keep_idle_s`` if no version joins."""
+        with self.call_lock:
+            with self.state:
+                if self.proc is not None or self.restarting or self.tenants:
+                    return
+            proc = self.spawn()
+            try:
+                proc.send({"op": "prepare", "formats": sorted(formats)}, [])
+                reply = proc.receive(time.monotonic() + self.limits.load_timeout_s)
+            except (TimeoutError, _Failure) as exc:
+                proc.kill()
+                log.warning("%s: the model worker did not start ahead of its first load: %s", self.name, exc)
+                return
+            if reply.get("ok") is not True:
+                proc.kill()
+                log.warning("%s: the model worker did not start ahead: %s", self.name, reply.get("message"))
+                return
+            with self.state:
+                self.proc = proc
+            self.watch(proc)
+            self.stop_when_idle(proc)
+
+    def keep_running(self) -> None:
+        """A version joins: the idle worker is no longer stopped (the caller holds the call lock)."""
+        timer, self.idle_timer = self.idle_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def stop_when_idle(self, proc: _Process) -> None:
+        """Stop ``proc`` in ``keep_idle_s`` unless a version joins it first (the caller holds the
+        call lock)."""
+        self.keep_running()
+        timer = threading.Timer(self.keep_idle_s, self.stop_idle, args=(proc,))
+        timer.name = f"idle-{self.name}"
+        timer.daemon = True
+        self.idle_timer = timer
+        timer.start()
+
+    def stop_idle(self, proc: _Process | None = None) -> None:
+        """Stop the worker if it holds no version (``proc``: only if that one is still current)."""
+        with self.call_lock:
+            with self.state:
+                current = self.proc
+                if current is None or self.tenants or (proc is not None and current is not proc):
+                    return
+                self.proc = None
+            self.keep_running()
+            current.stop()
+            self.arena.close()
+
+    def idle_pid(self) -> int | None:
+        """The process id of the worker while it runs with no version, else None."""
+        with self.state:
+            proc = self.proc
+            return proc.popen.pid if proc is not None and not self.tenants else None
 
     def unload(self, proc: _Process, tenant: WorkerPredictor) -> None:
         """Have ``proc`` drop ``tenant``'s version (the caller holds the call lock); a worker that
@@ -736,11 +803,18 @@ class WorkerPool:
     """
 
     def __init__(
-        self, size: int, limits: WorkerLimits, *, memory_bytes: int, env: dict[str, str] | None = None
+        self,
+        size: int,
+        limits: WorkerLimits,
+        *,
+        memory_bytes: int,
+        env: dict[str, str] | None = None,
+        keep_idle_s: float = 0.0,
     ) -> None:
         self.memory_bytes = memory_bytes
         self.hosts = [
-            _Host(f"shared-{i}", limits, env, shared=True, memory_bytes=memory_bytes) for i in range(size)
+            _Host(f"shared-{i}", limits, env, shared=True, memory_bytes=memory_bytes, keep_idle_s=keep_idle_s)
+            for i in range(size)
         ]
         self._placing = threading.Lock()
         self._refused: dict[str, str] = {}
@@ -778,6 +852,26 @@ class WorkerPool:
 
     def status(self) -> list[dict[str, Any]]:
         return [host.status() for host in self.hosts]
+
+    def prestart(self, formats: Collection[str]) -> list[threading.Thread]:
+        """Start every worker that is not running, each importing ``formats``' frameworks, in
+        the background; the threads that do it."""
+        threads = [
+            threading.Thread(target=host.prestart, args=(formats,), name=f"prestart-{host.name}", daemon=True)
+            for host in self.hosts
+        ]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def idle_pids(self) -> list[int]:
+        """The workers running with no version (kept for ``keep_idle_s``, or started ahead)."""
+        return [pid for host in self.hosts if (pid := host.idle_pid()) is not None]
+
+    def close(self) -> None:
+        """Stop the workers that hold no version; the others stop with their last version."""
+        for host in self.hosts:
+            host.stop_idle()
 
 
 class WorkerPredictor(Predictor):
@@ -1279,6 +1373,10 @@ def _worker_main(parent_pid: int, fd: int, nice: int) -> int:  # pragma: no cove
             inputs_view = map_peer(fd_in)
             os.close(fd_in)
         op, key = request.get("op"), request.get("key", 0)
+        if op == "prepare":
+            _prepare(request.get("formats") or [])
+            sock.send(b'{"ok": true}')
+            continue
         if op == "load":
             predictor, reply = _load(request, freeze=not predictors and request.get("shared") is True)
             if predictor is not None:
@@ -1306,6 +1404,16 @@ def _worker_main(parent_pid: int, fd: int, nice: int) -> int:  # pragma: no cove
             socket.send_fds(sock, [data], [outputs.fd])
         else:
             sock.send(data)
+
+
+def _prepare(formats: list[str]) -> None:  # pragma: no cover -- worker
+    """Import ``formats``' frameworks ahead of any version (a shared worker started ahead)."""
+    for name in formats:
+        facts = FORMAT_FACTS.get(str(name))
+        for module in (*facts.preload, *facts.worker_preload) if facts is not None else ():
+            with contextlib.suppress(Exception):
+                importlib.import_module(module)
+    _freeze()
 
 
 def _freeze() -> None:  # pragma: no cover -- worker

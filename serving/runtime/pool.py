@@ -100,6 +100,8 @@ class ModelPool(Generic[M]):
             also counts what the process grew by since its first member's load: each member's
             bookkeeping there (its slot, its alias-following thread, its metric series), about
             100 KB, which its own measured bytes leave out.
+        idle_bytes: reads what processes that hold no member hold (shared model workers kept
+            running with no version, or started ahead of their first): the budget counts it.
     """
 
     def __init__(
@@ -112,9 +114,11 @@ class ModelPool(Generic[M]):
         load_wait_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         process_bytes: Callable[[], int] | None = None,
+        idle_bytes: Callable[[], int] | None = None,
     ) -> None:
         self._opener = opener
         self._process_bytes = process_bytes
+        self._idle_bytes = idle_bytes
         self._process_base: int | None = None
         """What the process held when its first member started loading."""
         self.memory_bytes = memory_bytes
@@ -397,7 +401,7 @@ class ModelPool(Generic[M]):
                 self.retry_after_s,
             )
         self._measure()
-        grown = self._grown()
+        grown = self._outside()
         victims: list[Entry[M]] = []
         with self._lock:
             while True:
@@ -436,7 +440,7 @@ class ModelPool(Generic[M]):
         if budget is None:
             return 0
         self._measure()
-        grown = self._grown()
+        grown = self._outside()
         victims: list[Entry[M]] = []
         with self._lock:
             used = sum(e.bytes for e in self._entries.values()) + sum(self._reserved.values()) + grown
@@ -473,6 +477,14 @@ class ModelPool(Generic[M]):
         if self._process_bytes is None or base is None:
             return 0
         return max(0, self._process_bytes() - base)
+
+    def _idle_workers(self) -> int:
+        """What processes that hold no member hold (0 when not counted)."""
+        return self._idle_bytes() if self._idle_bytes is not None else 0
+
+    def _outside(self) -> int:
+        """What the budget counts that no member holds."""
+        return self._grown() + self._idle_workers()
 
     def _measure(self) -> None:
         """Measure every loaded member again (a swap may have changed its size)."""
@@ -527,10 +539,12 @@ class ModelPool(Generic[M]):
             }
             loading = sorted(self._loading)
         grown = self._grown()
+        idle = self._idle_workers()
         return {
             "budget_bytes": self.memory_bytes,
-            "used_bytes": sum(m["bytes"] for m in members.values()) + grown,
+            "used_bytes": sum(m["bytes"] for m in members.values()) + grown + idle,
             "server_growth_bytes": grown,
+            "idle_workers_bytes": idle,
             "members": members,
             "loading": loading,
         }

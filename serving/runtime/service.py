@@ -105,12 +105,32 @@ def shared_pool(app: AppConfig, settings: Settings) -> WorkerPool:
         load_cpu_seconds=settings.isolation_cpu_seconds,
         max_reply_bytes=app.reply_limit,
     )
-    key = (config.count, config.memory_bytes, limits)
+    key = (config.count, config.memory_bytes, config.keep_idle_s, limits)
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is None:
-            pool = _POOLS[key] = WorkerPool(config.count, limits, memory_bytes=config.memory_bytes)
+            pool = _POOLS[key] = WorkerPool(
+                config.count, limits, memory_bytes=config.memory_bytes, keep_idle_s=config.keep_idle_s
+            )
+            if config.prestart:
+                pool.prestart(config.prestart)
         return pool
+
+
+def idle_shared_bytes() -> int:
+    """What this process's shared model workers that hold no version hold (their PSS)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+    return sum(pss_bytes(pid, max_age_s=SHARED_PSS_AGE_S) for pool in pools for pid in pool.idle_pids())
+
+
+def close_shared_pools() -> None:
+    """Stop this process's idle shared model workers (at shutdown; the others stop with their
+    last version)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+    for pool in pools:
+        pool.close()
 
 
 def policy_from(settings: Settings) -> LoadPolicy:

@@ -42,7 +42,7 @@ from serving.repository import Repository
 from serving.runtime.feed import AliasFeed, run_feed
 from serving.runtime.memory import pss_bytes
 from serving.runtime.pool import Entry, ModelPool
-from serving.runtime.service import ModelService, build_cache
+from serving.runtime.service import ModelService, build_cache, idle_shared_bytes, shared_pool
 from serving.settings import Settings
 from serving.store import open_store
 
@@ -514,7 +514,10 @@ def open_pool(
             if all(m.isolation == "worker" for m in app.model_sets)
             else None
         ),
+        idle_bytes=idle_shared_bytes,
     )
+    if any(m.isolation == "worker" and m.workers == "shared" for m in app.model_sets):
+        shared_pool(app, settings)  # NOTE: created now, it starts its workers ahead (shared_workers.prestart)
 
     def following() -> dict[str, str]:
         return {name: m.service.config.alias or "" for name, m in pool.members().items()}

@@ -51,7 +51,7 @@ import orjson
 from serving.config import AppConfig
 from serving.dataplane import DataPlane
 from serving.runtime.pool import ModelPool
-from serving.runtime.service import ModelService
+from serving.runtime.service import ModelService, close_shared_pools
 from serving.runtime.watcher import run_forever
 from serving.server.asgi import Receive, Scope, Send, request_from_asgi, send_reply
 from serving.server.local import (
@@ -239,6 +239,7 @@ class StandaloneApp:
             model.service.close()
         if self.pool is not None:
             self.pool.close()
+        close_shared_pools()
 
     async def _start_grpc(self) -> None:
         """Serve OIP over gRPC beside HTTP, on this loop and over the same data plane."""

@@ -276,7 +276,12 @@ def test_shared_workers_and_each_models_isolation_reach_the_app(
                             "probation_requests": 3,
                         },
                     ],
-                    "shared_workers": {"count": 3, "memory_bytes": 2147483648},
+                    "shared_workers": {
+                        "count": 3,
+                        "memory_bytes": 2147483648,
+                        "keep_idle_s": 30,
+                        "prestart": ["sklearn"],
+                    },
                 }
             }
         )
@@ -286,6 +291,7 @@ def test_shared_workers_and_each_models_isolation_reach_the_app(
     assert (member.workers, member.predict_timeout_s, member.probation_requests) == ("shared", 5, 3)
     assert parsed.models[0].workers == "dedicated"
     assert (parsed.shared_workers.count, parsed.shared_workers.memory_bytes) == (3, 2147483648)
+    assert (parsed.shared_workers.keep_idle_s, parsed.shared_workers.prestart) == (30, ["sklearn"])
 
 
 def test_replica_access_logs_are_off_unless_asked_for(render: Callable[..., Docs]) -> None:

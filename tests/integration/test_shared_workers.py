@@ -115,6 +115,46 @@ def test_versions_in_one_shared_worker_each_answer_as_themselves(
     wait_for(lambda: _gone(pid), timeout=10, what="the shared worker stopped with its last version")
 
 
+def test_a_shared_worker_whose_last_version_left_is_kept_for_the_next_load(iris: CachedVersion) -> None:
+    tenants = Tenants(WorkerPool(1, LIMITS, memory_bytes=3 * 1024**3, keep_idle_s=60))
+    try:
+        first = tenants.load(iris)
+        pid = first.pid
+        assert pid is not None
+        assert tenants.pool.idle_pids() == []
+        first.close()
+        wait_for(lambda: tenants.pool.idle_pids() == [pid], timeout=10, what="the emptied worker kept idle")
+        assert not _gone(pid)
+        # The next version joins the running worker: no new process, no import of its framework.
+        second = tenants.load(iris)
+        assert second.pid == pid
+        assert _serving(second)
+        assert tenants.pool.idle_pids() == []
+        second.close()
+        wait_for(lambda: tenants.pool.idle_pids() == [pid], timeout=10, what="the worker idle again")
+    finally:
+        tenants.pool.close()
+    wait_for(lambda: _gone(pid), timeout=10, what="closing the pool to stop its idle worker")
+
+
+def test_a_worker_started_ahead_holds_its_framework_takes_the_first_load_and_stops_when_unused(
+    iris: CachedVersion,
+) -> None:
+    tenants = Tenants(WorkerPool(1, LIMITS, memory_bytes=3 * 1024**3, keep_idle_s=1.5))
+    for thread in tenants.pool.prestart(["sklearn"]):
+        thread.join(60)
+    [pid] = tenants.pool.idle_pids()
+    with open(f"/proc/{pid}/maps") as f:
+        assert "/sklearn/" in f.read()  # NOTE: scikit-learn's extensions are mapped before any version
+    first = tenants.load(iris)
+    assert first.pid == pid
+    assert _serving(first)
+    first.close()
+    # NOTE: kept 1.5 s with no version, then stopped by its own timer.
+    wait_for(lambda: _gone(pid), timeout=15, what="the idle worker to stop after keep_idle_s")
+    assert tenants.pool.idle_pids() == []
+
+
 def _leaves_its_memory(leaving: WorkerPredictor, staying: WorkerPredictor, held: str) -> None:
     """``leaving`` (over 80 MB, the last version its worker ran) leaves the worker it shares with
     ``staying`` (an iris version): the worker's resident set drops by what it ``held``, and

@@ -99,3 +99,18 @@ def test_a_model_set_needs_a_prefix_or_a_name_and_an_alias() -> None:
         AppConfig.model_validate({"models": [{"prefix": "x-"}], "pool": {"pinned": ["y"]}})
     with pytest.raises(ValueError, match="single-hop"):
         AppConfig.model_validate({"models": [{"prefix": "x-"}], "layout": "two-hop"})
+
+
+def test_shared_workers_start_ahead_only_for_known_formats_and_only_if_kept() -> None:
+    models = [{"name": "iris", "workers": "shared"}]
+    config = AppConfig.model_validate(
+        {"models": models, "shared_workers": {"prestart": ["sklearn", "skops"]}}
+    )
+    assert config.shared_workers.prestart == ["sklearn", "skops"]
+    assert config.shared_workers.keep_idle_s > 0
+    with pytest.raises(ValidationError, match="unknown formats"):
+        AppConfig.model_validate({"models": models, "shared_workers": {"prestart": ["sklearn.linear_model"]}})
+    with pytest.raises(ValidationError, match="needs keep_idle_s above 0"):
+        AppConfig.model_validate(
+            {"models": models, "shared_workers": {"prestart": ["sklearn"], "keep_idle_s": 0}}
+        )

@@ -93,6 +93,21 @@ def test_what_the_server_grew_by_since_its_first_member_counts_against_the_budge
     assert pool.snapshot()["used_bytes"] <= 100
 
 
+def test_workers_running_with_no_member_count_against_the_budget() -> None:
+    opener = Opener(default=30)
+    idle = [40]  # NOTE: a shared worker kept running after its last version left
+    pool = ModelPool(opener, memory_bytes=100, idle_bytes=lambda: idle[0])
+    _use(pool, "a", "b")
+    # NOTE: a third member of 30 fits 100 by the members' bytes, not with the idle worker's 40.
+    _use(pool, "c")
+    assert sorted(pool.loaded()) == ["b", "c"]
+    assert pool.snapshot()["idle_workers_bytes"] == 40
+    assert pool.snapshot()["used_bytes"] == 100
+    idle[0] = 0  # NOTE: a version joined it, or it stopped: its memory is a member's or gone
+    _use(pool, "d")
+    assert sorted(pool.loaded()) == ["b", "c", "d"]
+
+
 def test_a_member_in_use_or_pinned_is_never_evicted_and_a_load_that_cannot_fit_gets_503() -> None:
     opener = Opener(default=40)
     pool = ModelPool(opener, memory_bytes=100, retry_after_s=7, load_wait_s=0.3)

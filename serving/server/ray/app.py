@@ -44,7 +44,7 @@ from serving.logs import configure_logging
 from serving.protocol.rest import Reply
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, describe_error
 from serving.runtime.pool import ModelPool
-from serving.runtime.service import ModelService
+from serving.runtime.service import ModelService, close_shared_pools
 from serving.server.asgi import request_from_asgi
 
 # NOTE: imported here, not lazily: a request the Serve proxy pickles to this replica
@@ -166,6 +166,7 @@ class Server(GrpcMethods):
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.close()
+        close_shared_pools()
 
 
 class _Member:
