@@ -12,11 +12,9 @@ from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 from serving.errors import NotFound, StoreConflict, StoreError, StoreNotFound
-from serving.fileio import TMP_PREFIX, atomic_write
+from serving.fileio import READ_CHUNK, TMP_PREFIX, atomic_write
 from serving.store import pull as pulls
 from serving.store.base import MAX_GET_BYTES, ObjectInfo, ObjectStore, Progress, Sink, check_get_size
-
-_CHUNK = 1024 * 1024
 
 
 class LocalStore(ObjectStore):
@@ -111,7 +109,7 @@ class LocalStore(ObjectStore):
 
         def copy(out: BinaryIO) -> None:
             with open(path, "rb") as src:
-                while chunk := src.read(_CHUNK):
+                while chunk := src.read(READ_CHUNK):
                     out.write(chunk)
                     if progress:
                         progress(len(chunk))
@@ -135,7 +133,7 @@ class LocalStore(ObjectStore):
         with src, pull.reading() if pull else contextlib.nullcontext():
             while True:
                 try:
-                    chunk = src.read(_CHUNK)
+                    chunk = src.read(READ_CHUNK)
                 except OSError as exc:
                     raise StoreError(f"cannot read {key} from {self.uri}: {exc.strerror}") from exc
                 if not chunk:
