@@ -385,6 +385,29 @@ def test_a_flip_that_restores_the_mtime_never_reaches_a_load_on_reload_or_restar
     assert (restarted.path / "w.bin").read_bytes() == original
 
 
+def test_a_pull_flushes_its_files_to_disk_only_where_loads_trust_the_stamp(
+    s3repo: S3Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every load re-hashes (``hash_on_load``): a file torn by a power loss is pulled again, so
+    its flush would buy nothing. Where loads trust the stamp, the bytes are on disk first."""
+    s3repo.publish("flush", "1", {"w.bin": os.urandom(50 * KiB)})
+    resolved = s3repo.repo.resolve("flush:1")
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    rehashing = LoaderCache(tmp_path / "rehashing")
+    rehashing.fetch(s3repo.repo, resolved)
+    assert [p for p in flushed if p.startswith(str(rehashing.root))] == []
+    trusting = LoaderCache(tmp_path / "trusting", hash_on_load=False)
+    trusting.fetch(s3repo.repo, resolved)
+    assert [p for p in flushed if p.startswith(str(trusting.root))] != []
+
+
 @pytest.mark.faults
 def test_a_flip_that_restores_the_mtime_is_caught_by_the_scheduled_rehash(
     s3repo: S3Repo, tmp_path: Path
