@@ -34,7 +34,7 @@ def test_a_longer_file_than_expected_is_read_one_byte_past_it(tmp_path: Path) ->
 
 def test_only_a_regular_file_is_hashed(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to("/dev/zero")
-    with pytest.raises(OSError) as link:
+    with pytest.raises(OSError, match="symbolic links") as link:
         hash_file(tmp_path / "link")
     assert link.value.errno == errno.ELOOP
     with pytest.raises(OSError, match="not a regular file"):
