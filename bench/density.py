@@ -142,7 +142,11 @@ def send(client: httpx.Client, url: str, name: str) -> tuple[int, float, float |
 
 
 def zipf_phase(url: str, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """``args.requests`` requests over the Zipf draws from ``args.clients`` clients, each sending
+    its next as soon as its last is answered; with ``args.rate`` (requests/s, 0: none) the i-th
+    is not sent before ``i / rate`` s, so systems of different speeds face the same load."""
     draws = zipf_draws(args.requests, len(names), args.zipf, args.seed)
+    rate = float(getattr(args, "rate", 0.0) or 0.0)
     lock = threading.Lock()
     results: list[tuple[int, float, float | None]] = []
     position = [0]
@@ -153,8 +157,11 @@ def zipf_phase(url: str, names: list[str], args: argparse.Namespace) -> dict[str
                 with lock:
                     if position[0] >= len(draws):
                         return
-                    rank = draws[position[0]]
+                    index = position[0]
+                    rank = draws[index]
                     position[0] += 1
+                if rate > 0:
+                    time.sleep(max(0.0, started + index / rate - time.perf_counter()))
                 outcome = send(http, url, names[rank])
                 with lock:
                     results.append(outcome)
