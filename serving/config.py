@@ -183,7 +183,7 @@ class SharedWorkersConfig(BaseModel):
     does not pay a new interpreter and its frameworks' import (2 to 3 s for scikit-learn).
     A memory budget (``pool.memory_bytes``) counts an idle worker. 0: it stops at once."""
     prestart: list[str] = Field(default_factory=list)
-    """Formats (``sklearn``, ``joblib``, ``pickle``, ``skops``, ...) whose frameworks every
+    """Formats (``sklearn``, ``pickle``, ``skops``, ``torch-state-dict``, ...) whose frameworks every
     worker imports when the replica starts, before any request: a model set's first loads
     then skip the worker's start. Empty (the default): workers start on their first load."""
 

@@ -150,8 +150,10 @@ def hash_file(path: Path, expected_size: int | None = None) -> tuple[int, str]:
         if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         left = None if expected_size is None else expected_size + 1
-        # NOTE: sized by the file (a small one costs no 8 MiB); a file that grows meanwhile takes more reads.
-        buffer = memoryview(bytearray(max(1, min(READ_CHUNK, info.st_size + 1, left or READ_CHUNK))))
+        # NOTE: sized by the file (a small one costs no 8 MiB), at least 64 KiB (a file that
+        # grows meanwhile, or says it is empty, is not read a byte at a time).
+        size_hint = max(info.st_size + 1, 64 * 1024)
+        buffer = memoryview(bytearray(min(READ_CHUNK, size_hint, left or READ_CHUNK)))
         while left is None or left > 0:
             read = f.readinto(buffer if left is None or left >= len(buffer) else buffer[:left])
             if not read:

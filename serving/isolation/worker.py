@@ -378,6 +378,7 @@ class _Host:
         self.last_failure: str | None = None
         self.tenants: dict[int, WorkerPredictor] = {}
         self.keep_idle_s = keep_idle_s
+        """0 once its pool closed: it stops with its last version and never starts ahead."""
         self.idle_timer: threading.Timer | None = None
         """Stops the running worker once it has held no version for ``keep_idle_s``."""
 
@@ -446,6 +447,12 @@ class _Host:
             except BaseException:
                 if fresh:
                     proc.kill()
+                else:
+                    # NOTE: refused, the worker goes on: if it held nothing, it is idle again.
+                    with self.state:
+                        idle = self.proc is proc and not self.tenants
+                    if idle:
+                        self.stop_when_idle(proc)
                 raise
             with self.state:
                 self.tenants[tenant.key] = tenant
@@ -508,7 +515,7 @@ class _Host:
         first load into it skips both; it stops after ``keep_idle_s`` if no version joins."""
         with self.call_lock:
             with self.state:
-                if self.proc is not None or self.restarting or self.tenants:
+                if self.proc is not None or self.restarting or self.tenants or self.keep_idle_s <= 0:
                     return
             proc = self.spawn()
             try:
@@ -537,15 +544,18 @@ class _Host:
         """Stop ``proc`` in ``keep_idle_s`` unless a version joins it first (the caller holds the
         call lock)."""
         self.keep_running()
-        timer = threading.Timer(self.keep_idle_s, self.stop_idle, args=(proc,))
+        timer = threading.Timer(self.keep_idle_s, lambda: self.stop_idle(proc, timer))
         timer.name = f"idle-{self.name}"
         timer.daemon = True
         self.idle_timer = timer
         timer.start()
 
-    def stop_idle(self, proc: _Process | None = None) -> None:
-        """Stop the worker if it holds no version (``proc``: only if that one is still current)."""
+    def stop_idle(self, proc: _Process | None = None, timer: threading.Timer | None = None) -> None:
+        """Stop the worker if it holds no version (``proc``: only if that one is still current;
+        ``timer``: only if that timer was not replaced or cancelled while it waited for the lock)."""
         with self.call_lock:
+            if timer is not None and timer is not self.idle_timer:
+                return
             with self.state:
                 current = self.proc
                 if current is None or self.tenants or (proc is not None and current is not proc):
@@ -783,6 +793,18 @@ class _Host:
             if self.closed.is_set() or self.proc is not proc:
                 return
             with self.call_lock:
+                with self.state:
+                    idle = self.proc is proc and self.shared and not self.tenants
+                    if idle:
+                        self.proc = (
+                            None  # NOTE: it held no version: no one's failure; the next load starts one
+                        )
+                if idle:
+                    self.keep_running()
+                    told = classify(_wait_status(proc.popen.returncode), "the idle model worker")
+                    log.warning("%s: the idle model worker ended: %s", self.name, told["message"])
+                    proc.close()
+                    return
                 if self.proc is proc:
                     with self.state:
                         only = list(self.tenants.values()) if not self.shared else []
@@ -869,9 +891,20 @@ class WorkerPool:
         return [pid for host in self.hosts if (pid := host.idle_pid()) is not None]
 
     def close(self) -> None:
-        """Stop the workers that hold no version; the others stop with their last version."""
+        """Stop the workers that hold no version; the others stop with their last version, and
+        none starts ahead any more."""
         for host in self.hosts:
+            host.keep_idle_s = 0.0
             host.stop_idle()
+
+    def stop_idle(self) -> int:
+        """Stop the workers that hold no version now (a memory budget needs their room); how many."""
+        stopped = 0
+        for host in self.hosts:
+            if host.idle_pid() is not None:
+                host.stop_idle()
+                stopped += 1
+        return stopped
 
 
 class WorkerPredictor(Predictor):

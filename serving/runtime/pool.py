@@ -102,6 +102,7 @@ class ModelPool(Generic[M]):
             100 KB, which its own measured bytes leave out.
         idle_bytes: reads what processes that hold no member hold (shared model workers kept
             running with no version, or started ahead of their first): the budget counts it.
+        stop_idle: stops those processes; called when a load would otherwise be refused.
     """
 
     def __init__(
@@ -115,10 +116,12 @@ class ModelPool(Generic[M]):
         clock: Callable[[], float] = time.monotonic,
         process_bytes: Callable[[], int] | None = None,
         idle_bytes: Callable[[], int] | None = None,
+        stop_idle: Callable[[], object] | None = None,
     ) -> None:
         self._opener = opener
         self._process_bytes = process_bytes
         self._idle_bytes = idle_bytes
+        self._stop_idle = stop_idle
         self._process_base: int | None = None
         """What the process held when its first member started loading."""
         self.memory_bytes = memory_bytes
@@ -401,6 +404,23 @@ class ModelPool(Generic[M]):
                 self.retry_after_s,
             )
         self._measure()
+        stoppable = self._stop_idle is not None and self._idle_workers() > 0
+        # NOTE: idle members first; then workers that hold no member give their room back (the
+        # next load into one of them starts it again, seconds); only then wait for busy members.
+        fits = self._fit(name, size, budget, self._clock() if stoppable else deadline)
+        if not fits and stoppable and self._stop_idle is not None:
+            self._stop_idle()
+            fits = self._fit(name, size, budget, deadline)
+        if not fits:
+            raise Overloaded(
+                f"model {name!r} needs {size / 2**20:.1f} MiB and the models using this replica's "
+                f"memory budget ({budget / 2**20:.1f} MiB) are busy or pinned",
+                self.retry_after_s,
+            )
+
+    def _fit(self, name: str, size: int, budget: int, deadline: float) -> bool:
+        """Evict idle members, least recently used first, until ``size`` more bytes fit (waiting
+        until ``deadline`` for members in use); whether they fit (then they are reserved)."""
         grown = self._outside()
         victims: list[Entry[M]] = []
         with self._lock:
@@ -422,12 +442,7 @@ class ModelPool(Generic[M]):
             if fits:
                 self._reserved[name] = size
         self._evict(victims)
-        if not fits:
-            raise Overloaded(
-                f"model {name!r} needs {size / 2**20:.1f} MiB and the models using this replica's "
-                f"memory budget ({budget / 2**20:.1f} MiB) are busy or pinned",
-                self.retry_after_s,
-            )
+        return fits
 
     def trim(self) -> int:
         """Measure every member again and unload idle ones, least recently used first, until the

@@ -42,7 +42,13 @@ from serving.repository import Repository
 from serving.runtime.feed import AliasFeed, run_feed
 from serving.runtime.memory import pss_bytes
 from serving.runtime.pool import Entry, ModelPool
-from serving.runtime.service import ModelService, build_cache, idle_shared_bytes, shared_pool
+from serving.runtime.service import (
+    ModelService,
+    build_cache,
+    idle_shared_bytes,
+    shared_pool,
+    stop_idle_shared,
+)
 from serving.settings import Settings
 from serving.store import open_store
 
@@ -515,6 +521,7 @@ def open_pool(
             else None
         ),
         idle_bytes=idle_shared_bytes,
+        stop_idle=stop_idle_shared,
     )
     if any(m.isolation == "worker" and m.workers == "shared" for m in app.model_sets):
         shared_pool(app, settings)  # NOTE: created now, it starts its workers ahead (shared_workers.prestart)

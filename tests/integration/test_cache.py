@@ -370,9 +370,15 @@ def test_a_flip_that_restores_the_mtime_never_reaches_a_load_on_reload_or_restar
     resolved = s3repo.repo.resolve("flip:1")
     first = cache.fetch(s3repo.repo, resolved)
     _flip_byte(first.path / "w.bin", keep_mtime=True)
-    # A prefetch (serving pull) trusts the stat stamp ...
-    assert cache.fetch(s3repo.repo, resolved, prefetch=True).hit
-    # ... a load does not: the same process (a reload) ...
+    # A prefetch (serving pull) trusts a stat stamp only over files flushed to disk, which
+    # a cache that re-hashes at every load never flushes: it re-hashes too ...
+    before = _corrupt_count("flip")
+    prefetched = cache.fetch(s3repo.repo, resolved, prefetch=True)
+    assert not prefetched.hit
+    assert (prefetched.path / "w.bin").read_bytes() == original
+    assert _corrupt_count("flip") == before + 1
+    _flip_byte(prefetched.path / "w.bin", keep_mtime=True)
+    # ... and so does a load: the same process (a reload) ...
     before = _corrupt_count("flip")
     again = cache.fetch(s3repo.repo, resolved)
     assert not again.hit
@@ -406,6 +412,26 @@ def test_a_pull_flushes_its_files_to_disk_only_where_loads_trust_the_stamp(
     trusting = LoaderCache(tmp_path / "trusting", hash_on_load=False)
     trusting.fetch(s3repo.repo, resolved)
     assert [p for p in flushed if p.startswith(str(trusting.root))] != []
+
+
+@pytest.mark.faults
+def test_a_process_that_trusts_stamps_never_trusts_one_over_files_never_flushed(
+    s3repo: S3Repo, tmp_path: Path
+) -> None:
+    """A version pulled by a process that re-hashes at every load (the default) was not flushed
+    to disk; a power loss may tear it with its stat intact. A process over the same node cache
+    that trusts stamps (``serving pull``'s cache, or ``cache_hash_on_load: false``) re-hashes it
+    once, and from then on trusts its own, flushed, stamp."""
+    original = os.urandom(50 * KiB)
+    s3repo.publish("torn", "1", {"w.bin": original})
+    resolved = s3repo.repo.resolve("torn:1")
+    pulled = LoaderCache(tmp_path / "cache").fetch(s3repo.repo, resolved)
+    _flip_byte(pulled.path / "w.bin", keep_mtime=True)  # NOTE: what a torn write looks like to stat
+    trusting = LoaderCache(tmp_path / "cache", hash_on_load=False)
+    again = trusting.fetch(s3repo.repo, resolved)
+    assert not again.hit
+    assert (again.path / "w.bin").read_bytes() == original
+    assert trusting.fetch(s3repo.repo, resolved).hit
 
 
 @pytest.mark.faults

@@ -108,6 +108,30 @@ def test_workers_running_with_no_member_count_against_the_budget() -> None:
     assert sorted(pool.loaded()) == ["b", "c", "d"]
 
 
+def test_workers_with_no_member_are_stopped_before_a_load_is_refused() -> None:
+    opener = Opener(default=30)
+    idle = [40]
+    stops: list[int] = []
+
+    def stop_idle() -> None:
+        stops.append(idle[0])
+        idle[0] = 0
+
+    pool = ModelPool(
+        opener, memory_bytes=100, idle_bytes=lambda: idle[0], stop_idle=stop_idle, load_wait_s=0.2
+    )
+    _use(pool, "a")
+    # NOTE: room by evicting an idle member first: the idle worker is kept.
+    _use(pool, "b", "c")
+    assert stops == []
+    assert sorted(pool.loaded()) == ["b", "c"]
+    # NOTE: both in use, nothing to evict: the idle worker gives its room back, not a 503.
+    with pool.use("b"), pool.use("c"):
+        _use(pool, "d")
+    assert stops == [40]
+    assert sorted(pool.loaded()) == ["b", "c", "d"]
+
+
 def test_a_member_in_use_or_pinned_is_never_evicted_and_a_load_that_cannot_fit_gets_503() -> None:
     opener = Opener(default=40)
     pool = ModelPool(opener, memory_bytes=100, retry_after_s=7, load_wait_s=0.3)
