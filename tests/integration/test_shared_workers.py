@@ -18,7 +18,7 @@ from published import Versions
 from sklearn.neighbors import KNeighborsClassifier
 
 from serving.cache import CachedVersion
-from serving.errors import IsolationFailed, WorkerFailed
+from serving.errors import IsolationFailed, ServingError, WorkerFailed
 from serving.formats import load_predictor
 from serving.formats.base import LoadPolicy
 from serving.isolation.worker import WorkerLimits, WorkerPool, WorkerPredictor
@@ -153,6 +153,43 @@ def test_a_worker_started_ahead_holds_its_framework_takes_the_first_load_and_sto
     # NOTE: kept 1.5 s with no version, then stopped by its own timer.
     wait_for(lambda: _gone(pid), timeout=15, what="the idle worker to stop after keep_idle_s")
     assert tenants.pool.idle_pids() == []
+
+
+def test_an_idle_worker_that_refuses_a_version_or_dies_is_no_ones_failure_and_a_closed_pool_starts_none(
+    versions: Versions, iris: CachedVersion, tmp_path: Path
+) -> None:
+    pool = WorkerPool(1, LIMITS, memory_bytes=3 * 1024**3, keep_idle_s=1.5)
+    tenants = Tenants(pool)
+    for thread in pool.prestart(["sklearn"]):
+        thread.join(60)
+    [pid] = pool.idle_pids()
+    # A version the loader refuses: the worker goes on, idle, and still stops on its own timer.
+    (tmp_path / "garbage.joblib").write_bytes(b"not a joblib file" * 100)
+    garbage = versions.add(tmp_path / "garbage.joblib", "sklearn", example=ROWS[:1].tolist())
+    with pytest.raises(ServingError):
+        tenants.load(garbage)
+    assert pool.idle_pids() == [pid]
+    wait_for(lambda: _gone(pid), timeout=15, what="the idle worker to stop after a refused version")
+    # An idle worker killed from outside: no failure, no restart; the next load starts one.
+    for thread in pool.prestart(["sklearn"]):
+        thread.join(60)
+    [second] = pool.idle_pids()
+    os.kill(second, signal.SIGKILL)
+    wait_for(lambda: pool.idle_pids() == [], timeout=10, what="the killed idle worker to be let go")
+    host = pool.hosts[0]
+    assert (host.restarts, host.last_failure, host.restarting) == (0, None, False)
+    first = tenants.load(iris)
+    assert first.pid not in (None, pid, second)
+    assert _serving(first)
+    # Closed: the last version's leaving stops the worker at once, and nothing starts ahead.
+    pool.close()
+    third = first.pid
+    assert third is not None
+    first.close()
+    wait_for(lambda: _gone(third), timeout=10, what="the worker to stop with its last version")
+    for thread in pool.prestart(["sklearn"]):
+        thread.join(60)
+    assert pool.idle_pids() == []
 
 
 def _leaves_its_memory(leaving: WorkerPredictor, staying: WorkerPredictor, held: str) -> None:
