@@ -452,7 +452,7 @@ class _Host:
                     with self.state:
                         idle = self.proc is proc and not self.tenants
                     if idle:
-                        self.stop_when_idle(proc)
+                        self.stop_when_idle()
                 raise
             with self.state:
                 self.tenants[tenant.key] = tenant
@@ -499,7 +499,7 @@ class _Host:
                 if held:
                     self.unload(current, tenant)
                 if last:
-                    self.stop_when_idle(current)
+                    self.stop_when_idle()
 
         work = unload_shared if self.shared else stop_dedicated
         try:
@@ -532,7 +532,7 @@ class _Host:
             with self.state:
                 self.proc = proc
             self.watch(proc)
-            self.stop_when_idle(proc)
+            self.stop_when_idle()
 
     def keep_running(self) -> None:
         """A version joins: the idle worker is no longer stopped (the caller holds the call lock)."""
@@ -540,25 +540,26 @@ class _Host:
         if timer is not None:
             timer.cancel()
 
-    def stop_when_idle(self, proc: _Process) -> None:
-        """Stop ``proc`` in ``keep_idle_s`` unless a version joins it first (the caller holds the
-        call lock)."""
+    def stop_when_idle(self) -> None:
+        """Stop the running worker in ``keep_idle_s`` unless a version joins it first (the caller
+        holds the call lock). Whatever replaces or ends that worker first cancels the timer: a
+        version joining, a new idle period, the worker's death, :meth:`stop_idle`."""
         self.keep_running()
-        timer = threading.Timer(self.keep_idle_s, lambda: self.stop_idle(proc, timer))
+        timer = threading.Timer(self.keep_idle_s, lambda: self.stop_idle(timer))
         timer.name = f"idle-{self.name}"
         timer.daemon = True
         self.idle_timer = timer
         timer.start()
 
-    def stop_idle(self, proc: _Process | None = None, timer: threading.Timer | None = None) -> None:
-        """Stop the worker if it holds no version (``proc``: only if that one is still current;
-        ``timer``: only if that timer was not replaced or cancelled while it waited for the lock)."""
+    def stop_idle(self, timer: threading.Timer | None = None) -> None:
+        """Stop the worker if it holds no version (``timer``: only if that timer was not replaced
+        or cancelled while it waited for the lock)."""
         with self.call_lock:
             if timer is not None and timer is not self.idle_timer:
                 return
             with self.state:
                 current = self.proc
-                if current is None or self.tenants or (proc is not None and current is not proc):
+                if current is None or self.tenants:
                     return
                 self.proc = None
             self.keep_running()
@@ -796,9 +797,8 @@ class _Host:
                 with self.state:
                     idle = self.proc is proc and self.shared and not self.tenants
                     if idle:
-                        self.proc = (
-                            None  # NOTE: it held no version: no one's failure; the next load starts one
-                        )
+                        # NOTE: it held no version: no one's failure; the next load starts one.
+                        self.proc = None
                 if idle:
                     self.keep_running()
                     told = classify(_wait_status(proc.popen.returncode), "the idle model worker")
@@ -895,16 +895,12 @@ class WorkerPool:
         none starts ahead any more."""
         for host in self.hosts:
             host.keep_idle_s = 0.0
-            host.stop_idle()
+        self.stop_idle()
 
-    def stop_idle(self) -> int:
-        """Stop the workers that hold no version now (a memory budget needs their room); how many."""
-        stopped = 0
+    def stop_idle(self) -> None:
+        """Stop the workers that hold no version now (a memory budget needs their room)."""
         for host in self.hosts:
-            if host.idle_pid() is not None:
-                host.stop_idle()
-                stopped += 1
-        return stopped
+            host.stop_idle()
 
 
 class WorkerPredictor(Predictor):
@@ -1442,11 +1438,16 @@ def _worker_main(parent_pid: int, fd: int, nice: int) -> int:  # pragma: no cove
 def _prepare(formats: list[str]) -> None:  # pragma: no cover -- worker
     """Import ``formats``' frameworks ahead of any version (a shared worker started ahead)."""
     for name in formats:
-        facts = FORMAT_FACTS.get(str(name))
-        for module in (*facts.preload, *facts.worker_preload) if facts is not None else ():
-            with contextlib.suppress(Exception):
-                importlib.import_module(module)
+        _import_framework(str(name))
     _freeze()
+
+
+def _import_framework(fmt: str) -> None:  # pragma: no cover -- worker
+    """Import what a worker loads ``fmt`` with (its preloads); one that fails is left to the load."""
+    facts = FORMAT_FACTS.get(fmt)
+    for module in (*facts.preload, *facts.worker_preload) if facts is not None else ():
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
 
 
 def _freeze() -> None:  # pragma: no cover -- worker
@@ -1502,11 +1503,8 @@ def _load(
     def prepare() -> None:
         global _CONFINED
         nonlocal before
-        facts = FORMAT_FACTS.get(str(request["manifest"].get("format", "")))
-        for module in (*facts.preload, *facts.worker_preload) if facts is not None else ():
-            # NOTE: the framework's own import is not the version's to pay for.
-            with contextlib.suppress(Exception):
-                importlib.import_module(module)
+        # NOTE: the framework's own import is not the version's to pay for.
+        _import_framework(str(request["manifest"].get("format", "")))
         settle_caches(confined=_CONFINED)
         if freeze:
             _freeze()

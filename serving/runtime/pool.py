@@ -404,12 +404,12 @@ class ModelPool(Generic[M]):
                 self.retry_after_s,
             )
         self._measure()
-        stoppable = self._stop_idle is not None and self._idle_workers() > 0
+        stop_idle = self._stop_idle if self._idle_workers() > 0 else None
         # NOTE: idle members first; then workers that hold no member give their room back (the
         # next load into one of them starts it again, seconds); only then wait for busy members.
-        fits = self._fit(name, size, budget, self._clock() if stoppable else deadline)
-        if not fits and stoppable and self._stop_idle is not None:
-            self._stop_idle()
+        fits = self._fit(name, size, budget, self._clock() if stop_idle is not None else deadline)
+        if not fits and stop_idle is not None:
+            stop_idle()
             fits = self._fit(name, size, budget, deadline)
         if not fits:
             raise Overloaded(

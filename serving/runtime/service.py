@@ -117,27 +117,28 @@ def shared_pool(app: AppConfig, settings: Settings) -> WorkerPool:
         return pool
 
 
+def _shared_pools() -> list[WorkerPool]:
+    with _POOLS_LOCK:
+        return list(_POOLS.values())
+
+
 def idle_shared_bytes() -> int:
     """What this process's shared model workers that hold no version hold (their PSS)."""
-    with _POOLS_LOCK:
-        pools = list(_POOLS.values())
-    return sum(pss_bytes(pid, max_age_s=SHARED_PSS_AGE_S) for pool in pools for pid in pool.idle_pids())
+    return sum(
+        pss_bytes(pid, max_age_s=SHARED_PSS_AGE_S) for pool in _shared_pools() for pid in pool.idle_pids()
+    )
 
 
 def stop_idle_shared() -> None:
     """Stop this process's shared model workers that hold no version (a budget needs their room)."""
-    with _POOLS_LOCK:
-        pools = list(_POOLS.values())
-    for pool in pools:
+    for pool in _shared_pools():
         pool.stop_idle()
 
 
 def close_shared_pools() -> None:
     """Stop this process's idle shared model workers (at shutdown; the others stop with their
     last version)."""
-    with _POOLS_LOCK:
-        pools = list(_POOLS.values())
-    for pool in pools:
+    for pool in _shared_pools():
         pool.close()
 
 
