@@ -59,6 +59,7 @@ from serving.cache import LoaderCache
 from serving.repository import Repository
 from serving.server.launch import parse_bytes
 from serving.store.local import LocalStore
+from serving.testing.poll import wait_for
 
 
 def main() -> None:
@@ -205,15 +206,14 @@ def pull_all(work: Path, names: list[str]) -> float:
 def settle(pid: int, processes: int, timeout_s: float = 60.0) -> None:
     """Wait until ``pid``'s tree has ``processes`` processes and its PSS stopped growing (the
     shared workers started ahead have imported their frameworks)."""
-    deadline = time.monotonic() + timeout_s
-    last = -1
-    while time.monotonic() < deadline:
-        now = tree_pss(pid)
-        if len(tree(pid)) >= processes and abs(now - last) < 0.01 * now:
-            return
-        last = now
-        time.sleep(1.0)
-    raise RuntimeError(f"the server's {processes} processes did not settle in {timeout_s:g} s")
+    last = [-1]
+
+    def settled() -> bool:
+        now, before = tree_pss(pid), last[0]
+        last[0] = now
+        return len(tree(pid)) >= processes and abs(now - before) < 0.01 * now
+
+    wait_for(settled, timeout=timeout_s, interval=1.0, what=f"the server's {processes} processes to settle")
 
 
 def _ratio(top: float | None, bottom: float | None) -> float | None:
