@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import platformdirs
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -231,6 +231,11 @@ class Settings(BaseSettings):
     """Niceness of the isolation helper and its probe children. A probe runs while
     the live version serves; at 10 it gets about a tenth of a core that requests
     also want, so a swap on a busy node takes longer and requests do not wait for it."""
+
+    worker_start: Literal["fork", "spawn"] = "fork"
+    """How a model worker starts: ``fork`` (from a process that imported the loaders and the
+    version's framework once, about 10 ms) or ``spawn`` (a new interpreter, about 2 s of CPU for
+    scikit-learn). Forked workers share one memory layout (SECURITY.md, "Model workers")."""
 
     # -- admin routes ----------------------------------------------------------------
     admin_token: SecretStr | None = None

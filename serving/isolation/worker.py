@@ -44,7 +44,7 @@ import weakref
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -57,6 +57,7 @@ from serving.manifest import Manifest, TensorSpec
 
 from .confine import child_env, classify, confine, describe, load_in_child, out_of_memory, settle_caches
 from .shm import Arena, ProtocolViolation, map_peer, pack, unpack
+from .zygote import Forked, ZygoteGone, fork_worker, serve
 
 __all__ = ["DEADLINE", "WorkerLimits", "WorkerPool", "WorkerPredictor"]
 
@@ -108,6 +109,8 @@ class WorkerLimits:
         restart_backoff_s: first wait before a restart; doubles up to ``restart_backoff_max_s``.
         max_reply_bytes: the most bytes of tensors one answer may hold.
         nice: niceness added to the worker.
+        start: ``fork``: forked from this process's zygote, with its framework imported
+            (:mod:`serving.isolation.zygote`); ``spawn``: a new interpreter each time.
     """
 
     memory_bytes: int | None = None
@@ -119,6 +122,7 @@ class WorkerLimits:
     restart_backoff_max_s: float = 30.0
     max_reply_bytes: int = 64 * 1024**2
     nice: int = 0
+    start: Literal["fork", "spawn"] = "fork"
 
     def memory_for(self, manifest: Manifest) -> int:
         if self.memory_bytes is not None:
@@ -140,27 +144,17 @@ class _Failure(Exception):
 class _Process:
     """One worker process and its end of the socket and memory files."""
 
-    def __init__(self, env: dict[str, str], nice: int, peer_limit: int) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        nice: int,
+        peer_limit: int,
+        start: str = "fork",
+        formats: Collection[str] = (),
+    ) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            cmd = [
-                sys.executable,
-                "-m",
-                "serving.isolation.worker",
-                str(os.getpid()),
-                str(child.fileno()),
-                str(nice),
-            ]
-            self.popen = subprocess.Popen(
-                cmd,
-                pass_fds=(child.fileno(),),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                close_fds=True,
-                cwd="/",
-                # NOTE: its own process group, so a kill reaches whatever it started natively.
-                start_new_session=True,
-            )
+            self.popen: subprocess.Popen[bytes] | Forked = self._start(env, nice, child, start, formats)
         except BaseException:
             parent.close()
             raise
@@ -174,6 +168,34 @@ class _Process:
         self.arena_sent = False
         self.killed = False
         """We sent it SIGKILL while it was alive (so a SIGKILL status is ours)."""
+
+    @staticmethod
+    def _start(
+        env: dict[str, str], nice: int, child: socket.socket, start: str, formats: Collection[str]
+    ) -> subprocess.Popen[bytes] | Forked:
+        if start == "fork":
+            try:
+                return fork_worker(env, child.fileno(), formats, nice)
+            except ZygoteGone as exc:
+                log.warning("model worker started from scratch: %s", exc)
+        cmd = [
+            sys.executable,
+            "-m",
+            "serving.isolation.worker",
+            str(os.getpid()),
+            str(child.fileno()),
+            str(nice),
+        ]
+        return subprocess.Popen(
+            cmd,
+            pass_fds=(child.fileno(),),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+            cwd="/",
+            # NOTE: its own process group, so a kill reaches whatever it started natively.
+            start_new_session=True,
+        )
 
     def send(self, message: dict[str, Any], fds: list[int]) -> None:
         data = json.dumps(message).encode()
@@ -236,7 +258,10 @@ class _Process:
         if grace_s > 0:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(grace_s)
-        if self.popen.returncode is None:
+        if isinstance(self.popen, Forked):
+            # NOTE: through its pidfd; its zygote kills its process group before reaping it.
+            self.killed = self.popen.kill() or self.killed
+        elif self.popen.returncode is None:
             # NOTE: not reaped yet, so its process group id is still its own: signal the group even
             # when the leader has exited (what it started natively may live on). WNOWAIT: whether
             # it is alive, without reaping it.
@@ -431,7 +456,7 @@ class _Host:
             fresh = proc is None
             self.keep_running()
             if proc is None:
-                proc = self.spawn()
+                proc = self.spawn((tenant.format,))
             try:
                 reply = self.load_into(proc, tenant)
             except IsolationFailed as exc:
@@ -517,7 +542,7 @@ class _Host:
             with self.state:
                 if self.proc is not None or self.restarting or self.tenants or self.keep_idle_s <= 0:
                     return
-            proc = self.spawn()
+            proc = self.spawn(formats)
             try:
                 proc.send({"op": "prepare", "formats": sorted(formats)}, [])
                 reply = proc.receive(time.monotonic() + self.limits.load_timeout_s)
@@ -583,9 +608,11 @@ class _Host:
         except _Failure as failure:
             self.fail(proc, failure.reason, failure.message, kill=True)
 
-    def spawn(self) -> _Process:
+    def spawn(self, formats: Collection[str] = ()) -> _Process:
+        """A new worker process; forked, it comes with ``formats``' frameworks imported."""
         env = self.env if self.env is not None else child_env()
-        return _Process(env, self.limits.nice, peer_limit=2 * self.limits.max_reply_bytes + (2 << 20))
+        peer_limit = 2 * self.limits.max_reply_bytes + (2 << 20)
+        return _Process(env, self.limits.nice, peer_limit, self.limits.start, formats)
 
     def load_into(self, proc: _Process, tenant: WorkerPredictor) -> dict[str, Any]:
         """Load ``tenant`` into ``proc``: its answer. ``proc`` is killed when it is not fit to go
@@ -747,7 +774,9 @@ class _Host:
         worker, a version that no longer loads is failed on this replica and left out, and the
         others start over."""
         while True:
-            proc = self.spawn()
+            with self.state:
+                formats = {tenant.format for tenant in self.tenants.values()}
+            proc = self.spawn(formats)
             loaded: list[WorkerPredictor] = []
             loading: WorkerPredictor | None = None
             try:
@@ -947,6 +976,7 @@ class WorkerPredictor(Predictor):
             "memory_bytes": limits.memory_for(cached.manifest),
             "cpu_seconds": limits.load_cpu_seconds,
         }
+        self.format = cached.manifest.format
         self.key = 0
         """Its name in the worker."""
         self.reload_failures = 0
@@ -1629,5 +1659,38 @@ def _unexpected(exc: BaseException) -> dict[str, Any]:  # pragma: no cover -- wo
     return {"ok": False, "class": type(exc).__name__, "message": describe(exc), "traceback": text[-20000:]}
 
 
+def _zygote_prepare(formats: list[str]) -> None:  # pragma: no cover -- zygote
+    """Before a fork: import ``formats``' preloads (never ``worker_preload``: TensorFlow starts
+    threads when imported, and a fork copies none of them), fill the caches a confined worker
+    cannot, and freeze what is there, so a worker's collections never walk (and copy) it."""
+    for name in formats:
+        facts = FORMAT_FACTS.get(name)
+        for module in facts.preload if facts is not None else ():
+            with contextlib.suppress(Exception):
+                importlib.import_module(module)
+    settle_caches()
+    gc.collect()
+    gc.freeze()
+
+
+def _forked_worker(fd: int, request: dict[str, Any]) -> int:  # pragma: no cover -- forked worker
+    # NOTE: a fork copies NumPy's global random state (Python's own random reseeds itself).
+    np.random.seed()
+    return _worker_main(os.getppid(), fd, int(request.get("nice") or 0))
+
+
+def _zygote_main(parent_pid: int, fd: int) -> int:  # pragma: no cover -- zygote
+    if os.getppid() != parent_pid:
+        return 0
+    from serving.hardening import harden_process
+
+    harden_process()
+    import serving.formats.warmup  # noqa: F401 -- NOTE: the loaders, once, for every worker
+
+    return serve(parent_pid, fd, _zygote_prepare, _forked_worker)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "zygote":
+        sys.exit(_zygote_main(int(sys.argv[2]), int(sys.argv[3])))
     sys.exit(_worker_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))

@@ -28,6 +28,7 @@ from serving.errors import InvalidInput, NotReady, ServingError
 from serving.formats.base import LoadPolicy
 from serving.isolation.prober import IsolationLimits, IsolationMode, Prober
 from serving.isolation.worker import DEADLINE, WorkerLimits, WorkerPool, WorkerPredictor
+from serving.isolation.zygote import zygote_pids
 from serving.protocol.tensors import check_reply_size, conform, select_outputs
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, status_of
 from serving.repository import Repository, Resolved
@@ -83,6 +84,7 @@ def build_loader(model: ModelConfig, app: AppConfig, settings: Settings) -> Load
         predict_timeout_s=model.predict_timeout_s,
         probation_requests=model.probation_requests,
         max_reply_bytes=app.reply_limit,
+        start=settings.worker_start,
     )
 
     pool = shared_pool(app, settings) if model.workers == "shared" else None
@@ -104,6 +106,7 @@ def shared_pool(app: AppConfig, settings: Settings) -> WorkerPool:
         load_timeout_s=settings.isolation_timeout_s,
         load_cpu_seconds=settings.isolation_cpu_seconds,
         max_reply_bytes=app.reply_limit,
+        start=settings.worker_start,
     )
     key = (config.count, config.memory_bytes, config.keep_idle_s, limits)
     with _POOLS_LOCK:
@@ -123,10 +126,11 @@ def _shared_pools() -> list[WorkerPool]:
 
 
 def idle_shared_bytes() -> int:
-    """What this process's shared model workers that hold no version hold (their PSS)."""
-    return sum(
-        pss_bytes(pid, max_age_s=SHARED_PSS_AGE_S) for pool in _shared_pools() for pid in pool.idle_pids()
-    )
+    """What this process's model-worker processes that hold no version hold (their PSS): shared
+    workers with none, and the zygotes workers are forked from (whose pages the workers share:
+    a worker's PSS counts only its part of them)."""
+    pids = [pid for pool in _shared_pools() for pid in pool.idle_pids()] + zygote_pids()
+    return sum(pss_bytes(pid, max_age_s=SHARED_PSS_AGE_S) for pid in pids)
 
 
 def stop_idle_shared() -> None:
