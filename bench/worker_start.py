@@ -127,7 +127,8 @@ def main() -> None:
                 print(start, json.dumps(rounds[start][-1]), flush=True)
         close_zygotes()
     result = {
-        start: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for start, runs in rounds.items()
+        start: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for start, runs in rounds.items()
     }
     result["fork_over_spawn"] = {key: result["fork"][key] / result["spawn"][key] for key in result["fork"]}
     result["setup"] = {"workers": args.workers, "rounds": args.rounds, "cpus": os.cpu_count()}
