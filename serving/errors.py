@@ -210,7 +210,7 @@ class IsolationFailed(LoadError):
     ``reason`` is one of :data:`serving.isolation.prober.REASONS` (a bounded metric label):
     ``crash`` (killed by SIGSEGV, SIGBUS, SIGILL, SIGABRT, SIGFPE or died without
     a result), ``oom`` (MemoryError or the memory limit), ``timeout`` (wall clock
-    or CPU time) or ``exec`` (tried to start a process).
+    or CPU time) or ``exec`` (tried to start a process or signal another).
     """
 
     def __init__(self, message: str, reason: str) -> None:

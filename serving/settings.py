@@ -233,9 +233,10 @@ class Settings(BaseSettings):
     also want, so a swap on a busy node takes longer and requests do not wait for it."""
 
     worker_start: Literal["fork", "spawn"] = "fork"
-    """How a model worker starts: ``fork`` (from a process that imported the loaders and the
-    version's framework once, about 10 ms) or ``spawn`` (a new interpreter, about 2 s of CPU for
-    scikit-learn). Forked workers share one memory layout (SECURITY.md, "Model workers")."""
+    """How a model worker starts: ``fork`` (from a zygote that imported the loaders and the
+    version's framework once: about 0.25 s to a loaded iris worker, after the zygote's own
+    start) or ``spawn`` (a new interpreter each time, about 2.2 s). Forked workers share one
+    memory layout (SECURITY.md, "Model workers")."""
 
     # -- admin routes ----------------------------------------------------------------
     admin_token: SecretStr | None = None

@@ -40,8 +40,10 @@ __all__ = [
 REASONS = ("crash", "oom", "timeout", "exec")
 """Every reason a child can fail for; a bounded metric label."""
 
+SIGNAL_EVENTS = frozenset({"os.kill", "os.killpg"})
+"""Audit events of a signal sent: a confined child may signal only itself."""
 EXIT_EXEC = 86
-"""Exit code of a child whose audit hook saw a process start."""
+"""Exit code of a child whose audit hook saw a process start (or a signal to another process)."""
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
@@ -120,8 +122,14 @@ def confine(memory_bytes: int, cpu_seconds: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
+    own = os.getpid()
+
     def no_processes(event: str, args: tuple[Any, ...]) -> None:
         if event in PROCESS_EVENTS:
+            os._exit(EXIT_EXEC)
+        # NOTE: a signal to another process (its zygote, the serving process, a sibling
+        # worker) is no version's business either; to itself, it is its own.
+        if event in SIGNAL_EVENTS and args and args[0] not in (own, 0):
             os._exit(EXIT_EXEC)
 
     sys.addaudithook(no_processes)
@@ -170,7 +178,7 @@ def classify(status: int | None, who: str = "the child") -> dict[str, Any]:
         return {"ok": False, "reason": "crash", "message": f"killed by {name}"}
     code = os.WEXITSTATUS(status)
     if code == EXIT_EXEC:
-        return {"ok": False, "reason": "exec", "message": "tried to start a process"}
+        return {"ok": False, "reason": "exec", "message": "tried to start a process or signal another"}
     return {"ok": False, "reason": "crash", "message": f"exited with code {code} without a result"}
 
 

@@ -141,6 +141,21 @@ class _Failure(Exception):
         """Found before the request was sent (the worker was gone already): not its request's doing."""
 
 
+def _spawn(env: dict[str, str], nice: int, child: socket.socket) -> subprocess.Popen[bytes]:
+    """A worker in a new interpreter, on socket ``child``."""
+    cmd = [sys.executable, "-m", "serving.isolation.worker", str(os.getpid()), str(child.fileno()), str(nice)]
+    return subprocess.Popen(
+        cmd,
+        pass_fds=(child.fileno(),),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        close_fds=True,
+        cwd="/",
+        # NOTE: its own process group, so a kill reaches whatever it started natively.
+        start_new_session=True,
+    )
+
+
 class _Process:
     """One worker process and its end of the socket and memory files."""
 
@@ -154,7 +169,19 @@ class _Process:
     ) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.popen: subprocess.Popen[bytes] | Forked = self._start(env, nice, child, start, formats)
+            self.popen: subprocess.Popen[bytes] | Forked
+            if start == "fork":
+                try:
+                    self.popen = fork_worker(env, child.fileno(), formats, nice)
+                except ZygoteGone as exc:
+                    log.warning("model worker started from scratch: %s", exc)
+                    # NOTE: a new socket: a worker the zygote forked before it failed may hold this one.
+                    parent.close()
+                    child.close()
+                    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    self.popen = _spawn(env, nice, child)
+            else:
+                self.popen = _spawn(env, nice, child)
         except BaseException:
             parent.close()
             raise
@@ -168,34 +195,6 @@ class _Process:
         self.arena_sent = False
         self.killed = False
         """We sent it SIGKILL while it was alive (so a SIGKILL status is ours)."""
-
-    @staticmethod
-    def _start(
-        env: dict[str, str], nice: int, child: socket.socket, start: str, formats: Collection[str]
-    ) -> subprocess.Popen[bytes] | Forked:
-        if start == "fork":
-            try:
-                return fork_worker(env, child.fileno(), formats, nice)
-            except ZygoteGone as exc:
-                log.warning("model worker started from scratch: %s", exc)
-        cmd = [
-            sys.executable,
-            "-m",
-            "serving.isolation.worker",
-            str(os.getpid()),
-            str(child.fileno()),
-            str(nice),
-        ]
-        return subprocess.Popen(
-            cmd,
-            pass_fds=(child.fileno(),),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            close_fds=True,
-            cwd="/",
-            # NOTE: its own process group, so a kill reaches whatever it started natively.
-            start_new_session=True,
-        )
 
     def send(self, message: dict[str, Any], fds: list[int]) -> None:
         data = json.dumps(message).encode()
@@ -702,7 +701,10 @@ class _Host:
         else:
             proc.close()
             status = _wait_status(proc.popen.returncode)
-        if reason == "crash" and not message:
+        if isinstance(proc.popen, Forked) and proc.popen.orphaned:
+            # NOTE: it ended with its zygote: no version's doing.
+            reason, message, blame = "crash", "its zygote ended", None
+        elif reason == "crash" and not message:
             told = classify(status, "the worker")
             reason, message = told["reason"], told["message"]
         if self.shared and blame is not None and not proc.killed and _killed_by(status, signal.SIGKILL):

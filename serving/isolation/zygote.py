@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -43,6 +44,8 @@ import threading
 import traceback
 from collections.abc import Callable, Collection
 from typing import Any
+
+from .confine import PR_SET_PDEATHSIG, prctl
 
 __all__ = ["Forked", "ZygoteGone", "close_zygotes", "fork_worker", "serve", "zygote_pids"]
 
@@ -69,9 +72,12 @@ class Forked:
     ``pid``, ``returncode``, ``wait``, ``poll`` and ``send_signal`` (through its pidfd)."""
 
     def __init__(self, pid: int, pidfd: int) -> None:
+        os.set_inheritable(pidfd, False)
         self.pid = pid
         self.args = ["zygote-child", str(pid)]
         self.returncode: int | None = None
+        self.orphaned = False
+        """It ended because its zygote did (not its own doing, nor its version's)."""
         self._pidfd: int | None = pidfd
         self._fd_lock = threading.Lock()
         self._done = threading.Event()
@@ -88,20 +94,14 @@ class Forked:
     def alive(self) -> bool:
         """Whether it has not exited yet (its pidfd is readable once it has)."""
         with self._fd_lock:
-            if self._pidfd is None:
-                return False
-            poller = select.poll()
-            poller.register(self._pidfd, select.POLLIN)
-            return not poller.poll(0)
+            return self._pidfd is not None and not _readable(self._pidfd)
 
     def send_signal(self, sig: int) -> bool:
         """Signal it if it has not exited: whether it was alive when signalled."""
         with self._fd_lock:
             if self._pidfd is None:
                 return False
-            poller = select.poll()
-            poller.register(self._pidfd, select.POLLIN)
-            alive = not poller.poll(0)
+            alive = not _readable(self._pidfd)
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, sig)
             return alive
@@ -109,13 +109,27 @@ class Forked:
     def kill(self) -> bool:
         return self.send_signal(signal.SIGKILL)
 
-    def _exited(self, status: int) -> None:
+    def _exited(self, status: int, *, orphaned: bool = False) -> None:
         with self._fd_lock:
             if self._pidfd is not None:
                 os.close(self._pidfd)
                 self._pidfd = None
+        self.orphaned = orphaned
         self.returncode = _returncode(status)
         self._done.set()
+
+
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+_CRASH_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGFPE, signal.SIGSYS}
+)
+"""A worker that died of one of these may have been probing the memory layout it shares with its
+zygote's other children (its stack canary, say, one guess per crash): its zygote forks no more."""
 
 
 class _Zygote:
@@ -142,32 +156,55 @@ class _Zygote:
             child.close()
         self.sock = parent
         self.gone = False
+        self.retired = False
+        """It forks no more (a newer zygote took its place); it stops with its last worker."""
         self.children: dict[int, Forked] = {}
-        self.replies: queue.Queue[Forked | str | None] = queue.Queue()
-        self.fork_lock = threading.Lock()
+        self.pending: dict[int, queue.Queue[Forked | str | None]] = {}
+        self.ids = itertools.count(1)
         self.state = threading.Lock()
+        """Guards the fields above, and every use of the socket but the reader's receive."""
         threading.Thread(target=self._read, name="zygote-reader", daemon=True).start()
 
     def fork(self, fd: int, formats: Collection[str], nice: int, timeout: float) -> Forked:
-        with self.fork_lock:
-            if self.gone:
-                raise ZygoteGone("the model worker zygote is gone")
-            message = json.dumps({"formats": sorted(formats), "nice": nice}).encode()
+        answer: queue.Queue[Forked | str | None] = queue.Queue(1)
+        with self.state:
+            if self.gone or self.retired:
+                raise ZygoteGone("the model worker zygote forks no more")
+            request_id = next(self.ids)
+            message = json.dumps({"id": request_id, "formats": sorted(formats), "nice": nice}).encode()
             try:
                 socket.send_fds(self.sock, [message], [fd])
             except OSError as exc:
                 raise ZygoteGone(f"the model worker zygote stopped reading ({exc})") from exc
-            try:
-                reply = self.replies.get(timeout=timeout)
-            except queue.Empty:
-                # NOTE: a zygote that does not answer cannot be trusted with the next request.
-                self.close()
-                raise ZygoteGone("the model worker zygote did not answer in time") from None
-            if reply is None:
-                raise ZygoteGone("the model worker zygote died")
-            if isinstance(reply, str):
-                raise ZygoteGone(f"the model worker zygote could not fork: {reply}")
-            return reply
+            self.pending[request_id] = answer
+        try:
+            reply = answer.get(timeout=timeout)
+        except queue.Empty:
+            with self.state:
+                late = self.pending.pop(request_id, None) is None
+            if late:  # NOTE: it answered as the wait ended
+                reply = answer.get()
+                if isinstance(reply, Forked):
+                    reply.kill()
+            raise ZygoteGone("the model worker zygote did not answer in time") from None
+        if reply is None:
+            raise ZygoteGone("the model worker zygote died")
+        if isinstance(reply, str):
+            raise ZygoteGone(f"the model worker zygote could not fork: {reply}")
+        return reply
+
+    def idle(self) -> bool:
+        """Whether none of its workers runs and none is being forked."""
+        with self.state:
+            return self.gone or not (self.children or self.pending)
+
+    def retire(self) -> None:
+        """Fork no more; stop once its last worker has ended."""
+        with self.state:
+            self.retired = True
+            done = not (self.children or self.pending)
+        if done:
+            self.close()
 
     def _read(self) -> None:
         try:
@@ -178,48 +215,61 @@ class _Zygote:
                     break
                 if not data:
                     break
-                message = json.loads(data)
-                if "forked" in message and fds:
-                    child = Forked(int(message["forked"]), fds[0])
-                    with self.state:
-                        self.children[child.pid] = child
-                    self.replies.put(child)
-                elif "exited" in message:
-                    with self.state:
-                        gone = self.children.pop(int(message["exited"]), None)
-                    if gone is not None:
-                        gone._exited(int(message["status"]))
-                else:
-                    for fd in fds:
-                        os.close(fd)
-                    self.replies.put(str(message.get("error", "no reason given")))
+                self._handle(json.loads(data), fds)
         except Exception:  # NOTE: the reader must end in the cleanup below, whatever it read
             log.exception("the model worker zygote's messages could not be read")
         finally:
             self._gone()
 
+    def _handle(self, message: dict[str, Any], fds: list[int]) -> None:
+        if "exited" in message:
+            status = int(message["status"])
+            with self.state:
+                ended = self.children.pop(int(message["exited"]), None)
+                if os.WIFSIGNALED(status) and os.WTERMSIG(status) in _CRASH_SIGNALS:
+                    self.retired = True
+                last = self.retired and not (self.children or self.pending)
+            if ended is not None:
+                ended._exited(status)
+            if last:
+                threading.Thread(target=self.close, name="zygote-close", daemon=True).start()
+            return
+        child = Forked(int(message["forked"]), fds[0]) if "forked" in message and fds else None
+        if child is None:
+            for fd in fds:
+                os.close(fd)
+        with self.state:
+            answer = self.pending.pop(int(message.get("id", 0)), None)
+            if child is not None and answer is not None:
+                self.children[child.pid] = child
+        if answer is not None:
+            answer.put(child if child is not None else str(message.get("error", "no reason given")))
+        elif child is not None:
+            child.kill()  # NOTE: nobody waits for it any more (its fork timed out)
+            child._exited(signal.SIGKILL)
+
     def _gone(self) -> None:
-        """The zygote is gone: its workers end with it (each exits once orphaned; kill them now)."""
+        """The zygote is gone: so are its workers (each dies with it: ``PR_SET_PDEATHSIG``).
+        Kill their process groups now: a group's id stays its own while a member lives."""
         with self.state:
             self.gone = True
             orphans, self.children = list(self.children.values()), {}
-        for child in orphans:
-            child.kill()
-            child._exited(signal.SIGKILL)  # NOTE: the wait status of a SIGKILL
-        self.replies.put(None)
-        with contextlib.suppress(OSError):
+            waiting, self.pending = list(self.pending.values()), {}
+            # NOTE: under the lock, after ``gone``: no send can reach the number a new fd reuses.
             self.sock.close()
+        for child in orphans:
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.kill()
+            child._exited(signal.SIGKILL, orphaned=True)  # NOTE: the wait status of a SIGKILL
+        for answer in waiting:
+            answer.put(None)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(5)
 
-    def idle(self) -> bool:
-        """Whether none of its workers runs."""
-        with self.state:
-            return self.gone or not self.children
-
     def close(self) -> None:
         """Close its socket: it kills its workers and exits."""
-        with contextlib.suppress(OSError):
+        with self.state, contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         try:
             self.popen.wait(5)
@@ -229,6 +279,9 @@ class _Zygote:
 
 
 _ZYGOTES: dict[tuple[tuple[str, str], ...], _Zygote] = {}
+"""The zygote each environment forks from."""
+_STARTED: list[_Zygote] = []
+"""Every zygote started, retired ones (that wait for their last worker) included."""
 _ZYGOTES_LOCK = threading.Lock()
 
 
@@ -237,38 +290,42 @@ def fork_worker(env: dict[str, str], fd: int, formats: Collection[str], nice: in
     ``env`` (started, or started again, as needed) after it imported ``formats``' preloads.
 
     Raises:
-        ZygoteGone: no zygote could be started, or it died before it forked.
+        ZygoteGone: no zygote could be started, or it died or timed out before it forked.
     """
     key = tuple(sorted(env.items()))
-    idle: list[_Zygote] = []
+    others: list[_Zygote] = []
     with _ZYGOTES_LOCK:
         zygote = _ZYGOTES.get(key)
-        if zygote is None or zygote.gone:
+        if zygote is None or zygote.gone or zygote.retired:
+            if zygote is not None:
+                others.append(zygote)
             try:
                 zygote = _ZYGOTES[key] = _Zygote(env)
             except OSError as exc:
                 raise ZygoteGone(f"the model worker zygote could not be started: {exc}") from exc
-            # NOTE: one zygote per environment; one that forked workers for an environment
-            # no longer asked for stops with its last worker.
+            _STARTED[:] = [z for z in _STARTED if not z.gone] + [zygote]
+            # NOTE: one zygote per environment in use: one for an environment no longer asked
+            # for stops with its last worker.
             for other_key, other in list(_ZYGOTES.items()):
                 if other is not zygote and other.idle():
-                    idle.append(_ZYGOTES.pop(other_key))
-    for other in idle:
-        other.close()
+                    others.append(_ZYGOTES.pop(other_key))
+    for other in others:
+        other.retire()
     return zygote.fork(fd, formats, nice, _FORK_TIMEOUT_S)
 
 
 def zygote_pids() -> list[int]:
-    """The process ids of this process's running zygotes."""
+    """The process ids of this process's zygotes that still run."""
     with _ZYGOTES_LOCK:
-        return [z.popen.pid for z in _ZYGOTES.values() if not z.gone]
+        return [z.popen.pid for z in _STARTED if not z.gone]
 
 
 def close_zygotes() -> None:
     """Stop every zygote of this process (and so the workers they forked)."""
     with _ZYGOTES_LOCK:
-        zygotes = list(_ZYGOTES.values())
+        zygotes = list(_STARTED)
         _ZYGOTES.clear()
+        _STARTED.clear()
     for zygote in zygotes:
         zygote.close()
 
@@ -285,6 +342,8 @@ def serve(
 ) -> int:  # pragma: no cover -- NOTE: runs in the zygote
     """The zygote's loop: for each request, ``prepare`` its formats, then fork ``child(fd,
     request)`` in a new session; report each child's pid (with a pidfd) and exit status."""
+    import ctypes  # noqa: F401 -- NOTE: what prctl uses, imported once here, not in each child
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
     children: dict[int, int] = {}
@@ -301,20 +360,28 @@ def serve(
                 if not data:
                     return 0
                 request = json.loads(data)
+                request_id = request.get("id")
                 if not fds:
-                    sock.send(json.dumps({"error": "no socket for the worker"}).encode())
+                    sock.send(json.dumps({"id": request_id, "error": "no socket for the worker"}).encode())
                     continue
                 with contextlib.suppress(Exception):
                     prepare([str(f) for f in request.get("formats") or []])
+                zygote = os.getpid()
                 try:
                     pid = os.fork()
                 except OSError as exc:
                     os.close(fds[0])
-                    sock.send(json.dumps({"error": str(exc)}).encode())
+                    sock.send(json.dumps({"id": request_id, "error": str(exc)}).encode())
                     continue
                 if pid == 0:
                     code = 1
                     try:
+                        # NOTE: dies with its zygote (safe here: the zygote is single-threaded,
+                        # so the thread that forked it is the whole zygote); a zygote that died
+                        # before this line is caught by the check after it.
+                        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                        if os.getppid() != zygote:
+                            os._exit(1)
                         sock.close()
                         for pidfd in children:
                             os.close(pidfd)
@@ -328,7 +395,7 @@ def serve(
                 pidfd = os.pidfd_open(pid)
                 children[pidfd] = pid
                 poller.register(pidfd, select.POLLIN)
-                socket.send_fds(sock, [json.dumps({"forked": pid}).encode()], [pidfd])
+                socket.send_fds(sock, [json.dumps({"id": request_id, "forked": pid}).encode()], [pidfd])
         return 0
     finally:
         for pidfd, pid in list(children.items()):

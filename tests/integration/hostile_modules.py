@@ -196,6 +196,16 @@ class CrashOnNegative(torch.nn.Module):
         return x * 2
 
 
+class SignalsItsParent(torch.nn.Module):
+    """Answers ``2 * x``, and sends SIGKILL to its parent process (a model worker's zygote, or
+    the serving process) when the first input value is negative."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.reshape(-1)[0]) < 0:
+            os.kill(os.getppid(), 9)
+        return x * 2
+
+
 class Hog(torch.nn.Module):
     """Allocates as many GiB as the first input value, then answers."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
-from hostile_modules import good_iris
+from hostile_modules import CrashOnNegative, SignalsItsParent, good_iris
 from published import Versions
 from sklearn.datasets import load_iris
 from sklearn.dummy import DummyClassifier
@@ -100,7 +100,10 @@ def test_forked_workers_do_not_share_numpy_random_state(tmp_path: Path) -> None:
 
 @pytest.mark.faults
 def test_a_killed_zygote_takes_its_workers_and_they_come_back_from_a_new_one(iris: CachedVersion) -> None:
-    worker = _start(iris)
+    """Its workers die with it, and come back forked from a new one; no version is blamed for it
+    (each is still in probation here: a version blamed would be failed)."""
+    blamed: list[str] = []
+    worker = WorkerPredictor(iris, LoadPolicy(), LIMITS, model="m", on_probation_failure=blamed.append)
     try:
         first = worker.pid
         assert first is not None
@@ -119,8 +122,59 @@ def test_a_killed_zygote_takes_its_workers_and_they_come_back_from_a_new_one(iri
         assert worker.pid is not None
         assert _parent(worker.pid) in zygote_pids()
         assert _parent(worker.pid) != zygote
+        assert worker.last_failure == "crash: its zygote ended"
+        assert blamed == []
     finally:
         worker.close()
+
+
+@pytest.mark.faults
+def test_a_version_that_signals_its_zygote_fails_alone(iris: CachedVersion, tmp_path: Path) -> None:
+    """The audit hook ends a worker that signals another process: the zygote and the other
+    workers it forked go on."""
+    healthy = _start(iris)
+    hostile = _start(Versions(tmp_path).module(SignalsItsParent()))
+    try:
+        assert healthy.pid is not None
+        assert hostile.pid is not None
+        zygote = _parent(healthy.pid)
+        assert _parent(hostile.pid) == zygote
+        with pytest.raises(WorkerFailed) as info:
+            hostile.predict({hostile.inputs[0].name: np.array([[-1.0, 0.0]], dtype=np.float32)})
+        assert info.value.reason == "exec"
+        assert _alive(zygote)
+        name = healthy.inputs[0].name
+        assert healthy.predict({name: ROWS})["predict"].tolist() == [0, 2]
+    finally:
+        healthy.close()
+        hostile.close()
+
+
+@pytest.mark.faults
+def test_a_worker_that_crashes_retires_its_zygote(iris: CachedVersion, tmp_path: Path) -> None:
+    """A crash may be one guess at what forked workers share (a stack canary, say): the next
+    worker is forked from a new zygote, and the old one stops with its last worker."""
+    healthy = _start(iris)
+    crasher = _start(Versions(tmp_path).module(CrashOnNegative()))
+    try:
+        assert healthy.pid is not None
+        assert crasher.pid is not None
+        old = _parent(crasher.pid)
+        assert _parent(healthy.pid) == old
+        with pytest.raises(WorkerFailed, match="SIGSEGV"):
+            crasher.predict({crasher.inputs[0].name: np.array([[-1.0, 0.0]], dtype=np.float32)})
+        wait_for(
+            lambda: crasher.pid is not None and _parent(crasher.pid) != old, timeout=30, what="a restart"
+        )
+        assert crasher.pid is not None
+        assert _parent(crasher.pid) in zygote_pids()
+        assert _alive(old), "the old zygote waits for its last worker"
+        assert _parent(healthy.pid) == old
+        healthy.close()
+        wait_for(lambda: not _alive(old), timeout=10, what="the old zygote gone with its last worker")
+    finally:
+        healthy.close()
+        crasher.close()
 
 
 def test_the_zygote_reports_an_exit_status_and_kills_what_the_worker_started() -> None:
@@ -147,7 +201,7 @@ _SERVER = """
 import sys, time
 from pathlib import Path
 sys.path[:0] = [sys.argv[1]]
-from hostile_modules import good_iris
+from hostile_modules import CrashOnNegative, SignalsItsParent, good_iris
 from published import Versions
 from sklearn.datasets import load_iris
 from sklearn.dummy import DummyClassifier
