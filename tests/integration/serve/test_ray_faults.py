@@ -33,6 +33,7 @@ from ray import serve
 from serving.cache import LoaderCache
 from serving.manifest import sha256_bytes
 from serving.repository import Repository, SetTarget
+from serving.server.process import descendants
 
 from .conftest import IRIS_ROW, app_args, infer, iris_model, publish_iris, s3_env, wait_for
 from .test_serve import s3_repo
@@ -113,8 +114,8 @@ def _cache_is_clean(repo: Repository, cache_dir: Path) -> None:
 
 
 def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+    """Every process below ``pid``: its model workers are its zygote's children."""
+    return descendants(pid)
 
 
 def _live_versions(client: httpx.Client, base: str) -> list[str]:
