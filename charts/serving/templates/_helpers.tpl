@@ -223,6 +223,8 @@ secretKeyRef, never from plain values.
   value: "1"
 - name: RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE
   value: "0"
+- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+  value: "0"
 {{- if not .Values.serve.haproxyMetrics }}
 - name: RAY_SERVE_HAPROXY_METRICS_ENABLED
   value: "0"
