@@ -634,8 +634,9 @@ class _Host:
             raise tenant.isolation_failed("timeout", f"still loading after {seconds} s") from None
         except _Failure as failure:
             status = proc.kill()
-            if failure.before:
-                # NOTE: it was gone before this version was sent: not this version's doing.
+            if failure.before or (isinstance(proc.popen, Forked) and proc.popen.orphaned):
+                # NOTE: it was gone before this version was sent, or it ended with its zygote:
+                # not this version's doing.
                 raise WorkerFailed(
                     f"{tenant.where}: its model worker had stopped; it is restarting", reason="restarting"
                 ) from None
@@ -1676,8 +1677,12 @@ def _zygote_prepare(formats: list[str]) -> None:  # pragma: no cover -- zygote
 
 
 def _forked_worker(fd: int, request: dict[str, Any]) -> int:  # pragma: no cover -- forked worker
-    # NOTE: a fork copies NumPy's global random state (Python's own random reseeds itself).
+    # NOTE: a fork copies the frameworks' global random state (Python's own random reseeds itself).
     np.random.seed()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            torch.seed()
     return _worker_main(os.getppid(), fd, int(request.get("nice") or 0))
 
 

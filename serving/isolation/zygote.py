@@ -278,6 +278,16 @@ class _Zygote:
             self.popen.wait(5)
 
 
+def _pidfds() -> bool:
+    """Whether this kernel gives pidfds (what the zygote and the kills rely on)."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+_PIDFDS = _pidfds()
 _ZYGOTES: dict[tuple[tuple[str, str], ...], _Zygote] = {}
 """The zygote each environment forks from."""
 _STARTED: list[_Zygote] = []
@@ -292,6 +302,8 @@ def fork_worker(env: dict[str, str], fd: int, formats: Collection[str], nice: in
     Raises:
         ZygoteGone: no zygote could be started, or it died or timed out before it forked.
     """
+    if not _PIDFDS:
+        raise ZygoteGone("this kernel has no pidfds (Linux 5.3 and later): workers are spawned")
     key = tuple(sorted(env.items()))
     others: list[_Zygote] = []
     with _ZYGOTES_LOCK:

@@ -206,6 +206,17 @@ class SignalsItsParent(torch.nn.Module):
         return x * 2
 
 
+class PidfdSignalsItsParent(torch.nn.Module):
+    """As :class:`SignalsItsParent`, through a pidfd (which raises no audit event)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.reshape(-1)[0]) < 0:
+            import signal
+
+            signal.pidfd_send_signal(os.pidfd_open(os.getppid()), 9)
+        return x * 2
+
+
 class Hog(torch.nn.Module):
     """Allocates as many GiB as the first input value, then answers."""
 

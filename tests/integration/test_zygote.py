@@ -13,7 +13,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
-from hostile_modules import CrashOnNegative, SignalsItsParent, good_iris
+from hostile_modules import CrashOnNegative, PidfdSignalsItsParent, SignalsItsParent, good_iris
 from published import Versions
 from sklearn.datasets import load_iris
 from sklearn.dummy import DummyClassifier
@@ -129,11 +129,14 @@ def test_a_killed_zygote_takes_its_workers_and_they_come_back_from_a_new_one(iri
 
 
 @pytest.mark.faults
-def test_a_version_that_signals_its_zygote_fails_alone(iris: CachedVersion, tmp_path: Path) -> None:
-    """The audit hook ends a worker that signals another process: the zygote and the other
-    workers it forked go on."""
+@pytest.mark.parametrize("module", [SignalsItsParent, PidfdSignalsItsParent], ids=["kill", "pidfd"])
+def test_a_version_that_signals_its_zygote_fails_alone(
+    iris: CachedVersion, tmp_path: Path, module: type
+) -> None:
+    """A confined worker cannot signal another process (the audit hook ends it; the pidfd calls,
+    which raise no audit event, are gone): the zygote and the other workers it forked go on."""
     healthy = _start(iris)
-    hostile = _start(Versions(tmp_path).module(SignalsItsParent()))
+    hostile = _start(Versions(tmp_path).module(module()))
     try:
         assert healthy.pid is not None
         assert hostile.pid is not None
@@ -201,7 +204,7 @@ _SERVER = """
 import sys, time
 from pathlib import Path
 sys.path[:0] = [sys.argv[1]]
-from hostile_modules import CrashOnNegative, SignalsItsParent, good_iris
+from hostile_modules import good_iris
 from published import Versions
 from sklearn.datasets import load_iris
 from sklearn.dummy import DummyClassifier
