@@ -57,7 +57,7 @@ from serving.manifest import Manifest, TensorSpec
 
 from .confine import child_env, classify, confine, describe, load_in_child, out_of_memory, settle_caches
 from .shm import Arena, ProtocolViolation, map_peer, pack, unpack
-from .zygote import Forked, ZygoteGone, fork_worker, serve
+from .zygote import Forked, ZygoteGone, fork_worker, serve, start_module
 
 __all__ = ["DEADLINE", "WorkerLimits", "WorkerPool", "WorkerPredictor"]
 
@@ -142,18 +142,8 @@ class _Failure(Exception):
 
 
 def _spawn(env: dict[str, str], nice: int, child: socket.socket) -> subprocess.Popen[bytes]:
-    """A worker in a new interpreter, on socket ``child``."""
-    cmd = [sys.executable, "-m", "serving.isolation.worker", str(os.getpid()), str(child.fileno()), str(nice)]
-    return subprocess.Popen(
-        cmd,
-        pass_fds=(child.fileno(),),
-        env=env,
-        stdin=subprocess.DEVNULL,
-        close_fds=True,
-        cwd="/",
-        # NOTE: its own process group, so a kill reaches whatever it started natively.
-        start_new_session=True,
-    )
+    """A worker in a new interpreter, on socket ``child`` (``PARENT_PID NICE FD``)."""
+    return start_module("serving.isolation.worker", [str(os.getpid()), str(nice)], child, env)
 
 
 class _Process:
@@ -195,6 +185,11 @@ class _Process:
         self.arena_sent = False
         self.killed = False
         """We sent it SIGKILL while it was alive (so a SIGKILL status is ours)."""
+
+    @property
+    def orphaned(self) -> bool:
+        """It ended with its zygote: not its own doing, nor its version's."""
+        return isinstance(self.popen, Forked) and self.popen.orphaned
 
     def send(self, message: dict[str, Any], fds: list[int]) -> None:
         data = json.dumps(message).encode()
@@ -634,7 +629,7 @@ class _Host:
             raise tenant.isolation_failed("timeout", f"still loading after {seconds} s") from None
         except _Failure as failure:
             status = proc.kill()
-            if failure.before or (isinstance(proc.popen, Forked) and proc.popen.orphaned):
+            if failure.before or proc.orphaned:
                 # NOTE: it was gone before this version was sent, or it ended with its zygote:
                 # not this version's doing.
                 raise WorkerFailed(
@@ -702,7 +697,7 @@ class _Host:
         else:
             proc.close()
             status = _wait_status(proc.popen.returncode)
-        if isinstance(proc.popen, Forked) and proc.popen.orphaned:
+        if proc.orphaned:
             # NOTE: it ended with its zygote: no version's doing.
             reason, message, blame = "crash", "its zygote ended", None
         elif reason == "crash" and not message:
@@ -1475,10 +1470,13 @@ def _prepare(formats: list[str]) -> None:  # pragma: no cover -- worker
     _freeze()
 
 
-def _import_framework(fmt: str) -> None:  # pragma: no cover -- worker
-    """Import what a worker loads ``fmt`` with (its preloads); one that fails is left to the load."""
+def _import_framework(fmt: str, *, before_fork: bool = False) -> None:  # pragma: no cover -- worker
+    """Import what a worker loads ``fmt`` with (its preloads); one that fails is left to the load.
+    ``before_fork``: in the zygote, never ``worker_preload`` (TensorFlow starts threads when
+    imported, and a fork copies none of them)."""
     facts = FORMAT_FACTS.get(fmt)
-    for module in (*facts.preload, *facts.worker_preload) if facts is not None else ():
+    extra = facts.worker_preload if facts is not None and not before_fork else ()
+    for module in (*facts.preload, *extra) if facts is not None else ():
         with contextlib.suppress(Exception):
             importlib.import_module(module)
 
@@ -1663,17 +1661,12 @@ def _unexpected(exc: BaseException) -> dict[str, Any]:  # pragma: no cover -- wo
 
 
 def _zygote_prepare(formats: list[str]) -> None:  # pragma: no cover -- zygote
-    """Before a fork: import ``formats``' preloads (never ``worker_preload``: TensorFlow starts
-    threads when imported, and a fork copies none of them), fill the caches a confined worker
-    cannot, and freeze what is there, so a worker's collections never walk (and copy) it."""
+    """Before a fork: import ``formats``' frameworks, fill the caches a confined worker cannot,
+    and freeze what is there, so a worker's collections never walk (and copy) it."""
     for name in formats:
-        facts = FORMAT_FACTS.get(name)
-        for module in facts.preload if facts is not None else ():
-            with contextlib.suppress(Exception):
-                importlib.import_module(module)
+        _import_framework(name, before_fork=True)
     settle_caches()
-    gc.collect()
-    gc.freeze()
+    _freeze()
 
 
 def _forked_worker(fd: int, request: dict[str, Any]) -> int:  # pragma: no cover -- forked worker
@@ -1700,4 +1693,4 @@ def _zygote_main(parent_pid: int, fd: int) -> int:  # pragma: no cover -- zygote
 if __name__ == "__main__":
     if sys.argv[1] == "zygote":
         sys.exit(_zygote_main(int(sys.argv[2]), int(sys.argv[3])))
-    sys.exit(_worker_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
+    sys.exit(_worker_main(int(sys.argv[1]), int(sys.argv[3]), int(sys.argv[2])))

@@ -67,6 +67,22 @@ def _returncode(status: int) -> int:
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
 
 
+def start_module(
+    module: str, args: list[str], sock: socket.socket, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """``python -m module *args FD`` in a new interpreter and session (so a kill of its group
+    reaches whatever it starts natively), given socket ``sock`` as ``FD`` and nothing else open."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args, str(sock.fileno())],
+        pass_fds=(sock.fileno(),),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        close_fds=True,
+        cwd="/",
+        start_new_session=True,
+    )
+
+
 class Forked:
     """A worker the zygote forked, with what the serving process uses of ``subprocess.Popen``:
     ``pid``, ``returncode``, ``wait``, ``poll`` and ``send_signal`` (through its pidfd)."""
@@ -140,15 +156,7 @@ class _Zygote:
         :func:`serve`."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", module, "zygote", str(os.getpid()), str(child.fileno())],
-                pass_fds=(child.fileno(),),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                close_fds=True,
-                cwd="/",
-                start_new_session=True,
-            )
+            self.popen = start_module(module, ["zygote", str(os.getpid())], child, env)
         except BaseException:
             parent.close()
             raise
