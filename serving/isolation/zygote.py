@@ -417,6 +417,9 @@ def serve(
                 poller.register(pidfd, select.POLLIN)
                 socket.send_fds(sock, [json.dumps({"id": request_id, "forked": pid}).encode()], [pidfd])
         return 0
+    except ConnectionError:
+        # NOTE: the serving process closed or reset its end (it exited): stop quietly.
+        return 0
     finally:
         for pidfd, pid in list(children.items()):
             with contextlib.suppress(OSError):
