@@ -33,7 +33,7 @@ from serving.protocol.tensors import check_reply_size, conform, select_outputs
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, status_of
 from serving.repository import Repository, Resolved
 from serving.runtime.memory import pss_bytes
-from serving.runtime.slot import Live, Loader, ModelSlot, ResidentVersions, default_loader
+from serving.runtime.slot import Live, Loader, ModelSlot, NotLoaded, ResidentVersions, default_loader
 from serving.runtime.traffic import Figures, Router, disagrees, merge
 from serving.runtime.watcher import AliasWatcher, Split
 from serving.settings import Settings
@@ -273,8 +273,12 @@ class ModelService:
     async def infer_async(self, request: InferRequest, role: str | None = None) -> InferResponse:
         """:meth:`infer` on the running loop, for versions served by model workers: the loop
         awaits the worker's answer (:meth:`WorkerPredictor.predict_async`), no thread waits
-        for it. The caller makes sure the version is loaded (a lease never loads then)."""
-        with self._answering(request) as answer, self._lease_for(request, role) as (live, answered):
+        for it. It never loads a version: one that is not loaded raises
+        :class:`~serving.runtime.slot.NotLoaded`, and the caller answers from a thread instead."""
+        with (
+            self._answering(request) as answer,
+            self._lease_for(request, role, load=False) as (live, answered),
+        ):
             answer.served, answer.role = live.version, answered
             inputs = conform(request.inputs, live.predictor.inputs)
             outputs = await self.run_async(live, inputs, self._names(live, request))
@@ -302,12 +306,18 @@ class ModelService:
         except asyncio.CancelledError:
             status = CLIENT_GONE
             raise
+        except NotLoaded:
+            # NOTE: not an answer: the caller asks again, from a thread that may load it.
+            status = 0
+            raise
         except BaseException as exc:
             status = status_of(exc)
             raise
         finally:
             DEADLINE.reset(deadline)
-            if status == CLIENT_GONE:
+            if status == 0:
+                pass
+            elif status == CLIENT_GONE:
                 # NOTE: not the version's doing: counted, but left out of the figures rollouts judge.
                 metrics.REQUESTS.inc(
                     model=self.config.name, version=answer.served, status=str(status), role=answer.role
@@ -345,10 +355,13 @@ class ModelService:
         return self.watcher.split if self.watcher is not None else Split()
 
     @contextmanager
-    def _lease_for(self, request: InferRequest, role: str | None) -> Iterator[tuple[Live, str]]:
-        """The version that answers ``request``, leased, and its role."""
+    def _lease_for(
+        self, request: InferRequest, role: str | None, *, load: bool = True
+    ) -> Iterator[tuple[Live, str]]:
+        """The version that answers ``request``, leased, and its role (``load``: loading an
+        explicit version that is not loaded)."""
         if request.version is not None:
-            with self.resident.lease(request.version) as live:
+            with self.resident.lease(request.version, load=load) as live:
                 yield live, "pinned"
             return
         if (role or self.choose(request.routing_key)) == "canary":

@@ -452,6 +452,10 @@ class ModelSlot:
                 self._prober.close()
 
 
+class NotLoaded(LookupError):
+    """A version asked for without loading it (``ResidentVersions.lease(load=False)``) is not loaded."""
+
+
 class ResidentVersions:
     """Explicitly requested versions, kept loaded in a bounded LRU set (single-flight).
 
@@ -485,21 +489,31 @@ class ResidentVersions:
         self._clock = clock
 
     @contextmanager
-    def lease(self, version: str) -> Iterator[Live]:
+    def lease(self, version: str, *, load: bool = True) -> Iterator[Live]:
+        """A lease on ``version``, loaded first unless it is. ``load=False``: raise
+        :class:`NotLoaded` instead (the caller is on an event loop and checked it was loaded,
+        but it may have been evicted since)."""
         live_now = self._slot.live
         if live_now is not None and live_now.version == version:
             with self._slot.lease() as live:
                 if live.version == version:
                     yield live
                     return
-        live = self._get(version)  # NOTE: returned with a lease already taken
+        if load:
+            live = self._get(version)  # NOTE: returned with a lease already taken
+        else:
+            with self._lock:
+                leased = self._leased(version)
+            if leased is None:
+                raise NotLoaded(version)
+            live = leased
         try:
             yield live
         finally:
             live.release()
 
     def _leased(self, version: str) -> Live | None:
-        """The loaded version with a lease taken (caller holds ``_lock``; eviction retires under it)."""
+        """The loaded version with a lease taken (caller holds ``_lock``; eviction pops under it)."""
         live = self._loaded.get(version)
         if live is None or not live.try_acquire():
             return None
@@ -549,12 +563,17 @@ class ResidentVersions:
                     # NOTE: dropped on failure too, or every bad version leaves a lock behind.
                     if self._loading.get(version) is gate:
                         del self._loading[version]
+            evicted: list[Live] = []
             with self._lock:
                 live.acquire()
                 self._loaded[version] = live
                 while len(self._loaded) > self._max:
-                    _, evicted = self._loaded.popitem(last=False)
-                    evicted.retire()
+                    evicted.append(self._loaded.popitem(last=False)[1])
+            # NOTE: out of the lock, which requests on the event loop take (versions()): closing
+            # a version may wait for its model worker to stop. Popped under the lock, so no new
+            # lease can reach it; the leases it has keep it until they end.
+            for old in evicted:
+                old.retire()
             return live
 
     def versions(self) -> list[str]:

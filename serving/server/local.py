@@ -49,6 +49,7 @@ from serving.runtime.service import (
     shared_pool,
     stop_idle_shared,
 )
+from serving.runtime.slot import NotLoaded
 from serving.settings import Settings
 from serving.store import open_store
 
@@ -142,7 +143,12 @@ class LocalModel:
     async def infer(self, request: InferRequest) -> InferResponse:
         if self._threads is not None and self.loaded(request.version) and _nbytes(request) <= LOOP_MAX_BYTES:
             # NOTE: the loop sends the request and awaits the worker's answer: no thread hop.
-            return await self.service.infer_async(request)
+            try:
+                return await self.service.infer_async(request)
+            except NotLoaded:
+                # NOTE: evicted since loaded() said it was: loading it again blocks, so not here.
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._threads, self.service.infer, request)
         return await self._run(request.version, self.service.infer, request)
 
     def loaded(self, version: str | None) -> bool:

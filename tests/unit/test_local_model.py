@@ -119,3 +119,33 @@ def test_a_model_served_by_workers_never_runs_on_the_loop() -> None:
     service.config.isolation = "worker"
     model: Any = LocalModel(service, offload_after_s=float("inf"))  # type: ignore[arg-type]
     assert not model.on_loop(None)
+
+
+def test_a_version_evicted_after_the_check_is_answered_from_a_thread_not_loaded_on_the_loop() -> None:
+    """A worker-served request goes to the loop once its version is loaded; if the version is
+    evicted before its lease, the lease refuses (it never loads on the loop) and a thread answers."""
+    from serving.runtime.slot import NotLoaded
+
+    service: Any = Service()
+    service.config.isolation = "worker"
+    refused: list[str | None] = []
+
+    async def infer_async(request: InferRequest) -> InferResponse:
+        refused.append(request.version)
+        raise NotLoaded(request.version)
+
+    service.infer_async = infer_async
+    model = LocalModel(service)
+
+    async def main() -> tuple[InferResponse, int]:
+        request = InferRequest(model="m", inputs={"x": np.zeros(1)}, version="1")
+        return await model.infer(request), threading.get_ident()
+
+    try:
+        response, loop_thread = asyncio.run(main())
+    finally:
+        model.close()
+    assert refused == ["1"], "the loaded version did not go to the loop first"
+    assert response.version == "1"
+    assert service.threads, "no thread answered"
+    assert service.threads[-1] != loop_thread, "the fallback ran on the loop"

@@ -14,7 +14,7 @@ from serving.errors import IntegrityError, LoadError, NotReady
 from serving.formats.base import LoadPolicy, Predictor
 from serving.manifest import Manifest, TensorSpec
 from serving.repository import Repository, Rollback, SetTarget, collect_files, file_entries
-from serving.runtime.slot import ModelSlot, ResidentVersions
+from serving.runtime.slot import ModelSlot, NotLoaded, ResidentVersions
 from serving.runtime.watcher import AliasWatcher
 from serving.store.local import LocalStore
 
@@ -232,6 +232,30 @@ def test_explicit_versions_are_kept_in_a_bounded_lru(repo, cache, tmp_path) -> N
     assert resident.versions() == ["3", "4"]
     with resident.lease("1") as live:
         assert live is slot.live
+
+
+def test_a_lease_that_may_not_load_refuses_an_evicted_version_and_loads_nothing(
+    repo, cache, tmp_path
+) -> None:
+    """What a request on the event loop asks for: never a load there, even for a version evicted
+    after the request checked it was loaded."""
+    for v in ("1", "2", "3"):
+        publish(repo, tmp_path, v, factor=int(v))
+    repo.move_alias("m", "production", SetTarget("1"))
+    slot, watcher = make(repo, cache, Clock())
+    watcher.start()
+    resident = ResidentVersions(slot, max_versions=1)
+    with resident.lease("2"):
+        pass
+    with resident.lease("2", load=False) as live:
+        assert live.version == "2"
+    with resident.lease("1", load=False) as live:
+        assert live is slot.live
+    with resident.lease("3"):
+        pass
+    with pytest.raises(NotLoaded), resident.lease("2", load=False):
+        pass
+    assert resident.versions() == ["3"]
 
 
 def test_manifest_changed_after_alias_set_is_refused(repo, cache, tmp_path) -> None:
