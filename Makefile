@@ -62,10 +62,10 @@ lint: $(TEST_STAMP)
 typecheck: $(TEST_STAMP)
 	$(VENV)/bin/mypy serving
 
-## test: lint, type-check and run every test (unit, integration, helm, security, adversarial) but the cluster suite
+## test: lint, type-check and run every test (unit, integration, helm, security, adversarial) but the cluster suite, on two pytest-xdist workers (tests/conftest.py: a module's tests stay together, the Ray tests on one worker)
 test: lint typecheck $(MLFLOW_SERVER) $(KSERVE_PY)
 	SERVING_TEST_MLFLOW_SERVER=$(abspath $(MLFLOW_SERVER)) SERVING_TEST_KSERVE_PYTHON=$(abspath $(KSERVE_PY)) \
-		$(PY) -m pytest --durations=30
+		$(PY) -m pytest -n 2 --durations=30
 
 ## test-cluster: a three-node Ray cluster (token auth on) under faults: alias moves, metrics, a node killed; once on S3, once on an OCI registry (about 4 min)
 test-cluster: $(TEST_STAMP)

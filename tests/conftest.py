@@ -81,3 +81,44 @@ def make_settings() -> SettingsFactory:
     """``make_settings(cache_dir, store=..., **overrides)``: small timeouts and retries,
     a 5 MiB multipart threshold (the minimum), no progress bars."""
     return _make_settings
+
+
+RAY_SCOPE = "ray"
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit ``make test``'s two xdist workers share tests by: a module's tests run together,
+    in order, on one worker (they share module-scoped servers), and every test that starts Ray
+    runs on one worker, which starts the session cluster once (one Ray instance per session).
+
+    From the node id alone, since xdist's controller sees nothing else; the collection hook
+    below checks that every Ray test maps to the Ray scope.
+    """
+    if nodeid.startswith("tests/integration/serve/") or "[ray" in nodeid:
+        return RAY_SCOPE
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByScope(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return ByScope(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse a Ray test that :func:`xdist_scope` would send to the worker without the cluster."""
+    strays = [
+        item.nodeid
+        for item in items
+        if (item.get_closest_marker("ray") or "cluster" in getattr(item, "fixturenames", ()))
+        and not item.get_closest_marker("cluster")
+        and xdist_scope(item.nodeid) != RAY_SCOPE
+    ]
+    if strays:
+        raise pytest.UsageError(
+            f"Ray tests outside xdist_scope's Ray scope (tests/conftest.py): {strays[:5]}"
+        )
