@@ -99,7 +99,10 @@ def xdist_scope(nodeid: str) -> str:
     return nodeid.split("::", 1)[0]
 
 
-def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+@pytest.hookimpl(optionalhook=True)  # NOTE: the suite still runs without xdist (pytest -p no:xdist)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    if config.getvalue("dist") != "load":
+        return None  # NOTE: a --dist of the caller's choosing
     from xdist.scheduler import LoadScopeScheduling
 
     class ByScope(LoadScopeScheduling):  # type: ignore[misc]
