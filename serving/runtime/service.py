@@ -249,7 +249,7 @@ class ModelService:
             self.slot.swap_to(resolved, reason="start", source="cache" if from_cache else "store")
 
     # -- requests ------------------------------------------------------------------
-    def infer(self, request: InferRequest, role: str | None = None) -> InferResponse:
+    def infer(self, request: InferRequest, role: str | None = None, *, load: bool = True) -> InferResponse:
         """Answer one typed request: the one infer pipeline, whatever transport carried it.
 
         A request that names its version is answered by that version (loaded on
@@ -259,10 +259,16 @@ class ModelService:
         in between cannot mix two versions. ``role`` (``live`` or ``canary``) is a
         choice already made for this request by :meth:`choose`.
 
+        ``load=False`` (a caller on the event loop): an explicit version that is not loaded
+        raises :class:`~serving.runtime.slot.NotLoaded` instead of loading there.
+
         Raises:
             ServingError: a client's mistake (4xx) or a serving fault (5xx).
         """
-        with self._answering(request) as answer, self._lease_for(request, role) as (live, answered):
+        with (
+            self._answering(request) as answer,
+            self._lease_for(request, role, load=load) as (live, answered),
+        ):
             answer.served, answer.role = live.version, answered
             inputs = conform(request.inputs, live.predictor.inputs)
             outputs = self.run(live, inputs, self._names(live, request))
@@ -429,9 +435,10 @@ class ModelService:
         for mirror in mirrors:
             mirror.join()
         self.slot.close()
+        self.resident.close()
 
-    def _lease(self, version: str | None) -> Any:
-        return self.resident.lease(version) if version else self.slot.lease()
+    def _lease(self, version: str | None, load: bool = True) -> Any:
+        return self.resident.lease(version, load=load) if version else self.slot.lease()
 
     @staticmethod
     def run(
@@ -482,9 +489,9 @@ class ModelService:
             self.figures.observe(version, status, elapsed)
 
     # -- metadata ------------------------------------------------------------------------
-    def metadata(self, version: str | None = None) -> ModelMetadata:
-        """OIP model metadata of the live version, or of ``version``."""
-        with self._lease(version) as live:
+    def metadata(self, version: str | None = None, *, load: bool = True) -> ModelMetadata:
+        """OIP model metadata of the live version, or of ``version`` (``load``: as for :meth:`infer`)."""
+        with self._lease(version, load) as live:
             # NOTE: where the version came from (an import's source, a conversion's derived_from).
             lineage = {k: live.manifest.metadata[k] for k in LINEAGE if k in live.manifest.metadata}
             return ModelMetadata(

@@ -487,6 +487,17 @@ class ResidentVersions:
         self._miss_ttl_s = miss_ttl_s
         self._misses: OrderedDict[str, tuple[float, NotFound]] = OrderedDict()
         self._clock = clock
+        self._closed = False
+
+    def close(self) -> None:
+        """Retire every loaded version (its model is unloaded): each closes when its last lease
+        ends. A load that finishes later is retired at once and refused."""
+        with self._lock:
+            self._closed = True
+            evicted = list(self._loaded.values())
+            self._loaded.clear()
+        for old in evicted:
+            old.retire()
 
     @contextmanager
     def lease(self, version: str, *, load: bool = True) -> Iterator[Live]:
@@ -565,8 +576,12 @@ class ResidentVersions:
                         del self._loading[version]
             evicted: list[Live] = []
             with self._lock:
-                live.acquire()
-                self._loaded[version] = live
+                closed = self._closed
+                if closed:
+                    evicted.append(live)
+                else:
+                    live.acquire()
+                    self._loaded[version] = live
                 while len(self._loaded) > self._max:
                     evicted.append(self._loaded.popitem(last=False)[1])
             # NOTE: out of the lock, which requests on the event loop take (versions()): closing
@@ -574,6 +589,8 @@ class ResidentVersions:
             # lease can reach it; the leases it has keep it until they end.
             for old in evicted:
                 old.retire()
+            if closed:
+                raise Overloaded(f"model {self._slot.name!r} was unloaded; retry shortly", retry_after_s=1)
             return live
 
     def versions(self) -> list[str]:

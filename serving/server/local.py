@@ -122,8 +122,13 @@ class LocalModel:
         return not self._offloaded
 
     async def _run(self, version: str | None, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args, load=...)`` on the loop while the model is fast and ``version`` loaded, else
+        on a thread (``load=False`` on the loop: a version evicted since is not loaded there)."""
         if self.on_loop(version):
-            return self._timed(fn, *args)
+            try:
+                return self._timed(functools.partial(fn, load=False), *args)
+            except NotLoaded:
+                pass  # NOTE: evicted since on_loop() saw it: loaded on a thread below.
         if self._threads is not None:
             return await asyncio.get_running_loop().run_in_executor(
                 self._threads, functools.partial(self._timed, fn, *args)
@@ -158,7 +163,8 @@ class LocalModel:
 
     async def metadata(self, version: str | None) -> ModelMetadata:
         if self.on_loop(version):
-            return self.service.metadata(version)
+            with contextlib.suppress(NotLoaded):
+                return self.service.metadata(version, load=False)
         return await asyncio.to_thread(self.service.metadata, version)
 
     async def refused(self, version: str | None, status: int) -> None:

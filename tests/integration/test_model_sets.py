@@ -204,6 +204,38 @@ def test_the_budget_evicts_the_least_recently_used_member_and_unloading_ends_its
     assert "stays loaded" in body["error"]
 
 
+def test_unloading_a_member_ends_the_worker_of_an_explicit_version_too(
+    make_app: Any, store: tuple[str, Repository], tmp_path: Path
+) -> None:
+    """A version a client named (not the live one) has a model worker of its own; the unload
+    must end it with the live version's, or the memory the budget freed stays taken."""
+    app = make_app()
+    _root, repo = store
+    _publish(tmp_path, repo, "fraud-0", version="2", flip=True)
+    repo.move_alias("fraud-0", "production", SetTarget("1"))
+    wait_for(lambda: _ok(app, "fraud-0") == [0, 2], timeout=30, what="fraud-0 to serve version 1")
+    status, body, _ = _call(
+        app,
+        "POST",
+        "/v2/models/fraud-0/versions/2/infer",
+        {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": ROWS[0]}]},
+    )
+    assert status == 200, body
+    assert app.pool is not None
+    entry = app.pool.get_loaded("fraud-0", touch=False)
+    assert entry is not None
+    try:
+        (explicit,) = entry.member.service.resident.loaded()
+        pid = explicit.predictor.pid
+    finally:
+        app.pool.leave(entry)
+    assert explicit.version == "2"
+    assert pid is not None
+    assert _alive(pid)
+    assert _call(app, "POST", "/v2/repository/models/fraud-0/unload")[0] == 200
+    wait_for(lambda: not _alive(pid), timeout=10, what="the explicit version's worker to exit")
+
+
 def test_a_member_that_cannot_fit_gets_503_with_retry_after(make_app: Any) -> None:
     app = make_app(pool={"memory_bytes": 2**20, "retry_after_s": 9})
     status, body, headers = _infer(app, "fraud-1")

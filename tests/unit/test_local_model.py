@@ -33,7 +33,7 @@ class Service:
         self.cost_s = 0.0
         self.threads: list[int] = []
 
-    def infer(self, request: InferRequest) -> InferResponse:
+    def infer(self, request: InferRequest, *, load: bool = True) -> InferResponse:
         self.threads.append(threading.get_ident())
         _spin(self.cost_s)
         return InferResponse(request.model, "1", request.id, {})
@@ -149,3 +149,31 @@ def test_a_version_evicted_after_the_check_is_answered_from_a_thread_not_loaded_
     assert response.version == "1"
     assert service.threads, "no thread answered"
     assert service.threads[-1] != loop_thread, "the fallback ran on the loop"
+
+
+def test_an_in_process_version_evicted_after_the_check_is_loaded_on_a_thread_not_the_loop() -> None:
+    """On the loop, a fast in-process model's request may not load; a version evicted after
+    on_loop() saw it is then asked for again from a thread, which may load it."""
+    from serving.runtime.slot import NotLoaded
+
+    service: Any = Service()
+    calls: list[tuple[bool, int]] = []
+
+    def infer(request: InferRequest, *, load: bool = True) -> InferResponse:
+        calls.append((load, threading.get_ident()))
+        if not load:
+            raise NotLoaded(request.version)
+        return InferResponse(request.model, "1", request.id, {})
+
+    service.infer = infer
+    model = LocalModel(service)
+
+    async def main() -> tuple[InferResponse, int]:
+        request = InferRequest(model="m", inputs={"x": np.zeros(1)}, version="1")
+        return await model.infer(request), threading.get_ident()
+
+    response, loop_thread = asyncio.run(main())
+    assert response.version == "1"
+    assert calls[0] == (False, loop_thread), "the loaded version was not tried on the loop first"
+    assert calls[1][0] is True
+    assert calls[1][1] != loop_thread, "the load ran on the loop"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from serving.cache import CachedVersion, LoaderCache
-from serving.errors import IntegrityError, LoadError, NotReady
+from serving.errors import IntegrityError, LoadError, NotReady, Overloaded
 from serving.formats.base import LoadPolicy, Predictor
 from serving.manifest import Manifest, TensorSpec
 from serving.repository import Repository, Rollback, SetTarget, collect_files, file_entries
@@ -256,6 +256,28 @@ def test_a_lease_that_may_not_load_refuses_an_evicted_version_and_loads_nothing(
     with pytest.raises(NotLoaded), resident.lease("2", load=False):
         pass
     assert resident.versions() == ["3"]
+
+
+def test_closing_the_resident_set_retires_its_versions_and_refuses_a_late_load(repo, cache, tmp_path) -> None:
+    """An unloaded model leaves no explicit version behind (each held a model worker)."""
+    for v in ("1", "2", "3"):
+        publish(repo, tmp_path, v, factor=int(v))
+    repo.move_alias("m", "production", SetTarget("1"))
+    slot, watcher = make(repo, cache, Clock())
+    watcher.start()
+    resident = ResidentVersions(slot, max_versions=2)
+    with resident.lease("2"):
+        pass
+    (two,) = resident.loaded()
+    with resident.lease("3") as three:
+        resident.close()
+        assert three.version == "3"
+    assert not two.try_acquire(), "an idle version outlived its model"
+    assert not three.try_acquire(), "a version leased during the unload outlived its model"
+    assert resident.versions() == []
+    with pytest.raises(Overloaded):
+        resident.lease("2").__enter__()
+    assert resident.versions() == []
 
 
 def test_manifest_changed_after_alias_set_is_refused(repo, cache, tmp_path) -> None:
