@@ -191,6 +191,11 @@ class _Process:
         """It ended with its zygote: not its own doing, nor its version's."""
         return isinstance(self.popen, Forked) and self.popen.orphaned
 
+    @property
+    def shut_down(self) -> bool:
+        """It ended with a zygote stopped on purpose, as the serving process exits."""
+        return isinstance(self.popen, Forked) and self.popen.shut_down
+
     def send(self, message: dict[str, Any], fds: list[int]) -> None:
         data = json.dumps(message).encode()
         if self.readable(0):
@@ -697,6 +702,13 @@ class _Host:
         else:
             proc.close()
             status = _wait_status(proc.popen.returncode)
+        if proc.shut_down:
+            # NOTE: the serving process is exiting (close_zygotes at exit): no failure, no restart.
+            with self.state:
+                if self.proc is proc:
+                    self.proc = None
+            log.info("%s: model worker stopped with the server", self.name)
+            return "closed", "the server is stopping"
         if proc.orphaned:
             # NOTE: it ended with its zygote: no version's doing.
             reason, message, blame = "crash", "its zygote ended", None

@@ -94,6 +94,8 @@ class Forked:
         self.returncode: int | None = None
         self.orphaned = False
         """It ended because its zygote did (not its own doing, nor its version's)."""
+        self.shut_down = False
+        """Its zygote was stopped on purpose (:func:`close_zygotes`, as this process exits)."""
         self._pidfd: int | None = pidfd
         self._fd_lock = threading.Lock()
         self._done = threading.Event()
@@ -125,12 +127,13 @@ class Forked:
     def kill(self) -> bool:
         return self.send_signal(signal.SIGKILL)
 
-    def _exited(self, status: int, *, orphaned: bool = False) -> None:
+    def _exited(self, status: int, *, orphaned: bool = False, shut_down: bool = False) -> None:
         with self._fd_lock:
             if self._pidfd is not None:
                 os.close(self._pidfd)
                 self._pidfd = None
         self.orphaned = orphaned
+        self.shut_down = shut_down
         self.returncode = _returncode(status)
         self._done.set()
 
@@ -164,6 +167,8 @@ class _Zygote:
             child.close()
         self.sock = parent
         self.gone = False
+        self.closing = False
+        """Stopped on purpose (:meth:`close`): its workers' ends are no failure."""
         self.retired = False
         """It forks no more (a newer zygote took its place); it stops with its last worker."""
         self.children: dict[int, Forked] = {}
@@ -269,7 +274,8 @@ class _Zygote:
             with contextlib.suppress(OSError):
                 os.killpg(child.pid, signal.SIGKILL)
             child.kill()
-            child._exited(signal.SIGKILL, orphaned=True)  # NOTE: the wait status of a SIGKILL
+            # NOTE: the wait status of a SIGKILL
+            child._exited(signal.SIGKILL, orphaned=True, shut_down=self.closing)
         for answer in waiting:
             answer.put(None)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -277,6 +283,7 @@ class _Zygote:
 
     def close(self) -> None:
         """Close its socket: it kills its workers and exits."""
+        self.closing = True
         with self.state, contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -240,3 +241,49 @@ def test_the_zygote_and_its_workers_end_when_the_serving_process_is_killed(tmp_p
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+_EXITING = """
+import json, logging, sys, time
+from pathlib import Path
+sys.path[:0] = [sys.argv[1]]
+from hostile_modules import good_iris
+from published import Versions
+from serving.formats.base import LoadPolicy
+from serving.isolation.worker import WorkerLimits, WorkerPredictor
+from serving.isolation.zygote import close_zygotes
+
+lines = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        lines.append(record.getMessage())
+logging.getLogger("serving").addHandler(Keep())
+logging.getLogger("serving").setLevel(logging.INFO)
+root = Path(sys.argv[2])
+cached = Versions(root).add(good_iris(root / "iris.joblib"), "sklearn", example=[[5.1, 3.5, 1.4, 0.2]])
+worker = WorkerPredictor(cached, LoadPolicy(), WorkerLimits(), model="m")
+pid = worker.pid
+close_zygotes()  # NOTE: what atexit runs as the serving process ends
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline and not any("model worker" in line for line in lines):
+    time.sleep(0.05)
+print(json.dumps({"pid": pid, "lines": lines}))
+"""
+
+
+def test_workers_that_end_with_the_serving_process_are_no_failure(tmp_path: Path) -> None:
+    """At exit the zygotes stop, and their workers with them: not a failure, logged or counted,
+    and no restart."""
+    out = subprocess.run(
+        [sys.executable, "-c", _EXITING, str(HERE), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    told = json.loads(out.stdout.strip().splitlines()[-1])
+    about = [line for line in told["lines"] if "model worker" in line]
+    assert about, "the worker's end was not seen"
+    assert not [line for line in about if "failed" in line], about
+    assert any("stopped with the server" in line for line in about), about
+    assert not _alive(told["pid"])
