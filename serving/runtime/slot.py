@@ -96,6 +96,10 @@ class Live:
     def _close(self) -> None:
         try:
             self.predictor.close()
+        except Exception:
+            # NOTE: raised to whoever retired it or ended its last lease (a swap, an eviction, a
+            # request that has its answer), it would leave their own state half done.
+            log.exception("%s:%s: closing its predictor failed", self.name, self.version)
         finally:
             self.pin.release()
 

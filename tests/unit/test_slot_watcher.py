@@ -452,3 +452,33 @@ def test_a_hung_load_the_alias_left_for_the_live_version_is_not_waited_for(repo,
     gate.set()
     wait_for(lambda: any(p.factor == 3 and p.closed for p in loaded), timeout=10, what="3 closed")
     assert predict(slot) == ("2", 2.0)
+
+
+def test_a_predictor_that_fails_to_close_is_logged_and_its_pin_still_released(caplog) -> None:
+    """Retiring a version never raises into the swap, eviction or request that retired it."""
+    from types import SimpleNamespace
+
+    from serving.runtime.slot import Live
+
+    released: list[bool] = []
+
+    class Broken:
+        def close(self) -> None:
+            raise RuntimeError("the worker would not stop")
+
+    live = Live(
+        name="m",
+        version="2",
+        manifest=SimpleNamespace(),  # type: ignore[arg-type]
+        manifest_sha256="",
+        predictor=Broken(),  # type: ignore[arg-type]
+        pin=SimpleNamespace(release=lambda: released.append(True)),  # type: ignore[arg-type]
+    )
+    live.acquire()
+    live.retire()
+    assert released == [], "closed under a lease"
+    with caplog.at_level("ERROR", logger="serving.runtime.slot"):
+        live.release()
+    assert released == [True]
+    assert [r.getMessage() for r in caplog.records] == ["m:2: closing its predictor failed"]
+    assert caplog.records[0].exc_info is not None
