@@ -170,8 +170,27 @@ def load_in_child(
     return predictor, {"ok": True}
 
 
-def classify(status: int | None, who: str = "the child") -> dict[str, Any]:
-    """What a wait status means: ``{"ok": False, "reason": ..., "message": ...}``."""
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has ended since boot (``/proc/vmstat``, a
+    cgroup's memory limit included); None where it cannot be read."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def classify(
+    status: int | None, who: str = "the child", oom_kills_before: int | None = None
+) -> dict[str, Any]:
+    """What a wait status means: ``{"ok": False, "reason": ..., "message": ...}``.
+
+    ``oom_kills_before``: :func:`oom_kills` when the child started. A SIGKILL while the OOM
+    killer killed nothing since came from outside (an operator, a supervisor): ``killed``.
+    """
     if status is None:
         return {"ok": False, "reason": "crash", "message": f"{who} vanished"}
     if os.WIFSIGNALED(status):
@@ -180,6 +199,12 @@ def classify(status: int | None, who: str = "the child") -> dict[str, Any]:
         if sig == signal.SIGXCPU:
             return {"ok": False, "reason": "timeout", "message": "CPU time limit reached (SIGXCPU)"}
         if sig == signal.SIGKILL:
+            if oom_kills_before is not None and oom_kills() == oom_kills_before:
+                return {
+                    "ok": False,
+                    "reason": "killed",
+                    "message": "killed (SIGKILL) from outside: no OOM kill since it started",
+                }
             # NOTE: callers that kill on their own deadline report a timeout themselves,
             # so this is the kernel's OOM killer or a cgroup memory limit.
             return {"ok": False, "reason": "oom", "message": "killed (SIGKILL), out of memory"}

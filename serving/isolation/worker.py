@@ -55,7 +55,16 @@ from serving.formats.base import LoadPolicy, Predictor
 from serving.formats.table import FORMAT_FACTS
 from serving.manifest import Manifest, TensorSpec
 
-from .confine import child_env, classify, confine, describe, load_in_child, out_of_memory, settle_caches
+from .confine import (
+    child_env,
+    classify,
+    confine,
+    describe,
+    load_in_child,
+    oom_kills,
+    out_of_memory,
+    settle_caches,
+)
 from .shm import Arena, ProtocolViolation, map_peer, pack, unpack
 from .zygote import Forked, ZygoteGone, fork_worker, serve, start_module
 
@@ -158,6 +167,8 @@ class _Process:
         formats: Collection[str] = (),
     ) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.oom_kills = oom_kills()
+        """The OOM killer's count when it started: a SIGKILL with no OOM kill since is not an oom."""
         try:
             self.popen: subprocess.Popen[bytes] | Forked
             if start == "fork":
@@ -190,6 +201,12 @@ class _Process:
     def orphaned(self) -> bool:
         """It ended with its zygote: not its own doing, nor its version's."""
         return isinstance(self.popen, Forked) and self.popen.orphaned
+
+    @property
+    def outside_kill_baseline(self) -> int | None:
+        """What :func:`classify` compares a SIGKILL against: the OOM kills when it started, or
+        None once we killed it ourselves (then a SIGKILL is ours, and no outsider's)."""
+        return None if self.killed else self.oom_kills
 
     @property
     def shut_down(self) -> bool:
@@ -641,7 +658,7 @@ class _Host:
                     f"{tenant.where}: its model worker had stopped; it is restarting", reason="restarting"
                 ) from None
             if failure.reason == "crash":
-                told = classify(status, "the model worker")
+                told = classify(status, "the model worker", proc.outside_kill_baseline)
                 raise tenant.isolation_failed(told["reason"], told["message"]) from None
             raise tenant.isolation_failed("crash", failure.message) from None
         if reply.get("ok") is not True:
@@ -713,7 +730,7 @@ class _Host:
             # NOTE: it ended with its zygote: no version's doing.
             reason, message, blame = "crash", "its zygote ended", None
         elif reason == "crash" and not message:
-            told = classify(status, "the worker")
+            told = classify(status, "the worker", proc.outside_kill_baseline)
             reason, message = told["reason"], told["message"]
         if self.shared and blame is not None and not proc.killed and _killed_by(status, signal.SIGKILL):
             blame = (
@@ -840,7 +857,11 @@ class _Host:
                         self.proc = None
                 if idle:
                     self.keep_running()
-                    told = classify(_wait_status(proc.popen.returncode), "the idle model worker")
+                    told = classify(
+                        _wait_status(proc.popen.returncode),
+                        "the idle model worker",
+                        proc.outside_kill_baseline,
+                    )
                     log.warning("%s: the idle model worker ended: %s", self.name, told["message"])
                     proc.close()
                     return

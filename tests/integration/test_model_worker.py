@@ -22,6 +22,7 @@ from serving.cache import CachedVersion
 from serving.errors import DeadlineExceeded, IsolationFailed, PayloadTooLarge, WorkerFailed
 from serving.formats import load_predictor
 from serving.formats.base import LoadPolicy
+from serving.isolation.confine import oom_kills
 from serving.isolation.worker import DEADLINE, WorkerLimits, WorkerPredictor
 from serving.repository import Repository
 from serving.save import save
@@ -158,6 +159,7 @@ def test_a_killed_worker_is_back_and_serving_within_5_s(iris: CachedVersion) -> 
     try:
         first = worker.pid
         assert first is not None
+        before = oom_kills()
         os.kill(first, signal.SIGKILL)
         killed = time.monotonic()
         name = worker.inputs[0].name
@@ -173,6 +175,9 @@ def test_a_killed_worker_is_back_and_serving_within_5_s(iris: CachedVersion) -> 
         print(f"\nworker back and serving {time.monotonic() - killed:.2f} s after kill -9")
         assert worker.restarts == 1
         assert _restarts() == restarts + 1
+        if oom_kills() == before:
+            # NOTE: not an oom: the kernel's OOM killer ended nothing meanwhile.
+            assert (worker.last_failure or "").startswith("killed: killed (SIGKILL) from outside")
     finally:
         worker.close()
 
