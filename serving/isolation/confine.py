@@ -37,7 +37,7 @@ __all__ = [
     "vm_size",
 ]
 
-REASONS = ("crash", "oom", "timeout", "exec")
+REASONS = ("crash", "oom", "killed", "timeout", "exec")
 """Every reason a child can fail for; a bounded metric label."""
 
 SIGNAL_EVENTS = frozenset({"os.kill", "os.killpg"})
