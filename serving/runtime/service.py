@@ -321,14 +321,12 @@ class ModelService:
             raise
         finally:
             DEADLINE.reset(deadline)
-            if status == 0:
-                pass
-            elif status == CLIENT_GONE:
+            if status == CLIENT_GONE:
                 # NOTE: not the version's doing: counted, but left out of the figures rollouts judge.
                 metrics.REQUESTS.inc(
                     model=self.config.name, version=answer.served, status=str(status), role=answer.role
                 )
-            else:
+            elif status:  # NOTE: 0 is a NotLoaded, asked again: no answer to count
                 self.observe(answer.served, status, started, role=answer.role)
         if answer.role == "live":
             # NOTE: a non-blocking hand-off; the shadow predicts on its own thread later.
