@@ -234,16 +234,22 @@ def test_explicit_versions_are_kept_in_a_bounded_lru(repo, cache, tmp_path) -> N
         assert live is slot.live
 
 
-def test_a_lease_that_may_not_load_refuses_an_evicted_version_and_loads_nothing(
-    repo, cache, tmp_path
-) -> None:
-    """What a request on the event loop asks for: never a load there, even for a version evicted
-    after the request checked it was loaded."""
+def _three_versions_live_on_1(repo, cache, tmp_path) -> ModelSlot:
+    """Versions 1 to 3 published, the alias on 1, and a started slot serving it."""
     for v in ("1", "2", "3"):
         publish(repo, tmp_path, v, factor=int(v))
     repo.move_alias("m", "production", SetTarget("1"))
     slot, watcher = make(repo, cache, Clock())
     watcher.start()
+    return slot
+
+
+def test_a_lease_that_may_not_load_refuses_an_evicted_version_and_loads_nothing(
+    repo, cache, tmp_path
+) -> None:
+    """What a request on the event loop asks for: never a load there, even for a version evicted
+    after the request checked it was loaded."""
+    slot = _three_versions_live_on_1(repo, cache, tmp_path)
     resident = ResidentVersions(slot, max_versions=1)
     with resident.lease("2"):
         pass
@@ -260,11 +266,7 @@ def test_a_lease_that_may_not_load_refuses_an_evicted_version_and_loads_nothing(
 
 def test_closing_the_resident_set_retires_its_versions_and_refuses_a_late_load(repo, cache, tmp_path) -> None:
     """An unloaded model leaves no explicit version behind (each held a model worker)."""
-    for v in ("1", "2", "3"):
-        publish(repo, tmp_path, v, factor=int(v))
-    repo.move_alias("m", "production", SetTarget("1"))
-    slot, watcher = make(repo, cache, Clock())
-    watcher.start()
+    slot = _three_versions_live_on_1(repo, cache, tmp_path)
     resident = ResidentVersions(slot, max_versions=2)
     with resident.lease("2"):
         pass
