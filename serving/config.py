@@ -167,6 +167,16 @@ class PoolConfig(BaseModel):
     ``poll_interval_s`` through the alias feed (one list request per interval for every
     member, :mod:`serving.runtime.feed`); this is the safety net for a move whose feed
     marker was not written."""
+    route_by_model: bool = True
+    """On Ray, with more than one single-hop replica: a request for a member that this
+    replica neither holds nor is loading goes to the member's owners, the replicas ranked
+    first for it by rendezvous hashing over the live replicas, so R replicas hold about R
+    budgets' worth of distinct members instead of each loading whatever it is sent.
+    False: every replica serves every member it is sent (the standalone server always does)."""
+    owner_rps: float = Field(default=200.0, gt=0)
+    """Requests per second of one member that one owner takes before the member gets one
+    more owner (a hot member spreads over more replicas as its load grows, up to all of
+    them). Each replica estimates the member's rate from the requests it forwards."""
 
 
 class SharedWorkersConfig(BaseModel):

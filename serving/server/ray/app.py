@@ -39,7 +39,7 @@ from starlette.responses import Response
 from serving import metrics
 from serving.config import AppConfig, ModelConfig
 from serving.dataplane import DataPlane, ModelPort
-from serving.errors import InternalError, ServingError
+from serving.errors import InternalError, ModelNotFound, ServingError
 from serving.logs import configure_logging
 from serving.protocol.rest import Reply
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata, describe_error
@@ -54,10 +54,12 @@ from serving.server.local import (
     MEMBER_MEMORY_AGE_S,
     LocalMember,
     LocalModel,
+    PooledModels,
     open_pool,
 )
 from serving.server.ray.batching import BatchedModel
 from serving.server.ray.board import BoardLoads, Follower, get_board, replica_context
+from serving.server.ray.routing import Forward, RoutedSets, router_config
 from serving.server.rest import RestApi
 from serving.settings import get_settings
 
@@ -140,11 +142,15 @@ class Server(GrpcMethods):
         loads = BoardLoads(board, self.app)
         self._stop = threading.Event()
         self.pool: ModelPool[LocalMember] | None = None
-        sets = None
+        self.sets: PooledModels | None = None
+        sets: PooledModels | RoutedSets | None = None
         if self.app.model_sets:
-            sets = open_pool(self.app, settings, lambda service: _Member(service, board, replica), loads)
-            self.pool = sets.pool
-            sets.start(self._stop)
+            self.sets = open_pool(self.app, settings, lambda service: _Member(service, board, replica), loads)
+            self.pool = self.sets.pool
+            self.sets.start(self._stop)
+            sets = self.sets
+            if self.app.pool.route_by_model:
+                sets = RoutedSets(self.sets, Forward(app_name, serve.get_replica_context().deployment))
         self.plane = DataPlane(
             self.app,
             {s.config.name: _model_port(s) for s in services},
@@ -156,6 +162,27 @@ class Server(GrpcMethods):
 
     async def __call__(self, request: Request) -> Response:
         return _response(await self.rest.handle(request_from_asgi(request.scope, request.receive)))
+
+    # -- forwards from other replicas (routing by model): answered here, never sent on ----
+    def _member(self, name: str) -> ModelPort:
+        port = self.sets.port(name) if self.sets is not None else None
+        if port is None:
+            raise ModelNotFound(f"model {name!r} is not served here")
+        return port
+
+    async def routed_infer(self, name: str, request: InferRequest) -> InferResponse:
+        with _logged_here():
+            return await self._member(name).infer(request)
+
+    async def routed_metadata(self, name: str, version: str | None) -> ModelMetadata:
+        with _logged_here():
+            return await self._member(name).metadata(version)
+
+    async def routed_load(self, name: str, timeout: float) -> bool:
+        with _logged_here():
+            if self.sets is None:
+                raise ModelNotFound(f"model {name!r} is not served here")
+            return await self.sets.load(name, timeout)
 
     def __del__(self) -> None:
         for follower in getattr(self, "_followers", []):
@@ -326,6 +353,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     }
     if ingress.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = ingress.max_replicas_per_node
+    if config.model_sets and config.pool.route_by_model:
+        options["request_router_config"] = router_config(config.pool.owner_rps)
     if config.layout == "single-hop":
         # NOTE: @serve.deployment turns the classes into Deployments; mypy sees classes.
         single: serve.Application = cast(Any, Server).options(name="server", **options).bind(app_dict)

@@ -70,3 +70,65 @@ def test_members_load_on_demand_within_the_budget_and_a_late_one_is_served(
             timeout=60,
             what="fraud-a to swap to version 2",
         )
+
+
+def _holders(client: httpx.Client, base: str) -> dict[str, set[str]]:
+    """Per member in the index: the replicas that hold it."""
+    rows = client.get(base + "/v2/repository/index").json()
+    return {r["name"]: {x["replica"] for x in r["replicas"]} for r in rows if r.get("set")}
+
+
+def test_two_replicas_each_load_only_the_members_they_own_and_a_hot_one_spreads(
+    deploy, s3_bucket, tmp_path: Path, monkeypatch
+) -> None:
+    """HAProxy spreads requests over both replicas; each member is still loaded by one of them.
+
+    Without routing by model, every member asked for through both replicas is loaded by both.
+    """
+    server, bucket = s3_bucket
+    repo, store = s3_repo(server, bucket, monkeypatch)
+    publish_iris(repo, tmp_path, "1")
+    repo.move_alias("iris", "production", SetTarget("1"))
+    members = [f"shard-{i}" for i in range(16)]
+    for name in [*members, "shard-hot"]:
+        publish_iris(repo, tmp_path, "1", name=name)
+        repo.move_alias(name, "production", SetTarget("1"))
+    args: dict[str, Any] = app_args(
+        store, tmp_path / "cache", s3_env(server), replicas=2, model={"isolation": "none"}
+    )
+    args["models"].append({"prefix": "shard-", "isolation": "none"})
+    # NOTE: 3 requests of a member in a row stay under one owner; the hot member's stream does not.
+    args["pool"] = {"owner_rps": 3.0}
+    base = deploy(args)
+    with httpx.Client(timeout=60) as client:
+        for name in members:
+            for _ in range(3):
+                answer = infer(client, base, name=name)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["model_name"] == name
+
+        def indexed() -> dict[str, set[str]] | None:
+            held = _holders(client, base)
+            return held if all(m in held for m in members) else None
+
+        holders = wait_for(
+            indexed,
+            timeout=30,
+            what="every member in the index",
+        )
+        assert {m: len(holders[m]) for m in members} == dict.fromkeys(members, 1)
+        # NOTE: rendezvous hashing gives both replicas some of the 16 (all on one: 1 in 32,768).
+        owners = {next(iter(holders[m])) for m in members}
+        assert len(owners) == 2, holders
+
+        # NOTE: a hot member gets more owners as its rate grows past owner_rps.
+        def spread() -> set[str] | None:
+            for _ in range(20):
+                assert infer(client, base, name="shard-hot").status_code == 200
+            held = _holders(client, base).get("shard-hot", set())
+            return held if len(held) == 2 else None
+
+        wait_for(spread, timeout=60, what="shard-hot held by both replicas")
+        # NOTE: the cold members stayed where they were.
+        after = _holders(client, base)
+        assert {m: after[m] for m in members} == {m: holders[m] for m in members}

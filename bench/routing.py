@@ -1,0 +1,172 @@
+"""Routing by model on the Ray path: 2 replicas with a budget each, routed against unrouted.
+
+The workload of ``bench/density.py`` (its ``publish`` and ``zipf_phase``): ``--small`` small
+and ``--large`` models of about ``--large-mb`` MB in one local store, all ``production``, and
+``--requests`` 1-row requests from ``--clients`` clients over a Zipf(``--zipf``) law, sent to
+``serving serve`` on the chart's path (Ray Serve behind HAProxy, single-hop replicas) with
+``--replicas`` replicas, the models as one model set under a ``--budget`` budget per replica.
+
+Run twice on the same draws, each on an empty node cache:
+
+- **routed** (``pool.route_by_model: true``, the default): a replica that lacks a member sends
+  the request to the member's owner (rendezvous hashing over the live replicas);
+- **unrouted** (``false``): every replica loads whatever HAProxy sends it.
+
+Every replica also serves one named model, ``iris``; the bench waits until each reports it.
+
+Reported for each: hit ratio, warm and cold p50 and p99, requests per second, failed requests,
+and what the replicas hold at the end: distinct members and copies (a member on two replicas
+is two copies). The claim under test: routed, R replicas hold about R budgets' worth of
+distinct members, so the hit ratio is higher; the price is one more hop (a Ray handle call)
+for the requests that land on a replica that does not own their member.
+
+Run on a quiet machine::
+
+    .venv/bin/python -m bench.routing --out bench/results/routing.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+
+from bench.density import _publish, add_workload_arguments, publish, zipf_phase
+from bench.systems import Processes
+from serving.repository import Repository
+from serving.server.launch import parse_bytes
+from serving.server.process import free_port
+from serving.store.local import LocalStore
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_arguments(parser)
+    parser.set_defaults(small=1000, large=0, budget="4MiB")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--owner-rps", type=float, default=None, help="pool.owner_rps (unset: the default)")
+    parser.add_argument("--isolation", default="none", help="the members' isolation (none: in process)")
+    parser.add_argument("--warmup", type=int, default=500, help="unmeasured requests first (other draws)")
+    parser.add_argument("--out", default="bench/results/routing.json")
+    args = parser.parse_args()
+    budget = parse_bytes(args.budget)
+    with tempfile.TemporaryDirectory(prefix="bench-routing-") as tmp:
+        work = Path(tmp)
+        names = publish(work / "store", work, args.small, args.large, args.large_mb, args.seed)
+        publish_iris(work / "store", work)
+        runs = {
+            label: run(work, names, budget, routed, args)
+            for label, routed in (("routed", True), ("unrouted", False))
+        }
+    routed, unrouted = runs["routed"], runs["unrouted"]
+    result = {
+        "setup": {
+            "small": args.small,
+            "large": args.large,
+            "large_mb": args.large_mb,
+            "budget_bytes_per_replica": budget,
+            "replicas": args.replicas,
+            "isolation": args.isolation,
+            "owner_rps": args.owner_rps,
+            "zipf": args.zipf,
+            "requests": args.requests,
+            "clients": args.clients,
+            "warmup": args.warmup,
+            "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+        **runs,
+        "hit_ratio_routed_over_unrouted": _ratio(routed["zipf"]["hit_ratio"], unrouted["zipf"]["hit_ratio"]),
+        "distinct_held_routed_over_unrouted": _ratio(routed["distinct_held"], unrouted["distinct_held"]),
+        "throughput_routed_over_unrouted": _ratio(routed["requests_per_s"], unrouted["requests_per_s"]),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+def run(work: Path, names: list[str], budget: int, routed: bool, args: argparse.Namespace) -> dict[str, Any]:
+    label = "routed" if routed else "unrouted"
+    app = {
+        "store": str(work / "store"),
+        "cache_dir": str(work / f"cache-{label}"),
+        "models": [
+            {"name": "iris", "alias": "production", "isolation": args.isolation},
+            {"prefix": "m-", "alias": "production", "isolation": args.isolation},
+        ],
+        "pool": {
+            "memory_bytes": budget,
+            "route_by_model": routed,
+            **({"owner_rps": args.owner_rps} if args.owner_rps else {}),
+        },
+        "ingress": {"num_replicas": args.replicas, "ray_actor_options": {"num_cpus": 0.5}},
+    }
+    config = work / f"{label}.json"
+    config.write_text(json.dumps(app))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--config", str(config), "--num-cpus", "2"]
+    cmd += ["--port", str(port), "--metrics-port", str(free_port()), "--grpc-port", str(free_port())]
+    procs = Processes(work)
+    try:
+        procs.start(label, cmd, (base + "/v2/health/ready", None))
+        _replicas_up(base, args.replicas)
+        zipf_phase(
+            base,
+            names,
+            argparse.Namespace(**{**vars(args), "requests": args.warmup, "seed": args.seed + 100}),
+        )
+        zipf = zipf_phase(base, names, args)
+        held = _held(base)
+    finally:
+        procs.stop_all()
+    return {
+        "zipf": zipf,
+        "requests_per_s": round(zipf["requests"] / zipf["seconds"], 1),
+        "distinct_held": len(held),
+        "copies_held": sum(held.values()),
+        "members_on_more_than_one_replica": sum(1 for n in held.values() if n > 1),
+    }
+
+
+def _replicas_up(base: str, replicas: int, timeout_s: float = 180.0) -> None:
+    """Wait until every replica reports the named model ``iris`` (HAProxy only sends to
+    replicas that are ready, and the router only ranks live ones)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            rows = httpx.get(base + "/v2/repository/index", timeout=5).json()
+            if any(r["name"] == "iris" and len(r["replicas"]) >= replicas for r in rows):
+                return
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{replicas} replicas of {base} never reported")
+
+
+def publish_iris(store: Path, work: Path) -> None:
+    """The named model every replica loads at start: how the bench sees that all are up."""
+    x, y = load_iris(return_X_y=True)
+    _publish(Repository(LocalStore(str(store))), work, "iris", LogisticRegression(max_iter=300).fit(x, y))
+
+
+def _held(base: str) -> dict[str, int]:
+    """Per member in the index: how many replicas hold it."""
+    rows = httpx.get(base + "/v2/repository/index", timeout=60).json()
+    return {r["name"]: len(r["replicas"]) for r in rows if r.get("set") and r.get("replicas")}
+
+
+def _ratio(top: float | None, bottom: float | None) -> float | None:
+    return round(top / bottom, 2) if top and bottom else None
+
+
+if __name__ == "__main__":
+    main()

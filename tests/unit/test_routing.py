@@ -1,0 +1,130 @@
+"""Routing by model on the Ray path: rendezvous ranks, owner counts, and when a replica forwards.
+
+The replica side runs against Ray Serve in
+``tests/integration/serve/test_ray_model_sets.py``; here are the decisions alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import numpy as np
+import pytest
+from ray.exceptions import ActorDiedError
+
+from serving.protocol.types import InferRequest, InferResponse
+from serving.server.ray.routing import Rates, RoutedModel, rank, width
+
+
+def test_every_router_ranks_the_same_and_a_leaving_replica_moves_only_its_own_members() -> None:
+    replicas = [f"r{i}" for i in range(5)]
+    members = [f"m{i}" for i in range(2000)]
+    first = {m: rank(m, replicas)[0] for m in members}
+    assert first == {m: rank(m, list(reversed(replicas)))[0] for m in members}
+    # NOTE: about 1 in 5 each; a modulo of a hash would do as well on this count alone.
+    assert all(300 < n < 500 for n in Counter(first.values()).values()), Counter(first.values())
+    after = {m: rank(m, [r for r in replicas if r != "r2"])[0] for m in members}
+    moved = {m for m in members if after[m] != first[m]}
+    assert moved == {m for m in members if first[m] == "r2"}
+    # NOTE: a member's second choice is where it goes when its first leaves.
+    assert all(after[m] == rank(m, replicas)[1] for m in moved)
+
+
+@pytest.mark.parametrize(
+    ("rate", "replicas", "owners"),
+    [(0.0, 4, 1), (199.0, 4, 1), (201.0, 4, 2), (650.0, 4, 4), (10_000.0, 4, 4), (50.0, 1, 1)],
+)
+def test_a_member_gets_one_more_owner_per_owner_rps_up_to_every_replica(
+    rate: float, replicas: int, owners: int
+) -> None:
+    assert width(rate, replicas, owner_rps=200.0) == owners
+
+
+def test_rates_follow_a_steady_stream_and_decay_when_it_stops() -> None:
+    rates = Rates(tau_s=5.0)
+    now = 0.0
+    rate = 0.0
+    for _ in range(500):  # NOTE: 20 a second for 25 s
+        now += 0.05
+        rate = rates.note("m", now)
+    assert 18.0 < rate < 21.0
+    later = rates.note("m", now + 25.0)
+    assert later < 0.5
+
+
+def test_rates_forget_the_longest_unseen_member_past_their_bound() -> None:
+    rates = Rates(tau_s=5.0, max_models=2)
+    for name in ("a", "b", "a", "c"):
+        rates.note(name, 0.0)
+    # NOTE: "b" was dropped ("a" was seen after it): seen again, it starts from one request.
+    assert rates.note("b", 0.0) == pytest.approx(1 / 5.0)
+    # NOTE: "c" was kept and counts on; "a" went to make room for "b".
+    assert rates.note("c", 0.0) == pytest.approx(2 / 5.0)
+    assert rates.note("a", 0.0) == pytest.approx(1 / 5.0)
+
+
+class _Pool:
+    def __init__(self, held: set[str]) -> None:
+        self.held = held
+
+    def holds(self, name: str) -> bool:
+        return name in self.held
+
+
+class _Port:
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.calls = 0
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        self.calls += 1
+        return InferResponse(model=request.model, version=self.where, id="", outputs={})
+
+
+class _Forward:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.sent: list[str] = []
+
+    async def infer(self, name: str, request: InferRequest) -> InferResponse:
+        self.sent.append(name)
+        if self.error is not None:
+            raise self.error
+        return InferResponse(model=name, version="owner", id="", outputs={})
+
+
+def _request(name: str) -> InferRequest:
+    return InferRequest(model=name, inputs={"x": np.zeros((1, 4))})
+
+
+def _answer(held: set[str], forward: _Forward, name: str = "m") -> tuple[str, _Port]:
+    local = _Port("here")
+    port = RoutedModel(local, _Pool(held), name, forward)  # type: ignore[arg-type]
+    response = asyncio.run(port.infer(_request(name)))
+    return response.version, local
+
+
+def test_a_member_held_here_is_answered_here_and_one_that_is_not_goes_to_its_owners() -> None:
+    forward = _Forward()
+    where, local = _answer({"m"}, forward)
+    assert (where, local.calls, forward.sent) == ("here", 1, [])
+    where, local = _answer(set(), forward)
+    assert (where, local.calls, forward.sent) == ("owner", 0, ["m"])
+
+
+def test_a_forward_whose_replica_died_is_answered_here() -> None:
+    forward = _Forward(ActorDiedError())
+    where, local = _answer(set(), forward)
+    assert (where, local.calls, forward.sent) == ("here", 1, ["m"])
+
+
+def test_a_client_error_from_the_owner_reaches_the_client_and_is_not_answered_again() -> None:
+    from serving.errors import InvalidInput
+
+    forward = _Forward(InvalidInput("bad shape"))
+    local = _Port("here")
+    port = RoutedModel(local, _Pool(set()), "m", forward)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        asyncio.run(port.infer(_request("m")))
+    assert local.calls == 0
