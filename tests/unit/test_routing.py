@@ -14,7 +14,7 @@ import pytest
 from ray.exceptions import ActorDiedError
 
 from serving.protocol.types import InferRequest, InferResponse
-from serving.server.ray.routing import Rates, RoutedModel, rank, width
+from serving.server.ray.routing import Ownership, Rates, RoutedModel, rank, width
 
 
 def test_every_router_ranks_the_same_and_a_leaving_replica_moves_only_its_own_members() -> None:
@@ -51,6 +51,17 @@ def test_rates_follow_a_steady_stream_and_decay_when_it_stops() -> None:
     assert 18.0 < rate < 21.0
     later = rates.note("m", now + 25.0)
     assert later < 0.5
+
+
+def test_a_hot_member_counts_more_owners_as_this_replica_forwards_more_of_it() -> None:
+    ownership = Ownership(owner_rps=10.0)
+    ownership.replicas = ["a", "b", "c", "d"]
+    assert len(ownership.owners("m", count=True)) == 1
+    for _ in range(40):
+        owners = ownership.owners("m", count=True)
+    # NOTE: 40 at once is a rate of 8/s here, 32/s over 4 replicas: 4 owners at 10/s each.
+    assert owners == rank("m", ownership.replicas)
+    assert ownership.owners("m") == owners  # NOTE: reading does not count
 
 
 def test_rates_forget_the_longest_unseen_member_past_their_bound() -> None:
@@ -98,25 +109,49 @@ def _request(name: str) -> InferRequest:
     return InferRequest(model=name, inputs={"x": np.zeros((1, 4))})
 
 
-def _answer(held: set[str], forward: _Forward, name: str = "m") -> tuple[str, _Port]:
+def _answer(
+    held: set[str], forward: _Forward, name: str = "m", replicas: tuple[str, ...] = ("a", "b", "c")
+) -> tuple[str, _Port]:
+    """Where replica ``a`` answers ``name`` from, and its local port."""
+    ownership = Ownership(owner_rps=200.0)
+    ownership.replicas = list(replicas)
     local = _Port("here")
-    port = RoutedModel(local, _Pool(held), name, forward)  # type: ignore[arg-type]
+    port = RoutedModel(local, _Pool(held), name, forward, "a", ownership)  # type: ignore[arg-type]
     response = asyncio.run(port.infer(_request(name)))
     return response.version, local
 
 
+def _owned_by(replica: str, replicas: tuple[str, ...] = ("a", "b", "c")) -> str:
+    return next(f"m{i}" for i in range(1000) if rank(f"m{i}", replicas)[0] == replica)
+
+
 def test_a_member_held_here_is_answered_here_and_one_that_is_not_goes_to_its_owners() -> None:
     forward = _Forward()
-    where, local = _answer({"m"}, forward)
+    other = _owned_by("b")
+    where, local = _answer({other}, forward, other)
     assert (where, local.calls, forward.sent) == ("here", 1, [])
-    where, local = _answer(set(), forward)
-    assert (where, local.calls, forward.sent) == ("owner", 0, ["m"])
+    where, local = _answer(set(), forward, other)
+    assert (where, local.calls, forward.sent) == ("owner", 0, [other])
+
+
+def test_a_replica_that_owns_a_member_it_does_not_hold_loads_it_itself_with_no_hop() -> None:
+    forward = _Forward()
+    mine = _owned_by("a")
+    where, local = _answer(set(), forward, mine)
+    assert (where, local.calls, forward.sent) == ("here", 1, [])
+
+
+def test_before_the_router_has_seen_the_replicas_a_member_not_held_is_forwarded() -> None:
+    forward = _Forward()
+    where, _ = _answer(set(), forward, "m0", replicas=())
+    assert (where, forward.sent) == ("owner", ["m0"])
 
 
 def test_a_forward_whose_replica_died_is_answered_here() -> None:
     forward = _Forward(ActorDiedError())
-    where, local = _answer(set(), forward)
-    assert (where, local.calls, forward.sent) == ("here", 1, ["m"])
+    other = _owned_by("b")
+    where, local = _answer(set(), forward, other)
+    assert (where, local.calls, forward.sent) == ("here", 1, [other])
 
 
 def test_a_client_error_from_the_owner_reaches_the_client_and_is_not_answered_again() -> None:
@@ -124,7 +159,7 @@ def test_a_client_error_from_the_owner_reaches_the_client_and_is_not_answered_ag
 
     forward = _Forward(InvalidInput("bad shape"))
     local = _Port("here")
-    port = RoutedModel(local, _Pool(set()), "m", forward)  # type: ignore[arg-type]
+    port = RoutedModel(local, _Pool(set()), "m", forward, "a", Ownership())  # type: ignore[arg-type]
     with pytest.raises(InvalidInput):
         asyncio.run(port.infer(_request("m")))
     assert local.calls == 0

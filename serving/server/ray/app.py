@@ -150,7 +150,9 @@ class Server(GrpcMethods):
             self.sets.start(self._stop)
             sets = self.sets
             if self.app.pool.route_by_model:
-                sets = RoutedSets(self.sets, Forward(app_name, serve.get_replica_context().deployment))
+                sets = RoutedSets(
+                    self.sets, Forward(app_name, serve.get_replica_context().deployment), replica
+                )
         self.plane = DataPlane(
             self.app,
             {s.config.name: _model_port(s) for s in services},

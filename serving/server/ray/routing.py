@@ -3,14 +3,17 @@
 Behind HAProxy (the chart's path) a request lands on any single-hop replica; HAProxy
 cannot pick one by the model the path names. So the replica it lands on decides:
 
-- it holds the member, or is loading it: it answers, as before;
-- it does not: it sends the typed request to the member's **owners** through a handle
-  to its own deployment (:class:`Forward`); :class:`ModelAffinityRouter`, this
-  deployment's Ray request router, ranks the live replicas for the member by
-  rendezvous hashing (:func:`rank`) and sends it to the least busy of the first
-  ``width`` (:func:`width`), so each member is loaded by its owners only and R replicas
-  hold about R budgets' worth of distinct members. The owner answers from its own pool
-  (loading the member there on its first request) and never forwards again.
+- it holds the member, is loading it, or is one of its **owners**: it answers from its
+  own pool (loading the member on its first request);
+- otherwise it sends the typed request to the owners through a handle to its own
+  deployment (:class:`Forward`). The owners are the first ``width`` (:func:`width`) of
+  the live replicas ranked for the member by rendezvous hashing (:func:`rank`);
+  :class:`ModelAffinityRouter`, this deployment's Ray request router, picks the least
+  busy of them. The owner answers from its pool and never forwards again.
+
+So each member is loaded by its owners only, and R replicas hold about R budgets' worth
+of distinct members. A replica learns the live replicas from its router
+(:class:`Ownership`, one per process), so its first forward comes before it knows them.
 
 Rendezvous hashing moves only the members of a replica that came or went. A hot member
 gets one more owner per ``pool.owner_rps`` requests per second, estimated by each
@@ -30,6 +33,7 @@ import hashlib
 import logging
 import math
 import random
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -96,6 +100,49 @@ class Rates:
                 self._state.popitem(last=False)
         return value / self.tau_s
 
+    def rate(self, model: str, now: float | None = None) -> float:
+        """``model``'s rate now, without counting a request."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            value, then = self._state.get(model, (0.0, now))
+        return value * math.exp(-max(0.0, now - then) / self.tau_s) / self.tau_s
+
+
+class Ownership:
+    """Which replicas own each member, as this process sees it: the live replicas (from
+    this deployment's router) and each member's rate (from this replica's forwards).
+
+    One per process, shared by the router and the ports: a replica that is itself one of
+    a member's owners answers it here, with no hop through Ray to itself.
+    """
+
+    def __init__(self, owner_rps: float = 200.0) -> None:
+        self.owner_rps = owner_rps
+        self.rates = Rates()
+        self.replicas: list[str] = []
+        """The live replicas' ids; empty until this replica's router first saw them."""
+
+    def owners(self, model: str, *, count: bool = False) -> list[str]:
+        """The member's owners, first choice first; ``count``: count this request in its rate.
+
+        The rate this replica sees is its share of the member's requests that HAProxy sent
+        it: about 1 in R of them, so R times it estimates the member's."""
+        replicas = self.replicas
+        rate = self.rates.note(model) if count else self.rates.rate(model)
+        ranked = rank(model, replicas)
+        return ranked[: width(rate * len(ranked), len(ranked), self.owner_rps)]
+
+
+OWNERSHIP = Ownership()
+"""This process's view (a replica process serves one deployment)."""
+
+
+def _ownership() -> Ownership:
+    # NOTE: looked up, not referenced: Serve may pickle the router class by value, with the
+    # globals its methods name, and this one holds locks (and must be the process's own).
+    ownership: Ownership = sys.modules[__name__].OWNERSHIP
+    return ownership
+
 
 class ModelAffinityRouter(RequestRouter):
     """Ray request router of the single-hop deployment: a forward goes to its member's owners.
@@ -108,8 +155,11 @@ class ModelAffinityRouter(RequestRouter):
     """
 
     def initialize_state(self, owner_rps: float = 200.0, **kwargs: Any) -> None:
-        self._owner_rps = float(owner_rps)
-        self._rates = Rates()
+        _ownership().owner_rps = float(owner_rps)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        _ownership().replicas = [r.replica_id.unique_id for r in replicas]
 
     async def choose_replicas(
         self,
@@ -121,9 +171,8 @@ class ModelAffinityRouter(RequestRouter):
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ranked = [by_id[i] for i in rank(model, list(by_id))]
-        # NOTE: this replica sees the share of the member's requests that HAProxy sent it:
-        # about 1 in R of them, so R times its own rate estimates the member's.
-        wanted = width(self._rates.note(model) * len(ranked), len(ranked), self._owner_rps)
+        ownership = _ownership()
+        wanted = width(ownership.rates.rate(model) * len(ranked), len(ranked), ownership.owner_rps)
         # NOTE: shuffled: Ray takes the first of equally short queues, so an idle second
         # owner would otherwise never be picked.
         return [random.sample(ranked[:wanted], wanted), *([r] for r in ranked[wanted:])]
@@ -176,14 +225,30 @@ class Forward:
 class RoutedModel:
     """The model port of a member on a replica that routes by model (see the module doc)."""
 
-    def __init__(self, local: ModelPort, pool: ModelPool[Any], name: str, forward: Forward) -> None:
+    def __init__(
+        self,
+        local: ModelPort,
+        pool: ModelPool[Any],
+        name: str,
+        forward: Forward,
+        replica: str,
+        ownership: Ownership = OWNERSHIP,
+    ) -> None:
         self._local = local
         self._pool = pool
         self.name = name
         self._forward = forward
+        self._replica = replica
+        self._ownership = ownership
+
+    def _here(self, *, count: bool = False) -> bool:
+        """Whether this replica answers: it holds the member (or is loading it), or owns it."""
+        if self._pool.holds(self.name):
+            return True
+        return self._replica in self._ownership.owners(self.name, count=count)
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        if not self._pool.holds(self.name):
+        if not self._here(count=True):
             try:
                 response = await self._forward.infer(self.name, request)
             except _UNREACHABLE as exc:
@@ -194,7 +259,7 @@ class RoutedModel:
         return await self._local.infer(request)
 
     async def metadata(self, version: str | None) -> ModelMetadata:
-        if not self._pool.holds(self.name):
+        if not self._here():
             try:
                 return await self._forward.metadata(self.name, version)
             except _UNREACHABLE as exc:
@@ -215,16 +280,19 @@ class RoutedSets:
     """A replica's model sets, routed by model: members' ports are :class:`RoutedModel`,
     and a load request goes to the member's owners too."""
 
-    def __init__(self, local: PooledModels, forward: Forward) -> None:
+    def __init__(self, local: PooledModels, forward: Forward, replica: str) -> None:
         self.local = local
         self._forward = forward
+        self._replica = replica
 
     def port(self, name: str) -> RoutedModel | None:
         local = self.local.port(name)
-        return None if local is None else RoutedModel(local, self.local.pool, name, self._forward)
+        if local is None:
+            return None
+        return RoutedModel(local, self.local.pool, name, self._forward, self._replica)
 
     async def load(self, name: str, timeout: float) -> bool:
-        if not self.local.pool.holds(name):
+        if not self.local.pool.holds(name) and self._replica not in OWNERSHIP.owners(name):
             try:
                 return await self._forward.load(name, timeout)
             except _UNREACHABLE as exc:
