@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +133,9 @@ def run(work: Path, names: list[str], budget: int, routed: bool, args: argparse.
         "zipf": zipf,
         "requests_per_s": round(zipf["requests"] / zipf["seconds"], 1),
         "distinct_held": len(held),
-        "copies_held": sum(held.values()),
-        "members_on_more_than_one_replica": sum(1 for n in held.values() if n > 1),
+        "copies_held": sum(len(h) for h in held.values()),
+        "members_on_more_than_one_replica": sum(1 for h in held.values() if len(h) > 1),
+        "members_per_replica": dict(Counter(r for h in held.values() for r in h)),
     }
 
 
@@ -158,10 +160,12 @@ def publish_iris(store: Path, work: Path) -> None:
     _publish(Repository(LocalStore(str(store))), work, "iris", LogisticRegression(max_iter=300).fit(x, y))
 
 
-def _held(base: str) -> dict[str, int]:
-    """Per member in the index: how many replicas hold it."""
+def _held(base: str) -> dict[str, list[str]]:
+    """Per member in the index: the replicas that hold it."""
     rows = httpx.get(base + "/v2/repository/index", timeout=60).json()
-    return {r["name"]: len(r["replicas"]) for r in rows if r.get("set") and r.get("replicas")}
+    return {
+        r["name"]: [x["replica"] for x in r["replicas"]] for r in rows if r.get("set") and r.get("replicas")
+    }
 
 
 def _ratio(top: float | None, bottom: float | None) -> float | None:
