@@ -104,6 +104,19 @@ class ServingError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # NOTE: an error crosses processes (a Ray handle call: a model-set member's forward to
+        # its owner, two-hop) pickled; subclasses whose constructor takes more than the message
+        # would not unpickle by default, and the client would get a 500 instead of their status.
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[ServingError], message: str, state: dict[str, Any]) -> ServingError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidRequest(ServingError):
     status_code = 400

@@ -284,7 +284,8 @@ POOL_BYTES = _gauge("serving_pool_bytes", "Memory those models hold, measured af
 POOL_BUDGET_BYTES = _gauge("serving_pool_budget_bytes", "The replica's memory budget for them (0: none).")
 POOL_LOOKUPS = _counter(
     "serving_pool_lookups_total",
-    "Requests for members of model sets: found loaded (warm), loaded for them (cold), or refused.",
+    "Requests for members of model sets: found loaded (warm), loaded for them (cold), refused, "
+    "or sent on to the member's owner (forwarded: counted again there).",
     "result",
 )
 POOL_LOAD_SECONDS = _histogram(

@@ -178,12 +178,6 @@ class ModelPool(Generic[M]):
             metrics.POOL_LOOKUPS.inc(result="warm")
         return entry
 
-    def holds(self, name: str) -> bool:
-        """Whether ``name`` is loaded or loading here now; takes no use and counts no lookup
-        (a router's check before it sends a request elsewhere)."""
-        with self._lock:
-            return name in self._entries or name in self._loading
-
     def leave(self, entry: Entry[M]) -> None:
         self._leave(entry)
 

@@ -82,3 +82,24 @@ def test_translated_errors_keep_their_cause() -> None:
         _translate(cause)
     assert info.value.__cause__ is cause
     assert isinstance(info.value, errors.StoreError)
+
+
+def test_every_error_crosses_a_process_pickled_with_its_status_and_fields() -> None:
+    """A Ray handle call (a member's forward to its owner, two-hop) pickles the error it raises."""
+    import pickle
+
+    import serving.errors as errors_module
+
+    def subclasses(cls: type) -> list[type]:
+        return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+    for cls in subclasses(errors_module.ServingError):
+        error = cls.__new__(cls)
+        Exception.__init__(error, "boom")
+        error.message = "boom"
+        error.__dict__.update({"reason": "crash", "retry_after_s": 3})
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is cls
+        assert (str(back), back.status_code, back.__dict__) == ("boom", cls.status_code, error.__dict__)
+    crashed = pickle.loads(pickle.dumps(errors_module.WorkerFailed("worker died", "crash")))
+    assert (crashed.reason, crashed.retry_after_s, crashed.status_code) == ("crash", 1, 503)

@@ -75,14 +75,6 @@ def test_rates_forget_the_longest_unseen_member_past_their_bound() -> None:
     assert rates.note("a", 0.0) == pytest.approx(1 / 5.0)
 
 
-class _Pool:
-    def __init__(self, held: set[str]) -> None:
-        self.held = held
-
-    def holds(self, name: str) -> bool:
-        return name in self.held
-
-
 class _Port:
     def __init__(self, where: str) -> None:
         self.where = where
@@ -94,9 +86,13 @@ class _Port:
 
 
 class _Forward:
-    def __init__(self, error: Exception | None = None) -> None:
+    def __init__(self, error: Exception | None = None, room: bool = True) -> None:
         self.error = error
         self.sent: list[str] = []
+        self._room = room
+
+    def room(self) -> bool:
+        return self._room
 
     async def infer(self, name: str, request: InferRequest) -> InferResponse:
         self.sent.append(name)
@@ -110,13 +106,13 @@ def _request(name: str) -> InferRequest:
 
 
 def _answer(
-    held: set[str], forward: _Forward, name: str = "m", replicas: tuple[str, ...] = ("a", "b", "c")
+    forward: _Forward, name: str = "m", replicas: tuple[str, ...] = ("a", "b", "c")
 ) -> tuple[str, _Port]:
     """Where replica ``a`` answers ``name`` from, and its local port."""
     ownership = Ownership(owner_rps=200.0)
     ownership.replicas = list(replicas)
     local = _Port("here")
-    port = RoutedModel(local, _Pool(held), name, forward, "a", ownership)  # type: ignore[arg-type]
+    port = RoutedModel(local, name, forward, "a", ownership)  # type: ignore[arg-type]
     response = asyncio.run(port.infer(_request(name)))
     return response.version, local
 
@@ -125,32 +121,60 @@ def _owned_by(replica: str, replicas: tuple[str, ...] = ("a", "b", "c")) -> str:
     return next(f"m{i}" for i in range(1000) if rank(f"m{i}", replicas)[0] == replica)
 
 
-def test_a_member_held_here_is_answered_here_and_one_that_is_not_goes_to_its_owners() -> None:
+def test_a_member_another_replica_owns_goes_there_and_one_this_replica_owns_stays_here() -> None:
     forward = _Forward()
-    other = _owned_by("b")
-    where, local = _answer({other}, forward, other)
-    assert (where, local.calls, forward.sent) == ("here", 1, [])
-    where, local = _answer(set(), forward, other)
+    other, mine = _owned_by("b"), _owned_by("a")
+    where, local = _answer(forward, other)
     assert (where, local.calls, forward.sent) == ("owner", 0, [other])
+    where, local = _answer(forward, mine)
+    assert (where, local.calls, forward.sent) == ("here", 1, [other])
 
 
-def test_a_replica_that_owns_a_member_it_does_not_hold_loads_it_itself_with_no_hop() -> None:
-    forward = _Forward()
-    mine = _owned_by("a")
-    where, local = _answer(set(), forward, mine)
+def test_past_the_bound_of_forwards_out_at_once_a_replica_answers_itself() -> None:
+    forward = _Forward(room=False)
+    where, local = _answer(forward, _owned_by("b"))
     assert (where, local.calls, forward.sent) == ("here", 1, [])
+
+
+def test_forwards_out_at_once_are_counted_until_each_ends() -> None:
+    from serving.server.ray.routing import Forward
+
+    class _Method:
+        def __init__(self) -> None:
+            self.release = asyncio.Event()
+
+        async def remote(self, *args: object) -> InferResponse:
+            await self.release.wait()
+            return InferResponse(model="m", version="owner", id="", outputs={})
+
+    forward = Forward.__new__(Forward)
+    forward.max_in_flight, forward._in_flight = 2, 0
+    method = _Method()
+    forward._handle = type("H", (), {"routed_infer": method})()
+
+    async def scenario() -> list[bool]:
+        seen = [forward.room()]
+        tasks = [asyncio.create_task(forward.infer("m", _request("m"))) for _ in range(2)]
+        await asyncio.sleep(0)
+        seen.append(forward.room())
+        method.release.set()
+        await asyncio.gather(*tasks)
+        seen.append(forward.room())
+        return seen
+
+    assert asyncio.run(scenario()) == [True, False, True]
 
 
 def test_before_the_router_has_seen_the_replicas_a_member_not_held_is_forwarded() -> None:
     forward = _Forward()
-    where, _ = _answer(set(), forward, "m0", replicas=())
+    where, _ = _answer(forward, "m0", replicas=())
     assert (where, forward.sent) == ("owner", ["m0"])
 
 
 def test_a_forward_whose_replica_died_is_answered_here() -> None:
     forward = _Forward(ActorDiedError())
     other = _owned_by("b")
-    where, local = _answer(set(), forward, other)
+    where, local = _answer(forward, other)
     assert (where, local.calls, forward.sent) == ("here", 1, [other])
 
 
@@ -159,7 +183,7 @@ def test_a_client_error_from_the_owner_reaches_the_client_and_is_not_answered_ag
 
     forward = _Forward(InvalidInput("bad shape"))
     local = _Port("here")
-    port = RoutedModel(local, _Pool(set()), "m", forward, "a", Ownership())  # type: ignore[arg-type]
+    port = RoutedModel(local, "m", forward, "a", Ownership())  # type: ignore[arg-type]
     with pytest.raises(InvalidInput):
         asyncio.run(port.infer(_request("m")))
     assert local.calls == 0

@@ -151,7 +151,13 @@ class Server(GrpcMethods):
             sets = self.sets
             if self.app.pool.route_by_model:
                 sets = RoutedSets(
-                    self.sets, Forward(app_name, serve.get_replica_context().deployment), replica
+                    self.sets,
+                    Forward(
+                        app_name,
+                        serve.get_replica_context().deployment,
+                        max_in_flight=self.app.ingress.max_ongoing_requests // 2,
+                    ),
+                    replica,
                 )
         self.plane = DataPlane(
             self.app,

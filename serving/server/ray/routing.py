@@ -3,8 +3,8 @@
 Behind HAProxy (the chart's path) a request lands on any single-hop replica; HAProxy
 cannot pick one by the model the path names. So the replica it lands on decides:
 
-- it holds the member, is loading it, or is one of its **owners**: it answers from its
-  own pool (loading the member on its first request);
+- it is one of the member's **owners**: it answers from its own pool (loading the
+  member on its first request);
 - otherwise it sends the typed request to the owners through a handle to its own
   deployment (:class:`Forward`). The owners are the first ``width`` (:func:`width`) of
   the live replicas ranked for the member by rendezvous hashing (:func:`rank`);
@@ -19,7 +19,8 @@ Rendezvous hashing moves only the members of a replica that came or went. A hot 
 gets one more owner per ``pool.owner_rps`` requests per second, estimated by each
 replica from the requests it forwards (:class:`Rates`); past its owners, the rest of the
 ranking is a fallback, in order, for a replica whose queue is full. A forward that
-cannot reach its replica (it died meanwhile) is answered here instead.
+cannot reach its replica (it died meanwhile), or one past the bound of forwards out at
+once (:class:`Forward`), is answered here instead.
 
 Tried and left: Ray 2.60's ingress request router (HAProxy asks a router deployment
 which replica takes each request). HAProxy passes it only the session header and the
@@ -29,6 +30,7 @@ through a Python process per request; see the README.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -37,17 +39,17 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from serving import metrics
 from serving.dataplane import ModelPort
 from serving.protocol.types import InferRequest, InferResponse, ModelMetadata
-from serving.runtime.pool import ModelPool
 from serving.server.local import PooledModels
 
 log = logging.getLogger(__name__)
@@ -166,6 +168,10 @@ class ModelAffinityRouter(RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            # NOTE: every replica worth trying is in these ranks; when none has room, Ray
+            # waits before the next round instead of probing them all again at once.
+            pending_request.routing_context.should_backoff = True
         model = _member_of(pending_request)
         if not model:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
@@ -193,33 +199,51 @@ def router_config(owner_rps: float) -> dict[str, Any]:
     }
 
 
-_UNREACHABLE = (ActorDiedError, ActorUnavailableError)
-"""The forward's replica went away: this replica answers instead."""
+_UNREACHABLE = (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
+"""The forward's replica (or the deployment's routing) went away: this replica answers instead."""
 
 
 class Forward:
-    """Sends a member's request to its owners: a handle to this replica's own deployment."""
+    """Sends a member's request to its owners: a handle to this replica's own deployment.
 
-    def __init__(self, app_name: str, deployment: str) -> None:
-        self._app_name = app_name
-        self._deployment = deployment
-        self._handle: Any = None
+    At most ``max_in_flight`` forwards are out at once; past that, :meth:`room` is False
+    and the replica answers itself. NOTE: a forward holds a slot here while it waits for
+    one at the owner, and requests from HAProxy take the owner's freed slots first; with
+    every slot of two replicas waiting on the other, neither would move. The bound keeps
+    the other half of this replica's slots for requests it answers itself.
+    """
 
-    def _get(self) -> Any:
-        if self._handle is None:
-            self._handle = serve.get_deployment_handle(self._deployment, self._app_name)
-        return self._handle
+    def __init__(self, app_name: str, deployment: str, max_in_flight: int) -> None:
+        # NOTE: no check that the deployment exists: that is a blocking call to Serve's
+        # controller, on the replica's loop. It is this replica's own deployment.
+        self._handle: Any = serve.get_deployment_handle(deployment, app_name, _check_exists=False)
+        self.max_in_flight = max(1, max_in_flight)
+        self._in_flight = 0
+
+    def room(self) -> bool:
+        return self._in_flight < self.max_in_flight
+
+    @contextlib.contextmanager
+    def _out(self) -> Iterator[None]:
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
 
     async def infer(self, name: str, request: InferRequest) -> InferResponse:
-        response: InferResponse = await self._get().routed_infer.remote(name, request)
+        with self._out():
+            response: InferResponse = await self._handle.routed_infer.remote(name, request)
         return response
 
     async def metadata(self, name: str, version: str | None) -> ModelMetadata:
-        meta: ModelMetadata = await self._get().routed_metadata.remote(name, version)
+        with self._out():
+            meta: ModelMetadata = await self._handle.routed_metadata.remote(name, version)
         return meta
 
     async def load(self, name: str, timeout: float) -> bool:
-        return bool(await self._get().routed_load.remote(name, timeout))
+        with self._out():
+            return bool(await self._handle.routed_load.remote(name, timeout))
 
 
 class RoutedModel:
@@ -228,24 +252,24 @@ class RoutedModel:
     def __init__(
         self,
         local: ModelPort,
-        pool: ModelPool[Any],
         name: str,
         forward: Forward,
         replica: str,
         ownership: Ownership = OWNERSHIP,
     ) -> None:
         self._local = local
-        self._pool = pool
         self.name = name
         self._forward = forward
         self._replica = replica
         self._ownership = ownership
 
     def _here(self, *, count: bool = False) -> bool:
-        """Whether this replica answers: it holds the member (or is loading it), or owns it."""
-        if self._pool.holds(self.name):
-            return True
-        return self._replica in self._ownership.owners(self.name, count=count)
+        """Whether this replica answers: it owns the member, or may not forward now.
+
+        NOTE: owning, not holding: a copy on a replica that no longer owns the member (its
+        hot spell ended, a replica joined, the owner's queue was full once) gets no more
+        requests, so the pool's LRU drops it and the density comes back."""
+        return self._replica in self._ownership.owners(self.name, count=count) or not self._forward.room()
 
     async def infer(self, request: InferRequest) -> InferResponse:
         if not self._here(count=True):
@@ -289,10 +313,10 @@ class RoutedSets:
         local = self.local.port(name)
         if local is None:
             return None
-        return RoutedModel(local, self.local.pool, name, self._forward, self._replica)
+        return RoutedModel(local, name, self._forward, self._replica)
 
     async def load(self, name: str, timeout: float) -> bool:
-        if not self.local.pool.holds(name) and self._replica not in OWNERSHIP.owners(name):
+        if self._replica not in OWNERSHIP.owners(name) and self._forward.room():
             try:
                 return await self._forward.load(name, timeout)
             except _UNREACHABLE as exc:
