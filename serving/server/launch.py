@@ -45,9 +45,6 @@ def haproxy_maxconn(wanted: int = 8192) -> int:
     return max(256, min(wanted, (hard - 1024) * 2 // 5))
 
 
-REPLICA_GRPC_MAX_MESSAGE_BYTES = 256 * 1024**2
-"""The largest request or reply one handle call between replicas carries over gRPC."""
-
 FAST_PATH_ENV = {
     # NOTE: HAProxy in front of the replicas instead of Ray's Python proxy; it implies
     # direct ingress (HAProxy sends each request straight to a replica's own HTTP port).
@@ -62,15 +59,6 @@ FAST_PATH_ENV = {
     # from the autoscaler, when a predict held the loop from start to end; a request now
     # awaits its model worker, so the autoscaler's samples see it in flight.
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    # NOTE: a handle call between replicas (a model-set member's forward to its owner, the
-    # two-hop ingress's call to a model) over gRPC, routed on the caller's own loop: Ray's
-    # throughput-optimized settings. A sequential call between two replicas took 1.4 ms
-    # instead of 3.5 ms on 2 cores (both off), and 2.9 ms with only the second.
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    # NOTE: gRPC's default 4 MiB message limit between replicas would refuse a forwarded
-    # request or reply that HTTP admits (max_body_bytes is 32 MiB, a reply up to twice it).
-    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(REPLICA_GRPC_MAX_MESSAGE_BYTES),
     # NOTE: HAProxy's own per-request metrics are a log line per request that a Python
     # actor parses: about a tenth of a 1-row request's CPU. The replicas' serving_* series
     # count the same requests by model, version and status.

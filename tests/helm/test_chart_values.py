@@ -117,12 +117,6 @@ def test_ray_containers_run_serve_behind_haproxy_by_default(render: Callable[...
         assert env["RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE"]["value"] == "0"
         # NOTE: one thread per replica for requests: two fought for the GIL (issue 21).
         assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"]["value"] == "0"
-        # NOTE: handle calls between replicas (a member's forward, two-hop) over gRPC, routed on
-        # the caller's loop: Ray's throughput-optimized settings, as `serving serve` runs.
-        assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"]["value"] == "1"
-        assert env["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"]["value"] == "0"
-        # NOTE: gRPC's 4 MiB default would refuse a forwarded body HTTP admits.
-        assert int(env["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]["value"]) >= 256 * 1024**2
         # NOTE: HAProxy's per-request metrics cost a Python parse per request; serving_* cover them.
         assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"]["value"] == "0"
         # NOTE: Ray's defaults held 4,200 silent connections for an hour (issue 21).

@@ -225,12 +225,6 @@ secretKeyRef, never from plain values.
   value: "0"
 - name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
   value: "0"
-- name: RAY_SERVE_USE_GRPC_BY_DEFAULT
-  value: "1"
-- name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
-  value: "0"
-- name: RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH
-  value: "268435456"
 {{- if not .Values.serve.haproxyMetrics }}
 - name: RAY_SERVE_HAPROXY_METRICS_ENABLED
   value: "0"
