@@ -7,7 +7,9 @@
 - A model that loads in the serving process cannot be told apart from the rest of
   the heap later, so its cost is taken once, at load: the growth of the process's
   resident set across the load, and never less than its files' size (loads that run
-  at the same time may share one growth; files are the floor).
+  at the same time may share one growth; files are the floor). A load that imported
+  modules counts its files alone: the first model of a framework in a process would
+  otherwise carry the framework's memory, which stays after it is unloaded.
 """
 
 from __future__ import annotations

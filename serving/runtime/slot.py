@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -41,6 +42,17 @@ def default_loader(cached: CachedVersion, policy: LoadPolicy) -> Predictor:
     from serving.formats import load_predictor
 
     return load_predictor(cached.path, cached.manifest, policy)
+
+
+def _in_process_bytes(files: int, grown: int, modules_before: int) -> int:
+    """What a load in this process cost: its growth of the resident set, never less than
+    its files. NOTE: a load that imported modules (the first model of a framework, or of a
+    class, in this process) counts its files only: the modules stay when it is unloaded,
+    and tens of MB of sklearn or hundreds of torch would make the first model look too big
+    for any budget."""
+    if len(sys.modules) > modules_before:
+        return files
+    return max(files, grown)
 
 
 @dataclass
@@ -152,7 +164,7 @@ class ModelSlot:
     def load(self, resolved: Resolved, source: str = "store") -> Live:
         """Fetch, verify trust, load and warm up a version without making it live."""
         started = time.perf_counter()
-        rss_before = rss_bytes()
+        rss_before = modules_before = 0
         try:
             failed = self._failed.get((resolved.version, resolved.manifest_sha256))
             if failed is not None:
@@ -170,6 +182,9 @@ class ModelSlot:
                     # NOTE: the same verified bytes, in a child first: a crash, memory
                     # bomb or endless loop there fails this load, not this process.
                     self._prober.probe(cached, policy, warmup=self._warmup)
+                # NOTE: measured across the framework's load and warm-up alone: fetching
+                # and verifying the files is not the model's, nor are this process's lazy imports.
+                rss_before, modules_before = rss_bytes(), len(sys.modules)
                 predictor = self._loader(cached, policy)
                 if isinstance(predictor, WorkerPredictor):
                     predictor.on_probation_failure = functools.partial(self._probation_failed, resolved)
@@ -197,7 +212,7 @@ class ModelSlot:
             pin,
             memory_bytes=0
             if isinstance(predictor, WorkerPredictor)
-            else max(cached.manifest.total_bytes, rss_bytes() - rss_before),
+            else _in_process_bytes(cached.manifest.total_bytes, rss_bytes() - rss_before, modules_before),
             resolved=resolved,
             source=source,
         )
