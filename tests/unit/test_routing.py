@@ -187,3 +187,126 @@ def test_a_client_error_from_the_owner_reaches_the_client_and_is_not_answered_ag
     with pytest.raises(InvalidInput):
         asyncio.run(port.infer(_request("m")))
     assert local.calls == 0
+
+
+# -- the router's ranks, a targeted unload, a version's readiness ------------------------
+
+
+class _Replica:
+    def __init__(self, unique_id: str) -> None:
+        self.replica_id = type("Id", (), {"unique_id": unique_id})()
+
+
+class _Pending:
+    def __init__(self, method: str, *args: object) -> None:
+        self.metadata = type("Meta", (), {"call_method": method})()
+        self.args = args
+        self.routing_context = type("Ctx", (), {"should_backoff": False})()
+
+
+def _ranks(monkeypatch: pytest.MonkeyPatch, pending: _Pending, ids: tuple[str, ...]) -> list[list[str]]:
+    from serving.server.ray import routing
+
+    monkeypatch.setattr(routing, "OWNERSHIP", Ownership(owner_rps=200.0))
+    router = routing.ModelAffinityRouter.__new__(routing.ModelAffinityRouter)
+    chosen = asyncio.run(router.choose_replicas([_Replica(i) for i in ids], pending))  # type: ignore[arg-type]
+    assert pending.routing_context.should_backoff is True
+    return [[r.replica_id.unique_id for r in group] for group in chosen]
+
+
+def test_the_router_ranks_a_forward_by_its_member_owner_first_then_the_rest_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = ("a", "b", "c", "d")
+    for method in ("routed_infer", "routed_metadata", "routed_ready", "routed_load"):
+        ranks = _ranks(monkeypatch, _Pending(method, "m7", None), ids)
+        assert ranks == [[r] for r in rank("m7", ids)], method
+    # NOTE: the Serve proxy's own requests (HAProxy off): two random replicas, Ray's usual choice.
+    ranks = _ranks(monkeypatch, _Pending("__call__", object()), ids)
+    assert [len(group) for group in ranks] == [2]
+    assert set(ranks[0]) <= set(ids)
+
+
+def test_an_unload_goes_to_the_replica_it_names_or_any_one_when_that_one_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = ("a", "b", "c")
+    assert _ranks(monkeypatch, _Pending("routed_unload", "m", "b"), ids) == [["b"]]
+    gone = _ranks(monkeypatch, _Pending("routed_unload", "m", "z"), ids)
+    assert [len(group) for group in gone] == [1]
+    assert gone[0][0] in ids
+
+
+class _Sets:
+    """The local pool of replica ``a``: the board says ``holders`` hold ``m``."""
+
+    def __init__(self, holders: list[str]) -> None:
+        self.holders = holders
+        self.unloaded: list[str] = []
+
+    async def snapshot(self) -> dict[str, dict[str, dict[str, object]]]:
+        return {"m": {r: {} for r in self.holders}}
+
+    async def unload(self, name: str) -> bool:
+        self.unloaded.append(name)
+        return "a" in self.holders
+
+
+class _Unloads:
+    def __init__(
+        self, dead: set[str], hung: frozenset[str] = frozenset(), broken: frozenset[str] = frozenset()
+    ) -> None:
+        self.dead, self.hung, self.broken = dead, hung, broken
+        self.sent: list[tuple[str, str]] = []
+
+    def room(self) -> bool:
+        return False  # NOTE: an unload is sent anyway: one per holder, not bounded
+
+    async def unload(self, name: str, replica: str, timeout: float) -> bool:
+        self.sent.append((name, replica))
+        if replica in self.dead:
+            raise ActorDiedError()
+        if replica in self.hung:
+            raise TimeoutError()
+        if replica in self.broken:
+            raise RuntimeError("a bug at the holder")
+        return True
+
+
+def test_an_unload_reaches_every_holder_the_board_knows_and_a_dead_one_is_skipped() -> None:
+    from serving.server.ray.routing import RoutedSets
+
+    local, forward = _Sets(["a", "b", "c", "d", "e"]), _Unloads(dead={"d"}, hung=frozenset({"e"}))
+    sets = RoutedSets(local, forward, "a", Ownership())  # type: ignore[arg-type]
+    assert asyncio.run(sets.unload("m")) is True
+    # NOTE: here, locally; every other holder through the router; never "a" through it.
+    assert local.unloaded == ["m"]
+    assert sorted(forward.sent) == [("m", "b"), ("m", "c"), ("m", "d"), ("m", "e")]
+    # NOTE: a bug at a holder is not taken for an unreachable replica.
+    sets = RoutedSets(_Sets(["b"]), _Unloads(dead=set(), broken=frozenset({"b"})), "a", Ownership())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="a bug at the holder"):
+        asyncio.run(sets.unload("m"))
+    # NOTE: held nowhere but on a dead replica: nothing was unloaded.
+    local, forward = _Sets(["d"]), _Unloads(dead={"d"})
+    sets = RoutedSets(local, forward, "a", Ownership())  # type: ignore[arg-type]
+    assert asyncio.run(sets.unload("m")) is False
+
+
+def test_a_version_s_readiness_is_asked_of_the_owner_and_no_version_is_answered_here() -> None:
+    class _Ready(_Forward):
+        async def ready(self, name: str, version: str | None) -> bool:
+            self.sent.append(f"{name}@{version}")
+            return True
+
+    class _NotLoaded(_Port):
+        async def ready(self, version: str | None) -> bool:
+            return version is None
+
+    ownership = Ownership()
+    ownership.replicas = ["a", "b", "c"]
+    other = _owned_by("b")
+    forward = _Ready()
+    port = RoutedModel(_NotLoaded("here"), other, forward, "a", ownership)  # type: ignore[arg-type]
+    assert asyncio.run(port.ready("3")) is True
+    assert asyncio.run(port.ready(None)) is True
+    assert forward.sent == [f"{other}@3"]

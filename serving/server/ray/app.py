@@ -134,6 +134,7 @@ class Server(GrpcMethods):
         self.app = AppConfig.model_validate(app)
         settings = get_settings()
         app_name, replica = replica_context()
+        self._replica = replica
         board = get_board(app_name)
         services = [ModelService(m, self.app, settings) for m in self.app.named]
         self._followers = [Follower(s, board, replica) for s in services]
@@ -186,11 +187,23 @@ class Server(GrpcMethods):
         with _logged_here():
             return await self._member(name).metadata(version)
 
+    async def routed_ready(self, name: str, version: str | None) -> bool:
+        with _logged_here():
+            return await self._member(name).ready(version)
+
     async def routed_load(self, name: str, timeout: float) -> bool:
         with _logged_here():
             if self.sets is None:
                 raise ModelNotFound(f"model {name!r} is not served here")
             return await self.sets.load(name, timeout)
+
+    async def routed_unload(self, name: str, replica: str) -> bool:
+        """Unload ``name`` if this is ``replica`` (the router sends a call for a replica that
+        has gone to any other); whether it held it."""
+        with _logged_here():
+            if self.sets is None or replica != self._replica:
+                return False
+            return await self.sets.unload(name)
 
     def __del__(self) -> None:
         for follower in getattr(self, "_followers", []):

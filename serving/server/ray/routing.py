@@ -11,6 +11,10 @@ cannot pick one by the model the path names. So the replica it lands on decides:
   :class:`ModelAffinityRouter`, this deployment's Ray request router, picks the least
   busy of them. The owner answers from its pool and never forwards again.
 
+Metadata, a readiness check for one version, and a load request go to the owners the
+same way; an unload goes to every replica the board says holds the member, each by its
+replica id (:data:`TARGETED_METHODS`).
+
 So each member is loaded by its owners only, and R replicas hold about R budgets' worth
 of distinct members. A replica learns the live replicas from its router
 (:class:`Ownership`, one per process), so its first forward comes before it knows them.
@@ -30,6 +34,7 @@ through a Python process per request; see the README.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -54,8 +59,11 @@ from serving.server.local import PooledModels
 
 log = logging.getLogger(__name__)
 
-ROUTED_METHODS = frozenset({"routed_infer", "routed_metadata", "routed_load"})
+ROUTED_METHODS = frozenset({"routed_infer", "routed_metadata", "routed_ready", "routed_load"})
 """The replica methods a forward calls; each takes the member's name first."""
+TARGETED_METHODS = frozenset({"routed_unload"})
+"""The replica methods sent to one named replica: each takes the member's name, then the
+replica's id (a replica that is not that one does nothing)."""
 
 
 def _score(model: str, replica: str) -> int:
@@ -172,6 +180,11 @@ class ModelAffinityRouter(RequestRouter):
             # NOTE: every replica worth trying is in these ranks; when none has room, Ray
             # waits before the next round instead of probing them all again at once.
             pending_request.routing_context.should_backoff = True
+        target = _target_of(pending_request)
+        if target:
+            # NOTE: the named replica, or, if it is gone, any one: it answers that it is not it.
+            named = [r for r in candidate_replicas if r.replica_id.unique_id == target]
+            return [named or random.sample(candidate_replicas, min(1, len(candidate_replicas)))]
         model = _member_of(pending_request)
         if not model:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
@@ -191,6 +204,13 @@ def _member_of(pending_request: PendingRequest | None) -> str:
     return args[0] if args and isinstance(args[0], str) else ""
 
 
+def _target_of(pending_request: PendingRequest | None) -> str:
+    if pending_request is None or pending_request.metadata.call_method not in TARGETED_METHODS:
+        return ""
+    args = pending_request.args
+    return args[1] if len(args) > 1 and isinstance(args[1], str) else ""
+
+
 def router_config(owner_rps: float) -> dict[str, Any]:
     """The single-hop deployment's ``request_router_config`` when it routes by model."""
     return {
@@ -198,6 +218,9 @@ def router_config(owner_rps: float) -> dict[str, Any]:
         "request_router_kwargs": {"owner_rps": owner_rps},
     }
 
+
+UNLOAD_TIMEOUT_S = 10.0
+"""How long an unload waits for each other holder (a dead one is given up on)."""
 
 _UNREACHABLE = (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError)
 """The forward's replica (or the deployment's routing) went away: this replica answers instead."""
@@ -241,9 +264,22 @@ class Forward:
             meta: ModelMetadata = await self._handle.routed_metadata.remote(name, version)
         return meta
 
+    async def ready(self, name: str, version: str | None) -> bool:
+        with self._out():
+            return bool(await self._handle.routed_ready.remote(name, version))
+
     async def load(self, name: str, timeout: float) -> bool:
         with self._out():
             return bool(await self._handle.routed_load.remote(name, timeout))
+
+    async def unload(self, name: str, replica: str, timeout: float) -> bool:
+        """Unload ``name`` on ``replica`` alone; whether it held it.
+
+        NOTE: neither bounded by nor counted in :meth:`room`: an operator's call, one per
+        holder. Bounded in time instead: a replica that died and that Ray has not dropped
+        yet stays its only candidate, and Ray would retry it until it does.
+        """
+        return bool(await asyncio.wait_for(self._handle.routed_unload.remote(name, replica), timeout))
 
 
 class RoutedModel:
@@ -294,6 +330,13 @@ class RoutedModel:
         await self._local.refused(version, status)
 
     async def ready(self, version: str | None) -> bool:
+        """Whether it could answer now. NOTE: a version is asked of the owners, which hold it;
+        with no version, any replica answers (the member loads on its first request)."""
+        if version is not None and not self._here():
+            try:
+                return await self._forward.ready(self.name, version)
+            except _UNREACHABLE as exc:
+                log.warning("forward of %s failed (%s); answering here", self.name, type(exc).__name__)
         return await self._local.ready(version)
 
     async def status(self) -> dict[str, Any]:
@@ -301,22 +344,25 @@ class RoutedModel:
 
 
 class RoutedSets:
-    """A replica's model sets, routed by model: members' ports are :class:`RoutedModel`,
-    and a load request goes to the member's owners too."""
+    """A replica's model sets, routed by model: members' ports are :class:`RoutedModel`, a
+    load request goes to the member's owners too, and an unload to every replica holding it."""
 
-    def __init__(self, local: PooledModels, forward: Forward, replica: str) -> None:
+    def __init__(
+        self, local: PooledModels, forward: Forward, replica: str, ownership: Ownership = OWNERSHIP
+    ) -> None:
         self.local = local
         self._forward = forward
         self._replica = replica
+        self._ownership = ownership
 
     def port(self, name: str) -> RoutedModel | None:
         local = self.local.port(name)
         if local is None:
             return None
-        return RoutedModel(local, name, self._forward, self._replica)
+        return RoutedModel(local, name, self._forward, self._replica, self._ownership)
 
     async def load(self, name: str, timeout: float) -> bool:
-        if self._replica not in OWNERSHIP.owners(name) and self._forward.room():
+        if self._replica not in self._ownership.owners(name) and self._forward.room():
             try:
                 return await self._forward.load(name, timeout)
             except _UNREACHABLE as exc:
@@ -324,7 +370,29 @@ class RoutedSets:
         return await self.local.load(name, timeout)
 
     async def unload(self, name: str) -> bool:
-        return await self.local.unload(name)
+        """Unload ``name`` here and on every other replica the board says holds it; whether any did.
+
+        NOTE: the board's rows are the holders' own reports, sent when a member loads: one
+        that loaded after this read is not unloaded (its copy ages out of the LRU, as any)."""
+        try:
+            others = sorted(set((await self.local.snapshot()).get(name, {})) - {self._replica})
+        except Exception:  # NOTE: no board (restarting): this replica's copy still goes
+            log.warning("unload of %s: the board did not answer; unloading here only", name, exc_info=True)
+            others = []
+        results = await asyncio.gather(
+            self.local.unload(name),
+            *(self._forward.unload(name, replica, UNLOAD_TIMEOUT_S) for replica in others),
+            return_exceptions=True,
+        )
+        unloaded = False
+        for replica, result in zip([self._replica, *others], results, strict=True):
+            if isinstance(result, (*_UNREACHABLE, TimeoutError)):
+                log.warning("unload of %s on %s failed (%s)", name, replica, type(result).__name__)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                unloaded = unloaded or bool(result)
+        return unloaded
 
     async def snapshot(self) -> dict[str, dict[str, dict[str, Any]]]:
         return await self.local.snapshot()

@@ -120,6 +120,10 @@ def test_two_replicas_each_load_only_the_members_they_own_and_a_hot_one_spreads(
         # NOTE: rendezvous hashing gives both replicas some of the 16 (all on one: 1 in 32,768).
         owners = {next(iter(holders[m])) for m in members}
         assert len(owners) == 2, holders
+        # NOTE: a version's readiness is asked of the member's owner, wherever HAProxy sends it.
+        for name in members:
+            ready = client.get(f"{base}/v2/models/{name}/versions/1/ready")
+            assert ready.status_code == 200, (name, ready.text)
 
         # NOTE: a hot member gets more owners as its rate grows past owner_rps.
         def spread() -> set[str] | None:
@@ -132,3 +136,12 @@ def test_two_replicas_each_load_only_the_members_they_own_and_a_hot_one_spreads(
         # NOTE: the cold members stayed where they were.
         after = _holders(client, base)
         assert {m: after[m] for m in members} == {m: holders[m] for m in members}
+        # NOTE: an unload reaches every replica holding the member, wherever HAProxy sends it.
+        for name in [*members, "shard-hot"]:
+            reply = client.post(f"{base}/v2/repository/models/{name}/unload")
+            assert reply.json() == {"name": name, "unloaded": True}, reply.text
+        wait_for(
+            lambda: not set(_holders(client, base)) & {*members, "shard-hot"},
+            timeout=8,
+            what="every member off both replicas",
+        )
