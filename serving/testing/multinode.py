@@ -226,7 +226,8 @@ def _wait_nodes(cluster: MultiNodeCluster, count: int, timeout: float) -> list[d
 
 
 @contextlib.contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
+def environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Set ``values`` in this process's environment; put back what was there on exit."""
     previous = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:
@@ -283,7 +284,7 @@ def multi_node_cluster(
     import ray
 
     try:
-        with _environ(env):
+        with environ(env):
             _start_node(cluster, cluster.head, {cluster.head.resource: 1})
             _wait_head(cluster, timeout=90)
             _use_token_here()

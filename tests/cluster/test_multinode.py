@@ -35,7 +35,7 @@ from serving.repository import Repository, SetTarget
 from serving.settings import Settings
 from serving.store import open_store
 from serving.testing import MotoS3
-from serving.testing.multinode import MultiNodeCluster, Node, multi_node_cluster
+from serving.testing.multinode import MultiNodeCluster, Node, environ, multi_node_cluster
 from serving.testing.poll import wait_for
 from serving.testing.prometheus import (
     Prometheus,
@@ -165,7 +165,7 @@ def deployed(
                 "SERVING_S3_READ_TIMEOUT": "2",
                 "SERVING_S3_MAX_ATTEMPTS": "1",
             }
-        stack.enter_context(_environ(env))
+        stack.enter_context(environ(env))
         repo = Repository(open_store(uri, Settings(store=uri, s3_addressing_style="path")))
         tmp = tmp_path_factory.mktemp("cluster-models")
         versions = ["1", "2", "3", "4"]
@@ -192,20 +192,6 @@ def deployed(
             done = Deployed(cluster, repo, client, versions)
             wait_for(lambda: done.converged_on("1"), timeout=180, what="both replicas to serve version 1")
             yield done
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    previous = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_token_auth_is_on_and_a_client_without_the_token_is_refused(deployed: Deployed) -> None:
