@@ -58,7 +58,7 @@ from serving.server.local import (
     open_pool,
 )
 from serving.server.ray.batching import BatchedModel
-from serving.server.ray.board import BoardLoads, Follower, get_board, replica_context
+from serving.server.ray.board import BoardLoads, Follower, drop_board, get_board, replica_context
 from serving.server.ray.routing import Forward, RoutedSets, router_config
 from serving.server.rest import RestApi
 from serving.settings import get_settings
@@ -354,6 +354,13 @@ def _deployment_options(model: ModelConfig, config: AppConfig) -> dict[str, Any]
         "max_ongoing_requests": model.max_ongoing_requests,
         **_scaling(model.num_replicas, model.autoscaling_config),
     }
+
+
+def delete_app(name: str) -> None:
+    """Delete a Serve app and its board, the one process of an app that ``serve.delete``
+    leaves (a detached actor, so that replicas can come and go around it)."""
+    serve.delete(name)
+    drop_board(name)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

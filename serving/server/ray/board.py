@@ -154,6 +154,12 @@ def get_board(app_name: str) -> Any:
     ).remote()
 
 
+def drop_board(app_name: str) -> None:
+    """End an app's board (it is detached: it outlives ``serve.delete``); nothing if it has none."""
+    with contextlib.suppress(ValueError):
+        ray.kill(ray.get_actor(f"board-{app_name}", namespace=BOARD_NAMESPACE), no_restart=True)
+
+
 def replica_context() -> tuple[str, str]:
     ctx = serve.get_replica_context()
     return ctx.app_name, ctx.replica_id.unique_id

@@ -195,10 +195,10 @@ def _ray(served: Served, cluster: Any, args: dict[str, Any], layout: str) -> Ite
     import ray
     from ray import serve
 
-    from serving.server.ray.app import build_app
+    from serving.server.ray.app import build_app, delete_app
 
     for other in list(serve.status().applications):
-        serve.delete(other)
+        delete_app(other)
     session = Path(ray._private.worker._global_node.get_session_dir_path())
     served.logs = lambda: sorted((session / "logs").rglob("*.err"))
     # NOTE: an app name per layout: each gets its own board.
@@ -212,7 +212,7 @@ def _ray(served: Served, cluster: Any, args: dict[str, Any], layout: str) -> Ite
         )
         yield cluster.http, cluster.grpc
     finally:
-        serve.delete(name)
+        delete_app(name)
 
 
 @pytest.fixture(

@@ -104,14 +104,14 @@ def infer(
 @pytest.fixture
 def deploy(cluster: Cluster) -> Iterator[Callable[[dict[str, Any]], str]]:
     """Run the app from args (replacing any app at ``/``); returns the HTTP base URL."""
-    from serving.server.ray.app import build_app
+    from serving.server.ray.app import build_app, delete_app
 
     names: list[str] = []
 
     def run(args: dict[str, Any]) -> str:
         # NOTE: one app owns "/" at a time; drop any left by a module-scoped fixture.
         for other in list(serve.status().applications):
-            serve.delete(other)
+            delete_app(other)
         name = f"app-{uuid.uuid4().hex[:6]}"
         serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
         names.append(name)
@@ -123,7 +123,7 @@ def deploy(cluster: Cluster) -> Iterator[Callable[[dict[str, Any]], str]]:
 
     yield run
     for name in names:
-        serve.delete(name)
+        delete_app(name)
 
 
 @pytest.fixture

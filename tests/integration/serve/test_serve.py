@@ -403,8 +403,10 @@ def test_cold_start_with_the_store_down_uses_the_warm_cache(deploy, s3_bucket, t
         assert served_version(client, base, "iris-cold") == "1"
         from ray import serve
 
+        from serving.server.ray.app import delete_app
+
         for app_name in list(serve.status().applications):
-            serve.delete(app_name)
+            delete_app(app_name)
         server.stop()
         try:
             base = deploy(args)
