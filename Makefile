@@ -67,7 +67,7 @@ test: lint typecheck $(MLFLOW_SERVER) $(KSERVE_PY)
 	SERVING_TEST_MLFLOW_SERVER=$(abspath $(MLFLOW_SERVER)) SERVING_TEST_KSERVE_PYTHON=$(abspath $(KSERVE_PY)) \
 		$(PY) -m pytest -n 2 --durations=30
 
-## test-cluster: a three-node Ray cluster (token auth on) under faults: alias moves, metrics, a node killed; once on S3, once on an OCI registry (about 4 min)
+## test-cluster: a three-node Ray cluster (token auth on) under faults: alias moves, metrics, a node killed, once on S3 and once on an OCI registry; then a model set under a budget, routed by model, and a node killed (about 6 min)
 test-cluster: $(TEST_STAMP)
 	$(PY) -m pytest tests/cluster -m cluster --durations=10
 
