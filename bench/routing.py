@@ -41,7 +41,7 @@ import httpx
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from bench.density import _publish, add_workload_arguments, publish, zipf_phase
+from bench.density import _publish, add_workload_arguments, hot_phase, publish, zipf_phase
 from bench.systems import Processes
 from serving.repository import Repository
 from serving.server.launch import parse_bytes
@@ -57,6 +57,14 @@ def main() -> None:
     parser.add_argument("--owner-rps", type=float, default=None, help="pool.owner_rps (unset: the default)")
     parser.add_argument("--isolation", default="none", help="the members' isolation (none: in process)")
     parser.add_argument("--warmup", type=int, default=500, help="unmeasured requests first (other draws)")
+    parser.add_argument(
+        "--hot",
+        type=int,
+        default=0,
+        help="after the Zipf phase, the hottest HOT members' throughput alone, then while cold "
+        "requests churn at the Zipf phase's loads/s, then alone again (0: skip)",
+    )
+    parser.add_argument("--seconds", type=float, default=20.0, help="each hot phase's length")
     parser.add_argument("--out", default="bench/results/routing.json")
     args = parser.parse_args()
     budget = parse_bytes(args.budget)
@@ -127,15 +135,37 @@ def run(work: Path, names: list[str], budget: int, routed: bool, args: argparse.
         )
         zipf = zipf_phase(base, names, args)
         held = _held(base)
+        hot = _hot_phases(base, names, args, work / f"{label}.log", zipf["loads_per_s"]) if args.hot else None
     finally:
         procs.stop_all()
     return {
         "zipf": zipf,
+        "hot_set_under_churn": hot,
         "requests_per_s": round(zipf["requests"] / zipf["seconds"], 1),
         "distinct_held": len(held),
         "copies_held": sum(len(h) for h in held.values()),
         "members_on_more_than_one_replica": sum(1 for h in held.values() if len(h) > 1),
         "members_per_replica": dict(Counter(r for h in held.values() for r in h)),
+    }
+
+
+def _hot_phases(
+    base: str, names: list[str], args: argparse.Namespace, log: Path, rate: float
+) -> dict[str, Any]:
+    """The hot set's throughput alone, with cold requests at ``rate`` a second, and alone again
+    (``bench/density.py``'s phases, on the routed or unrouted Ray path)."""
+    before = hot_phase(base, names, args, log, churn=None)
+    churned = hot_phase(base, names, args, log, churn="rate", rate=rate)
+    after = hot_phase(base, names, args, log, churn=None)
+    alone = (before["hot_per_s"] + after["hot_per_s"]) / 2
+    return {
+        "churn_rate_per_s": rate,
+        "hot_per_s_alone": round(alone, 1),
+        "hot_per_s_with_churn": round(churned["hot_per_s"], 1),
+        "ratio": round(churned["hot_per_s"] / alone, 2) if alone else None,
+        "before": before,
+        "with_churn": churned,
+        "after": after,
     }
 
 
