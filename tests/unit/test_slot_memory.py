@@ -53,10 +53,13 @@ def repo(tmp_path: Path) -> Repository:
 def framework(tmp_path: Path) -> Iterator[str]:
     """A module never imported yet that holds ``HELD`` bytes once imported (a framework)."""
     name = f"framework_{uuid.uuid4().hex}"
-    (tmp_path / f"{name}.py").write_text(f"HELD = bytearray(b'\\x01') * {HELD}\n")
-    sys.path.insert(0, str(tmp_path))
+    modules = tmp_path / "modules"  # NOTE: alone on sys.path, not the test's other folders
+    modules.mkdir()
+    (modules / f"{name}.py").write_text(f"HELD = bytearray(b'\\x01') * {HELD}\n")
+    sys.path.insert(0, str(modules))
     yield name
-    sys.path.remove(str(tmp_path))
+    sys.path.remove(str(modules))
+    sys.path_importer_cache.pop(str(modules), None)
     sys.modules.pop(name, None)
 
 
