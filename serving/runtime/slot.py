@@ -164,7 +164,6 @@ class ModelSlot:
     def load(self, resolved: Resolved, source: str = "store") -> Live:
         """Fetch, verify trust, load and warm up a version without making it live."""
         started = time.perf_counter()
-        rss_before = modules_before = 0
         try:
             failed = self._failed.get((resolved.version, resolved.manifest_sha256))
             if failed is not None:
@@ -190,6 +189,13 @@ class ModelSlot:
                     predictor.on_probation_failure = functools.partial(self._probation_failed, resolved)
                 if self._warmup:
                     warm_up(predictor, cached.manifest)
+                memory_bytes = (
+                    0
+                    if isinstance(predictor, WorkerPredictor)
+                    else _in_process_bytes(
+                        cached.manifest.total_bytes, rss_bytes() - rss_before, modules_before
+                    )
+                )
             except BaseException:
                 if predictor is not None:
                     predictor.close()  # NOTE: a warm-up that failed must not leave its worker behind
@@ -210,9 +216,7 @@ class ModelSlot:
             cached.manifest_sha256,
             predictor,
             pin,
-            memory_bytes=0
-            if isinstance(predictor, WorkerPredictor)
-            else _in_process_bytes(cached.manifest.total_bytes, rss_bytes() - rss_before, modules_before),
+            memory_bytes=memory_bytes,
             resolved=resolved,
             source=source,
         )
