@@ -32,11 +32,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from serving.testing.s3 import HOST, free_port
 
@@ -223,6 +226,38 @@ def _wait_nodes(cluster: MultiNodeCluster, count: int, timeout: float) -> list[d
             return alive
         time.sleep(0.2)
     raise RuntimeError(f"only {len(alive)} of {count} nodes joined in {timeout}s")
+
+
+@dataclass
+class RequestLoop:
+    """Requests one after another on one keep-alive connection, each recorded; bounded in time.
+
+    ``send`` makes one request and says how it went: ``"ok…"``, or what failed. An HTTP
+    error (a connection the killed node dropped) is recorded as its type and message.
+    """
+
+    send: Callable[[httpx.Client], str]
+    max_s: float
+    timeout_s: float = 5.0
+    stamp_sent: bool = False
+    """Record each request at the time it was sent; False: when it was answered."""
+    results: list[tuple[float, str]] = field(default_factory=list)
+    """(monotonic time, the outcome)."""
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.max_s
+        with httpx.Client(timeout=self.timeout_s) as client:
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                sent = time.monotonic()
+                try:
+                    outcome = self.send(client)
+                except httpx.HTTPError as exc:
+                    outcome = f"{type(exc).__name__}: {exc}"[:120]
+                self.results.append((sent if self.stamp_sent else time.monotonic(), outcome))
+
+    def failures(self, since: float = 0.0, until: float = float("inf")) -> list[tuple[float, str]]:
+        return [(t, o) for t, o in self.results if since <= t < until and not o.startswith("ok")]
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from serving.repository import Repository, SetTarget
 from serving.settings import Settings
 from serving.store import open_store
 from serving.testing import MotoS3
-from serving.testing.multinode import MultiNodeCluster, Node, environ, multi_node_cluster
+from serving.testing.multinode import MultiNodeCluster, Node, RequestLoop, environ, multi_node_cluster
 from serving.testing.poll import wait_for
 from serving.testing.prometheus import (
     Prometheus,
@@ -475,35 +475,17 @@ def test_board_lives_on_the_head_and_comes_back_when_its_process_dies(
     assert deployed.board()["Address"]["NodeID"] == head.node_id
 
 
-@dataclass
-class ClientLoop:
-    """Sequential inference requests on one keep-alive connection, each one recorded; bounded in time."""
+def _infer_iris(deployed: Deployed) -> Callable[[httpx.Client], str]:
+    """One inference request: ``"ok:<version>"`` or the failure."""
+    body = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": ROW}]}
 
-    deployed: Deployed
-    max_s: float
-    results: list[tuple[float, str]] = field(default_factory=list)
-    """(monotonic time, "ok:<version>" or the failure)."""
-    stop: threading.Event = field(default_factory=threading.Event)
+    def send(client: httpx.Client) -> str:
+        reply = client.post(f"{deployed.http}/v2/models/iris/infer", json=body)
+        if reply.status_code == 200:
+            return f"ok:{reply.json()['model_version']}"
+        return f"{reply.status_code} {reply.text[:80]}"
 
-    def run(self) -> None:
-        deadline = time.monotonic() + self.max_s
-        with httpx.Client(timeout=5) as client:
-            body = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": ROW}]}
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                try:
-                    reply = client.post(f"{self.deployed.http}/v2/models/iris/infer", json=body)
-                    ok = reply.status_code == 200
-                    outcome = (
-                        f"ok:{reply.json()['model_version']}"
-                        if ok
-                        else f"{reply.status_code} {reply.text[:80]}"
-                    )
-                except httpx.HTTPError as exc:
-                    outcome = f"{type(exc).__name__}: {exc}"[:120]
-                self.results.append((time.monotonic(), outcome))
-
-    def failures(self, since: float = 0.0, until: float = float("inf")) -> list[tuple[float, str]]:
-        return [(t, o) for t, o in self.results if since <= t < until and not o.startswith("ok:")]
+    return send
 
 
 def test_killing_a_worker_node_under_load(deployed: Deployed, figures: dict[str, Any]) -> None:
@@ -512,7 +494,7 @@ def test_killing_a_worker_node_under_load(deployed: Deployed, figures: dict[str,
     replicas = deployed.replica_nodes()
     victim = next(deployed.node_of(n) for n in replicas.values() if deployed.node_of(n) is not cluster.head)
     spare = next(n for n in cluster.nodes.values() if n.node_id not in replicas.values())
-    loop = ClientLoop(deployed, max_s=150)
+    loop = RequestLoop(_infer_iris(deployed), max_s=150)
     thread = threading.Thread(target=loop.run, name="client-loop", daemon=True)
     thread.start()
     try:

@@ -20,8 +20,8 @@ import itertools
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from serving.repository import Repository, SetTarget
 from serving.settings import Settings
 from serving.store import open_store
 from serving.testing import MotoS3
-from serving.testing.multinode import MultiNodeCluster, environ, multi_node_cluster
+from serving.testing.multinode import MultiNodeCluster, RequestLoop, environ, multi_node_cluster
 from serving.testing.poll import wait_for
 
 ray = pytest.importorskip("ray")
@@ -197,34 +197,19 @@ def test_two_replicas_on_two_nodes_hold_about_two_budgets_of_distinct_members(
     assert len(distinct) >= 1.8 * max(per_replica.values()), per_replica
 
 
-@dataclass
-class ClientLoop:
-    """Sequential requests over the members in turn on one keep-alive connection, each recorded."""
+def _infer_in_turn(deployed: Deployed) -> Callable[[httpx.Client], str]:
+    """One inference request for the next member in turn: ``"ok"`` or the failure."""
+    names = itertools.cycle(NAMES)
 
-    deployed: Deployed
-    max_s: float
-    results: list[tuple[float, str]] = field(default_factory=list)
-    """(monotonic time the request was sent, "ok" or the failure)."""
-    stop: threading.Event = field(default_factory=threading.Event)
+    def send(client: httpx.Client) -> str:
+        name = next(names)
+        try:
+            reply = deployed.infer(name, client)
+        except httpx.HTTPError as exc:
+            return f"{name}: {type(exc).__name__}: {exc}"[:120]
+        return "ok" if reply.status_code == 200 else f"{name}: {reply.status_code} {reply.text[:80]}"
 
-    def run(self) -> None:
-        deadline = time.monotonic() + self.max_s
-        names = itertools.cycle(NAMES)
-        with httpx.Client(timeout=10) as client:
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                name = next(names)
-                sent = time.monotonic()
-                try:
-                    reply = self.deployed.infer(name, client)
-                    outcome = (
-                        "ok" if reply.status_code == 200 else f"{name}: {reply.status_code} {reply.text[:80]}"
-                    )
-                except httpx.HTTPError as exc:
-                    outcome = f"{name}: {type(exc).__name__}: {exc}"[:120]
-                self.results.append((sent, outcome))
-
-    def failures(self, since: float = 0.0, until: float = float("inf")) -> list[tuple[float, str]]:
-        return [(t, o) for t, o in self.results if since <= t < until and o != "ok"]
+    return send
 
 
 def test_killing_a_node_with_a_replica_loses_no_request_once_its_replacement_runs(
@@ -233,7 +218,8 @@ def test_killing_a_node_with_a_replica_loses_no_request_once_its_replacement_run
     cluster = deployed.cluster
     replicas = deployed.replica_nodes()
     victim = next(n for n in cluster.nodes.values() if n.node_id in replicas.values() and not n.head)
-    loop = ClientLoop(deployed, max_s=180)
+    # NOTE: stamped when sent: one sent before the replacement ran belongs to the window.
+    loop = RequestLoop(_infer_in_turn(deployed), max_s=180, timeout_s=10, stamp_sent=True)
     thread = threading.Thread(target=loop.run, name="set-client-loop", daemon=True)
     thread.start()
     try:
