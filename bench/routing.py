@@ -28,12 +28,15 @@ Run on a quiet machine::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,12 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--owner-rps", type=float, default=None, help="pool.owner_rps (unset: the default)")
     parser.add_argument("--isolation", default="none", help="the members' isolation (none: in process)")
+    parser.add_argument(
+        "--workers",
+        choices=("dedicated", "shared"),
+        default="dedicated",
+        help="with --isolation worker: a worker per member, or the replica's shared workers",
+    )
     parser.add_argument("--warmup", type=int, default=500, help="unmeasured requests first (other draws)")
     parser.add_argument(
         "--hot",
@@ -65,6 +74,21 @@ def main() -> None:
         "requests churn at the Zipf phase's loads/s, then alone again (0: skip)",
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="each hot phase's length")
+    parser.add_argument(
+        "--only", choices=("routed", "unrouted"), default=None, help="run one of the two (default: both)"
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="a folder: the cores each kind of process used in each hot phase (where the hot "
+        "set's time goes under churn)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        default=None,
+        metavar="PATTERN",
+        help="with --profile: py-spy records the processes pgrep -f PATTERN finds in each hot phase",
+    )
     parser.add_argument("--out", default="bench/results/routing.json")
     args = parser.parse_args()
     budget = parse_bytes(args.budget)
@@ -75,9 +99,10 @@ def main() -> None:
         runs = {
             label: run(work, names, budget, routed, args)
             for label, routed in (("routed", True), ("unrouted", False))
+            if args.only in (None, label)
         }
-    routed, unrouted = runs["routed"], runs["unrouted"]
-    result = {
+    routed, unrouted = runs.get("routed"), runs.get("unrouted")
+    result: dict[str, Any] = {
         "setup": {
             "small": args.small,
             "large": args.large,
@@ -85,6 +110,7 @@ def main() -> None:
             "budget_bytes_per_replica": budget,
             "replicas": args.replicas,
             "isolation": args.isolation,
+            "workers": args.workers,
             "owner_rps": args.owner_rps,
             "zipf": args.zipf,
             "requests": args.requests,
@@ -94,10 +120,17 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
         **runs,
-        "hit_ratio_routed_over_unrouted": _ratio(routed["zipf"]["hit_ratio"], unrouted["zipf"]["hit_ratio"]),
-        "distinct_held_routed_over_unrouted": _ratio(routed["distinct_held"], unrouted["distinct_held"]),
-        "throughput_routed_over_unrouted": _ratio(routed["requests_per_s"], unrouted["requests_per_s"]),
     }
+    if routed is not None and unrouted is not None:
+        result["hit_ratio_routed_over_unrouted"] = _ratio(
+            routed["zipf"]["hit_ratio"], unrouted["zipf"]["hit_ratio"]
+        )
+        result["distinct_held_routed_over_unrouted"] = _ratio(
+            routed["distinct_held"], unrouted["distinct_held"]
+        )
+        result["throughput_routed_over_unrouted"] = _ratio(
+            routed["requests_per_s"], unrouted["requests_per_s"]
+        )
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
@@ -109,7 +142,7 @@ def run(work: Path, names: list[str], budget: int, routed: bool, args: argparse.
         "cache_dir": str(work / f"cache-{label}"),
         "models": [
             {"name": "iris", "alias": "production", "isolation": args.isolation},
-            {"prefix": "m-", "alias": "production", "isolation": args.isolation},
+            {"prefix": "m-", "alias": "production", "isolation": args.isolation, "workers": args.workers},
         ],
         "pool": {
             "memory_bytes": budget,
@@ -135,7 +168,11 @@ def run(work: Path, names: list[str], budget: int, routed: bool, args: argparse.
         )
         zipf = zipf_phase(base, names, args)
         held = _held(base)
-        hot = _hot_phases(base, names, args, work / f"{label}.log", zipf["loads_per_s"]) if args.hot else None
+        hot = (
+            _hot_phases(base, names, args, work / f"{label}.log", zipf["loads_per_s"], label)
+            if args.hot
+            else None
+        )
     finally:
         procs.stop_all()
     return {
@@ -150,12 +187,14 @@ def run(work: Path, names: list[str], budget: int, routed: bool, args: argparse.
 
 
 def _hot_phases(
-    base: str, names: list[str], args: argparse.Namespace, log: Path, rate: float
+    base: str, names: list[str], args: argparse.Namespace, log: Path, rate: float, label: str
 ) -> dict[str, Any]:
     """The hot set's throughput alone, with cold requests at ``rate`` a second, and alone again
     (``bench/density.py``'s phases, on the routed or unrouted Ray path)."""
-    before = hot_phase(base, names, args, log, churn=None)
-    churned = hot_phase(base, names, args, log, churn="rate", rate=rate)
+    with _profiled(args, f"{label}-alone"):
+        before = hot_phase(base, names, args, log, churn=None)
+    with _profiled(args, f"{label}-churn"):
+        churned = hot_phase(base, names, args, log, churn="rate", rate=rate)
     after = hot_phase(base, names, args, log, churn=None)
     alone = (before["hot_per_s"] + after["hot_per_s"]) / 2
     return {
@@ -167,6 +206,94 @@ def _hot_phases(
         "with_churn": churned,
         "after": after,
     }
+
+
+@contextlib.contextmanager
+def _profiled(args: argparse.Namespace, phase: str) -> Iterator[None]:
+    """With ``--profile``: the cores each kind of process used in the phase
+    (``<phase>-cpu.json``); with ``--py-spy PATTERN`` too, py-spy's record of every process
+    ``pgrep -f PATTERN`` finds (``<phase>-<pid>.txt``, collapsed stacks; it costs about a
+    core on these replicas, so the figures with it are not the bench's)."""
+    if not args.profile:
+        yield
+        return
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    pids = (
+        subprocess.run(["pgrep", "-f", args.py_spy], capture_output=True, text=True).stdout.split()
+        if args.py_spy
+        else []
+    )
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    seconds = str(max(1, int(args.seconds)))
+    recorders = [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "-r",
+                "50",
+                "-d",
+                seconds,
+                "-f",
+                "raw",
+                "-o",
+                str(out / f"{phase}-{pid}.txt"),
+                "-p",
+                pid,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid in pids
+    ]
+    before, started = _cpu_by_process(), time.monotonic()
+    try:
+        yield
+    finally:
+        seconds_ = time.monotonic() - started
+        used = _cores_by_kind(before, _cpu_by_process(), seconds_)
+        (out / f"{phase}-cpu.json").write_text(
+            json.dumps({"seconds": seconds_, "cores_used": used}, indent=1)
+        )
+        for recorder in recorders:
+            try:
+                recorder.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                recorder.kill()
+                recorder.wait()
+
+
+def _cpu_by_process() -> dict[str, tuple[str, float]]:
+    """Per process id: its kind (the command's first words; a Ray worker's title) and its
+    CPU seconds so far; ``idle``: the machine's idle seconds, all cores together."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, tuple[str, float]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            raw = stat.read_text()
+            cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        words = [c.decode(errors="replace") for c in cmd if c]
+        # NOTE: a Ray worker's title names the method it runs now; its class is what stays.
+        ray_title = next((w.split(".")[0] for w in words if w.startswith("ray::")), None)
+        kind = ray_title or " ".join(Path(w).name for w in words[:3])
+        out[stat.parent.name] = (kind[:60], (int(fields[11]) + int(fields[12])) / tick)
+    idle = Path("/proc/stat").read_text().split("\n", 1)[0].split()[4]
+    out["idle"] = ("idle", int(idle) / tick)
+    return out
+
+
+def _cores_by_kind(
+    before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]], seconds: float
+) -> dict[str, float]:
+    """Cores each kind of process used between two :func:`_cpu_by_process` readings."""
+    used: dict[str, float] = {}
+    for pid, (kind, cpu) in after.items():
+        used[kind] = used.get(kind, 0.0) + (cpu - before.get(pid, (kind, 0.0))[1]) / seconds
+    return {k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.005}
 
 
 def _replicas_up(base: str, replicas: int, timeout_s: float = 180.0) -> None:
