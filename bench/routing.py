@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -191,6 +192,10 @@ def _hot_phases(
 ) -> dict[str, Any]:
     """The hot set's throughput alone, with cold requests at ``rate`` a second, and alone again
     (``bench/density.py``'s phases, on the routed or unrouted Ray path)."""
+    if args.profile:
+        # NOTE: what the replicas cost with their members loaded and no request at all.
+        with _profiled(args, f"{label}-idle"):
+            threading.Event().wait(args.seconds)
     with _profiled(args, f"{label}-alone"):
         before = hot_phase(base, names, args, log, churn=None)
     with _profiled(args, f"{label}-churn"):
