@@ -18,6 +18,7 @@ def test_a_board_is_idle_only_after_no_call_for_its_timeout_and_not_while_a_repl
     async def scenario() -> None:
         board = BoardClass(idle_exit_s=0.2)
         await board.report("m", "r1", {"version": "1"})
+        board._reaper.cancel()  # NOTE: it would end the actor through Ray
         now = time.monotonic()
         assert not board.idle(now)
         assert board.idle(now + 0.3)
@@ -27,8 +28,6 @@ def test_a_board_is_idle_only_after_no_call_for_its_timeout_and_not_while_a_repl
         await board.request_load("m")  # ends the wait
         assert await waiting > 0
         assert not board.idle(time.monotonic()), "the wait's end counts as a call"
-        assert board._reaper is not None
-        board._reaper.cancel()
 
     asyncio.run(scenario())
 
@@ -87,5 +86,31 @@ def test_a_poke_or_load_request_wakes_only_its_own_models_waiters(monkeypatch) -
         for task in others:
             task.cancel()
         board._reaper.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_an_idle_board_ends_only_once_serve_no_longer_runs_its_app(monkeypatch) -> None:
+    """An app of model sets with no member loaded calls its board nobody: silence alone must
+    not end the board while the app runs (its first member's load needs it)."""
+    running = {"fraud"}
+    monkeypatch.setattr(BoardClass, "_app_alive", staticmethod(lambda name: name in running))
+
+    async def scenario() -> None:
+        board = BoardClass(idle_exit_s=0.05, app_name="fraud")
+        unnamed = BoardClass(idle_exit_s=0.05)
+        await board.report("m", "r1", {"version": "1"})
+        await unnamed.report("m", "r1", {"version": "1"})
+        for b in (board, unnamed):
+            # NOTE: this test asks should_end itself; the reaper would end the actor (Ray).
+            b._reaper.cancel()
+        assert not await board.should_end(), "called just now"
+        await asyncio.sleep(0.1)
+        assert not await board.should_end(), "idle, but its app runs"
+        assert not board.idle(), "the app's answer counts as a call"
+        assert await unnamed.should_end(), "no app named: silence is enough"
+        running.clear()
+        await asyncio.sleep(0.1)
+        assert await board.should_end()
 
     asyncio.run(scenario())

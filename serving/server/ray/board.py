@@ -47,12 +47,14 @@ MAX_FORGOTTEN = 4096
 """Stopped followers the board remembers, to drop their late reports."""
 
 IDLE_EXIT_S = 600.0
-"""A board no replica has called for this long ends itself: its app is gone.
+"""A board that no replica has called for this long, and whose app Serve no longer runs,
+ends itself.
 
 The board is detached (it must outlive any one replica), so ``serve.delete`` does not end
-it; a live replica calls it at least every ``REPORT_EVERY_S`` (its follower's long-poll and
-report), so ten minutes of silence means no replica is left. Without this, each app name
-ever deployed and deleted on a long-lived cluster kept a process."""
+it. Silence alone is not enough: a replica with no named model and no member loaded (an
+app of model sets, idle) calls nobody, and needs its board the moment a member loads. So an
+idle board asks Serve whether its app is still there, and ends only if not. Without this,
+each app name ever deployed and deleted on a long-lived cluster kept a process."""
 
 
 @ray.remote(num_cpus=0)
@@ -67,8 +69,12 @@ class Board:
     most one forced check in flight and one queued, however many requests arrive.
     """
 
-    def __init__(self, idle_exit_s: float = IDLE_EXIT_S) -> None:
+    def __init__(self, idle_exit_s: float = IDLE_EXIT_S, app_name: str | None = None) -> None:
         self._idle_exit_s = idle_exit_s
+        self._app_name = app_name
+        """The Serve app this board serves (None: not known, silence is enough)."""
+        self._app_checks = 0
+        """How many times an idle board asked Serve about its app."""
         self._last_call = time.monotonic()
         self._waiting = 0
         """Long-polls in progress (a replica waiting is a live replica)."""
@@ -217,15 +223,36 @@ class Board:
         return dropped
 
     async def _reap(self) -> None:
-        """Prune dead replicas' rows now and then; end this actor once idle."""
+        """Prune dead replicas' rows now and then; end this actor once idle and its app gone."""
         every = max(0.05, min(60.0, self._idle_exit_s / 4))
         while True:
             await asyncio.sleep(every)
-            self.prune(max(self._idle_exit_s, 3 * REPORT_EVERY_S))
-            if self.idle():
+            if await self.should_end():
                 # NOTE: no_restart: an end on purpose, not a crash for max_restarts to undo.
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
                 return
+
+    async def should_end(self) -> bool:
+        """Prune; then whether this board is idle and its app is gone (asked of Serve only
+        when idle). An idle board whose app still runs counts as called now."""
+        self.prune(max(self._idle_exit_s, 3 * REPORT_EVERY_S))
+        if not self.idle():
+            return False
+        if self._app_name is None:
+            return True
+        self._app_checks += 1
+        if await asyncio.to_thread(self._app_alive, self._app_name):
+            self._last_call = time.monotonic()
+            return False
+        return True
+
+    @staticmethod
+    def _app_alive(app_name: str) -> bool:
+        """Whether Serve runs ``app_name``; True when Serve does not answer (keep the board)."""
+        try:
+            return app_name in serve.status().applications
+        except Exception:  # noqa: BLE001 -- NOTE: a board kept is a process; a board lost is an outage
+            return True
 
 
 def get_board(app_name: str) -> Any:
@@ -235,7 +262,7 @@ def get_board(app_name: str) -> Any:
         lifetime="detached",
         get_if_exists=True,
         **BOARD_OPTIONS,
-    ).remote()
+    ).remote(app_name=app_name)
 
 
 def drop_board(app_name: str) -> None:

@@ -6,8 +6,10 @@ import uuid
 
 import pytest
 import ray
+from ray import serve
 
-from serving.server.ray.board import BOARD_NAMESPACE, BOARD_OPTIONS, Board
+from serving.server.ray.app import delete_app
+from serving.server.ray.board import BOARD_NAMESPACE, BOARD_OPTIONS, Board, get_board
 from serving.testing.poll import wait_for
 
 pytestmark = [pytest.mark.ray]
@@ -48,3 +50,35 @@ def test_an_idle_board_ends_itself_for_good_and_a_called_one_stays(cluster) -> N
     finally:
         for board in boards.values():
             ray.kill(board, no_restart=True)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.01})
+class Quiet:
+    """An app whose replica never calls its board (as an app of model sets with no member)."""
+
+    def __call__(self) -> str:
+        return "ok"
+
+
+def test_an_idle_board_stays_while_serve_runs_its_app_and_ends_after(cluster) -> None:
+    app = f"quiet-{uuid.uuid4().hex[:8]}"
+    # NOTE: as the deploy fixture does: one app owns "/" at a time.
+    for other in list(serve.status().applications):
+        delete_app(other)
+    serve.run(Quiet.bind(), name=app, route_prefix="/", blocking=False)
+    try:
+        board = Board.options(
+            name=f"board-{app}", namespace=BOARD_NAMESPACE, lifetime="detached", **BOARD_OPTIONS
+        ).remote(idle_exit_s=0.5, app_name=app)
+        ray.get(board.report.remote("m", "r1", {"version": "1"}))
+        # NOTE: idle past its timeout three times over, asking Serve each time, and still there.
+        wait_for(
+            lambda: ray.get(board.__ray_call__.remote(lambda self: self._app_checks)) >= 3,
+            timeout=60,
+            what="the idle board to ask Serve about its app three times",
+        )
+        assert not _gone(f"board-{app}")
+        ray.get(get_board(app).report.remote("m", "r1", {"version": "1"}))
+    finally:
+        serve.delete(app)
+    wait_for(lambda: _gone(f"board-{app}"), timeout=60, what="the board of a deleted app to end")
