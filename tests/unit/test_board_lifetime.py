@@ -1,7 +1,7 @@
 """The board's own end: it prunes replicas that went without a word, and exits once idle.
 
 The board's logic as a plain class (``Board.__ray_actor_class__``), without Ray; the exit on
-real Ray is in ``tests/integration/serve/test_ray_model_sets.py``."""
+real Ray is in ``tests/integration/serve/test_ray_board.py``."""
 
 from __future__ import annotations
 
@@ -9,16 +9,28 @@ import asyncio
 import time
 from collections import Counter
 
+import pytest
+
 from serving.server.ray.board import Board
 
 BoardClass = Board.__ray_actor_class__
+
+
+@pytest.fixture(autouse=True)
+def no_reaper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests ask ``should_end`` themselves; the reaper would end the actor through Ray
+    (and start Ray to do it)."""
+
+    async def idle_reaper(self: object) -> None:
+        return None
+
+    monkeypatch.setattr(BoardClass, "_reap", idle_reaper)
 
 
 def test_a_board_is_idle_only_after_no_call_for_its_timeout_and_not_while_a_replica_waits() -> None:
     async def scenario() -> None:
         board = BoardClass(idle_exit_s=0.2)
         await board.report("m", "r1", {"version": "1"})
-        board._reaper.cancel()  # NOTE: it would end the actor through Ray
         now = time.monotonic()
         assert not board.idle(now)
         assert board.idle(now + 0.3)
@@ -46,7 +58,6 @@ def test_prune_drops_only_rows_older_than_its_limit_and_the_models_left_empty() 
         assert set(snap) == {"a"}
         assert set(snap["a"]["replicas"]) == {"live"}
         assert board.prune(50, now) == 0
-        board._reaper.cancel()
 
     asyncio.run(scenario())
 
@@ -85,7 +96,6 @@ def test_a_poke_or_load_request_wakes_only_its_own_models_waiters(monkeypatch) -
         assert await others[3] > 0
         for task in others:
             task.cancel()
-        board._reaper.cancel()
 
     asyncio.run(scenario())
 
@@ -101,9 +111,6 @@ def test_an_idle_board_ends_only_once_serve_no_longer_runs_its_app(monkeypatch) 
         unnamed = BoardClass(idle_exit_s=0.05)
         await board.report("m", "r1", {"version": "1"})
         await unnamed.report("m", "r1", {"version": "1"})
-        for b in (board, unnamed):
-            # NOTE: this test asks should_end itself; the reaper would end the actor (Ray).
-            b._reaper.cancel()
         assert not await board.should_end(), "called just now"
         await asyncio.sleep(0.1)
         assert not await board.should_end(), "idle, but its app runs"
@@ -112,5 +119,26 @@ def test_an_idle_board_ends_only_once_serve_no_longer_runs_its_app(monkeypatch) 
         running.clear()
         await asyncio.sleep(0.1)
         assert await board.should_end()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_that_arrives_while_serve_is_asked_keeps_the_board(monkeypatch) -> None:
+    def slow_and_gone(name: str) -> bool:
+        time.sleep(0.3)
+        return False
+
+    monkeypatch.setattr(BoardClass, "_app_alive", staticmethod(slow_and_gone))
+
+    async def scenario() -> None:
+        board = BoardClass(idle_exit_s=0.05, app_name="gone")
+        await board.report("m", "r1", {"version": "1"})
+        await asyncio.sleep(0.1)
+        asking = asyncio.create_task(board.should_end())
+        await asyncio.sleep(0.1)  # NOTE: Serve is being asked (0.3 s) when the report arrives
+        await board.report("m", "r1", {"version": "1"})
+        assert await asking is False
+        await asyncio.sleep(0.1)
+        assert await board.should_end() is True
 
     asyncio.run(scenario())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -24,6 +25,8 @@ from ray import serve
 from serving.config import AppConfig
 from serving.runtime.service import ModelService
 from serving.runtime.watcher import run_forever
+
+log = logging.getLogger(__name__)
 
 BOARD_NAMESPACE = "serving"
 HEAD_NODE_RESOURCE = "node:__internal_head__"
@@ -45,6 +48,9 @@ BOARD_OPTIONS: dict[str, Any] = {
 
 MAX_FORGOTTEN = 4096
 """Stopped followers the board remembers, to drop their late reports."""
+
+APP_CHECK_TIMEOUT_S = 30.0
+"""How long an idle board waits for Serve's answer about its app (then it stays)."""
 
 IDLE_EXIT_S = 600.0
 """A board that no replica has called for this long, and whose app Serve no longer runs,
@@ -90,8 +96,9 @@ class Board:
         run each): most of it is the members' reports and waits themselves."""
         self._forgotten: dict[str, None] = {}
         """Followers that stopped, oldest first (a bounded ordered set)."""
-        self._poked: set[tuple[str, str]] = set()
-        """(model, replica) pairs whose current wait should end: that replica's alias feed saw a move."""
+        self._poked: dict[tuple[str, str], float] = {}
+        """(model, replica) pairs whose current wait should end (that replica's alias feed saw
+        a move), with when (:meth:`prune` drops old ones)."""
 
     async def report(self, model: str, replica: str, status: dict[str, Any], follower: str = "") -> None:
         self._touch()
@@ -129,15 +136,19 @@ class Board:
             return self._generation[model]
 
     async def poke(self, model: str, replica: str) -> None:
-        self._touch()
         """End one replica's wait for ``model`` (its own alias feed saw the alias move), and no other's.
 
         NOTE: not a load request: a generation is shared by every replica, and each replica's
         feed sees the same move, so N replicas bumping it would cost N forced reads each."""
+        self._touch()
         changed = self._condition(model)
         async with changed:
-            self._poked.add((model, replica))
+            self._poked[(model, replica)] = time.time()
             changed.notify_all()
+
+    async def touch(self) -> None:
+        """Nothing but a call: a replica starting up (``get_board``) starts the board's clock."""
+        self._touch()
 
     async def wait(self, model: str, replica: str, seen: int, timeout: float) -> int:
         """Return the model's load generation as soon as it exceeds ``seen``, or at timeout;
@@ -156,8 +167,10 @@ class Board:
         async with changed:
             if seen > self._generation[model]:
                 # NOTE: a restarted board counts from 0 while its replicas kept their count:
-                # take theirs, or no load request would wake them until the count caught up.
+                # take theirs, or no load request would wake them until the count caught up;
+                # other waits of the model that had seen less are due now.
                 self._generation[model] = seen
+                changed.notify_all()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     changed.wait_for(lambda: self._generation[model] > seen or key in self._poked),
@@ -166,9 +179,9 @@ class Board:
             generation = self._generation[model]
             self._seen[model][replica] = generation
             if generation <= seen and key in self._poked:
-                self._poked.discard(key)
+                self._poked.pop(key, None)
                 return -1
-            self._poked.discard(key)
+            self._poked.pop(key, None)
             return generation
 
     async def snapshot(self, max_age_s: float) -> dict[str, Any]:
@@ -193,7 +206,7 @@ class Board:
     # -- its own end -----------------------------------------------------------------
     def _touch(self) -> None:
         self._last_call = time.monotonic()
-        if self._reaper is None:
+        if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
     def idle(self, now: float | None = None) -> bool:
@@ -217,9 +230,13 @@ class Board:
                 del self._replicas[model]
                 if not self._seen.get(model):
                     self._seen.pop(model, None)
-        # NOTE: a poke for a replica that stopped following before its next wait stays
-        # until that replica's row goes.
-        self._poked = {key for key in self._poked if key[1] in self._replicas.get(key[0], {})}
+        # NOTE: a poke for a replica that stopped following before its next wait would stay.
+        self._poked = {key: at for key, at in self._poked.items() if now - at <= older_than_s}
+        for model in [m for m, c in self._changed.items() if m not in self._replicas]:
+            changed = self._changed[model]
+            # NOTE: a condition someone waits on (or is about to) stays, or that wait's wake is lost.
+            if not changed.locked() and not getattr(changed, "_waiters", None):
+                del self._changed[model]
         return dropped
 
     async def _reap(self) -> None:
@@ -227,10 +244,13 @@ class Board:
         every = max(0.05, min(60.0, self._idle_exit_s / 4))
         while True:
             await asyncio.sleep(every)
-            if await self.should_end():
-                # NOTE: no_restart: an end on purpose, not a crash for max_restarts to undo.
-                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
-                return
+            try:
+                if await self.should_end():
+                    # NOTE: no_restart: an end on purpose, not a crash for max_restarts to undo.
+                    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                    return
+            except Exception:
+                log.exception("the board's reaper failed; trying again")
 
     async def should_end(self) -> bool:
         """Prune; then whether this board is idle and its app is gone (asked of Serve only
@@ -241,14 +261,23 @@ class Board:
         if self._app_name is None:
             return True
         self._app_checks += 1
-        if await asyncio.to_thread(self._app_alive, self._app_name):
+        asked_at = time.monotonic()
+        try:
+            alive = await asyncio.wait_for(
+                asyncio.to_thread(self._app_alive, self._app_name), APP_CHECK_TIMEOUT_S
+            )
+        except TimeoutError:
+            alive = True  # NOTE: a controller that hangs keeps the board
+        if alive:
             self._last_call = time.monotonic()
             return False
-        return True
+        # NOTE: a call that arrived while Serve was asked means a replica is alive after all.
+        return self._last_call < asked_at and self.idle()
 
     @staticmethod
     def _app_alive(app_name: str) -> bool:
-        """Whether Serve runs ``app_name``; True when Serve does not answer (keep the board)."""
+        """Whether Serve runs ``app_name``: True when asking failed (keep the board); False
+        when no Serve controller runs (Serve's status is then empty)."""
         try:
             return app_name in serve.status().applications
         except Exception:  # noqa: BLE001 -- NOTE: a board kept is a process; a board lost is an outage
@@ -256,13 +285,17 @@ class Board:
 
 
 def get_board(app_name: str) -> Any:
-    return Board.options(  # type: ignore[attr-defined]
+    """The app's board, created if it has none; the call starts its idle clock (a replica
+    that never calls it again still leaves a board that ends once its app is gone)."""
+    board = Board.options(  # type: ignore[attr-defined]
         name=f"board-{app_name}",
         namespace=BOARD_NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
         **BOARD_OPTIONS,
     ).remote(app_name=app_name)
+    board.touch.remote()
+    return board
 
 
 def drop_board(app_name: str) -> None:

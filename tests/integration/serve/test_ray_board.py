@@ -26,11 +26,13 @@ def _gone(name: str) -> bool:
 def test_an_idle_board_ends_itself_for_good_and_a_called_one_stays(cluster) -> None:
     idle, busy = f"board-idle-{uuid.uuid4().hex[:8]}", f"board-busy-{uuid.uuid4().hex[:8]}"
     # NOTE: the app's own options, restarts included: an end on purpose must not come back.
+    # NOTE: the busy one stays up only while called: 5 s of silence ends it, so a CI stall
+    # between two of this test's calls must not.
     boards = {
         name: Board.options(
             name=name, namespace=BOARD_NAMESPACE, lifetime="detached", **BOARD_OPTIONS
-        ).remote(idle_exit_s=1.0)
-        for name in (idle, busy)
+        ).remote(idle_exit_s=timeout)
+        for name, timeout in ((idle, 1.0), (busy, 5.0))
     }
     try:
         ray.get([b.report.remote("m", "r1", {"version": "1"}) for b in boards.values()])
@@ -70,7 +72,8 @@ def test_an_idle_board_stays_while_serve_runs_its_app_and_ends_after(cluster) ->
         board = Board.options(
             name=f"board-{app}", namespace=BOARD_NAMESPACE, lifetime="detached", **BOARD_OPTIONS
         ).remote(idle_exit_s=0.5, app_name=app)
-        ray.get(board.report.remote("m", "r1", {"version": "1"}))
+        # NOTE: what get_board sends: the one call this app's replica makes.
+        ray.get(board.touch.remote())
         # NOTE: idle past its timeout three times over, asking Serve each time, and still there.
         wait_for(
             lambda: ray.get(board.__ray_call__.remote(lambda self: self._app_checks)) >= 3,
