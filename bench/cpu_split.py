@@ -35,8 +35,9 @@ BODY = json.dumps(
 )
 
 
-def cpu_by_process(session: int) -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) of every live process in ``session``, by pid."""
+def cpu_by_process(session: int | None = None) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of every live process in ``session`` (None: every live
+    process), by pid, each with its command line."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[int, tuple[str, float]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
@@ -46,7 +47,7 @@ def cpu_by_process(session: int) -> dict[int, tuple[str, float]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[3]) == session:
+        if session is None or int(fields[3]) == session:
             out[int(entry.name)] = (cmd[:80], (int(fields[11]) + int(fields[12])) / tick)
     return out
 

@@ -45,6 +45,7 @@ import httpx
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
+from bench.cpu_split import cpu_by_process
 from bench.density import _publish, add_workload_arguments, hot_phase, publish, zipf_phase
 from bench.systems import Processes
 from serving.repository import Repository
@@ -252,12 +253,13 @@ def _profiled(args: argparse.Namespace, phase: str) -> Iterator[None]:
         )
         for pid in pids
     ]
-    before, started = _cpu_by_process(), time.monotonic()
+    before, idle_before, started = cpu_by_process(), _idle_s(), time.monotonic()
     try:
         yield
     finally:
         seconds_ = time.monotonic() - started
-        used = _cores_by_kind(before, _cpu_by_process(), seconds_)
+        used = _cores_by_kind(before, cpu_by_process(), seconds_)
+        used["idle"] = round((_idle_s() - idle_before) / seconds_, 3)
         (out / f"{phase}-cpu.json").write_text(
             json.dumps({"seconds": seconds_, "cores_used": used}, indent=1)
         )
@@ -269,35 +271,29 @@ def _profiled(args: argparse.Namespace, phase: str) -> Iterator[None]:
                 recorder.wait()
 
 
-def _cpu_by_process() -> dict[str, tuple[str, float]]:
-    """Per process id: its kind (the command's first words; a Ray worker's title) and its
-    CPU seconds so far; ``idle``: the machine's idle seconds, all cores together."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, tuple[str, float]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            raw = stat.read_text()
-            cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        words = [c.decode(errors="replace") for c in cmd if c]
-        # NOTE: a Ray worker's title names the method it runs now; its class is what stays.
-        ray_title = next((w.split(".")[0] for w in words if w.startswith("ray::")), None)
-        kind = ray_title or " ".join(Path(w).name for w in words[:3])
-        out[stat.parent.name] = (kind[:60], (int(fields[11]) + int(fields[12])) / tick)
-    idle = Path("/proc/stat").read_text().split("\n", 1)[0].split()[4]
-    out["idle"] = ("idle", int(idle) / tick)
-    return out
+def _kind(cmd: str) -> str:
+    """A process's kind: a Ray worker's class (its title also names the method it runs now,
+    which changes), else its command's first three words."""
+    words = cmd.split()
+    if words and words[0].startswith("ray::"):
+        return words[0].split(".")[0]
+    return " ".join(Path(w).name for w in words[:3])[:60]
+
+
+def _idle_s() -> float:
+    """The machine's idle seconds so far, all cores together."""
+    return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _cores_by_kind(
-    before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]], seconds: float
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float
 ) -> dict[str, float]:
-    """Cores each kind of process used between two :func:`_cpu_by_process` readings."""
+    """Cores each kind of process used between two :func:`bench.cpu_split.cpu_by_process`
+    readings (a process is matched by pid, so its title may change in between)."""
     used: dict[str, float] = {}
-    for pid, (kind, cpu) in after.items():
-        used[kind] = used.get(kind, 0.0) + (cpu - before.get(pid, (kind, 0.0))[1]) / seconds
+    for pid, (cmd, cpu) in after.items():
+        kind = _kind(cmd)
+        used[kind] = used.get(kind, 0.0) + (cpu - before.get(pid, (cmd, 0.0))[1]) / seconds
     return {k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.005}
 
 
