@@ -58,7 +58,7 @@ from serving.server.local import (
     open_pool,
 )
 from serving.server.ray.batching import BatchedModel
-from serving.server.ray.board import BoardLoads, Follower, drop_board, get_board, replica_context
+from serving.server.ray.board import BoardLink, BoardLoads, Follower, drop_board, get_board, replica_context
 from serving.server.ray.routing import Forward, RoutedSets, router_config
 from serving.server.rest import RestApi
 from serving.settings import get_settings
@@ -135,18 +135,18 @@ class Server(GrpcMethods):
         settings = get_settings()
         app_name, replica = replica_context()
         self._replica = replica
-        board = get_board(app_name)
+        link = self._link = BoardLink(get_board(app_name), replica, app_name)
         services = [ModelService(m, self.app, settings) for m in self.app.named]
-        self._followers = [Follower(s, board, replica) for s in services]
+        self._followers = [Follower(s, link) for s in services]
         for follower in self._followers:
             follower.start()
-        loads = BoardLoads(board, self.app)
+        loads = BoardLoads(link, self.app)
         self._stop = threading.Event()
         self.pool: ModelPool[LocalMember] | None = None
         self.sets: PooledModels | None = None
         sets: PooledModels | RoutedSets | None = None
         if self.app.model_sets:
-            self.sets = open_pool(self.app, settings, lambda service: _Member(service, board, replica), loads)
+            self.sets = open_pool(self.app, settings, lambda service: _Member(service, link), loads)
             self.pool = self.sets.pool
             self.sets.start(self._stop)
             sets = self.sets
@@ -208,6 +208,9 @@ class Server(GrpcMethods):
     def __del__(self) -> None:
         for follower in getattr(self, "_followers", []):
             follower.stop()
+        link = getattr(self, "_link", None)
+        if link is not None:
+            link.close()
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
@@ -220,11 +223,11 @@ class Server(GrpcMethods):
 class _Member:
     """A model-set member in a single-hop replica: its service, port and board follower."""
 
-    def __init__(self, service: ModelService, board: Any, replica: str) -> None:
+    def __init__(self, service: ModelService, link: BoardLink) -> None:
         self.name = service.config.name
         self.service = service
         self.port = _model_port(service)
-        self._follower = Follower(service, board, replica)
+        self._follower = Follower(service, link)
 
     def load(self) -> None:
         self._follower.start()
@@ -250,7 +253,8 @@ class ModelDeployment:
         config = ModelConfig.model_validate(model)
         service = ModelService(config, AppConfig.model_validate(app), get_settings())
         app_name, replica = replica_context()
-        self._follower = Follower(service, get_board(app_name), replica)
+        self._link = BoardLink(get_board(app_name), replica, app_name)
+        self._follower = Follower(service, self._link)
         self._follower.start()
         self.port = _model_port(service)
 
@@ -275,6 +279,9 @@ class ModelDeployment:
         follower = getattr(self, "_follower", None)
         if follower is not None:
             follower.stop()
+        link = getattr(self, "_link", None)
+        if link is not None:
+            link.close()
 
 
 @contextlib.contextmanager
@@ -325,10 +332,9 @@ class Ingress(GrpcMethods):
         configure_logging()
         self.app = AppConfig.model_validate(app)
         ports: dict[str, ModelPort] = {name: HandleModel(h) for name, h in models.items()}
-        board = get_board(replica_context()[0])
-        self.plane = DataPlane(
-            self.app, ports, BoardLoads(board, self.app), admin_token=get_settings().admin_token_value()
-        )
+        app_name, replica = replica_context()
+        loads = BoardLoads(BoardLink(get_board(app_name), replica, app_name), self.app)
+        self.plane = DataPlane(self.app, ports, loads, admin_token=get_settings().admin_token_value())
         self.rest = RestApi(self.plane)
 
     async def __call__(self, request: Request) -> Response:

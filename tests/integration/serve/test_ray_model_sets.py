@@ -7,8 +7,11 @@ from typing import Any
 
 import httpx
 import pytest
+import ray
+from ray import serve
 
 from serving.repository import SetTarget
+from serving.server.ray.board import BOARD_NAMESPACE
 from serving.testing.poll import wait_for
 
 from .conftest import app_args, infer, publish_iris, s3_env
@@ -50,6 +53,23 @@ def test_members_load_on_demand_within_the_budget_and_a_late_one_is_served(
             what="fraud-late in the index",
         )
         assert rows["set"] == "fraud-"
+        # NOTE: the replica long-polls its board once for all it serves (a thread and a wait
+        # per member cost about 1 ms of CPU each per second): one wait covers the three.
+        (app_name,) = serve.status().applications
+        (replica,) = {x["replica"] for x in rows["replicas"]}
+        board = ray.get_actor(f"board-{app_name}", namespace=BOARD_NAMESPACE)
+        wait_for(
+            lambda: (
+                ray.get(
+                    board.__ray_call__.remote(
+                        lambda b: [sorted(w.models) for w in b._replica_waits.get(replica, ())]
+                    )
+                )
+                == [["fraud-a", "fraud-late", "iris"]]
+            ),
+            timeout=30,
+            what="one wait from the replica covering its three models",
+        )
         # NOTE: a load request acts on the member (loads it, checks its alias); unload frees it.
         loaded = client.post(base + "/v2/repository/models/fraud-b/load")
         assert loaded.status_code == 200, loaded.text
