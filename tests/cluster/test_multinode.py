@@ -32,6 +32,7 @@ from sklearn.linear_model import LogisticRegression
 from serving.manifest import TensorSpec
 from serving.publish import publish_path
 from serving.repository import Repository, SetTarget
+from serving.server.ray.board import board_name
 from serving.settings import Settings
 from serving.store import open_store
 from serving.testing import MotoS3
@@ -118,7 +119,7 @@ class Deployed:
 
     def board(self) -> dict[str, Any]:
         for actor in ray._private.state.actors().values():
-            if actor.get("Name") == f"board-{APP}" and actor["State"] != "DEAD":
+            if actor.get("Name") == board_name(APP) and actor["State"] != "DEAD":
                 return dict(actor)
         raise AssertionError("no board actor")
 
@@ -443,7 +444,7 @@ def test_board_lives_on_the_head_and_comes_back_when_its_process_dies(
     assert deployed.client.post(f"{deployed.http}/v2/repository/models/iris/load").status_code == 200
     generation = min(r["generation"] for r in deployed.index()["replicas"])
     assert generation > 0
-    handle = ray.get_actor(f"board-{APP}", namespace=BOARD_NAMESPACE)
+    handle = ray.get_actor(board_name(APP), namespace=BOARD_NAMESPACE)
     killed = time.monotonic()
     ray.kill(handle, no_restart=False)
 

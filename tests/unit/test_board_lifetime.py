@@ -61,9 +61,9 @@ def test_prune_drops_only_rows_older_than_its_limit_and_the_models_left_empty() 
     asyncio.run(scenario())
 
 
-def test_a_poke_or_load_request_wakes_only_its_own_models_waiters() -> None:
-    """A thousand members each long-poll the board; one model's load request or poke must
-    not wake the others' waits (each woken wait re-checks every model it covers)."""
+def test_a_load_request_wakes_only_the_waits_that_cover_its_model() -> None:
+    """Replicas each long-poll the board for all their members; one model's load request
+    must not wake the waits that do not cover it (each woken wait re-checks every model)."""
 
     async def scenario() -> None:
         board = BoardClass(idle_exit_s=60)
@@ -74,13 +74,6 @@ def test_a_poke_or_load_request_wakes_only_its_own_models_waiters() -> None:
         await asyncio.sleep(0.01)
         assert await board.request_load("a") > 0
         assert await mine > 0
-        poked = asyncio.create_task(board.wait("a", "r1", await board.request_load("a"), 30.0), name="poked")
-        await asyncio.sleep(0.01)
-        await board.poke("a", "r2")  # NOTE: another replica's poke: not this wait's
-        await asyncio.sleep(0.01)
-        assert not poked.done()
-        await board.poke("a", "r1")
-        assert await poked == -1
         woken = [w for m in (f"m{i}" for i in range(20)) for w in board._waits[m] if w.event.is_set()]
         assert woken == []
         assert not any(t.done() for t in others)
@@ -108,9 +101,6 @@ def test_one_wait_covers_all_of_a_replicas_models_and_returns_only_those_due() -
         assert second > generation
         assert await board.request_load("m7") == second
         assert await board.wait_many("r1", seen, 0.0, 1) == {"m7": second}
-        # NOTE: a poke returns -1 for its model only, and is gone once handed over.
-        await board.poke("m3", "r1")
-        assert await board.wait_many("r1", {"m3": 0, "m4": 0}, 5.0, 1) == {"m3": -1}
         assert await board.wait_many("r1", {"m3": 0, "m4": 0}, 0.01, 1) == {}
         # NOTE: a wait that a board restart left behind lifts the board's count to its own.
         fresh = BoardClass(idle_exit_s=60)

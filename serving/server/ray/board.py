@@ -101,18 +101,15 @@ class Board:
         self._seen: dict[str, dict[str, int]] = defaultdict(dict)
         self._replicas: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
         self._waits: dict[str, set[_Wait]] = {}
-        """Per model: the long-polls that include it. NOTE: a load request or a poke wakes only
-        those; one condition for every model woke each of a thousand members' waits at every
-        load request, to find it was not theirs."""
+        """Per model: the long-polls that include it. NOTE: a load request wakes only those;
+        one condition for every model woke each of a thousand members' waits at every load
+        request, to find it was not theirs."""
         self._replica_waits: dict[str, set[_Wait]] = {}
         """Per replica: its long-polls in progress (normally one, for all its members)."""
         self._epochs: dict[str, int] = {}
         """Per replica: the newest member-set change it announced (:meth:`rewait`)."""
         self._forgotten: dict[str, None] = {}
         """Followers that stopped, oldest first (a bounded ordered set)."""
-        self._poked: dict[tuple[str, str], float] = {}
-        """(model, replica) pairs whose current wait should end (that replica's alias feed saw
-        a move), with when (:meth:`prune` drops old ones)."""
 
     async def report(self, model: str, replica: str, status: dict[str, Any], follower: str = "") -> None:
         self._touch()
@@ -156,15 +153,6 @@ class Board:
             self._wake(model)
         return self._generation[model]
 
-    async def poke(self, model: str, replica: str) -> None:
-        """End one replica's wait for ``model`` (its own alias feed saw the alias move), and no other's.
-
-        NOTE: not a load request: a generation is shared by every replica, and each replica's
-        feed sees the same move, so N replicas bumping it would cost N forced reads each."""
-        self._touch()
-        self._poked[(model, replica)] = time.time()
-        self._wake(model, replica)
-
     async def rewait(self, replica: str, epoch: int) -> None:
         """End ``replica``'s waits that started before its member set changed (``epoch``), so
         its next wait includes the members it added; a wait that starts later with an older
@@ -181,8 +169,7 @@ class Board:
         self._touch()
 
     async def wait(self, model: str, replica: str, seen: int, timeout: float) -> int:
-        """Return the model's load generation as soon as it exceeds ``seen``, or at timeout;
-        ``-1`` if this replica was poked (:meth:`poke`) before either."""
+        """Return the model's load generation as soon as it exceeds ``seen``, or at timeout."""
         due = await self.wait_many(replica, {model: seen}, timeout)
         return due.get(model, self._generation[model])
 
@@ -190,8 +177,8 @@ class Board:
         self, replica: str, seen: dict[str, int], timeout: float, epoch: int = 0
     ) -> dict[str, int]:
         """One long-poll for all of a replica's members: as soon as any model in ``seen`` has
-        a load generation above the one given (or this replica was poked for it), or at
-        timeout, return those models, each with its generation or ``-1`` if only poked."""
+        a load generation above the one given, or at timeout, return those models, each with
+        its generation."""
         self._touch()
         self._waiting += 1
         try:
@@ -201,7 +188,7 @@ class Board:
                 # other waits of the model that had seen less are due now.
                 self._generation[model] = seen[model]
                 self._wake(model)
-            due = self._due(replica, seen)
+            due = self._due(seen)
             if not due and timeout > 0 and epoch >= self._epochs.get(replica, 0):
                 wait = _Wait(replica, epoch, tuple(seen))
                 self._register(wait)
@@ -210,24 +197,16 @@ class Board:
                         await asyncio.wait_for(wait.event.wait(), timeout)
                 finally:
                     self._unregister(wait)
-                due = self._due(replica, seen)
+                due = self._due(seen)
             for model in seen:
                 self._seen[model][replica] = self._generation[model]
-                self._poked.pop((model, replica), None)
             return due
         finally:
             self._waiting -= 1
             self._last_call = time.monotonic()
 
-    def _due(self, replica: str, seen: dict[str, int]) -> dict[str, int]:
-        due: dict[str, int] = {}
-        for model, s in seen.items():
-            generation = self._generation[model]
-            if generation > s:
-                due[model] = generation
-            elif (model, replica) in self._poked:
-                due[model] = -1
-        return due
+    def _due(self, seen: dict[str, int]) -> dict[str, int]:
+        return {m: self._generation[m] for m, s in seen.items() if self._generation[m] > s}
 
     def _register(self, wait: _Wait) -> None:
         for model in wait.models:
@@ -247,10 +226,9 @@ class Board:
             if not waits:
                 del self._replica_waits[wait.replica]
 
-    def _wake(self, model: str, replica: str | None = None) -> None:
+    def _wake(self, model: str) -> None:
         for wait in self._waits.get(model, ()):
-            if replica is None or wait.replica == replica:
-                wait.event.set()
+            wait.event.set()
 
     async def snapshot(self, max_age_s: float) -> dict[str, Any]:
         self._touch()
@@ -286,16 +264,21 @@ class Board:
             replicas = self._replicas[model]
             for replica in [r for r, s in replicas.items() if now - s["reported_at"] > older_than_s]:
                 del replicas[replica]
-                self._seen[model].pop(replica, None)
                 dropped += 1
             if not replicas:
                 del self._replicas[model]
-                if not self._seen.get(model):
-                    self._seen.pop(model, None)
-        live = {r for replicas in self._replicas.values() for r in replicas} | set(self._replica_waits)
+        waiting = set(self._replica_waits)
+        live = {r for replicas in self._replicas.values() for r in replicas} | waiting
         self._epochs = {r: e for r, e in self._epochs.items() if r in live}
-        # NOTE: a poke for a replica that stopped following before its next wait would stay.
-        self._poked = {key: at for key, at in self._poked.items() if now - at <= older_than_s}
+        # NOTE: a wait in flight when its member was forgotten (or its replica stopped) puts
+        # the member's seen count back after the forget; it goes here, with no row to keep it.
+        for model in list(self._seen):
+            rows = self._replicas.get(model, {})
+            kept = {r: g for r, g in self._seen[model].items() if r in rows or r in waiting}
+            if kept:
+                self._seen[model] = kept
+            else:
+                del self._seen[model]
         return dropped
 
     async def _reap(self) -> None:
@@ -343,24 +326,47 @@ class Board:
             return True
 
 
+BOARD_PROTOCOL = 2
+"""Raised when the board's methods change so that replicas and a board of other code cannot
+talk (2: one long-poll and one report per replica). The board's name carries it: a board is
+detached, so without it replicas of new code deployed in place (same cluster, same app name)
+would find the old code's board and fail every call."""
+
+
+def board_name(app_name: str, protocol: int = BOARD_PROTOCOL) -> str:
+    """The named actor of an app's board (protocol 1 had no suffix)."""
+    return f"board-{app_name}" if protocol == 1 else f"board-{app_name}-v{protocol}"
+
+
 def get_board(app_name: str) -> Any:
     """The app's board, created if it has none; the call starts its idle clock (a replica
-    that never calls it again still leaves a board that ends once its app is gone)."""
+    that never calls it again still leaves a board that ends once its app is gone).
+
+    A board of an older protocol is ended. NOTE: replicas of the old code still running
+    in a rolling update lose their load requests for the rest of their life; left alone,
+    that board would never end, as its app still runs."""
     board = Board.options(  # type: ignore[attr-defined]
-        name=f"board-{app_name}",
+        name=board_name(app_name),
         namespace=BOARD_NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
         **BOARD_OPTIONS,
     ).remote(app_name=app_name)
     board.touch.remote()
+    _drop(app_name, range(1, BOARD_PROTOCOL))
     return board
 
 
 def drop_board(app_name: str) -> None:
     """End an app's board (it is detached: it outlives ``serve.delete``); nothing if it has none."""
-    with contextlib.suppress(ValueError):
-        ray.kill(ray.get_actor(f"board-{app_name}", namespace=BOARD_NAMESPACE), no_restart=True)
+    _drop(app_name, range(1, BOARD_PROTOCOL + 1))
+
+
+def _drop(app_name: str, protocols: range) -> None:
+    for protocol in protocols:
+        with contextlib.suppress(ValueError):
+            board = ray.get_actor(board_name(app_name, protocol), namespace=BOARD_NAMESPACE)
+            ray.kill(board, no_restart=True)
 
 
 def replica_context() -> tuple[str, str]:
@@ -381,7 +387,7 @@ class BoardLink:
     """A replica's one line to its board, shared by every model it serves.
 
     One thread long-polls the board for all the replica's members at once
-    (:meth:`Board.wait_many`) and hands each follower its load requests and pokes; another
+    (:meth:`Board.wait_many`) and hands each follower its load requests; another
     sends what changed (and every member's row every :data:`REPORT_EVERY_S`) in one
     :meth:`Board.report_many`. NOTE: one thread per member, each reporting and long-polling
     on its own, cost about 1 ms of CPU per member per second between the replica and the
@@ -405,6 +411,8 @@ class BoardLink:
         self._epoch = 0
         self._closed = threading.Event()
         self._started = False
+        self._failures = 0
+        self._logged_at = 0.0
 
     def add(self, follower: Follower) -> None:
         with self._lock:
@@ -437,8 +445,15 @@ class BoardLink:
         self._reports.set()
 
     def poke(self, model: str) -> None:
-        with contextlib.suppress(Exception):
-            self.board.poke.remote(model, self._replica)
+        """End this replica's wait for ``model`` (its alias feed saw the alias move).
+
+        NOTE: here, not through the board: a poke is for this replica alone (each replica's
+        feed sees the same move), and not a load request (a generation is shared by every
+        replica, so N replicas bumping it would cost N forced reads each)."""
+        with self._lock:
+            followers = [f for f in self._followers.values() if f.name == model]
+        for follower in followers:
+            follower.deliver(-1)
 
     def close(self) -> None:
         self._closed.set()
@@ -481,18 +496,31 @@ class BoardLink:
                 continue
             try:
                 ref = self.board.wait_many.remote(self._replica, seen, REPORT_EVERY_S, epoch)
-                due: dict[str, int] = ray.get(ref, timeout=REPORT_EVERY_S + APP_CHECK_TIMEOUT_S)
-            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError):
+                due: dict[str, int] = self._result(ref, REPORT_EVERY_S + APP_CHECK_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 -- NOTE: board restarting or gone: try again
+                self._failed(exc)
                 self._closed.wait(1.0)
-                self.relookup()
+                if isinstance(exc, ray.exceptions.ActorDiedError):
+                    self.relookup()
                 continue
-            except Exception:  # noqa: BLE001 -- NOTE: board gone (cluster shutting down): try again
-                self._closed.wait(1.0)
-                continue
+            self._failures = 0
             for follower in followers:
                 generation = due.get(follower.name)
                 if generation is not None:
                     follower.deliver(generation)
+
+    @staticmethod
+    def _result(ref: Any, timeout: float) -> Any:
+        return ray.get(ref, timeout=timeout)
+
+    def _failed(self, exc: Exception) -> None:
+        """Log the first of a run of failed long-polls, then one a minute (the replica's
+        members meanwhile follow their aliases at the poll interval, without load requests)."""
+        self._failures += 1
+        now = time.monotonic()
+        if self._failures == 1 or now - self._logged_at >= 60.0:
+            self._logged_at = now
+            log.warning("the board did not answer (%d in a row): %r", self._failures, exc)
 
     def relookup(self) -> None:
         """A board ended for good leaves a dead handle: find (or make) the app's board now."""
@@ -561,7 +589,7 @@ class Follower:
         self._stop = threading.Event()
         self.id = uuid.uuid4().hex
         """This follower, so the board can drop its reports that arrive after it stopped."""
-        self._node_id = ray.get_runtime_context().get_node_id()
+        self._node_id: str | None = None
 
     def start(self) -> None:
         """Load the first version (raises if none loads: the replica is not healthy) and follow."""
@@ -590,6 +618,8 @@ class Follower:
 
     def row(self) -> dict[str, Any]:
         """This replica's row for the model on the board."""
+        if self._node_id is None:
+            self._node_id = ray.get_runtime_context().get_node_id()
         return {**self.service.status(), "generation": self._done, "node_id": self._node_id}
 
     def seen(self) -> int:
@@ -598,7 +628,8 @@ class Follower:
             return max(self._generation, self._pending)
 
     def deliver(self, generation: int) -> None:
-        """A load request (its generation) or a poke (``-1``) from the board."""
+        """A load request (its generation, from the board) or a poke (``-1``, from this
+        replica's alias feed)."""
         with self._lock:
             if generation < 0:
                 self._poked = True

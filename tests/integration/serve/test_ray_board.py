@@ -9,7 +9,7 @@ import ray
 from ray import serve
 
 from serving.server.ray.app import delete_app
-from serving.server.ray.board import BOARD_NAMESPACE, BOARD_OPTIONS, Board, get_board
+from serving.server.ray.board import BOARD_NAMESPACE, BOARD_OPTIONS, Board, board_name, get_board
 from serving.testing.poll import wait_for
 
 pytestmark = [pytest.mark.ray]
@@ -70,7 +70,7 @@ def test_an_idle_board_stays_while_serve_runs_its_app_and_ends_after(cluster) ->
     serve.run(Quiet.bind(), name=app, route_prefix="/", blocking=False)
     try:
         board = Board.options(
-            name=f"board-{app}", namespace=BOARD_NAMESPACE, lifetime="detached", **BOARD_OPTIONS
+            name=board_name(app), namespace=BOARD_NAMESPACE, lifetime="detached", **BOARD_OPTIONS
         ).remote(idle_exit_s=0.5, app_name=app)
         # NOTE: what get_board sends: the one call this app's replica makes.
         ray.get(board.touch.remote())
@@ -80,8 +80,25 @@ def test_an_idle_board_stays_while_serve_runs_its_app_and_ends_after(cluster) ->
             timeout=60,
             what="the idle board to ask Serve about its app three times",
         )
-        assert not _gone(f"board-{app}")
+        assert not _gone(board_name(app))
         ray.get(get_board(app).report.remote("m", "r1", {"version": "1"}))
     finally:
         serve.delete(app)
-    wait_for(lambda: _gone(f"board-{app}"), timeout=60, what="the board of a deleted app to end")
+    wait_for(lambda: _gone(board_name(app)), timeout=60, what="the board of a deleted app to end")
+
+
+def test_a_board_of_an_older_protocol_is_ended_when_a_replica_of_new_code_starts(cluster) -> None:
+    """Code deployed in place (same cluster, same app name) must not find the old code's
+    board: it would fail every call, and that board would never end while its app runs."""
+    app = f"proto-{uuid.uuid4().hex[:8]}"
+    old = Board.options(
+        name=board_name(app, 1), namespace=BOARD_NAMESPACE, lifetime="detached", **BOARD_OPTIONS
+    ).remote(idle_exit_s=600)
+    ray.get(old.touch.remote())
+    board = get_board(app)
+    try:
+        assert ray.get(board.wait_many.remote("r1", {"m": 0}, 0.0)) == {}
+        wait_for(lambda: _gone(board_name(app, 1)), timeout=30, what="the older board to end")
+        assert not _gone(board_name(app))
+    finally:
+        ray.kill(board, no_restart=True)

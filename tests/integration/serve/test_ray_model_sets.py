@@ -11,7 +11,7 @@ import ray
 from ray import serve
 
 from serving.repository import SetTarget
-from serving.server.ray.board import BOARD_NAMESPACE
+from serving.server.ray.board import BOARD_NAMESPACE, board_name
 from serving.testing.poll import wait_for
 
 from .conftest import app_args, infer, publish_iris, s3_env
@@ -57,7 +57,7 @@ def test_members_load_on_demand_within_the_budget_and_a_late_one_is_served(
         # per member cost about 1 ms of CPU each per second): one wait covers the three.
         (app_name,) = serve.status().applications
         (replica,) = {x["replica"] for x in rows["replicas"]}
-        board = ray.get_actor(f"board-{app_name}", namespace=BOARD_NAMESPACE)
+        board = ray.get_actor(board_name(app_name), namespace=BOARD_NAMESPACE)
         wait_for(
             lambda: (
                 ray.get(
