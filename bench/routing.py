@@ -77,6 +77,12 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="each hot phase's length")
     parser.add_argument(
+        "--churn-rate",
+        type=float,
+        default=None,
+        help="cold requests a second in the churn phase (default: the Zipf phase's loads/s)",
+    )
+    parser.add_argument(
         "--only", choices=("routed", "unrouted"), default=None, help="run one of the two (default: both)"
     )
     parser.add_argument(
@@ -171,7 +177,9 @@ def run(work: Path, names: list[str], budget: int, routed: bool, args: argparse.
         zipf = zipf_phase(base, names, args)
         held = _held(base)
         hot = (
-            _hot_phases(base, names, args, work / f"{label}.log", zipf["loads_per_s"], label)
+            _hot_phases(
+                base, names, args, work / f"{label}.log", args.churn_rate or zipf["loads_per_s"], label
+            )
             if args.hot
             else None
         )
