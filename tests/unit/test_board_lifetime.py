@@ -112,26 +112,32 @@ def test_one_wait_covers_all_of_a_replicas_models_and_returns_only_those_due() -
     asyncio.run(scenario())
 
 
-def test_a_member_set_change_ends_the_replicas_older_wait_in_either_order() -> None:
-    """A replica that loads a member ends its wait (which does not cover the member), so its
-    next one does; the change may reach the board before or after that wait."""
+def test_members_added_join_the_replicas_wait_in_flight_or_end_an_older_one_sent_late() -> None:
+    """A replica that loads a member adds it to its wait in flight (no new wait carrying
+    every member); the change may reach the board before or after that wait."""
 
     async def scenario() -> None:
         board = BoardClass(idle_exit_s=60)
-        old = asyncio.create_task(board.wait_many("r1", {"a": 0}, 30.0, 1))
+        current = asyncio.create_task(board.wait_many("r1", {"a": 0}, 30.0, 1))
         other = asyncio.create_task(board.wait_many("r2", {"a": 0}, 30.0, 1))
         await asyncio.sleep(0.01)
-        await board.rewait("r1", 2)
-        assert await asyncio.wait_for(old, 1.0) == {}
-        assert not other.done(), "another replica's wait goes on"
-        # NOTE: the change arrived first: a wait sent before it (epoch 2) ends at once.
-        await board.rewait("r1", 3)
-        assert await asyncio.wait_for(board.wait_many("r1", {"a": 0}, 30.0, 2), 1.0) == {}
-        current = asyncio.create_task(board.wait_many("r1", {"a": 0, "b": 0}, 30.0, 3))
+        await board.join("r1", 2, {"b": 0})
         await asyncio.sleep(0.01)
-        assert not current.done()
-        await board.request_load("b")
-        assert set(await current) == {"b"}
+        assert not current.done(), "the wait goes on, now covering b"
+        assert sorted(board._waits) == ["a", "b"]
+        assert len(board._waits["b"]) == 1
+        generation = await board.request_load("b")
+        assert await asyncio.wait_for(current, 1.0) == {"b": generation}
+        assert not other.done(), "another replica's wait does not cover b"
+        # NOTE: a member already due when it joins ends the wait at once.
+        waiting = asyncio.create_task(board.wait_many("r1", {"a": 0, "b": generation}, 30.0, 2))
+        await asyncio.sleep(0.01)
+        await board.request_load("c")
+        await board.join("r1", 3, {"c": 0})
+        assert set(await asyncio.wait_for(waiting, 1.0)) == {"c"}
+        # NOTE: the change arrived first: a wait sent before it (epoch 3) ends at once.
+        await board.join("r1", 4, {"d": 0})
+        assert await asyncio.wait_for(board.wait_many("r1", {"a": 0}, 30.0, 3), 1.0) == {}
         other.cancel()
 
     asyncio.run(scenario())
@@ -141,11 +147,15 @@ def test_one_report_carries_many_rows_and_a_stopped_followers_late_rows_are_drop
     async def scenario() -> None:
         board = BoardClass(idle_exit_s=60)
         await board.report_many("r1", [("a", {"version": "1"}, "fa"), ("b", {"version": "2"}, "fb")])
-        await board.forget("b", "r1", "fb")
+        await board.report_many("r1", [], [("b", "fb")])
         await board.report_many("r1", [("a", {"version": "3"}, "fa"), ("b", {"version": "2"}, "fb")])
         snap = await board.snapshot(1e9)
         assert snap["a"]["replicas"]["r1"]["version"] == "3"
         assert snap["b"]["replicas"] == {}
+        # NOTE: in one call, the forget goes first: a new follower of the same model stays.
+        await board.report_many("r1", [("a", {"version": "4"}, "fa2")], [("a", "fa")])
+        snap = await board.snapshot(1e9)
+        assert snap["a"]["replicas"]["r1"]["version"] == "4"
 
     asyncio.run(scenario())
 

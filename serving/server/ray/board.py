@@ -66,13 +66,18 @@ each app name ever deployed and deleted on a long-lived cluster kept a process."
 class _Wait:
     """One long-poll in progress: a replica's, for some of its models."""
 
-    __slots__ = ("epoch", "event", "models", "replica")
+    __slots__ = ("epoch", "event", "replica", "seen")
 
-    def __init__(self, replica: str, epoch: int, models: tuple[str, ...]) -> None:
+    def __init__(self, replica: str, epoch: int, seen: dict[str, int]) -> None:
         self.replica = replica
         self.epoch = epoch
-        self.models = models
+        self.seen = dict(seen)
+        """The models it covers, each with the load generation the replica has seen."""
         self.event = asyncio.Event()
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(self.seen)
 
 
 @ray.remote(num_cpus=0)
@@ -107,7 +112,7 @@ class Board:
         self._replica_waits: dict[str, set[_Wait]] = {}
         """Per replica: its long-polls in progress (normally one, for all its members)."""
         self._epochs: dict[str, int] = {}
-        """Per replica: the newest member-set change it announced (:meth:`rewait`)."""
+        """Per replica: the newest member-set change it announced (:meth:`join`)."""
         self._forgotten: dict[str, None] = {}
         """Followers that stopped, oldest first (a bounded ordered set)."""
 
@@ -115,9 +120,17 @@ class Board:
         self._touch()
         self._row(model, replica, status, follower)
 
-    async def report_many(self, replica: str, rows: list[tuple[str, dict[str, Any], str]]) -> None:
-        """:meth:`report` for each ``(model, status, follower)`` of one replica, in one call."""
+    async def report_many(
+        self,
+        replica: str,
+        rows: list[tuple[str, dict[str, Any], str]],
+        forgets: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """For one replica, in one call: :meth:`forget` each ``(model, follower)`` that
+        stopped, then :meth:`report` each ``(model, status, follower)``."""
         self._touch()
+        for model, follower in forgets or ():
+            self._forget(model, replica, follower)
         for model, status, follower in rows:
             self._row(model, replica, status, follower)
 
@@ -130,6 +143,9 @@ class Board:
         """Take a replica's row off (it stopped serving ``model``); reports ``follower`` sent
         before it stopped and that arrive later are dropped, so the row does not come back."""
         self._touch()
+        self._forget(model, replica, follower)
+
+    def _forget(self, model: str, replica: str, follower: str) -> None:
         row = self._replicas[model].get(replica)
         # NOTE: a follower that stopped after the same replica loaded the model again (a member
         # unloaded while a request still used it) leaves its successor's row alone.
@@ -153,15 +169,25 @@ class Board:
             self._wake(model)
         return self._generation[model]
 
-    async def rewait(self, replica: str, epoch: int) -> None:
-        """End ``replica``'s waits that started before its member set changed (``epoch``), so
-        its next wait includes the members it added; a wait that starts later with an older
-        epoch ends at once (the two calls may arrive in either order)."""
+    async def join(self, replica: str, epoch: int, seen: dict[str, int]) -> None:
+        """``replica`` added members (its member-set change ``epoch``): its wait in flight
+        covers them from now on. A wait it sent before the change and that arrives after it
+        ends at once, so the replica sends one that covers them (the two calls may arrive in
+        either order). NOTE: extending the wait, not ending it: each end costs a new wait
+        that carries every member, and under churn a replica adds members many times a
+        second."""
         self._touch()
         if epoch > self._epochs.get(replica, 0):
             self._epochs[replica] = epoch
         for wait in self._replica_waits.get(replica, ()):
-            if wait.epoch < epoch:
+            if wait.epoch >= epoch:
+                continue
+            wait.epoch = epoch
+            added = {m: g for m, g in seen.items() if m not in wait.seen}
+            wait.seen.update(added)
+            for model in added:
+                self._waits.setdefault(model, set()).add(wait)
+            if self._due(added):
                 wait.event.set()
 
     async def touch(self) -> None:
@@ -190,13 +216,14 @@ class Board:
                 self._wake(model)
             due = self._due(seen)
             if not due and timeout > 0 and epoch >= self._epochs.get(replica, 0):
-                wait = _Wait(replica, epoch, tuple(seen))
+                wait = _Wait(replica, epoch, seen)
                 self._register(wait)
                 try:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wait.event.wait(), timeout)
                 finally:
                     self._unregister(wait)
+                seen = wait.seen  # NOTE: with the members joined while it waited
                 due = self._due(seen)
             for model in seen:
                 self._seen[model][replica] = self._generation[model]
@@ -404,13 +431,15 @@ class BoardLink:
         self._lock = threading.Lock()
         self._followers: dict[str, Follower] = {}
         self._dirty: set[str] = set()
+        self._forgets: list[tuple[str, str]] = []
+        """Followers that stopped, ``(model, follower id)``, for the next report to forget."""
         self._reports = threading.Event()
         """Set when a row is due (a member changed) or the link closes."""
         self._members = threading.Event()
         """Set when the member set changed (the poller's next wait must include it)."""
         self._epoch = 0
         self._closed = threading.Event()
-        self._started = False
+        self._reporter: threading.Thread | None = None
         self._failures = 0
         self._logged_at = 0.0
 
@@ -420,21 +449,22 @@ class BoardLink:
             self._dirty.add(follower.id)
             self._epoch += 1
             epoch = self._epoch
-            if not self._started:
-                self._started = True
-                for target, name in ((self._poll, "board-poll"), (self._report_loop, "board-report")):
-                    threading.Thread(target=target, name=name, daemon=True).start()
+            if self._reporter is None:
+                self._reporter = threading.Thread(target=self._report_loop, name="board-report", daemon=True)
+                self._reporter.start()
+                threading.Thread(target=self._poll, name="board-poll", daemon=True).start()
         self._reports.set()
         self._members.set()
         with contextlib.suppress(Exception):
-            self.board.rewait.remote(self._replica, epoch)
+            self.board.join.remote(self._replica, epoch, {follower.name: follower.seen()})
 
     def remove(self, follower: Follower) -> None:
+        """Take ``follower`` off: its row goes with the next report (in a few milliseconds)."""
         with self._lock:
             self._followers.pop(follower.id, None)
             self._dirty.discard(follower.id)
-        with contextlib.suppress(Exception):
-            self.board.forget.remote(follower.name, self._replica, follower.id)
+            self._forgets.append((follower.name, follower.id))
+        self._reports.set()
 
     def report(self, follower: Follower) -> None:
         """Send ``follower``'s row soon (it finished a tick)."""
@@ -455,32 +485,41 @@ class BoardLink:
         for follower in followers:
             follower.deliver(-1)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop; the stopped followers' forgets are sent first (waits up to ``timeout``)."""
         self._closed.set()
         self._reports.set()
         self._members.set()
+        if self._reporter is not None and self._reporter is not threading.current_thread():
+            self._reporter.join(timeout)
 
     def _report_loop(self) -> None:
         full_at = time.monotonic() + REPORT_EVERY_S
-        while not self._closed.is_set():
+        while True:
             self._reports.wait(max(0.0, full_at - time.monotonic()))
             self._reports.clear()
+            closing = self._closed.is_set()
             with self._lock:
-                if time.monotonic() >= full_at:
+                if closing:
+                    due = []  # NOTE: only the forgets of a replica going away
+                elif time.monotonic() >= full_at:
                     full_at = time.monotonic() + REPORT_EVERY_S
                     due = list(self._followers.values())
                 else:
                     due = [self._followers[i] for i in self._dirty if i in self._followers]
                 self._dirty.clear()
+                forgets, self._forgets = self._forgets, []
             rows = []
             for follower in due:
                 try:
                     rows.append((follower.name, follower.row(), follower.id))
                 except Exception:
                     log.exception("reading %s's status for the board failed", follower.name)
-            if rows and not self._closed.is_set():
+            if rows or forgets:
                 with contextlib.suppress(Exception):
-                    self.board.report_many.remote(self._replica, rows)
+                    self.board.report_many.remote(self._replica, rows, forgets)
+            if closing:
+                return
 
     def _poll(self) -> None:
         while not self._closed.is_set():
