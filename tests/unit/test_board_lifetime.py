@@ -95,12 +95,18 @@ def test_one_wait_covers_all_of_a_replicas_models_and_returns_only_those_due() -
         assert board._waiting == 1
         generation = await board.request_load("m7")
         assert await waiting == {"m7": generation}
-        # NOTE: a request that no replica has started on yet is joined, not a second forced read.
+        # NOTE: once a replica has started its check, a request is a new one (that check
+        # began before it); until another starts, requests join that one.
         seen["m7"] = generation
+        assert await board.start("m7", "r1", generation) == generation
         second = await board.request_load("m7")
         assert second > generation
         assert await board.request_load("m7") == second
         assert await board.wait_many("r1", seen, 0.0, 1) == {"m7": second}
+        # NOTE: handed over is not started: a follower busy with a check has not begun it.
+        assert await board.request_load("m7") == second
+        # NOTE: a start covers every request up to the newest, handed over or not yet.
+        assert await board.start("m7", "r1", generation) == second
         assert await board.wait_many("r1", {"m3": 0, "m4": 0}, 0.01, 1) == {}
         # NOTE: a wait that a board restart left behind lifts the board's count to its own.
         fresh = BoardClass(idle_exit_s=60)

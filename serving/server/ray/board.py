@@ -190,6 +190,23 @@ class Board:
             if self._due(added):
                 wait.event.set()
 
+    async def start(self, model: str, replica: str, generation: int) -> int:
+        """``replica`` starts a forced check of ``model`` for the load requests handed to it
+        (up to ``generation``); returns the newest generation, which that check covers.
+
+        From this call on, a load request is a new generation: the check began before it.
+        Until it, one joins the newest (:meth:`request_load`), so a flood of requests costs one
+        check in flight and one queued. NOTE: not at hand-over (:meth:`wait_many`): a
+        generation handed to a follower busy with a check waits for that check to end, and
+        the requests that arrive meanwhile can still join it. The follower calls this before
+        its check starts, so a request processed before it is covered by that check."""
+        self._touch()
+        current = self._generation[model]
+        if generation > current:
+            self._generation[model] = current = generation  # NOTE: a restarted board
+        self._seen[model][replica] = current
+        return current
+
     async def touch(self) -> None:
         """Nothing but a call: a replica starting up (``get_board``) starts the board's clock."""
         self._touch()
@@ -223,10 +240,7 @@ class Board:
                         await asyncio.wait_for(wait.event.wait(), timeout)
                 finally:
                     self._unregister(wait)
-                seen = wait.seen  # NOTE: with the members joined while it waited
-                due = self._due(seen)
-            for model in seen:
-                self._seen[model][replica] = self._generation[model]
+                due = self._due(wait.seen)  # NOTE: with the members joined while it waited
             return due
         finally:
             self._waiting -= 1
@@ -474,6 +488,16 @@ class BoardLink:
             self._dirty.add(follower.id)
         self._reports.set()
 
+    def start(self, model: str, generation: int) -> int:
+        """Tell the board this replica starts a forced check of ``model`` (:meth:`Board.start`);
+        the generation that check covers."""
+        try:
+            ref = self.board.start.remote(model, self._replica, generation)
+            return max(generation, int(self._result(ref, APP_CHECK_TIMEOUT_S)))
+        except Exception as exc:  # noqa: BLE001 -- NOTE: no board: check anyway, for what was asked
+            self._failed(exc)
+            return generation
+
     def poke(self, model: str) -> None:
         """End this replica's wait for ``model`` (its alias feed saw the alias move).
 
@@ -693,7 +717,7 @@ class Follower:
                 poked, self._poked = self._poked, False
                 pending = self._pending
             if pending > self._generation:
-                self._generation = pending
+                self._generation = self._link.start(self.name, pending)
                 return True
             if poked:
                 return True  # NOTE: poked: this replica's alias feed saw the alias move
