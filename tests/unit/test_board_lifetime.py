@@ -33,11 +33,11 @@ def test_a_board_is_idle_only_after_no_call_for_its_timeout_and_not_while_a_repl
         now = time.monotonic()
         assert not board.idle(now)
         assert board.idle(now + 0.3)
-        waiting = asyncio.create_task(board.wait("m", "r1", 0, 5.0))
+        waiting = asyncio.create_task(board.wait_many("r1", {"m": 0}, 5.0))
         await asyncio.sleep(0)
         assert not board.idle(time.monotonic() + 10), "a replica long-polling is alive"
         await board.request_load("m")  # ends the wait
-        assert await waiting > 0
+        assert (await waiting)["m"] > 0
         assert not board.idle(time.monotonic()), "the wait's end counts as a call"
 
     asyncio.run(scenario())
@@ -68,18 +68,19 @@ def test_a_load_request_wakes_only_the_waits_that_cover_its_model() -> None:
     async def scenario() -> None:
         board = BoardClass(idle_exit_s=60)
         others = [
-            asyncio.create_task(board.wait(f"m{i}", "r1", 0, 30.0), name=f"other-{i}") for i in range(20)
+            asyncio.create_task(board.wait_many("r1", {f"m{i}": 0}, 30.0), name=f"other-{i}")
+            for i in range(20)
         ]
-        mine = asyncio.create_task(board.wait("a", "r1", 0, 30.0), name="mine")
+        mine = asyncio.create_task(board.wait_many("r1", {"a": 0}, 30.0), name="mine")
         await asyncio.sleep(0.01)
         assert await board.request_load("a") > 0
-        assert await mine > 0
+        assert (await mine)["a"] > 0
         woken = [w for m in (f"m{i}" for i in range(20)) for w in board._waits[m] if w.event.is_set()]
         assert woken == []
         assert not any(t.done() for t in others)
         # NOTE: and each other model's own request still reaches its waiter.
         await board.request_load("m3")
-        assert await others[3] > 0
+        assert (await others[3])["m3"] > 0
         for task in others:
             task.cancel()
 

@@ -211,11 +211,6 @@ class Board:
         """Nothing but a call: a replica starting up (``get_board``) starts the board's clock."""
         self._touch()
 
-    async def wait(self, model: str, replica: str, seen: int, timeout: float) -> int:
-        """Return the model's load generation as soon as it exceeds ``seen``, or at timeout."""
-        due = await self.wait_many(replica, {model: seen}, timeout)
-        return due.get(model, self._generation[model])
-
     async def wait_many(
         self, replica: str, seen: dict[str, int], timeout: float, epoch: int = 0
     ) -> dict[str, int]:
@@ -311,8 +306,8 @@ class Board:
         waiting = set(self._replica_waits)
         live = {r for replicas in self._replicas.values() for r in replicas} | waiting
         self._epochs = {r: e for r, e in self._epochs.items() if r in live}
-        # NOTE: a wait in flight when its member was forgotten (or its replica stopped) puts
-        # the member's seen count back after the forget; it goes here, with no row to keep it.
+        # NOTE: a start that arrives after its member was forgotten (or its replica stopped)
+        # puts the member's seen count back after the forget; it goes here, with no row to keep it.
         for model in list(self._seen):
             rows = self._replicas.get(model, {})
             kept = {r: g for r, g in self._seen[model].items() if r in rows or r in waiting}
@@ -553,7 +548,8 @@ class BoardLink:
                 self._members.clear()
             seen: dict[str, int] = {}
             for follower in followers:
-                seen[follower.name] = min(seen.get(follower.name, follower.seen()), follower.seen())
+                mine = follower.seen()
+                seen[follower.name] = min(seen.get(follower.name, mine), mine)
             if not seen:
                 self._members.wait(REPORT_EVERY_S)
                 continue
